@@ -1,0 +1,15 @@
+"""Fixtures shared by the test suite."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness import Stack, stack_context
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A full stack as separate processes: nats-server, state, one worker, one gateway."""
+    yield from stack_context(tmp_path_factory.mktemp("stack"))

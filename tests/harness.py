@@ -1,0 +1,131 @@
+"""Starting real wsgate processes for tests: nats-server and the roles, on 127.0.0.1 with
+ports chosen by the kernel, each waited for by its readiness signal, each stopped by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
+
+
+@dataclass
+class Stack:
+    """A running set of processes and where their logs go."""
+
+    log_dir: Path
+    nats: Child | None = None
+    state: Child | None = None
+    workers: list[Child] = field(default_factory=list)
+    gateways: list[Child] = field(default_factory=list)
+    _logs: list[IO[Any]] = field(default_factory=list)
+
+    @property
+    def nats_url(self) -> str:
+        assert self.nats is not None
+        return str(self.nats.info["url"])
+
+    @property
+    def url(self) -> str:
+        """The first gateway's base URL."""
+        return str(self.gateways[0].info["url"])
+
+    def ws_url(self, path: str, gateway: int = 0) -> str:
+        return str(self.gateways[gateway].info["url"]).replace("http://", "ws://", 1) + path
+
+    def log_file(self, name: str) -> IO[Any]:
+        handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+        self._logs.append(handle)
+        return handle
+
+    def start_nats(self) -> Child:
+        log = self.log_file("nats")
+        self.nats = start_nats_server(self.log_dir / "nats", stdout=log, stderr=log)
+        return self.nats
+
+    def start_state(self, db_path: Path | None = None) -> Child:
+        db = db_path or self.log_dir / "state.sqlite3"
+        log = self.log_file("state")
+        argv = python_role_argv("state", "--port", "0", "--db-path", str(db))
+        self.state = spawn("state", argv, stdout=log, stderr=log, env=_env())
+        return self.state
+
+    def start_worker(self, app: str = "examples.app:app", *extra: str) -> Child:
+        log = self.log_file(f"worker{len(self.workers)}")
+        argv = python_role_argv("worker", "--nats-url", self.nats_url, "--app", app, *extra)
+        if self.state is not None:
+            argv += ["--state-address", str(self.state.info["address"])]
+        child = spawn("worker", argv, stdout=log, stderr=log, env=_env())
+        self.workers.append(child)
+        return child
+
+    def start_gateway(self, *extra: str) -> Child:
+        log = self.log_file(f"gateway{len(self.gateways)}")
+        argv = python_role_argv("gateway", "--nats-url", self.nats_url, "--port", "0", *extra)
+        child = spawn("gateway", argv, stdout=log, stderr=log, env=_env())
+        self.gateways.append(child)
+        return child
+
+    def children(self) -> list[Child]:
+        found = [self.nats, self.state, *self.workers, *self.gateways]
+        return [c for c in found if c is not None]
+
+    def stop(self) -> dict[str, int]:
+        """Stop everything, gateways first. Returns each child's exit status."""
+        statuses: dict[str, int] = {}
+        for i, child in enumerate(reversed(self.children())):
+            statuses[f"{child.name}{i}"] = child.stop()
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+        return statuses
+
+    def dump_logs(self) -> None:
+        """Print every log, for pytest to show when a test failed."""
+        for path in sorted(self.log_dir.glob("*.log")):
+            text = path.read_text(errors="replace")
+            print(f"----- {path.name} -----\n{text[-6000:]}", file=sys.stderr)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("WSGATE_LOG_LEVEL", "DEBUG")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def stack_context(log_dir: Path, *, worker: bool = True, state: bool = True) -> Iterator[Stack]:
+    """Nats, state service, one worker and one gateway; stopped (and checked) after."""
+    stack = Stack(log_dir)
+    try:
+        stack.start_nats()
+        if state:
+            stack.start_state()
+        if worker:
+            stack.start_worker()
+        stack.start_gateway()
+        yield stack
+    finally:
+        statuses = stack.stop()
+        stack.dump_logs()
+    bad = {name: s for name, s in statuses.items() if s not in (0, -signal.SIGTERM)}
+    assert not bad, f"processes did not exit cleanly: {bad}"
+
+
+def start_dev(data_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """``wsgate dev`` in its own process group (as a shell runs a foreground job)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "wsgate", "dev", "--port", "0", "--data-dir", str(data_dir), *extra],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        process_group=0,
+        env=_env() | {"WSGATE_LOG_LEVEL": "INFO"},
+    )

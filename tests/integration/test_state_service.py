@@ -1,0 +1,395 @@
+"""A real StateServer on 127.0.0.1, port 0, and a real StateClient: what a worker sees."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from wsgate.state_errors import ERROR_INFO_KEY, Reason
+from stateservice.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
+from stateservice.server import STATE_SERVICE_NAME, StatePhase, StateServer
+from worker.state_client import ObjectStorage, StateClient
+from wsgate.config import StateConfig
+from wsgate.errors import (
+    InvalidObjectId,
+    InvalidValue,
+    KeyTooLarge,
+    StateTimeout,
+    StateUnavailable,
+    ValueTooLarge,
+)
+from wsgate.v1 import state_pb2 as pb
+from wsgate.v1 import state_pb2_grpc
+from wsgate.values import encode_value
+
+
+def state_config(tmp_path: Path) -> StateConfig:
+    return StateConfig(host="127.0.0.1", port=0, db_path=tmp_path / "state.sqlite3")
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[StateServer]:
+    async with StateServer(state_config(tmp_path)) as server:
+        yield server
+
+
+@pytest.fixture
+async def client(server: StateServer) -> AsyncIterator[StateClient]:
+    async with StateClient(server.address) as client:
+        yield client
+
+
+@pytest.fixture
+def room(client: StateClient) -> ObjectStorage:
+    return client.storage("room", "lobby")
+
+
+@pytest.fixture
+async def stub(server: StateServer) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield state_pb2_grpc.StateStub(channel)
+
+
+def error_info_of(err: grpc.aio.AioRpcError) -> pb.ErrorInfo:
+    for key, value in err.trailing_metadata() or ():
+        if key == ERROR_INFO_KEY:
+            return pb.ErrorInfo.FromString(value)
+    raise AssertionError(f"no {ERROR_INFO_KEY} in {err.trailing_metadata()!r}")
+
+
+def bytes_encoding_to(size: int) -> bytes:
+    """A bytes value whose encoded Value is exactly ``size`` bytes."""
+    length = size
+    while len(encode_value(b"x" * length)) > size:
+        length -= 1
+    value = b"x" * length
+    assert len(encode_value(value)) == size
+    return value
+
+
+# -- values and operations ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        None,
+        True,
+        False,
+        0,
+        -(2**63),
+        2**63 - 1,
+        1.25,
+        math.inf,
+        "",
+        "héllo \U0001f600",
+        b"",
+        b"\x00\xff",
+        [],
+        {},
+        [1, "a", b"b", None, [2.5]],
+        {"nested": {"list": [True, {"deep": b"bytes"}]}},
+    ],
+)
+async def test_every_value_type_round_trips(room: ObjectStorage, value: object) -> None:
+    await room.put("key", value)
+    stored = await room.get("key")
+    assert stored == value
+    assert type(stored) is type(value)
+
+
+async def test_nan_round_trips(room: ObjectStorage) -> None:
+    await room.put("key", math.nan)
+    assert math.isnan(await room.get("key"))
+
+
+async def test_get_of_a_missing_key_gives_the_default(room: ObjectStorage) -> None:
+    assert await room.get("missing") is None
+    assert await room.get("missing", 42) == 42
+
+
+async def test_put_overwrites(room: ObjectStorage) -> None:
+    await room.put("k", 1)
+    await room.put("k", [2])
+    assert await room.get("k") == [2]
+
+
+async def test_delete(room: ObjectStorage) -> None:
+    await room.put("k", "v")
+    assert await room.delete("k") is True
+    assert await room.get("k") is None
+    assert await room.delete("k") is False
+
+
+async def test_objects_are_independent(client: StateClient) -> None:
+    a, b = client.storage("room", "a"), client.storage("room", "b")
+    other_namespace = client.storage("counter", "a")
+    await a.put("k", "in a")
+    await b.put("k", "in b")
+    assert await a.get("k") == "in a"
+    assert await other_namespace.get("k") is None
+    assert await b.list() == {"k": "in b"}
+
+
+async def test_list(room: ObjectStorage) -> None:
+    for key in ["b", "a", "é", "Z", "user:1", "user:2", "\U0001f600"]:
+        await room.put(key, key.upper())
+    listed = await room.list()
+    assert list(listed) == ["Z", "a", "b", "user:1", "user:2", "é", "\U0001f600"]
+    assert listed["é"] == "É"
+    assert await room.list(prefix="user:") == {"user:1": "USER:1", "user:2": "USER:2"}
+    assert list(await room.list(start="b", end="user:2")) == ["b", "user:1"]
+    assert list(await room.list(reverse=True, limit=2)) == ["\U0001f600", "é"]
+    assert list(await room.list(limit=1)) == ["Z"]
+    assert await room.list(limit=0) == {}
+    assert await room.list(start="b", end="b") == {}
+    assert list(await room.list(limit=2**40)) == list(listed)
+
+
+async def test_a_negative_limit_is_refused(room: ObjectStorage) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        await room.list(limit=-1)
+
+
+async def test_data_survives_a_restart_of_the_service(tmp_path: Path) -> None:
+    config = state_config(tmp_path)
+    async with StateServer(config) as first, StateClient(first.address) as client:
+        await client.storage("room", "lobby").put("k", {"kept": True})
+    async with StateServer(config) as second, StateClient(second.address) as client:
+        assert await client.storage("room", "lobby").get("k") == {"kept": True}
+
+
+# -- limits and refusals -----------------------------------------------------------------
+
+
+async def test_a_key_at_the_limit_is_accepted(room: ObjectStorage) -> None:
+    ascii_key = "k" * MAX_KEY_BYTES
+    accented_key = "é" * (MAX_KEY_BYTES // 2)  # two bytes each in UTF-8
+    for key in (ascii_key, accented_key):
+        await room.put(key, 1)
+        assert await room.get(key) == 1
+        assert await room.delete(key) is True
+
+
+@pytest.mark.parametrize("key", ["k" * (MAX_KEY_BYTES + 1), "é" * (MAX_KEY_BYTES // 2) + "k"])
+async def test_a_key_over_the_limit_is_refused_on_every_call(room: ObjectStorage, key: str) -> None:
+    calls = [lambda: room.put(key, 1), lambda: room.get(key), lambda: room.delete(key)]
+    for call in calls:
+        with pytest.raises(KeyTooLarge) as info:
+            await call()
+        assert (info.value.size, info.value.limit) == (MAX_KEY_BYTES + 1, MAX_KEY_BYTES)
+        assert info.value.key == key[:64]
+        assert "2049" in str(info.value)
+        assert "2048" in str(info.value)
+
+
+async def test_a_value_at_the_limit_is_accepted(room: ObjectStorage) -> None:
+    value = bytes_encoding_to(MAX_VALUE_BYTES)
+    await room.put("big", value)
+    assert await room.get("big") == value
+
+
+async def test_a_value_one_byte_over_the_limit_is_refused(room: ObjectStorage) -> None:
+    value = bytes_encoding_to(MAX_VALUE_BYTES + 1)
+    with pytest.raises(ValueTooLarge) as info:
+        await room.put("big", value)
+    assert (info.value.size, info.value.limit) == (MAX_VALUE_BYTES + 1, MAX_VALUE_BYTES)
+    assert info.value.key == "big"
+    assert await room.get("big") is None
+
+
+async def test_a_structured_value_over_the_limit_is_refused(room: ObjectStorage) -> None:
+    value = {"items": ["x" * 1000] * 200}
+    size = len(encode_value(value))
+    with pytest.raises(ValueTooLarge) as info:
+        await room.put("big", value)
+    assert info.value.size == size
+
+
+async def test_an_empty_namespace_is_refused(client: StateClient) -> None:
+    nameless = client.storage("", "lobby")
+    calls = [
+        lambda: nameless.put("k", 1),
+        lambda: nameless.get("k"),
+        lambda: nameless.delete("k"),
+        lambda: nameless.list(),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidObjectId, match="empty namespace"):
+            await call()
+
+
+async def test_an_unstorable_value_is_refused_before_any_call(tmp_path: Path) -> None:
+    # Nothing listens here, so a call would raise StateUnavailable: InvalidValue proves
+    # the client refused first.
+    async with StateServer(state_config(tmp_path)) as server:
+        address = server.address
+    async with StateClient(address) as client:
+        with pytest.raises(InvalidValue) as info:
+            await client.storage("room", "lobby").put("k", {"a": [1, 2, {3}]})
+    assert info.value.path == "value['a'][2]"
+
+
+async def test_refusals_carry_the_status_details_and_error_info(stub: Any) -> None:
+    request = pb.PutRequest(
+        object=pb.ObjectId(namespace="room", name="lobby"),
+        key="k" * (MAX_KEY_BYTES + 1),
+        value=encode_value(1),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Put(request)
+    err = info.value
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2049" in err.details()
+    assert "2048" in err.details()
+    assert error_info_of(err) == pb.ErrorInfo(
+        reason=Reason.KEY_TOO_LARGE, size=2049, limit=2048, key="k" * 64
+    )
+
+
+@pytest.mark.parametrize(
+    "garbage", [b"", b"\xff\xff\xff", b"\x2a\x01\xff", b"\x3a\x02\x0a\x00"], ids=repr
+)
+async def test_a_raw_put_of_garbage_is_refused_and_harms_nothing(
+    stub: Any, room: ObjectStorage, garbage: bytes
+) -> None:
+    await room.put("k", "before")
+    await room.put("other", "untouched")
+    request = pb.PutRequest(object=pb.ObjectId(namespace="room", name="lobby"), key="k")
+    request.value = garbage
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Put(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_info_of(info.value).reason == Reason.INVALID_VALUE
+    assert await room.list() == {"k": "before", "other": "untouched"}
+
+
+# -- health and lifecycle ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", ["", STATE_SERVICE_NAME])
+async def test_health_reports_serving(server: StateServer, service: str) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        response = await health.Check(health_pb2.HealthCheckRequest(service=service))
+    assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_health_turns_not_serving_when_closing(tmp_path: Path) -> None:
+    server = StateServer(state_config(tmp_path))
+    await server.start()
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=STATE_SERVICE_NAME)
+        )
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        closing = asyncio.create_task(server.close())
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # The watch is a call in flight: ending it lets close finish without its grace.
+        watch.cancel()
+        await closing
+    assert server.phase is StatePhase.CLOSED
+
+
+async def test_address_is_the_bound_port(server: StateServer) -> None:
+    host, port = server.address.rsplit(":", 1)
+    assert host == "127.0.0.1"
+    assert int(port) == server.port > 0
+
+
+async def test_close_is_idempotent(tmp_path: Path) -> None:
+    server = StateServer(state_config(tmp_path))
+    await server.start()
+    await asyncio.gather(server.close(), server.close())
+    await server.close()
+    await server.wait_closed()
+    assert server.phase is StatePhase.CLOSED
+
+
+async def test_start_twice_is_an_error(server: StateServer) -> None:
+    with pytest.raises(RuntimeError):
+        await server.start()
+
+
+async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path) -> None:
+    config = StateConfig(host="127.0.0.1", port=server.port, db_path=tmp_path / "other.sqlite3")
+    second = StateServer(config)
+    with pytest.raises(OSError, match="cannot listen"):
+        await second.start()
+    assert second.phase is StatePhase.CLOSED
+
+
+# -- what the client sees when the service is not there ------------------------------------
+
+
+async def test_a_closed_port_raises_state_unavailable(tmp_path: Path) -> None:
+    async with StateServer(state_config(tmp_path)) as server:
+        address = server.address
+    async with StateClient(address) as client:
+        room = client.storage("room", "lobby")
+        with pytest.raises(StateUnavailable):
+            await room.get("k")
+        with pytest.raises(StateUnavailable):
+            await room.put("k", 1)
+
+
+async def test_a_silent_service_raises_state_timeout() -> None:
+    # A TCP listener that never speaks HTTP/2: the call can only run out of time.
+    connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        connections[task] = writer
+        await reader.read()
+
+    listener = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with StateClient(f"127.0.0.1:{port}", timeout_s=0.2) as client:
+            with pytest.raises(StateTimeout):
+                await client.storage("room", "lobby").get("k")
+    finally:
+        listener.close()
+        # gRPC may keep its socket after the channel closed; close our end of it.
+        for writer in connections.values():
+            writer.close()
+        await asyncio.gather(*connections)
+        await listener.wait_closed()
+
+
+async def test_calls_after_close_are_an_error(server: StateServer) -> None:
+    client = StateClient(server.address)
+    await client.start()
+    await client.close()
+    await client.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await client.storage("room", "lobby").get("k")
+
+
+def test_round_trip_under_uvloop(tmp_path: Path) -> None:
+    # The CLI may run the state role (and workers) on uvloop; grpc.aio must work there too.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def round_trip() -> tuple[object, str]:
+        async with (
+            StateServer(state_config(tmp_path)) as server,
+            StateClient(server.address) as client,
+        ):
+            room = client.storage("room", "lobby")
+            await room.put("k", {"v": [1, b"2", "3"]})
+            with pytest.raises(KeyTooLarge):
+                await room.put("k" * (MAX_KEY_BYTES + 1), 1)
+            return await room.get("k"), type(asyncio.get_running_loop()).__module__
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        value, loop_module = runner.run(round_trip())
+    assert value == {"v": [1, b"2", "3"]}
+    assert loop_module.startswith("uvloop")

@@ -1,0 +1,135 @@
+"""Routes, connect decisions and the connection handle of the worker SDK, with no I/O."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import (
+    Accept,
+    App,
+    ConnectionClosed,
+    InvalidCloseCode,
+    InvalidMessage,
+    InvalidResponse,
+    InvalidRoute,
+    NotAccepted,
+    Reject,
+)
+from worker.connection import Connection
+from worker.env import Env
+from wsgate.v1 import envelope_pb2 as pb
+
+
+class RecordingSink:
+    """Collects the commands a handle would publish (the real one publishes on NATS)."""
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[str, pb.GatewayCommand]] = []
+
+    async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
+        self.commands.append((connection_id, command))
+
+
+def _conn(sink: RecordingSink, **kwargs: bool) -> Connection:
+    return Connection("node-abcdefgh_7", "/echo", {}, sink=sink, env=Env.__new__(Env), **kwargs)
+
+
+def test_routes_match_whole_paths_with_parameters() -> None:
+    app = App()
+    room = app.route("/chat/{room}")
+    user = app.route("/chat/{room}/user/{user}")
+    assert app.resolve("/chat/lobby") == (room, {"room": "lobby"})
+    assert app.resolve("/chat/a.b*>/user/x y") == (user, {"room": "a.b*>", "user": "x y"})
+    assert app.resolve("/chat/") is None
+    assert app.resolve("/chat/lobby/extra") is None
+    assert app.resolve("/other") is None
+
+
+def test_literal_parts_of_patterns_are_not_regexes() -> None:
+    app = App()
+    app.route("/a.b")
+    assert app.resolve("/axb") is None
+    assert app.resolve("/a.b") is not None
+
+
+@pytest.mark.parametrize("bad", ["echo", "/x/{", "/x/{a}{a}", "/x/{1a}", "/x/}"])
+def test_malformed_patterns_are_refused(bad: str) -> None:
+    with pytest.raises(InvalidRoute):
+        App().route(bad)
+
+
+def test_a_pattern_cannot_be_registered_twice() -> None:
+    app = App()
+    app.route("/echo")
+    with pytest.raises(InvalidRoute):
+        app.route("/echo")
+
+
+@pytest.mark.parametrize(("status", "ok"), [(399, False), (400, True), (599, True), (600, False)])
+def test_reject_status_at_and_over_its_range(status: int, ok: bool) -> None:
+    if ok:
+        assert Reject(status).status == status
+    else:
+        with pytest.raises(InvalidResponse):
+            Reject(status)
+
+
+async def test_sends_during_connect_wait_for_the_accept() -> None:
+    sink = RecordingSink()
+    conn = _conn(sink, connecting=True)
+    await conn.send("welcome")
+    await conn.send(b"\x01")
+    assert sink.commands == []
+    pending = conn._take_pending()
+    assert [m.WhichOneof("data") for m in pending] == ["text", "binary"]
+    await conn.send("later")
+    assert len(sink.commands) == 1
+
+
+async def test_close_during_connect_says_to_reject_instead() -> None:
+    with pytest.raises(NotAccepted):
+        await _conn(RecordingSink(), connecting=True).close()
+
+
+async def test_send_and_close_publish_to_the_owning_connection() -> None:
+    sink = RecordingSink()
+    conn = _conn(sink)
+    await conn.send("hi")
+    await conn.close(4001, "bye")
+    (id1, send), (id2, close) = sink.commands
+    assert id1 == id2 == conn.id
+    assert list(send.connection_ids) == [conn.id]
+    assert send.send.text == "hi"
+    assert (close.close.code, close.close.reason) == (4001, "bye")
+
+
+async def test_nothing_can_be_sent_after_close() -> None:
+    conn = _conn(RecordingSink())
+    await conn.close()
+    with pytest.raises(ConnectionClosed):
+        await conn.send("late")
+    with pytest.raises(ConnectionClosed):
+        await conn.close()
+    with pytest.raises(ConnectionClosed):
+        await _conn(RecordingSink(), closed=True).send("in on_close")
+
+
+async def test_only_str_and_bytes_can_be_sent() -> None:
+    with pytest.raises(InvalidMessage):
+        await _conn(RecordingSink()).send({"not": "a frame"})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 2999, 5000])
+async def test_close_codes_that_may_not_be_sent(code: int) -> None:
+    with pytest.raises(InvalidCloseCode):
+        await _conn(RecordingSink()).close(code)
+
+
+async def test_close_reason_at_and_over_123_bytes() -> None:
+    await _conn(RecordingSink()).close(1000, "r" * 123)
+    with pytest.raises(InvalidCloseCode):
+        await _conn(RecordingSink()).close(1000, "é" * 62)  # 124 bytes
+
+
+def test_accept_defaults_to_no_subprotocol() -> None:
+    assert Accept().subprotocol is None

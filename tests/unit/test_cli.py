@@ -1,0 +1,83 @@
+"""Flags, WSGATE_* variables and the config dataclasses behind them."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from wsgate.cli import build_parser
+from wsgate.config import DevConfig, GatewayConfig, StateConfig, WorkerConfig, env_variables
+from wsgate.errors import ConfigError
+
+
+def _config(role: str, argv: list[str], env: dict[str, str]) -> object:
+    args = build_parser(env).parse_args([role, *argv])
+    kind = {
+        "gateway": GatewayConfig,
+        "worker": WorkerConfig,
+        "state": StateConfig,
+        "dev": DevConfig,
+    }[role]
+    return kind(**{f.name: getattr(args, f.name) for f in dataclasses.fields(kind)})
+
+
+def test_environment_sets_defaults_and_flags_win() -> None:
+    env = {
+        "WSGATE_NATS_URL": "nats://10.0.0.1:4222",
+        "WSGATE_GATEWAY_PORT": "9000",
+        "WSGATE_PREFIX": "acme.ws",
+    }
+    config = _config("gateway", [], env)
+    assert isinstance(config, GatewayConfig)
+    assert (config.nats_url, config.port, config.prefix) == (
+        "nats://10.0.0.1:4222",
+        9000,
+        "acme.ws",
+    )
+    config = _config("gateway", ["--port", "9001"], env)
+    assert isinstance(config, GatewayConfig)
+    assert config.port == 9001
+
+
+def test_state_settings() -> None:
+    config = _config("state", [], {"WSGATE_STATE_DB": "/data/s.db", "WSGATE_STATE_PORT": "0"})
+    assert config == StateConfig(db_path=Path("/data/s.db"), port=0)
+
+
+def test_a_malformed_variable_is_reported_by_name(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser({"WSGATE_GATEWAY_PORT": "eighty"})
+    assert exited.value.code == 2
+    assert "WSGATE_GATEWAY_PORT" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs"),
+    [
+        (GatewayConfig, {"port": 65536}),
+        (GatewayConfig, {"port": -1}),
+        (GatewayConfig, {"prefix": "a.*"}),
+        (GatewayConfig, {"nats_url": " "}),
+        (GatewayConfig, {"event_timeout_s": 0}),
+        (WorkerConfig, {"app": "no-colon"}),
+        (WorkerConfig, {"state_address": "no-port"}),
+        (WorkerConfig, {"max_concurrent_events": 0}),
+        (DevConfig, {"nats_port": 70000}),
+    ],
+)
+def test_bad_settings_are_config_errors(kind: type, kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        kind(**kwargs)
+
+
+def test_ports_at_the_edges_of_their_range() -> None:
+    assert GatewayConfig(port=0).port == 0
+    assert GatewayConfig(port=65535).port == 65535
+
+
+def test_every_setting_has_a_wsgate_variable() -> None:
+    for kind in (GatewayConfig, WorkerConfig, StateConfig, DevConfig):
+        for name, env in env_variables(kind).items():
+            assert env.startswith("WSGATE_"), (kind, name)

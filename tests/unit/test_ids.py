@@ -1,0 +1,56 @@
+"""Gateway and connection ids: single NATS tokens that name their gateway."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from wsgate import ids
+from wsgate.errors import ConfigError, InvalidConnectionId
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def test_connection_ids_are_unique_tokens_naming_their_gateway() -> None:
+    gateway_id = ids.new_gateway_id("node-1")
+    factory = ids.ConnectionIds(gateway_id)
+    made = [factory.next() for _ in range(5000)]
+    assert len(set(made)) == len(made)
+    for connection_id in made[:50] + made[-50:]:
+        assert _TOKEN.match(connection_id)
+        assert ids.gateway_of(connection_id) == gateway_id
+
+
+def test_a_restarted_gateway_gets_a_new_id() -> None:
+    assert ids.new_gateway_id("pod-a") != ids.new_gateway_id("pod-a")
+
+
+@pytest.mark.parametrize(
+    ("hostname", "expected"),
+    [("Web-1.example.com", "web-1-example-com"), ("---", "gateway"), ("ÜBER host", "ber-host")],
+)
+def test_node_names_from_host_names_are_usable(hostname: str, expected: str) -> None:
+    name = ids.node_name_from_host(hostname)
+    assert name == expected
+    ids.new_gateway_id(name)
+
+
+def test_node_name_at_and_over_its_length_limit() -> None:
+    ids.new_gateway_id("a" * 40)
+    with pytest.raises(ConfigError):
+        ids.new_gateway_id("a" * 41)
+
+
+@pytest.mark.parametrize("bad", ["", "-a", "a-", "A", "a_b", "a.b", "a b"])
+def test_unusable_node_names_are_config_errors(bad: str) -> None:
+    with pytest.raises(ConfigError):
+        ids.new_gateway_id(bad)
+
+
+@pytest.mark.parametrize(
+    "bad", ["", "x", "node_1", "node-abcdefgh", "node-abcdefgh_", "a.b_1", "*_1"]
+)
+def test_malformed_connection_ids_raise(bad: str) -> None:
+    with pytest.raises(InvalidConnectionId):
+        ids.gateway_of(bad)

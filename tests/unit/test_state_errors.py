@@ -1,0 +1,48 @@
+"""The mapping between refusals, ErrorInfo and exceptions, without a server."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsgate.state_errors import (
+    REFUSAL_TYPES,
+    REFUSALS,
+    Reason,
+    Refusal,
+    error_info,
+    exception_from_error_info,
+)
+from wsgate.errors import InvalidObjectId, InvalidValue, KeyTooLarge, StateError, ValueTooLarge
+from wsgate.v1 import state_pb2 as pb
+
+
+def test_every_refusal_has_one_reason() -> None:
+    assert set(REFUSALS) == set(REFUSAL_TYPES)
+    assert sorted(REFUSALS.values()) == sorted(Reason)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        KeyTooLarge(2049, 2048, "k" * 2049),
+        ValueTooLarge(131073, 131072, "key"),
+        InvalidValue("value is not a Value"),
+        InvalidObjectId("object 'x' has an empty namespace"),
+    ],
+)
+def test_a_refusal_survives_the_trip_through_error_info(exc: Refusal) -> None:
+    info = pb.ErrorInfo.FromString(error_info(exc).SerializeToString())
+    back = exception_from_error_info(info, str(exc))
+    assert type(back) is type(exc)
+    assert str(back) == str(exc)
+    if isinstance(exc, KeyTooLarge | ValueTooLarge):
+        assert isinstance(back, KeyTooLarge | ValueTooLarge)
+        assert (back.size, back.limit) == (exc.size, exc.limit)
+        assert back.key == exc.key[:64]
+
+
+def test_an_unknown_reason_is_a_plain_state_error_with_the_details() -> None:
+    exc = exception_from_error_info(pb.ErrorInfo(reason="FROM_THE_FUTURE"), "why it failed")
+    assert type(exc) is StateError
+    assert "FROM_THE_FUTURE" in str(exc)
+    assert "why it failed" in str(exc)

@@ -1,0 +1,180 @@
+"""The app: routes and their handlers, written by users, run by workers.
+
+::
+
+    from worker import Accept, App, Connection, ConnectRequest, Reject
+
+    app = App()
+    echo = app.route("/echo")
+
+    @echo.on_message
+    async def echo_back(conn: Connection, message: str | bytes) -> None:
+        await conn.send(message)
+
+A route's ``on_connect(conn, request)`` decides the upgrade: return :class:`Accept`
+(or ``None``, which accepts) or :class:`Reject`. ``on_message(conn, message)`` gets each
+message, text as ``str`` and binary as ``bytes``, in the order the client sent them.
+``on_close(conn, code, reason)`` runs once when the connection has ended, whoever closed
+it. Every handler is optional; all are coroutines. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, TypeVar
+
+from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+
+from worker.errors import InvalidResponse, InvalidRoute
+
+if TYPE_CHECKING:
+    from worker.connection import Connection
+    from wsgate.v1 import envelope_pb2 as pb
+
+
+@dataclass(frozen=True)
+class ConnectRequest:
+    """What the client asked for when it opened the connection."""
+
+    connection_id: str
+    path: str
+    #: Values of the route's ``{name}`` segments.
+    params: Mapping[str, str]
+    #: The query string's parameters (all values of a repeated name are kept).
+    query: MultiDictProxy[str]
+    #: The request headers, looked up case-insensitively.
+    headers: CIMultiDictProxy[str]
+    #: The subprotocols the client offered, in its order of preference.
+    subprotocols: tuple[str, ...]
+    #: The peer's "host:port" as the gateway saw it.
+    remote_address: str
+
+    @classmethod
+    def from_envelope(
+        cls, envelope: pb.ConnectRequest, params: Mapping[str, str]
+    ) -> ConnectRequest:
+        """Build from the NATS envelope."""
+        return cls(
+            connection_id=envelope.connection_id,
+            path=envelope.path,
+            params=dict(params),
+            query=MultiDictProxy(MultiDict(urllib.parse.parse_qsl(envelope.query))),
+            headers=CIMultiDictProxy(CIMultiDict((h.name, h.value) for h in envelope.headers)),
+            subprotocols=tuple(envelope.subprotocols),
+            remote_address=envelope.remote_address,
+        )
+
+
+@dataclass(frozen=True)
+class Accept:
+    """Accept the upgrade, optionally with one of the client's subprotocols."""
+
+    subprotocol: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """Refuse the upgrade; the client gets exactly this HTTP response."""
+
+    status: int = 403
+    body: str | bytes = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not 400 <= self.status <= 599:
+            raise InvalidResponse(f"a rejection needs a 4xx or 5xx status, got {self.status}")
+
+
+Message = str | bytes
+ConnectHandler = Callable[["Connection", ConnectRequest], Awaitable[Accept | Reject | None]]
+MessageHandler = Callable[["Connection", Message], Awaitable[None]]
+CloseHandler = Callable[["Connection", int, str], Awaitable[None]]
+H = TypeVar("H")
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Route:
+    """One path pattern and its handlers. Made by :meth:`App.route`."""
+
+    def __init__(self, pattern: str) -> None:
+        self.pattern = pattern
+        self._regex, self.param_names = _compile(pattern)
+        self.connect_handler: ConnectHandler | None = None
+        self.message_handler: MessageHandler | None = None
+        self.close_handler: CloseHandler | None = None
+
+    def on_connect(self, handler: ConnectHandler) -> ConnectHandler:
+        """Decorator: decide the upgrade (return Accept, Reject or None for accept)."""
+        self.connect_handler = handler
+        return handler
+
+    def on_message(self, handler: MessageHandler) -> MessageHandler:
+        """Decorator: handle one message (``str`` for text, ``bytes`` for binary)."""
+        self.message_handler = handler
+        return handler
+
+    def on_close(self, handler: CloseHandler) -> CloseHandler:
+        """Decorator: the connection ended with ``code`` and ``reason``; runs once."""
+        self.close_handler = handler
+        return handler
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """The parameters if ``path`` matches this route, else None."""
+        m = self._regex.fullmatch(path)
+        return m.groupdict() if m else None
+
+    def __repr__(self) -> str:
+        return f"Route({self.pattern!r})"
+
+
+class App:
+    """A set of WebSocket routes. Patterns are paths whose ``{name}`` segments match one
+    path segment each, e.g. ``/chat/{room}``; the first registered match wins."""
+
+    def __init__(self) -> None:
+        self._routes: list[Route] = []
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        """The routes in registration order."""
+        return tuple(self._routes)
+
+    def route(self, pattern: str) -> Route:
+        """Register and return a new route; raises InvalidRoute for a duplicate pattern."""
+        if any(r.pattern == pattern for r in self._routes):
+            raise InvalidRoute(f"route {pattern!r} is already registered")
+        route = Route(pattern)
+        self._routes.append(route)
+        return route
+
+    def resolve(self, path: str) -> tuple[Route, dict[str, str]] | None:
+        """The route serving ``path`` and its parameters, or None (the client gets 404)."""
+        for route in self._routes:
+            params = route.match(path)
+            if params is not None:
+                return route, params
+        return None
+
+
+def _compile(pattern: str) -> tuple[re.Pattern[str], tuple[str, ...]]:
+    if not pattern.startswith("/"):
+        raise InvalidRoute(f"route pattern must start with '/', got {pattern!r}")
+    if any(c in _PARAM.sub("", pattern) for c in "{}"):
+        raise InvalidRoute(f"malformed parameter in route pattern {pattern!r}")
+    names: list[str] = []
+    parts: list[str] = []
+    last = 0
+    for m in _PARAM.finditer(pattern):
+        parts.append(re.escape(pattern[last : m.start()]))
+        name = m.group(1)
+        if name in names:
+            raise InvalidRoute(f"parameter {name!r} appears twice in {pattern!r}")
+        names.append(name)
+        parts.append(f"(?P<{name}>[^/]+)")
+        last = m.end()
+    parts.append(re.escape(pattern[last:]))
+    return re.compile("".join(parts)), tuple(names)

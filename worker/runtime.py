@@ -1,0 +1,284 @@
+"""The worker: takes connect requests and connection events from NATS and runs the app's
+handlers for them.
+
+Workers of one app share a queue group, so each request goes to exactly one of them, and
+any worker can serve any connection: everything a handler needs arrives in the envelope
+or lives in the state service. Each request is handled in its own task, at most
+``max_concurrent_events`` at once; the reply (the decision, or the ack) is sent only when
+the handler has finished, which is what gives the gateway its per-connection order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+import nats.errors
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from worker.app import Accept, App, ConnectRequest, Reject
+from worker.connection import Connection
+from worker.env import Env
+from worker.errors import InvalidResponse
+from worker.state_client import StateClient
+from wsgate import ids, subjects
+from wsgate.bus import connect_bus
+from wsgate.closecodes import CloseCode
+from wsgate.config import WorkerConfig
+from wsgate.errors import InvalidConnectionId
+from wsgate.v1 import envelope_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+class WorkerPhase(enum.Enum):
+    """The worker's lifecycle; it only moves forward."""
+
+    NEW = "new"
+    RUNNING = "running"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+@dataclass
+class WorkerStats:
+    """Counters (exported as metrics by a later step)."""
+
+    connects: int = 0
+    events: int = 0
+    handler_errors: int = 0
+    garbage: int = 0
+
+
+class Worker:
+    """One worker process's event loop side.
+
+    Use ``async with Worker(config, app)`` or :meth:`start` then :meth:`close` (idempotent).
+    """
+
+    def __init__(self, config: WorkerConfig, app: App) -> None:
+        self.config = config
+        self.app = app
+        self.stats = WorkerStats()
+        self.phase = WorkerPhase.NEW
+        self._state = StateClient(config.state_address, timeout_s=config.state_timeout_s)
+        self._env = Env(self._state)
+        self._slots = asyncio.Semaphore(config.max_concurrent_events)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._subscriptions: list[Subscription] = []
+        self._nc: NatsClient | None = None
+        self._closed = asyncio.Event()
+
+    async def start(self) -> None:
+        """Connect to the state service and NATS, then take requests.
+
+        Raises BusUnavailable if NATS cannot be reached.
+        """
+        if self.phase is not WorkerPhase.NEW:
+            raise RuntimeError(f"worker already {self.phase.value}")
+        self.phase = WorkerPhase.RUNNING
+        try:
+            await self._state.start()
+            self._nc = await connect_bus(self.config, "wsgate-worker")
+            queue = subjects.worker_queue(self.config.app_name)
+            for subject, handler in (
+                (subjects.connect_subject(self.config.prefix, self.config.app_name), self._connect),
+                (subjects.events_subject(self.config.prefix, self.config.app_name), self._event),
+            ):
+                self._subscriptions.append(
+                    await self._nc.subscribe(subject, queue=queue, cb=self._spawner(handler))
+                )
+            # Make sure the server has the subscriptions before we call ourselves ready.
+            await self._nc.flush()
+        except BaseException:
+            await self.close()
+            raise
+        log.info("worker serving %d route(s) of app %r", len(self.app.routes), self.config.app_name)
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Stop taking requests, let running handlers finish (up to ``timeout_s``), then
+        leave NATS and the state service. Idempotent."""
+        if self.phase in (WorkerPhase.CLOSING, WorkerPhase.CLOSED):
+            await self._closed.wait()
+            return
+        self.phase = WorkerPhase.CLOSING
+        try:
+            for sub in self._subscriptions:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+            if self._tasks:
+                _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+                for task in pending:
+                    task.cancel()
+            if self._nc is not None and not self._nc.is_closed:
+                with contextlib.suppress(Exception):
+                    await self._nc.drain()
+            await self._state.close()
+        finally:
+            self.phase = WorkerPhase.CLOSED
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Return once :meth:`close` has finished."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- dispatch ------------------------------------------------------------------------
+
+    def _spawner(
+        self, handler: Callable[[Msg], Coroutine[None, None, None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """Run each request in its own task, at most max_concurrent_events at once.
+
+        nats-py calls a subscription's callback for one message at a time; waiting for a
+        slot here is what pushes back when the worker is saturated.
+        """
+
+        async def spawn(msg: Msg) -> None:
+            await self._slots.acquire()
+            task = asyncio.get_running_loop().create_task(handler(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._task_done)
+
+        return spawn
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            log.error("request handling failed", exc_info=task.exception())
+
+    async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
+        """Publish ``command`` to the gateway that holds ``connection_id`` (CommandSink)."""
+        assert self._nc is not None
+        gateway_id = ids.gateway_of(connection_id)
+        subject = subjects.gateway_subject(self.config.prefix, gateway_id)
+        await self._nc.publish(subject, command.SerializeToString())
+
+    async def _connect(self, msg: Msg) -> None:
+        try:
+            request = pb.ConnectRequest.FromString(msg.data)
+            ids.gateway_of(request.connection_id)
+        except (DecodeError, InvalidConnectionId):
+            self.stats.garbage += 1
+            log.warning("dropped an unreadable connect request (%d bytes)", len(msg.data))
+            return
+        self.stats.connects += 1
+        decision = await self._decide(request)
+        await msg.respond(decision.SerializeToString())
+
+    async def _decide(self, envelope: pb.ConnectRequest) -> pb.ConnectDecision:
+        resolved = self.app.resolve(envelope.path)
+        if resolved is None:
+            return _reject(404, "Not found")
+        route, params = resolved
+        conn = Connection(
+            envelope.connection_id, envelope.path, params, sink=self, env=self._env, connecting=True
+        )
+        request = ConnectRequest.from_envelope(envelope, params)
+        try:
+            outcome = await route.connect_handler(conn, request) if route.connect_handler else None
+            if outcome is None:
+                outcome = Accept()
+            if isinstance(outcome, Reject):
+                body = outcome.body.encode() if isinstance(outcome.body, str) else outcome.body
+                return pb.ConnectDecision(
+                    reject=pb.Reject(
+                        status=outcome.status,
+                        body=body,
+                        headers=[pb.Header(name=k, value=v) for k, v in outcome.headers.items()],
+                    )
+                )
+            if not isinstance(outcome, Accept):
+                raise InvalidResponse(
+                    f"on_connect must return Accept, Reject or None, not {type(outcome).__name__}"
+                )
+            if outcome.subprotocol is not None and outcome.subprotocol not in request.subprotocols:
+                raise InvalidResponse(
+                    f"subprotocol {outcome.subprotocol!r} was not offered "
+                    f"(offered: {list(request.subprotocols)})"
+                )
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("on_connect failed for %s on %s", envelope.connection_id, route)
+            return _reject(500, "Internal Server Error")
+        return pb.ConnectDecision(
+            accept=pb.Accept(subprotocol=outcome.subprotocol or "", messages=conn._take_pending())
+        )
+
+    async def _event(self, msg: Msg) -> None:
+        try:
+            event = pb.ConnectionEvent.FromString(msg.data)
+            ids.gateway_of(event.connection_id)
+        except (DecodeError, InvalidConnectionId):
+            event = None
+        kind = event.WhichOneof("kind") if event is not None else None
+        if event is None or kind is None:
+            self.stats.garbage += 1
+            log.warning("dropped an unreadable event (%d bytes)", len(msg.data))
+            return
+        self.stats.events += 1
+        await self._run_event(event, kind)
+        await msg.respond(pb.EventAck(sequence=event.sequence).SerializeToString())
+
+    async def _run_event(self, event: pb.ConnectionEvent, kind: str) -> None:
+        resolved = self.app.resolve(event.path)
+        conn_params = resolved[1] if resolved else {}
+        conn = Connection(
+            event.connection_id,
+            event.path,
+            conn_params,
+            sink=self,
+            env=self._env,
+            closed=kind == "closed",
+        )
+        try:
+            if resolved is None:
+                # The app was redeployed without this route while the connection lived.
+                if kind == "message":
+                    await conn.close(CloseCode.INTERNAL_ERROR, "route no longer served")
+                return
+            route = resolved[0]
+            if kind == "message" and route.message_handler is not None:
+                data = event.message
+                payload = data.text if data.WhichOneof("data") == "text" else data.binary
+                await route.message_handler(conn, payload)
+            elif kind == "closed" and route.close_handler is not None:
+                await route.close_handler(conn, event.closed.code, event.closed.reason)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception("handler failed for %s#%d", event.connection_id, event.sequence)
+            if not conn.closed:
+                # As in Cloudflare Workers: an exception in a handler ends the connection.
+                with contextlib.suppress(Exception):
+                    await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+
+
+def _reject(status: int, text: str) -> pb.ConnectDecision:
+    return pb.ConnectDecision(
+        reject=pb.Reject(
+            status=status,
+            body=text.encode(),
+            headers=[pb.Header(name="Content-Type", value="text/plain; charset=utf-8")],
+        )
+    )

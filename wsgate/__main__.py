@@ -1,0 +1,7 @@
+"""``python -m wsgate``: the same as the ``wsgate`` command."""
+
+import sys
+
+from wsgate.cli import main
+
+sys.exit(main())

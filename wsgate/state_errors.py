@@ -1,0 +1,122 @@
+"""The one place where state errors meet gRPC: statuses, ErrorInfo reasons, exceptions.
+
+The server refuses bad input with INVALID_ARGUMENT, a readable details string, and a
+serialized ``wsgate.v1.ErrorInfo`` in the trailing metadata key :data:`ERROR_INFO_KEY`;
+the client turns that back into the same exception, with its fields. Both sides use the
+table below, so a new refusal is added here once.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from wsgate.errors import (
+    InvalidObjectId,
+    InvalidValue,
+    KeyTooLarge,
+    LimitExceeded,
+    StateError,
+    StateTimeout,
+    StateUnavailable,
+    ValueTooLarge,
+)
+from wsgate.v1 import state_pb2 as pb
+
+#: Trailing metadata key of the serialized ErrorInfo (``-bin``: gRPC carries it as bytes).
+ERROR_INFO_KEY = "wsgate-error-bin"
+
+#: ErrorInfo.key is cut to this many characters, as in the exceptions' messages.
+MAX_ERROR_KEY_CHARS = 64
+
+
+class Reason(enum.StrEnum):
+    """``ErrorInfo.reason``: why the state service refused a call. Stable on the wire."""
+
+    KEY_TOO_LARGE = "KEY_TOO_LARGE"
+    VALUE_TOO_LARGE = "VALUE_TOO_LARGE"
+    INVALID_VALUE = "INVALID_VALUE"
+    INVALID_OBJECT_ID = "INVALID_OBJECT_ID"
+
+
+#: The exceptions the server refuses calls with, and the reason each travels as.
+REFUSALS: dict[type[StateError], Reason] = {
+    KeyTooLarge: Reason.KEY_TOO_LARGE,
+    ValueTooLarge: Reason.VALUE_TOO_LARGE,
+    InvalidValue: Reason.INVALID_VALUE,
+    InvalidObjectId: Reason.INVALID_OBJECT_ID,
+}
+
+#: The exception types a server refusal can be (for ``except`` clauses): REFUSALS' keys.
+REFUSAL_TYPES = (KeyTooLarge, ValueTooLarge, InvalidValue, InvalidObjectId)
+Refusal = KeyTooLarge | ValueTooLarge | InvalidValue | InvalidObjectId
+
+
+def error_info(exc: Refusal) -> pb.ErrorInfo:
+    """The ErrorInfo describing a refusal the server is about to send."""
+    reason = next(REFUSALS[cls] for cls in type(exc).__mro__ if cls in REFUSALS)
+    if isinstance(exc, LimitExceeded):
+        return pb.ErrorInfo(
+            reason=reason, size=exc.size, limit=exc.limit, key=exc.key[:MAX_ERROR_KEY_CHARS]
+        )
+    return pb.ErrorInfo(reason=reason)
+
+
+def refusal_metadata(exc: Refusal) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata carrying ``exc``'s ErrorInfo."""
+    return ((ERROR_INFO_KEY, error_info(exc).SerializeToString()),)
+
+
+def exception_from_error_info(info: pb.ErrorInfo, details: str) -> StateError:
+    """The exception a refusal stands for; a plain StateError for an unknown reason
+    (a newer server), so the caller still gets the details."""
+    if info.reason == Reason.KEY_TOO_LARGE:
+        return KeyTooLarge(info.size, info.limit, info.key)
+    if info.reason == Reason.VALUE_TOO_LARGE:
+        return ValueTooLarge(info.size, info.limit, info.key)
+    if info.reason == Reason.INVALID_VALUE:
+        return InvalidValue(details)
+    if info.reason == Reason.INVALID_OBJECT_ID:
+        return InvalidObjectId(details)
+    return StateError(f"state service refused the call ({info.reason}): {details}")
+
+
+def exception_from_rpc_error(err: grpc.RpcError, what: str) -> StateError:
+    """Map a failed call (``what``, e.g. ``"Get"``) to the state exception tree.
+
+    UNAVAILABLE → StateUnavailable, DEADLINE_EXCEEDED → StateTimeout, INVALID_ARGUMENT with
+    an ErrorInfo → the refusal's own exception; anything else → StateError naming the code.
+    """
+    code = _call_attr(err, "code")
+    details = _call_attr(err, "details") or ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return StateUnavailable(f"state service unavailable during {what}: {details}")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return StateTimeout(f"state service did not answer {what} in time: {details}")
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        info = _error_info_of(err)
+        if info is not None:
+            return exception_from_error_info(info, details)
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    return StateError(f"state service failed {what} with {name}: {details}")
+
+
+def _error_info_of(err: grpc.RpcError) -> pb.ErrorInfo | None:
+    for key, value in _call_attr(err, "trailing_metadata") or ():
+        if key == ERROR_INFO_KEY and isinstance(value, bytes):
+            try:
+                return pb.ErrorInfo.FromString(value)
+            except DecodeError:
+                # A garbled ErrorInfo still leaves the status and its details to report.
+                return None
+    return None
+
+
+def _call_attr(err: grpc.RpcError, name: str) -> Any:
+    # grpc.RpcError itself declares nothing; the errors calls raise (grpc.aio.AioRpcError,
+    # grpc.Call) have these methods.
+    method = getattr(err, name, None)
+    return method() if callable(method) else None

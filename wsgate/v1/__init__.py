@@ -1,0 +1,1 @@
+"""Code generated from ``proto/wsgate/v1`` by ``python -m wsgate.codegen``. Do not edit."""
