@@ -24,10 +24,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
-from wsgate.state_errors import REFUSAL_TYPES, Refusal, refusal_metadata
 from stateservice.limits import check_key, check_value_size
 from stateservice.storage import ObjectId, SqliteStorage, Storage
 from wsgate.config import StateConfig
+from wsgate.state_errors import REFUSAL_TYPES, Refusal, refusal_metadata
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from wsgate.errors import InvalidObjectId, InvalidValue, KeyTooLarge, StateError, ValueTooLarge
 from wsgate.state_errors import (
     REFUSAL_TYPES,
     REFUSALS,
@@ -12,7 +13,6 @@ from wsgate.state_errors import (
     error_info,
     exception_from_error_info,
 )
-from wsgate.errors import InvalidObjectId, InvalidValue, KeyTooLarge, StateError, ValueTooLarge
 from wsgate.v1 import state_pb2 as pb
 
 
