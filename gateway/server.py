@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Self
 
 import nats.errors
 from aiohttp import WSMsgType, web
@@ -40,6 +37,7 @@ from wsgate import ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
 from wsgate.config import GatewayConfig
+from wsgate.service import Service, ServicePhase
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -47,15 +45,6 @@ log = logging.getLogger(__name__)
 #: Paths the gateway answers itself; every other path is a WebSocket route of the app.
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
-
-
-class GatewayPhase(enum.Enum):
-    """The gateway's lifecycle; it only moves forward."""
-
-    NEW = "new"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 @dataclass
@@ -90,7 +79,7 @@ class _Rejection:
         return web.Response(status=self.status, text=self.text, headers=self.headers)
 
 
-class Gateway:
+class Gateway(Service):
     """One gateway process's server.
 
     Use ``async with Gateway(config) as gw`` or call :meth:`start` then :meth:`close`.
@@ -98,10 +87,10 @@ class Gateway:
     """
 
     def __init__(self, config: GatewayConfig) -> None:
+        super().__init__()
         self.config = config
         self.gateway_id = ids.new_gateway_id(config.node_name or ids.node_name_from_host())
         self.stats = GatewayStats()
-        self.phase = GatewayPhase.NEW
         self._ids = ids.ConnectionIds(self.gateway_id)
         self._connect_subject = subjects.connect_subject(config.prefix, config.app_name)
         self._events_subject = subjects.events_subject(config.prefix, config.app_name)
@@ -111,7 +100,6 @@ class Gateway:
         self._nc: NatsClient | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self._closed = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -120,9 +108,7 @@ class Gateway:
 
         Raises BusUnavailable if NATS cannot be reached, OSError if the port is taken.
         """
-        if self.phase is not GatewayPhase.NEW:
-            raise RuntimeError(f"gateway already {self.phase.value}")
-        self.phase = GatewayPhase.RUNNING
+        self._enter_running()
         try:
             self._nc = await connect_bus(self.config, f"wsgate-gateway {self.gateway_id}")
             await self._nc.subscribe(self._command_subject, cb=self._on_command)
@@ -160,10 +146,8 @@ class Gateway:
         """Stop: refuse new upgrades, close every socket with 1001, report their ``close``
         events, then leave NATS. Idempotent; a second caller waits for the first.
         """
-        if self.phase in (GatewayPhase.CLOSING, GatewayPhase.CLOSED):
-            await self._closed.wait()
+        if not await self._enter_closing():
             return
-        self.phase = GatewayPhase.CLOSING
         try:
             if self._site is not None:
                 await self._site.stop()
@@ -184,24 +168,7 @@ class Gateway:
             if self._runner is not None:
                 await self._runner.cleanup()
         finally:
-            self.phase = GatewayPhase.CLOSED
-            self._closed.set()
-
-    async def wait_closed(self) -> None:
-        """Return once :meth:`close` has finished."""
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+            self._mark_closed()
 
     # -- HTTP ----------------------------------------------------------------------------
 
@@ -210,7 +177,7 @@ class Gateway:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         nc = self._nc
-        if self.phase is GatewayPhase.RUNNING and nc is not None and nc.is_connected:
+        if self.phase is ServicePhase.RUNNING and nc is not None and nc.is_connected:
             return web.Response(text="ready")
         return web.Response(status=503, text="not ready")
 
@@ -230,7 +197,7 @@ class Gateway:
             if upgrade.lower() != "websocket":
                 return web.Response(status=400, text="Expected websocket")
             return web.Response(status=400, text="Invalid WebSocket handshake")
-        if self.phase is not GatewayPhase.RUNNING:
+        if self.phase is not ServicePhase.RUNNING:
             return web.Response(status=503, text="Shutting down", headers={"Retry-After": "1"})
 
         connection_id = self._ids.next()
@@ -247,7 +214,7 @@ class Gateway:
             return web.Response(
                 status=502, text="The app chose a subprotocol the client did not offer"
             )
-        if self.phase is not GatewayPhase.RUNNING:
+        if self.phase is not ServicePhase.RUNNING:
             await self._report_unopened(connection_id, request.path, CloseCode.GOING_AWAY)
             return web.Response(status=503, text="Shutting down", headers={"Retry-After": "1"})
 

@@ -12,13 +12,10 @@ checked here, at the service boundary, and nowhere else.
 
 from __future__ import annotations
 
-import asyncio
-import enum
 import logging
 import sqlite3
 from collections.abc import Awaitable
-from types import TracebackType
-from typing import Any, NoReturn, Self, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,6 +24,7 @@ from grpc_health.v1.health import aio as health_aio
 from stateservice.limits import check_key, check_value_size
 from stateservice.storage import ObjectId, SqliteStorage, Storage
 from wsgate.config import StateConfig
+from wsgate.service import Service
 from wsgate.state_errors import REFUSAL_TYPES, Refusal, refusal_metadata
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -40,16 +38,7 @@ T = TypeVar("T")
 STATE_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["State"].full_name
 
 
-class StatePhase(enum.Enum):
-    """The state server's lifecycle; it only moves forward."""
-
-    NEW = "new"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
-
-
-class StateServer:
+class StateServer(Service):
     """One state service process's server.
 
     Use ``async with StateServer(config) as server`` or call :meth:`start`, then
@@ -57,13 +46,12 @@ class StateServer:
     """
 
     def __init__(self, config: StateConfig) -> None:
+        super().__init__()
         self.config = config
-        self.phase = StatePhase.NEW
         self._storage = SqliteStorage(config.db_path)
         self._server: Any = None  # grpc.aio.Server once started
         self._health: health_aio.HealthServicer | None = None
         self._port: int | None = None
-        self._closed = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -74,9 +62,7 @@ class StateServer:
         ``sqlite3.Error`` or OSError if the database cannot be opened; the server is then
         closed.
         """
-        if self.phase is not StatePhase.NEW:
-            raise RuntimeError(f"state server already {self.phase.value}")
-        self.phase = StatePhase.RUNNING
+        self._enter_running()
         try:
             await self._storage.start()
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the
@@ -121,10 +107,8 @@ class StateServer:
         Idempotent; a second caller waits for the first. A write cancelled by the deadline
         was not acknowledged, so its client sees an error, never a lost write.
         """
-        if self.phase in (StatePhase.CLOSING, StatePhase.CLOSED):
-            await self._closed.wait()
+        if not await self._enter_closing():
             return
-        self.phase = StatePhase.CLOSING
         try:
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
@@ -133,25 +117,8 @@ class StateServer:
             # After the server: every handler has returned, so no write is left queued.
             await self._storage.close()
         finally:
-            self.phase = StatePhase.CLOSED
-            self._closed.set()
+            self._mark_closed()
             log.info("state service closed")
-
-    async def wait_closed(self) -> None:
-        """Return once :meth:`close` has finished."""
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
 
 class _StateServicer(state_pb2_grpc.StateServicer):

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
-from types import TracebackType
-from typing import Self
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -35,18 +32,10 @@ from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
 from wsgate.errors import InvalidConnectionId
+from wsgate.service import Service
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
-
-
-class WorkerPhase(enum.Enum):
-    """The worker's lifecycle; it only moves forward."""
-
-    NEW = "new"
-    RUNNING = "running"
-    CLOSING = "closing"
-    CLOSED = "closed"
 
 
 @dataclass
@@ -59,33 +48,30 @@ class WorkerStats:
     garbage: int = 0
 
 
-class Worker:
+class Worker(Service):
     """One worker process's event loop side.
 
     Use ``async with Worker(config, app)`` or :meth:`start` then :meth:`close` (idempotent).
     """
 
     def __init__(self, config: WorkerConfig, app: App) -> None:
+        super().__init__()
         self.config = config
         self.app = app
         self.stats = WorkerStats()
-        self.phase = WorkerPhase.NEW
         self._state = StateClient(config.state_address, timeout_s=config.state_timeout_s)
         self._env = Env(self._state)
         self._slots = asyncio.Semaphore(config.max_concurrent_events)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
-        self._closed = asyncio.Event()
 
     async def start(self) -> None:
         """Connect to the state service and NATS, then take requests.
 
         Raises BusUnavailable if NATS cannot be reached.
         """
-        if self.phase is not WorkerPhase.NEW:
-            raise RuntimeError(f"worker already {self.phase.value}")
-        self.phase = WorkerPhase.RUNNING
+        self._enter_running()
         try:
             await self._state.start()
             self._nc = await connect_bus(self.config, "wsgate-worker")
@@ -107,10 +93,8 @@ class Worker:
     async def close(self, timeout_s: float = 10.0) -> None:
         """Stop taking requests, let running handlers finish (up to ``timeout_s``), then
         leave NATS and the state service. Idempotent."""
-        if self.phase in (WorkerPhase.CLOSING, WorkerPhase.CLOSED):
-            await self._closed.wait()
+        if not await self._enter_closing():
             return
-        self.phase = WorkerPhase.CLOSING
         try:
             for sub in self._subscriptions:
                 with contextlib.suppress(nats.errors.Error):
@@ -124,24 +108,7 @@ class Worker:
                     await self._nc.drain()
             await self._state.close()
         finally:
-            self.phase = WorkerPhase.CLOSED
-            self._closed.set()
-
-    async def wait_closed(self) -> None:
-        """Return once :meth:`close` has finished."""
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
+            self._mark_closed()
 
     # -- dispatch ------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stateservice.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
-from stateservice.server import STATE_SERVICE_NAME, StatePhase, StateServer
+from stateservice.server import STATE_SERVICE_NAME, StateServer
 from worker.state_client import ObjectStorage, StateClient
 from wsgate.config import StateConfig
 from wsgate.errors import (
@@ -24,6 +24,7 @@ from wsgate.errors import (
     StateUnavailable,
     ValueTooLarge,
 )
+from wsgate.service import ServicePhase
 from wsgate.state_errors import ERROR_INFO_KEY, Reason
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -295,7 +296,7 @@ async def test_health_turns_not_serving_when_closing(tmp_path: Path) -> None:
         # The watch is a call in flight: ending it lets close finish without its grace.
         watch.cancel()
         await closing
-    assert server.phase is StatePhase.CLOSED
+    assert server.phase is ServicePhase.CLOSED
 
 
 async def test_address_is_the_bound_port(server: StateServer) -> None:
@@ -310,7 +311,7 @@ async def test_close_is_idempotent(tmp_path: Path) -> None:
     await asyncio.gather(server.close(), server.close())
     await server.close()
     await server.wait_closed()
-    assert server.phase is StatePhase.CLOSED
+    assert server.phase is ServicePhase.CLOSED
 
 
 async def test_start_twice_is_an_error(server: StateServer) -> None:
@@ -323,7 +324,7 @@ async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path) -> 
     second = StateServer(config)
     with pytest.raises(OSError, match="cannot listen"):
         await second.start()
-    assert second.phase is StatePhase.CLOSED
+    assert second.phase is ServicePhase.CLOSED
 
 
 # -- what the client sees when the service is not there ------------------------------------
