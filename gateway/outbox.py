@@ -2,17 +2,25 @@
 there is something to write.
 
 Commands arrive from NATS for many connections on one subscription; writing to a slow
-socket there would stall every other connection. So each command is queued here without
+socket there would stall every other connection. So each frame is queued here without
 waiting, and a per-connection writer task, started on demand and ended when the queue is
 empty, does the writing. An idle connection holds no task.
+
+Slow consumers: the bytes queued and not yet written (the frame being written included;
+text counted in characters) are bounded by ``max_bytes``. A frame that would pass the
+bound is not queued; ``on_overflow`` is called instead, and the owner closes the connection
+(1008) with :meth:`force_close`, which drops what is queued, stops the writer, and sends
+the close frame, aborting the TCP connection if the client does not take even that within
+``close_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -32,18 +40,36 @@ Frame = str | bytes | CloseFrame
 
 
 class Outbox:
-    """An ordered queue of frames for one WebSocket, drained by an on-demand writer task.
+    """An ordered, bounded queue of frames for one WebSocket, drained by an on-demand task.
 
-    ``push`` never blocks. Frames after a CloseFrame are dropped. Bounding the queue for
-    slow consumers is a later step (see docs/architecture.md).
+    ``push`` never blocks. Frames after a CloseFrame are dropped (and counted).
     """
 
-    def __init__(self, ws: web.WebSocketResponse, on_dropped: Callable[[int], None]) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        *,
+        max_bytes: int,
+        close_timeout_s: float,
+        on_dropped: Callable[[int], None],
+        on_overflow: Callable[[], None],
+        abort: Callable[[], None],
+    ) -> None:
         self._ws = ws
+        self._abort = abort
+        self._max_bytes = max_bytes
+        self._close_timeout_s = close_timeout_s
         self._frames: collections.deque[Frame] = collections.deque()
+        self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
         self._on_dropped = on_dropped
+        self._on_overflow = on_overflow
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes queued or being written."""
+        return self._queued_bytes
 
     def push(self, frame: Frame) -> None:
         """Queue a frame; starts the writer if none is running."""
@@ -52,6 +78,13 @@ class Outbox:
             return
         if isinstance(frame, CloseFrame):
             self._closed = True
+        else:
+            size = len(frame)
+            if self._queued_bytes + size > self._max_bytes:
+                self._on_dropped(1)
+                self._on_overflow()
+                return
+            self._queued_bytes += size
         self._frames.append(frame)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
@@ -60,29 +93,58 @@ class Outbox:
         """Wait until everything queued so far has been written (or failed)."""
         writer = self._writer
         if writer is not None:
-            await asyncio.shield(writer)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(writer)
 
-    async def _drain(self) -> None:
+    def force_close(self, code: int, reason: str) -> None:
+        """Drop what is queued and close now, ahead of it (the slow-consumer path)."""
+        dropped = sum(1 for f in self._frames if not isinstance(f, CloseFrame))
+        if dropped:
+            self._on_dropped(dropped)
+        self._frames.clear()
+        self._queued_bytes = 0
+        self._closed = True
+        writer = self._writer
+        if writer is not None:
+            writer.cancel()
+        self._frames.append(CloseFrame(code, reason))
+        self._writer = asyncio.get_running_loop().create_task(self._drain(after=writer))
+
+    async def _drain(self, after: asyncio.Task[None] | None = None) -> None:
+        if after is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await after
         try:
             while self._frames:
                 frame = self._frames.popleft()
                 try:
-                    await _write(self._ws, frame)
+                    await self._write(frame)
                 except (ConnectionError, RuntimeError) as exc:
                     # The socket went away under us: the read loop sees that too and
                     # reports the close; what is left here can no longer be delivered.
                     dropped = 1 + len(self._frames)
                     self._frames.clear()
+                    self._queued_bytes = 0
                     self._closed = True
                     self._on_dropped(dropped)
                     log.debug("write failed, %d frame(s) dropped: %s", dropped, exc)
+                finally:
+                    if not isinstance(frame, CloseFrame):
+                        self._queued_bytes = max(0, self._queued_bytes - len(frame))
         finally:
-            self._writer = None
+            if self._writer is asyncio.current_task():
+                self._writer = None
 
-
-def _write(ws: web.WebSocketResponse, frame: Frame) -> Awaitable[object]:
-    if isinstance(frame, str):
-        return ws.send_str(frame)
-    if isinstance(frame, bytes):
-        return ws.send_bytes(frame)
-    return ws.close(code=frame.code, message=frame.reason.encode("utf-8"))
+    async def _write(self, frame: Frame) -> None:
+        ws = self._ws
+        if isinstance(frame, str):
+            await ws.send_str(frame)
+        elif isinstance(frame, bytes):
+            await ws.send_bytes(frame)
+        else:
+            try:
+                async with asyncio.timeout(self._close_timeout_s):
+                    await ws.close(code=frame.code, message=frame.reason.encode("utf-8"))
+            except TimeoutError:
+                # The client takes nothing, not even the close frame: cut the connection.
+                self._abort()

@@ -3,13 +3,13 @@
 Flow of one connection::
 
     upgrade request ──► valid handshake? ── no ──► 400 "Expected websocket"
-         │ yes
+         │ yes          draining? 503 · Origin not allowed? 403 · at max_connections? 503
          ▼
     ConnectRequest on <prefix>.connect.<app> ──► ConnectDecision
          │ reject ──► the app's status, headers and body
          ▼ accept
     101 (with the app's subprotocol) ─► Accept.messages sent ─► read loop:
-        each message ─► ConnectionEvent on <prefix>.events.<app>, awaited (window 1)
+        each message ─► ConnectionEvent, delivered at least once, awaited (window 1)
     end ─► one Closed event ─► forget the connection
 
 Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
@@ -21,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import nats.errors
 from aiohttp import WSMsgType, web
@@ -31,33 +33,34 @@ from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from gateway.delivery import EventDelivery
 from gateway.lifecycle import ConnectionLifecycle, Phase
+from gateway.metrics import GatewayMetrics
 from gateway.outbox import CloseFrame, Outbox
 from wsgate import ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
 from wsgate.config import GatewayConfig
+from wsgate.errors import ConfigError
+from wsgate.probes import add_probe_routes
 from wsgate.service import Service, ServicePhase
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-#: Paths the gateway answers itself; every other path is a WebSocket route of the app.
-HEALTH_PATH = "/healthz"
-READY_PATH = "/readyz"
+#: How long a close handshake may take before the TCP connection is cut.
+CLOSE_TIMEOUT_S = 5.0
+#: Sockets closed at once when draining (each close writes a frame and awaits the reply).
+CLOSE_CONCURRENCY = 256
+#: Room for the envelope around a message of max_message_bytes in one NATS payload.
+ENVELOPE_MARGIN_BYTES = 16 * 1024
 
-
-@dataclass
-class GatewayStats:
-    """Counters (exported as metrics by a later step)."""
-
-    connections_opened: int = 0
-    messages_in: int = 0
-    frames_out: int = 0
-    frames_dropped: int = 0
-    commands_for_unknown_connections: int = 0
-    garbage_commands: int = 0
-    events_failed: int = 0
+_INITIATOR_LABEL = {
+    pb.CLOSE_INITIATOR_UNSPECIFIED: "transport",
+    pb.CLOSE_INITIATOR_CLIENT: "client",
+    pb.CLOSE_INITIATOR_APP: "app",
+    pb.CLOSE_INITIATOR_GATEWAY: "gateway",
+}
 
 
 @dataclass(eq=False)
@@ -67,54 +70,78 @@ class LiveConnection:
     lifecycle: ConnectionLifecycle
     ws: web.WebSocketResponse
     outbox: Outbox
+    #: Set while no event of this connection is on its way to a worker.
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
-class _Rejection:
+class _Refusal:
+    reason: str
     status: int
     text: str
     headers: dict[str, str] = field(default_factory=dict)
-
-    def response(self) -> web.Response:
-        return web.Response(status=self.status, text=self.text, headers=self.headers)
 
 
 class Gateway(Service):
     """One gateway process's server.
 
     Use ``async with Gateway(config) as gw`` or call :meth:`start` then :meth:`close`.
-    ``close`` is idempotent; :meth:`wait_closed` returns once it has finished.
+    ``close`` drains (see :meth:`close`); it is idempotent.
     """
 
     def __init__(self, config: GatewayConfig) -> None:
         super().__init__()
         self.config = config
         self.gateway_id = ids.new_gateway_id(config.node_name or ids.node_name_from_host())
-        self.stats = GatewayStats()
+        self.metrics = GatewayMetrics()
         self._ids = ids.ConnectionIds(self.gateway_id)
         self._connect_subject = subjects.connect_subject(config.prefix, config.app_name)
         self._events_subject = subjects.events_subject(config.prefix, config.app_name)
         self._command_subject = subjects.gateway_subject(config.prefix, self.gateway_id)
+        self._origins = config.origin_patterns
+        self._auto_responses = config.auto_response_map
         self._connections: dict[str, LiveConnection] = {}
+        self._connecting = 0
         self._handlers: set[asyncio.Task[object]] = set()
         self._nc: NatsClient | None = None
+        self._delivery: EventDelivery | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect to NATS, subscribe to this gateway's commands, and start listening.
+        """Connect to NATS, subscribe to this gateway's commands and acks, start listening.
 
-        Raises BusUnavailable if NATS cannot be reached, OSError if the port is taken.
+        Raises BusUnavailable if NATS cannot be reached, ConfigError if NATS' max_payload
+        cannot carry a message of ``max_message_bytes``, OSError if the port is taken.
         """
         self._enter_running()
         try:
-            self._nc = await connect_bus(self.config, f"wsgate-gateway {self.gateway_id}")
-            await self._nc.subscribe(self._command_subject, cb=self._on_command)
+            self._nc = nc = await connect_bus(
+                self.config,
+                f"wsgate-gateway {self.gateway_id}",
+                on_connection_change=self._bus_changed,
+            )
+            if self.config.max_message_bytes + ENVELOPE_MARGIN_BYTES > nc.max_payload:
+                raise ConfigError(
+                    f"NATS max_payload is {nc.max_payload} bytes: too small for "
+                    f"max_message_bytes={self.config.max_message_bytes} plus its envelope; "
+                    "raise max_payload in the nats-server config or lower WSGATE_MAX_MESSAGE_BYTES"
+                )
+            self._delivery = EventDelivery(
+                nc,
+                events_subject=self._events_subject,
+                ack_prefix=subjects.ack_prefix(self.config.prefix, self.gateway_id),
+                ack_timeout_s=self.config.ack_timeout_s,
+                delivery_timeout_s=self.config.delivery_timeout_s,
+                on_redelivery=self.metrics.redeliveries.inc,
+            )
+            await nc.subscribe(self._command_subject, cb=self._on_command)
+            await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
+            await nc.flush()
             app = web.Application()
-            app.router.add_get(HEALTH_PATH, self._healthz)
-            app.router.add_get(READY_PATH, self._readyz)
+            add_probe_routes(app, is_ready=self._is_ready, registry=self.metrics.registry)
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await self._runner.setup()
@@ -129,8 +156,7 @@ class Gateway(Service):
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
         assert self._runner is not None, "start() first"
-        sockname = self._runner.addresses[0]
-        return int(sockname[1])
+        return int(self._runner.addresses[0][1])
 
     @property
     def url(self) -> str:
@@ -142,26 +168,41 @@ class Gateway(Service):
             host = "127.0.0.1"
         return f"http://{host}:{self.port}"
 
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop: refuse new upgrades, close every socket with 1001, report their ``close``
-        events, then leave NATS. Idempotent; a second caller waits for the first.
+    async def close(self) -> None:
+        """Drain, in this order, within ``drain_timeout_s``: readiness turns 503 and new
+        upgrades are refused; each connection's event in flight finishes; every socket is
+        closed with 1001 (at most CLOSE_CONCURRENCY at once); their ``close`` events reach
+        the app; sockets still open at the deadline are cut; NATS is drained; the listener
+        stops. Idempotent; a second caller waits for the first.
         """
         if not await self._enter_closing():
             return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
         try:
-            if self._site is not None:
-                await self._site.stop()
-            for conn in list(self._connections.values()):
-                if conn.lifecycle.request_close(
-                    pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "gateway shutting down"
-                ):
-                    conn.outbox.push(CloseFrame(CloseCode.GOING_AWAY, "gateway shutting down"))
+            slots = asyncio.Semaphore(CLOSE_CONCURRENCY)
+
+            async def close_one(conn: LiveConnection) -> None:
+                async with slots:
+                    # Re-check after each wake: the read loop may have started another event.
+                    while not conn.idle.is_set():
+                        if not await _wait_event(conn.idle, deadline):
+                            break
+                    self._request_close(
+                        conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
+                    )
+
+            await asyncio.gather(*(close_one(c) for c in list(self._connections.values())))
             if self._handlers:
-                # Handlers finish by reporting each close to the app over NATS, so NATS
-                # must stay up until they are done.
-                _, pending = await asyncio.wait(self._handlers, timeout=timeout_s)
+                # Handlers finish by reporting each close to the app, so NATS stays up.
+                _, pending = await asyncio.wait(
+                    self._handlers, timeout=max(deadline - loop.time(), 0.01)
+                )
                 if pending:
-                    log.warning("%d connection(s) did not finish closing in time", len(pending))
+                    log.warning("%d connection(s) still open at the deadline; cut", len(pending))
+                    for conn in list(self._connections.values()):
+                        conn.outbox.force_close(CloseCode.GOING_AWAY, "going away")
+                    await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
             if self._nc is not None and not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
@@ -170,16 +211,15 @@ class Gateway(Service):
         finally:
             self._mark_closed()
 
-    # -- HTTP ----------------------------------------------------------------------------
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def _readyz(self, request: web.Request) -> web.Response:
+    def _is_ready(self) -> bool:
         nc = self._nc
-        if self.phase is ServicePhase.RUNNING and nc is not None and nc.is_connected:
-            return web.Response(text="ready")
-        return web.Response(status=503, text="not ready")
+        return self.phase is ServicePhase.RUNNING and nc is not None and nc.is_connected
+
+    def _bus_changed(self, connected: bool) -> None:
+        if self._delivery is not None:
+            self._delivery.set_bus_connected(connected)
+
+    # -- upgrades ------------------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         task = asyncio.current_task()
@@ -190,40 +230,78 @@ class Gateway(Service):
         finally:
             self._handlers.discard(task)
 
-    async def _upgrade(self, request: web.Request) -> web.StreamResponse:
+    def _refuse(self, refusal: _Refusal) -> web.Response:
+        self.metrics.upgrades_refused.labels(refusal.reason).inc()
+        return web.Response(status=refusal.status, text=refusal.text, headers=refusal.headers)
+
+    def _precheck(self, request: web.Request) -> _Refusal | None:
+        """What stops an upgrade before the app is asked."""
         if not web.WebSocketResponse().can_prepare(request).ok:
             # The Cloudflare guide's check: a WebSocket route answers a plain request so.
-            upgrade = request.headers.get("Upgrade", "")
-            if upgrade.lower() != "websocket":
-                return web.Response(status=400, text="Expected websocket")
-            return web.Response(status=400, text="Invalid WebSocket handshake")
+            if request.headers.get("Upgrade", "").lower() != "websocket":
+                return _Refusal("not_websocket", 400, "Expected websocket")
+            return _Refusal("bad_handshake", 400, "Invalid WebSocket handshake")
         if self.phase is not ServicePhase.RUNNING:
-            return web.Response(status=503, text="Shutting down", headers={"Retry-After": "1"})
+            return _Refusal("draining", 503, "Shutting down", {"Retry-After": "1"})
+        origin = request.headers.get("Origin")
+        if (
+            self._origins
+            and origin is not None
+            and not any(fnmatchcase(origin, pattern) for pattern in self._origins)
+        ):
+            return _Refusal("origin", 403, "Origin not allowed")
+        if len(self._connections) + self._connecting >= self.config.max_connections:
+            return _Refusal("max_connections", 503, "Too many connections", {"Retry-After": "1"})
+        return None
 
+    async def _upgrade(self, request: web.Request) -> web.StreamResponse:
+        refusal = self._precheck(request)
+        if refusal is not None:
+            return self._refuse(refusal)
         connection_id = self._ids.next()
         offered = _offered_subprotocols(request)
-        decision = await self._ask_app(request, connection_id, offered)
-        if isinstance(decision, _Rejection):
-            return decision.response()
+        self._connecting += 1
+        try:
+            decision = await self._ask_app(request, connection_id, offered)
+        finally:
+            self._connecting -= 1
+        if isinstance(decision, _Refusal):
+            return self._refuse(decision)
         if decision.HasField("reject"):
+            self.metrics.upgrades_refused.labels("app").inc()
             return _reject_response(decision.reject)
         accept = decision.accept
         if accept.subprotocol and accept.subprotocol not in offered:
             log.error("app chose subprotocol %r the client did not offer", accept.subprotocol)
             await self._report_unopened(connection_id, request.path, CloseCode.ABNORMAL)
-            return web.Response(
-                status=502, text="The app chose a subprotocol the client did not offer"
+            return self._refuse(
+                _Refusal("bad_subprotocol", 502, "The app chose a subprotocol not offered")
             )
         if self.phase is not ServicePhase.RUNNING:
             await self._report_unopened(connection_id, request.path, CloseCode.GOING_AWAY)
-            return web.Response(status=503, text="Shutting down", headers={"Retry-After": "1"})
+            return self._refuse(_Refusal("draining", 503, "Shutting down", {"Retry-After": "1"}))
 
-        ws = web.WebSocketResponse(protocols=(accept.subprotocol,) if accept.subprotocol else ())
+        ws = web.WebSocketResponse(
+            protocols=(accept.subprotocol,) if accept.subprotocol else (),
+            max_msg_size=self.config.max_message_bytes,
+            heartbeat=self.config.heartbeat_s or None,
+            autoclose=False,  # we answer close frames ourselves, checking their codes
+            timeout=CLOSE_TIMEOUT_S,
+        )
+        transport = request.transport
         conn = LiveConnection(
             lifecycle=ConnectionLifecycle(connection_id, request.path),
             ws=ws,
-            outbox=Outbox(ws, self._count_dropped),
+            outbox=Outbox(
+                ws,
+                max_bytes=self.config.max_outbound_bytes,
+                close_timeout_s=CLOSE_TIMEOUT_S,
+                on_dropped=self.metrics.drops.labels("write_failed").inc,
+                on_overflow=lambda: self._slow_consumer(conn),
+                abort=transport.abort if transport is not None else lambda: None,
+            ),
         )
+        conn.idle.set()
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
@@ -231,7 +309,8 @@ class Gateway(Service):
             await self._report_unopened(connection_id, request.path, CloseCode.ABNORMAL)
             return ws
         self._connections[connection_id] = conn
-        self.stats.connections_opened += 1
+        self.metrics.connections.inc()
+        self.metrics.connections_open.inc()
         try:
             for message in accept.messages:
                 self._push_message(conn, message)
@@ -240,13 +319,15 @@ class Gateway(Service):
             await conn.outbox.flush()
             event = conn.lifecycle.closed_event()
             if event is not None:
+                self.metrics.closes.labels(_INITIATOR_LABEL[event.closed.initiator]).inc()
                 await self._deliver(event)
             del self._connections[connection_id]
+            self.metrics.connections_open.dec()
         return ws
 
     async def _ask_app(
         self, request: web.Request, connection_id: str, offered: list[str]
-    ) -> pb.ConnectDecision | _Rejection:
+    ) -> pb.ConnectDecision | _Refusal:
         """Send the ConnectRequest; map every way that can fail to an HTTP answer."""
         assert self._nc is not None
         peer = request.transport.get_extra_info("peername") if request.transport else None
@@ -258,6 +339,8 @@ class Gateway(Service):
             subprotocols=offered,
             remote_address=f"{peer[0]}:{peer[1]}" if peer else "",
         )
+        if not self._nc.is_connected:
+            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
         try:
             reply = await self._nc.request(
                 self._connect_subject,
@@ -265,34 +348,46 @@ class Gateway(Service):
                 timeout=self.config.connect_timeout_s,
             )
         except nats.errors.NoRespondersError:
-            return _Rejection(503, "No worker available", {"Retry-After": "1"})
+            return _Refusal("no_worker", 503, "No worker available", {"Retry-After": "1"})
         except nats.errors.TimeoutError:
-            return _Rejection(504, "The app did not answer in time")
+            return _Refusal("app_timeout", 504, "The app did not answer in time")
         except nats.errors.Error as exc:
             log.warning("connect request failed: %r", exc)
-            return _Rejection(503, "Bus unavailable", {"Retry-After": "1"})
+            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
         try:
             decision = pb.ConnectDecision.FromString(reply.data)
         except DecodeError:
             decision = pb.ConnectDecision()
         if decision.WhichOneof("outcome") is None:
             log.error("unreadable connect decision for %s", connection_id)
-            return _Rejection(502, "Bad answer from the app")
+            return _Refusal("bad_decision", 502, "Bad answer from the app")
         return decision
+
+    # -- the read loop -------------------------------------------------------------------
 
     async def _read_loop(self, conn: LiveConnection) -> None:
         """Forward the client's messages one at a time until the socket closes."""
         ws, lifecycle = conn.ws, conn.lifecycle
+        idle_timeout = self.config.idle_timeout_s or None
         while True:
-            msg = await ws.receive()
+            try:
+                msg = await ws.receive(timeout=idle_timeout)
+            except TimeoutError:
+                self._request_close(
+                    conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "idle timeout"
+                )
+                continue
             if msg.type is WSMsgType.TEXT:
+                response = self._auto_responses.get(msg.data)
+                if response is not None:
+                    self.metrics.auto_responses.inc()
+                    conn.outbox.push(response)
+                    continue
                 message = pb.Message(text=msg.data)
             elif msg.type is WSMsgType.BINARY:
                 message = pb.Message(binary=msg.data)
             elif msg.type is WSMsgType.CLOSE:
-                # aiohttp has already answered the close frame (autoclose); the next
-                # receive() reports CLOSED.
-                lifecycle.request_close(pb.CLOSE_INITIATOR_CLIENT, int(msg.data), msg.extra or "")
+                self._client_closed(conn, int(msg.data), msg.extra or "")
                 continue
             elif msg.type is WSMsgType.ERROR:
                 if isinstance(msg.data, WebSocketError):
@@ -301,41 +396,71 @@ class Gateway(Service):
                     lifecycle.request_close(
                         pb.CLOSE_INITIATOR_GATEWAY, msg.data.code, str(msg.data)
                     )
+                elif isinstance(msg.data, TimeoutError):
+                    lifecycle.request_close(
+                        pb.CLOSE_INITIATOR_GATEWAY, CloseCode.ABNORMAL, "no pong to heartbeat"
+                    )
                 return
             else:  # CLOSING (we are closing it) or CLOSED
                 return
             if lifecycle.phase is not Phase.OPEN:
-                continue  # the app or the gateway already asked to close
-            self.stats.messages_in += 1
-            if not await self._deliver(lifecycle.message_event(message)):
-                # Seam: redelivery with the same sequence is the next step (see
-                # docs/architecture.md); until then an undeliverable event ends the
-                # connection so the client knows to retry.
-                reason = "no worker acknowledged the message"
-                if lifecycle.request_close(
-                    pb.CLOSE_INITIATOR_GATEWAY, CloseCode.TRY_AGAIN_LATER, reason
-                ):
-                    conn.outbox.push(CloseFrame(CloseCode.TRY_AGAIN_LATER, reason))
+                continue  # closing: what the client sends meanwhile is not the app's anymore
+            self.metrics.messages_in.inc()
+            conn.idle.clear()
+            try:
+                delivered = await self._deliver(lifecycle.message_event(message))
+            finally:
+                conn.idle.set()
+            if not delivered:
+                self._request_close(
+                    conn,
+                    pb.CLOSE_INITIATOR_GATEWAY,
+                    CloseCode.TRY_AGAIN_LATER,
+                    "no worker acknowledged the message",
+                )
+
+    def _client_closed(self, conn: LiveConnection, code: int, reason: str) -> None:
+        """The client sent a close frame; answer it (autoclose is off so codes are checked)."""
+        reply: int
+        if code == 0:  # an empty close frame: no status code (RFC 6455 7.1.5)
+            code, reply = CloseCode.NO_STATUS, CloseCode.NORMAL
+        elif _valid_received_code(code):
+            reply = code
+        else:
+            # RFC 6455 7.4.1: a code that may not be sent is a protocol error.
+            self._request_close(
+                conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.PROTOCOL_ERROR, "invalid close code"
+            )
+            return
+        if conn.lifecycle.request_close(pb.CLOSE_INITIATOR_CLIENT, code, reason):
+            conn.outbox.push(CloseFrame(reply, ""))
+
+    def _request_close(
+        self, conn: LiveConnection, initiator: pb.CloseInitiator.ValueType, code: int, reason: str
+    ) -> None:
+        if conn.lifecycle.request_close(initiator, code, reason):
+            conn.outbox.push(CloseFrame(code, reason))
+
+    def _slow_consumer(self, conn: LiveConnection) -> None:
+        self.metrics.drops.labels("slow_consumer").inc()
+        reason = "slow consumer"
+        if conn.lifecycle.request_close(
+            pb.CLOSE_INITIATOR_GATEWAY, CloseCode.POLICY_VIOLATION, reason
+        ):
+            log.info("closing slow consumer %s", conn.lifecycle.connection_id)
+            conn.outbox.force_close(CloseCode.POLICY_VIOLATION, reason)
 
     async def _deliver(self, event: pb.ConnectionEvent) -> bool:
-        """Send one event and wait for its acknowledgement; False if none came."""
-        assert self._nc is not None
-        try:
-            reply = await self._nc.request(
-                self._events_subject,
-                event.SerializeToString(),
-                timeout=self.config.event_timeout_s,
-            )
-            ack = pb.EventAck.FromString(reply.data)
-        except (nats.errors.Error, DecodeError) as exc:
-            self.stats.events_failed += 1
-            log.warning(
-                "event %s#%d not acknowledged: %r", event.connection_id, event.sequence, exc
-            )
-            return False
-        if ack.sequence != event.sequence:
-            log.warning("ack for #%d answered event #%d", ack.sequence, event.sequence)
-        return True
+        """Deliver one event at least once; False if it was given up."""
+        assert self._delivery is not None
+        started = time.perf_counter()
+        delivered = await self._delivery.deliver(event)
+        if delivered:
+            self.metrics.event_round_trip.observe(time.perf_counter() - started)
+        else:
+            self.metrics.undeliverable.inc()
+            log.warning("event %s#%d given up", event.connection_id, event.sequence)
+        return delivered
 
     async def _report_unopened(self, connection_id: str, path: str, code: int) -> None:
         """The app accepted a connection that never opened: tell it that it closed."""
@@ -354,14 +479,14 @@ class Gateway(Service):
             command = pb.GatewayCommand()
         action = command.WhichOneof("action")
         if action is None:
-            self.stats.garbage_commands += 1
+            self.metrics.drops.labels("garbage").inc()
             log.warning("dropped an unreadable command (%d bytes)", len(msg.data))
             return
         for connection_id in command.connection_ids:
             conn = self._connections.get(connection_id)
-            if conn is None or conn.lifecycle.phase is Phase.CLOSED:
-                # The connection is gone (or never was here): count it, never loop on it.
-                self.stats.commands_for_unknown_connections += 1
+            if conn is None or conn.lifecycle.phase is not Phase.OPEN:
+                # The connection is gone, closing, or never was here: count it, never loop.
+                self.metrics.drops.labels("unknown_connection").inc()
                 continue
             if action == "send":
                 self._push_message(conn, command.send)
@@ -375,20 +500,33 @@ class Gateway(Service):
         elif kind == "binary":
             conn.outbox.push(message.binary)
         else:
-            self.stats.garbage_commands += 1
+            self.metrics.drops.labels("garbage").inc()
             return
-        self.stats.frames_out += 1
+        self.metrics.messages_out.inc()
 
     def _push_close(self, conn: LiveConnection, code: int, reason: str) -> None:
         if not is_sendable(code) or len(reason.encode("utf-8")) > MAX_REASON_BYTES:
             # The worker SDK refuses these before sending; anything else is a bug.
             log.error("refused close code %d / reason of %d bytes", code, len(reason))
             code, reason = CloseCode.INTERNAL_ERROR, ""
-        if conn.lifecycle.request_close(pb.CLOSE_INITIATOR_APP, code, reason):
-            conn.outbox.push(CloseFrame(code, reason))
+        self._request_close(conn, pb.CLOSE_INITIATOR_APP, code, reason)
 
-    def _count_dropped(self, count: int) -> None:
-        self.stats.frames_dropped += count
+
+def _valid_received_code(code: int) -> bool:
+    """Close codes a peer may send (RFC 6455 7.4.1-2 and the IANA registry)."""
+    return is_sendable(code)
+
+
+async def _wait_event(event: asyncio.Event, deadline: float) -> bool:
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        return False
+    try:
+        async with asyncio.timeout(remaining):
+            await event.wait()
+    except TimeoutError:
+        return False
+    return True
 
 
 def _offered_subprotocols(request: web.Request) -> list[str]:

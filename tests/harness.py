@@ -59,7 +59,9 @@ class Stack:
 
     def start_worker(self, app: str = "examples.app:app", *extra: str) -> Child:
         log = self.log_file(f"worker{len(self.workers)}")
-        argv = python_role_argv("worker", "--nats-url", self.nats_url, "--app", app, *extra)
+        argv = python_role_argv(
+            "worker", "--nats-url", self.nats_url, "--app", app, "--port", "0", *extra
+        )
         if self.state is not None:
             argv += ["--state-address", str(self.state.info["address"])]
         child = spawn("worker", argv, stdout=log, stderr=log, env=_env())

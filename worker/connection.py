@@ -56,6 +56,8 @@ class Connection:
         env: Env,
         connecting: bool = False,
         closed: bool = False,
+        sequence: int = 0,
+        redelivered: bool = False,
     ) -> None:
         self.id = connection_id
         self.path = path
@@ -63,6 +65,12 @@ class Connection:
         self.params: Mapping[str, str] = dict(params)
         #: The worker's environment: durable object storage and the like.
         self.env = env
+        #: The sequence of the event being handled (0 in on_connect). With ``id`` it is the
+        #: event's idempotency key: a redelivered event has the same one.
+        self.sequence = sequence
+        #: True when this event was sent before and not acknowledged in time: its handler
+        #: may already have run, fully or in part (at-least-once delivery).
+        self.redelivered = redelivered
         self._sink = sink
         self._phase = _Phase.CLOSED if closed else _Phase.CONNECTING if connecting else _Phase.OPEN
         self._pending: list[pb.Message] = []

@@ -2,19 +2,55 @@
 
 from __future__ import annotations
 
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from worker.errors import InvalidMessage
 from worker.state_client import ObjectStorage, StateClient
+from wsgate import ids
+from wsgate.v1 import envelope_pb2 as pb
+
+if TYPE_CHECKING:
+    from worker.connection import CommandSink
 
 
 class Env:
     """Shared by every handler call of one worker process.
 
     ``env.storage("counter", name)`` gives the storage of one durable object; any worker
-    reaches the same object through the state service.
+    reaches the same object through the state service. ``env.send_many(ids, message)``
+    sends one message to many connections wherever they are.
     """
 
-    def __init__(self, state: StateClient) -> None:
+    def __init__(self, state: StateClient, sink: CommandSink) -> None:
         self._state = state
+        self._sink = sink
 
     def storage(self, namespace: str, name: str) -> ObjectStorage:
         """The key/value storage of the object ``name`` in ``namespace``."""
         return self._state.storage(namespace, name)
+
+    async def send_many(
+        self, connection_ids: Iterable[str], message: str | bytes | bytearray | memoryview
+    ) -> int:
+        """Send ``message`` to every listed connection: one command per gateway that holds
+        any of them, never one per connection. Connections that are gone are skipped by
+        their gateway. Returns the number of commands published.
+
+        Raises InvalidMessage for a message that is neither str nor bytes-like, and
+        InvalidConnectionId for an id that is not one.
+        """
+        if isinstance(message, str):
+            envelope = pb.Message(text=message)
+        elif isinstance(message, (bytes, bytearray, memoryview)):
+            envelope = pb.Message(binary=bytes(message))
+        else:
+            raise InvalidMessage(f"send_many() takes str or bytes, not {type(message).__name__}")
+        by_gateway: defaultdict[str, list[str]] = defaultdict(list)
+        for connection_id in connection_ids:
+            by_gateway[ids.gateway_of(connection_id)].append(connection_id)
+        for members in by_gateway.values():
+            command = pb.GatewayCommand(connection_ids=members, send=envelope)
+            await self._sink.send_command(members[0], command)
+        return len(by_gateway)

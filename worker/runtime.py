@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -26,26 +26,44 @@ from worker.app import Accept, App, ConnectRequest, Reject
 from worker.connection import Connection
 from worker.env import Env
 from worker.errors import InvalidResponse
+from worker.metrics import WorkerMetrics
 from worker.state_client import StateClient
 from wsgate import ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
 from wsgate.errors import InvalidConnectionId
-from wsgate.service import Service
+from wsgate.probes import ProbeServer
+from wsgate.service import Service, ServicePhase
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class WorkerStats:
-    """Counters (exported as metrics by a later step)."""
+class _ProgressTicker:
+    """Sends progress acks for one event while its handler runs, every ``interval_s``, so
+    the gateway does not take a slow handler for a dead worker. Costs one timer per event;
+    a task only when a tick is due."""
 
-    connects: int = 0
-    events: int = 0
-    handler_errors: int = 0
-    garbage: int = 0
+    def __init__(self, nc: NatsClient, reply: str, sequence: int, interval_s: float) -> None:
+        self._nc = nc
+        self._reply = reply
+        self._payload = pb.EventAck(sequence=sequence, in_progress=True).SerializeToString()
+        self._interval_s = interval_s
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._tick)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _tick(self) -> None:
+        task = self._loop.create_task(self._nc.publish(self._reply, self._payload))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._timer = self._loop.call_later(self._interval_s, self._tick)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class Worker(Service):
@@ -58,9 +76,12 @@ class Worker(Service):
         super().__init__()
         self.config = config
         self.app = app
-        self.stats = WorkerStats()
+        self.metrics = WorkerMetrics()
         self._state = StateClient(config.state_address, timeout_s=config.state_timeout_s)
-        self._env = Env(self._state)
+        self._env = Env(self._state, self)
+        self._probes = ProbeServer(
+            config.host, config.port, is_ready=self._is_ready, registry=self.metrics.registry
+        )
         self._slots = asyncio.Semaphore(config.max_concurrent_events)
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
@@ -73,6 +94,7 @@ class Worker(Service):
         """
         self._enter_running()
         try:
+            await self._probes.start()
             await self._state.start()
             self._nc = await connect_bus(self.config, "wsgate-worker")
             queue = subjects.worker_queue(self.config.app_name)
@@ -90,9 +112,20 @@ class Worker(Service):
             raise
         log.info("worker serving %d route(s) of app %r", len(self.app.routes), self.config.app_name)
 
-    async def close(self, timeout_s: float = 10.0) -> None:
-        """Stop taking requests, let running handlers finish (up to ``timeout_s``), then
-        leave NATS and the state service. Idempotent."""
+    @property
+    def probe_port(self) -> int:
+        """The port of /healthz, /readyz and /metrics."""
+        return self._probes.port
+
+    def _is_ready(self) -> bool:
+        nc = self._nc
+        return self.phase is ServicePhase.RUNNING and nc is not None and nc.is_connected
+
+    async def close(self) -> None:
+        """Drain: readiness turns 503, no new requests are taken, running handlers finish
+        and are acknowledged (up to ``drain_timeout_s``; then they are cancelled and their
+        events redelivered elsewhere), then NATS, the state client and the probes close.
+        Idempotent."""
         if not await self._enter_closing():
             return
         try:
@@ -100,13 +133,14 @@ class Worker(Service):
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
             if self._tasks:
-                _, pending = await asyncio.wait(self._tasks, timeout=timeout_s)
+                _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
                 for task in pending:
                     task.cancel()
             if self._nc is not None and not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
             await self._state.close()
+            await self._probes.close()
         finally:
             self._mark_closed()
 
@@ -123,6 +157,7 @@ class Worker(Service):
 
         async def spawn(msg: Msg) -> None:
             await self._slots.acquire()
+            self.metrics.in_flight.inc()
             task = asyncio.get_running_loop().create_task(handler(msg))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
@@ -132,6 +167,7 @@ class Worker(Service):
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
+        self.metrics.in_flight.dec()
         if not task.cancelled() and task.exception() is not None:
             log.error("request handling failed", exc_info=task.exception())
 
@@ -141,17 +177,18 @@ class Worker(Service):
         gateway_id = ids.gateway_of(connection_id)
         subject = subjects.gateway_subject(self.config.prefix, gateway_id)
         await self._nc.publish(subject, command.SerializeToString())
+        self.metrics.commands.inc()
 
     async def _connect(self, msg: Msg) -> None:
         try:
             request = pb.ConnectRequest.FromString(msg.data)
             ids.gateway_of(request.connection_id)
         except (DecodeError, InvalidConnectionId):
-            self.stats.garbage += 1
+            self.metrics.garbage.inc()
             log.warning("dropped an unreadable connect request (%d bytes)", len(msg.data))
             return
-        self.stats.connects += 1
         decision = await self._decide(request)
+        self.metrics.connects.labels(decision.WhichOneof("outcome")).inc()
         await msg.respond(decision.SerializeToString())
 
     async def _decide(self, envelope: pb.ConnectRequest) -> pb.ConnectDecision:
@@ -186,7 +223,7 @@ class Worker(Service):
                     f"(offered: {list(request.subprotocols)})"
                 )
         except Exception:
-            self.stats.handler_errors += 1
+            self.metrics.handler_errors.inc()
             log.exception("on_connect failed for %s on %s", envelope.connection_id, route)
             return _reject(500, "Internal Server Error")
         return pb.ConnectDecision(
@@ -200,12 +237,27 @@ class Worker(Service):
         except (DecodeError, InvalidConnectionId):
             event = None
         kind = event.WhichOneof("kind") if event is not None else None
-        if event is None or kind is None:
-            self.stats.garbage += 1
+        if event is None or kind is None or not msg.reply:
+            self.metrics.garbage.inc()
             log.warning("dropped an unreadable event (%d bytes)", len(msg.data))
             return
-        self.stats.events += 1
-        await self._run_event(event, kind)
+        self.metrics.events.labels(kind).inc()
+        if event.redelivered:
+            self.metrics.redelivered.inc()
+        assert self._nc is not None
+        progress = (
+            _ProgressTicker(self._nc, msg.reply, event.sequence, event.ack_wait_ms / 3000)
+            if event.ack_wait_ms
+            else None
+        )
+        started = time.perf_counter()
+        try:
+            await self._run_event(event, kind)
+        finally:
+            if progress is not None:
+                progress.cancel()
+            self.metrics.handler_seconds.observe(time.perf_counter() - started)
+        # The commands the handler published went out before this on the same connection.
         await msg.respond(pb.EventAck(sequence=event.sequence).SerializeToString())
 
     async def _run_event(self, event: pb.ConnectionEvent, kind: str) -> None:
@@ -218,6 +270,8 @@ class Worker(Service):
             sink=self,
             env=self._env,
             closed=kind == "closed",
+            sequence=event.sequence,
+            redelivered=event.redelivered,
         )
         try:
             if resolved is None:
@@ -233,7 +287,7 @@ class Worker(Service):
             elif kind == "closed" and route.close_handler is not None:
                 await route.close_handler(conn, event.closed.code, event.closed.reason)
         except Exception:
-            self.stats.handler_errors += 1
+            self.metrics.handler_errors.inc()
             log.exception("handler failed for %s#%d", event.connection_id, event.sequence)
             if not conn.closed:
                 # As in Cloudflare Workers: an exception in a handler ends the connection.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 
 from nats.aio.client import Client as NatsClient
 
@@ -14,25 +15,35 @@ from wsgate.errors import BusUnavailable
 log = logging.getLogger(__name__)
 
 
-async def connect_bus(config: BusConfig, name: str, *, wait_s: float = 10.0) -> NatsClient:
+async def connect_bus(
+    config: BusConfig,
+    name: str,
+    *,
+    wait_s: float = 10.0,
+    on_connection_change: Callable[[bool], None] | None = None,
+) -> NatsClient:
     """Connect to NATS as ``name`` (shown by the server's monitoring).
 
     Keeps trying for ``wait_s`` seconds, then raises BusUnavailable, so a role that cannot
     reach the bus fails at start, visibly, and its supervisor restarts it. Once connected
-    the client reconnects forever and buffers what is published meanwhile.
+    the client reconnects forever and buffers what is published meanwhile;
+    ``on_connection_change(False)`` / ``(True)`` report each loss and recovery.
     """
     nc = NatsClient()
+    notify = on_connection_change or (lambda connected: None)
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
     async def on_disconnected() -> None:
+        notify(False)
         if nc.is_closed or nc.is_draining:
             log.debug("nats: disconnected on close")
         else:
             log.warning("nats: disconnected; reconnecting")
 
     async def on_reconnected() -> None:
+        notify(True)
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
     try:

@@ -1,4 +1,5 @@
-"""The ``wsgate`` command: ``dev``, ``gateway``, ``worker``, ``state``.
+"""The ``wsgate`` command: ``dev``, ``gateway``, ``worker``, ``state`` (and ``bench``,
+see :mod:`wsgate.bench`).
 
 Each role's flags come from its config dataclass (:mod:`wsgate.config`): ``--nats-url``
 for ``nats_url`` and so on, each defaulting to its ``WSGATE_*`` environment variable,
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from wsgate import __version__
+from wsgate.bench import add_bench_parser, run_bench
 from wsgate.config import DevConfig, GatewayConfig, StateConfig, WorkerConfig
 from wsgate.errors import ConfigError, WsgateError
 from wsgate.readiness import notify_ready
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.role is None:
         parser.print_help()
         return 2
+    if args.role == "bench":
+        return run_bench(args)
     config_type, _ = _ROLES[args.role]
     try:
         config = config_type(
@@ -87,6 +91,7 @@ def build_parser(environ: typing.Mapping[str, str]) -> argparse.ArgumentParser:
             )
         if role != "dev":
             p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    add_bench_parser(sub)
     return parser
 
 
@@ -164,6 +169,8 @@ def _ready_info(role: str, server: Any) -> dict[str, Any]:
     info: dict[str, Any] = {"role": role, "pid": os.getpid()}
     if role == "gateway":
         info.update(url=server.url, port=server.port, gateway_id=server.gateway_id)
+    elif role == "worker":
+        info.update(probe_port=server.probe_port)
     elif role == "state":
         info.update(address=server.address)
     return info

@@ -9,6 +9,7 @@ in the field names (``_s`` seconds, ``_bytes``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ DEFAULT_GATEWAY_PORT = 8080
 DEFAULT_STATE_PORT = 7070
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_APP = "examples.app:app"
+DEFAULT_WORKER_PORT = 8081
+#: The largest message size a gateway may be configured to accept (32 MiB).
+MAX_MESSAGE_LIMIT = 32 * 1024 * 1024
 
 
 def setting(default: Any, env: str, help: str) -> Any:
@@ -65,15 +69,95 @@ class GatewayConfig(BusConfig):
     connect_timeout_s: float = setting(
         5.0, "WSGATE_CONNECT_TIMEOUT_S", "how long the app may take to decide on an upgrade"
     )
-    event_timeout_s: float = setting(
-        10.0, "WSGATE_EVENT_TIMEOUT_S", "how long a worker may take to acknowledge an event"
+    ack_timeout_s: float = setting(
+        5.0,
+        "WSGATE_ACK_TIMEOUT_S",
+        "resend an event (same sequence, marked redelivered) when no worker acknowledged it "
+        "or reported progress within this time",
+    )
+    delivery_timeout_s: float = setting(
+        30.0,
+        "WSGATE_DELIVERY_TIMEOUT_S",
+        "give up on an event after this long without a sign of a worker (NATS outages "
+        "included) and close its connection with 1013",
+    )
+    max_message_bytes: int = setting(
+        1024 * 1024,
+        "WSGATE_MAX_MESSAGE_BYTES",
+        f"largest message a client may send (close 1009 above), at most {MAX_MESSAGE_LIMIT}",
+    )
+    max_outbound_bytes: int = setting(
+        4 * 1024 * 1024,
+        "WSGATE_MAX_OUTBOUND_BYTES",
+        "bytes waiting to be written to one client; a slower client is closed with 1008",
+    )
+    heartbeat_s: float = setting(
+        30.0, "WSGATE_HEARTBEAT_S", "ping clients this often; no pong in half of it closes (0: off)"
+    )
+    idle_timeout_s: float = setting(
+        0.0, "WSGATE_IDLE_TIMEOUT_S", "close with 1001 after this long without a message (0: off)"
+    )
+    max_connections: int = setting(
+        10_000, "WSGATE_MAX_CONNECTIONS", "open connections; more upgrades are refused with 503"
+    )
+    allowed_origins: str = setting(
+        "",
+        "WSGATE_ALLOWED_ORIGINS",
+        "comma-separated Origin values allowed to upgrade, '*' as a wildcard "
+        "(e.g. https://*.example.com); empty: any. A request without Origin is allowed.",
+    )
+    auto_responses: str = setting(
+        "",
+        "WSGATE_AUTO_RESPONSES",
+        'JSON object of text messages answered by the gateway itself, e.g. {"ping": "pong"}',
+    )
+    drain_timeout_s: float = setting(
+        20.0,
+        "WSGATE_DRAIN_TIMEOUT_S",
+        "on SIGTERM: time for events in flight to finish and sockets to close (with 1001)",
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_port("port (WSGATE_GATEWAY_PORT)", self.port)
         _check_positive("connect_timeout_s (WSGATE_CONNECT_TIMEOUT_S)", self.connect_timeout_s)
-        _check_positive("event_timeout_s (WSGATE_EVENT_TIMEOUT_S)", self.event_timeout_s)
+        _check_positive("ack_timeout_s (WSGATE_ACK_TIMEOUT_S)", self.ack_timeout_s)
+        _check_positive("delivery_timeout_s (WSGATE_DELIVERY_TIMEOUT_S)", self.delivery_timeout_s)
+        _check_positive("drain_timeout_s (WSGATE_DRAIN_TIMEOUT_S)", self.drain_timeout_s)
+        if not 1 <= self.max_message_bytes <= MAX_MESSAGE_LIMIT:
+            raise ConfigError(
+                f"max_message_bytes (WSGATE_MAX_MESSAGE_BYTES) must be in 1..{MAX_MESSAGE_LIMIT}, "
+                f"got {self.max_message_bytes}"
+            )
+        if self.max_outbound_bytes < 1:
+            raise ConfigError("max_outbound_bytes (WSGATE_MAX_OUTBOUND_BYTES) must be >= 1")
+        if self.max_connections < 1:
+            raise ConfigError("max_connections (WSGATE_MAX_CONNECTIONS) must be >= 1")
+        if self.heartbeat_s < 0 or self.idle_timeout_s < 0:
+            raise ConfigError("heartbeat_s and idle_timeout_s must be >= 0 (0: off)")
+        self.auto_response_map  # noqa: B018 - parse now, so bad JSON stops the start
+
+    @property
+    def origin_patterns(self) -> tuple[str, ...]:
+        """``allowed_origins`` split; empty means any origin."""
+        return tuple(o.strip() for o in self.allowed_origins.split(",") if o.strip())
+
+    @property
+    def auto_response_map(self) -> dict[str, str]:
+        """``auto_responses`` parsed: request text → response text."""
+        if not self.auto_responses.strip():
+            return {}
+        try:
+            parsed = json.loads(self.auto_responses)
+        except ValueError as exc:
+            raise ConfigError(f"auto_responses (WSGATE_AUTO_RESPONSES) is not JSON: {exc}") from exc
+        if not isinstance(parsed, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in parsed.items()
+        ):
+            raise ConfigError(
+                "auto_responses (WSGATE_AUTO_RESPONSES) must be a JSON object of strings"
+            )
+        return parsed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,9 +172,18 @@ class WorkerConfig(BusConfig):
         1024, "WSGATE_MAX_CONCURRENT_EVENTS", "events handled at once by this worker"
     )
     state_timeout_s: float = setting(5.0, "WSGATE_STATE_TIMEOUT_S", "deadline of one state call")
+    host: str = setting("127.0.0.1", "WSGATE_HOST", "address of /healthz, /readyz, /metrics")
+    port: int = setting(
+        DEFAULT_WORKER_PORT, "WSGATE_WORKER_PORT", "HTTP port of /healthz, /readyz, /metrics"
+    )
+    drain_timeout_s: float = setting(
+        20.0, "WSGATE_DRAIN_TIMEOUT_S", "on SIGTERM: time for running handlers to finish"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_port("port (WSGATE_WORKER_PORT)", self.port)
+        _check_positive("drain_timeout_s (WSGATE_DRAIN_TIMEOUT_S)", self.drain_timeout_s)
         if ":" not in self.app:
             raise ConfigError(f"app (WSGATE_APP) must be module:attribute, got {self.app!r}")
         if not _HOST_PORT.match(self.state_address):

@@ -55,10 +55,12 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
             )  # fmt: skip
             children.append(state)
             worker_args = ["--nats-url", nats_url, "--state-address", state.info["address"]]
+            worker_args += ["--port", "0"]
             worker_args += ["--app", config.app, *common]
             if app_dir is not None:
                 worker_args += ["--app-dir", str(app_dir)]
-            children.append(spawn("worker", python_role_argv("worker", *worker_args)))
+            worker = spawn("worker", python_role_argv("worker", *worker_args))
+            children.append(worker)
             gateway_args = [
                 "--nats-url",
                 nats_url,

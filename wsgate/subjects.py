@@ -123,3 +123,8 @@ def gateway_subject(prefix: str, gateway_id: str) -> str:
 def worker_queue(app_name: str) -> str:
     """The queue group workers of ``app_name`` share, so each request goes to one of them."""
     return f"workers-{encode_token(app_name)}"
+
+
+def ack_prefix(prefix: str, gateway_id: str) -> str:
+    """Replies to one gateway's events go to ``<this>.<connection_id>.<sequence>``."""
+    return f"{prefix}.ack.{gateway_id}"

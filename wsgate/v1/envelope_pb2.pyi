@@ -5,7 +5,10 @@ The envelopes that travel over NATS between gateways and workers.
 
 Subjects (see wsgate/subjects.py; every user string is encoded into one safe token):
   <prefix>.connect.<app>     ConnectRequest -> ConnectDecision   request/reply, worker queue group
-  <prefix>.events.<app>      ConnectionEvent -> EventAck         request/reply, worker queue group
+  <prefix>.events.<app>      ConnectionEvent                     publish, worker queue group, with
+                                                                 reply subject
+  <prefix>.ack.<gateway_id>.<connection_id>.<sequence>
+                             EventAck (progress, then final)     the event's reply subject
   <prefix>.gw.<gateway_id>   GatewayCommand                      publish, one gateway subscribes
 
 Compatibility: fields are only ever added; a retired field number is listed as `reserved`.
@@ -301,6 +304,7 @@ class ConnectionEvent(_message.Message):
     PATH_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     CLOSED_FIELD_NUMBER: _builtins.int
+    ACK_WAIT_MS_FIELD_NUMBER: _builtins.int
     connection_id: _builtins.str
     """The connection this event belongs to."""
     sequence: _builtins.int
@@ -311,6 +315,11 @@ class ConnectionEvent(_message.Message):
     """True when this is a resend of an event that was not acknowledged in time."""
     path: _builtins.str
     """The path the connection was opened on, so that any stateless worker can route it."""
+    ack_wait_ms: _builtins.int
+    """The gateway resends the event (same sequence, redelivered) when neither the final ack
+    nor a progress ack arrives within this many milliseconds; a worker whose handler runs
+    longer sends progress acks more often than that. 0: the worker sends no progress.
+    """
     @_builtins.property
     def message(self) -> Global___Message:
         """The client sent a message."""
@@ -328,10 +337,11 @@ class ConnectionEvent(_message.Message):
         path: _builtins.str = ...,
         message: Global___Message | None = ...,
         closed: Global___Closed | None = ...,
+        ack_wait_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "kind", b"kind", "message", b"message"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["closed", b"closed", "connection_id", b"connection_id", "kind", b"kind", "message", b"message", "path", b"path", "redelivered", b"redelivered", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack_wait_ms", b"ack_wait_ms", "closed", b"closed", "connection_id", b"connection_id", "kind", b"kind", "message", b"message", "path", b"path", "redelivered", b"redelivered", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["message", "closed"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -341,21 +351,27 @@ Global___ConnectionEvent: _TypeAlias = ConnectionEvent  # noqa: Y015
 
 @_typing.final
 class EventAck(_message.Message):
-    """A worker's reply to a ConnectionEvent: the handler for it has finished."""
+    """A worker's reply to a ConnectionEvent, on the event's reply subject."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
+    IN_PROGRESS_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the event acknowledged."""
+    in_progress: _builtins.bool
+    """True: the handler is still running (resets the gateway's ack wait); false: the
+    handler has finished, and the commands it published were published before this.
+    """
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
+        in_progress: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_progress", b"in_progress", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

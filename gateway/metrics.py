@@ -1,0 +1,63 @@
+"""The gateway's Prometheus metrics, in a registry of its own."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class GatewayMetrics:
+    """Everything the gateway counts. Labels are fixed sets, never user strings."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections_open = Gauge(
+            "wsgate_gateway_connections_open", "WebSocket connections open now", registry=r
+        )
+        self.connections = Counter(
+            "wsgate_gateway_connections", "WebSocket connections accepted", registry=r
+        )
+        self.upgrades_refused = Counter(
+            "wsgate_gateway_upgrades_refused",
+            "Upgrade requests answered without a WebSocket, by reason",
+            ["reason"],
+            registry=r,
+        )
+        self.messages_in = Counter(
+            "wsgate_gateway_messages_in", "Messages received from clients", registry=r
+        )
+        self.messages_out = Counter(
+            "wsgate_gateway_messages_out", "Messages queued to clients", registry=r
+        )
+        self.auto_responses = Counter(
+            "wsgate_gateway_auto_responses", "Messages answered by the gateway itself", registry=r
+        )
+        self.event_round_trip = Histogram(
+            "wsgate_gateway_event_round_trip_seconds",
+            "From publishing an event to its final acknowledgement",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.redeliveries = Counter(
+            "wsgate_gateway_redeliveries", "Events published again (same sequence)", registry=r
+        )
+        self.undeliverable = Counter(
+            "wsgate_gateway_events_undeliverable",
+            "Events given up after the delivery timeout",
+            registry=r,
+        )
+        self.drops = Counter(
+            "wsgate_gateway_drops",
+            "Things dropped, by reason: unknown_connection (a command for a connection that "
+            "is gone), garbage (an unreadable envelope), write_failed, slow_consumer",
+            ["reason"],
+            registry=r,
+        )
+        self.closes = Counter(
+            "wsgate_gateway_closes",
+            "Connections ended, by who started it",
+            ["initiator"],
+            registry=r,
+        )
