@@ -40,6 +40,8 @@ class ConnectionLifecycle:
         self.path = path
         self.phase = Phase.OPEN
         self.close_intent: CloseIntent | None = None
+        #: The highest sequence a worker has acknowledged.
+        self.acked_through = 0
         self._sequence = 0
 
     @property
@@ -52,6 +54,15 @@ class ConnectionLifecycle:
         if self.phase is Phase.CLOSED:
             raise RuntimeError(f"connection {self.connection_id} is closed")
         return self._event(message=message)
+
+    def acknowledged(self, sequence: int) -> None:
+        """A worker acknowledged event ``sequence``."""
+        self.acked_through = max(self.acked_through, sequence)
+
+    def is_stale(self, in_reply_to: int) -> bool:
+        """Whether a command sent in reply to event ``in_reply_to`` comes too late: that
+        event was acknowledged already, so this is a stale copy's work (0: not a reply)."""
+        return 0 < in_reply_to <= self.acked_through
 
     def request_close(
         self, initiator: pb.CloseInitiator.ValueType, code: int, reason: str = ""

@@ -51,7 +51,8 @@ class GatewayMetrics:
         self.drops = Counter(
             "wsgate_gateway_drops",
             "Things dropped, by reason: unknown_connection (a command for a connection that "
-            "is gone), garbage (an unreadable envelope), write_failed, slow_consumer",
+            "is gone), garbage (an unreadable envelope), write_failed, slow_consumer, stale "
+            "(sent by a late copy of an event that was acknowledged already)",
             ["reason"],
             registry=r,
         )

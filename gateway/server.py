@@ -283,7 +283,8 @@ class Gateway(Service):
 
         ws = web.WebSocketResponse(
             protocols=(accept.subprotocol,) if accept.subprotocol else (),
-            max_msg_size=self.config.max_message_bytes,
+            # aiohttp refuses a message of exactly max_msg_size; ours is the largest allowed.
+            max_msg_size=self.config.max_message_bytes + 1,
             heartbeat=self.config.heartbeat_s or None,
             autoclose=False,  # we answer close frames ourselves, checking their codes
             timeout=CLOSE_TIMEOUT_S,
@@ -407,11 +408,14 @@ class Gateway(Service):
                 continue  # closing: what the client sends meanwhile is not the app's anymore
             self.metrics.messages_in.inc()
             conn.idle.clear()
+            event = lifecycle.message_event(message)
             try:
-                delivered = await self._deliver(lifecycle.message_event(message))
+                delivered = await self._deliver(event)
             finally:
                 conn.idle.set()
-            if not delivered:
+            if delivered:
+                lifecycle.acknowledged(event.sequence)
+            else:
                 self._request_close(
                     conn,
                     pb.CLOSE_INITIATOR_GATEWAY,
@@ -487,6 +491,9 @@ class Gateway(Service):
             if conn is None or conn.lifecycle.phase is not Phase.OPEN:
                 # The connection is gone, closing, or never was here: count it, never loop.
                 self.metrics.drops.labels("unknown_connection").inc()
+                continue
+            if conn.lifecycle.is_stale(command.in_reply_to):
+                self.metrics.drops.labels("stale").inc()
                 continue
             if action == "send":
                 self._push_message(conn, command.send)

@@ -40,6 +40,12 @@ class Stack:
     def ws_url(self, path: str, gateway: int = 0) -> str:
         return str(self.gateways[gateway].info["url"]).replace("http://", "ws://", 1) + path
 
+    def gateway_port(self, gateway: int = 0) -> int:
+        return int(self.gateways[gateway].info["port"])
+
+    def worker_metrics_url(self, worker: int = 0) -> str:
+        return f"http://127.0.0.1:{self.workers[worker].info['probe_port']}/metrics"
+
     def log_file(self, name: str) -> IO[Any]:
         handle = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
         self._logs.append(handle)
@@ -103,16 +109,24 @@ def _env() -> dict[str, str]:
     return env
 
 
-def stack_context(log_dir: Path, *, worker: bool = True, state: bool = True) -> Iterator[Stack]:
-    """Nats, state service, one worker and one gateway; stopped (and checked) after."""
+def stack_context(
+    log_dir: Path,
+    *,
+    worker: bool = True,
+    state: bool = True,
+    app: str = "examples.app:app",
+    workers: int = 1,
+    gateway_args: tuple[str, ...] = (),
+) -> Iterator[Stack]:
+    """Nats, state service, workers and one gateway; stopped (and checked) after."""
     stack = Stack(log_dir)
     try:
         stack.start_nats()
         if state:
             stack.start_state()
-        if worker:
-            stack.start_worker()
-        stack.start_gateway()
+        for _ in range(workers if worker else 0):
+            stack.start_worker(app)
+        stack.start_gateway(*gateway_args)
         yield stack
     finally:
         statuses = stack.stop()
@@ -131,3 +145,17 @@ def start_dev(data_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
         process_group=0,
         env=_env() | {"WSGATE_LOG_LEVEL": "INFO"},
     )
+
+
+async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample's value from a Prometheus /metrics page (0 if absent)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        text = await resp.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and (labels is None or sample.labels == labels):
+                return float(sample.value)
+    return 0.0

@@ -100,7 +100,8 @@ class Connection:
             self._pending.append(envelope)
             return
         await self._sink.send_command(
-            self.id, pb.GatewayCommand(connection_ids=[self.id], send=envelope)
+            self.id,
+            pb.GatewayCommand(connection_ids=[self.id], send=envelope, in_reply_to=self.sequence),
         )
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
@@ -127,7 +128,9 @@ class Connection:
         await self._sink.send_command(
             self.id,
             pb.GatewayCommand(
-                connection_ids=[self.id], close=pb.CloseConnection(code=code, reason=reason)
+                connection_ids=[self.id],
+                close=pb.CloseConnection(code=code, reason=reason),
+                in_reply_to=self.sequence,
             ),
         )
 

@@ -123,6 +123,8 @@ def _setup_logging(role: str, level: str) -> None:
         format=f"%(asctime)s %(levelname)-7s {role} %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # grpc logs every event loop it sees at DEBUG; that drowns everything else.
+    logging.getLogger("grpc").setLevel(max(logging.INFO, logging.getLevelName(level)))
 
 
 def _run_async(main: Coroutine[Any, Any, int]) -> int:

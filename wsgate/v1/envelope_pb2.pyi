@@ -415,6 +415,13 @@ class GatewayCommand(_message.Message):
     CONNECTION_IDS_FIELD_NUMBER: _builtins.int
     SEND_FIELD_NUMBER: _builtins.int
     CLOSE_FIELD_NUMBER: _builtins.int
+    IN_REPLY_TO_FIELD_NUMBER: _builtins.int
+    in_reply_to: _builtins.int
+    """The sequence of the event whose handler sent this, when it targets that event's own
+    connection; 0 otherwise. The gateway drops a command whose in_reply_to is at or below
+    the connection's last acknowledged sequence: it comes from a stale copy of a
+    redelivered event (a worker that stalled and woke up), and would break the order.
+    """
     @_builtins.property
     def connection_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The connections to act on; all must belong to the addressed gateway."""
@@ -433,10 +440,11 @@ class GatewayCommand(_message.Message):
         connection_ids: _abc.Iterable[_builtins.str] | None = ...,
         send: Global___Message | None = ...,
         close: Global___CloseConnection | None = ...,
+        in_reply_to: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "close", b"close", "send", b"send"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "close", b"close", "connection_ids", b"connection_ids", "send", b"send"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "close", b"close", "connection_ids", b"connection_ids", "in_reply_to", b"in_reply_to", "send", b"send"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["send", "close"]  # noqa: Y015
     _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015

@@ -1,0 +1,355 @@
+"""What clients see of the gateway: subprotocols, close codes, limits, auto-responses,
+probes, commands for connections that are gone. Real processes throughout."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import aiohttp
+import pytest
+from nats.aio.client import Client as NatsClient
+
+from tests.harness import Stack, metric, stack_context
+from tests.wsraw import OP_BINARY, OP_TEXT, RawWebSocket
+from worker.state_client import StateClient
+from wsgate import subjects
+from wsgate.v1 import envelope_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)
+
+LIMIT = 65536
+GATEWAY_ARGS = (
+    "--ack-timeout-s", "1",
+    "--max-message-bytes", str(LIMIT),
+    "--max-outbound-bytes", "262144",
+    "--allowed-origins", "https://ok.example,https://*.good.example",
+    "--auto-responses", json.dumps({"ping": "pong"}),
+)  # fmt: skip
+HEARTBEAT, IDLE, SMALL = 1, 2, 3  # gateway indexes
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    for s in stack_context(
+        tmp_path_factory.mktemp("behaviour"), app="tests.apps.probe:app", gateway_args=GATEWAY_ARGS
+    ):
+        s.start_gateway("--heartbeat-s", "0.4")
+        s.start_gateway("--idle-timeout-s", "0.5", "--heartbeat-s", "0")
+        s.start_gateway("--max-connections", "3")
+        yield s
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+async def _control(session: aiohttp.ClientSession, stack: Stack, gateway: int = 0, **kw: object):  # type: ignore[no-untyped-def]
+    ws = await session.ws_connect(stack.ws_url("/control", gateway), **kw)  # type: ignore[arg-type]
+    hello = await ws.receive(timeout=10)
+    assert hello.data.startswith("id ")
+    return ws, hello.data[3:]
+
+
+def _gateway_metrics(stack: Stack, gateway: int = 0) -> str:
+    return f"{stack.gateways[gateway].info['url']}/metrics"
+
+
+async def test_the_app_picks_the_subprotocol(stack: Stack, session: aiohttp.ClientSession) -> None:
+    ws, _ = await _control(session, stack, protocols=("a.v1", "b.v1"))
+    assert ws.protocol == "b.v1"
+    await ws.close()
+    ws, _ = await _control(session, stack, protocols=("a.v1",))
+    assert ws.protocol is None
+    await ws.close()
+
+
+async def test_app_close_code_and_reason_reach_the_client(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await _control(session, stack)
+    await ws.send_str("close 4001 see you later")
+    msg = await ws.receive(timeout=10)
+    assert msg.type is aiohttp.WSMsgType.CLOSE
+    assert (msg.data, msg.extra) == (4001, "see you later")
+
+
+async def _close_record(stack: Stack, connection_id: str) -> dict[str, object]:
+    """Wait (bounded) until the app's on_close has stored what it saw."""
+    async with StateClient(stack.state.info["address"]) as state:  # type: ignore[union-attr]
+        record = state.storage("closes", connection_id)
+        for _ in range(200):
+            seen = await record.get("close")
+            if seen is not None:
+                return {"close": seen, "calls": await record.get("calls")}
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"on_close never ran for {connection_id}")
+
+
+async def test_client_close_code_and_reason_reach_the_app_once(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    ws, connection_id = await _control(session, stack)
+    await ws.close(code=4002, message=b"bye from client")
+    assert ws.close_code == 4002  # the gateway echoes a valid code
+    record = await _close_record(stack, connection_id)
+    assert record == {
+        "close": {"code": 4002, "reason": "bye from client", "redelivered": False},
+        "calls": 1,
+    }
+
+
+async def test_app_close_reaches_the_app_once(stack: Stack, session: aiohttp.ClientSession) -> None:
+    ws, connection_id = await _control(session, stack)
+    await ws.send_str("close 4003 kicked")
+    assert (await ws.receive(timeout=10)).data == 4003
+    record = await _close_record(stack, connection_id)
+    assert record["close"] == {"code": 4003, "reason": "kicked", "redelivered": False}
+    assert record["calls"] == 1
+
+
+async def test_a_handler_that_raises_closes_with_1011(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await _control(session, stack)
+    await ws.send_str("boom")
+    msg = await ws.receive(timeout=10)
+    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1011)
+
+
+@pytest.mark.parametrize(("size", "fits"), [(LIMIT, True), (LIMIT + 1, False)])
+async def test_message_size_limit(
+    stack: Stack, session: aiohttp.ClientSession, size: int, fits: bool
+) -> None:
+    ws, _ = await _control(session, stack)
+    await ws.send_bytes(b"x" * size)
+    msg = await ws.receive(timeout=10)
+    if fits:
+        assert msg.data == b"x" * size
+        await ws.close()
+    else:
+        assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1009)
+
+
+async def test_invalid_utf8_is_closed_with_1007(stack: Stack) -> None:
+    raw = await RawWebSocket.connect("127.0.0.1", stack.gateway_port(), "/control")
+    try:
+        await raw.read_frame()  # "id ..."
+        await raw.send_frame(OP_TEXT, b"ok \xff\xfe not utf-8")
+        assert (await raw.read_until_close()).close_code == 1007
+    finally:
+        await raw.aclose()
+
+
+@pytest.mark.parametrize("code", [999, 1004, 1005, 1006, 1015, 1016, 2999, 5000])
+async def test_a_forbidden_close_code_is_answered_with_1002(stack: Stack, code: int) -> None:
+    raw = await RawWebSocket.connect("127.0.0.1", stack.gateway_port(), "/control")
+    try:
+        await raw.read_frame()
+        await raw.send_close(code)
+        assert (await raw.read_until_close()).close_code == 1002
+    finally:
+        await raw.aclose()
+
+
+@pytest.mark.parametrize("code", [1000, 1001, 1003, 1011, 3000, 4999])
+async def test_an_allowed_close_code_is_echoed(stack: Stack, code: int) -> None:
+    raw = await RawWebSocket.connect("127.0.0.1", stack.gateway_port(), "/control")
+    try:
+        await raw.read_frame()
+        await raw.send_close(code, b"why")
+        assert (await raw.read_until_close()).close_code == code
+    finally:
+        await raw.aclose()
+
+
+async def test_a_slow_consumer_is_closed_with_1008(stack: Stack) -> None:
+    """The client stops reading; the app sends 16 MiB; the gateway's queue for it passes
+    max_outbound_bytes (256 KiB) and it is closed with 1008, other clients unaffected."""
+    url = _gateway_metrics(stack)
+    before = await metric(url, "wsgate_gateway_drops_total", {"reason": "slow_consumer"})
+    raw = await RawWebSocket.connect("127.0.0.1", stack.gateway_port(), "/control")
+    try:
+        await raw.read_frame()
+        await raw.send_frame(OP_TEXT, b"flood 256 65536")
+        # Not reading: wait (bounded) for the gateway to give up on us.
+        for _ in range(400):
+            if (
+                await metric(url, "wsgate_gateway_drops_total", {"reason": "slow_consumer"})
+                > before
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the gateway never declared the client slow")
+        # Now read: some data frames, then the close frame with 1008.
+        assert (await raw.read_until_close()).close_code == 1008
+    finally:
+        await raw.aclose()
+    async with aiohttp.ClientSession() as session:
+        ws, _ = await _control(session, stack)
+        await ws.send_str("still here")
+        assert (await ws.receive(timeout=10)).data == "still here"
+        await ws.close()
+
+
+async def test_a_client_that_does_not_answer_pings_is_dropped(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await _control(session, stack, gateway=HEARTBEAT, autoping=False)
+    first = await ws.receive(timeout=10)
+    assert first.type is aiohttp.WSMsgType.PING  # the gateway's heartbeat
+    while (msg := await ws.receive(timeout=10)).type is aiohttp.WSMsgType.PING:
+        pass
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+
+
+async def test_a_client_that_answers_pings_outlives_several_heartbeats(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await _control(session, stack, gateway=HEARTBEAT)
+    for i in range(4):  # 4 x 0.3 s: more than two heartbeat periods of 0.4 s
+        await asyncio.sleep(0.3)
+        await ws.send_str(f"alive {i}")
+        assert (await ws.receive(timeout=10)).data == f"alive {i}"
+    await ws.close()
+
+
+async def test_an_idle_client_is_closed_with_1001(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    ws, _ = await _control(session, stack, gateway=IDLE)
+    msg = await ws.receive(timeout=10)
+    assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 1001, "idle timeout")
+
+
+async def test_max_connections_at_and_over_the_limit(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    open_ = [(await _control(session, stack, gateway=SMALL))[0] for _ in range(3)]
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await session.ws_connect(stack.ws_url("/control", SMALL))
+    assert refused.value.status == 503
+    await open_.pop().close()
+    url = _gateway_metrics(stack, SMALL)
+    for _ in range(200):  # the slot frees once the close is reported to the app
+        if await metric(url, "wsgate_gateway_connections_open") < 3:
+            break
+        await asyncio.sleep(0.05)
+    ws, _ = await _control(session, stack, gateway=SMALL)
+    for w in [ws, *open_]:
+        await w.close()
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://ok.example", True),
+        ("https://chat.good.example", True),
+        (None, True),
+        ("https://evil.example", False),
+        ("https://ok.example.evil", False),
+        ("http://ok.example", False),
+    ],
+)
+async def test_origin_allowlist(
+    stack: Stack, session: aiohttp.ClientSession, origin: str | None, allowed: bool
+) -> None:
+    kwargs = {"origin": origin} if origin else {}
+    if allowed:
+        ws, _ = await _control(session, stack, **kwargs)
+        await ws.close()
+    else:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await session.ws_connect(stack.ws_url("/control"), **kwargs)  # type: ignore[arg-type]
+        assert refused.value.status == 403
+
+
+async def test_auto_response_is_answered_by_the_gateway(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    async with session.ws_connect(stack.ws_url("/tagged")) as ws:
+        await ws.send_str("ping")
+        assert (await ws.receive(timeout=10)).data == "pong"
+        await ws.send_str("pingx")
+        assert (await ws.receive(timeout=10)).data.endswith("|-|pingx")  # from a worker
+
+
+async def test_probes_and_metrics(stack: Stack, session: aiohttp.ClientSession) -> None:
+    base = stack.gateways[0].info["url"]
+    worker = f"http://127.0.0.1:{stack.workers[0].info['probe_port']}"
+    for url in (base, worker):
+        for path in ("/healthz", "/readyz"):
+            async with session.get(url + path) as resp:
+                assert resp.status == 200, url + path
+    async with session.ws_connect(stack.ws_url("/control")) as ws:
+        await ws.receive(timeout=10)
+        assert await metric(_gateway_metrics(stack), "wsgate_gateway_connections_open") >= 1
+    assert await metric(_gateway_metrics(stack), "wsgate_gateway_messages_out_total") >= 1
+    assert (
+        await metric(_gateway_metrics(stack), "wsgate_gateway_event_round_trip_seconds_count") >= 1
+    )
+    assert (
+        await metric(
+            stack.worker_metrics_url(), "wsgate_worker_connects_total", {"outcome": "accept"}
+        )
+        >= 1
+    )
+
+
+async def test_commands_for_gone_connections_and_garbage_are_counted(stack: Stack) -> None:
+    url = _gateway_metrics(stack)
+    unknown = await metric(url, "wsgate_gateway_drops_total", {"reason": "unknown_connection"})
+    garbage = await metric(url, "wsgate_gateway_drops_total", {"reason": "garbage"})
+    gateway_id = stack.gateways[0].info["gateway_id"]
+    nc = NatsClient()
+    await nc.connect(stack.nats_url)
+    try:
+        subject = subjects.gateway_subject("wsgate", gateway_id)
+        gone = pb.GatewayCommand(connection_ids=[f"{gateway_id}_zzzz"], send=pb.Message(text="x"))
+        await nc.publish(subject, gone.SerializeToString())
+        await nc.publish(subject, b"\xff\x00 not a command")
+        await nc.flush()
+    finally:
+        await nc.close()
+    for _ in range(200):
+        if await metric(url, "wsgate_gateway_drops_total", {"reason": "garbage"}) > garbage:
+            break
+        await asyncio.sleep(0.05)
+    assert await metric(url, "wsgate_gateway_drops_total", {"reason": "garbage"}) == garbage + 1
+    assert (
+        await metric(url, "wsgate_gateway_drops_total", {"reason": "unknown_connection"})
+        == unknown + 1
+    )
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(stack.ws_url("/tagged")) as ws,
+    ):
+        await ws.send_str("after garbage")
+        assert (await ws.receive(timeout=10)).data.endswith("after garbage")
+
+
+async def test_a_handler_longer_than_the_ack_timeout_is_not_redelivered(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    """Progress acks keep a slow handler's event from being sent again (ack timeout 1 s)."""
+    ws, _ = await _control(session, stack)
+    await ws.send_str("sleep 2.5")
+    assert (await ws.receive(timeout=10)).data == "slept 2.5 redelivered=False"
+    await ws.send_str("next")
+    assert (await ws.receive(timeout=10)).data == "next"
+    await ws.close()
+
+
+async def test_binary_through_the_raw_client(stack: Stack) -> None:
+    raw = await RawWebSocket.connect("127.0.0.1", stack.gateway_port(), "/control")
+    try:
+        await raw.read_frame()
+        await raw.send_frame(OP_BINARY, b"\x00\x01")
+        frame = await raw.read_frame()
+        assert (frame.opcode, frame.payload) == (OP_BINARY, b"\x00\x01")
+    finally:
+        await raw.aclose()
