@@ -287,6 +287,9 @@ class Gateway(Service):
             max_msg_size=self.config.max_message_bytes + 1,
             heartbeat=self.config.heartbeat_s or None,
             autoclose=False,  # we answer close frames ourselves, checking their codes
+            # No permessage-deflate: a compressor per socket costs far more memory than an
+            # idle connection should, and messages cross NATS uncompressed anyway.
+            compress=False,
             timeout=CLOSE_TIMEOUT_S,
         )
         transport = request.transport
