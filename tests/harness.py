@@ -81,6 +81,20 @@ class Stack:
         self.gateways.append(child)
         return child
 
+    def kill(self, child: Child) -> None:
+        """``kill -9`` a child and forget it (it cannot exit cleanly)."""
+        os.kill(child.pid, signal.SIGKILL)
+        child.process.wait()
+        self.forget(child)
+
+    def forget(self, child: Child) -> None:
+        """Stop tracking a child the test has stopped itself."""
+        for group in (self.workers, self.gateways):
+            if child in group:
+                group.remove(child)
+        if child is self.nats:
+            self.nats = None
+
     def children(self) -> list[Child]:
         found = [self.nats, self.state, *self.workers, *self.gateways]
         return [c for c in found if c is not None]

@@ -1,0 +1,124 @@
+"""``wsgate bench``: the commands run end to end and print figures of the documented shape.
+
+Speed is never asserted here (figures depend on the machine); only that each benchmark
+runs, stops what it started and reports positive numbers. The pure parts (histogram,
+measurement window, connection split) are checked exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from typing import Any
+
+import psutil
+import pytest
+
+from wsgate.bench.histogram import LatencyHistogram
+from wsgate.bench.loadgen import EchoWindow
+from wsgate.bench.processes import split
+from wsgate.cli import main
+
+
+def _bench(*args: str, timeout_s: float) -> dict[str, Any]:
+    """Run ``wsgate bench ...`` and return the one JSON object it printed on stdout."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    done = subprocess.run(
+        [sys.executable, "-m", "wsgate", "bench", *args],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-4000:]
+    lines = done.stdout.decode().splitlines()
+    assert len(lines) == 1, f"expected exactly one line on stdout, got {lines!r}"
+    report = json.loads(lines[0])
+    assert isinstance(report, dict)
+    after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert after <= before, "wsgate bench left processes behind"
+    return report
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.timeout(150)
+def test_echo_reports_full_path_and_baseline() -> None:
+    report = _bench(
+        "echo", "--connections", "20", "--duration-s", "2", "--warmup-s", "0.5", "--json",
+        timeout_s=120,
+    )  # fmt: skip
+    assert set(report) == {"full", "baseline", "ratio"}
+    for target in ("full", "baseline"):
+        figures = report[target]
+        assert set(figures) == {"msgs_per_s", "p50_ms", "p99_ms"}
+        assert all(_positive(v) for v in figures.values()), figures
+        assert figures["p50_ms"] <= figures["p99_ms"]
+    assert _positive(report["ratio"])
+
+
+@pytest.mark.timeout(150)
+def test_idle_reports_memory_per_connection() -> None:
+    report = _bench("idle", "--connections", "200", "--json", timeout_s=120)
+    assert set(report) == {
+        "connections",
+        "gateway_rss_before_kib",
+        "gateway_rss_after_kib",
+        "kib_per_connection",
+    }
+    assert report["connections"] == 200
+    assert _positive(report["gateway_rss_before_kib"])
+    assert _positive(report["gateway_rss_after_kib"])
+    assert _positive(report["kib_per_connection"])
+
+
+def test_bad_settings_are_refused_as_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "echo", "--connections", "0"])
+    assert exited.value.code == 2
+    assert "--connections" in capsys.readouterr().err
+
+
+def test_histogram_percentiles_are_within_one_percent() -> None:
+    histogram = LatencyHistogram()
+    for ms in range(1, 101):  # 1 ms .. 100 ms, one sample each
+        histogram.record_ns(ms * 1_000_000)
+    assert histogram.percentile_ms(50) == pytest.approx(50, rel=0.01)
+    assert histogram.percentile_ms(99) == pytest.approx(99, rel=0.01)
+    assert histogram.percentile_ms(100) == pytest.approx(100, rel=0.01)
+
+
+def test_histograms_merge_through_json() -> None:
+    a, b = LatencyHistogram(), LatencyHistogram()
+    for _ in range(99):
+        a.record_ns(1_000_000)
+    b.record_ns(50_000_000)
+    merged = LatencyHistogram.from_json(json.loads(json.dumps(a.to_json())))
+    merged.merge(LatencyHistogram.from_json(b.to_json()))
+    assert merged.total == 100
+    assert merged.percentile_ms(99) == pytest.approx(1, rel=0.01)
+    assert merged.percentile_ms(100) == pytest.approx(50, rel=0.01)
+    with pytest.raises(ValueError, match="no samples"):
+        LatencyHistogram().percentile_ms(50)
+    with pytest.raises(ValueError, match="bucket, count"):
+        LatencyHistogram.from_json([[1, 2, 3]])
+
+
+def test_echo_window_counts_only_round_trips_that_end_inside_it() -> None:
+    window = EchoWindow(start_ns=0, warmup_s=1, duration_s=2)
+    assert window.completed(sent_ns=0, now_ns=500_000_000)  # warm-up: not counted
+    assert window.completed(sent_ns=900_000_000, now_ns=1_000_000_000)  # counted: 100 ms
+    assert window.completed(sent_ns=2_000_000_000, now_ns=2_999_999_999)  # counted
+    assert not window.completed(sent_ns=2_999_000_000, now_ns=3_000_000_000)  # window over
+    assert window.count == 2
+    assert window.histogram.percentile_ms(50) == pytest.approx(100, rel=0.01)
+
+
+def test_connections_are_split_evenly_without_empty_shares() -> None:
+    assert split(200, 2) == [100, 100]
+    assert split(5, 3) == [2, 2, 1]
+    assert split(1, 4) == [1]
