@@ -119,3 +119,25 @@ async def test_many_gateways_and_workers_lose_nothing_when_a_worker_is_killed(
         for sender, sent in expected.items():
             from_sender = [m for m in got if m.split(":")[0] == sender]
             assert _collapse(from_sender) == sent, f"client {i} from {sender}: {from_sender}"
+
+
+async def test_one_message_to_many_is_one_command_per_gateway(many: Stack) -> None:
+    async def commands() -> float:
+        total = 0.0
+        for i in range(len(many.workers)):
+            total += await metric(many.worker_metrics_url(i), "wsgate_worker_commands_total")
+        return total
+
+    async with aiohttp.ClientSession() as session:
+        members = []
+        for c in range(4):
+            ws = await session.ws_connect(many.ws_url("/relay/fanout", gateway=c % 2))
+            assert (await ws.receive(timeout=10)).data.startswith("joined ")
+            members.append(ws)
+        before = await commands()
+        await members[0].send_str("to everyone")
+        for ws in members:
+            assert (await ws.receive(timeout=10)).data == "to everyone"
+        assert await commands() - before == 2  # 4 members on 2 gateways
+        for ws in members:
+            await ws.close()
