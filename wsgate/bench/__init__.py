@@ -1,0 +1,151 @@
+"""``wsgate bench``: benchmarks that print figures (speed is never asserted by tests).
+
+- ``wsgate bench echo``: msgs/s and round-trip p50/p99 through the full path (gateway,
+  NATS, worker) beside a plain aiohttp echo server, in one run (:mod:`.echo`).
+- ``wsgate bench idle``: the gateway's resident memory per idle connection (:mod:`.idle`).
+
+Both start every process they need on 127.0.0.1 (:mod:`.processes`), drive the load from
+separate load-generator processes (:mod:`.loadgen`, picows on uvloop) and stop everything
+by PID. ``--json`` prints exactly one JSON object on stdout; logs go to stderr. This
+module only builds the command line and dispatches; the heavy imports happen on use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import sys
+from typing import TYPE_CHECKING, Any
+
+from wsgate.bench.config import EchoBenchConfig, IdleBenchConfig
+from wsgate.errors import ConfigError, WsgateError
+
+if TYPE_CHECKING:
+    from wsgate.bench.echo import EchoReport
+    from wsgate.bench.idle import IdleReport
+
+log = logging.getLogger("wsgate.bench")
+
+__all__ = ["add_bench_parser", "run_bench"]
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    """Add ``bench`` with its ``echo`` and ``idle`` subcommands to the ``wsgate`` parser's
+    subparsers (``argparse``'s ``add_subparsers()`` result)."""
+    help_text = "measure the full path against a baseline, and memory per idle connection"
+    bench = subparsers.add_parser("bench", help=help_text, description=help_text)
+    kinds = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
+
+    echo_defaults = EchoBenchConfig()
+    echo = kinds.add_parser(
+        "echo",
+        help="closed-loop echo: msgs/s, p50 and p99 of the full path and of plain aiohttp",
+        description="N connections, each sending a message and waiting for its echo "
+        "before the next, through a stack it starts and through a plain aiohttp echo "
+        "server, measured the same way in the same run.",
+    )
+    echo.add_argument(
+        "--connections",
+        type=int,
+        default=echo_defaults.connections,
+        help=f"concurrent connections (default: {echo_defaults.connections})",
+    )
+    echo.add_argument(
+        "--size",
+        dest="size_bytes",
+        metavar="BYTES",
+        type=int,
+        default=echo_defaults.size_bytes,
+        help=f"message size in bytes (default: {echo_defaults.size_bytes})",
+    )
+    echo.add_argument(
+        "--duration-s",
+        type=float,
+        default=echo_defaults.duration_s,
+        help=f"measurement window (default: {echo_defaults.duration_s:g})",
+    )
+    echo.add_argument(
+        "--warmup-s",
+        type=float,
+        default=echo_defaults.warmup_s,
+        help=f"load before the window, not counted (default: {echo_defaults.warmup_s:g})",
+    )
+    echo.add_argument(
+        "--clients",
+        type=int,
+        default=echo_defaults.clients,
+        help=f"load-generator processes (default: {echo_defaults.clients})",
+    )
+    echo.add_argument("--json", action="store_true", help="print one JSON object")
+
+    idle_defaults = IdleBenchConfig()
+    idle = kinds.add_parser(
+        "idle",
+        help="the gateway's resident memory per idle connection",
+        description="Open N idle connections to a stack it starts and report the "
+        "gateway's RSS growth per connection.",
+    )
+    idle.add_argument(
+        "--connections",
+        type=int,
+        default=idle_defaults.connections,
+        help=f"idle connections to open (default: {idle_defaults.connections})",
+    )
+    idle.add_argument(
+        "--clients",
+        type=int,
+        default=idle_defaults.clients,
+        help=f"client processes (default: {idle_defaults.clients})",
+    )
+    idle.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(bench_parser=bench)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark ``args`` names and print its figures. Returns the exit status:
+    0 done, 1 failed (the reason is logged), 2 bad usage."""
+    if args.bench is None:
+        args.bench_parser.print_help()
+        return 2
+    config: EchoBenchConfig | IdleBenchConfig
+    try:
+        if args.bench == "echo":
+            config = EchoBenchConfig(
+                connections=args.connections,
+                size_bytes=args.size_bytes,
+                duration_s=args.duration_s,
+                warmup_s=args.warmup_s,
+                clients=args.clients,
+            )
+        else:
+            config = IdleBenchConfig(connections=args.connections, clients=args.clients)
+    except ConfigError as exc:
+        args.bench_parser.exit(2, f"wsgate bench {args.bench}: {exc}\n")
+    if importlib.util.find_spec("picows") is None:
+        print(
+            "wsgate bench: the load generator needs picows: pip install 'wsgate[bench]'",
+            file=sys.stderr,
+        )
+        return 1
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)-7s bench %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    report: EchoReport | IdleReport
+    try:
+        if isinstance(config, EchoBenchConfig):
+            from wsgate.bench.echo import run_echo
+
+            report = run_echo(config)
+        else:
+            from wsgate.bench.idle import run_idle
+
+            report = run_idle(config)
+    except WsgateError as exc:
+        log.error("%s", exc)
+        return 1
+    print(json.dumps(report.to_json()) if args.json else report.render(), flush=True)
+    return 0

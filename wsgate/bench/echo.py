@@ -1,0 +1,161 @@
+"""``wsgate bench echo``: messages per second and round-trip latency through the full
+path (client → gateway → NATS → worker → NATS → gateway → client), beside a plain aiohttp
+echo server (the baseline) measured the same way in the same run.
+
+Load: ``connections`` WebSockets split over ``clients`` load-generator processes, each a
+closed loop (send one message, wait for its echo, send the next). Nothing is counted
+during the warm-up; then every round trip that completes within ``duration_s`` is.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsgate.bench.config import ECHO_PATH, EchoBenchConfig
+from wsgate.bench.histogram import LatencyHistogram
+from wsgate.bench.processes import (
+    BenchError,
+    collect_results,
+    load_clients,
+    running_baseline,
+    running_stack,
+    start_loops,
+    ws_url,
+)
+from wsgate.errors import WsgateError
+
+log = logging.getLogger("wsgate.bench")
+
+#: Extra time, beyond warm-up and window, for the clients to report.
+RESULT_GRACE_S = 30.0
+
+
+@dataclass(frozen=True)
+class EchoFigures:
+    """What one target sustained."""
+
+    msgs_per_s: float
+    p50_ms: float
+    p99_ms: float
+    round_trips: int
+    errors: int
+    #: CPU the load generators used, in cores (their CPU time over their run time): a
+    #: client process near 1.0 would be a bottleneck.
+    client_cores: float
+
+    def to_json(self) -> dict[str, float]:
+        """The figures ``--json`` prints."""
+        return {
+            "msgs_per_s": round(self.msgs_per_s, 1),
+            "p50_ms": round(self.p50_ms, 3),
+            "p99_ms": round(self.p99_ms, 3),
+        }
+
+
+@dataclass(frozen=True)
+class EchoReport:
+    """Both measurements of one run."""
+
+    config: EchoBenchConfig
+    full: EchoFigures
+    baseline: EchoFigures
+
+    @property
+    def ratio(self) -> float:
+        """Full path msgs/s over baseline msgs/s."""
+        return self.full.msgs_per_s / self.baseline.msgs_per_s
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"full": {...}, "baseline": {...}, "ratio": r}``."""
+        return {
+            "full": self.full.to_json(),
+            "baseline": self.baseline.to_json(),
+            "ratio": round(self.ratio, 4),
+        }
+
+    def render(self) -> str:
+        """A small table for people."""
+        c = self.config
+        lines = [
+            f"wsgate bench echo: {c.connections} connections, {c.size_bytes}-byte messages, "
+            f"{c.duration_s:g} s after {c.warmup_s:g} s warm-up, {c.clients} client process(es)",
+            f"{'':10} {'msgs/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'client CPU':>11}",
+        ]
+        for name, f in (("full path", self.full), ("baseline", self.baseline)):
+            lines.append(
+                f"{name:10} {f.msgs_per_s:10.0f} {f.p50_ms:8.2f} {f.p99_ms:8.2f} {f.errors:7d} "
+                f"{f.client_cores:6.2f} core"
+            )
+        lines.append(f"ratio full/baseline (msgs/s): {self.ratio:.3f}")
+        return "\n".join(lines)
+
+
+def run_echo(config: EchoBenchConfig) -> EchoReport:
+    """Measure the full path, then the baseline. Raises BenchError (the logs of the run
+    are then kept in a temporary directory named in the message)."""
+    log_dir = Path(tempfile.mkdtemp(prefix="wsgate-bench-echo-"))
+    try:
+        with running_stack(log_dir / "full") as stack:
+            full = measure(stack.ws_url(ECHO_PATH), config, log_dir / "full")
+        log.info(
+            "full path: %.0f msgs/s, p50 %.2f ms, p99 %.2f ms (clients: %.2f core)",
+            full.msgs_per_s, full.p50_ms, full.p99_ms, full.client_cores,
+        )  # fmt: skip
+        with running_baseline(log_dir / "baseline") as baseline:
+            base = measure(ws_url(baseline, ECHO_PATH), config, log_dir / "baseline")
+        log.info(
+            "baseline: %.0f msgs/s, p50 %.2f ms, p99 %.2f ms (clients: %.2f core)",
+            base.msgs_per_s, base.p50_ms, base.p99_ms, base.client_cores,
+        )  # fmt: skip
+    except WsgateError as exc:
+        raise BenchError(f"{exc} (logs kept in {log_dir})") from exc
+    shutil.rmtree(log_dir, ignore_errors=True)
+    return EchoReport(config=config, full=full, baseline=base)
+
+
+def measure(url: str, config: EchoBenchConfig, log_dir: Path) -> EchoFigures:
+    """Run the closed loops against ``url`` and merge the clients' results."""
+    extra = [
+        "--size", str(config.size_bytes),
+        "--warmup-s", str(config.warmup_s),
+        "--duration-s", str(config.duration_s),
+    ]  # fmt: skip
+    with load_clients("echo", url, config.connections, config.clients, log_dir, extra) as clients:
+        start_loops(clients)
+        timeout_s = config.warmup_s + config.duration_s + RESULT_GRACE_S
+        results = collect_results(clients, timeout_s)
+    return merge_results(results, url)
+
+
+def merge_results(results: list[dict[str, Any]], url: str) -> EchoFigures:
+    """Add up the clients' counts and merge their histograms. Raises BenchError if no
+    round trip was measured."""
+    histogram = LatencyHistogram()
+    rate = 0.0
+    errors = 0
+    cores = 0.0
+    for result in results:
+        try:
+            histogram.merge(LatencyHistogram.from_json(result["histogram"]))
+            rate += int(result["count"]) / float(result["window_s"])
+            errors += int(result["errors"])
+            cores += float(result["cpu_s"]) / max(float(result["run_s"]), 1e-9)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BenchError(f"malformed client result: {exc!r}") from exc
+    if errors:
+        log.warning("%s: %d connection(s) failed or stalled during the run", url, errors)
+    if not histogram.total:
+        raise BenchError(f"no round trip to {url} completed in the measurement window")
+    return EchoFigures(
+        msgs_per_s=rate,
+        p50_ms=histogram.percentile_ms(50),
+        p99_ms=histogram.percentile_ms(99),
+        round_trips=histogram.total,
+        errors=errors,
+        client_cores=cores,
+    )
