@@ -3,20 +3,25 @@
 An event is published on the app's events subject with a reply subject of its own,
 ``<prefix>.ack.<gateway_id>.<connection_id>.<sequence>``, which this gateway subscribes to
 with a wildcard. A worker answers there: with progress acks while its handler runs, then
-with the final ack. When neither comes within ``ack_timeout_s`` (the worker died, or the
-message was lost), the same event is published again, marked ``redelivered``. When no
-worker subscribes at all, NATS answers at once with a 503 status and the event is retried
-after a short backoff. While NATS is unreachable nothing is published; the delivery waits
-for the reconnection. Every sign of a worker (a progress ack) restarts the clock; after
+with the final ack (which may carry the messages the handler sent to the connection).
+When neither comes within ``ack_timeout_s`` (the worker died or stalled, or the message
+was lost), the same event is published again, marked ``redelivered``. When no worker
+subscribes at all, NATS answers at once with a 503 status and the event is retried after
+a short backoff. While NATS is unreachable nothing is published; the delivery waits for
+the reconnection. Every sign of a worker (a progress ack) restarts the clock; after
 ``delivery_timeout_s`` without one, the delivery gives up.
+
+Timeouts are found by one sweep over the waiting events every ``sweep_s``, not by a
+timer per event: at thousands of events a second the timers cost more than the sweep.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -40,12 +45,25 @@ class Reply(enum.Enum):
     TIMEOUT = "timeout"
 
 
-class EventDelivery:
-    """Delivers events and matches the replies. One per gateway.
+class _Waiting:
+    """One event waiting for its reply."""
 
-    ``on_redelivery`` is called for each resend (for metrics). The caller subscribes
-    :meth:`on_reply` to ``ack_wildcard`` and reports NATS' connection state through
-    :meth:`set_bus_connected`.
+    __slots__ = ("expires_at", "future")
+
+    def __init__(self, future: asyncio.Future[Reply], expires_at: float) -> None:
+        self.future = future
+        self.expires_at = expires_at
+
+
+class EventDelivery:
+    """Delivers events and matches the replies. One per gateway; create it in a running
+    event loop, then :meth:`start` the sweep.
+
+    ``on_messages(connection_id, messages)`` receives what a final ack carries, before the
+    delivery it completes returns; ``on_redelivery`` is called for each resend and
+    ``on_stale`` for a final ack that came too late (both for metrics). The caller
+    subscribes :meth:`on_reply` to ``ack_wildcard`` and reports NATS' connection state
+    through :meth:`set_bus_connected`.
     """
 
     def __init__(
@@ -56,23 +74,42 @@ class EventDelivery:
         ack_prefix: str,
         ack_timeout_s: float,
         delivery_timeout_s: float,
+        on_messages: Callable[[str, Sequence[pb.Message]], None],
         on_redelivery: Callable[[], None] = lambda: None,
+        on_stale: Callable[[], None] = lambda: None,
     ) -> None:
         self._nc = nc
+        self._loop = asyncio.get_running_loop()
         self._events_subject = events_subject
         self._ack_prefix = ack_prefix
+        self._ack_prefix_len = len(ack_prefix) + 1
         self._ack_timeout_s = ack_timeout_s
+        self._ack_wait_ms = int(ack_timeout_s * 1000)
         self._delivery_timeout_s = delivery_timeout_s
+        self._sweep_s = min(0.1, ack_timeout_s / 5)
+        self._on_messages = on_messages
         self._on_redelivery = on_redelivery
-        self._waiting: dict[tuple[str, int], asyncio.Future[Reply]] = {}
+        self._on_stale = on_stale
+        self._waiting: dict[tuple[str, int], _Waiting] = {}
         self._bus_up = asyncio.Event()
         self._bus_up.set()
-        self.late_replies = 0
+        self._sweeper: asyncio.Task[None] | None = None
 
     @property
     def ack_wildcard(self) -> str:
         """The subscription that receives every reply meant for this gateway."""
         return f"{self._ack_prefix}.>"
+
+    def start(self) -> None:
+        """Start the timeout sweep."""
+        self._sweeper = self._loop.create_task(self._sweep())
+
+    async def close(self) -> None:
+        """Stop the sweep. Deliveries still waiting then wait until given up."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
 
     def set_bus_connected(self, connected: bool) -> None:
         """Called on NATS disconnects and reconnects."""
@@ -84,23 +121,23 @@ class EventDelivery:
     async def deliver(self, event: pb.ConnectionEvent) -> bool:
         """Publish ``event`` until a worker acknowledges it. True once acknowledged; False
         after ``delivery_timeout_s`` without any sign of a worker."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         key = (event.connection_id, event.sequence)
         reply_subject = f"{self._ack_prefix}.{event.connection_id}.{event.sequence}"
-        event.ack_wait_ms = int(self._ack_timeout_s * 1000)
+        event.ack_wait_ms = self._ack_wait_ms
         give_up_at = loop.time() + self._delivery_timeout_s
         backoff_s = 0.05
         attempt = 0
         try:
             while True:
-                if not self._bus_up.is_set() and not await _wait(self._bus_up, give_up_at):
+                if not self._bus_up.is_set() and not await self._wait_bus(give_up_at):
                     return False
-                event.redelivered = attempt > 0
                 if attempt:
+                    event.redelivered = True
                     self._on_redelivery()
                 attempt += 1
-                future = loop.create_future()
-                self._waiting[key] = future
+                waiting = _Waiting(loop.create_future(), loop.time() + self._ack_timeout_s)
+                self._waiting[key] = waiting
                 try:
                     await self._nc.publish(
                         self._events_subject, event.SerializeToString(), reply=reply_subject
@@ -110,7 +147,13 @@ class EventDelivery:
                     log.debug("publishing %s#%d failed: %r", *key, exc)
                     outcome = Reply.NO_RESPONDERS
                 else:
-                    outcome = await self._await_reply(key, future, give_up_at)
+                    outcome = await waiting.future
+                    while outcome is Reply.PROGRESS:
+                        # The worker is alive and busy: a fresh wait, and a fresh deadline.
+                        give_up_at = loop.time() + self._delivery_timeout_s
+                        waiting = _Waiting(loop.create_future(), loop.time() + self._ack_timeout_s)
+                        self._waiting[key] = waiting
+                        outcome = await waiting.future
                 if outcome is Reply.ACKED:
                     return True
                 if loop.time() >= give_up_at:
@@ -122,61 +165,50 @@ class EventDelivery:
         finally:
             self._waiting.pop(key, None)
 
-    async def _await_reply(
-        self, key: tuple[str, int], future: asyncio.Future[Reply], give_up_at: float
-    ) -> Reply:
-        """Wait for the final ack, extending the wait on each progress ack."""
-        loop = asyncio.get_running_loop()
+    async def _sweep(self) -> None:
         while True:
-            timeout = min(self._ack_timeout_s, give_up_at - loop.time())
-            timer = loop.call_later(max(timeout, 0.0), _settle, future, Reply.TIMEOUT)
-            try:
-                outcome = await future
-            finally:
-                timer.cancel()
-            if outcome is not Reply.PROGRESS:
-                return outcome
-            # The worker is alive and busy: a fresh wait, and a fresh deadline.
-            give_up_at = loop.time() + self._delivery_timeout_s
-            future = loop.create_future()
-            self._waiting[key] = future
+            await asyncio.sleep(self._sweep_s)
+            now = self._loop.time()
+            for waiting in self._waiting.values():
+                if waiting.expires_at <= now and not waiting.future.done():
+                    waiting.future.set_result(Reply.TIMEOUT)
+
+    async def _wait_bus(self, until: float) -> bool:
+        remaining = until - self._loop.time()
+        if remaining <= 0:
+            return False
+        try:
+            async with asyncio.timeout(remaining):
+                await self._bus_up.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def on_reply(self, msg: Msg) -> None:
         """The subscription callback for ``ack_wildcard``."""
-        connection_id, _, sequence = msg.subject[len(self._ack_prefix) + 1 :].rpartition(".")
+        connection_id, _, sequence = msg.subject[self._ack_prefix_len :].rpartition(".")
         try:
             key = (connection_id, int(sequence))
         except ValueError:
-            self.late_replies += 1
+            self._on_stale()
             return
-        future = self._waiting.get(key)
-        if future is None or future.done():
+        waiting = self._waiting.get(key)
+        if waiting is None or waiting.future.done():
             # An ack for a copy we stopped waiting for (it was redelivered meanwhile).
-            self.late_replies += 1
+            self._on_stale()
             return
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
-            future.set_result(Reply.NO_RESPONDERS)
+            waiting.future.set_result(Reply.NO_RESPONDERS)
             return
         try:
             ack = pb.EventAck.FromString(msg.data)
         except DecodeError:
-            self.late_replies += 1
+            self._on_stale()
             return
-        future.set_result(Reply.PROGRESS if ack.in_progress else Reply.ACKED)
-
-
-def _settle(future: asyncio.Future[Reply], outcome: Reply) -> None:
-    if not future.done():
-        future.set_result(outcome)
-
-
-async def _wait(event: asyncio.Event, until: float) -> bool:
-    remaining = until - asyncio.get_running_loop().time()
-    if remaining <= 0:
-        return False
-    try:
-        async with asyncio.timeout(remaining):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
+        if ack.in_progress:
+            waiting.future.set_result(Reply.PROGRESS)
+            return
+        if ack.messages:
+            # Queued before the read loop resumes, so before the next event is dispatched.
+            self._on_messages(connection_id, ack.messages)
+        waiting.future.set_result(Reply.ACKED)

@@ -57,6 +57,8 @@ class Outbox:
     ) -> None:
         self._ws = ws
         self._abort = abort
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
         self._max_bytes = max_bytes
         self._close_timeout_s = close_timeout_s
         self._frames: collections.deque[Frame] = collections.deque()
@@ -87,7 +89,7 @@ class Outbox:
             self._queued_bytes += size
         self._frames.append(frame)
         if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._drain())
+            self._writer = self._loop.create_task(self._drain())
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been written (or failed)."""
@@ -108,7 +110,7 @@ class Outbox:
         if writer is not None:
             writer.cancel()
         self._frames.append(CloseFrame(code, reason))
-        self._writer = asyncio.get_running_loop().create_task(self._drain(after=writer))
+        self._writer = self._loop.create_task(self._drain(after=writer))
 
     async def _drain(self, after: asyncio.Task[None] | None = None) -> None:
         if after is not None:

@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -135,8 +136,11 @@ class Gateway(Service):
                 ack_prefix=subjects.ack_prefix(self.config.prefix, self.gateway_id),
                 ack_timeout_s=self.config.ack_timeout_s,
                 delivery_timeout_s=self.config.delivery_timeout_s,
+                on_messages=self._on_ack_messages,
                 on_redelivery=self.metrics.redeliveries.inc,
+                on_stale=self.metrics.drops.labels("stale").inc,
             )
+            self._delivery.start()
             await nc.subscribe(self._command_subject, cb=self._on_command)
             await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
             await nc.flush()
@@ -206,6 +210,8 @@ class Gateway(Service):
             if self._nc is not None and not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
+            if self._delivery is not None:
+                await self._delivery.close()
             if self._runner is not None:
                 await self._runner.cleanup()
         finally:
@@ -478,6 +484,15 @@ class Gateway(Service):
         await self._deliver(event)
 
     # -- commands ------------------------------------------------------------------------
+
+    def _on_ack_messages(self, connection_id: str, messages: Sequence[pb.Message]) -> None:
+        """Messages that came with a final ack, for the event's own connection."""
+        conn = self._connections.get(connection_id)
+        if conn is None or conn.lifecycle.phase is not Phase.OPEN:
+            self.metrics.drops.labels("unknown_connection").inc(len(messages))
+            return
+        for message in messages:
+            self._push_message(conn, message)
 
     async def _on_command(self, msg: Msg) -> None:
         try:

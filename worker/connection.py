@@ -1,12 +1,20 @@
 """A handle on one client connection, usable from any worker.
 
-A worker holds no sockets: ``send`` and ``close`` publish a command to the gateway that
-owns the connection (its id names it). In the connect handler the socket does not exist
-yet, so what is sent there travels inside the Accept and is written right after the 101.
+A worker holds no sockets: what a handler sends goes to the gateway that owns the
+connection (its id names it). Sends are buffered and leave in order, by the cheapest way
+that keeps that order:
+
+- in ``on_connect`` the socket does not exist yet, so they travel inside the Accept and
+  are written right after the 101;
+- in an event handler they go with the event's final ack when the handler finishes
+  without waiting on anything else (the common case: one NATS message instead of two);
+- when the handler waits on something after sending (a storage call, a sleep), what is
+  buffered is published as commands at once, so a long handler streams as it goes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -30,6 +38,11 @@ class CommandSink(Protocol):
     async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
         """Deliver ``command`` to the gateway that holds ``connection_id``."""
         ...
+
+
+#: Buffered bytes beyond which sends are published as commands at once, so an ack stays
+#: small (NATS' payload limit) and a handler that sends a lot streams it.
+MAX_BUFFERED_BYTES = 64 * 1024
 
 
 class _Phase(enum.Enum):
@@ -62,7 +75,7 @@ class Connection:
         self.id = connection_id
         self.path = path
         #: Values of the route's ``{name}`` segments.
-        self.params: Mapping[str, str] = dict(params)
+        self.params: Mapping[str, str] = params
         #: The worker's environment: durable object storage and the like.
         self.env = env
         #: The sequence of the event being handled (0 in on_connect). With ``id`` it is the
@@ -73,7 +86,10 @@ class Connection:
         self.redelivered = redelivered
         self._sink = sink
         self._phase = _Phase.CLOSED if closed else _Phase.CONNECTING if connecting else _Phase.OPEN
-        self._pending: list[pb.Message] = []
+        self._buffer: list[pb.Message] = []
+        self._buffered_bytes = 0
+        self._flush_scheduled = False
+        self._flushing: asyncio.Task[None] | None = None
 
     @property
     def closed(self) -> bool:
@@ -83,8 +99,8 @@ class Connection:
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send a text (``str``) or binary (bytes-like) message to the client.
 
-        Messages from one handler arrive in the order sent. Raises InvalidMessage for
-        other types and ConnectionClosed once closed.
+        Messages arrive in the order sent. Raises InvalidMessage for other types and
+        ConnectionClosed once closed.
         """
         if isinstance(message, str):
             envelope = pb.Message(text=message)
@@ -96,13 +112,16 @@ class Connection:
             )
         if self._phase is _Phase.CLOSED:
             raise ConnectionClosed(self.id)
-        if self._phase is _Phase.CONNECTING:
-            self._pending.append(envelope)
-            return
-        await self._sink.send_command(
-            self.id,
-            pb.GatewayCommand(connection_ids=[self.id], send=envelope, in_reply_to=self.sequence),
-        )
+        self._buffer.append(envelope)
+        self._buffered_bytes += len(message)
+        if self._phase is _Phase.OPEN and self._buffered_bytes > MAX_BUFFERED_BYTES:
+            if self._flushing is not None:
+                await self._flushing
+            await self._publish_buffered()
+        elif self._phase is _Phase.OPEN and not self._flush_scheduled:
+            # Runs only if the handler yields to the loop before finishing.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection with ``code`` (1000, or 3000-4999 for the app's own) and
@@ -125,6 +144,13 @@ class Connection:
         if self._phase is _Phase.CLOSED:
             raise ConnectionClosed(self.id)
         self._phase = _Phase.CLOSED
+        for envelope in await self._finish():  # what was sent before goes first
+            await self._sink.send_command(
+                self.id,
+                pb.GatewayCommand(
+                    connection_ids=[self.id], send=envelope, in_reply_to=self.sequence
+                ),
+            )
         await self._sink.send_command(
             self.id,
             pb.GatewayCommand(
@@ -134,11 +160,45 @@ class Connection:
             ),
         )
 
+    # -- for the runtime -----------------------------------------------------------------
+
     def _take_pending(self) -> list[pb.Message]:
-        """The messages sent during connect; the handle is open from now on."""
-        pending, self._pending = self._pending, []
+        """After on_connect: what it sent (for the Accept); the handle is open from now on."""
+        pending, self._buffer = self._buffer, []
+        self._buffered_bytes = 0
         self._phase = _Phase.OPEN
         return pending
+
+    async def _finish(self) -> list[pb.Message]:
+        """After an event handler: wait for sends already being published, and return
+        what is still buffered, to go with the final ack."""
+        if self._flushing is not None:
+            await self._flushing
+        remaining, self._buffer = self._buffer, []
+        self._buffered_bytes = 0
+        return remaining
+
+    def _flush_soon(self) -> None:
+        self._flush_scheduled = False
+        if self._buffer and self._flushing is None:
+            self._flushing = asyncio.get_running_loop().create_task(self._publish_buffered())
+
+    async def _publish_buffered(self) -> None:
+        # One task at a time publishes, in order; what arrives meanwhile is taken next round.
+        try:
+            while self._buffer:
+                batch, self._buffer = self._buffer, []
+                self._buffered_bytes = 0
+                for envelope in batch:
+                    await self._sink.send_command(
+                        self.id,
+                        pb.GatewayCommand(
+                            connection_ids=[self.id], send=envelope, in_reply_to=self.sequence
+                        ),
+                    )
+        finally:
+            if self._flushing is asyncio.current_task():
+                self._flushing = None
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.path} {self._phase.value}>"

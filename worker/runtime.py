@@ -40,30 +40,20 @@ from wsgate.v1 import envelope_pb2 as pb
 log = logging.getLogger(__name__)
 
 
-class _ProgressTicker:
-    """Sends progress acks for one event while its handler runs, every ``interval_s``, so
-    the gateway does not take a slow handler for a dead worker. Costs one timer per event;
-    a task only when a tick is due."""
+#: How often running handlers are checked for a progress ack being due.
+PROGRESS_SWEEP_S = 0.1
 
-    def __init__(self, nc: NatsClient, reply: str, sequence: int, interval_s: float) -> None:
-        self._nc = nc
-        self._reply = reply
-        self._payload = pb.EventAck(sequence=sequence, in_progress=True).SerializeToString()
-        self._interval_s = interval_s
-        self._loop = asyncio.get_running_loop()
-        self._timer: asyncio.TimerHandle | None = self._loop.call_later(interval_s, self._tick)
-        self._tasks: set[asyncio.Task[None]] = set()
 
-    def _tick(self) -> None:
-        task = self._loop.create_task(self._nc.publish(self._reply, self._payload))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        self._timer = self._loop.call_later(self._interval_s, self._tick)
+class _Running:
+    """An event whose handler runs: where and when to send its next progress ack."""
 
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+    __slots__ = ("due", "interval_s", "payload", "reply")
+
+    def __init__(self, reply: str, sequence: int, interval_s: float, now: float) -> None:
+        self.reply = reply
+        self.interval_s = interval_s
+        self.due = now + interval_s
+        self.payload = pb.EventAck(sequence=sequence, in_progress=True).SerializeToString()
 
 
 class Worker(Service):
@@ -86,6 +76,11 @@ class Worker(Service):
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
+        self._running: dict[int, _Running] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._message_events = self.metrics.events.labels("message")
+        self._closed_events = self.metrics.events.labels("closed")
 
     async def start(self) -> None:
         """Connect to the state service and NATS, then take requests.
@@ -93,6 +88,8 @@ class Worker(Service):
         Raises BusUnavailable if NATS cannot be reached.
         """
         self._enter_running()
+        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
+        self._loop = asyncio.get_running_loop()
         try:
             await self._probes.start()
             await self._state.start()
@@ -107,6 +104,7 @@ class Worker(Service):
                 )
             # Make sure the server has the subscriptions before we call ourselves ready.
             await self._nc.flush()
+            self._sweeper = self._loop.create_task(self._send_progress())
         except BaseException:
             await self.close()
             raise
@@ -136,6 +134,8 @@ class Worker(Service):
                 _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
                 for task in pending:
                     task.cancel()
+            if self._sweeper is not None:
+                self._sweeper.cancel()
             if self._nc is not None and not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()
@@ -158,7 +158,8 @@ class Worker(Service):
         async def spawn(msg: Msg) -> None:
             await self._slots.acquire()
             self.metrics.in_flight.inc()
-            task = asyncio.get_running_loop().create_task(handler(msg))
+            assert self._loop is not None
+            task = self._loop.create_task(handler(msg))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
@@ -241,26 +242,39 @@ class Worker(Service):
             self.metrics.garbage.inc()
             log.warning("dropped an unreadable event (%d bytes)", len(msg.data))
             return
-        self.metrics.events.labels(kind).inc()
+        (self._message_events if kind == "message" else self._closed_events).inc()
         if event.redelivered:
             self.metrics.redelivered.inc()
-        assert self._nc is not None
-        progress = (
-            _ProgressTicker(self._nc, msg.reply, event.sequence, event.ack_wait_ms / 3000)
-            if event.ack_wait_ms
-            else None
-        )
         started = time.perf_counter()
+        key = id(msg)
+        if event.ack_wait_ms:
+            # Progress acks come from one sweep over all running handlers, not a timer each.
+            self._running[key] = _Running(
+                msg.reply, event.sequence, event.ack_wait_ms / 3000, started
+            )
         try:
-            await self._run_event(event, kind)
+            ack = pb.EventAck(sequence=event.sequence)
+            ack.messages.extend(await self._run_event(event, kind))
         finally:
-            if progress is not None:
-                progress.cancel()
+            self._running.pop(key, None)
             self.metrics.handler_seconds.observe(time.perf_counter() - started)
-        # The commands the handler published went out before this on the same connection.
-        await msg.respond(pb.EventAck(sequence=event.sequence).SerializeToString())
+        # Commands the handler published went out before this, on the same NATS connection.
+        await msg.respond(ack.SerializeToString())
 
-    async def _run_event(self, event: pb.ConnectionEvent, kind: str) -> None:
+    async def _send_progress(self) -> None:
+        """Every PROGRESS_SWEEP_S, a progress ack for each handler that has run long enough."""
+        assert self._nc is not None
+        while True:
+            await asyncio.sleep(PROGRESS_SWEEP_S)
+            now = time.perf_counter()
+            for running in list(self._running.values()):
+                if running.due <= now:
+                    running.due = now + running.interval_s
+                    with contextlib.suppress(nats.errors.Error):
+                        await self._nc.publish(running.reply, running.payload)
+
+    async def _run_event(self, event: pb.ConnectionEvent, kind: str) -> list[pb.Message]:
+        """Run the handler; returns what it sent that is still buffered (for the ack)."""
         resolved = self.app.resolve(event.path)
         conn_params = resolved[1] if resolved else {}
         conn = Connection(
@@ -278,7 +292,7 @@ class Worker(Service):
                 # The app was redeployed without this route while the connection lived.
                 if kind == "message":
                     await conn.close(CloseCode.INTERNAL_ERROR, "route no longer served")
-                return
+                return []
             route = resolved[0]
             if kind == "message" and route.message_handler is not None:
                 data = event.message
@@ -293,6 +307,7 @@ class Worker(Service):
                 # As in Cloudflare Workers: an exception in a handler ends the connection.
                 with contextlib.suppress(Exception):
                     await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+        return await conn._finish()
 
 
 def _reject(status: int, text: str) -> pb.ConnectDecision:

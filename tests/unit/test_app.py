@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from worker import (
@@ -30,7 +32,7 @@ class RecordingSink:
         self.commands.append((connection_id, command))
 
 
-def _conn(sink: RecordingSink, **kwargs: bool) -> Connection:
+def _conn(sink: RecordingSink, **kwargs: bool | int) -> Connection:
     return Connection("node-abcdefgh_7", "/echo", {}, sink=sink, env=Env.__new__(Env), **kwargs)
 
 
@@ -82,8 +84,26 @@ async def test_sends_during_connect_wait_for_the_accept() -> None:
     assert sink.commands == []
     pending = conn._take_pending()
     assert [m.WhichOneof("data") for m in pending] == ["text", "binary"]
-    await conn.send("later")
-    assert len(sink.commands) == 1
+
+
+async def test_sends_of_a_handler_that_finishes_at_once_go_with_the_ack() -> None:
+    sink = RecordingSink()
+    conn = _conn(sink, sequence=7)
+    await conn.send("a")
+    await conn.send(b"b")
+    assert [m.WhichOneof("data") for m in await conn._finish()] == ["text", "binary"]
+    assert sink.commands == []
+
+
+async def test_sends_of_a_handler_that_waits_go_out_as_commands_in_order() -> None:
+    sink = RecordingSink()
+    conn = _conn(sink, sequence=7)
+    await conn.send("first")
+    await asyncio.sleep(0)  # the handler waits on something: what it sent goes now
+    await asyncio.sleep(0)
+    await conn.send("second")
+    assert await conn._finish() == [pb.Message(text="second")]
+    assert [(c.send.text, c.in_reply_to) for _, c in sink.commands] == [("first", 7)]
 
 
 async def test_close_during_connect_says_to_reject_instead() -> None:

@@ -357,21 +357,30 @@ class EventAck(_message.Message):
 
     SEQUENCE_FIELD_NUMBER: _builtins.int
     IN_PROGRESS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the event acknowledged."""
     in_progress: _builtins.bool
     """True: the handler is still running (resets the gateway's ack wait); false: the
     handler has finished, and the commands it published were published before this.
     """
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
+        """With the final ack: messages the handler sent to the event's own connection that were
+        still buffered when it finished, in order. Carrying them here saves a command per
+        message; the gateway writes them before it dispatches the connection's next event.
+        """
+
     def __init__(
         self,
         *,
         sequence: _builtins.int = ...,
         in_progress: _builtins.bool = ...,
+        messages: _abc.Iterable[Global___Message] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_progress", b"in_progress", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_progress", b"in_progress", "messages", b"messages", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
