@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from wsgate.fastmetrics import FastMetrics
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -25,20 +27,20 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
-        self.messages_in = Counter(
-            "wsgate_gateway_messages_in", "Messages received from clients", registry=r
+        fast = FastMetrics(r)  # updated per message: no locks
+        self.messages_in = fast.counter(
+            "wsgate_gateway_messages_in", "Messages received from clients"
         )
-        self.messages_out = Counter(
-            "wsgate_gateway_messages_out", "Messages queued to clients", registry=r
+        self.messages_out = fast.counter(
+            "wsgate_gateway_messages_out", "Messages queued to clients"
         )
         self.auto_responses = Counter(
             "wsgate_gateway_auto_responses", "Messages answered by the gateway itself", registry=r
         )
-        self.event_round_trip = Histogram(
+        self.event_round_trip = fast.histogram(
             "wsgate_gateway_event_round_trip_seconds",
             "From publishing an event to its final acknowledgement",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
         )
         self.redeliveries = Counter(
             "wsgate_gateway_redeliveries", "Events published again (same sequence)", registry=r

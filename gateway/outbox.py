@@ -6,6 +6,11 @@ socket there would stall every other connection. So each frame is queued here wi
 waiting, and a per-connection writer task, started on demand and ended when the queue is
 empty, does the writing. An idle connection holds no task.
 
+The common case costs no task at all: when nothing is queued, a data frame is written at
+once. aiohttp's send is a coroutine that only suspends when the transport's buffer is full;
+it is started eagerly (as Python 3.12's eager tasks do) and handed to the writer task only
+if it does suspend.
+
 Slow consumers: the bytes queued and not yet written (the frame being written included;
 text counted in characters) are bounded by ``max_bytes``. A frame that would pass the
 bound is not queued; ``on_overflow`` is called instead, and the owner closes the connection
@@ -20,8 +25,9 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from aiohttp import web
 
@@ -87,9 +93,25 @@ class Outbox:
                 self._on_overflow()
                 return
             self._queued_bytes += size
+            if self._writer is None:
+                self._write_eagerly(frame)
+                return
         self._frames.append(frame)
         if self._writer is None:
             self._writer = self._loop.create_task(self._drain())
+
+    def _write_eagerly(self, frame: str | bytes) -> None:
+        coro = self._write(frame)
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration:
+            self._queued_bytes -= len(frame)
+            return
+        except (ConnectionError, RuntimeError) as exc:
+            self._write_failed(frame, exc)
+            return
+        # The socket's buffer is full: the writer task finishes this write, then the rest.
+        self._writer = self._loop.create_task(self._drain(resume=(coro, suspended_on, frame)))
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been written (or failed)."""
@@ -112,30 +134,48 @@ class Outbox:
         self._frames.append(CloseFrame(code, reason))
         self._writer = self._loop.create_task(self._drain(after=writer))
 
-    async def _drain(self, after: asyncio.Task[None] | None = None) -> None:
+    async def _drain(
+        self,
+        after: asyncio.Task[None] | None = None,
+        resume: tuple[Coroutine[Any, Any, None], Any, Frame] | None = None,
+    ) -> None:
         if after is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await after
         try:
+            if resume is not None:
+                coro, suspended_on, frame = resume
+                try:
+                    await _resume(coro, suspended_on)
+                except (ConnectionError, RuntimeError) as exc:
+                    self._write_failed(frame, exc)
+                finally:
+                    self._release(frame)
             while self._frames:
                 frame = self._frames.popleft()
                 try:
                     await self._write(frame)
                 except (ConnectionError, RuntimeError) as exc:
-                    # The socket went away under us: the read loop sees that too and
-                    # reports the close; what is left here can no longer be delivered.
-                    dropped = 1 + len(self._frames)
-                    self._frames.clear()
-                    self._queued_bytes = 0
-                    self._closed = True
-                    self._on_dropped(dropped)
-                    log.debug("write failed, %d frame(s) dropped: %s", dropped, exc)
+                    self._write_failed(frame, exc)
                 finally:
-                    if not isinstance(frame, CloseFrame):
-                        self._queued_bytes = max(0, self._queued_bytes - len(frame))
+                    self._release(frame)
         finally:
             if self._writer is asyncio.current_task():
                 self._writer = None
+
+    def _release(self, frame: Frame) -> None:
+        if not isinstance(frame, CloseFrame):
+            self._queued_bytes = max(0, self._queued_bytes - len(frame))
+
+    def _write_failed(self, frame: Frame, exc: BaseException) -> None:
+        # The socket went away under us: the read loop sees that too and reports the
+        # close; what is left here can no longer be delivered.
+        dropped = 1 + len(self._frames)
+        self._frames.clear()
+        self._queued_bytes = 0
+        self._closed = True
+        self._on_dropped(dropped)
+        log.debug("write failed, %d frame(s) dropped: %s", dropped, exc)
 
     async def _write(self, frame: Frame) -> None:
         ws = self._ws
@@ -150,3 +190,26 @@ class Outbox:
             except TimeoutError:
                 # The client takes nothing, not even the close frame: cut the connection.
                 self._abort()
+
+
+async def _resume(coro: Coroutine[Any, Any, None], suspended_on: Any) -> None:
+    """Run ``coro`` to its end from where it suspended (awaiting ``suspended_on``), as an
+    asyncio Task would: wait for that future, then send its outcome into the coroutine."""
+    while True:
+        try:
+            if suspended_on is None:  # a bare yield, as in asyncio.sleep(0)
+                await asyncio.sleep(0)
+            else:
+                # What a Task does with a future its coroutine yielded: take it as awaited.
+                suspended_on._asyncio_future_blocking = False
+                await suspended_on
+        except BaseException as exc:  # the future failed, or this task was cancelled
+            try:
+                suspended_on = coro.throw(exc)
+            except StopIteration:
+                return
+            continue
+        try:
+            suspended_on = coro.send(None)
+        except StopIteration:
+            return

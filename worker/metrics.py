@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter
+
+from wsgate.fastmetrics import FastMetrics
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -16,21 +18,18 @@ class WorkerMetrics:
         self.connects = Counter(
             "wsgate_worker_connects", "Connect decisions, by outcome", ["outcome"], registry=r
         )
-        self.events = Counter(
-            "wsgate_worker_events", "Events handled, by kind", ["kind"], registry=r
-        )
         self.redelivered = Counter(
             "wsgate_worker_events_redelivered", "Events that arrived marked redelivered", registry=r
         )
         self.handler_errors = Counter(
             "wsgate_worker_handler_errors", "Handlers that raised", registry=r
         )
-        self.handler_seconds = Histogram(
-            "wsgate_worker_handler_seconds",
-            "Time spent in one handler call",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge("wsgate_worker_in_flight", "Requests being handled now", registry=r)
-        self.commands = Counter("wsgate_worker_commands", "Gateway commands published", registry=r)
         self.garbage = Counter("wsgate_worker_garbage", "Unreadable envelopes dropped", registry=r)
+        fast = FastMetrics(r)  # updated per event: no locks
+        self.message_events = fast.counter("wsgate_worker_message_events", "Message events handled")
+        self.closed_events = fast.counter("wsgate_worker_closed_events", "Close events handled")
+        self.handler_seconds = fast.histogram(
+            "wsgate_worker_handler_seconds", "Time spent in one handler call", _LATENCY_BUCKETS
+        )
+        self.in_flight = fast.gauge("wsgate_worker_in_flight", "Requests being handled now")
+        self.commands = fast.counter("wsgate_worker_commands", "Gateway commands published")

@@ -79,8 +79,6 @@ class Worker(Service):
         self._running: dict[int, _Running] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._message_events = self.metrics.events.labels("message")
-        self._closed_events = self.metrics.events.labels("closed")
 
     async def start(self) -> None:
         """Connect to the state service and NATS, then take requests.
@@ -242,7 +240,7 @@ class Worker(Service):
             self.metrics.garbage.inc()
             log.warning("dropped an unreadable event (%d bytes)", len(msg.data))
             return
-        (self._message_events if kind == "message" else self._closed_events).inc()
+        (self.metrics.message_events if kind == "message" else self.metrics.closed_events).inc()
         if event.redelivered:
             self.metrics.redelivered.inc()
         started = time.perf_counter()
