@@ -8,8 +8,8 @@ empty, does the writing. An idle connection holds no task.
 
 The common case costs no task at all: when nothing is queued, a data frame is written at
 once. aiohttp's send is a coroutine that only suspends when the transport's buffer is full;
-it is started eagerly (as Python 3.12's eager tasks do) and handed to the writer task only
-if it does suspend.
+it is started eagerly (see :mod:`wsgate.eager`) and handed to the writer task only if it
+does suspend.
 
 Slow consumers: the bytes queued and not yet written (the frame being written included;
 text counted in characters) are bounded by ``max_bytes``. A frame that would pass the
@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from wsgate.eager import resume
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +113,7 @@ class Outbox:
             self._write_failed(frame, exc)
             return
         # The socket's buffer is full: the writer task finishes this write, then the rest.
-        self._writer = self._loop.create_task(self._drain(resume=(coro, suspended_on, frame)))
+        self._writer = self._loop.create_task(self._drain(suspended=(coro, suspended_on, frame)))
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been written (or failed)."""
@@ -137,16 +139,16 @@ class Outbox:
     async def _drain(
         self,
         after: asyncio.Task[None] | None = None,
-        resume: tuple[Coroutine[Any, Any, None], Any, Frame] | None = None,
+        suspended: tuple[Coroutine[Any, Any, None], Any, Frame] | None = None,
     ) -> None:
         if after is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await after
         try:
-            if resume is not None:
-                coro, suspended_on, frame = resume
+            if suspended is not None:
+                coro, suspended_on, frame = suspended
                 try:
-                    await _resume(coro, suspended_on)
+                    await resume(coro, suspended_on)
                 except (ConnectionError, RuntimeError) as exc:
                     self._write_failed(frame, exc)
                 finally:
@@ -190,26 +192,3 @@ class Outbox:
             except TimeoutError:
                 # The client takes nothing, not even the close frame: cut the connection.
                 self._abort()
-
-
-async def _resume(coro: Coroutine[Any, Any, None], suspended_on: Any) -> None:
-    """Run ``coro`` to its end from where it suspended (awaiting ``suspended_on``), as an
-    asyncio Task would: wait for that future, then send its outcome into the coroutine."""
-    while True:
-        try:
-            if suspended_on is None:  # a bare yield, as in asyncio.sleep(0)
-                await asyncio.sleep(0)
-            else:
-                # What a Task does with a future its coroutine yielded: take it as awaited.
-                suspended_on._asyncio_future_blocking = False
-                await suspended_on
-        except BaseException as exc:  # the future failed, or this task was cancelled
-            try:
-                suspended_on = coro.throw(exc)
-            except StopIteration:
-                return
-            continue
-        try:
-            suspended_on = coro.send(None)
-        except StopIteration:
-            return

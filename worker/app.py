@@ -24,6 +24,7 @@ import re
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, TypeVar
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
@@ -94,6 +95,7 @@ MessageHandler = Callable[["Connection", Message], Awaitable[None]]
 CloseHandler = Callable[["Connection", int, str], Awaitable[None]]
 H = TypeVar("H")
 
+_RESOLVED_CACHE_SIZE = 4096
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -137,6 +139,8 @@ class App:
 
     def __init__(self) -> None:
         self._routes: list[Route] = []
+        # path -> match: every event is routed by its path, and a connection has many.
+        self._resolved: dict[str, tuple[Route, Mapping[str, str]] | None] = {}
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -149,15 +153,26 @@ class App:
             raise InvalidRoute(f"route {pattern!r} is already registered")
         route = Route(pattern)
         self._routes.append(route)
+        self._resolved.clear()
         return route
 
-    def resolve(self, path: str) -> tuple[Route, dict[str, str]] | None:
-        """The route serving ``path`` and its parameters, or None (the client gets 404)."""
+    def resolve(self, path: str) -> tuple[Route, Mapping[str, str]] | None:
+        """The route serving ``path`` and its (read-only) parameters, or None (the client
+        gets 404)."""
+        try:
+            return self._resolved[path]
+        except KeyError:
+            pass
+        found = None
         for route in self._routes:
             params = route.match(path)
             if params is not None:
-                return route, params
-        return None
+                found = (route, MappingProxyType(params))
+                break
+        if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
+            self._resolved.clear()
+        self._resolved[path] = found
+        return found
 
 
 def _compile(pattern: str) -> tuple[re.Pattern[str], tuple[str, ...]]:

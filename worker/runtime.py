@@ -32,6 +32,7 @@ from wsgate import ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
+from wsgate.eager import start_eagerly
 from wsgate.errors import InvalidConnectionId
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
@@ -147,7 +148,8 @@ class Worker(Service):
     def _spawner(
         self, handler: Callable[[Msg], Coroutine[None, None, None]]
     ) -> Callable[[Msg], Awaitable[None]]:
-        """Run each request in its own task, at most max_concurrent_events at once.
+        """Run each request on its own (in a Task if it waits), at most
+        max_concurrent_events at once.
 
         nats-py calls a subscription's callback for one message at a time; waiting for a
         slot here is what pushes back when the worker is saturated.
@@ -157,16 +159,27 @@ class Worker(Service):
             await self._slots.acquire()
             self.metrics.in_flight.inc()
             assert self._loop is not None
-            task = self._loop.create_task(handler(msg))
+            try:
+                # Most handlers answer without waiting on anything: no Task for those.
+                task = start_eagerly(self._loop, handler(msg))
+            except Exception:
+                log.exception("request handling failed")
+                task = None
+            if task is None:
+                self._release_slot()
+                return
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
         return spawn
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    def _release_slot(self) -> None:
         self._slots.release()
         self.metrics.in_flight.dec()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._release_slot()
         if not task.cancelled() and task.exception() is not None:
             log.error("request handling failed", exc_info=task.exception())
 

@@ -58,6 +58,9 @@ async def connect_bus(
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=1,
                 connect_timeout=2,
+                # wsgate builds every subject from tokens that are safe by construction
+                # (wsgate.subjects); checking each publish again costs a regex per message.
+                skip_subject_validation=True,
             )
     except TimeoutError as exc:
         with contextlib.suppress(Exception):

@@ -10,6 +10,7 @@ subject without a lookup.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 import socket
@@ -63,8 +64,10 @@ class ConnectionIds:
         return f"{self.gateway_id}_{_base36(self._serial)}"
 
 
+@functools.lru_cache(maxsize=65536)
 def gateway_of(connection_id: str) -> str:
-    """The id of the gateway that holds ``connection_id``; raises InvalidConnectionId."""
+    """The id of the gateway that holds ``connection_id``; raises InvalidConnectionId.
+    Cached: it runs for every event and every command."""
     m = _CONNECTION_ID.match(connection_id)
     if m is None or not is_gateway_id(m.group("gateway")):
         raise InvalidConnectionId(f"not a connection id: {connection_id[:120]!r}")

@@ -1,4 +1,4 @@
-"""Resuming an eagerly started coroutine, as the outbox does when a write must wait."""
+"""Eagerly started coroutines: finished at once, or resumed in a task when they wait."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from gateway.outbox import _resume
+from wsgate.eager import resume as _resume
+from wsgate.eager import start_eagerly
 
 
 def _start(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -70,3 +71,30 @@ async def test_cancelling_the_resumer_cancels_the_coroutine() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert cleaned.is_set()
+
+
+async def test_start_eagerly_runs_at_once_when_nothing_waits() -> None:
+    ran: list[int] = []
+
+    async def quick() -> None:
+        ran.append(1)
+
+    assert start_eagerly(asyncio.get_running_loop(), quick()) is None
+    assert ran == [1]
+
+
+async def test_start_eagerly_hands_a_waiting_coroutine_to_a_task() -> None:
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    ran: list[str] = []
+
+    async def slow() -> None:
+        ran.append("start")
+        ran.append(await fut)
+
+    task = start_eagerly(loop, slow())
+    assert ran == ["start"]
+    assert task is not None
+    fut.set_result("end")
+    await task
+    assert ran == ["start", "end"]
