@@ -71,6 +71,7 @@ class Connection:
         closed: bool = False,
         sequence: int = 0,
         redelivered: bool = False,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.id = connection_id
         self.path = path
@@ -85,6 +86,8 @@ class Connection:
         #: may already have run, fully or in part (at-least-once delivery).
         self.redelivered = redelivered
         self._sink = sink
+        # Passed in where known: asyncio.get_running_loop() costs a getpid() on Python 3.11.
+        self._loop = loop
         self._phase = _Phase.CLOSED if closed else _Phase.CONNECTING if connecting else _Phase.OPEN
         self._buffer: list[pb.Message] = []
         self._buffered_bytes = 0
@@ -121,7 +124,7 @@ class Connection:
         elif self._phase is _Phase.OPEN and not self._flush_scheduled:
             # Runs only if the handler yields to the loop before finishing.
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_soon)
+            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_soon)
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection with ``code`` (1000, or 3000-4999 for the app's own) and
@@ -181,7 +184,8 @@ class Connection:
     def _flush_soon(self) -> None:
         self._flush_scheduled = False
         if self._buffer and self._flushing is None:
-            self._flushing = asyncio.get_running_loop().create_task(self._publish_buffered())
+            loop = self._loop or asyncio.get_running_loop()
+            self._flushing = loop.create_task(self._publish_buffered())
 
     async def _publish_buffered(self) -> None:
         # One task at a time publishes, in order; what arrives meanwhile is taken next round.

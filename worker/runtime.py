@@ -48,13 +48,13 @@ PROGRESS_SWEEP_S = 0.1
 class _Running:
     """An event whose handler runs: where and when to send its next progress ack."""
 
-    __slots__ = ("due", "interval_s", "payload", "reply")
+    __slots__ = ("due", "interval_s", "reply", "sequence")
 
     def __init__(self, reply: str, sequence: int, interval_s: float, now: float) -> None:
         self.reply = reply
+        self.sequence = sequence
         self.interval_s = interval_s
         self.due = now + interval_s
-        self.payload = pb.EventAck(sequence=sequence, in_progress=True).SerializeToString()
 
 
 class Worker(Service):
@@ -281,8 +281,9 @@ class Worker(Service):
             for running in list(self._running.values()):
                 if running.due <= now:
                     running.due = now + running.interval_s
+                    progress = pb.EventAck(sequence=running.sequence, in_progress=True)
                     with contextlib.suppress(nats.errors.Error):
-                        await self._nc.publish(running.reply, running.payload)
+                        await self._nc.publish(running.reply, progress.SerializeToString())
 
     async def _run_event(self, event: pb.ConnectionEvent, kind: str) -> list[pb.Message]:
         """Run the handler; returns what it sent that is still buffered (for the ack)."""
@@ -297,6 +298,7 @@ class Worker(Service):
             closed=kind == "closed",
             sequence=event.sequence,
             redelivered=event.redelivered,
+            loop=self._loop,
         )
         try:
             if resolved is None:
