@@ -71,8 +71,27 @@ class LiveConnection:
     lifecycle: ConnectionLifecycle
     ws: web.WebSocketResponse
     outbox: Outbox
-    #: Set while no event of this connection is on its way to a worker.
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    #: True while an event of this connection is on its way to a worker.
+    busy: bool = False
+    #: Made only when a drain waits for ``busy`` to end (an Event each would cost memory).
+    settled: asyncio.Future[None] | None = None
+
+    def done_with_event(self) -> None:
+        self.busy = False
+        if self.settled is not None:
+            if not self.settled.done():
+                self.settled.set_result(None)
+            self.settled = None
+
+    async def wait_settled(self, deadline: float) -> None:
+        """Until no event is in flight, or ``deadline`` (loop time)."""
+        loop = asyncio.get_running_loop()
+        while self.busy and loop.time() < deadline:
+            if self.settled is None:
+                self.settled = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(self.settled)
 
 
 @dataclass
@@ -188,10 +207,7 @@ class Gateway(Service):
 
             async def close_one(conn: LiveConnection) -> None:
                 async with slots:
-                    # Re-check after each wake: the read loop may have started another event.
-                    while not conn.idle.is_set():
-                        if not await _wait_event(conn.idle, deadline):
-                            break
+                    await conn.wait_settled(deadline)
                     self._request_close(
                         conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
                     )
@@ -311,7 +327,6 @@ class Gateway(Service):
                 abort=transport.abort if transport is not None else lambda: None,
             ),
         )
-        conn.idle.set()
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
@@ -416,12 +431,12 @@ class Gateway(Service):
             if lifecycle.phase is not Phase.OPEN:
                 continue  # closing: what the client sends meanwhile is not the app's anymore
             self.metrics.messages_in.inc()
-            conn.idle.clear()
+            conn.busy = True
             event = lifecycle.message_event(message)
             try:
                 delivered = await self._deliver(event)
             finally:
-                conn.idle.set()
+                conn.done_with_event()
             if delivered:
                 lifecycle.acknowledged(event.sequence)
             else:
@@ -540,18 +555,6 @@ class Gateway(Service):
 def _valid_received_code(code: int) -> bool:
     """Close codes a peer may send (RFC 6455 7.4.1-2 and the IANA registry)."""
     return is_sendable(code)
-
-
-async def _wait_event(event: asyncio.Event, deadline: float) -> bool:
-    remaining = deadline - asyncio.get_running_loop().time()
-    if remaining <= 0:
-        return False
-    try:
-        async with asyncio.timeout(remaining):
-            await event.wait()
-    except TimeoutError:
-        return False
-    return True
 
 
 def _offered_subprotocols(request: web.Request) -> list[str]:
