@@ -14,6 +14,7 @@ import dataclasses
 import gc
 import logging
 import os
+import resource
 import signal
 import sys
 import typing
@@ -151,6 +152,7 @@ async def _serve(role: str, config: Any, ready_fd: int | None, app_dir: Path) ->
     if role == "gateway":
         from gateway.server import Gateway
 
+        _raise_open_files_limit()  # one descriptor per client: 1024 is far too few
         server = Gateway(config)
     elif role == "worker":
         from worker.loader import load_app
@@ -171,6 +173,16 @@ async def _serve(role: str, config: Any, ready_fd: int | None, app_dir: Path) ->
         await stop.wait()
         log.info("stopping")
     return 0
+
+
+def _raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard limit (what the process may do)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d: %s", soft, exc)
 
 
 def _ready_info(role: str, server: Any) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -353,3 +354,11 @@ async def test_binary_through_the_raw_client(stack: Stack) -> None:
         assert (frame.opcode, frame.payload) == (OP_BINARY, b"\x00\x01")
     finally:
         await raw.aclose()
+
+
+def test_the_gateway_may_open_as_many_files_as_the_system_lets_it(stack: Stack) -> None:
+    """One descriptor per client: the gateway raises its soft limit to the hard one."""
+    limits = Path(f"/proc/{stack.gateways[0].pid}/limits").read_text().splitlines()
+    (line,) = [entry for entry in limits if entry.startswith("Max open files")]
+    soft, hard = line.split()[3:5]
+    assert soft == hard
