@@ -60,8 +60,9 @@ class EventDelivery:
     event loop, then :meth:`start` the sweep.
 
     ``on_messages(connection_id, messages)`` receives what a final ack carries, before the
-    delivery it completes returns; ``on_redelivery`` is called for each resend and
-    ``on_stale`` for a final ack that came too late (both for metrics). The caller
+    delivery it completes returns. For metrics and logs: ``on_redelivery`` for each
+    resend, ``on_stale`` for a final ack that came too late, ``on_round_trip(seconds)``
+    for each acknowledged event, ``on_given_up(event)`` for each event given up. The caller
     subscribes :meth:`on_reply` to ``ack_wildcard`` and reports NATS' connection state
     through :meth:`set_bus_connected`.
     """
@@ -77,6 +78,8 @@ class EventDelivery:
         on_messages: Callable[[str, Sequence[pb.Message]], None],
         on_redelivery: Callable[[], None] = lambda: None,
         on_stale: Callable[[], None] = lambda: None,
+        on_round_trip: Callable[[float], None] = lambda seconds: None,
+        on_given_up: Callable[[pb.ConnectionEvent], None] = lambda event: None,
     ) -> None:
         self._nc = nc
         self._loop = asyncio.get_running_loop()
@@ -90,6 +93,8 @@ class EventDelivery:
         self._on_messages = on_messages
         self._on_redelivery = on_redelivery
         self._on_stale = on_stale
+        self._on_round_trip = on_round_trip
+        self._on_given_up = on_given_up
         self._waiting: dict[tuple[str, int], _Waiting] = {}
         self._bus_up = asyncio.Event()
         self._bus_up.set()
@@ -125,12 +130,14 @@ class EventDelivery:
         key = (event.connection_id, event.sequence)
         reply_subject = f"{self._ack_prefix}.{event.connection_id}.{event.sequence}"
         event.ack_wait_ms = self._ack_wait_ms
-        give_up_at = loop.time() + self._delivery_timeout_s
+        started = loop.time()
+        give_up_at = started + self._delivery_timeout_s
         backoff_s = 0.05
         attempt = 0
         try:
             while True:
                 if not self._bus_up.is_set() and not await self._wait_bus(give_up_at):
+                    self._on_given_up(event)
                     return False
                 if attempt:
                     event.redelivered = True
@@ -155,8 +162,10 @@ class EventDelivery:
                         self._waiting[key] = waiting
                         outcome = await waiting.future
                 if outcome is Reply.ACKED:
+                    self._on_round_trip(loop.time() - started)
                     return True
                 if loop.time() >= give_up_at:
+                    self._on_given_up(event)
                     return False
                 if outcome is Reply.NO_RESPONDERS:
                     # No worker subscribed right now (all restarting): retry soon, not at once.

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -158,6 +157,8 @@ class Gateway(Service):
                 on_messages=self._on_ack_messages,
                 on_redelivery=self.metrics.redeliveries.inc,
                 on_stale=self.metrics.drops.labels("stale").inc,
+                on_round_trip=self.metrics.event_round_trip.observe,
+                on_given_up=self._given_up,
             )
             self._delivery.start()
             await nc.subscribe(self._command_subject, cb=self._on_command)
@@ -394,6 +395,8 @@ class Gateway(Service):
         """Forward the client's messages one at a time until the socket closes."""
         ws, lifecycle = conn.ws, conn.lifecycle
         idle_timeout = self.config.idle_timeout_s or None
+        delivery = self._delivery
+        assert delivery is not None
         while True:
             try:
                 msg = await ws.receive(timeout=idle_timeout)
@@ -434,7 +437,7 @@ class Gateway(Service):
             conn.busy = True
             event = lifecycle.message_event(message)
             try:
-                delivered = await self._deliver(event)
+                delivered = await delivery.deliver(event)
             finally:
                 conn.done_with_event()
             if delivered:
@@ -481,14 +484,11 @@ class Gateway(Service):
     async def _deliver(self, event: pb.ConnectionEvent) -> bool:
         """Deliver one event at least once; False if it was given up."""
         assert self._delivery is not None
-        started = time.perf_counter()
-        delivered = await self._delivery.deliver(event)
-        if delivered:
-            self.metrics.event_round_trip.observe(time.perf_counter() - started)
-        else:
-            self.metrics.undeliverable.inc()
-            log.warning("event %s#%d given up", event.connection_id, event.sequence)
-        return delivered
+        return await self._delivery.deliver(event)
+
+    def _given_up(self, event: pb.ConnectionEvent) -> None:
+        self.metrics.undeliverable.inc()
+        log.warning("event %s#%d given up", event.connection_id, event.sequence)
 
     async def _report_unopened(self, connection_id: str, path: str, code: int) -> None:
         """The app accepted a connection that never opened: tell it that it closed."""
