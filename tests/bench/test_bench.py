@@ -49,7 +49,8 @@ def _positive(value: object) -> bool:
 @pytest.mark.timeout(150)
 def test_echo_reports_full_path_and_baseline() -> None:
     report = _bench(
-        "echo", "--connections", "20", "--duration-s", "2", "--warmup-s", "0.5", "--json",
+        "echo", "--connections", "20", "--duration-s", "2", "--warmup-s", "0.5", "--rounds", "2",
+        "--json",
         timeout_s=120,
     )  # fmt: skip
     assert set(report) == {"full", "baseline", "ratio"}

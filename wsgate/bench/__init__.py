@@ -78,6 +78,13 @@ def add_bench_parser(subparsers: Any) -> None:
         default=echo_defaults.clients,
         help=f"load-generator processes (default: {echo_defaults.clients})",
     )
+    echo.add_argument(
+        "--rounds",
+        type=int,
+        default=echo_defaults.rounds,
+        help="rounds, each measuring both targets afresh; the median round of each is "
+        f"reported (default: {echo_defaults.rounds})",
+    )
     echo.add_argument("--json", action="store_true", help="print one JSON object")
 
     idle_defaults = IdleBenchConfig()
@@ -118,6 +125,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 duration_s=args.duration_s,
                 warmup_s=args.warmup_s,
                 clients=args.clients,
+                rounds=args.rounds,
             )
         else:
             config = IdleBenchConfig(connections=args.connections, clients=args.clients)

@@ -83,7 +83,8 @@ class EchoReport:
         c = self.config
         lines = [
             f"wsgate bench echo: {c.connections} connections, {c.size_bytes}-byte messages, "
-            f"{c.duration_s:g} s after {c.warmup_s:g} s warm-up, {c.clients} client process(es)",
+            f"{c.duration_s:g} s after {c.warmup_s:g} s warm-up, {c.clients} client process(es), "
+            f"median of {c.rounds} round(s)",
             f"{'':10} {'msgs/s':>10} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'client CPU':>11}",
         ]
         for name, f in (("full path", self.full), ("baseline", self.baseline)):
@@ -96,26 +97,39 @@ class EchoReport:
 
 
 def run_echo(config: EchoBenchConfig) -> EchoReport:
-    """Measure the full path, then the baseline. Raises BenchError (the logs of the run
-    are then kept in a temporary directory named in the message)."""
+    """Measure the full path, then the baseline, ``config.rounds`` times, each with fresh
+    processes; report the median round of each (by msgs/s). Raises BenchError (the logs
+    of the run are then kept in a temporary directory named in the message)."""
     log_dir = Path(tempfile.mkdtemp(prefix="wsgate-bench-echo-"))
+    fulls: list[EchoFigures] = []
+    bases: list[EchoFigures] = []
     try:
-        with running_stack(log_dir / "full") as stack:
-            full = measure(stack.ws_url(ECHO_PATH), config, log_dir / "full")
-        log.info(
-            "full path: %.0f msgs/s, p50 %.2f ms, p99 %.2f ms (clients: %.2f core)",
-            full.msgs_per_s, full.p50_ms, full.p99_ms, full.client_cores,
-        )  # fmt: skip
-        with running_baseline(log_dir / "baseline") as baseline:
-            base = measure(ws_url(baseline, ECHO_PATH), config, log_dir / "baseline")
-        log.info(
-            "baseline: %.0f msgs/s, p50 %.2f ms, p99 %.2f ms (clients: %.2f core)",
-            base.msgs_per_s, base.p50_ms, base.p99_ms, base.client_cores,
-        )  # fmt: skip
+        for n in range(config.rounds):
+            round_dir = log_dir / f"round{n}"
+            with running_stack(round_dir / "full") as stack:
+                full = measure(stack.ws_url(ECHO_PATH), config, round_dir / "full")
+            log.info(
+                "round %d, full path: %.0f msgs/s, p50 %.2f ms, p99 %.2f ms (clients: %.2f core)",
+                n + 1, full.msgs_per_s, full.p50_ms, full.p99_ms, full.client_cores,
+            )  # fmt: skip
+            with running_baseline(round_dir / "baseline") as baseline:
+                base = measure(ws_url(baseline, ECHO_PATH), config, round_dir / "baseline")
+            log.info(
+                "round %d, baseline: %.0f msgs/s, p50 %.2f ms, p99 %.2f ms (clients: %.2f core)",
+                n + 1, base.msgs_per_s, base.p50_ms, base.p99_ms, base.client_cores,
+            )  # fmt: skip
+            fulls.append(full)
+            bases.append(base)
     except WsgateError as exc:
         raise BenchError(f"{exc} (logs kept in {log_dir})") from exc
     shutil.rmtree(log_dir, ignore_errors=True)
-    return EchoReport(config=config, full=full, baseline=base)
+    return EchoReport(config=config, full=_median_round(fulls), baseline=_median_round(bases))
+
+
+def _median_round(rounds: list[EchoFigures]) -> EchoFigures:
+    """The round with the median msgs/s (the lower middle one for an even count)."""
+    ordered = sorted(rounds, key=lambda figures: figures.msgs_per_s)
+    return ordered[(len(ordered) - 1) // 2]
 
 
 def measure(url: str, config: EchoBenchConfig, log_dir: Path) -> EchoFigures:
