@@ -2,8 +2,10 @@
 
 An event is published on the app's events subject with a reply subject of its own,
 ``<prefix>.ack.<gateway_id>.<connection_id>.<sequence>``, which this gateway subscribes to
-with a wildcard. A worker answers there: with progress acks while its handler runs, then
-with the final ack (which may carry the messages the handler sent to the connection).
+with a wildcard. A worker answers there with progress acks while its handler runs; the
+final ack (which may carry the messages the handler sent to the connection) comes in an
+``AckBatch`` on ``<prefix>.acks.<gateway_id>``, with the other acks for this gateway that
+the worker gathered in the same turn of its event loop.
 When neither comes within ``ack_timeout_s`` (the worker died or stalled, or the message
 was lost), the same event is published again, marked ``redelivered``. When no worker
 subscribes at all, NATS answers at once with a 503 status and the event is retried after
@@ -64,7 +66,7 @@ class EventDelivery:
     resend, ``on_stale`` for a final ack that came too late, ``on_round_trip(seconds)``
     for each acknowledged event, ``on_given_up(event)`` for each event given up. The caller
     subscribes :meth:`on_reply` to ``ack_wildcard`` and reports NATS' connection state
-    through :meth:`set_bus_connected`.
+    through :meth:`set_bus_connected`, and :meth:`on_batch` to ``ack_batch_subject``.
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class EventDelivery:
         *,
         events_subject: str,
         ack_prefix: str,
+        ack_batch_subject: str,
         ack_timeout_s: float,
         delivery_timeout_s: float,
         on_messages: Callable[[str, Sequence[pb.Message]], None],
@@ -86,6 +89,7 @@ class EventDelivery:
         self._events_subject = events_subject
         self._ack_prefix = ack_prefix
         self._ack_prefix_len = len(ack_prefix) + 1
+        self.ack_batch_subject = ack_batch_subject
         self._ack_timeout_s = ack_timeout_s
         self._ack_wait_ms = int(ack_timeout_s * 1000)
         self._delivery_timeout_s = delivery_timeout_s
@@ -217,6 +221,24 @@ class EventDelivery:
         if ack.in_progress:
             waiting.future.set_result(Reply.PROGRESS)
             return
+        self._acknowledged(connection_id, ack, waiting)
+
+    async def on_batch(self, msg: Msg) -> None:
+        """The subscription callback for ``<prefix>.acks.<gateway_id>``: final acks."""
+        try:
+            batch = pb.AckBatch.FromString(msg.data)
+        except DecodeError:
+            self._on_stale()
+            return
+        waiting_for = self._waiting
+        for ack in batch.acks:
+            waiting = waiting_for.get((ack.connection_id, ack.sequence))
+            if waiting is None or waiting.future.done():
+                self._on_stale()  # the ack of a copy we stopped waiting for
+            else:
+                self._acknowledged(ack.connection_id, ack, waiting)
+
+    def _acknowledged(self, connection_id: str, ack: pb.EventAck, waiting: _Waiting) -> None:
         if ack.messages:
             # Queued before the read loop resumes, so before the next event is dispatched.
             self._on_messages(connection_id, ack.messages)

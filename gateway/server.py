@@ -152,6 +152,7 @@ class Gateway(Service):
                 nc,
                 events_subject=self._events_subject,
                 ack_prefix=subjects.ack_prefix(self.config.prefix, self.gateway_id),
+                ack_batch_subject=subjects.ack_batch_subject(self.config.prefix, self.gateway_id),
                 ack_timeout_s=self.config.ack_timeout_s,
                 delivery_timeout_s=self.config.delivery_timeout_s,
                 on_messages=self._on_ack_messages,
@@ -163,6 +164,7 @@ class Gateway(Service):
             self._delivery.start()
             await nc.subscribe(self._command_subject, cb=self._on_command)
             await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
+            await nc.subscribe(self._delivery.ack_batch_subject, cb=self._delivery.on_batch)
             await nc.flush()
             app = web.Application()
             add_probe_routes(app, is_ready=self._is_ready, registry=self.metrics.registry)

@@ -78,6 +78,8 @@ class Worker(Service):
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
         self._running: dict[int, _Running] = {}
+        self._acks: dict[str, pb.AckBatch] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -264,13 +266,46 @@ class Worker(Service):
                 msg.reply, event.sequence, event.ack_wait_ms / 3000, started
             )
         try:
-            ack = pb.EventAck(sequence=event.sequence)
+            ack = pb.EventAck(sequence=event.sequence, connection_id=event.connection_id)
             ack.messages.extend(await self._run_event(event, kind))
         finally:
             self._running.pop(key, None)
             self.metrics.handler_seconds.observe(time.perf_counter() - started)
-        # Commands the handler published went out before this, on the same NATS connection.
-        await msg.respond(ack.SerializeToString())
+        self._queue_ack(ids.gateway_of(event.connection_id), ack)
+
+    def _queue_ack(self, gateway_id: str, ack: pb.EventAck) -> None:
+        """Final acks leave in one AckBatch per gateway at the end of this turn of the event
+        loop: under load many handlers finish in one turn, and one NATS message for all of
+        them costs both sides far less than one each. Commands the handlers published
+        went out before, on the same NATS connection, so they still arrive first."""
+        batch = self._acks.get(gateway_id)
+        if batch is None:
+            batch = self._acks[gateway_id] = pb.AckBatch()
+            if len(self._acks) == 1:
+                assert self._loop is not None
+                self._loop.call_soon(self._flush_acks)
+        batch.acks.append(ack)
+
+    def _flush_acks(self) -> None:
+        batches, self._acks = self._acks, {}
+        assert self._loop is not None
+        for gateway_id, batch in batches.items():
+            subject = subjects.ack_batch_subject(self.config.prefix, gateway_id)
+            # nats-py's publish only appends to its buffer unless that is full.
+            task = start_eagerly(
+                self._loop, self._publish_quietly(subject, batch.SerializeToString())
+            )
+            if task is not None:  # asyncio holds tasks weakly: keep it until it is done
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _publish_quietly(self, subject: str, payload: bytes) -> None:
+        assert self._nc is not None
+        try:
+            await self._nc.publish(subject, payload)
+        except nats.errors.Error as exc:
+            # The gateway will resend the events; their handlers may run again.
+            log.warning("acks to %s lost: %r", subject, exc)
 
     async def _send_progress(self) -> None:
         """Every PROGRESS_SWEEP_S, a progress ack for each handler that has run long enough."""

@@ -128,3 +128,8 @@ def worker_queue(app_name: str) -> str:
 def ack_prefix(prefix: str, gateway_id: str) -> str:
     """Replies to one gateway's events go to ``<this>.<connection_id>.<sequence>``."""
     return f"{prefix}.ack.{gateway_id}"
+
+
+def ack_batch_subject(prefix: str, gateway_id: str) -> str:
+    """Where workers publish batches of final acks for one gateway."""
+    return f"{prefix}.acks.{gateway_id}"

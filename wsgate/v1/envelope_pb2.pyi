@@ -8,7 +8,8 @@ Subjects (see wsgate/subjects.py; every user string is encoded into one safe tok
   <prefix>.events.<app>      ConnectionEvent                     publish, worker queue group, with
                                                                  reply subject
   <prefix>.ack.<gateway_id>.<connection_id>.<sequence>
-                             EventAck (progress, then final)     the event's reply subject
+                             EventAck (progress)                 the event's reply subject
+  <prefix>.acks.<gateway_id> AckBatch (final acks)               publish, one gateway subscribes
   <prefix>.gw.<gateway_id>   GatewayCommand                      publish, one gateway subscribes
 
 Compatibility: fields are only ever added; a retired field number is listed as `reserved`.
@@ -358,11 +359,16 @@ class EventAck(_message.Message):
     SEQUENCE_FIELD_NUMBER: _builtins.int
     IN_PROGRESS_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the event acknowledged."""
     in_progress: _builtins.bool
     """True: the handler is still running (resets the gateway's ack wait); false: the
     handler has finished, and the commands it published were published before this.
+    """
+    connection_id: _builtins.str
+    """The connection the acknowledged event belongs to (set in an AckBatch, where the
+    subject does not say it).
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
@@ -377,14 +383,41 @@ class EventAck(_message.Message):
         sequence: _builtins.int = ...,
         in_progress: _builtins.bool = ...,
         messages: _abc.Iterable[Global___Message] | None = ...,
+        connection_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["in_progress", b"in_progress", "messages", b"messages", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "in_progress", b"in_progress", "messages", b"messages", "sequence", b"sequence"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventAck: _TypeAlias = EventAck  # noqa: Y015
+
+@_typing.final
+class AckBatch(_message.Message):
+    """Final acks for one gateway, gathered by a worker over one turn of its event loop and
+    published together on <prefix>.acks.<gateway_id>: one NATS message for many events.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventAck]:
+        """The final acks, each with its connection_id; in the order the handlers finished."""
+
+    def __init__(
+        self,
+        *,
+        acks: _abc.Iterable[Global___EventAck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AckBatch: _TypeAlias = AckBatch  # noqa: Y015
 
 @_typing.final
 class CloseConnection(_message.Message):
