@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from wsgate.fastmetrics import FastMetrics
-
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
 
 class GatewayMetrics:
@@ -40,7 +38,7 @@ class GatewayMetrics:
         self.event_round_trip = fast.histogram(
             "wsgate_gateway_event_round_trip_seconds",
             "From publishing an event to its final acknowledgement",
-            _LATENCY_BUCKETS,
+            LATENCY_BUCKETS,
         )
         self.redeliveries = Counter(
             "wsgate_gateway_redeliveries", "Events published again (same sequence)", registry=r

@@ -15,6 +15,7 @@ that keeps that order:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -43,6 +44,13 @@ class CommandSink(Protocol):
 #: Buffered bytes beyond which sends are published as commands at once, so an ack stays
 #: small (NATS' payload limit) and a handler that sends a lot streams it.
 MAX_BUFFERED_BYTES = 64 * 1024
+
+
+#: The connection whose event handler is running in this context, so that other ways of
+#: sending (Env.send_many) can first flush what it buffered and keep the order.
+current_connection: contextvars.ContextVar[Connection | None] = contextvars.ContextVar(
+    "wsgate_current_connection", default=None
+)
 
 
 class _Phase(enum.Enum):
@@ -180,6 +188,12 @@ class Connection:
         remaining, self._buffer = self._buffer, []
         self._buffered_bytes = 0
         return remaining
+
+    async def _flush_now(self) -> None:
+        """Publish what is buffered as commands now (before another way of sending)."""
+        if self._flushing is not None:
+            await self._flushing
+        await self._publish_buffered()
 
     def _flush_soon(self) -> None:
         self._flush_scheduled = False

@@ -6,6 +6,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from worker.connection import current_connection
 from worker.errors import InvalidMessage
 from worker.state_client import ObjectStorage, StateClient
 from wsgate import ids
@@ -47,6 +48,10 @@ class Env:
             envelope = pb.Message(binary=bytes(message))
         else:
             raise InvalidMessage(f"send_many() takes str or bytes, not {type(message).__name__}")
+        sender = current_connection.get()
+        if sender is not None and sender._buffer:
+            # What the running handler sent to its own connection goes first.
+            await sender._flush_now()
         by_gateway: defaultdict[str, list[str]] = defaultdict(list)
         for connection_id in connection_ids:
             by_gateway[ids.gateway_of(connection_id)].append(connection_id)

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter
 
-from wsgate.fastmetrics import FastMetrics
-
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
 
 class WorkerMetrics:
@@ -29,7 +27,7 @@ class WorkerMetrics:
         self.message_events = fast.counter("wsgate_worker_message_events", "Message events handled")
         self.closed_events = fast.counter("wsgate_worker_closed_events", "Close events handled")
         self.handler_seconds = fast.histogram(
-            "wsgate_worker_handler_seconds", "Time spent in one handler call", _LATENCY_BUCKETS
+            "wsgate_worker_handler_seconds", "Time spent in one handler call", LATENCY_BUCKETS
         )
         self.in_flight = fast.gauge("wsgate_worker_in_flight", "Requests being handled now")
         self.commands = fast.counter("wsgate_worker_commands", "Gateway commands published")

@@ -23,7 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from worker.app import Accept, App, ConnectRequest, Reject
-from worker.connection import Connection
+from worker.connection import Connection, current_connection
 from worker.env import Env
 from worker.errors import InvalidResponse
 from worker.metrics import WorkerMetrics
@@ -342,6 +342,7 @@ class Worker(Service):
                     await conn.close(CloseCode.INTERNAL_ERROR, "route no longer served")
                 return []
             route = resolved[0]
+            current_connection.set(conn)
             if kind == "message" and route.message_handler is not None:
                 data = event.message
                 payload = data.text if data.WhichOneof("data") == "text" else data.binary
@@ -355,6 +356,9 @@ class Worker(Service):
                 # As in Cloudflare Workers: an exception in a handler ends the connection.
                 with contextlib.suppress(Exception):
                     await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
+            # Not reset(token): an eagerly started handler may end in another Task.
+            current_connection.set(None)
         return await conn._finish()
 
 

@@ -20,6 +20,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+#: Buckets for latencies in seconds, from 0.5 ms to 10 s.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
 
 class FastCounter:
     """A counter (or, with ``dec``, a gauge) updated from one thread only."""

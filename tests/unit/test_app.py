@@ -17,7 +17,7 @@ from worker import (
     NotAccepted,
     Reject,
 )
-from worker.connection import Connection
+from worker.connection import Connection, current_connection
 from worker.env import Env
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -153,3 +153,19 @@ async def test_close_reason_at_and_over_123_bytes() -> None:
 
 def test_accept_defaults_to_no_subprotocol() -> None:
     assert Accept().subprotocol is None
+
+
+async def test_send_many_after_send_keeps_the_senders_order() -> None:
+    """A handler's buffered sends to its own connection leave before a send_many."""
+    sink = RecordingSink()
+    conn = _conn(sink, sequence=3)
+    env = Env(state=None, sink=sink)  # type: ignore[arg-type]
+    token = current_connection.set(conn)
+    try:
+        await conn.send("mine first")
+        await env.send_many([conn.id, "other-abcdefgh_1"], "to all")
+    finally:
+        current_connection.reset(token)
+    texts = [c.send.text for _, c in sink.commands]
+    assert texts == ["mine first", "to all", "to all"]
+    assert await conn._finish() == []
