@@ -21,10 +21,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Protocol, Self, TypeAlias, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from wsgate.errors import InvalidObjectId
+from wsgate.service import StartsAndCloses
 
 T = TypeVar("T")
 
@@ -94,7 +94,7 @@ class StoragePhase(enum.Enum):
     CLOSED = "closed"
 
 
-class SqliteStorage:
+class SqliteStorage(StartsAndCloses):
     """:class:`Storage` in a SQLite file, created (with its directory) if missing.
 
     Call :meth:`start` (or use ``async with``) before any operation, and :meth:`close` at
@@ -146,18 +146,6 @@ class SqliteStorage:
         finally:
             # The thread exits after its queue is done; nothing left to wait for here.
             executor.shutdown(wait=False)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     # -- operations ----------------------------------------------------------------------
 

@@ -16,10 +16,11 @@ state service, the one authority on them, and come back as the same typed except
 from __future__ import annotations
 
 import enum
-from typing import Any, Self
+from typing import Any
 
 import grpc
 
+from wsgate.service import StartsAndCloses
 from wsgate.state_errors import exception_from_rpc_error
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -47,7 +48,7 @@ class ClientPhase(enum.Enum):
     CLOSED = "closed"
 
 
-class StateClient:
+class StateClient(StartsAndCloses):
     """A gRPC channel to one state service.
 
     Use ``async with StateClient(address)`` or call :meth:`start`, then :meth:`close`.
@@ -87,13 +88,6 @@ class StateClient:
 
     async def wait_closed(self) -> None:
         """Nothing to wait for once :meth:`close` returned; here for the common lifecycle."""
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
 
     def storage(self, namespace: str, name: str) -> ObjectStorage:
         """The storage of the durable object ``name`` in ``namespace``.

@@ -18,7 +18,32 @@ class ServicePhase(enum.Enum):
     CLOSED = "closed"
 
 
-class Service:
+class StartsAndCloses:
+    """``async with`` for anything with ``start()`` and ``close()``: start on the way in,
+    close on the way out (also on an exception)."""
+
+    async def start(self) -> None:
+        """Acquire resources and begin serving. Call once."""
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop and release everything. Idempotent."""
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+
+class Service(StartsAndCloses):
     """Base of the roles' servers (Gateway, Worker, StateServer).
 
     Subclasses implement :meth:`start`, beginning with :meth:`_enter_running`, and
@@ -29,14 +54,6 @@ class Service:
     def __init__(self) -> None:
         self.phase = ServicePhase.NEW
         self._closed_event = asyncio.Event()
-
-    async def start(self) -> None:
-        """Acquire resources and begin serving. Call once."""
-        raise NotImplementedError
-
-    async def close(self) -> None:
-        """Stop and release everything. Idempotent; a second caller waits for the first."""
-        raise NotImplementedError
 
     async def wait_closed(self) -> None:
         """Return once :meth:`close` has finished."""
@@ -58,15 +75,3 @@ class Service:
     def _mark_closed(self) -> None:
         self.phase = ServicePhase.CLOSED
         self._closed_event.set()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
