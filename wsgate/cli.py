@@ -40,6 +40,9 @@ _ROLES: dict[str, tuple[type, str]] = {
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``wsgate`` console script."""
+    from wsgate.procs import die_with_parent_if_asked
+
+    die_with_parent_if_asked()
     parser = build_parser(os.environ)
     args = parser.parse_args(argv)
     if args.role is None:

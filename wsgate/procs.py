@@ -46,11 +46,32 @@ _PRCTL = _load_prctl() if sys.platform == "linux" else None
 _PR_SET_PDEATHSIG = 1
 
 
+#: Set by :func:`spawn` in a child's environment: the pid of the parent it must die with.
+PARENT_PID_ENV = "WSGATE_DIE_WITH_PARENT"
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Ask Linux to SIGTERM this child when its parent dies, so a supervisor killed with
     SIGKILL leaves nothing behind."""
     if _PRCTL is not None:
         _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def die_with_parent_if_asked(environ: Mapping[str, str] = os.environ) -> None:
+    """In a child started by :func:`spawn`: die (SIGTERM) when the parent does.
+
+    Done by the child itself, first thing, rather than between fork and exec: a
+    ``preexec_fn`` forces a real fork(), whose atfork handlers (gRPC's among them) run in
+    the child of a threaded parent and can abort it; without one, Python starts children
+    with vfork and no handler runs. The parent may die before this call: then our parent
+    is no longer the pid it named, and we exit at once.
+    """
+    expected = environ.get(PARENT_PID_ENV)
+    if not expected or _PRCTL is None:
+        return
+    _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if str(os.getppid()) != expected:
+        os._exit(1)
 
 
 @dataclass
@@ -95,16 +116,18 @@ def spawn(
     ChildFailed if it exits or stays silent past ``ready_timeout_s``; it is then stopped.
     """
     read_fd, write_fd = os.pipe()
+    child_env = dict(env if env is not None else os.environ)
+    # wsgate's own roles (and nothing else is spawned here) call die_with_parent_if_asked().
+    child_env[PARENT_PID_ENV] = str(os.getpid())
     try:
         process = subprocess.Popen(
             [*argv, "--ready-fd", str(write_fd)],
-            env=dict(env) if env is not None else None,
+            env=child_env,
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
             pass_fds=(write_fd,),
             process_group=0,
-            preexec_fn=_die_with_parent if _PRCTL is not None else None,
         )
     except BaseException:
         os.close(read_fd)
