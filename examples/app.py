@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from worker import Accept, App, Connection, ConnectRequest, Reject
+from worker import Accept, App, Connection, ConnectRequest, Reject, Transaction
 
 app = App()
 
@@ -46,12 +46,16 @@ counter = app.route("/counter/{name}")
 
 
 async def _add_one(conn: Connection) -> int:
-    # Read-modify-write in two calls: increments from connections racing on the same
-    # counter can be lost. Transactions (atomic read-modify-write) come with the state
-    # service's next step; this example then uses one.
+    # One atomic read-modify-write: racing increments from any number of connections (on
+    # any workers) are applied one after the other, none lost. A redelivered event's
+    # transaction is recognised by its idempotency key and not applied twice.
     storage = conn.env.storage("counter", conn.params["name"])
-    value = int(await storage.get("value", 0)) + 1
-    await storage.put("value", value)
+    return await storage.transaction(_increment)
+
+
+async def _increment(txn: Transaction) -> int:
+    value = int(await txn.get("value", 0)) + 1
+    txn.put("value", value)
     return value
 
 

@@ -37,6 +37,7 @@ from gateway.delivery import EventDelivery
 from gateway.lifecycle import ConnectionLifecycle, Phase
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import CloseFrame, Outbox
+from gateway.presence import PresenceAnnouncer
 from wsgate import ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
@@ -124,6 +125,7 @@ class Gateway(Service):
         self._handlers: set[asyncio.Task[object]] = set()
         self._nc: NatsClient | None = None
         self._delivery: EventDelivery | None = None
+        self._presence: PresenceAnnouncer | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
 
@@ -166,6 +168,11 @@ class Gateway(Service):
             await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
             await nc.subscribe(self._delivery.ack_batch_subject, cb=self._delivery.on_batch)
             await nc.flush()
+            # The lease on this gateway's members (stateservice/presence.py).
+            self._presence = PresenceAnnouncer(
+                nc, self.config.prefix, self.gateway_id, self.config.presence_interval_s
+            )
+            self._presence.start()
             app = web.Application()
             add_probe_routes(app, is_ready=self._is_ready, registry=self.metrics.registry)
             app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -226,6 +233,9 @@ class Gateway(Service):
                     for conn in list(self._connections.values()):
                         conn.outbox.force_close(CloseCode.GOING_AWAY, "going away")
                     await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
+            if self._presence is not None:
+                # Connections closed, close events delivered: the members may go now.
+                await self._presence.close()
             if self._nc is not None and not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()

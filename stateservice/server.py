@@ -1,9 +1,10 @@
-"""The state service role: ``wsgate.v1.State`` over grpc.aio, backed by SQLite.
+"""The state service role: durable objects over grpc.aio, backed by SQLite, on the bus.
 
-Besides ``wsgate.v1.State`` the server runs the standard gRPC health service
-(``grpc.health.v1.Health``), which reports SERVING for ``""`` and ``"wsgate.v1.State"``
-while the server accepts calls, and NOT_SERVING once it is closing; Kubernetes' gRPC
-probes and ``grpc_health_probe`` read it.
+One process serves three gRPC services (``wsgate.v1.State``, ``wsgate.v1.Membership``,
+``wsgate.v1.Alarms``), each built by its own part (:mod:`stateservice.component`), and the
+standard gRPC health service (``grpc.health.v1.Health``), which reports SERVING for ``""``
+and each service name while the server accepts calls, and NOT_SERVING once it is
+closing; Kubernetes' gRPC probes and ``grpc_health_probe`` read it.
 
 Calls with bad input are refused with INVALID_ARGUMENT, a readable details string, and an
 ErrorInfo in the trailing metadata (see :mod:`wsgate.state_errors`). The limits are
@@ -13,29 +14,35 @@ checked here, at the service boundary, and nowhere else.
 from __future__ import annotations
 
 import logging
-import sqlite3
-from collections.abc import Awaitable
-from typing import Any, NoReturn, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
+from nats.aio.client import Client as NatsClient
 
-from stateservice.limits import check_key, check_value_size
-from stateservice.storage import ObjectId, SqliteStorage, Storage
+from stateservice.alarms import ALARMS_SCHEMA, AlarmsComponent
+from stateservice.component import Component, StateContext
+from stateservice.idempotency import IDEMPOTENCY_SCHEMA, IdempotencyPruner
+from stateservice.kv_service import KeyValueComponent
+from stateservice.locks import ObjectLocks
+from stateservice.membership import MEMBERSHIP_SCHEMA, MembershipComponent
+from stateservice.metrics import state_registry
+from stateservice.storage import SqliteStorage
+from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
-from wsgate.service import Service
-from wsgate.state_errors import REFUSAL_TYPES, Refusal, refusal_metadata
+from wsgate.probes import ProbeServer
+from wsgate.service import Service, ServicePhase
 from wsgate.v1 import state_pb2 as pb
-from wsgate.v1 import state_pb2_grpc
-from wsgate.values import decode_value
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+#: The largest request the server takes: a batch at every limit fits with room to spare.
+MAX_REQUEST_BYTES = 32 * 1024 * 1024
 
-#: The health service's name for the State service (its full protobuf name).
+#: The health service's names for the services (their full protobuf names).
 STATE_SERVICE_NAME: str = pb.DESCRIPTOR.services_by_name["State"].full_name
+SERVICE_NAMES: tuple[str, ...] = tuple(s.full_name for s in pb.DESCRIPTOR.services_by_name.values())
 
 
 class StateServer(Service):
@@ -48,7 +55,19 @@ class StateServer(Service):
     def __init__(self, config: StateConfig) -> None:
         super().__init__()
         self.config = config
-        self._storage = SqliteStorage(config.db_path)
+        self.storage = SqliteStorage(
+            config.db_path, schemas=(IDEMPOTENCY_SCHEMA, MEMBERSHIP_SCHEMA, ALARMS_SCHEMA)
+        )
+        self.locks = ObjectLocks()
+        self._probes = ProbeServer(
+            config.host,
+            config.probe_port,
+            is_ready=self._is_ready,
+            registry=state_registry(self.storage, self.locks),
+        )
+        self._components: list[Component] = []
+        self._started: list[Component] = []
+        self._nc: NatsClient | None = None
         self._server: Any = None  # grpc.aio.Server once started
         self._health: health_aio.HealthServicer | None = None
         self._port: int | None = None
@@ -56,24 +75,43 @@ class StateServer(Service):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the database, listen, and report SERVING.
+        """Open the database, connect to NATS, listen, and report SERVING.
 
         Call once. Raises OSError if the address cannot be bound (the port is taken),
-        ``sqlite3.Error`` or OSError if the database cannot be opened; the server is then
-        closed.
+        ``sqlite3.Error`` or OSError if the database cannot be opened, BusUnavailable if
+        NATS cannot be reached; the server is then closed.
         """
         self._enter_running()
         try:
-            await self._storage.start()
+            await self._probes.start()
+            await self.storage.start()
+            self._nc = await connect_bus(self.config, "wsgate-state")
+            context = StateContext(self.config, self.storage, self.locks, self._nc)
+            self._components = [
+                KeyValueComponent(context),
+                MembershipComponent(context),
+                AlarmsComponent(context),
+                IdempotencyPruner(context),
+            ]
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the
             # same port must fail, not silently share the traffic.
-            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            server = grpc.aio.server(
+                options=[
+                    ("grpc.so_reuseport", 0),
+                    # One put may carry 128 keys of 2 KiB and values of 128 KiB (~16.3 MiB).
+                    ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                    # gRPC cancels calls beyond ~1,000 waiting to be picked up; a worker
+                    # alone may have 1,024 events in flight, each making calls.
+                    ("grpc.server.max_pending_requests", 100_000),
+                ]
+            )
             self._server = server
             health = health_aio.HealthServicer()
             self._health = health
-            for service in ("", STATE_SERVICE_NAME):
+            for service in ("", *SERVICE_NAMES):
                 await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-            state_pb2_grpc.add_StateServicer_to_server(_StateServicer(self._storage), server)
+            for component in self._components:
+                component.register(server)
             health_pb2_grpc.add_HealthServicer_to_server(health, server)
             target = f"{_host_for_address(self.config.host)}:{self.config.port}"
             try:
@@ -81,12 +119,29 @@ class StateServer(Service):
             except RuntimeError as exc:
                 raise OSError(f"state service cannot listen on {target}: {exc}") from exc
             await server.start()
-            for service in ("", STATE_SERVICE_NAME):
+            for component in self._components:
+                await component.start()
+                self._started.append(component)
+            for service in ("", *SERVICE_NAMES):
                 await health.set(service, health_pb2.HealthCheckResponse.SERVING)
         except BaseException:
             await self.close()
             raise
         log.info("state service listening on %s, data in %s", self.address, self.config.db_path)
+
+    def _is_ready(self) -> bool:
+        nc = self._nc
+        return (
+            self.phase is ServicePhase.RUNNING
+            and self._server is not None
+            and nc is not None
+            and nc.is_connected
+        )
+
+    @property
+    def probe_port(self) -> int:
+        """The port of /healthz, /readyz and /metrics."""
+        return self._probes.port
 
     @property
     def port(self) -> int:
@@ -102,7 +157,8 @@ class StateServer(Service):
 
     async def close(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING, refuse new calls, let calls in flight finish for up to
-        ``grace_s`` seconds (then cancel them), and close the database.
+        ``grace_s`` seconds (then cancel them), stop the parts' background work, and close
+        NATS and the database.
 
         Idempotent; a second caller waits for the first. A write cancelled by the deadline
         was not acknowledged, so its client sees an error, never a lost write.
@@ -114,91 +170,22 @@ class StateServer(Service):
                 await self._health.enter_graceful_shutdown()
             if self._server is not None:
                 await self._server.stop(grace_s)
+            for component in reversed(self._started):
+                try:
+                    await component.close()
+                except Exception:
+                    log.exception("closing %s failed", type(component).__name__)
+            if self._nc is not None and not self._nc.is_closed:
+                try:
+                    await self._nc.drain()
+                except Exception:
+                    log.warning("nats did not drain cleanly", exc_info=True)
             # After the server: every handler has returned, so no write is left queued.
-            await self._storage.close()
+            await self.storage.close()
+            await self._probes.close()
         finally:
             self._mark_closed()
             log.info("state service closed")
-
-
-class _StateServicer(state_pb2_grpc.StateServicer):
-    """``wsgate.v1.State``: checks each request, then hands it to the storage."""
-
-    def __init__(self, storage: Storage) -> None:
-        self._storage = storage
-
-    async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
-        try:
-            obj = _object_id(request.object)
-            check_key(request.key)
-        except REFUSAL_TYPES as exc:
-            await _refuse(context, exc)
-        value = await _stored(context, self._storage.get(obj, request.key))
-        if value is None:
-            return pb.GetResponse(found=False)
-        return pb.GetResponse(found=True, value=value)
-
-    async def Put(self, request: pb.PutRequest, context: Any) -> pb.PutResponse:
-        try:
-            obj = _object_id(request.object)
-            check_key(request.key)
-            # Size first: it is cheap, and parsing a huge value is not.
-            check_value_size(request.value, request.key)
-            # Parsed only to refuse garbage; the bytes are stored as received.
-            decode_value(request.value)
-        except REFUSAL_TYPES as exc:
-            await _refuse(context, exc)
-        await _stored(context, self._storage.put(obj, request.key, request.value))
-        return pb.PutResponse()
-
-    async def Delete(self, request: pb.DeleteRequest, context: Any) -> pb.DeleteResponse:
-        try:
-            obj = _object_id(request.object)
-            check_key(request.key)
-        except REFUSAL_TYPES as exc:
-            await _refuse(context, exc)
-        deleted = await _stored(context, self._storage.delete(obj, request.key))
-        return pb.DeleteResponse(deleted=deleted)
-
-    async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
-        try:
-            obj = _object_id(request.object)
-        except REFUSAL_TYPES as exc:
-            await _refuse(context, exc)
-        entries = await _stored(
-            context,
-            self._storage.list(
-                obj,
-                prefix=request.prefix,
-                start=request.start if request.HasField("start") else None,
-                end=request.end if request.HasField("end") else None,
-                # On the wire 0 means no limit (proto3 cannot tell 0 from unset).
-                limit=request.limit or None,
-                reverse=request.reverse,
-            ),
-        )
-        return pb.ListResponse(entries=[pb.Entry(key=k, value=v) for k, v in entries])
-
-
-def _object_id(message: pb.ObjectId) -> ObjectId:
-    return ObjectId(message.namespace, message.name)
-
-
-async def _refuse(context: Any, exc: Refusal) -> NoReturn:
-    await context.abort(
-        grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=refusal_metadata(exc)
-    )
-    raise AssertionError("unreachable: ServicerContext.abort() raises")
-
-
-async def _stored(context: Any, operation: Awaitable[T]) -> T:
-    try:
-        return await operation
-    except sqlite3.Error as exc:
-        # The disk or the file failed; the transaction was rolled back, nothing was stored.
-        log.exception("storage failed")
-        await context.abort(grpc.StatusCode.INTERNAL, f"storage failed: {exc}")
-        raise AssertionError("unreachable: ServicerContext.abort() raises") from exc
 
 
 def _host_for_address(host: str) -> str:

@@ -56,10 +56,28 @@ class Stack:
         self.nats = start_nats_server(self.log_dir / "nats", stdout=log, stderr=log)
         return self.nats
 
-    def start_state(self, db_path: Path | None = None) -> Child:
+    def state_child(self) -> Child:
+        """The running state service."""
+        assert self.state is not None, "no state service running"
+        return self.state
+
+    def state_info(self, key: str) -> Any:
+        """What the state service reported when ready (``address``, ``pid``)."""
+        return self.state_child().info[key]
+
+    def restart_state(self, address: str) -> Child:
+        """Start the state service again on ``address``'s port and the same file, as a
+        supervisor restarts it (workers keep their address)."""
+        port = address.rsplit(":", 1)[1]
+        return self.start_state(self.log_dir / "state.sqlite3", "--port", port)
+
+    def start_state(self, db_path: Path | None = None, *extra: str) -> Child:
         db = db_path or self.log_dir / "state.sqlite3"
         log = self.log_file("state")
-        argv = python_role_argv("state", "--port", "0", "--db-path", str(db))
+        argv = python_role_argv(
+            "state", "--nats-url", self.nats_url, "--port", "0", "--probe-port", "0",
+            "--db-path", str(db), *extra,
+        )
         self.state = spawn("state", argv, stdout=log, stderr=log, env=_env())
         return self.state
 
@@ -94,6 +112,8 @@ class Stack:
                 group.remove(child)
         if child is self.nats:
             self.nats = None
+        if child is self.state:
+            self.state = None
 
     def children(self) -> list[Child]:
         found = [self.nats, self.state, *self.workers, *self.gateways]

@@ -2,7 +2,7 @@
 
 ::
 
-    from worker import Accept, App, Connection, ConnectRequest, Reject
+    from worker import Accept, App, Connection, ConnectRequest, Reject, Transaction
 """
 
 from worker.app import Accept, App, ConnectRequest, Reject, Route
@@ -18,6 +18,7 @@ from worker.errors import (
     NotAccepted,
     WorkerError,
 )
+from worker.state_client import ObjectStorage, Transaction
 
 __all__ = [
     "Accept",
@@ -32,7 +33,9 @@ __all__ = [
     "InvalidResponse",
     "InvalidRoute",
     "NotAccepted",
+    "ObjectStorage",
     "Reject",
     "Route",
+    "Transaction",
     "WorkerError",
 ]

@@ -32,6 +32,7 @@ from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 from worker.errors import InvalidResponse, InvalidRoute
 
 if TYPE_CHECKING:
+    from worker.alarms_client import AlarmInfo
     from worker.connection import Connection
     from wsgate.v1 import envelope_pb2 as pb
 
@@ -93,6 +94,7 @@ Message = str | bytes
 ConnectHandler = Callable[["Connection", ConnectRequest], Awaitable[Accept | Reject | None]]
 MessageHandler = Callable[["Connection", Message], Awaitable[None]]
 CloseHandler = Callable[["Connection", int, str], Awaitable[None]]
+AlarmHandler = Callable[["AlarmInfo"], Awaitable[None]]
 H = TypeVar("H")
 
 _RESOLVED_CACHE_SIZE = 4096
@@ -141,6 +143,7 @@ class App:
         self._routes: list[Route] = []
         # path -> match: every event is routed by its path, and a connection has many.
         self._resolved: dict[str, tuple[Route, Mapping[str, str]] | None] = {}
+        self._alarm_handlers: dict[str, AlarmHandler] = {}
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -155,6 +158,28 @@ class App:
         self._routes.append(route)
         self._resolved.clear()
         return route
+
+    def on_alarm(self, namespace: str) -> Callable[[AlarmHandler], AlarmHandler]:
+        """Decorator: ``async def handler(alarm: AlarmInfo) -> None`` runs when an alarm of
+        an object in ``namespace`` is due (at least once; an exception makes it retried).
+
+        Raises ValueError for an empty namespace or one that already has a handler.
+        """
+        if not namespace:
+            raise ValueError("an alarm handler needs a namespace")
+        if namespace in self._alarm_handlers:
+            raise ValueError(f"namespace {namespace!r} already has an alarm handler")
+
+        def register(handler: AlarmHandler) -> AlarmHandler:
+            self._alarm_handlers[namespace] = handler
+            return handler
+
+        return register
+
+    @property
+    def alarm_handlers(self) -> Mapping[str, AlarmHandler]:
+        """Namespace → alarm handler, read-only."""
+        return MappingProxyType(self._alarm_handlers)
 
     def resolve(self, path: str) -> tuple[Route, Mapping[str, str]] | None:
         """The route serving ``path`` and its (read-only) parameters, or None (the client

@@ -26,6 +26,7 @@ from worker.errors import (
     InvalidMessage,
     NotAccepted,
 )
+from worker.gate import OutputGate
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -79,6 +80,7 @@ class Connection:
         closed: bool = False,
         sequence: int = 0,
         redelivered: bool = False,
+        gate: OutputGate | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.id = connection_id
@@ -94,6 +96,8 @@ class Connection:
         #: may already have run, fully or in part (at-least-once delivery).
         self.redelivered = redelivered
         self._sink = sink
+        # Output waits for the storage writes of the same handler run (the output gate).
+        self._gate = gate
         # Passed in where known: asyncio.get_running_loop() costs a getpid() on Python 3.11.
         self._loop = loop
         self._phase = _Phase.CLOSED if closed else _Phase.CONNECTING if connecting else _Phase.OPEN
@@ -155,6 +159,8 @@ class Connection:
         if self._phase is _Phase.CLOSED:
             raise ConnectionClosed(self.id)
         self._phase = _Phase.CLOSED
+        if self._gate is not None:
+            await self._gate.open()
         for envelope in await self._finish():  # what was sent before goes first
             await self._sink.send_command(
                 self.id,
@@ -201,9 +207,20 @@ class Connection:
             loop = self._loop or asyncio.get_running_loop()
             self._flushing = loop.create_task(self._publish_buffered())
 
+    def _discard(self) -> None:
+        """Drop what is buffered or still being published: the handler failed, and the
+        output its gate held goes with it."""
+        self._buffer = []
+        self._buffered_bytes = 0
+        flushing, self._flushing = self._flushing, None
+        if flushing is not None and not flushing.done():
+            flushing.cancel()
+
     async def _publish_buffered(self) -> None:
         # One task at a time publishes, in order; what arrives meanwhile is taken next round.
         try:
+            if self._gate is not None:
+                await self._gate.open()
             while self._buffer:
                 batch, self._buffer = self._buffer, []
                 self._buffered_bytes = 0

@@ -6,8 +6,11 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from worker.alarms_client import ObjectAlarm
 from worker.connection import current_connection
 from worker.errors import InvalidMessage
+from worker.gate import open_current_gate
+from worker.membership import ObjectMembers
 from worker.state_client import ObjectStorage, StateClient
 from wsgate import ids
 from wsgate.v1 import envelope_pb2 as pb
@@ -32,6 +35,15 @@ class Env:
         """The key/value storage of the object ``name`` in ``namespace``."""
         return self._state.storage(namespace, name)
 
+    def members(self, namespace: str, name: str) -> ObjectMembers:
+        """The connections accepted into the object ``name`` in ``namespace`` (membership,
+        tags, attachments, broadcast): see :mod:`worker.membership`."""
+        return ObjectMembers(self._state, namespace, name)
+
+    def alarm(self, namespace: str, name: str) -> ObjectAlarm:
+        """The alarm of the object ``name`` in ``namespace`` (see :mod:`worker.alarms_client`)."""
+        return ObjectAlarm(self._state, namespace, name)
+
     async def send_many(
         self, connection_ids: Iterable[str], message: str | bytes | bytearray | memoryview
     ) -> int:
@@ -48,6 +60,8 @@ class Env:
             envelope = pb.Message(binary=bytes(message))
         else:
             raise InvalidMessage(f"send_many() takes str or bytes, not {type(message).__name__}")
+        # Output: only once the running handler's writes are durable (the output gate).
+        await open_current_gate()
         sender = current_connection.get()
         if sender is not None and sender._buffer:
             # What the running handler sent to its own connection goes first.

@@ -23,6 +23,11 @@ class WorkerMetrics:
             "wsgate_worker_handler_errors", "Handlers that raised", registry=r
         )
         self.garbage = Counter("wsgate_worker_garbage", "Unreadable envelopes dropped", registry=r)
+        self.gate_waits = Counter(
+            "wsgate_worker_output_gate_waits",
+            "Handler runs whose output had to wait at the gate for storage writes",
+            registry=r,
+        )
         fast = FastMetrics(r)  # updated per event: no locks
         self.message_events = fast.counter("wsgate_worker_message_events", "Message events handled")
         self.closed_events = fast.counter("wsgate_worker_closed_events", "Close events handled")

@@ -22,10 +22,13 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from worker.alarm_runner import AlarmRunner
 from worker.app import Accept, App, ConnectRequest, Reject
 from worker.connection import Connection, current_connection
 from worker.env import Env
 from worker.errors import InvalidResponse
+from worker.gate import OutputGate, current_gate
+from worker.membership import leave_all
 from worker.metrics import WorkerMetrics
 from worker.state_client import StateClient
 from wsgate import ids, subjects
@@ -81,6 +84,7 @@ class Worker(Service):
         self._acks: dict[str, pb.AckBatch] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._alarms: AlarmRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -103,6 +107,15 @@ class Worker(Service):
                 self._subscriptions.append(
                     await self._nc.subscribe(subject, queue=queue, cb=self._spawner(handler))
                 )
+            self._alarms = AlarmRunner(
+                self._nc,
+                self.app,
+                self._env,
+                prefix=self.config.prefix,
+                max_concurrent=self.config.max_concurrent_events,
+                drain_timeout_s=self.config.drain_timeout_s,
+            )
+            await self._alarms.start()
             # Make sure the server has the subscriptions before we call ourselves ready.
             await self._nc.flush()
             self._sweeper = self._loop.create_task(self._send_progress())
@@ -131,6 +144,10 @@ class Worker(Service):
             for sub in self._subscriptions:
                 with contextlib.suppress(nats.errors.Error):
                     await sub.unsubscribe()
+            if self._alarms is not None:
+                # Stops taking alarms now; running alarm handlers finish (they answer on
+                # NATS, so before it drains) while event handlers go on beside them.
+                await self._alarms.close()
             if self._tasks:
                 _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
                 for task in pending:
@@ -210,12 +227,22 @@ class Worker(Service):
         if resolved is None:
             return _reject(404, "Not found")
         route, params = resolved
+        gate = OutputGate(f"{envelope.connection_id}:0")
         conn = Connection(
-            envelope.connection_id, envelope.path, params, sink=self, env=self._env, connecting=True
+            envelope.connection_id,
+            envelope.path,
+            params,
+            sink=self,
+            env=self._env,
+            connecting=True,
+            gate=gate,
         )
         request = ConnectRequest.from_envelope(envelope, params)
+        current_gate.set(gate)
         try:
             outcome = await route.connect_handler(conn, request) if route.connect_handler else None
+            # The Accept carries what on_connect sent: only once its writes are durable.
+            await gate.open()
             if outcome is None:
                 outcome = Accept()
             if isinstance(outcome, Reject):
@@ -237,9 +264,12 @@ class Worker(Service):
                     f"(offered: {list(request.subprotocols)})"
                 )
         except Exception:
+            gate.abandon()
             self.metrics.handler_errors.inc()
             log.exception("on_connect failed for %s on %s", envelope.connection_id, route)
             return _reject(500, "Internal Server Error")
+        finally:
+            current_gate.set(None)
         return pb.ConnectDecision(
             accept=pb.Accept(subprotocol=outcome.subprotocol or "", messages=conn._take_pending())
         )
@@ -268,6 +298,10 @@ class Worker(Service):
         try:
             ack = pb.EventAck(sequence=event.sequence, connection_id=event.connection_id)
             ack.messages.extend(await self._run_event(event, kind))
+            if kind == "closed":
+                # After the app's close handler: the connection leaves every object. A
+                # failure propagates, so the event is not acked and is delivered again.
+                await leave_all(self._state, event.connection_id)
         finally:
             self._running.pop(key, None)
             self.metrics.handler_seconds.observe(time.perf_counter() - started)
@@ -324,6 +358,8 @@ class Worker(Service):
         """Run the handler; returns what it sent that is still buffered (for the ack)."""
         resolved = self.app.resolve(event.path)
         conn_params = resolved[1] if resolved else {}
+        # Idempotency keys of this run's writes: the same for every delivery of the event.
+        gate = OutputGate(f"{event.connection_id}:{event.sequence}")
         conn = Connection(
             event.connection_id,
             event.path,
@@ -333,6 +369,7 @@ class Worker(Service):
             closed=kind == "closed",
             sequence=event.sequence,
             redelivered=event.redelivered,
+            gate=gate,
             loop=self._loop,
         )
         try:
@@ -343,13 +380,21 @@ class Worker(Service):
                 return []
             route = resolved[0]
             current_connection.set(conn)
+            current_gate.set(gate)
             if kind == "message" and route.message_handler is not None:
                 data = event.message
                 payload = data.text if data.WhichOneof("data") == "text" else data.binary
                 await route.message_handler(conn, payload)
             elif kind == "closed" and route.close_handler is not None:
                 await route.close_handler(conn, event.closed.code, event.closed.reason)
+            # What the handler sent leaves with the ack: only once its writes are durable.
+            if gate.closed:
+                self.metrics.gate_waits.inc()
+            await gate.open()
         except Exception:
+            # Its output was gated by what failed (or by writes still running): dropped.
+            gate.abandon()
+            conn._discard()
             self.metrics.handler_errors.inc()
             log.exception("handler failed for %s#%d", event.connection_id, event.sequence)
             if not conn.closed:
@@ -359,6 +404,7 @@ class Worker(Service):
         finally:
             # Not reset(token): an eagerly started handler may end in another Task.
             current_connection.set(None)
+            current_gate.set(None)
         return await conn._finish()
 
 

@@ -195,5 +195,5 @@ def _ready_info(role: str, server: Any) -> dict[str, Any]:
     elif role == "worker":
         info.update(probe_port=server.probe_port)
     elif role == "state":
-        info.update(address=server.address)
+        info.update(address=server.address, probe_port=server.probe_port)
     return info

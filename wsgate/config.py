@@ -24,6 +24,7 @@ DEFAULT_STATE_PORT = 7070
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_APP = "examples.app:app"
 DEFAULT_WORKER_PORT = 8081
+DEFAULT_STATE_PROBE_PORT = 8082
 #: The largest message size a gateway may be configured to accept (32 MiB).
 MAX_MESSAGE_LIMIT = 32 * 1024 * 1024
 
@@ -116,10 +117,19 @@ class GatewayConfig(BusConfig):
         "WSGATE_DRAIN_TIMEOUT_S",
         "on SIGTERM: time for events in flight to finish and sockets to close (with 1001)",
     )
+    presence_interval_s: float = setting(
+        2.0,
+        "WSGATE_PRESENCE_INTERVAL_S",
+        "announce this gateway to the state service this often; its members leave every "
+        "object when 5 intervals pass without an announcement (the gateway died)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_port("port (WSGATE_GATEWAY_PORT)", self.port)
+        _check_positive(
+            "presence_interval_s (WSGATE_PRESENCE_INTERVAL_S)", self.presence_interval_s
+        )
         _check_positive("connect_timeout_s (WSGATE_CONNECT_TIMEOUT_S)", self.connect_timeout_s)
         _check_positive("ack_timeout_s (WSGATE_ACK_TIMEOUT_S)", self.ack_timeout_s)
         _check_positive("delivery_timeout_s (WSGATE_DELIVERY_TIMEOUT_S)", self.delivery_timeout_s)
@@ -197,17 +207,74 @@ class WorkerConfig(BusConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class StateConfig:
-    """The state service: durable objects over gRPC, stored in SQLite."""
+class StateConfig(BusConfig):
+    """The state service: durable objects over gRPC, stored in SQLite.
+
+    It is on the bus too: it publishes broadcasts to gateways, hears gateways' presence
+    (membership leases) and publishes alarm events to workers.
+    """
 
     host: str = setting("127.0.0.1", "WSGATE_HOST", "address to listen on")
     port: int = setting(DEFAULT_STATE_PORT, "WSGATE_STATE_PORT", "gRPC port (0: any free port)")
     db_path: Path = setting(
         Path("wsgate-state.sqlite3"), "WSGATE_STATE_DB", "the SQLite file (created if missing)"
     )
+    probe_port: int = setting(
+        DEFAULT_STATE_PROBE_PORT,
+        "WSGATE_STATE_PROBE_PORT",
+        "HTTP port of /healthz, /readyz, /metrics (0: any free port)",
+    )
+    transaction_timeout_s: float = setting(
+        10.0,
+        "WSGATE_TRANSACTION_TIMEOUT_S",
+        "a transaction holding an object longer than this is aborted (its writes dropped)",
+    )
+    idempotency_retention_s: float = setting(
+        3600.0,
+        "WSGATE_IDEMPOTENCY_RETENTION_S",
+        "how long applied idempotency keys are remembered (above the gateways' delivery timeout)",
+    )
+    alarm_timeout_s: float = setting(
+        60.0,
+        "WSGATE_ALARM_TIMEOUT_S",
+        "how long an alarm handler may run before its firing counts as failed and is retried",
+    )
+    alarm_first_backoff_s: float = setting(
+        2.0,
+        "WSGATE_ALARM_FIRST_BACKOFF_S",
+        "delay before an alarm's first retry; doubles with each retry",
+    )
+    alarm_max_backoff_s: float = setting(
+        60.0, "WSGATE_ALARM_MAX_BACKOFF_S", "the longest delay between two tries of an alarm"
+    )
+    alarm_max_retries: int = setting(
+        6,
+        "WSGATE_ALARM_MAX_RETRIES",
+        "retries of a failing alarm handler before the alarm is dropped (0: never retried)",
+    )
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_port("port (WSGATE_STATE_PORT)", self.port)
+        _check_port("probe_port (WSGATE_STATE_PROBE_PORT)", self.probe_port)
+        _check_positive(
+            "transaction_timeout_s (WSGATE_TRANSACTION_TIMEOUT_S)", self.transaction_timeout_s
+        )
+        _check_positive(
+            "idempotency_retention_s (WSGATE_IDEMPOTENCY_RETENTION_S)",
+            self.idempotency_retention_s,
+        )
+        _check_positive("alarm_timeout_s (WSGATE_ALARM_TIMEOUT_S)", self.alarm_timeout_s)
+        _check_positive(
+            "alarm_first_backoff_s (WSGATE_ALARM_FIRST_BACKOFF_S)", self.alarm_first_backoff_s
+        )
+        if not self.alarm_max_backoff_s >= self.alarm_first_backoff_s:
+            raise ConfigError(
+                "alarm_max_backoff_s (WSGATE_ALARM_MAX_BACKOFF_S) must be >= "
+                f"alarm_first_backoff_s, got {self.alarm_max_backoff_s}"
+            )
+        if self.alarm_max_retries < 0:
+            raise ConfigError("alarm_max_retries (WSGATE_ALARM_MAX_RETRIES) must be >= 0")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -49,8 +49,9 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
             state = spawn(
                 "state",
                 python_role_argv(
-                    "state", "--port", "0", "--db-path", str(data_dir / "state.sqlite3"),
-                    "--log-level", log_level,
+                    "state", "--port", "0", "--probe-port", "0",
+                    "--db-path", str(data_dir / "state.sqlite3"),
+                    "--nats-url", nats_url, *common,
                 ),
             )  # fmt: skip
             children.append(state)

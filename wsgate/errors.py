@@ -12,9 +12,15 @@
         ├── StateTimeout(TimeoutError)          it did not answer in time
         ├── InvalidValue(TypeError)             a value is not JSON types plus bytes
         ├── InvalidObjectId(ValueError)         an object id is malformed (empty namespace)
+        ├── InvalidRequest(ValueError)          a request is malformed (no operation, ...)
+        ├── TransactionAborted                  a transaction outlived its deadline
         └── LimitExceeded(ValueError)           an input is over a documented limit
             ├── KeyTooLarge                     key over 2 KiB
-            └── ValueTooLarge                   value over 128 KiB
+            ├── ValueTooLarge                   value over 128 KiB
+            ├── TooManyKeys                     over 128 keys in one call
+            ├── TooManyTags                     over 10 tags on a connection
+            ├── TagTooLarge                     a tag over 256 characters (or empty)
+            └── AttachmentTooLarge              an attachment over 16 KiB
 
 The worker SDK adds its own errors under ``worker.errors`` (rooted at WsgateError too).
 """
@@ -70,8 +76,20 @@ class InvalidObjectId(StateError, ValueError):
     """An object id is malformed: its namespace is empty."""
 
 
+class InvalidRequest(StateError, ValueError):
+    """A request to the state service is malformed (a write naming no operation, ...)."""
+
+
+class TransactionAborted(StateError):
+    """A transaction was aborted by the state service (it held its object longer than the
+    transaction timeout); none of its writes were applied."""
+
+
 class LimitExceeded(StateError, ValueError):
-    """An input is over a documented limit. ``size`` and ``limit`` are in bytes."""
+    """An input is over a documented limit. ``size`` and ``limit`` are in ``unit``
+    (bytes unless the subclass says otherwise)."""
+
+    unit = "bytes"
 
     def __init__(self, what: str, size: int, limit: int, key: str = "") -> None:
         self.what = what
@@ -79,7 +97,9 @@ class LimitExceeded(StateError, ValueError):
         self.limit = limit
         self.key = key
         about = f" (key {key[:64]!r})" if key else ""
-        super().__init__(f"{what} is {size} bytes, over the limit of {limit} bytes{about}")
+        super().__init__(
+            f"{what} is {size} {self.unit}, over the limit of {limit} {self.unit}{about}"
+        )
 
 
 class KeyTooLarge(LimitExceeded):
@@ -94,3 +114,38 @@ class ValueTooLarge(LimitExceeded):
 
     def __init__(self, size: int, limit: int, key: str = "") -> None:
         super().__init__("value", size, limit, key)
+
+
+class TooManyKeys(LimitExceeded):
+    """One call names more than 128 keys (``size`` and ``limit`` count keys)."""
+
+    unit = "keys"
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("batch", size, limit, key)
+
+
+class TooManyTags(LimitExceeded):
+    """A connection is given more than 10 tags (``size`` and ``limit`` count tags)."""
+
+    unit = "tags"
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("tag list", size, limit, key)
+
+
+class TagTooLarge(LimitExceeded):
+    """A tag is longer than 256 characters, or empty (``size`` and ``limit`` count
+    characters; ``key`` is the tag)."""
+
+    unit = "characters"
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("tag", size, limit, key)
+
+
+class AttachmentTooLarge(LimitExceeded):
+    """A connection's encoded attachment is larger than 16 KiB."""
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("attachment", size, limit, key)

@@ -15,13 +15,19 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from wsgate.errors import (
+    AttachmentTooLarge,
     InvalidObjectId,
+    InvalidRequest,
     InvalidValue,
     KeyTooLarge,
     LimitExceeded,
     StateError,
     StateTimeout,
     StateUnavailable,
+    TagTooLarge,
+    TooManyKeys,
+    TooManyTags,
+    TransactionAborted,
     ValueTooLarge,
 )
 from wsgate.v1 import state_pb2 as pb
@@ -40,6 +46,11 @@ class Reason(enum.StrEnum):
     VALUE_TOO_LARGE = "VALUE_TOO_LARGE"
     INVALID_VALUE = "INVALID_VALUE"
     INVALID_OBJECT_ID = "INVALID_OBJECT_ID"
+    INVALID_REQUEST = "INVALID_REQUEST"
+    TOO_MANY_KEYS = "TOO_MANY_KEYS"
+    TOO_MANY_TAGS = "TOO_MANY_TAGS"
+    TAG_TOO_LARGE = "TAG_TOO_LARGE"
+    ATTACHMENT_TOO_LARGE = "ATTACHMENT_TOO_LARGE"
 
 
 #: The exceptions the server refuses calls with, and the reason each travels as.
@@ -48,11 +59,31 @@ REFUSALS: dict[type[StateError], Reason] = {
     ValueTooLarge: Reason.VALUE_TOO_LARGE,
     InvalidValue: Reason.INVALID_VALUE,
     InvalidObjectId: Reason.INVALID_OBJECT_ID,
+    InvalidRequest: Reason.INVALID_REQUEST,
+    TooManyKeys: Reason.TOO_MANY_KEYS,
+    TooManyTags: Reason.TOO_MANY_TAGS,
+    TagTooLarge: Reason.TAG_TOO_LARGE,
+    AttachmentTooLarge: Reason.ATTACHMENT_TOO_LARGE,
+}
+
+#: The limit exceptions, each rebuilt on the client from (size, limit, key).
+_LIMITS: dict[
+    str,
+    type[
+        KeyTooLarge | ValueTooLarge | TooManyKeys | TooManyTags | TagTooLarge | AttachmentTooLarge
+    ],
+] = {
+    Reason.KEY_TOO_LARGE: KeyTooLarge,
+    Reason.VALUE_TOO_LARGE: ValueTooLarge,
+    Reason.TOO_MANY_KEYS: TooManyKeys,
+    Reason.TOO_MANY_TAGS: TooManyTags,
+    Reason.TAG_TOO_LARGE: TagTooLarge,
+    Reason.ATTACHMENT_TOO_LARGE: AttachmentTooLarge,
 }
 
 #: The exception types a server refusal can be (for ``except`` clauses): REFUSALS' keys.
-REFUSAL_TYPES = (KeyTooLarge, ValueTooLarge, InvalidValue, InvalidObjectId)
-Refusal = KeyTooLarge | ValueTooLarge | InvalidValue | InvalidObjectId
+REFUSAL_TYPES = (InvalidValue, InvalidObjectId, InvalidRequest, LimitExceeded)
+Refusal = InvalidValue | InvalidObjectId | InvalidRequest | LimitExceeded
 
 
 def error_info(exc: Refusal) -> pb.ErrorInfo:
@@ -73,14 +104,15 @@ def refusal_metadata(exc: Refusal) -> tuple[tuple[str, bytes], ...]:
 def exception_from_error_info(info: pb.ErrorInfo, details: str) -> StateError:
     """The exception a refusal stands for; a plain StateError for an unknown reason
     (a newer server), so the caller still gets the details."""
-    if info.reason == Reason.KEY_TOO_LARGE:
-        return KeyTooLarge(info.size, info.limit, info.key)
-    if info.reason == Reason.VALUE_TOO_LARGE:
-        return ValueTooLarge(info.size, info.limit, info.key)
+    limit_type = _LIMITS.get(info.reason)
+    if limit_type is not None:
+        return limit_type(info.size, info.limit, info.key)
     if info.reason == Reason.INVALID_VALUE:
         return InvalidValue(details)
     if info.reason == Reason.INVALID_OBJECT_ID:
         return InvalidObjectId(details)
+    if info.reason == Reason.INVALID_REQUEST:
+        return InvalidRequest(details)
     return StateError(f"state service refused the call ({info.reason}): {details}")
 
 
@@ -96,6 +128,8 @@ def exception_from_rpc_error(err: grpc.RpcError, what: str) -> StateError:
         return StateUnavailable(f"state service unavailable during {what}: {details}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return StateTimeout(f"state service did not answer {what} in time: {details}")
+    if code == grpc.StatusCode.ABORTED:
+        return TransactionAborted(f"state service aborted {what}: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         info = _error_info_of(err)
         if info is not None:

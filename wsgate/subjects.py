@@ -5,6 +5,8 @@ Subjects (``<prefix>`` defaults to ``wsgate`` and may itself hold several tokens
     <prefix>.connect.<app>      connect requests, request/reply, workers in one queue group
     <prefix>.events.<app>       connection events, request/reply, workers in one queue group
     <prefix>.gw.<gateway_id>    commands for one gateway
+    <prefix>.presence           gateways' membership leases, heard by state services
+    <prefix>.alarm.<namespace>  alarm events, request/reply, worker queue group
 
 User strings (app names, room names, tags, paths) never become tokens unencoded:
 :func:`encode_token` maps every string to a non-empty token of ``[A-Za-z0-9_~-]`` with no
@@ -133,3 +135,18 @@ def ack_prefix(prefix: str, gateway_id: str) -> str:
 def ack_batch_subject(prefix: str, gateway_id: str) -> str:
     """Where workers publish batches of final acks for one gateway."""
     return f"{prefix}.acks.{gateway_id}"
+
+
+def presence_subject(prefix: str) -> str:
+    """Where gateways announce that they are alive (their membership leases)."""
+    return f"{prefix}.presence"
+
+
+def alarm_subject(prefix: str, namespace: str) -> str:
+    """Where the state service sends the alarms of objects in ``namespace``."""
+    return f"{prefix}.alarm.{encode_token(namespace)}"
+
+
+def alarm_queue(namespace: str) -> str:
+    """The queue group of workers that run ``namespace``'s alarm handler."""
+    return f"alarms-{encode_token(namespace)}"

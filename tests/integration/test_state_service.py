@@ -31,13 +31,19 @@ from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
 
 
-def state_config(tmp_path: Path) -> StateConfig:
-    return StateConfig(host="127.0.0.1", port=0, db_path=tmp_path / "state.sqlite3")
+def state_config(tmp_path: Path, nats_url: str) -> StateConfig:
+    return StateConfig(
+        host="127.0.0.1",
+        port=0,
+        probe_port=0,
+        db_path=tmp_path / "state.sqlite3",
+        nats_url=nats_url,
+    )
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[StateServer]:
-    async with StateServer(state_config(tmp_path)) as server:
+async def server(tmp_path: Path, nats_url: str) -> AsyncIterator[StateServer]:
+    async with StateServer(state_config(tmp_path, nats_url)) as server:
         yield server
 
 
@@ -159,8 +165,8 @@ async def test_a_negative_limit_is_refused(room: ObjectStorage) -> None:
         await room.list(limit=-1)
 
 
-async def test_data_survives_a_restart_of_the_service(tmp_path: Path) -> None:
-    config = state_config(tmp_path)
+async def test_data_survives_a_restart_of_the_service(tmp_path: Path, nats_url: str) -> None:
+    config = state_config(tmp_path, nats_url)
     async with StateServer(config) as first, StateClient(first.address) as client:
         await client.storage("room", "lobby").put("k", {"kept": True})
     async with StateServer(config) as second, StateClient(second.address) as client:
@@ -227,10 +233,12 @@ async def test_an_empty_namespace_is_refused(client: StateClient) -> None:
             await call()
 
 
-async def test_an_unstorable_value_is_refused_before_any_call(tmp_path: Path) -> None:
+async def test_an_unstorable_value_is_refused_before_any_call(
+    tmp_path: Path, nats_url: str
+) -> None:
     # Nothing listens here, so a call would raise StateUnavailable: InvalidValue proves
     # the client refused first.
-    async with StateServer(state_config(tmp_path)) as server:
+    async with StateServer(state_config(tmp_path, nats_url)) as server:
         address = server.address
     async with StateClient(address) as client:
         with pytest.raises(InvalidValue) as info:
@@ -239,13 +247,11 @@ async def test_an_unstorable_value_is_refused_before_any_call(tmp_path: Path) ->
 
 
 async def test_refusals_carry_the_status_details_and_error_info(stub: Any) -> None:
-    request = pb.PutRequest(
-        object=pb.ObjectId(namespace="room", name="lobby"),
-        key="k" * (MAX_KEY_BYTES + 1),
-        value=encode_value(1),
+    request = pb.GetRequest(
+        object=pb.ObjectId(namespace="room", name="lobby"), keys=["k" * (MAX_KEY_BYTES + 1)]
     )
     with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Put(request)
+        await stub.Get(request)
     err = info.value
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "2049" in err.details()
@@ -253,6 +259,30 @@ async def test_refusals_carry_the_status_details_and_error_info(stub: Any) -> No
     assert error_info_of(err) == pb.ErrorInfo(
         reason=Reason.KEY_TOO_LARGE, size=2049, limit=2048, key="k" * 64
     )
+
+
+async def test_a_bad_write_fails_alone_with_its_error_info(stub: Any, room: ObjectStorage) -> None:
+    obj = pb.ObjectId(namespace="room", name="lobby")
+    request = pb.WriteRequest(
+        writes=[
+            pb.Write(
+                put=pb.PutRequest(object=obj, entries=[pb.Entry(key="a", value=encode_value(1))])
+            ),
+            pb.Write(put=pb.PutRequest(object=obj, entries=[pb.Entry(key="k" * 2049, value=b"")])),
+            pb.Write(),
+            pb.Write(delete=pb.DeleteRequest(object=obj, keys=["missing"])),
+        ]
+    )
+    results = (await stub.Write(request)).results
+    assert [r.WhichOneof("outcome") for r in results] == ["count", "failure", "failure", "count"]
+    assert results[0].count == 1
+    assert results[3].count == 0
+    assert results[1].failure.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert results[1].failure.info == pb.ErrorInfo(
+        reason=Reason.KEY_TOO_LARGE, size=2049, limit=2048, key="k" * 64
+    )
+    assert results[2].failure.info.reason == Reason.INVALID_REQUEST
+    assert await room.list() == {"a": 1}
 
 
 @pytest.mark.parametrize(
@@ -263,12 +293,11 @@ async def test_a_raw_put_of_garbage_is_refused_and_harms_nothing(
 ) -> None:
     await room.put("k", "before")
     await room.put("other", "untouched")
-    request = pb.PutRequest(object=pb.ObjectId(namespace="room", name="lobby"), key="k")
-    request.value = garbage
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await stub.Put(request)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert error_info_of(info.value).reason == Reason.INVALID_VALUE
+    entry = pb.Entry(key="k", value=garbage)
+    put = pb.PutRequest(object=pb.ObjectId(namespace="room", name="lobby"), entries=[entry])
+    (result,) = (await stub.Write(pb.WriteRequest(writes=[pb.Write(put=put)]))).results
+    assert result.failure.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert result.failure.info.reason == Reason.INVALID_VALUE
     assert await room.list() == {"k": "before", "other": "untouched"}
 
 
@@ -283,8 +312,8 @@ async def test_health_reports_serving(server: StateServer, service: str) -> None
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_health_turns_not_serving_when_closing(tmp_path: Path) -> None:
-    server = StateServer(state_config(tmp_path))
+async def test_health_turns_not_serving_when_closing(tmp_path: Path, nats_url: str) -> None:
+    server = StateServer(state_config(tmp_path, nats_url))
     await server.start()
     async with grpc.aio.insecure_channel(server.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
@@ -305,8 +334,8 @@ async def test_address_is_the_bound_port(server: StateServer) -> None:
     assert int(port) == server.port > 0
 
 
-async def test_close_is_idempotent(tmp_path: Path) -> None:
-    server = StateServer(state_config(tmp_path))
+async def test_close_is_idempotent(tmp_path: Path, nats_url: str) -> None:
+    server = StateServer(state_config(tmp_path, nats_url))
     await server.start()
     await asyncio.gather(server.close(), server.close())
     await server.close()
@@ -319,8 +348,14 @@ async def test_start_twice_is_an_error(server: StateServer) -> None:
         await server.start()
 
 
-async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path) -> None:
-    config = StateConfig(host="127.0.0.1", port=server.port, db_path=tmp_path / "other.sqlite3")
+async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path, nats_url: str) -> None:
+    config = StateConfig(
+        host="127.0.0.1",
+        port=server.port,
+        probe_port=0,
+        db_path=tmp_path / "other.sqlite3",
+        nats_url=nats_url,
+    )
     second = StateServer(config)
     with pytest.raises(OSError, match="cannot listen"):
         await second.start()
@@ -330,19 +365,20 @@ async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path) -> 
 # -- what the client sees when the service is not there ------------------------------------
 
 
-async def test_a_closed_port_raises_state_unavailable(tmp_path: Path) -> None:
-    async with StateServer(state_config(tmp_path)) as server:
+async def test_a_closed_port_raises_state_unavailable(tmp_path: Path, nats_url: str) -> None:
+    async with StateServer(state_config(tmp_path, nats_url)) as server:
         address = server.address
-    async with StateClient(address) as client:
+    # Calls wait for the service (a restart) up to their deadline, then give up.
+    async with StateClient(address, timeout_s=0.5) as client:
         room = client.storage("room", "lobby")
-        with pytest.raises(StateUnavailable):
+        with pytest.raises(StateUnavailable, match="unreachable"):
             await room.get("k")
-        with pytest.raises(StateUnavailable):
+        with pytest.raises(StateUnavailable, match="unreachable"):
             await room.put("k", 1)
 
 
-async def test_a_silent_service_raises_state_timeout() -> None:
-    # A TCP listener that never speaks HTTP/2: the call can only run out of time.
+async def test_a_listener_that_never_speaks_grpc_is_unreachable() -> None:
+    # A TCP listener that never speaks HTTP/2: the channel never gets ready.
     connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -355,7 +391,7 @@ async def test_a_silent_service_raises_state_timeout() -> None:
     port = listener.sockets[0].getsockname()[1]
     try:
         async with StateClient(f"127.0.0.1:{port}", timeout_s=0.2) as client:
-            with pytest.raises(StateTimeout):
+            with pytest.raises(StateUnavailable, match="unreachable"):
                 await client.storage("room", "lobby").get("k")
     finally:
         listener.close()
@@ -364,6 +400,31 @@ async def test_a_silent_service_raises_state_timeout() -> None:
             writer.close()
         await asyncio.gather(*connections)
         await listener.wait_closed()
+
+
+class _NeverAnswers(state_pb2_grpc.StateServicer):
+    def __init__(self) -> None:
+        self.called = asyncio.Event()
+
+    async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        self.called.set()
+        await asyncio.Event().wait()  # until the call is cancelled by its deadline
+        raise AssertionError("unreachable")
+
+
+async def test_a_service_that_does_not_answer_raises_state_timeout() -> None:
+    server = grpc.aio.server()
+    servicer = _NeverAnswers()
+    state_pb2_grpc.add_StateServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with StateClient(f"127.0.0.1:{port}", timeout_s=0.3) as client:
+            with pytest.raises(StateTimeout, match="in time"):
+                await client.storage("room", "lobby").get("k")
+        assert servicer.called.is_set()
+    finally:
+        await server.stop(0)
 
 
 async def test_calls_after_close_are_an_error(server: StateServer) -> None:
@@ -375,13 +436,13 @@ async def test_calls_after_close_are_an_error(server: StateServer) -> None:
         await client.storage("room", "lobby").get("k")
 
 
-def test_round_trip_under_uvloop(tmp_path: Path) -> None:
+def test_round_trip_under_uvloop(tmp_path: Path, nats_url: str) -> None:
     # The CLI may run the state role (and workers) on uvloop; grpc.aio must work there too.
     uvloop = pytest.importorskip("uvloop")
 
     async def round_trip() -> tuple[object, str]:
         async with (
-            StateServer(state_config(tmp_path)) as server,
+            StateServer(state_config(tmp_path, nats_url)) as server,
             StateClient(server.address) as client,
         ):
             room = client.storage("room", "lobby")
@@ -394,3 +455,20 @@ def test_round_trip_under_uvloop(tmp_path: Path) -> None:
         value, loop_module = runner.run(round_trip())
     assert value == {"v": [1, b"2", "3"]}
     assert loop_module.startswith("uvloop")
+
+
+async def test_http_probes_and_storage_metrics(server: StateServer, room: ObjectStorage) -> None:
+    import aiohttp
+
+    from tests.harness import metric
+
+    base = f"http://127.0.0.1:{server.probe_port}"
+    async with aiohttp.ClientSession() as session:
+        for path in ("/healthz", "/readyz"):
+            async with session.get(base + path) as response:
+                assert response.status == 200, path
+    commits = await metric(f"{base}/metrics", "wsgate_state_commits_total")
+    writes = await metric(f"{base}/metrics", "wsgate_state_writes_total")
+    await asyncio.gather(*(room.put(f"k{i}", i) for i in range(50)))
+    assert await metric(f"{base}/metrics", "wsgate_state_writes_total") == writes + 50
+    assert commits < await metric(f"{base}/metrics", "wsgate_state_commits_total") <= commits + 50

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from stateservice.storage import ObjectId, SqliteStorage, StoragePhase, prefix_successor
+from stateservice.storage import (
+    ObjectId,
+    PutKeys,
+    SqliteStorage,
+    StoragePhase,
+    prefix_successor,
+)
 from wsgate.errors import InvalidObjectId
 
 OBJ = ObjectId("counter", "room-1")
@@ -273,3 +280,41 @@ async def test_an_unopenable_file_fails_start_and_closes(tmp_path: Path) -> None
     with pytest.raises(sqlite3.Error):
         await storage.start()
     assert storage.phase is StoragePhase.CLOSED
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Failing:
+    writes = True
+
+    def __call__(self, conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO kv VALUES ('ns', 'o', x'6b', x'00')")
+        raise sqlite3.IntegrityError("this write fails after writing")
+
+
+async def test_a_failing_write_is_undone_alone_in_its_batch(storage: SqliteStorage) -> None:
+    # Submitted in one turn of the loop: one batch, one transaction.
+    before = storage.submit(PutKeys(OBJ, ((b"a", b"1"),)))
+    failing = storage.submit(_Failing())
+    after = storage.submit(PutKeys(OBJ, ((b"b", b"2"),)))
+    await before
+    with pytest.raises(sqlite3.IntegrityError):
+        await failing
+    await after
+    assert await storage.list(OBJ) == [("a", b"1"), ("b", b"2")]
+
+
+async def test_concurrent_writes_share_one_commit(storage: SqliteStorage) -> None:
+    commits = storage.stats.commits
+    await asyncio.gather(*(storage.put(OBJ, f"k{i}", b"v") for i in range(100)))
+    # All were submitted in one turn of the loop: the thread takes them in one batch.
+    assert storage.stats.commits - commits == 1
+    assert len(await storage.list(OBJ)) == 100
+
+
+async def test_without_group_commit_every_write_commits_alone(tmp_path: Path) -> None:
+    async with SqliteStorage(tmp_path / "naive.sqlite3", group_commit=False) as naive:
+        await asyncio.gather(*(naive.put(OBJ, f"k{i}", b"v") for i in range(20)))
+        assert naive.stats.commits == 20

@@ -11,6 +11,8 @@ Subjects (see wsgate/subjects.py; every user string is encoded into one safe tok
                              EventAck (progress)                 the event's reply subject
   <prefix>.acks.<gateway_id> AckBatch (final acks)               publish, one gateway subscribes
   <prefix>.gw.<gateway_id>   GatewayCommand                      publish, one gateway subscribes
+  <prefix>.presence          GatewayPresence                     publish, state services subscribe
+  <prefix>.alarm.<namespace> AlarmEvent -> AlarmResult           request/reply, worker queue group
 
 Compatibility: fields are only ever added; a retired field number is listed as `reserved`.
 """
@@ -493,3 +495,106 @@ class GatewayCommand(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
 Global___GatewayCommand: _TypeAlias = GatewayCommand  # noqa: Y015
+
+@_typing.final
+class GatewayPresence(_message.Message):
+    """A gateway's lease on its connections' memberships, published on <prefix>.presence every
+    presence interval. The state service removes a gateway's members from every object once
+    it has heard nothing from that gateway for lease_ms (the gateway died), or at once when
+    leaving is set (the gateway finished its drain).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    LEAVING_FIELD_NUMBER: _builtins.int
+    gateway_id: _builtins.str
+    """The gateway that is alive."""
+    lease_ms: _builtins.int
+    """How long this announcement holds, in milliseconds (a few presence intervals)."""
+    leaving: _builtins.bool
+    """The gateway is shutting down and holds no connections any more."""
+    def __init__(
+        self,
+        *,
+        gateway_id: _builtins.str = ...,
+        lease_ms: _builtins.int = ...,
+        leaving: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateway_id", b"gateway_id", "lease_ms", b"lease_ms", "leaving", b"leaving"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayPresence: _TypeAlias = GatewayPresence  # noqa: Y015
+
+@_typing.final
+class AlarmEvent(_message.Message):
+    """An object's alarm is due: run the alarm handler of its namespace. Published by the state
+    service on <prefix>.alarm.<namespace> to the workers' queue group; the worker replies
+    with an AlarmResult when the handler has finished.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SCHEDULED_MS_FIELD_NUMBER: _builtins.int
+    RETRY_COUNT_FIELD_NUMBER: _builtins.int
+    FIRING_ID_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """The object's namespace (its class of durable objects)."""
+    name: _builtins.str
+    """The object's name."""
+    scheduled_ms: _builtins.int
+    """When the alarm was set to go off, in milliseconds since the Unix epoch."""
+    retry_count: _builtins.int
+    """0 on the first attempt, then the number of failed attempts before this one."""
+    firing_id: _builtins.str
+    """Names this firing of the alarm across its retries: storage writes of the handler
+    carry idempotency keys derived from it, so a retried handler applies them once.
+    """
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        name: _builtins.str = ...,
+        scheduled_ms: _builtins.int = ...,
+        retry_count: _builtins.int = ...,
+        firing_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["firing_id", b"firing_id", "name", b"name", "namespace", b"namespace", "retry_count", b"retry_count", "scheduled_ms", b"scheduled_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlarmEvent: _TypeAlias = AlarmEvent  # noqa: Y015
+
+@_typing.final
+class AlarmResult(_message.Message):
+    """The outcome of an alarm handler."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OK_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ok: _builtins.bool
+    """The handler finished without an exception; the alarm is done."""
+    error: _builtins.str
+    """Why it failed (ok is false): the exception, for the state service's log."""
+    def __init__(
+        self,
+        *,
+        ok: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "ok", b"ok"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AlarmResult: _TypeAlias = AlarmResult  # noqa: Y015

@@ -3,9 +3,20 @@
 isort:skip_file
 The state service: durable objects, reached over gRPC (grpc.aio).
 
-First cut: key/value storage on one object. Every call names its object. Errors are gRPC
-status codes; a call refused for bad input carries INVALID_ARGUMENT and an ErrorInfo in
-the trailing metadata key "wsgate-error-bin" (see wsgate/state_errors.py).
+Three services share one server: State (per-object key/value storage and transactions),
+Membership (connections accepted into objects, with tags and attachments, and broadcast)
+and Alarms (one alarm per object). Every call names its object; all operations on one
+object are strictly serializable, and a write is acknowledged only once it is durable.
+
+Errors are gRPC status codes. A call refused for bad input carries INVALID_ARGUMENT and
+an ErrorInfo in the trailing metadata key "wsgate-error-bin" (see wsgate/state_errors.py).
+A transaction that outlived its deadline, or lost its object, fails with ABORTED.
+
+Idempotency: a write may carry an idempotency key (a worker sends "<connection id>:
+<event sequence>:<n>" for the n-th write of an event's handler). The service remembers
+keys it applied, with their results, for a retention period (an hour by default); a
+write whose key it has seen is not applied again and answers `replayed` with the first
+result. This is what makes redelivered events' writes exactly-once.
 """
 
 from collections import abc as _abc
@@ -13,6 +24,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from wsgate.v1 import envelope_pb2 as _envelope_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -194,28 +206,56 @@ class ObjectId(_message.Message):
 Global___ObjectId: _TypeAlias = ObjectId  # noqa: Y015
 
 @_typing.final
+class Entry(_message.Message):
+    """One key and its value."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The key (at most 2 KiB of UTF-8)."""
+    value: _builtins.bytes
+    """The serialized Value (at most 128 KiB). Kept as bytes so the service stores it as is."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Entry: _TypeAlias = Entry  # noqa: Y015
+
+@_typing.final
 class GetRequest(_message.Message):
-    """Read one key."""
+    """Read keys of one object (the batch form; a single get is one key)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     OBJECT_FIELD_NUMBER: _builtins.int
-    KEY_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
-    """The key (at most 2 KiB of UTF-8)."""
+    KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def object(self) -> Global___ObjectId:
         """The object to read."""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys (at most 128, each at most 2 KiB of UTF-8)."""
 
     def __init__(
         self,
         *,
         object: Global___ObjectId | None = ...,
-        key: _builtins.str = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "object", b"object"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "object", b"object"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,128 +263,27 @@ Global___GetRequest: _TypeAlias = GetRequest  # noqa: Y015
 
 @_typing.final
 class GetResponse(_message.Message):
-    """The value of one key."""
+    """The values of the keys that exist."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    FOUND_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
-    found: _builtins.bool
-    """Whether the key exists."""
-    value: _builtins.bytes
-    """The value, the serialized Value message; empty when not found."""
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]:
+        """The keys found, in the order asked; keys that do not exist are left out."""
+
     def __init__(
         self,
         *,
-        found: _builtins.bool = ...,
-        value: _builtins.bytes = ...,
+        entries: _abc.Iterable[Global___Entry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetResponse: _TypeAlias = GetResponse  # noqa: Y015
-
-@_typing.final
-class PutRequest(_message.Message):
-    """Write one key."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    OBJECT_FIELD_NUMBER: _builtins.int
-    KEY_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
-    """The key (at most 2 KiB of UTF-8)."""
-    value: _builtins.bytes
-    """The serialized Value (at most 128 KiB). Kept as bytes so the service stores it as is."""
-    @_builtins.property
-    def object(self) -> Global___ObjectId:
-        """The object to write."""
-
-    def __init__(
-        self,
-        *,
-        object: Global___ObjectId | None = ...,
-        key: _builtins.str = ...,
-        value: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "object", b"object", "value", b"value"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PutRequest: _TypeAlias = PutRequest  # noqa: Y015
-
-@_typing.final
-class PutResponse(_message.Message):
-    """A write was made durable."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    def __init__(
-        self,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___PutResponse: _TypeAlias = PutResponse  # noqa: Y015
-
-@_typing.final
-class DeleteRequest(_message.Message):
-    """Delete one key."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    OBJECT_FIELD_NUMBER: _builtins.int
-    KEY_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
-    """The key."""
-    @_builtins.property
-    def object(self) -> Global___ObjectId:
-        """The object."""
-
-    def __init__(
-        self,
-        *,
-        object: Global___ObjectId | None = ...,
-        key: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "object", b"object"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeleteRequest: _TypeAlias = DeleteRequest  # noqa: Y015
-
-@_typing.final
-class DeleteResponse(_message.Message):
-    """The result of a delete."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    DELETED_FIELD_NUMBER: _builtins.int
-    deleted: _builtins.bool
-    """Whether the key existed."""
-    def __init__(
-        self,
-        *,
-        deleted: _builtins.bool = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___DeleteResponse: _TypeAlias = DeleteResponse  # noqa: Y015
 
 @_typing.final
 class ListRequest(_message.Message):
@@ -398,32 +337,6 @@ class ListRequest(_message.Message):
 Global___ListRequest: _TypeAlias = ListRequest  # noqa: Y015
 
 @_typing.final
-class Entry(_message.Message):
-    """One key and its value."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    KEY_FIELD_NUMBER: _builtins.int
-    VALUE_FIELD_NUMBER: _builtins.int
-    key: _builtins.str
-    """The key."""
-    value: _builtins.bytes
-    """The serialized Value."""
-    def __init__(
-        self,
-        *,
-        key: _builtins.str = ...,
-        value: _builtins.bytes = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Entry: _TypeAlias = Entry  # noqa: Y015
-
-@_typing.final
 class ListResponse(_message.Message):
     """The listed entries, in the requested order."""
 
@@ -448,6 +361,454 @@ class ListResponse(_message.Message):
 Global___ListResponse: _TypeAlias = ListResponse  # noqa: Y015
 
 @_typing.final
+class PutRequest(_message.Message):
+    """Write keys of one object, atomically (the batch form; a single put is one entry)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object to write."""
+
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Entry]:
+        """The entries (at most 128; a key listed twice takes its last value)."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        entries: _abc.Iterable[Global___Entry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutRequest: _TypeAlias = PutRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRequest(_message.Message):
+    """Delete keys of one object, atomically."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The keys (at most 128)."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRequest: _TypeAlias = DeleteRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAllRequest(_message.Message):
+    """Delete every key of one object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAllRequest: _TypeAlias = DeleteAllRequest  # noqa: Y015
+
+@_typing.final
+class Write(_message.Message):
+    """One write: applied atomically, on its own (other writes in the same WriteRequest may
+    succeed or fail independently).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PUT_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    DELETE_ALL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """The idempotency key (empty: none). See the file comment."""
+    @_builtins.property
+    def put(self) -> Global___PutRequest:
+        """Set keys."""
+
+    @_builtins.property
+    def delete(self) -> Global___DeleteRequest:
+        """Delete keys."""
+
+    @_builtins.property
+    def delete_all(self) -> Global___DeleteAllRequest:
+        """Delete every key."""
+
+    def __init__(
+        self,
+        *,
+        put: Global___PutRequest | None = ...,
+        delete: Global___DeleteRequest | None = ...,
+        delete_all: Global___DeleteAllRequest | None = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "delete_all", b"delete_all", "op", b"op", "put", b"put"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delete", b"delete", "delete_all", b"delete_all", "idempotency_key", b"idempotency_key", "op", b"op", "put", b"put"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_op: _TypeAlias = _typing.Literal["put", "delete", "delete_all"]  # noqa: Y015
+    _WhichOneofArgType_op: _TypeAlias = _typing.Literal["op", b"op"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_op) -> _WhichOneofReturnType_op | None: ...
+
+Global___Write: _TypeAlias = Write  # noqa: Y015
+
+@_typing.final
+class WriteRequest(_message.Message):
+    """Several independent writes in one call. A client coalesces the writes its callers make
+    concurrently into one call (one round trip, and one commit on the service for all).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Write]:
+        """The writes, applied in this order."""
+
+    def __init__(
+        self,
+        *,
+        writes: _abc.Iterable[Global___Write] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["writes", b"writes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteRequest: _TypeAlias = WriteRequest  # noqa: Y015
+
+@_typing.final
+class WriteResult(_message.Message):
+    """The result of one write."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNT_FIELD_NUMBER: _builtins.int
+    FAILURE_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    count: _builtins.int
+    """The write is durable: for a put the number of entries written, for a delete the
+    number of keys that existed, for delete_all the number of keys deleted.
+    """
+    replayed: _builtins.bool
+    """The write carried an idempotency key that was already applied: it was not applied
+    again, and count is the first application's.
+    """
+    @_builtins.property
+    def failure(self) -> Global___WriteFailure:
+        """The write was refused or failed; nothing of it was applied."""
+
+    def __init__(
+        self,
+        *,
+        count: _builtins.int = ...,
+        failure: Global___WriteFailure | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "failure", b"failure", "outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "failure", b"failure", "outcome", b"outcome", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["count", "failure"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___WriteResult: _TypeAlias = WriteResult  # noqa: Y015
+
+@_typing.final
+class WriteFailure(_message.Message):
+    """Why one write of a WriteRequest failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code the write would have failed with on its own."""
+    details: _builtins.str
+    """A readable description."""
+    @_builtins.property
+    def info(self) -> Global___ErrorInfo:
+        """The refusal, when the write was refused for bad input (code INVALID_ARGUMENT)."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        details: _builtins.str = ...,
+        info: Global___ErrorInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "details", b"details", "info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteFailure: _TypeAlias = WriteFailure  # noqa: Y015
+
+@_typing.final
+class WriteResponse(_message.Message):
+    """The results of a WriteRequest, one per write, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteResult]:
+        """The results."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___WriteResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WriteResponse: _TypeAlias = WriteResponse  # noqa: Y015
+
+@_typing.final
+class TransactionRequest(_message.Message):
+    """One step of a transaction, sent by the client on the Transaction stream.
+
+    A transaction is a stream: begin, then any reads, then commit (or closing the stream,
+    which aborts). The service holds the object for the stream: other writes to the object
+    wait until the commit (or abort), so the reads and the commit form one atomic
+    read-modify-write. Reads see the object as committed; the client keeps the
+    transaction's own writes and overlays them on what it reads.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEGIN_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    LIST_FIELD_NUMBER: _builtins.int
+    COMMIT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def begin(self) -> Global___TransactionBegin:
+        """Take the object."""
+
+    @_builtins.property
+    def get(self) -> Global___GetRequest:
+        """Read keys (the object field is ignored: it is the transaction's)."""
+
+    @_builtins.property
+    def list(self) -> Global___ListRequest:
+        """List keys (the object field is ignored)."""
+
+    @_builtins.property
+    def commit(self) -> Global___TransactionCommit:
+        """Apply these writes atomically and release the object."""
+
+    def __init__(
+        self,
+        *,
+        begin: Global___TransactionBegin | None = ...,
+        get: Global___GetRequest | None = ...,
+        list: Global___ListRequest | None = ...,
+        commit: Global___TransactionCommit | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "get", b"get", "list", b"list", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begin", b"begin", "commit", b"commit", "get", b"get", "list", b"list", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begin", "get", "list", "commit"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___TransactionRequest: _TypeAlias = TransactionRequest  # noqa: Y015
+
+@_typing.final
+class TransactionBegin(_message.Message):
+    """Starts a transaction on one object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
+    idempotency_key: _builtins.str
+    """The idempotency key of the whole transaction (empty: none)."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        idempotency_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionBegin: _TypeAlias = TransactionBegin  # noqa: Y015
+
+@_typing.final
+class TransactionCommit(_message.Message):
+    """Ends a transaction."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WRITES_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    result: _builtins.bytes
+    """What the transaction function returned, a serialized Value (empty: nothing), kept with
+    the idempotency key so that a replay returns it without running the function again.
+    """
+    @_builtins.property
+    def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Write]:
+        """The writes, applied in order, all or none (their objects are ignored: the
+        transaction's). At most 128 keys in all.
+        """
+
+    def __init__(
+        self,
+        *,
+        writes: _abc.Iterable[Global___Write] | None = ...,
+        result: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["result", b"result", "writes", b"writes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionCommit: _TypeAlias = TransactionCommit  # noqa: Y015
+
+@_typing.final
+class TransactionResponse(_message.Message):
+    """The service's answer to one TransactionRequest, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BEGUN_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    LIST_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def begun(self) -> Global___TransactionBegun:
+        """The object is held (or the transaction was already applied)."""
+
+    @_builtins.property
+    def get(self) -> Global___GetResponse:
+        """The values read."""
+
+    @_builtins.property
+    def list(self) -> Global___ListResponse:
+        """The entries listed."""
+
+    @_builtins.property
+    def committed(self) -> Global___TransactionCommitted:
+        """The writes are durable; the object is released."""
+
+    def __init__(
+        self,
+        *,
+        begun: Global___TransactionBegun | None = ...,
+        get: Global___GetResponse | None = ...,
+        list: Global___ListResponse | None = ...,
+        committed: Global___TransactionCommitted | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "committed", b"committed", "get", b"get", "list", b"list", "step", b"step"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["begun", b"begun", "committed", b"committed", "get", b"get", "list", b"list", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_step: _TypeAlias = _typing.Literal["begun", "get", "list", "committed"]  # noqa: Y015
+    _WhichOneofArgType_step: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_step) -> _WhichOneofReturnType_step | None: ...
+
+Global___TransactionResponse: _TypeAlias = TransactionResponse  # noqa: Y015
+
+@_typing.final
+class TransactionBegun(_message.Message):
+    """The answer to TransactionBegin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """The idempotency key was already committed: do not run the transaction again; result
+    is what it returned then. The stream ends after this message.
+    """
+    result: _builtins.bytes
+    """With replayed: the serialized result (empty: nothing)."""
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+        result: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionBegun: _TypeAlias = TransactionBegun  # noqa: Y015
+
+@_typing.final
+class TransactionCommitted(_message.Message):
+    """The answer to TransactionCommit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TransactionCommitted: _TypeAlias = TransactionCommitted  # noqa: Y015
+
+@_typing.final
 class ErrorInfo(_message.Message):
     """Why a call was refused, sent in the trailing metadata "wsgate-error-bin"."""
 
@@ -459,14 +820,15 @@ class ErrorInfo(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """A stable, machine-readable reason: "KEY_TOO_LARGE", "VALUE_TOO_LARGE", "INVALID_VALUE",
-    "INVALID_OBJECT_ID".
+    "INVALID_OBJECT_ID", "TOO_MANY_KEYS", "TOO_MANY_TAGS", "TAG_TOO_LARGE",
+    "ATTACHMENT_TOO_LARGE", "INVALID_CONNECTION_ID", "INVALID_REQUEST".
     """
     size: _builtins.int
-    """The size that was refused, in bytes (0 when not about a size)."""
+    """The size that was refused, in bytes, keys or tags (0 when not about a size)."""
     limit: _builtins.int
-    """The limit that was exceeded, in bytes (0 when not about a size)."""
+    """The limit that was exceeded, in the same unit (0 when not about a size)."""
     key: _builtins.str
-    """The key concerned, cut to 64 characters (empty when not about a key)."""
+    """The key (or tag) concerned, cut to 64 characters (empty when not about one)."""
     def __init__(
         self,
         *,
@@ -482,3 +844,581 @@ class ErrorInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ErrorInfo: _TypeAlias = ErrorInfo  # noqa: Y015
+
+@_typing.final
+class JoinRequest(_message.Message):
+    """-- Membership (the hibernation API) --------------------------------------------------------
+
+    Accept a connection into an object (or replace its tags and attachment if it is in it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection (its id names its gateway)."""
+    attachment: _builtins.bytes
+    """The attachment, a serialized Value (at most 16 KiB; empty: null)."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Tags to find it by (at most 10, each at most 256 characters, not empty)."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        connection_id: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        attachment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "connection_id", b"connection_id", "object", b"object", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinRequest: _TypeAlias = JoinRequest  # noqa: Y015
+
+@_typing.final
+class JoinResponse(_message.Message):
+    """The connection is a member."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinResponse: _TypeAlias = JoinResponse  # noqa: Y015
+
+@_typing.final
+class LeaveRequest(_message.Message):
+    """Remove a connection from one object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        connection_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveRequest: _TypeAlias = LeaveRequest  # noqa: Y015
+
+@_typing.final
+class LeaveResponse(_message.Message):
+    """The result of a leave."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEFT_FIELD_NUMBER: _builtins.int
+    left: _builtins.bool
+    """Whether it was a member."""
+    def __init__(
+        self,
+        *,
+        left: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["left", b"left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveResponse: _TypeAlias = LeaveResponse  # noqa: Y015
+
+@_typing.final
+class LeaveAllRequest(_message.Message):
+    """Remove a connection from every object (it closed)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection."""
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveAllRequest: _TypeAlias = LeaveAllRequest  # noqa: Y015
+
+@_typing.final
+class LeaveAllResponse(_message.Message):
+    """The result of LeaveAll."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEFT_FIELD_NUMBER: _builtins.int
+    left: _builtins.int
+    """How many objects it left."""
+    def __init__(
+        self,
+        *,
+        left: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["left", b"left"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveAllResponse: _TypeAlias = LeaveAllResponse  # noqa: Y015
+
+@_typing.final
+class MembersRequest(_message.Message):
+    """List an object's open connections, in connection id order, a page at a time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    """Only members with this tag (unset: all)."""
+    after: _builtins.str
+    """Only members whose connection id is greater than this (the last id of the previous
+    page; empty: from the start).
+    """
+    limit: _builtins.int
+    """At most this many (0: the service's page size, 1,000)."""
+    details: _builtins.bool
+    """Also return each member's tags and attachment."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        tag: _builtins.str | None = ...,
+        after: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        details: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tag", b"_tag", "object", b"object", "tag", b"tag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tag", b"_tag", "after", b"after", "details", b"details", "limit", b"limit", "object", b"object", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+
+Global___MembersRequest: _TypeAlias = MembersRequest  # noqa: Y015
+
+@_typing.final
+class Member(_message.Message):
+    """One member of an object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection."""
+    attachment: _builtins.bytes
+    """Its attachment, a serialized Value (with details; empty: null)."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its tags (with MembersRequest.details)."""
+
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.str = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        attachment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "connection_id", b"connection_id", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Member: _TypeAlias = Member  # noqa: Y015
+
+@_typing.final
+class MembersResponse(_message.Message):
+    """A page of members."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    more: _builtins.bool
+    """Whether more members follow this page."""
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___Member]:
+        """The members, in connection id order."""
+
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[Global___Member] | None = ...,
+        more: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members", "more", b"more"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MembersResponse: _TypeAlias = MembersResponse  # noqa: Y015
+
+@_typing.final
+class GetAttachmentRequest(_message.Message):
+    """Read a member's attachment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        connection_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAttachmentRequest: _TypeAlias = GetAttachmentRequest  # noqa: Y015
+
+@_typing.final
+class GetAttachmentResponse(_message.Message):
+    """A member's attachment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    member: _builtins.bool
+    """Whether the connection is a member of the object."""
+    attachment: _builtins.bytes
+    """The serialized Value (empty: null)."""
+    def __init__(
+        self,
+        *,
+        member: _builtins.bool = ...,
+        attachment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAttachmentResponse: _TypeAlias = GetAttachmentResponse  # noqa: Y015
+
+@_typing.final
+class SetAttachmentRequest(_message.Message):
+    """Replace a member's attachment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection."""
+    attachment: _builtins.bytes
+    """The serialized Value (at most 16 KiB; empty: null)."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        connection_id: _builtins.str = ...,
+        attachment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "connection_id", b"connection_id", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAttachmentRequest: _TypeAlias = SetAttachmentRequest  # noqa: Y015
+
+@_typing.final
+class SetAttachmentResponse(_message.Message):
+    """The result of SetAttachment."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBER_FIELD_NUMBER: _builtins.int
+    member: _builtins.bool
+    """Whether the connection is a member (nothing is stored for a non-member)."""
+    def __init__(
+        self,
+        *,
+        member: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["member", b"member"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAttachmentResponse: _TypeAlias = SetAttachmentResponse  # noqa: Y015
+
+@_typing.final
+class BroadcastRequest(_message.Message):
+    """Send a message to an object's members."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    EXCLUDE_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    """Only members with this tag (unset: all)."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    @_builtins.property
+    def message(self) -> _envelope_pb2.Message:
+        """The message."""
+
+    @_builtins.property
+    def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Connections not to send to (the sender, say)."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        message: _envelope_pb2.Message | None = ...,
+        tag: _builtins.str | None = ...,
+        exclude: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tag", b"_tag", "message", b"message", "object", b"object", "tag", b"tag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tag", b"_tag", "exclude", b"exclude", "message", b"message", "object", b"object", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+
+Global___BroadcastRequest: _TypeAlias = BroadcastRequest  # noqa: Y015
+
+@_typing.final
+class BroadcastResponse(_message.Message):
+    """The result of a broadcast."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    COMMANDS_FIELD_NUMBER: _builtins.int
+    recipients: _builtins.int
+    """How many connections it was addressed to."""
+    commands: _builtins.int
+    """How many gateway commands carried it (one per gateway holding recipients, more only
+    when one command would exceed the NATS payload limit).
+    """
+    def __init__(
+        self,
+        *,
+        recipients: _builtins.int = ...,
+        commands: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["commands", b"commands", "recipients", b"recipients"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BroadcastResponse: _TypeAlias = BroadcastResponse  # noqa: Y015
+
+@_typing.final
+class SetAlarmRequest(_message.Message):
+    """-- Alarms ----------------------------------------------------------------------------------
+
+    Set an object's alarm (replacing the one it had).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    AT_MS_FIELD_NUMBER: _builtins.int
+    at_ms: _builtins.int
+    """When, in milliseconds since the Unix epoch (a time in the past fires at once)."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAlarmRequest: _TypeAlias = SetAlarmRequest  # noqa: Y015
+
+@_typing.final
+class SetAlarmResponse(_message.Message):
+    """The alarm is durable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetAlarmResponse: _TypeAlias = SetAlarmResponse  # noqa: Y015
+
+@_typing.final
+class GetAlarmRequest(_message.Message):
+    """Read an object's alarm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAlarmRequest: _TypeAlias = GetAlarmRequest  # noqa: Y015
+
+@_typing.final
+class GetAlarmResponse(_message.Message):
+    """An object's alarm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_FIELD_NUMBER: _builtins.int
+    AT_MS_FIELD_NUMBER: _builtins.int
+    set: _builtins.bool
+    """Whether the object has an alarm."""
+    at_ms: _builtins.int
+    """When (with set), in milliseconds since the Unix epoch."""
+    def __init__(
+        self,
+        *,
+        set: _builtins.bool = ...,
+        at_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_ms", b"at_ms", "set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAlarmResponse: _TypeAlias = GetAlarmResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAlarmRequest(_message.Message):
+    """Delete an object's alarm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAlarmRequest: _TypeAlias = DeleteAlarmRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAlarmResponse(_message.Message):
+    """The result of DeleteAlarm."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELETED_FIELD_NUMBER: _builtins.int
+    deleted: _builtins.bool
+    """Whether there was an alarm."""
+    def __init__(
+        self,
+        *,
+        deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deleted", b"deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAlarmResponse: _TypeAlias = DeleteAlarmResponse  # noqa: Y015

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class StateStub:
-    """Storage on durable objects. All calls on one object are applied in one order, and a
+    """Per-object key/value storage. All calls on one object are applied in one order, and a
     write is acknowledged only once it is durable.
     """
 
@@ -41,44 +41,30 @@ class StateStub:
                 request_serializer=wsgate_dot_v1_dot_state__pb2.GetRequest.SerializeToString,
                 response_deserializer=wsgate_dot_v1_dot_state__pb2.GetResponse.FromString,
                 _registered_method=True)
-        self.Put = channel.unary_unary(
-                '/wsgate.v1.State/Put',
-                request_serializer=wsgate_dot_v1_dot_state__pb2.PutRequest.SerializeToString,
-                response_deserializer=wsgate_dot_v1_dot_state__pb2.PutResponse.FromString,
-                _registered_method=True)
-        self.Delete = channel.unary_unary(
-                '/wsgate.v1.State/Delete',
-                request_serializer=wsgate_dot_v1_dot_state__pb2.DeleteRequest.SerializeToString,
-                response_deserializer=wsgate_dot_v1_dot_state__pb2.DeleteResponse.FromString,
-                _registered_method=True)
         self.List = channel.unary_unary(
                 '/wsgate.v1.State/List',
                 request_serializer=wsgate_dot_v1_dot_state__pb2.ListRequest.SerializeToString,
                 response_deserializer=wsgate_dot_v1_dot_state__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.Write = channel.unary_unary(
+                '/wsgate.v1.State/Write',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.WriteRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.WriteResponse.FromString,
+                _registered_method=True)
+        self.Transaction = channel.stream_stream(
+                '/wsgate.v1.State/Transaction',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.TransactionRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.TransactionResponse.FromString,
+                _registered_method=True)
 
 
 class StateServicer:
-    """Storage on durable objects. All calls on one object are applied in one order, and a
+    """Per-object key/value storage. All calls on one object are applied in one order, and a
     write is acknowledged only once it is durable.
     """
 
     def Get(self, request, context):
-        """Read one key.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Put(self, request, context):
-        """Write one key.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Delete(self, request, context):
-        """Delete one key.
+        """Read keys.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +72,20 @@ class StateServicer:
 
     def List(self, request, context):
         """List keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Write(self, request, context):
+        """Apply independent writes (puts, deletes, delete_all), each atomic.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Transaction(self, request_iterator, context):
+        """An atomic read-modify-write on one object (see TransactionRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -99,20 +99,20 @@ def add_StateServicer_to_server(servicer, server):
                     request_deserializer=wsgate_dot_v1_dot_state__pb2.GetRequest.FromString,
                     response_serializer=wsgate_dot_v1_dot_state__pb2.GetResponse.SerializeToString,
             ),
-            'Put': grpc.unary_unary_rpc_method_handler(
-                    servicer.Put,
-                    request_deserializer=wsgate_dot_v1_dot_state__pb2.PutRequest.FromString,
-                    response_serializer=wsgate_dot_v1_dot_state__pb2.PutResponse.SerializeToString,
-            ),
-            'Delete': grpc.unary_unary_rpc_method_handler(
-                    servicer.Delete,
-                    request_deserializer=wsgate_dot_v1_dot_state__pb2.DeleteRequest.FromString,
-                    response_serializer=wsgate_dot_v1_dot_state__pb2.DeleteResponse.SerializeToString,
-            ),
             'List': grpc.unary_unary_rpc_method_handler(
                     servicer.List,
                     request_deserializer=wsgate_dot_v1_dot_state__pb2.ListRequest.FromString,
                     response_serializer=wsgate_dot_v1_dot_state__pb2.ListResponse.SerializeToString,
+            ),
+            'Write': grpc.unary_unary_rpc_method_handler(
+                    servicer.Write,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.WriteRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.WriteResponse.SerializeToString,
+            ),
+            'Transaction': grpc.stream_stream_rpc_method_handler(
+                    servicer.Transaction,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.TransactionRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.TransactionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -123,7 +123,7 @@ def add_StateServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class State:
-    """Storage on durable objects. All calls on one object are applied in one order, and a
+    """Per-object key/value storage. All calls on one object are applied in one order, and a
     write is acknowledged only once it is durable.
     """
 
@@ -155,60 +155,6 @@ class State:
             _registered_method=True)
 
     @staticmethod
-    def Put(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/wsgate.v1.State/Put',
-            wsgate_dot_v1_dot_state__pb2.PutRequest.SerializeToString,
-            wsgate_dot_v1_dot_state__pb2.PutResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Delete(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/wsgate.v1.State/Delete',
-            wsgate_dot_v1_dot_state__pb2.DeleteRequest.SerializeToString,
-            wsgate_dot_v1_dot_state__pb2.DeleteResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
     def List(request,
             target,
             options=(),
@@ -225,6 +171,579 @@ class State:
             '/wsgate.v1.State/List',
             wsgate_dot_v1_dot_state__pb2.ListRequest.SerializeToString,
             wsgate_dot_v1_dot_state__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Write(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.State/Write',
+            wsgate_dot_v1_dot_state__pb2.WriteRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.WriteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transaction(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/wsgate.v1.State/Transaction',
+            wsgate_dot_v1_dot_state__pb2.TransactionRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.TransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class MembershipStub:
+    """Connections accepted into objects, and broadcast to them. Membership is durable; a
+    connection leaves every object when it closes (the worker calls LeaveAll on its close
+    event), and when its gateway's lease runs out (see GatewayPresence).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Join = channel.unary_unary(
+                '/wsgate.v1.Membership/Join',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.JoinRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.JoinResponse.FromString,
+                _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/wsgate.v1.Membership/Leave',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.LeaveResponse.FromString,
+                _registered_method=True)
+        self.LeaveAll = channel.unary_unary(
+                '/wsgate.v1.Membership/LeaveAll',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.LeaveAllRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.LeaveAllResponse.FromString,
+                _registered_method=True)
+        self.Members = channel.unary_unary(
+                '/wsgate.v1.Membership/Members',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.MembersRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.MembersResponse.FromString,
+                _registered_method=True)
+        self.GetAttachment = channel.unary_unary(
+                '/wsgate.v1.Membership/GetAttachment',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.GetAttachmentRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.GetAttachmentResponse.FromString,
+                _registered_method=True)
+        self.SetAttachment = channel.unary_unary(
+                '/wsgate.v1.Membership/SetAttachment',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.SetAttachmentRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.SetAttachmentResponse.FromString,
+                _registered_method=True)
+        self.Broadcast = channel.unary_unary(
+                '/wsgate.v1.Membership/Broadcast',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.BroadcastRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.BroadcastResponse.FromString,
+                _registered_method=True)
+
+
+class MembershipServicer:
+    """Connections accepted into objects, and broadcast to them. Membership is durable; a
+    connection leaves every object when it closes (the worker calls LeaveAll on its close
+    event), and when its gateway's lease runs out (see GatewayPresence).
+    """
+
+    def Join(self, request, context):
+        """Accept a connection into an object with tags and an attachment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Leave(self, request, context):
+        """Remove a connection from one object.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveAll(self, request, context):
+        """Remove a connection from every object.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Members(self, request, context):
+        """List an object's members.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAttachment(self, request, context):
+        """Read a member's attachment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAttachment(self, request, context):
+        """Replace a member's attachment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Broadcast(self, request, context):
+        """Send a message to members: one command per gateway that holds any.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_MembershipServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Join': grpc.unary_unary_rpc_method_handler(
+                    servicer.Join,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.JoinRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.JoinResponse.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.LeaveRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.LeaveResponse.SerializeToString,
+            ),
+            'LeaveAll': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveAll,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.LeaveAllRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.LeaveAllResponse.SerializeToString,
+            ),
+            'Members': grpc.unary_unary_rpc_method_handler(
+                    servicer.Members,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.MembersRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.MembersResponse.SerializeToString,
+            ),
+            'GetAttachment': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAttachment,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.GetAttachmentRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.GetAttachmentResponse.SerializeToString,
+            ),
+            'SetAttachment': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAttachment,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.SetAttachmentRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.SetAttachmentResponse.SerializeToString,
+            ),
+            'Broadcast': grpc.unary_unary_rpc_method_handler(
+                    servicer.Broadcast,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.BroadcastRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.BroadcastResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'wsgate.v1.Membership', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('wsgate.v1.Membership', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Membership:
+    """Connections accepted into objects, and broadcast to them. Membership is durable; a
+    connection leaves every object when it closes (the worker calls LeaveAll on its close
+    event), and when its gateway's lease runs out (see GatewayPresence).
+    """
+
+    @staticmethod
+    def Join(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/Join',
+            wsgate_dot_v1_dot_state__pb2.JoinRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.JoinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/Leave',
+            wsgate_dot_v1_dot_state__pb2.LeaveRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.LeaveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/LeaveAll',
+            wsgate_dot_v1_dot_state__pb2.LeaveAllRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.LeaveAllResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Members(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/Members',
+            wsgate_dot_v1_dot_state__pb2.MembersRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAttachment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/GetAttachment',
+            wsgate_dot_v1_dot_state__pb2.GetAttachmentRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.GetAttachmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAttachment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/SetAttachment',
+            wsgate_dot_v1_dot_state__pb2.SetAttachmentRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.SetAttachmentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Broadcast(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/Broadcast',
+            wsgate_dot_v1_dot_state__pb2.BroadcastRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.BroadcastResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class AlarmsStub:
+    """One alarm per object. At its time the state service publishes an AlarmEvent to the
+    workers of the object's namespace; the alarm is deleted once a handler succeeds, and
+    retried with exponential backoff when it fails or no worker answers. Alarms are stored
+    with the object's data, so they survive restarts.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.SetAlarm = channel.unary_unary(
+                '/wsgate.v1.Alarms/SetAlarm',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.SetAlarmRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.SetAlarmResponse.FromString,
+                _registered_method=True)
+        self.GetAlarm = channel.unary_unary(
+                '/wsgate.v1.Alarms/GetAlarm',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.GetAlarmRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.GetAlarmResponse.FromString,
+                _registered_method=True)
+        self.DeleteAlarm = channel.unary_unary(
+                '/wsgate.v1.Alarms/DeleteAlarm',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.DeleteAlarmRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.DeleteAlarmResponse.FromString,
+                _registered_method=True)
+
+
+class AlarmsServicer:
+    """One alarm per object. At its time the state service publishes an AlarmEvent to the
+    workers of the object's namespace; the alarm is deleted once a handler succeeds, and
+    retried with exponential backoff when it fails or no worker answers. Alarms are stored
+    with the object's data, so they survive restarts.
+    """
+
+    def SetAlarm(self, request, context):
+        """Set the alarm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAlarm(self, request, context):
+        """Read the alarm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlarm(self, request, context):
+        """Delete the alarm.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_AlarmsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'SetAlarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlarm,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.SetAlarmRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.SetAlarmResponse.SerializeToString,
+            ),
+            'GetAlarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAlarm,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.GetAlarmRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.GetAlarmResponse.SerializeToString,
+            ),
+            'DeleteAlarm': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlarm,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.DeleteAlarmRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.DeleteAlarmResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'wsgate.v1.Alarms', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('wsgate.v1.Alarms', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Alarms:
+    """One alarm per object. At its time the state service publishes an AlarmEvent to the
+    workers of the object's namespace; the alarm is deleted once a handler succeeds, and
+    retried with exponential backoff when it fails or no worker answers. Alarms are stored
+    with the object's data, so they survive restarts.
+    """
+
+    @staticmethod
+    def SetAlarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Alarms/SetAlarm',
+            wsgate_dot_v1_dot_state__pb2.SetAlarmRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.SetAlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAlarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Alarms/GetAlarm',
+            wsgate_dot_v1_dot_state__pb2.GetAlarmRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.GetAlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlarm(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Alarms/DeleteAlarm',
+            wsgate_dot_v1_dot_state__pb2.DeleteAlarmRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.DeleteAlarmResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,46 @@
+"""What a part of the state service (storage, membership, alarms) gets from the server, and
+what it gives back: its gRPC servicer and its background work.
+
+The server builds one :class:`StateContext` at start and hands it to every part; parts never
+reach into the server itself, so each lives in its own module and is tested on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nats.aio.client import Client as NatsClient
+
+from stateservice.locks import ObjectLocks
+from stateservice.storage import SqliteStorage
+from wsgate.config import StateConfig
+
+
+@dataclass(frozen=True)
+class StateContext:
+    """Shared by the parts of one state service process."""
+
+    config: StateConfig
+    #: The one SQLite file; every part submits its operations here (group commit).
+    storage: SqliteStorage
+    #: Per-object order between transactions and the writes that must wait for them.
+    locks: ObjectLocks
+    #: The bus: broadcasts to gateways, presence from gateways, alarms to workers.
+    nc: NatsClient
+
+
+class Component(Protocol):
+    """One part of the state service."""
+
+    def register(self, server: Any) -> None:
+        """Add this part's servicer(s) to the ``grpc.aio.Server`` (before it starts)."""
+        ...
+
+    async def start(self) -> None:
+        """Start background work (subscriptions, timers). Called once the server listens."""
+        ...
+
+    async def close(self) -> None:
+        """Stop background work; called after the gRPC server stopped, before storage closes."""
+        ...

@@ -1,0 +1,326 @@
+"""``wsgate.v1.State``: per-object key/value storage and transactions over gRPC.
+
+Design (recorded in docs/architecture.md): **server-side per-object serialization**. Every
+operation goes through one storage queue (:mod:`stateservice.storage`), which already
+orders all operations of all objects; a transaction additionally *holds* its object
+(:class:`~stateservice.locks.ObjectLocks`) from begin to commit, so writes to that object
+wait behind it while reads and other objects go on. A transaction therefore never
+conflicts and never retries: under contention (many clients incrementing one counter,
+the common case for a durable object) it queues instead of wasting work, and a holder
+that stalls is cut off by ``transaction_timeout_s`` (ABORTED, nothing written); one that
+dies drops its stream, which releases the object at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import grpc
+
+from stateservice.component import StateContext
+from stateservice.idempotency import Applied, Idempotent, LookupApplied
+from stateservice.limits import check_batch, check_key, check_value_size
+from stateservice.rpc import object_id, refuse, stored
+from stateservice.storage import (
+    DeleteAll,
+    DeleteKeys,
+    GetKeys,
+    ListQuery,
+    ObjectId,
+    Operation,
+    PutKeys,
+)
+from wsgate.errors import InvalidRequest
+from wsgate.state_errors import REFUSAL_TYPES, error_info
+from wsgate.v1 import state_pb2 as pb
+from wsgate.v1 import state_pb2_grpc
+from wsgate.values import decode_value
+
+log = logging.getLogger(__name__)
+
+
+class KeyValueComponent(state_pb2_grpc.StateServicer):
+    """The State service of one state service process."""
+
+    def __init__(self, context: StateContext) -> None:
+        self._context = context
+        self._storage = context.storage
+        self._locks = context.locks
+
+    # -- Component -----------------------------------------------------------------------
+
+    def register(self, server: Any) -> None:
+        """Add ``wsgate.v1.State`` to the server."""
+        state_pb2_grpc.add_StateServicer_to_server(self, server)
+
+    async def start(self) -> None:
+        """No background work."""
+
+    async def close(self) -> None:
+        """No background work."""
+
+    # -- reads ---------------------------------------------------------------------------
+
+    async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
+        try:
+            op = _get_op(object_id(request.object), request)
+        except REFUSAL_TYPES as exc:
+            await refuse(context, exc)
+        entries = await stored(context, self._storage.submit(op))
+        return pb.GetResponse(entries=[pb.Entry(key=k, value=v) for k, v in entries])
+
+    async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
+        try:
+            op = _list_op(object_id(request.object), request)
+        except REFUSAL_TYPES as exc:
+            await refuse(context, exc)
+        entries = await stored(context, self._storage.submit(op))
+        return pb.ListResponse(entries=[pb.Entry(key=k, value=v) for k, v in entries])
+
+    # -- writes --------------------------------------------------------------------------
+
+    async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
+        """Each write is checked and applied on its own; one bad write fails alone."""
+        pending: list[asyncio.Future[Applied] | pb.WriteResult] = []
+        for write in request.writes:
+            try:
+                obj, op = _write_op(write)
+            except REFUSAL_TYPES as exc:
+                failure = pb.WriteFailure(
+                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
+                    details=str(exc),
+                    info=error_info(exc),
+                )
+                pending.append(pb.WriteResult(failure=failure))
+                continue
+            pending.append(self._submit_write(obj, _keyed(op, write.idempotency_key)))
+        results = []
+        for item in pending:
+            if isinstance(item, pb.WriteResult):
+                results.append(item)
+                continue
+            try:
+                applied = await item
+            except Exception as exc:
+                # The disk failed this write (or its batch's commit): nothing of it stored.
+                log.exception("write failed")
+                failure = pb.WriteFailure(
+                    code=grpc.StatusCode.INTERNAL.value[0], details=f"storage failed: {exc}"
+                )
+                results.append(pb.WriteResult(failure=failure))
+                continue
+            results.append(pb.WriteResult(count=applied.count, replayed=applied.replayed))
+        return pb.WriteResponse(results=results)
+
+    def _submit_write(self, obj: ObjectId, op: Operation[Applied]) -> asyncio.Future[Applied]:
+        """Queue a write to ``obj`` behind any transaction holding it (in arrival order)."""
+        if self._locks.is_free(obj):
+            return self._storage.submit(op)
+        # Its turn comes after the holder commits; once submitted the hold is not needed.
+        return asyncio.ensure_future(self._submit_in_turn(obj, op))
+
+    async def _submit_in_turn(self, obj: ObjectId, op: Operation[Applied]) -> Applied:
+        async with self._locks.holding(obj):
+            future = self._storage.submit(op)
+        return await future
+
+    # -- transactions --------------------------------------------------------------------
+
+    async def Transaction(self, request_iterator: Any, context: Any) -> None:
+        """begin → (get | list)* → commit, on one stream; see TransactionRequest."""
+        first = await context.read()
+        if first is grpc.aio.EOF:
+            return
+        if first.WhichOneof("step") != "begin":
+            await _invalid(context, "a transaction starts with begin")
+        begin = first.begin
+        try:
+            obj = object_id(begin.object)
+        except REFUSAL_TYPES as exc:
+            await refuse(context, exc)
+        key = begin.idempotency_key
+        replay = await self._replay(context, key)
+        if replay is not None:
+            await context.write(pb.TransactionResponse(begun=replay))
+            return
+        timeout_s = self._context.config.transaction_timeout_s
+        held = False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._locks.acquire(obj)
+                held = True
+                # A copy of this transaction (a redelivered event) may have committed while
+                # this one waited for the object.
+                replay = await self._replay(context, key)
+                if replay is not None:
+                    await context.write(pb.TransactionResponse(begun=replay))
+                    return
+                await context.write(pb.TransactionResponse(begun=pb.TransactionBegun()))
+                while True:
+                    request = await context.read()
+                    if request is grpc.aio.EOF:
+                        return  # the client ended without commit: aborted, nothing written
+                    step = request.WhichOneof("step")
+                    if step == "commit":
+                        break
+                    await context.write(await self._transaction_read(context, obj, request))
+                try:
+                    op = _commit_op(obj, request.commit, key)
+                except REFUSAL_TYPES as exc:
+                    await refuse(context, exc)
+                future = self._storage.submit(op)
+                # Submitted: whatever comes next is ordered after it by the queue.
+                self._locks.release(obj)
+                held = False
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.ABORTED,
+                f"transaction on {obj.namespace}/{obj.name} took longer than {timeout_s:g} s; "
+                "none of its writes were applied",
+            )
+        finally:
+            if held:
+                self._locks.release(obj)
+        # Outside the deadline: once submitted, the commit is the storage's to finish.
+        await stored(context, future)
+        await context.write(pb.TransactionResponse(committed=pb.TransactionCommitted()))
+
+    async def _replay(self, context: Any, key: str) -> pb.TransactionBegun | None:
+        if not key:
+            return None
+        applied = await stored(context, self._storage.submit(LookupApplied(key)))
+        if applied is None:
+            return None
+        return pb.TransactionBegun(replayed=True, result=applied.result or b"")
+
+    async def _transaction_read(
+        self, context: Any, obj: ObjectId, request: pb.TransactionRequest
+    ) -> pb.TransactionResponse:
+        step = request.WhichOneof("step")
+        if step not in ("get", "list"):
+            await _invalid(context, f"unexpected {step or 'empty'} step in a transaction")
+        try:
+            op: Operation[list[tuple[str, bytes]]] = (
+                _get_op(obj, request.get) if step == "get" else _list_op(obj, request.list)
+            )
+        except REFUSAL_TYPES as exc:
+            await refuse(context, exc)
+        found = await stored(context, self._storage.submit(op))
+        entries = [pb.Entry(key=k, value=v) for k, v in found]
+        if step == "get":
+            return pb.TransactionResponse(get=pb.GetResponse(entries=entries))
+        return pb.TransactionResponse(list=pb.ListResponse(entries=entries))
+
+
+async def _invalid(context: Any, details: str) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details)
+
+
+# -- requests to operations (checking every limit) ------------------------------------------
+
+
+def _get_op(obj: ObjectId, request: pb.GetRequest) -> GetKeys:
+    keys = request.keys
+    check_batch(len(keys), keys[0] if keys else "")
+    return GetKeys(obj, tuple(check_key(key) for key in keys))
+
+
+def _list_op(obj: ObjectId, request: pb.ListRequest) -> ListQuery:
+    return ListQuery(
+        obj=obj,
+        prefix=request.prefix.encode(),
+        start=request.start.encode() if request.HasField("start") else None,
+        end=request.end.encode() if request.HasField("end") else None,
+        # On the wire 0 means no limit (proto3 cannot tell 0 from unset).
+        limit=request.limit or None,
+        reverse=request.reverse,
+    )
+
+
+def _write_op(write: pb.Write) -> tuple[ObjectId, Operation[int]]:
+    kind = write.WhichOneof("op")
+    if kind == "put":
+        obj = object_id(write.put.object)
+        return obj, _put_op(obj, write.put.entries)
+    if kind == "delete":
+        obj = object_id(write.delete.object)
+        return obj, _delete_op(obj, write.delete.keys)
+    if kind == "delete_all":
+        obj = object_id(write.delete_all.object)
+        return obj, DeleteAll(obj)
+    raise InvalidRequest("a write names no operation")
+
+
+def _put_op(obj: ObjectId, entries: Any) -> PutKeys:
+    check_batch(len(entries), entries[0].key if entries else "")
+    checked = []
+    for entry in entries:
+        key = check_key(entry.key)
+        # Size first: it is cheap, and parsing a huge value is not.
+        check_value_size(entry.value, entry.key)
+        # Parsed only to refuse garbage; the bytes are stored as received.
+        decode_value(entry.value)
+        checked.append((key, entry.value))
+    return PutKeys(obj, tuple(checked))
+
+
+def _delete_op(obj: ObjectId, keys: Any) -> DeleteKeys:
+    check_batch(len(keys), keys[0] if keys else "")
+    return DeleteKeys(obj, tuple(check_key(key) for key in keys))
+
+
+def _keyed(op: Operation[int], idempotency_key: str) -> Operation[Applied]:
+    return Idempotent(op, idempotency_key) if idempotency_key else _Unkeyed(op)
+
+
+class _Unkeyed:
+    """A write without an idempotency key, answering like a keyed one."""
+
+    __slots__ = ("op",)
+    writes = True
+
+    def __init__(self, op: Operation[int]) -> None:
+        self.op = op
+
+    def __call__(self, conn: Any) -> Applied:
+        return Applied(self.op(conn))
+
+
+class _Atomic:
+    """A transaction's writes, in order, all in one savepoint (all or none)."""
+
+    __slots__ = ("ops",)
+    writes = True
+
+    def __init__(self, ops: list[Operation[int]]) -> None:
+        self.ops = ops
+
+    def __call__(self, conn: Any) -> int:
+        return sum(op(conn) for op in self.ops)
+
+
+def _commit_op(obj: ObjectId, commit: pb.TransactionCommit, key: str) -> Operation[Applied]:
+    ops: list[Operation[int]] = []
+    keys = 0
+    for write in commit.writes:
+        kind = write.WhichOneof("op")
+        # The transaction's object, whatever the write names.
+        if kind == "put":
+            keys += len(write.put.entries)
+            ops.append(_put_op(obj, write.put.entries))
+        elif kind == "delete":
+            keys += len(write.delete.keys)
+            ops.append(_delete_op(obj, write.delete.keys))
+        elif kind == "delete_all":
+            ops.append(DeleteAll(obj))
+        else:
+            raise InvalidRequest("a write names no operation")
+        check_batch(keys)
+    if commit.result:
+        decode_value(commit.result)
+    atomic = _Atomic(ops)
+    if key:
+        return Idempotent(atomic, key, result=commit.result or None)
+    return _Unkeyed(atomic)

@@ -1,0 +1,47 @@
+"""The state service's Prometheus metrics, in a registry of its own.
+
+Storage figures are read from :class:`~stateservice.storage.CommitStats` at scrape time,
+so the storage thread never touches a metric: ``writes / commits`` is the group commit's
+batching, the figure that says how many writers one fsync served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from stateservice.locks import ObjectLocks
+from stateservice.storage import SqliteStorage
+
+
+class _StorageCollector(Collector):
+    def __init__(self, storage: SqliteStorage, locks: ObjectLocks) -> None:
+        self._storage = storage
+        self._locks = locks
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._storage.stats
+        yield CounterMetricFamily(
+            "wsgate_state_commits", "SQLite commits (one fsync each)", value=stats.commits
+        )
+        yield CounterMetricFamily(
+            "wsgate_state_writes", "Write operations committed", value=stats.writes
+        )
+        yield CounterMetricFamily(
+            "wsgate_state_operations", "Operations (reads and writes) run", value=stats.operations
+        )
+        yield GaugeMetricFamily(
+            "wsgate_state_objects_held",
+            "Objects held by a transaction or waited for",
+            value=self._locks.held(),
+        )
+
+
+def state_registry(storage: SqliteStorage, locks: ObjectLocks) -> CollectorRegistry:
+    """A registry exposing the storage's figures."""
+    registry = CollectorRegistry()
+    registry.register(_StorageCollector(storage, locks))
+    return registry

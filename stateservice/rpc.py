@@ -1,0 +1,43 @@
+"""What every servicer of the state service does the same way: read an object id, refuse
+bad input with a typed ErrorInfo, and turn storage failures into INTERNAL."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Awaitable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+
+from stateservice.storage import ObjectId
+from wsgate.state_errors import Refusal, refusal_metadata
+from wsgate.v1 import state_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def object_id(message: pb.ObjectId) -> ObjectId:
+    """The object a request names; raises InvalidObjectId (a refusal) for an empty namespace."""
+    return ObjectId(message.namespace, message.name)
+
+
+async def refuse(context: Any, exc: Refusal) -> NoReturn:
+    """End the call with INVALID_ARGUMENT, ``exc``'s message and its ErrorInfo."""
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=refusal_metadata(exc)
+    )
+    raise AssertionError("unreachable: ServicerContext.abort() raises")
+
+
+async def stored(context: Any, operation: Awaitable[T]) -> T:
+    """Await a storage operation; a disk failure ends the call with INTERNAL (the batch was
+    rolled back, nothing of it was stored)."""
+    try:
+        return await operation
+    except sqlite3.Error as exc:
+        log.exception("storage failed")
+        await context.abort(grpc.StatusCode.INTERNAL, f"storage failed: {exc}")
+        raise AssertionError("unreachable: ServicerContext.abort() raises") from exc

@@ -1,0 +1,175 @@
+"""The worker's side of alarms: take AlarmEvents from NATS, run the app's alarm handlers,
+answer with an AlarmResult.
+
+For each namespace with a handler (``App.on_alarm``) the runner subscribes to
+``<prefix>.alarm.<namespace>`` in queue group ``alarms-<namespace>``, so each alarm goes to
+one worker of the namespace. The state service keeps the alarm until an ``ok`` answer;
+anything else (an exception, no answer) makes it retry later, so a handler runs at least
+once and may run again after a crash or a lost answer.
+
+Each run has its own output gate keyed ``alarm:<firing_id>``: its storage writes carry
+idempotency keys that a retry of the same firing reuses, and ``ok`` is answered only once
+those writes are durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import nats.errors
+from google.protobuf.message import DecodeError
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from worker.alarms_client import AlarmInfo
+from worker.app import AlarmHandler, App
+from worker.env import Env
+from worker.gate import OutputGate, current_gate
+from wsgate import subjects
+from wsgate.v1 import envelope_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+#: An AlarmResult's error (what the state service logs) is cut to this many characters.
+MAX_ERROR_CHARS = 1000
+
+
+class AlarmRunner:
+    """Runs ``app``'s alarm handlers for AlarmEvents on ``nc``.
+
+    :meth:`start` subscribes (nothing if the app has no alarm handler); :meth:`close`
+    unsubscribes, lets running handlers finish and answer for up to ``drain_timeout_s``,
+    then cancels the rest (their alarms are retried by the state service). At most
+    ``max_concurrent`` handlers run at once; more alarms wait in NATS' buffer.
+    """
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        app: App,
+        env: Env,
+        *,
+        prefix: str,
+        max_concurrent: int,
+        drain_timeout_s: float,
+    ) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        self._nc = nc
+        self._handlers = dict(app.alarm_handlers)
+        self._env = env
+        self._prefix = prefix
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._drain_timeout_s = drain_timeout_s
+        self._subscriptions: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def namespaces(self) -> tuple[str, ...]:
+        """The namespaces whose alarms this runner takes."""
+        return tuple(self._handlers)
+
+    async def start(self) -> None:
+        """Subscribe for every namespace with a handler, and make sure NATS has the
+        subscriptions before returning (so the worker is ready when it says so)."""
+        for namespace in self._handlers:
+            self._subscriptions.append(
+                await self._nc.subscribe(
+                    subjects.alarm_subject(self._prefix, namespace),
+                    queue=subjects.alarm_queue(namespace),
+                    cb=self._take,
+                )
+            )
+        if self._subscriptions:
+            await self._nc.flush()
+            log.info("running alarms of %d namespace(s)", len(self._subscriptions))
+
+    async def close(self) -> None:
+        """Stop taking alarms, wait for running handlers (up to the drain timeout), cancel
+        the rest. Idempotent; NATS must still be open (handlers answer on it)."""
+        if self._closed:
+            return
+        self._closed = True
+        for sub in self._subscriptions:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+        self._subscriptions.clear()
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self._drain_timeout_s)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+
+    async def _take(self, msg: Msg) -> None:
+        """NATS callback (one message at a time per subscription): waiting for a slot here
+        is what pushes back when too many handlers run."""
+        try:
+            event = pb.AlarmEvent.FromString(msg.data)
+        except DecodeError:
+            event = None
+        handler = self._handlers.get(event.namespace) if event is not None else None
+        if event is None or handler is None or not msg.reply:
+            log.warning("dropped an unreadable alarm event (%d bytes)", len(msg.data))
+            return
+        await self._slots.acquire()
+        if self._closed:  # taken while closing: let another worker have it soon
+            self._slots.release()
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(
+                    pb.AlarmResult(ok=False, error="worker shutting down").SerializeToString()
+                )
+            return
+        # A Task per alarm: its context (and so its output gate) is its own.
+        task = asyncio.get_running_loop().create_task(self._run(msg, event, handler))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+
+    async def _run(self, msg: Msg, event: pb.AlarmEvent, handler: AlarmHandler) -> None:
+        gate = OutputGate(f"alarm:{event.firing_id}")
+        current_gate.set(gate)
+        info = AlarmInfo(
+            namespace=event.namespace,
+            name=event.name,
+            scheduled_ms=event.scheduled_ms,
+            retry_count=event.retry_count,
+            firing_id=event.firing_id,
+            env=self._env,
+        )
+        try:
+            await handler(info)
+            # "ok" deletes the alarm: only once what the handler wrote is durable.
+            await gate.open()
+            result = pb.AlarmResult(ok=True)
+        except asyncio.CancelledError:
+            # Cut off by the drain timeout: say so, so that the state service retries now
+            # rather than after its alarm timeout.
+            gate.abandon()
+            failed = pb.AlarmResult(ok=False, error="cancelled: the worker shut down")
+            with contextlib.suppress(nats.errors.Error):
+                await msg.respond(failed.SerializeToString())
+            raise
+        except Exception as exc:
+            gate.abandon()
+            log.exception(
+                "alarm handler failed for %r/%r (retry %d)",
+                event.namespace,
+                event.name,
+                event.retry_count,
+            )
+            result = pb.AlarmResult(
+                ok=False, error=f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+            )
+        try:
+            await msg.respond(result.SerializeToString())
+        except nats.errors.Error as exc:
+            # The state service times out and tries again: at least once, maybe twice.
+            log.warning("answer to the alarm of %r/%r lost: %r", event.namespace, event.name, exc)
