@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from wsgate.config import StateConfig
 from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
 
 
@@ -75,8 +76,16 @@ class Stack:
         db = db_path or self.log_dir / "state.sqlite3"
         log = self.log_file("state")
         argv = python_role_argv(
-            "state", "--nats-url", self.nats_url, "--port", "0", "--probe-port", "0",
-            "--db-path", str(db), *extra,
+            "state",
+            "--nats-url",
+            self.nats_url,
+            "--port",
+            "0",
+            "--probe-port",
+            "0",
+            "--db-path",
+            str(db),
+            *extra,
         )
         self.state = spawn("state", argv, stdout=log, stderr=log, env=_env())
         return self.state
@@ -141,6 +150,21 @@ def _env() -> dict[str, str]:
     env.setdefault("WSGATE_LOG_LEVEL", "DEBUG")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def in_process_state_config(tmp_path: Path, nats_url: str, **settings: Any) -> StateConfig:
+    """The config of a StateServer run inside the test process: every port chosen by the
+    kernel, the database in ``tmp_path``; ``settings`` override the rest."""
+    return StateConfig(
+        **{
+            "host": "127.0.0.1",
+            "port": 0,
+            "probe_port": 0,
+            "db_path": tmp_path / "state.sqlite3",
+            "nats_url": nats_url,
+            **settings,
+        }
+    )
 
 
 def stack_context(

@@ -30,12 +30,12 @@ from stateservice.limits import MAX_ATTACHMENT_BYTES, MAX_TAG_CHARS, MAX_TAGS
 from stateservice.membership import INVALID_CONNECTION_ID, PAGE_SIZE, MembershipComponent
 from stateservice.server import StateServer
 from stateservice.storage import ObjectId
-from tests.harness import Stack, stack_context
+from tests.harness import Stack, in_process_state_config, stack_context
 from worker.membership import Member, ObjectMembers, leave_all
 from worker.state_client import StateClient
 from wsgate import ids, subjects
 from wsgate.bench.loadgen import raise_nofile_limit
-from wsgate.config import GatewayConfig, StateConfig
+from wsgate.config import GatewayConfig
 from wsgate.errors import (
     AttachmentTooLarge,
     InvalidConnectionId,
@@ -108,14 +108,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
 
 @pytest.fixture
 async def server(tmp_path: Path, nats_server: Child) -> AsyncIterator[StateServer]:
-    config = StateConfig(
-        host="127.0.0.1",
-        port=0,
-        probe_port=0,
-        db_path=tmp_path / "state.sqlite3",
-        nats_url=str(nats_server.info["url"]),
-        prefix=PREFIX,
-    )
+    config = in_process_state_config(tmp_path, str(nats_server.info["url"]), prefix=PREFIX)
     async with StateServer(config) as server:
         yield server
 
@@ -494,13 +487,7 @@ async def test_garbage_on_the_presence_subject_is_counted_and_dropped(
 async def test_members_stored_before_a_restart_get_a_grace_lease(
     tmp_path: Path, nats_server: Child
 ) -> None:
-    config = StateConfig(
-        host="127.0.0.1",
-        port=0,
-        probe_port=0,
-        db_path=tmp_path / "state.sqlite3",
-        nats_url=str(nats_server.info["url"]),
-    )
+    config = in_process_state_config(tmp_path, str(nats_server.info["url"]))
     (a,) = new_ids(1)
     async with StateServer(config) as first, StateClient(first.address) as client:
         await ObjectMembers(client, "room", "r").accept(a)
@@ -519,9 +506,7 @@ async def test_leases_hold_while_the_state_service_is_cut_off_from_nats(tmp_path
     first = start_nats_server(tmp_path / "nats1")
     url = str(first.info["url"])
     second: Child | None = None
-    config = StateConfig(
-        host="127.0.0.1", port=0, probe_port=0, db_path=tmp_path / "s.sqlite3", nats_url=url
-    )
+    config = in_process_state_config(tmp_path, url)
     try:
         async with StateServer(config) as server, StateClient(server.address) as client:
             monitor = membership_of(server).presence

@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stateservice.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from stateservice.server import STATE_SERVICE_NAME, StateServer
+from tests.harness import in_process_state_config
 from worker.state_client import ObjectStorage, StateClient
 from wsgate.config import StateConfig
 from wsgate.errors import (
@@ -31,19 +32,9 @@ from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
 
 
-def state_config(tmp_path: Path, nats_url: str) -> StateConfig:
-    return StateConfig(
-        host="127.0.0.1",
-        port=0,
-        probe_port=0,
-        db_path=tmp_path / "state.sqlite3",
-        nats_url=nats_url,
-    )
-
-
 @pytest.fixture
 async def server(tmp_path: Path, nats_url: str) -> AsyncIterator[StateServer]:
-    async with StateServer(state_config(tmp_path, nats_url)) as server:
+    async with StateServer(in_process_state_config(tmp_path, nats_url)) as server:
         yield server
 
 
@@ -166,7 +157,7 @@ async def test_a_negative_limit_is_refused(room: ObjectStorage) -> None:
 
 
 async def test_data_survives_a_restart_of_the_service(tmp_path: Path, nats_url: str) -> None:
-    config = state_config(tmp_path, nats_url)
+    config = in_process_state_config(tmp_path, nats_url)
     async with StateServer(config) as first, StateClient(first.address) as client:
         await client.storage("room", "lobby").put("k", {"kept": True})
     async with StateServer(config) as second, StateClient(second.address) as client:
@@ -238,7 +229,7 @@ async def test_an_unstorable_value_is_refused_before_any_call(
 ) -> None:
     # Nothing listens here, so a call would raise StateUnavailable: InvalidValue proves
     # the client refused first.
-    async with StateServer(state_config(tmp_path, nats_url)) as server:
+    async with StateServer(in_process_state_config(tmp_path, nats_url)) as server:
         address = server.address
     async with StateClient(address) as client:
         with pytest.raises(InvalidValue) as info:
@@ -313,7 +304,7 @@ async def test_health_reports_serving(server: StateServer, service: str) -> None
 
 
 async def test_health_turns_not_serving_when_closing(tmp_path: Path, nats_url: str) -> None:
-    server = StateServer(state_config(tmp_path, nats_url))
+    server = StateServer(in_process_state_config(tmp_path, nats_url))
     await server.start()
     async with grpc.aio.insecure_channel(server.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
@@ -335,7 +326,7 @@ async def test_address_is_the_bound_port(server: StateServer) -> None:
 
 
 async def test_close_is_idempotent(tmp_path: Path, nats_url: str) -> None:
-    server = StateServer(state_config(tmp_path, nats_url))
+    server = StateServer(in_process_state_config(tmp_path, nats_url))
     await server.start()
     await asyncio.gather(server.close(), server.close())
     await server.close()
@@ -366,7 +357,7 @@ async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path, nat
 
 
 async def test_a_closed_port_raises_state_unavailable(tmp_path: Path, nats_url: str) -> None:
-    async with StateServer(state_config(tmp_path, nats_url)) as server:
+    async with StateServer(in_process_state_config(tmp_path, nats_url)) as server:
         address = server.address
     # Calls wait for the service (a restart) up to their deadline, then give up.
     async with StateClient(address, timeout_s=0.5) as client:
@@ -442,7 +433,7 @@ def test_round_trip_under_uvloop(tmp_path: Path, nats_url: str) -> None:
 
     async def round_trip() -> tuple[object, str]:
         async with (
-            StateServer(state_config(tmp_path, nats_url)) as server,
+            StateServer(in_process_state_config(tmp_path, nats_url)) as server,
             StateClient(server.address) as client,
         ):
             room = client.storage("room", "lobby")

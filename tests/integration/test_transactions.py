@@ -15,29 +15,20 @@ from stateservice.component import StateContext
 from stateservice.idempotency import IdempotencyPruner
 from stateservice.limits import MAX_BATCH_KEYS
 from stateservice.server import StateServer
+from tests.harness import in_process_state_config
 from worker.gate import OutputGate, current_gate
 from worker.state_client import ObjectStorage, StateClient, Transaction
-from wsgate.config import StateConfig
 from wsgate.errors import InvalidValue, TooManyKeys, TransactionAborted
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
 
 
-def state_config(tmp_path: Path, nats_url: str, **settings: Any) -> StateConfig:
-    return StateConfig(
-        host="127.0.0.1",
-        port=0,
-        probe_port=0,
-        db_path=tmp_path / "state.sqlite3",
-        nats_url=nats_url,
-        **settings,
-    )
-
-
 @pytest.fixture
 async def server(tmp_path: Path, nats_url: str) -> AsyncIterator[StateServer]:
-    async with StateServer(state_config(tmp_path, nats_url, transaction_timeout_s=1.0)) as server:
+    async with StateServer(
+        in_process_state_config(tmp_path, nats_url, transaction_timeout_s=1.0)
+    ) as server:
         yield server
 
 
@@ -318,7 +309,7 @@ async def test_keys_past_their_retention_are_pruned(
     await counter.put("n", "later")
     pruner = IdempotencyPruner(
         StateContext(
-            state_config(tmp_path, nats_url, idempotency_retention_s=0.001),
+            in_process_state_config(tmp_path, nats_url, idempotency_retention_s=0.001),
             server.storage,
             server.locks,
             nc=None,  # type: ignore[arg-type]  # the pruner never touches the bus
