@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -81,10 +82,19 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
 
     # -- writes --------------------------------------------------------------------------
 
-    async def Write(self, request: pb.WriteRequest, context: Any) -> pb.WriteResponse:
-        """Each write is checked and applied on its own; one bad write fails alone."""
-        pending: list[asyncio.Future[Applied] | pb.WriteResult] = []
-        for write in request.writes:
+    async def Write(
+        self, request: pb.WriteRequest, context: Any
+    ) -> AsyncIterator[pb.WriteResponse]:
+        """Each write is checked and applied on its own; one bad write fails alone.
+
+        Results stream back as writes finish: the writes to free objects (normally all of
+        them) in the first message, and each write that waits behind a transaction holding
+        its object when it is done, so it never holds back the others.
+        """
+        ready: list[pb.WriteResult] = []
+        pending: dict[asyncio.Future[Applied], int] = {}
+        held_back = False
+        for index, write in enumerate(request.writes):
             try:
                 obj, op = _write_op(write)
             except REFUSAL_TYPES as exc:
@@ -93,33 +103,36 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
                     details=str(exc),
                     info=error_info(exc),
                 )
-                pending.append(pb.WriteResult(failure=failure))
+                ready.append(pb.WriteResult(failure=failure, index=index))
                 continue
-            pending.append(self._submit_write(obj, _keyed(op, write.idempotency_key)))
-        results = []
-        for item in pending:
-            if isinstance(item, pb.WriteResult):
-                results.append(item)
-                continue
-            try:
-                applied = await item
-            except Exception as exc:
-                # The disk failed this write (or its batch's commit): nothing of it stored.
-                log.exception("write failed")
-                failure = pb.WriteFailure(
-                    code=grpc.StatusCode.INTERNAL.value[0], details=f"storage failed: {exc}"
-                )
-                results.append(pb.WriteResult(failure=failure))
-                continue
-            results.append(pb.WriteResult(count=applied.count, replayed=applied.replayed))
-        return pb.WriteResponse(results=results)
+            future, waits = self._submit_write(obj, _keyed(op, write.idempotency_key))
+            pending[future] = index
+            held_back = held_back or waits
+        if held_back:
+            # Some writes wait behind a transaction: answer what is known at once (maybe
+            # nothing), so the client stops counting this call against those it keeps in
+            # flight while the rest waits.
+            yield pb.WriteResponse(results=ready)
+            ready = []
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            # Futures resolved by one commit are all done by now: one message for them.
+            for future in done:
+                ready.append(_write_result(future, pending.pop(future)))
+            yield pb.WriteResponse(results=ready)
+            ready = []
+        if ready:
+            yield pb.WriteResponse(results=ready)
 
-    def _submit_write(self, obj: ObjectId, op: Operation[Applied]) -> asyncio.Future[Applied]:
-        """Queue a write to ``obj`` behind any transaction holding it (in arrival order)."""
+    def _submit_write(
+        self, obj: ObjectId, op: Operation[Applied]
+    ) -> tuple[asyncio.Future[Applied], bool]:
+        """Queue a write to ``obj`` behind any transaction holding it (in arrival order).
+        Returns its future, and whether it waits behind a transaction."""
         if self._locks.is_free(obj):
-            return self._storage.submit(op)
+            return self._storage.submit(op), False
         # Its turn comes after the holder commits; once submitted the hold is not needed.
-        return asyncio.ensure_future(self._submit_in_turn(obj, op))
+        return asyncio.ensure_future(self._submit_in_turn(obj, op)), True
 
     async def _submit_in_turn(self, obj: ObjectId, op: Operation[Applied]) -> Applied:
         async with self._locks.holding(obj):
@@ -212,6 +225,19 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         if step == "get":
             return pb.TransactionResponse(get=pb.GetResponse(entries=entries))
         return pb.TransactionResponse(list=pb.ListResponse(entries=entries))
+
+
+def _write_result(future: asyncio.Future[Applied], index: int) -> pb.WriteResult:
+    try:
+        applied = future.result()
+    except Exception as exc:
+        # The disk failed this write (or its batch's commit): nothing of it was stored.
+        log.error("write failed: %s", exc)
+        failure = pb.WriteFailure(
+            code=grpc.StatusCode.INTERNAL.value[0], details=f"storage failed: {exc}"
+        )
+        return pb.WriteResult(failure=failure, index=index)
+    return pb.WriteResult(count=applied.count, replayed=applied.replayed, index=index)
 
 
 async def _invalid(context: Any, details: str) -> None:

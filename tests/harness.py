@@ -167,6 +167,12 @@ def in_process_state_config(tmp_path: Path, nats_url: str, **settings: Any) -> S
     )
 
 
+async def write_results(stub: Any, request: Any) -> list[Any]:
+    """Every result of a raw ``State.Write`` call (a stream), in the order of the writes."""
+    results = [result async for response in stub.Write(request) for result in response.results]
+    return sorted(results, key=lambda result: result.index)
+
+
 def stack_context(
     log_dir: Path,
     *,

@@ -223,47 +223,62 @@ class _WritePipeline:
         return batch
 
     async def _send(self, batch: list[tuple[pb.Write, asyncio.Future[pb.WriteResult]]]) -> None:
-        try:
-            request = pb.WriteRequest(writes=[write for write, _ in batch])
-            try:
-                response = await self._call_with_retries(request)
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                return
-            for (_, future), result in zip(batch, response.results, strict=True):
-                if not future.done():
-                    future.set_result(result)
-        finally:
-            self._in_flight -= 1
-            if self._queue and not self._scheduled:
-                self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._send_queued)
+        """One Write call for ``batch``; each future resolves with its write's result.
 
-    async def _call_with_retries(self, request: pb.WriteRequest) -> pb.WriteResponse:
-        """One Write call, tried again while the service is unavailable (its connection
-        broke mid-call: a restart), within the client's deadline.
-
-        Safe to repeat: a keyed write is recognised if it was applied, and an unkeyed one
-        (outside handlers) sets, deletes or clears absolutely, so applying it twice leaves
-        what applying it once does, unless another writer wrote the same key in between.
+        The call's slot is given back with its first answer: what is still unanswered then
+        waits behind a transaction holding its object, and must not keep other writes from
+        going out. A call the service dropped mid-way (UNAVAILABLE: a restart) is made again
+        for the writes not answered yet, within the client's deadline. That is safe: a keyed
+        write is recognised if it was applied, and an unkeyed one (outside handlers) sets,
+        deletes or clears absolutely, so applying it twice leaves what applying it once does
+        unless another writer wrote the same key in between.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._client.timeout_s
         backoff_s = RETRY_FIRST_BACKOFF_S
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                response: pb.WriteResponse = await self._client.unary(
-                    "State", "Write", request, timeout_s=max(remaining, 0.001)
-                )
-                return response
-            except StateUnavailable:
-                if loop.time() + backoff_s >= deadline:
-                    raise
-            await asyncio.sleep(backoff_s)
-            backoff_s = min(backoff_s * 2, RETRY_MAX_BACKOFF_S)
+        unanswered = dict(enumerate(batch))
+        holding_slot = True
+        try:
+            while unanswered:
+                positions = list(unanswered)
+                request = pb.WriteRequest(writes=[unanswered[i][0] for i in positions])
+                try:
+                    call = self._client.stub("State").Write(
+                        request,
+                        timeout=max(deadline - loop.time(), 0.001),
+                        wait_for_ready=True,
+                    )
+                    async for response in call:
+                        for result in response.results:
+                            _, future = unanswered.pop(positions[result.index])
+                            if not future.done():
+                                future.set_result(result)
+                        if holding_slot:
+                            holding_slot = False
+                            self._release_slot()
+                    if unanswered:
+                        raise StateError(f"state service left {len(unanswered)} writes unanswered")
+                    return
+                except grpc.RpcError as exc:
+                    error = self._client._error(exc, "Write")
+                    if isinstance(error, StateUnavailable) and loop.time() + backoff_s < deadline:
+                        await asyncio.sleep(backoff_s)
+                        backoff_s = min(backoff_s * 2, RETRY_MAX_BACKOFF_S)
+                        continue
+                    raise error from exc
+        except Exception as exc:
+            for _, future in unanswered.values():
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            if holding_slot:
+                self._release_slot()
+
+    def _release_slot(self) -> None:
+        self._in_flight -= 1
+        if self._queue and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_queued)
 
 
 def _result_count(result: pb.WriteResult) -> int:

@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stateservice.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from stateservice.server import STATE_SERVICE_NAME, StateServer
-from tests.harness import in_process_state_config
+from tests.harness import in_process_state_config, write_results
 from worker.state_client import ObjectStorage, StateClient
 from wsgate.config import StateConfig
 from wsgate.errors import (
@@ -264,7 +264,7 @@ async def test_a_bad_write_fails_alone_with_its_error_info(stub: Any, room: Obje
             pb.Write(delete=pb.DeleteRequest(object=obj, keys=["missing"])),
         ]
     )
-    results = (await stub.Write(request)).results
+    results = await write_results(stub, request)
     assert [r.WhichOneof("outcome") for r in results] == ["count", "failure", "failure", "count"]
     assert results[0].count == 1
     assert results[3].count == 0
@@ -286,7 +286,7 @@ async def test_a_raw_put_of_garbage_is_refused_and_harms_nothing(
     await room.put("other", "untouched")
     entry = pb.Entry(key="k", value=garbage)
     put = pb.PutRequest(object=pb.ObjectId(namespace="room", name="lobby"), entries=[entry])
-    (result,) = (await stub.Write(pb.WriteRequest(writes=[pb.Write(put=put)]))).results
+    (result,) = await write_results(stub, pb.WriteRequest(writes=[pb.Write(put=put)]))
     assert result.failure.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert result.failure.info.reason == Reason.INVALID_VALUE
     assert await room.list() == {"k": "before", "other": "untouched"}

@@ -15,7 +15,7 @@ from stateservice.component import StateContext
 from stateservice.idempotency import IdempotencyPruner
 from stateservice.limits import MAX_BATCH_KEYS
 from stateservice.server import StateServer
-from tests.harness import in_process_state_config
+from tests.harness import in_process_state_config, write_results
 from worker.gate import OutputGate, current_gate
 from worker.state_client import ObjectStorage, StateClient, Transaction
 from wsgate.errors import InvalidValue, TooManyKeys, TransactionAborted
@@ -240,11 +240,12 @@ async def test_a_keyed_write_is_applied_once(server: StateServer, counter: Objec
     write = pb.Write(put=pb.PutRequest(object=obj, entries=[entry]), idempotency_key="c_1:7:1")
     async with grpc.aio.insecure_channel(server.address) as channel:
         stub = state_pb2_grpc.StateStub(channel)
-        (first,) = (await stub.Write(pb.WriteRequest(writes=[write]))).results
+        (first,) = await write_results(stub, pb.WriteRequest(writes=[write]))
         await counter.put("n", 2)  # a later write that a replay must not undo
-        (again,) = (await stub.Write(pb.WriteRequest(writes=[write, write]))).results[:1]
+        again, twice = await write_results(stub, pb.WriteRequest(writes=[write, write]))
     assert (first.count, first.replayed) == (1, False)
     assert (again.count, again.replayed) == (1, True)
+    assert (twice.count, twice.replayed) == (1, True)
     assert await counter.get("n") == 2
 
 
@@ -328,3 +329,38 @@ async def _until_pruned(pruner: IdempotencyPruner) -> None:
             return
         await asyncio.sleep(0.01)  # retention is measured in wall-clock time
     raise AssertionError("nothing was pruned")
+
+
+async def test_writes_waiting_behind_a_transaction_do_not_hold_back_other_writes(
+    tmp_path: Path, nats_url: str
+) -> None:
+    # A patient server: the hold must outlast everything the test checks.
+    config = in_process_state_config(tmp_path, nats_url, transaction_timeout_s=60)
+    async with StateServer(config) as server, StateClient(server.address) as client:
+        await _check_held_writes_do_not_hold_back_others(client)
+
+
+async def _check_held_writes_do_not_hold_back_others(client: StateClient) -> None:
+    held = client.storage("counter", "held")
+    free = client.storage("counter", "free")
+    holding, release = asyncio.Event(), asyncio.Event()
+
+    async def hold(txn: Transaction) -> None:
+        await txn.get("n")
+        holding.set()
+        await release.wait()
+
+    transaction = held.transaction(hold)
+    await holding.wait()
+    waiting = []
+    for i in range(8):  # more Write calls than the client keeps in flight, all held back
+        waiting.append(held.put("n", i))
+        await asyncio.sleep(0)  # each in a call of its own
+    # Still held: the write to the free object is answered all the same.
+    done, _ = await asyncio.wait({free.put("n", 1)}, timeout=10)
+    assert done, "a write to a free object waited for another object's transaction"
+    assert not any(w.done() for w in waiting)
+    release.set()
+    await transaction
+    await asyncio.gather(*waiting)
+    assert await held.get("n") == 7

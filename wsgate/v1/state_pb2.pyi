@@ -516,13 +516,14 @@ Global___WriteRequest: _TypeAlias = WriteRequest  # noqa: Y015
 
 @_typing.final
 class WriteResult(_message.Message):
-    """The result of one write."""
+    """The result of one write, sent as soon as that write is done."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     COUNT_FIELD_NUMBER: _builtins.int
     FAILURE_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    INDEX_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """The write is durable: for a put the number of entries written, for a delete the
     number of keys that existed, for delete_all the number of keys deleted.
@@ -531,6 +532,8 @@ class WriteResult(_message.Message):
     """The write carried an idempotency key that was already applied: it was not applied
     again, and count is the first application's.
     """
+    index: _builtins.int
+    """The position of the write in its WriteRequest (0-based)."""
     @_builtins.property
     def failure(self) -> Global___WriteFailure:
         """The write was refused or failed; nothing of it was applied."""
@@ -541,10 +544,11 @@ class WriteResult(_message.Message):
         count: _builtins.int = ...,
         failure: Global___WriteFailure | None = ...,
         replayed: _builtins.bool = ...,
+        index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "failure", b"failure", "outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "failure", b"failure", "outcome", b"outcome", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "failure", b"failure", "index", b"index", "outcome", b"outcome", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["count", "failure"]  # noqa: Y015
     _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
@@ -586,14 +590,17 @@ Global___WriteFailure: _TypeAlias = WriteFailure  # noqa: Y015
 
 @_typing.final
 class WriteResponse(_message.Message):
-    """The results of a WriteRequest, one per write, in order."""
+    """Results of writes of a WriteRequest: the call streams them as writes finish, so a write
+    waiting for a transaction that holds its object never holds back the others. Every write
+    gets exactly one result; most calls answer all of them in one message.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___WriteResult]:
-        """The results."""
+        """The results, each naming its write by index."""
 
     def __init__(
         self,

@@ -46,7 +46,7 @@ class StateStub:
                 request_serializer=wsgate_dot_v1_dot_state__pb2.ListRequest.SerializeToString,
                 response_deserializer=wsgate_dot_v1_dot_state__pb2.ListResponse.FromString,
                 _registered_method=True)
-        self.Write = channel.unary_unary(
+        self.Write = channel.unary_stream(
                 '/wsgate.v1.State/Write',
                 request_serializer=wsgate_dot_v1_dot_state__pb2.WriteRequest.SerializeToString,
                 response_deserializer=wsgate_dot_v1_dot_state__pb2.WriteResponse.FromString,
@@ -78,7 +78,8 @@ class StateServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Write(self, request, context):
-        """Apply independent writes (puts, deletes, delete_all), each atomic.
+        """Apply independent writes (puts, deletes, delete_all), each atomic; results stream
+        back as the writes finish.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,7 +105,7 @@ def add_StateServicer_to_server(servicer, server):
                     request_deserializer=wsgate_dot_v1_dot_state__pb2.ListRequest.FromString,
                     response_serializer=wsgate_dot_v1_dot_state__pb2.ListResponse.SerializeToString,
             ),
-            'Write': grpc.unary_unary_rpc_method_handler(
+            'Write': grpc.unary_stream_rpc_method_handler(
                     servicer.Write,
                     request_deserializer=wsgate_dot_v1_dot_state__pb2.WriteRequest.FromString,
                     response_serializer=wsgate_dot_v1_dot_state__pb2.WriteResponse.SerializeToString,
@@ -192,7 +193,7 @@ class State:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/wsgate.v1.State/Write',
