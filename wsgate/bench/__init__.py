@@ -3,6 +3,8 @@
 - ``wsgate bench echo``: msgs/s and round-trip p50/p99 through the full path (gateway,
   NATS, worker) beside a plain aiohttp echo server, in one run (:mod:`.echo`).
 - ``wsgate bench idle``: the gateway's resident memory per idle connection (:mod:`.idle`).
+- ``wsgate bench state``: durable writes/s through the state service beside a naive SQLite
+  baseline, in one run (:mod:`.state`; its command line is in :mod:`.state_command`).
 
 Both start every process they need on 127.0.0.1 (:mod:`.processes`), drive the load from
 separate load-generator processes (:mod:`.loadgen`, picows on uvloop) and stop everything
@@ -20,6 +22,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from wsgate.bench.config import EchoBenchConfig, IdleBenchConfig
+from wsgate.bench.state_command import add_state_parser, run_state_command
 from wsgate.errors import ConfigError, WsgateError
 
 if TYPE_CHECKING:
@@ -107,6 +110,7 @@ def add_bench_parser(subparsers: Any) -> None:
         help=f"client processes (default: {idle_defaults.clients})",
     )
     idle.add_argument("--json", action="store_true", help="print one JSON object")
+    add_state_parser(kinds)
     bench.set_defaults(bench_parser=bench)
 
 
@@ -116,6 +120,8 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.bench is None:
         args.bench_parser.print_help()
         return 2
+    if args.bench == "state":  # no load-generator processes, so no picows
+        return run_state_command(args)
     config: EchoBenchConfig | IdleBenchConfig
     try:
         if args.bench == "echo":

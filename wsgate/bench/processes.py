@@ -89,7 +89,10 @@ def running_stack(log_dir: Path, app: str = DEFAULT_APP) -> Iterator[BenchStack]
         nats_url = str(nats.info["url"])
         out = logs.open("state")
         db = str(log_dir / "state.sqlite3")
-        argv = python_role_argv("state", "--port", "0", "--db-path", db, *common)
+        argv = python_role_argv(
+            "state", "--nats-url", nats_url, "--port", "0", "--probe-port", "0",
+            "--db-path", db, *common,
+        )  # fmt: skip
         state = spawn("state", argv, stdout=out, stderr=out)
         children.append(state)
         out = logs.open("worker")
