@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -92,11 +93,13 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         its object when it is done, so it never holds back the others.
         """
         ready: list[pb.WriteResult] = []
-        pending: dict[asyncio.Future[Applied], int] = {}
-        held_back = False
+        free: list[Operation[Applied]] = []
+        free_indexes: list[int] = []
+        held: dict[asyncio.Future[Applied], int] = {}
+        objects: dict[tuple[str, str], ObjectId] = {}  # one ObjectId per object of the call
         for index, write in enumerate(request.writes):
             try:
-                obj, op = _write_op(write)
+                obj, op = _write_op(write, objects)
             except REFUSAL_TYPES as exc:
                 failure = pb.WriteFailure(
                     code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
@@ -105,34 +108,42 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
                 )
                 ready.append(pb.WriteResult(failure=failure, index=index))
                 continue
-            future, waits = self._submit_write(obj, _keyed(op, write.idempotency_key))
-            pending[future] = index
-            held_back = held_back or waits
-        if held_back:
+            keyed = _keyed(op, write.idempotency_key)
+            if self._locks.is_free(obj):
+                free.append(keyed)
+                free_indexes.append(index)
+            else:
+                # Its turn comes after the transaction holding its object.
+                held[asyncio.ensure_future(self._submit_in_turn(obj, keyed))] = index
+        # The free writes, in order, as one storage operation: one future for the call.
+        group = self._storage.submit(_WriteGroup(free)) if free else None
+        if held:
             # Some writes wait behind a transaction: answer what is known at once (maybe
             # nothing), so the client stops counting this call against those it keeps in
             # flight while the rest waits.
             yield pb.WriteResponse(results=ready)
             ready = []
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            # Futures resolved by one commit are all done by now: one message for them.
-            for future in done:
-                ready.append(_write_result(future, pending.pop(future)))
+        if group is not None:
+            try:
+                outcomes: list[Applied | Exception] = await group
+            except Exception as exc:  # the batch's commit failed: none of it was stored
+                outcomes = [exc] * len(free)
+            ready.extend(map(_write_result, outcomes, free_indexes))
             yield pb.WriteResponse(results=ready)
             ready = []
+        while held:
+            done, _ = await asyncio.wait(held, return_when=asyncio.FIRST_COMPLETED)
+            results = []
+            for future in done:
+                index = held.pop(future)
+                try:
+                    outcome: Applied | Exception = future.result()
+                except Exception as exc:
+                    outcome = exc
+                results.append(_write_result(outcome, index))
+            yield pb.WriteResponse(results=results)
         if ready:
             yield pb.WriteResponse(results=ready)
-
-    def _submit_write(
-        self, obj: ObjectId, op: Operation[Applied]
-    ) -> tuple[asyncio.Future[Applied], bool]:
-        """Queue a write to ``obj`` behind any transaction holding it (in arrival order).
-        Returns its future, and whether it waits behind a transaction."""
-        if self._locks.is_free(obj):
-            return self._storage.submit(op), False
-        # Its turn comes after the holder commits; once submitted the hold is not needed.
-        return asyncio.ensure_future(self._submit_in_turn(obj, op)), True
 
     async def _submit_in_turn(self, obj: ObjectId, op: Operation[Applied]) -> Applied:
         async with self._locks.holding(obj):
@@ -227,17 +238,55 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         return pb.TransactionResponse(list=pb.ListResponse(entries=entries))
 
 
-def _write_result(future: asyncio.Future[Applied], index: int) -> pb.WriteResult:
-    try:
-        applied = future.result()
-    except Exception as exc:
+def _write_result(outcome: Applied | Exception, index: int) -> pb.WriteResult:
+    if isinstance(outcome, Exception):
         # The disk failed this write (or its batch's commit): nothing of it was stored.
-        log.error("write failed: %s", exc)
+        log.error("write failed: %s", outcome)
         failure = pb.WriteFailure(
-            code=grpc.StatusCode.INTERNAL.value[0], details=f"storage failed: {exc}"
+            code=grpc.StatusCode.INTERNAL.value[0], details=f"storage failed: {outcome}"
         )
         return pb.WriteResult(failure=failure, index=index)
-    return pb.WriteResult(count=applied.count, replayed=applied.replayed, index=index)
+    return pb.WriteResult(count=outcome.count, replayed=outcome.replayed, index=index)
+
+
+class _WriteGroup:
+    """The free writes of one Write call, in order, each applied on its own: one storage
+    operation (one future, one queue entry) instead of one per write.
+
+    Returns each write's outcome or exception. The first run uses no savepoints; if a
+    write raises, the group raises too, the storage runs the batch again, and this time
+    each write runs in a savepoint of its own and fails alone.
+    """
+
+    __slots__ = ("careful", "ops")
+    writes = True
+
+    def __init__(self, ops: list[Operation[Applied]]) -> None:
+        self.ops = ops
+        self.careful = False
+
+    @property
+    def write_count(self) -> int:
+        """How many writes this operation is (for the storage's statistics)."""
+        return len(self.ops)
+
+    def __call__(self, conn: sqlite3.Connection) -> list[Applied | Exception]:
+        if not self.careful:
+            try:
+                return [op(conn) for op in self.ops]
+            except Exception:
+                self.careful = True
+                raise
+        outcomes: list[Applied | Exception] = []
+        for op in self.ops:
+            conn.execute("SAVEPOINT write")
+            try:
+                outcomes.append(op(conn))
+            except Exception as exc:
+                conn.execute("ROLLBACK TO write")
+                outcomes.append(exc)
+            conn.execute("RELEASE write")
+        return outcomes
 
 
 async def _invalid(context: Any, details: str) -> None:
@@ -265,18 +314,32 @@ def _list_op(obj: ObjectId, request: pb.ListRequest) -> ListQuery:
     )
 
 
-def _write_op(write: pb.Write) -> tuple[ObjectId, Operation[int]]:
+def _write_op(
+    write: pb.Write, objects: dict[tuple[str, str], ObjectId] | None = None
+) -> tuple[ObjectId, Operation[int]]:
     kind = write.WhichOneof("op")
     if kind == "put":
-        obj = object_id(write.put.object)
+        obj = _cached_object_id(write.put.object, objects)
         return obj, _put_op(obj, write.put.entries)
     if kind == "delete":
-        obj = object_id(write.delete.object)
+        obj = _cached_object_id(write.delete.object, objects)
         return obj, _delete_op(obj, write.delete.keys)
     if kind == "delete_all":
-        obj = object_id(write.delete_all.object)
+        obj = _cached_object_id(write.delete_all.object, objects)
         return obj, DeleteAll(obj)
     raise InvalidRequest("a write names no operation")
+
+
+def _cached_object_id(
+    message: pb.ObjectId, objects: dict[tuple[str, str], ObjectId] | None
+) -> ObjectId:
+    if objects is None:
+        return object_id(message)
+    pair = (message.namespace, message.name)
+    obj = objects.get(pair)
+    if obj is None:
+        obj = objects[pair] = object_id(message)
+    return obj
 
 
 def _put_op(obj: ObjectId, entries: Any) -> PutKeys:

@@ -11,12 +11,14 @@ applied one at a time in the order they were submitted, which makes the order of
 object's operations one total order, consistent with real time (strict serializability).
 
 Group commit: while the thread commits one batch, newly submitted operations queue; the
-thread then takes all of them (up to :data:`MAX_BATCH_OPS`) into one SQLite transaction,
-each write in its own SAVEPOINT (a failing write is rolled back alone), and one COMMIT,
-one fsync of the WAL, serves them all. Every caller is answered only after that COMMIT:
-a write is durable when its future resolves, and a read never returns data that a failed
-commit then loses. Under load a batch is as large as what arrived during the previous
-fsync, so fsyncs per second stay bounded while writes per second grow.
+thread then takes all of them (up to :data:`MAX_BATCH_OPS`) into one SQLite transaction and
+one COMMIT: one fsync of the WAL serves them all. A write that raises is undone alone: the
+batch then runs again with each write in its own SAVEPOINT (savepoints cost about a third
+of a small write, so only a batch that needs them pays for them). Every caller is answered
+only after that COMMIT: a write is durable when its future resolves, and a read never
+returns data that a failed commit then loses. Under load a batch is as large as what
+arrived during the previous fsync, so fsyncs per second stay bounded while writes per
+second grow.
 
 Durability: WAL journal with ``synchronous=FULL``: the WAL is fsynced at every commit,
 so an acknowledged write survives ``kill -9`` and power loss.
@@ -72,8 +74,9 @@ class ObjectId:
 class Operation(Protocol[T_co]):
     """Work on the SQLite connection, run on the storage thread inside a batch's transaction.
 
-    ``writes`` tells whether it changes anything: a writing operation runs in its own
-    SAVEPOINT, so that if it raises, its changes are undone and the batch goes on.
+    ``writes`` tells whether it changes anything: if a writing operation raises, its
+    changes are undone (the batch runs again with it in a SAVEPOINT) and the batch goes
+    on. Operations must therefore give the same outcome when run again on the same data.
     """
 
     writes: bool
@@ -227,29 +230,16 @@ class SqliteStorage(StartsAndCloses):
 
     def _apply(self, ops: list[Operation[Any]]) -> list[tuple[bool, Any]]:
         conn = self._connection_for_thread()
-        outcomes: list[tuple[bool, Any]] = []
-        writes = 0
         # IMMEDIATE takes the write lock at BEGIN, so a busy file fails here, before work.
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for op in ops:
-                if not op.writes:
-                    try:
-                        outcomes.append((True, op(conn)))
-                    except Exception as exc:
-                        outcomes.append((False, exc))
-                    continue
-                writes += 1
-                conn.execute("SAVEPOINT op")
-                try:
-                    result = op(conn)
-                except Exception as exc:
-                    conn.execute("ROLLBACK TO op")
-                    conn.execute("RELEASE op")
-                    outcomes.append((False, exc))
-                else:
-                    conn.execute("RELEASE op")
-                    outcomes.append((True, result))
+            outcomes = self._run_all(conn, ops)
+            if outcomes is None:
+                # Some write failed: start over with each write in its own savepoint, so
+                # that it is undone alone. Rare, so the common batch pays for no savepoint.
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = self._run_each_in_savepoint(conn, ops)
             conn.execute("COMMIT")
         except BaseException:
             # A failed COMMIT may already have rolled back (e.g. disk full).
@@ -258,7 +248,47 @@ class SqliteStorage(StartsAndCloses):
             raise
         self.stats.commits += 1
         self.stats.operations += len(ops)
-        self.stats.writes += writes
+        # An operation may stand for several writes (a Write call's group): it says so.
+        self.stats.writes += sum(getattr(op, "write_count", 1) for op in ops if op.writes)
+        return outcomes
+
+    @staticmethod
+    def _run_all(
+        conn: sqlite3.Connection, ops: list[Operation[Any]]
+    ) -> list[tuple[bool, Any]] | None:
+        """Run every operation; None as soon as a write raises (its effects are partial)."""
+        outcomes: list[tuple[bool, Any]] = []
+        for op in ops:
+            try:
+                outcomes.append((True, op(conn)))
+            except Exception as exc:
+                if op.writes:
+                    return None
+                outcomes.append((False, exc))  # a failed read changed nothing
+        return outcomes
+
+    @staticmethod
+    def _run_each_in_savepoint(
+        conn: sqlite3.Connection, ops: list[Operation[Any]]
+    ) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        for op in ops:
+            if not op.writes:
+                try:
+                    outcomes.append((True, op(conn)))
+                except Exception as exc:
+                    outcomes.append((False, exc))
+                continue
+            conn.execute("SAVEPOINT op")
+            try:
+                result = op(conn)
+            except Exception as exc:
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                outcomes.append((False, exc))
+            else:
+                conn.execute("RELEASE op")
+                outcomes.append((True, result))
         return outcomes
 
     def _connection_for_thread(self) -> sqlite3.Connection:

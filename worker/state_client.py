@@ -50,7 +50,7 @@ _MAX_WIRE_LIMIT = 2**32 - 1
 #: Write calls in flight at once; more writes wait and travel together in the next call.
 MAX_WRITE_CALLS_IN_FLIGHT = 4
 #: A Write call carries at most this many writes ...
-MAX_WRITES_PER_CALL = 1024
+MAX_WRITES_PER_CALL = 64
 #: ... and about this many bytes (gRPC's default message limit is 4 MiB).
 MAX_WRITE_CALL_BYTES = 4 * 1024 * 1024
 

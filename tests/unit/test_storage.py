@@ -318,3 +318,31 @@ async def test_without_group_commit_every_write_commits_alone(tmp_path: Path) ->
     async with SqliteStorage(tmp_path / "naive.sqlite3", group_commit=False) as naive:
         await asyncio.gather(*(naive.put(OBJ, f"k{i}", b"v") for i in range(20)))
         assert naive.stats.commits == 20
+
+
+async def test_a_failing_write_in_a_write_call_group_fails_alone(storage: SqliteStorage) -> None:
+    from stateservice.idempotency import Applied
+    from stateservice.kv_service import _Unkeyed, _WriteGroup
+
+    group = _WriteGroup(
+        [
+            _Unkeyed(PutKeys(OBJ, ((b"a", b"1"),))),
+            _Unkeyed(_FailingCount()),
+            _Unkeyed(PutKeys(OBJ, ((b"b", b"2"),))),
+        ]
+    )
+    before = storage.stats.writes
+    first, failed, last = await storage.submit(group)
+    assert first == Applied(1)
+    assert isinstance(failed, sqlite3.IntegrityError)
+    assert last == Applied(1)
+    assert await storage.list(OBJ) == [("a", b"1"), ("b", b"2")]
+    assert storage.stats.writes == before + 3
+
+
+class _FailingCount:
+    writes = True
+
+    def __call__(self, conn: sqlite3.Connection) -> int:
+        conn.execute("INSERT INTO kv VALUES ('counter', 'room-1', x'6b', x'00')")
+        raise sqlite3.IntegrityError("this write fails after writing")
