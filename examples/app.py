@@ -6,17 +6,35 @@ Routes:
 - ``/private/echo?token=...``: the same, but the upgrade is refused with 401 unless the
   token matches ``WSGATE_DEMO_TOKEN`` (default ``let-me-in``): a connect handler that
   refuses, as a Worker returns ``new Response("...", {status: 401})``.
+- ``/chat/{room}?name=...``: a chat room, one durable object per room. Whoever joins gets
+  the room's last 100 messages and who is there; everyone hears joins, leaves and
+  messages. The browser page at ``/`` (examples/static/index.html) is its client.
 - ``/counter/{name}``: a durable counter shared by every connection to the same name.
   Opening a connection adds one and sends the new value; the message ``"increment"`` adds
   one more, any other message reads it. Values are JSON: ``{"counter": name, "value": n}``.
+
+The chat speaks JSON text frames from the server, one event each:
+``{"type": "message", "name", "text", "at"}`` (with ``"replay": true`` for history),
+``{"type": "join", "name"}``, ``{"type": "leave", "name"}``,
+``{"type": "presence", "names": [...]}``; the client sends plain text.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from typing import Any
 
-from worker import Accept, App, Connection, ConnectRequest, Reject, Transaction
+from worker import (
+    Accept,
+    App,
+    Connection,
+    ConnectRequest,
+    DurableObject,
+    Reject,
+    Transaction,
+)
 
 app = App()
 
@@ -42,37 +60,79 @@ async def check_token(conn: Connection, request: ConnectRequest) -> Accept | Rej
 private_echo.on_message(echo_message)
 
 
-counter = app.route("/counter/{name}")
+#: How many messages a room keeps and replays to whoever joins.
+HISTORY = 100
+#: Longest name and message the room takes (characters).
+MAX_NAME = 32
+MAX_TEXT = 1000
 
 
-async def _add_one(conn: Connection) -> int:
-    # One atomic read-modify-write: racing increments from any number of connections (on
-    # any workers) are applied one after the other, none lost. A redelivered event's
-    # transaction is recognised by its idempotency key and not applied twice.
-    storage = conn.env.storage("counter", conn.params["name"])
-    return await storage.transaction(_increment)
+@app.durable("/chat/{room}")
+class ChatRoom(DurableObject):
+    """One chat room. Its storage keeps ``history`` (the last 100 messages); its members
+    are the connections in the room, tagged with their names (presence by tag)."""
+
+    namespace = "chat"
+
+    async def on_connect(self, conn: Connection, request: ConnectRequest) -> Accept | Reject:
+        name = request.query.get("name", "").strip() or "anonymous"
+        if len(name) > MAX_NAME:
+            return Reject(400, f"name is longer than {MAX_NAME} characters")
+        # Sent in on_connect, these arrive first, right after the upgrade completes.
+        for message in await self.storage.get("history", []):
+            await conn.send(json.dumps({**message, "replay": True}))
+        names = sorted({peer.state["name"] for peer in await self.connections()})
+        await conn.send(json.dumps({"type": "presence", "names": names}))
+        await self.broadcast(json.dumps({"type": "join", "name": name}))
+        return Accept(tags=[name], state={"name": name})
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        if not isinstance(message, str) or not message.strip():
+            return
+        event = {
+            "type": "message",
+            "name": conn.state["name"],
+            "text": message[:MAX_TEXT],
+            "at": int(time.time() * 1000),
+        }
+
+        async def append(txn: Transaction) -> None:
+            history: list[Any] = await txn.get("history", [])
+            txn.put("history", [*history, event][-HISTORY:])
+
+        self.storage.transaction(append)  # durable before the broadcast leaves
+        await self.broadcast(json.dumps(event))
+
+    async def on_close(self, conn: Connection, code: int, reason: str) -> None:
+        await self.broadcast(
+            json.dumps({"type": "leave", "name": conn.state["name"]}), exclude=[conn]
+        )
+
+
+@app.durable("/counter/{name}")
+class Counter(DurableObject):
+    """A counter every connection to the same name shares."""
+
+    namespace = "counter"
+
+    async def on_connect(self, conn: Connection, request: ConnectRequest) -> None:
+        await self.report(conn, await self.storage.transaction(_increment))
+
+    async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        if message == "increment":
+            # One atomic read-modify-write: racing increments from any number of
+            # connections (on any workers) are applied one after the other, none lost. A
+            # redelivered event's transaction is recognised and not applied twice.
+            value = await self.storage.transaction(_increment)
+        else:
+            value = int(await self.storage.get("value", 0))
+        await self.report(conn, value)
+
+    async def report(self, conn: Connection, value: int) -> None:
+        await conn.send(json.dumps({"counter": self.name, "value": value}))
 
 
 async def _increment(txn: Transaction) -> int:
     value = int(await txn.get("value", 0)) + 1
     txn.put("value", value)
     return value
-
-
-async def _report(conn: Connection, value: int) -> None:
-    await conn.send(json.dumps({"counter": conn.params["name"], "value": value}))
-
-
-@counter.on_connect
-async def counter_connect(conn: Connection, request: ConnectRequest) -> None:
-    await _report(conn, await _add_one(conn))
-
-
-@counter.on_message
-async def counter_message(conn: Connection, message: str | bytes) -> None:
-    if message == "increment":
-        value = await _add_one(conn)
-    else:
-        storage = conn.env.storage("counter", conn.params["name"])
-        value = int(await storage.get("value", 0))
-    await _report(conn, value)

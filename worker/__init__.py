@@ -2,11 +2,12 @@
 
 ::
 
-    from worker import Accept, App, Connection, ConnectRequest, Reject, Transaction
+    from worker import Accept, App, Connection, ConnectRequest, DurableObject, Reject
 """
 
 from worker.app import Accept, App, ConnectRequest, Reject, Route
 from worker.connection import Connection
+from worker.durable import DurableObject, Peer
 from worker.env import Env
 from worker.errors import (
     AppLoadError,
@@ -15,6 +16,7 @@ from worker.errors import (
     InvalidMessage,
     InvalidResponse,
     InvalidRoute,
+    NoConnectionState,
     NotAccepted,
     WorkerError,
 )
@@ -27,13 +29,16 @@ __all__ = [
     "ConnectRequest",
     "Connection",
     "ConnectionClosed",
+    "DurableObject",
     "Env",
     "InvalidCloseCode",
     "InvalidMessage",
     "InvalidResponse",
     "InvalidRoute",
+    "NoConnectionState",
     "NotAccepted",
     "ObjectStorage",
+    "Peer",
     "Reject",
     "Route",
     "Transaction",

@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
@@ -34,6 +34,7 @@ from worker.errors import InvalidResponse, InvalidRoute
 if TYPE_CHECKING:
     from worker.alarms_client import AlarmInfo
     from worker.connection import Connection
+    from worker.durable import DurableObject
     from wsgate.v1 import envelope_pb2 as pb
 
 
@@ -72,9 +73,21 @@ class ConnectRequest:
 
 @dataclass(frozen=True)
 class Accept:
-    """Accept the upgrade, optionally with one of the client's subprotocols."""
+    """Accept the upgrade, optionally with one of the client's subprotocols.
+
+    On a durable object route (:meth:`App.durable`) the connection also joins the object,
+    with ``tags`` (at most 10, each 1-256 characters) to find it by, and ``state``, its
+    attachment (a storable value of at most 16 KiB, ``conn.state`` in later handlers).
+    """
 
     subprotocol: str | None = None
+    tags: tuple[str, ...] = ()
+    state: Any = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tags, str):
+            raise InvalidResponse("tags must be a sequence of str, not one str; use tags=[tag]")
+        object.__setattr__(self, "tags", tuple(self.tags))
 
 
 @dataclass(frozen=True)
@@ -96,6 +109,7 @@ MessageHandler = Callable[["Connection", Message], Awaitable[None]]
 CloseHandler = Callable[["Connection", int, str], Awaitable[None]]
 AlarmHandler = Callable[["AlarmInfo"], Awaitable[None]]
 H = TypeVar("H")
+D = TypeVar("D", bound="DurableObject")
 
 _RESOLVED_CACHE_SIZE = 4096
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -110,6 +124,8 @@ class Route:
         self.connect_handler: ConnectHandler | None = None
         self.message_handler: MessageHandler | None = None
         self.close_handler: CloseHandler | None = None
+        #: Served by a durable object class (App.durable): its connections join the object.
+        self.durable = False
 
     def on_connect(self, handler: ConnectHandler) -> ConnectHandler:
         """Decorator: decide the upgrade (return Accept, Reject or None for accept)."""
@@ -158,6 +174,26 @@ class App:
         self._routes.append(route)
         self._resolved.clear()
         return route
+
+    def durable(self, pattern: str, cls: type[D] | None = None, *, name: str | None = None) -> Any:
+        """Serve ``pattern`` with a :class:`~worker.durable.DurableObject` class, named by
+        the path parameter ``name`` (by default the pattern's only one)::
+
+            @app.durable("/chat/{room}")
+            class ChatRoom(DurableObject): ...
+
+        or ``app.durable("/chat/{room}", ChatRoom)``. Raises InvalidRoute for a class that
+        is not a DurableObject or a pattern with no parameter to name the object.
+        """
+        from worker.durable import durable_route
+
+        if cls is not None:
+            return durable_route(self, pattern, cls, name=name)
+
+        def register(decorated: type[D]) -> type[D]:
+            return durable_route(self, pattern, decorated, name=name)
+
+        return register
 
     def on_alarm(self, namespace: str) -> Callable[[AlarmHandler], AlarmHandler]:
         """Decorator: ``async def handler(alarm: AlarmInfo) -> None`` runs when an alarm of

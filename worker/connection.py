@@ -18,20 +18,23 @@ import asyncio
 import contextvars
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from worker.errors import (
     ConnectionClosed,
     InvalidCloseCode,
     InvalidMessage,
+    NoConnectionState,
     NotAccepted,
 )
 from worker.gate import OutputGate
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.values import encode_value
 
 if TYPE_CHECKING:
     from worker.env import Env
+    from worker.membership import ObjectMembers
 
 
 class CommandSink(Protocol):
@@ -105,11 +108,51 @@ class Connection:
         self._buffered_bytes = 0
         self._flush_scheduled = False
         self._flushing: asyncio.Task[None] | None = None
+        # The object this connection is a member of, on a durable object route.
+        self._members: ObjectMembers | None = None
+        self._state: Any = None
 
     @property
     def closed(self) -> bool:
         """Whether this handle can no longer send."""
         return self._phase is _Phase.CLOSED
+
+    @property
+    def state(self) -> Any:
+        """This connection's state in its durable object (its attachment): what
+        ``Accept(state=...)`` gave, or what was assigned since.
+
+        Assigning stores a new state (a storable value, at most 16 KiB encoded): the write
+        starts at once and the handler's output waits for it, as for every write. Raises
+        NoConnectionState outside a durable object's handlers (and in ``on_connect``,
+        before the connection is accepted), InvalidValue for a value that cannot be stored.
+        """
+        if self._members is None:
+            raise NoConnectionState(
+                "conn.state exists in a durable object's handlers once the connection is "
+                "accepted; in on_connect, return Accept(state=...)"
+            )
+        return self._state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        members = self._members
+        if members is None:
+            raise NoConnectionState(
+                "conn.state can be set in a durable object's handlers once the connection "
+                "is accepted; in on_connect, return Accept(state=...)"
+            )
+        encode_value(value)  # refuse what cannot be stored here, at the assignment
+        write = asyncio.ensure_future(members.set_attachment(self, value))
+        if self._gate is not None:
+            self._gate.hold(write)
+        self._state = value
+
+    def _attach_state(self, members: ObjectMembers, state: Any) -> None:
+        """For the durable object adapter: this connection is a member of ``members``'
+        object, with ``state``."""
+        self._members = members
+        self._state = state
 
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send a text (``str``) or binary (bytes-like) message to the client.

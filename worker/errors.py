@@ -9,6 +9,7 @@
         ├── InvalidResponse(ValueError)  a Reject status outside 400-599, a bad subprotocol
         ├── InvalidMessage(TypeError)    sending something other than str or bytes
         ├── InvalidCloseCode(ValueError) a close code an endpoint may not send, a long reason
+        ├── NoConnectionState            conn.state outside a durable object's handlers
         └── ConnectionClosed             sending on, or closing, a closed connection
             └── NotAccepted              closing before accepting (reject instead)
 """
@@ -58,3 +59,8 @@ class ConnectionClosed(WorkerError):
 
 class NotAccepted(ConnectionClosed):
     """``close()`` was called in the connect handler: return ``Reject(...)`` instead."""
+
+
+class NoConnectionState(WorkerError):
+    """``conn.state`` exists only in a durable object's handlers, once the connection is
+    accepted (in ``on_connect``, give it with ``Accept(state=...)``)."""

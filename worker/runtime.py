@@ -25,6 +25,7 @@ from nats.aio.subscription import Subscription
 from worker.alarm_runner import AlarmRunner
 from worker.app import Accept, App, ConnectRequest, Reject
 from worker.connection import Connection, current_connection
+from worker.durable import check_plain_accept
 from worker.env import Env
 from worker.errors import InvalidResponse
 from worker.gate import OutputGate, current_gate
@@ -258,6 +259,8 @@ class Worker(Service):
                 raise InvalidResponse(
                     f"on_connect must return Accept, Reject or None, not {type(outcome).__name__}"
                 )
+            if not route.durable:
+                check_plain_accept(outcome)
             if outcome.subprotocol is not None and outcome.subprotocol not in request.subprotocols:
                 raise InvalidResponse(
                     f"subprotocol {outcome.subprotocol!r} was not offered "
