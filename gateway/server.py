@@ -38,6 +38,7 @@ from gateway.lifecycle import ConnectionLifecycle, Phase
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import CloseFrame, Outbox
 from gateway.presence import PresenceAnnouncer
+from gateway.static import Handler, with_static_files
 from wsgate import ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
@@ -175,7 +176,11 @@ class Gateway(Service):
             self._presence.start()
             app = web.Application()
             add_probe_routes(app, is_ready=self._is_ready, registry=self.metrics.registry)
-            app.router.add_route("*", "/{tail:.*}", self._handle)
+            handler: Handler = self._handle
+            if self.config.static_path is not None:
+                # Plain GETs of files in static_dir; upgrades and the rest still reach _handle.
+                handler = with_static_files(self.config.static_path, self._handle)
+            app.router.add_route("*", "/{tail:.*}", handler)
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await self._runner.setup()
             self._site = web.TCPSite(self._runner, self.config.host, self.config.port)

@@ -123,10 +123,22 @@ class GatewayConfig(BusConfig):
         "announce this gateway to the state service this often; its members leave every "
         "object when 5 intervals pass without an announcement (the gateway died)",
     )
+    # A str, not Path | None: the CLI builds each flag from the field's type, which must
+    # be callable on the flag's text; "" stands for none (see static_path).
+    static_dir: str = setting(
+        "",
+        "WSGATE_STATIC_DIR",
+        "serve this directory's files to plain GETs (/ is index.html) next to the "
+        "WebSocket routes; empty: none",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_port("port (WSGATE_GATEWAY_PORT)", self.port)
+        if self.static_path is not None and not self.static_path.is_dir():
+            raise ConfigError(
+                f"static_dir (WSGATE_STATIC_DIR) must be a directory, got {self.static_dir!r}"
+            )
         _check_positive(
             "presence_interval_s (WSGATE_PRESENCE_INTERVAL_S)", self.presence_interval_s
         )
@@ -146,6 +158,11 @@ class GatewayConfig(BusConfig):
         if self.heartbeat_s < 0 or self.idle_timeout_s < 0:
             raise ConfigError("heartbeat_s and idle_timeout_s must be >= 0 (0: off)")
         self.auto_response_map  # noqa: B018 - parse now, so bad JSON stops the start
+
+    @property
+    def static_path(self) -> Path | None:
+        """``static_dir`` as a path; None when no static files are served."""
+        return Path(self.static_dir) if self.static_dir else None
 
     @property
     def origin_patterns(self) -> tuple[str, ...]:
@@ -277,6 +294,16 @@ class StateConfig(BusConfig):
             raise ConfigError("alarm_max_retries (WSGATE_ALARM_MAX_RETRIES) must be >= 0")
 
 
+def _examples_static() -> str:
+    """The example app's page (examples/static, next to this package in a checkout and in
+    an install), or "" when it is not there."""
+    found = Path(__file__).resolve().parent.parent / "examples" / "static"
+    return str(found) if (found / "index.html").is_file() else ""
+
+
+_EXAMPLES_STATIC = _examples_static()
+
+
 @dataclass(frozen=True, kw_only=True)
 class DevConfig:
     """``wsgate dev``: every role on one machine with an embedded NATS."""
@@ -289,11 +316,21 @@ class DevConfig:
     )
     nats_port: int = setting(0, "WSGATE_NATS_PORT", "the embedded NATS port (0: any free port)")
     prefix: str = setting(DEFAULT_PREFIX, "WSGATE_PREFIX", "subject prefix")
+    static_dir: str = setting(
+        _EXAMPLES_STATIC,
+        "WSGATE_STATIC_DIR",
+        "the gateway serves this directory's files (/ is index.html; default: the example "
+        "chat page); empty: none",
+    )
 
     def __post_init__(self) -> None:
         from wsgate.subjects import validate_prefix
 
         _check_port("port (WSGATE_GATEWAY_PORT)", self.port)
+        if self.static_dir and not Path(self.static_dir).is_dir():
+            raise ConfigError(
+                f"static_dir (WSGATE_STATIC_DIR) must be a directory, got {self.static_dir!r}"
+            )
         _check_port("nats_port (WSGATE_NATS_PORT)", self.nats_port)
         validate_prefix(self.prefix)
 

@@ -70,6 +70,8 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
                 "--port",
                 str(config.port),
             ]
+            if config.static_dir:
+                gateway_args += ["--static-dir", str(Path(config.static_dir).resolve())]
             gateway = spawn("gateway", python_role_argv("gateway", *gateway_args, *common))
             children.append(gateway)
             print(f"wsgate dev: serving {config.app} at {gateway.info['url']}", flush=True)
