@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -81,7 +81,8 @@ class Accept:
     """
 
     subprotocol: str | None = None
-    tags: tuple[str, ...] = ()
+    #: Kept as a tuple, whatever sequence was given.
+    tags: Sequence[str] = ()
     state: Any = None
 
     def __post_init__(self) -> None:
