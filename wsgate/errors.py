@@ -22,7 +22,8 @@
             ├── TagTooLarge                     a tag over 256 characters (or empty)
             └── AttachmentTooLarge              an attachment over 16 KiB
 
-The worker SDK adds its own errors under ``worker.errors`` (rooted at WsgateError too).
+The worker SDK adds its own errors under ``worker.errors``, and the client
+(:mod:`wsgate.client`) its ``ClientError`` subtree; both are rooted at WsgateError too.
 """
 
 from __future__ import annotations
