@@ -5,9 +5,12 @@ ports chosen by the kernel, each waited for by its readiness signal, each stoppe
 from __future__ import annotations
 
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -209,6 +212,27 @@ def start_dev(data_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
         process_group=0,
         env=_env() | {"WSGATE_LOG_LEVEL": "INFO"},
     )
+
+
+_DEV_URL = re.compile(rb"serving \S+ at (http://127\.0\.0\.1:(\d+))")
+
+
+def wait_for_dev_url(
+    proc: subprocess.Popen[bytes], timeout_s: float = 60
+) -> tuple[str, int, bytes]:
+    """Read dev's output until it prints the URL it serves (its readiness line)."""
+    assert proc.stdout is not None
+    output = b""
+    deadline = time.monotonic() + timeout_s
+    while (m := _DEV_URL.search(output)) is None:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"wsgate dev printed no URL:\n{output.decode(errors='replace')}"
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            assert chunk, f"wsgate dev exited ({proc.wait()}):\n{output.decode(errors='replace')}"
+            output += chunk
+    return m.group(1).decode(), int(m.group(2)), output
 
 
 async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

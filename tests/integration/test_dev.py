@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import select
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,27 +14,9 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.harness import start_dev
+from tests.harness import start_dev, wait_for_dev_url
 
 pytestmark = pytest.mark.timeout(90)
-
-_URL = re.compile(rb"serving \S+ at (http://127\.0\.0\.1:(\d+))")
-
-
-def _wait_for_url(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> tuple[str, int, bytes]:
-    """Read dev's output until it prints the URL it serves (its readiness line)."""
-    assert proc.stdout is not None
-    output = b""
-    deadline = time.monotonic() + timeout_s
-    while (m := _URL.search(output)) is None:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"wsgate dev printed no URL:\n{output.decode(errors='replace')}"
-        ready, _, _ = select.select([proc.stdout], [], [], remaining)
-        if ready:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            assert chunk, f"wsgate dev exited ({proc.wait()}):\n{output.decode(errors='replace')}"
-            output += chunk
-    return m.group(1).decode(), int(m.group(2)), output
 
 
 @contextlib.contextmanager
@@ -82,7 +61,7 @@ async def test_dev_serves_the_example_and_stops_cleanly(
     tmp_path: Path, stop_signal: signal.Signals
 ) -> None:
     with _dev(tmp_path / "data") as proc:
-        url, port, _ = _wait_for_url(proc)
+        url, port, _ = wait_for_dev_url(proc)
         children = psutil.Process(proc.pid).children(recursive=True)
         names = sorted(
             " ".join(c.cmdline()[2:4]) if "python" in c.name() else c.name() for c in children
@@ -102,7 +81,7 @@ async def test_dev_serves_the_example_and_stops_cleanly(
 
 async def test_children_die_with_a_killed_dev(tmp_path: Path) -> None:
     with _dev(tmp_path / "data") as proc:
-        _wait_for_url(proc)
+        wait_for_dev_url(proc)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len(children) == 4
         # SIGKILL: no chance to clean up; the kernel's parent-death signal stops the children.

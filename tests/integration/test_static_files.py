@@ -4,18 +4,13 @@ WebSocket routes, which behave exactly as without it."""
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import select
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.harness import Stack, stack_context, start_dev
+from tests.harness import Stack, stack_context, start_dev, wait_for_dev_url
 from wsgate.config import DevConfig, GatewayConfig
 from wsgate.errors import ConfigError
 
@@ -121,7 +116,7 @@ def test_dev_serves_the_example_page_by_default(tmp_path: Path) -> None:
     assert DevConfig().static_dir == str(EXAMPLES_STATIC)
     proc = start_dev(tmp_path / "data")
     try:
-        url = _wait_for_url(proc)
+        url, _, _ = wait_for_dev_url(proc)
         page = asyncio.run(_get_text(url + "/"))
         assert '<ul id="messages"' in page
         assert "new WebSocket(" in asyncio.run(_get_text(url + "/app.js"))
@@ -146,21 +141,3 @@ async def _get_text(url: str) -> str:
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         assert resp.status == 200, url
         return await resp.text()
-
-
-_URL = re.compile(rb"serving \S+ at (http://127\.0\.0\.1:\d+)")
-
-
-def _wait_for_url(proc: subprocess.Popen[bytes], timeout_s: float = 60) -> str:
-    """Read dev's output until it prints the URL it serves (its readiness line)."""
-    assert proc.stdout is not None
-    output = b""
-    deadline = time.monotonic() + timeout_s
-    while (m := _URL.search(output)) is None:
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"wsgate dev printed no URL:\n{output.decode(errors='replace')}"
-        if select.select([proc.stdout], [], [], remaining)[0]:
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            assert chunk, f"wsgate dev exited ({proc.wait()}):\n{output.decode(errors='replace')}"
-            output += chunk
-    return m.group(1).decode()
