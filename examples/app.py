@@ -81,7 +81,8 @@ class ChatRoom(DurableObject):
         # Sent in on_connect, these arrive first, right after the upgrade completes.
         for message in await self.storage.get("history", []):
             await conn.send(json.dumps({**message, "replay": True}))
-        names = sorted({peer.state["name"] for peer in await self.connections()})
+        # Presence by tag: every member is tagged with its name.
+        names = sorted({tag for peer in await self.connections() for tag in peer.tags})
         await conn.send(json.dumps({"type": "presence", "names": names}))
         await self.broadcast(json.dumps({"type": "join", "name": name}))
         return Accept(tags=[name], state={"name": name})

@@ -67,6 +67,8 @@ async def misuse_message(conn: Connection, message: str | bytes) -> None:
         await conn.send(repr(value))
     elif message == "unstorable":
         await conn.env.storage("misuse", "x").put("k", object())
+    elif message == "too-large":
+        await conn.env.storage("misuse", "x").put("k", "x" * 200_000)  # over 128 KiB
     elif message == "closed":
         await conn.close(4000, "bye")
         await conn.send("after close")  # ConnectionClosed

@@ -156,6 +156,7 @@ async def test_membership_on_a_function_route_is_a_clear_error(sdk: Stack) -> No
     [
         ("state", "NoConnectionState"),
         ("unstorable", "InvalidValue"),
+        ("too-large", "ValueTooLarge"),
         ("closed", "ConnectionClosed"),
     ],
 )
@@ -176,3 +177,10 @@ def _worker_log(stack: Stack) -> str:
     return "".join(
         path.read_text(errors="replace") for path in Path(stack.log_dir).glob("worker*.log")
     )
+
+
+async def test_an_unknown_route_is_404(sdk: Stack) -> None:
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await session.ws_connect(sdk.ws_url("/no/such/route"))
+        assert info.value.status == 404
