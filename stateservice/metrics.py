@@ -7,20 +7,27 @@ batching, the figure that says how many writers one fsync served.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stateservice.locks import ObjectLocks
+from stateservice.presence import PresenceStats
 from stateservice.storage import SqliteStorage
 
 
 class _StorageCollector(Collector):
-    def __init__(self, storage: SqliteStorage, locks: ObjectLocks) -> None:
+    def __init__(
+        self,
+        storage: SqliteStorage,
+        locks: ObjectLocks,
+        presence: Callable[[], PresenceStats | None],
+    ) -> None:
         self._storage = storage
         self._locks = locks
+        self._presence = presence
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self._storage.stats
@@ -38,10 +45,37 @@ class _StorageCollector(Collector):
             "Objects held by a transaction or waited for",
             value=self._locks.held(),
         )
+        presence = self._presence()
+        if presence is not None:
+            yield CounterMetricFamily(
+                "wsgate_state_presence_announcements",
+                "Gateway presence announcements heard",
+                value=presence.announcements,
+            )
+            yield CounterMetricFamily(
+                "wsgate_state_gateways_swept",
+                "Gateways whose lease ended and whose members were removed",
+                value=presence.gateways_swept,
+            )
+            yield CounterMetricFamily(
+                "wsgate_state_members_swept",
+                "Members removed because their gateway's lease ended",
+                value=presence.members_swept,
+            )
+            yield CounterMetricFamily(
+                "wsgate_state_sweep_failures",
+                "Sweeps of a gateway's members that failed (retried)",
+                value=presence.sweep_failures,
+            )
 
 
-def state_registry(storage: SqliteStorage, locks: ObjectLocks) -> CollectorRegistry:
-    """A registry exposing the storage's figures."""
+def state_registry(
+    storage: SqliteStorage,
+    locks: ObjectLocks,
+    presence: Callable[[], PresenceStats | None] = lambda: None,
+) -> CollectorRegistry:
+    """A registry exposing the storage's figures, and the membership leases' once
+    ``presence()`` has them (the membership part exists only once the server started)."""
     registry = CollectorRegistry()
-    registry.register(_StorageCollector(storage, locks))
+    registry.register(_StorageCollector(storage, locks, presence))
     return registry

@@ -28,6 +28,7 @@ from stateservice.kv_service import KeyValueComponent
 from stateservice.locks import ObjectLocks
 from stateservice.membership import MEMBERSHIP_SCHEMA, MembershipComponent
 from stateservice.metrics import state_registry
+from stateservice.presence import PresenceStats
 from stateservice.storage import SqliteStorage
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
@@ -63,8 +64,9 @@ class StateServer(Service):
             config.host,
             config.probe_port,
             is_ready=self._is_ready,
-            registry=state_registry(self.storage, self.locks),
+            registry=state_registry(self.storage, self.locks, self._presence_stats),
         )
+        self._membership: MembershipComponent | None = None
         self._components: list[Component] = []
         self._started: list[Component] = []
         self._nc: NatsClient | None = None
@@ -87,9 +89,10 @@ class StateServer(Service):
             await self.storage.start()
             self._nc = await connect_bus(self.config, "wsgate-state")
             context = StateContext(self.config, self.storage, self.locks, self._nc)
+            self._membership = MembershipComponent(context)
             self._components = [
                 KeyValueComponent(context),
-                MembershipComponent(context),
+                self._membership,
                 AlarmsComponent(context),
                 IdempotencyPruner(context),
             ]
@@ -128,6 +131,9 @@ class StateServer(Service):
             await self.close()
             raise
         log.info("state service listening on %s, data in %s", self.address, self.config.db_path)
+
+    def _presence_stats(self) -> PresenceStats | None:
+        return None if self._membership is None else self._membership.presence.stats
 
     def _is_ready(self) -> bool:
         nc = self._nc

@@ -30,7 +30,7 @@ from stateservice.limits import MAX_ATTACHMENT_BYTES, MAX_TAG_CHARS, MAX_TAGS
 from stateservice.membership import INVALID_CONNECTION_ID, PAGE_SIZE, MembershipComponent
 from stateservice.server import StateServer
 from stateservice.storage import ObjectId
-from tests.harness import Stack, in_process_state_config, stack_context
+from tests.harness import Stack, in_process_state_config, metric, stack_context
 from worker.membership import Member, ObjectMembers, leave_all
 from worker.state_client import StateClient
 from wsgate import ids, subjects
@@ -721,6 +721,10 @@ async def test_members_of_a_killed_gateway_leave(
 
         await wait_until(swept, timeout_s=10, what="the killed gateway's members to go")
         assert await ObjectMembers(state_of, "room", "k2").connections() == []
+        metrics_url = f"http://127.0.0.1:{two_gateways.state_info('probe_port')}/metrics"
+        # Three connections, each in two objects: six memberships swept, and counted.
+        assert await metric(metrics_url, "wsgate_state_members_swept_total") >= 6
+        assert await metric(metrics_url, "wsgate_state_gateways_swept_total") >= 1
         took = time.monotonic() - killed_at
         print(f"killed gateway's members gone after {took:.2f} s (lease 0.5 s)")
         await survivor.close()
