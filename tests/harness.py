@@ -183,17 +183,20 @@ def stack_context(
     state: bool = True,
     app: str = "examples.app:app",
     workers: int = 1,
+    gateway: bool = True,
     gateway_args: tuple[str, ...] = (),
+    state_args: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     """Nats, state service, workers and one gateway; stopped (and checked) after."""
     stack = Stack(log_dir)
     try:
         stack.start_nats()
         if state:
-            stack.start_state()
+            stack.start_state(None, *state_args)
         for _ in range(workers if worker else 0):
             stack.start_worker(app)
-        stack.start_gateway(*gateway_args)
+        if gateway:
+            stack.start_gateway(*gateway_args)
         yield stack
     finally:
         statuses = stack.stop()

@@ -23,7 +23,7 @@ import pytest
 
 from stateservice.alarms import ALARMS_SCHEMA, AlarmScheduler, PutAlarm, ReadAlarm
 from stateservice.storage import ObjectId, SqliteStorage
-from tests.harness import Stack
+from tests.harness import Stack, stack_context
 from worker.alarms_client import ObjectAlarm, from_epoch_ms
 from worker.state_client import StateClient
 from wsgate.bus import connect_bus
@@ -48,17 +48,7 @@ STATE_ARGS = (
 def alarm_stack(log_dir: Path) -> Iterator[Stack]:
     """nats-server, the state service (short backoffs) and one worker of APP; no gateway:
     alarms need none. Stopped and checked after."""
-    stack = Stack(log_dir)
-    try:
-        stack.start_nats()
-        stack.start_state(None, *STATE_ARGS)
-        stack.start_worker(APP)
-        yield stack
-    finally:
-        statuses = stack.stop()
-        stack.dump_logs()
-    bad = {name: s for name, s in statuses.items() if s not in (0, -signal.SIGTERM)}
-    assert not bad, f"processes did not exit cleanly: {bad}"
+    yield from stack_context(log_dir, app=APP, gateway=False, state_args=STATE_ARGS)
 
 
 @pytest.fixture(scope="module")

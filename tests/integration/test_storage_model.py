@@ -49,8 +49,9 @@ from hypothesis.stateful import (
 )
 
 from stateservice.server import StateServer
+from tests.harness import in_process_state_config
+from tests.storage_keys import KEYS, weighted
 from worker.state_client import ObjectStorage, StateClient, Transaction
-from wsgate.config import StateConfig
 from wsgate.values import INT64_MAX, INT64_MIN, encode_value
 
 T = TypeVar("T")
@@ -80,40 +81,6 @@ SETTINGS = settings(
 
 # -- keys and values ----------------------------------------------------------------------
 
-#: The characters keys are made of. "\ue000" and "\uffff" are BMP characters above the
-#: surrogates, so they sort after supplementary characters in UTF-16 but before them in
-#: UTF-8; "\U00010000" and "\U0001f600" differ only beyond the BMP; "\x00" is the least.
-KEY_CHARS = ("a", "b", "\x00", "\u00e9", "\ue000", "\uffff", "\U00010000", "\U0001f600")
-
-#: Keys that are drawn often, so that steps meet the same keys (and their prefixes) again:
-#: the least key, prefixes of other keys (also with a NUL after them), a 2-byte, a 3-byte
-#: (the greatest BMP character) and 4-byte characters, one of them the greatest of all.
-KEY_UNIVERSE = (
-    "",
-    "a",
-    "a\x00",
-    "ab",
-    "b",
-    "\u00e9",
-    "\uffff",
-    "\U00010000",
-    "\U0001f600",
-    "\U0001f600a",
-    "\U0010ffff",
-)
-
-
-def weighted(*choices: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]:
-    """One of the strategies, each chosen with its weight (``one_of`` weighs all alike, and
-    drops a strategy given twice)."""
-    pool = [strategy for weight, strategy in choices for _ in range(weight)]
-    return st.sampled_from(pool).flatmap(lambda strategy: strategy)
-
-
-#: Mostly keys of the universe (3 to 1), so that reads and deletes find what was written.
-KEYS = weighted(
-    (3, st.sampled_from(KEY_UNIVERSE)), (1, st.text(st.sampled_from(KEY_CHARS), max_size=3))
-)
 #: List prefixes: often none, often one that several keys of the universe start with.
 PREFIXES = weighted((2, st.just("")), (1, st.sampled_from(("a", "\U0001f600"))), (1, KEYS))
 #: A list's start or end: mostly none, so that ranges hold enough keys for limits to cut.
@@ -569,17 +536,6 @@ class Env:
 # -- the machine --------------------------------------------------------------------------
 
 
-def state_config(db_dir: Path, nats_url: str) -> StateConfig:
-    """A state service on free ports of 127.0.0.1, with its database in ``db_dir``."""
-    return StateConfig(
-        host="127.0.0.1",
-        port=0,
-        probe_port=0,
-        db_path=db_dir / "state.sqlite3",
-        nats_url=nats_url,
-    )
-
-
 class StorageMachine(RuleBasedStateMachine):
     """Random operations on three objects of a real state service, checked against dicts."""
 
@@ -587,7 +543,7 @@ class StorageMachine(RuleBasedStateMachine):
         super().__init__()
         self.env = env
         self.db_dir = env.new_db_dir()
-        self.server = StateServer(state_config(self.db_dir, env.nats_url))
+        self.server = StateServer(in_process_state_config(self.db_dir, env.nats_url))
         env.loop.run(self.server.start())
         try:
             self.client = StateClient(self.server.address)
@@ -795,7 +751,7 @@ async def test_a_write_to_a_free_object_does_not_wait_for_a_held_one(
     Later one: a transaction holds only its own object ("objects never wait for each
     other", stateservice.locks), so a put to another object must not wait for it."""
     async with (
-        StateServer(state_config(tmp_path, nats_url)) as server,
+        StateServer(in_process_state_config(tmp_path, nats_url)) as server,
         StateClient(server.address) as client,
     ):
         held, free = client.storage("room", "held"), client.storage("room", "free")

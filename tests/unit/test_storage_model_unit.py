@@ -41,6 +41,7 @@ from stateservice.storage import (
     PutKeys,
     SqliteStorage,
 )
+from tests.storage_keys import KEYS, weighted
 
 T = TypeVar("T")
 
@@ -53,33 +54,6 @@ OBJECTS = (ObjectId("room", "ab"), ObjectId("rooma", "b"), ObjectId("room", "a")
 
 SETTINGS = settings(max_examples=60, stateful_step_count=30, deadline=None, print_blob=True)
 
-#: As in the integration test: U+FFFF sorts before supplementary characters in UTF-8 (and
-#: code point order) but after them in UTF-16; U+10000 and U+1F600 differ beyond the BMP.
-KEY_CHARS = ("a", "b", "\x00", "\u00e9", "\ue000", "\uffff", "\U00010000", "\U0001f600")
-KEY_UNIVERSE = (
-    "",
-    "a",
-    "a\x00",
-    "ab",
-    "b",
-    "\u00e9",
-    "\uffff",
-    "\U00010000",
-    "\U0001f600",
-    "\U0001f600a",
-    "\U0010ffff",
-)
-
-
-def weighted(*choices: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]:
-    """One of the strategies, each chosen with its weight (``one_of`` weighs all alike)."""
-    pool = [strategy for weight, strategy in choices for _ in range(weight)]
-    return st.sampled_from(pool).flatmap(lambda strategy: strategy)
-
-
-KEYS = weighted(
-    (3, st.sampled_from(KEY_UNIVERSE)), (1, st.text(st.sampled_from(KEY_CHARS), max_size=3))
-)
 BOUNDS = weighted((2, st.none()), (1, KEYS))
 PREFIXES = weighted((2, st.just("")), (1, st.sampled_from(("a", "\U0001f600"))), (1, KEYS))
 LIMITS = weighted((1, st.none()), (3, st.integers(min_value=0, max_value=3)))
