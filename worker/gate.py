@@ -72,6 +72,11 @@ class OutputGate:
             write.add_done_callback(_retrieve)
 
     @property
+    def holds_writes(self) -> bool:
+        """Whether any write was registered (done or not): then :meth:`open` has work."""
+        return bool(self._writes)
+
+    @property
     def closed(self) -> bool:
         """Whether some write of this run has not completed yet."""
         return any(not write.done() for write in self._writes)

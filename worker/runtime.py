@@ -391,9 +391,11 @@ class Worker(Service):
             elif kind == "closed" and route.close_handler is not None:
                 await route.close_handler(conn, event.closed.code, event.closed.reason)
             # What the handler sent leaves with the ack: only once its writes are durable.
-            if gate.closed:
-                self.metrics.gate_waits.inc()
-            await gate.open()
+            # Most handlers write nothing: then there is nothing to wait for (no await).
+            if gate.holds_writes:
+                if gate.closed:
+                    self.metrics.gate_waits.inc()
+                await gate.open()
         except Exception:
             # Its output was gated by what failed (or by writes still running): dropped.
             gate.abandon()

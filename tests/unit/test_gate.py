@@ -20,7 +20,9 @@ async def test_open_waits_for_writes_registered_before_and_during_the_wait() -> 
     gate = OutputGate("k")
     first: asyncio.Future[None] = loop.create_future()
     second: asyncio.Future[None] = loop.create_future()
+    assert not gate.holds_writes  # a handler that wrote nothing does not wait at all
     gate.hold(first)
+    assert gate.holds_writes
     opening = asyncio.create_task(gate.open())
     await asyncio.sleep(0)
     gate.hold(second)  # a write started while output already waits
