@@ -26,7 +26,6 @@ from nats.aio.msg import Msg
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from gateway.server import Gateway
-from stateservice.limits import MAX_ATTACHMENT_BYTES, MAX_TAG_CHARS, MAX_TAGS
 from stateservice.membership import INVALID_CONNECTION_ID, PAGE_SIZE, MembershipComponent
 from stateservice.server import StateServer
 from stateservice.storage import ObjectId
@@ -45,6 +44,7 @@ from wsgate.errors import (
     TagTooLarge,
     TooManyTags,
 )
+from wsgate.limits import MAX_ATTACHMENT_BYTES, MAX_TAG_CHARS, MAX_TAGS
 from wsgate.procs import Child, start_nats_server
 from wsgate.state_errors import ERROR_INFO_KEY
 from wsgate.v1 import envelope_pb2 as envelope

@@ -12,7 +12,6 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stateservice.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from stateservice.server import STATE_SERVICE_NAME, StateServer
 from tests.harness import in_process_state_config, write_results
 from worker.state_client import ObjectStorage, StateClient
@@ -25,6 +24,7 @@ from wsgate.errors import (
     StateUnavailable,
     ValueTooLarge,
 )
+from wsgate.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from wsgate.service import ServicePhase
 from wsgate.state_errors import ERROR_INFO_KEY, Reason
 from wsgate.v1 import state_pb2 as pb

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from stateservice.broadcast import MessageTooLarge, id_entry_size, plan, split_ids
 from wsgate import ids
+from wsgate.fanout import MessageTooLarge, id_entry_size, plan, split_ids
 from wsgate.v1 import envelope_pb2 as pb
 
 TEXT = pb.Message(text="hello")

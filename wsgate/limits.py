@@ -1,7 +1,9 @@
 """The documented limits of durable object storage, as Cloudflare Durable Objects' own.
 
-Over a limit is a clear error carrying the numbers, never a truncation. The state service
-enforces them; clients rely on it rather than keeping a second copy of the rules.
+Over a limit is a clear error carrying the numbers, never a truncation. Shared by the
+state service (the authority: it checks every request) and a worker's activations, which
+check a write where the handler makes it, since the write is applied to the activation's
+memory at once and must fail there, not at the commit.
 """
 
 from __future__ import annotations
