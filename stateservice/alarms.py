@@ -39,23 +39,26 @@ import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 
 from stateservice.component import StateContext
-from stateservice.rpc import object_id, refuse, stored
-from stateservice.storage import ObjectId, SqliteStorage
+from stateservice.leases import ObjectLeases
+from stateservice.rpc import object_id, refuse, refuse_active, stored
+from stateservice.storage import ObjectId, Operation, SqliteStorage
 from wsgate.config import StateConfig
-from wsgate.errors import InvalidObjectId
+from wsgate.errors import InvalidObjectId, ObjectActive
 from wsgate.subjects import alarm_subject
 from wsgate.v1 import envelope_pb2 as envelope_pb
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ALARMS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS alarms (
@@ -488,14 +491,17 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
     """``wsgate.v1.Alarms``: SetAlarm is durable when answered; GetAlarm, as in Cloudflare,
     reports no alarm while the object's alarm handler runs, unless a new alarm was set."""
 
-    def __init__(self, storage: SqliteStorage, scheduler: AlarmScheduler) -> None:
+    def __init__(
+        self, storage: SqliteStorage, scheduler: AlarmScheduler, leases: ObjectLeases
+    ) -> None:
         self._storage = storage
         self._scheduler = scheduler
+        self._leases = leases
 
     async def SetAlarm(self, request: pb.SetAlarmRequest, context: Any) -> pb.SetAlarmResponse:
         """Replace the object's alarm with one at ``at_ms`` (a past time fires at once)."""
         obj = await _object(context, request.object)
-        await stored(context, self._storage.run(PutAlarm(obj, request.at_ms, new_firing_id())))
+        await self._outside_write(context, obj, PutAlarm(obj, request.at_ms, new_firing_id()))
         self._scheduler.alarm_set(request.at_ms)
         return pb.SetAlarmResponse()
 
@@ -513,8 +519,17 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
         """Delete the object's alarm. Deleted while its handler runs, a failing handler is
         not retried."""
         obj = await _object(context, request.object)
-        deleted = await stored(context, self._storage.run(RemoveAlarm(obj)))
+        deleted = await self._outside_write(context, obj, RemoveAlarm(obj))
         return pb.DeleteAlarmResponse(deleted=deleted)
+
+    async def _outside_write(self, context: Any, obj: ObjectId, op: Operation[T]) -> T:
+        """Store ``op`` unless an activation holds the object (FAILED_PRECONDITION): its
+        alarm is then set and deleted by its own turns."""
+        try:
+            self._leases.admit_outside_write(obj, time.monotonic())
+        except ObjectActive as exc:
+            await refuse_active(context, exc)
+        return await stored(context, self._storage.submit(op))
 
 
 async def _object(context: Any, message: pb.ObjectId) -> ObjectId:
@@ -530,7 +545,7 @@ class AlarmsComponent:
     def __init__(self, context: StateContext) -> None:
         self.context = context
         self.scheduler = AlarmScheduler(context.storage, context.nc, context.config)
-        self.servicer = AlarmsServicer(context.storage, self.scheduler)
+        self.servicer = AlarmsServicer(context.storage, self.scheduler, context.leases)
 
     def register(self, server: Any) -> None:
         """Add ``wsgate.v1.Alarms`` to the server."""

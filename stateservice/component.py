@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsClient
 
+from stateservice.leases import ObjectLeases
 from stateservice.locks import ObjectLocks
 from stateservice.storage import SqliteStorage
 from wsgate.config import StateConfig
@@ -28,6 +29,8 @@ class StateContext:
     locks: ObjectLocks
     #: The bus: broadcasts to gateways, presence from gateways, alarms to workers.
     nc: NatsClient
+    #: Which worker hosts which object's activation; writes from outside are refused there.
+    leases: ObjectLeases
 
 
 class Component(Protocol):

@@ -16,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import grpc
 
 from stateservice.component import StateContext
 from stateservice.idempotency import Applied, Idempotent, LookupApplied
-from stateservice.limits import check_batch, check_key, check_value_size
-from stateservice.rpc import object_id, refuse, stored
+from stateservice.rpc import object_id, refuse, refuse_active, stored
 from stateservice.storage import (
     DeleteAll,
     DeleteKeys,
@@ -34,8 +34,9 @@ from stateservice.storage import (
     Operation,
     PutKeys,
 )
-from wsgate.errors import InvalidRequest
-from wsgate.state_errors import REFUSAL_TYPES, error_info
+from wsgate.errors import InvalidRequest, ObjectActive
+from wsgate.limits import check_batch, check_key, check_value_size
+from wsgate.state_errors import REFUSAL_TYPES, Reason, error_info
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value
@@ -50,6 +51,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         self._context = context
         self._storage = context.storage
         self._locks = context.locks
+        self._leases = context.leases
 
     # -- Component -----------------------------------------------------------------------
 
@@ -97,14 +99,24 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         free_indexes: list[int] = []
         held: dict[asyncio.Future[Applied], int] = {}
         objects: dict[tuple[str, str], ObjectId] = {}  # one ObjectId per object of the call
+        now = time.monotonic()
         for index, write in enumerate(request.writes):
             try:
                 obj, op = _write_op(write, objects)
+                self._leases.admit_outside_write(obj, now)
             except REFUSAL_TYPES as exc:
                 failure = pb.WriteFailure(
                     code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
                     details=str(exc),
                     info=error_info(exc),
+                )
+                ready.append(pb.WriteResult(failure=failure, index=index))
+                continue
+            except ObjectActive as exc:
+                failure = pb.WriteFailure(
+                    code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                    details=str(exc),
+                    info=pb.ErrorInfo(reason=Reason.OBJECT_ACTIVE, key=exc.holder),
                 )
                 ready.append(pb.WriteResult(failure=failure, index=index))
                 continue
@@ -164,6 +176,10 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
             obj = object_id(begin.object)
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
+        try:
+            self._leases.admit_outside_write(obj, time.monotonic())
+        except ObjectActive as exc:
+            await refuse_active(context, exc)
         key = begin.idempotency_key
         replay = await self._replay(context, key)
         if replay is not None:
@@ -192,8 +208,12 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
                     await context.write(await self._transaction_read(context, obj, request))
                 try:
                     op = _commit_op(obj, request.commit, key)
+                    # Again: an activation may have taken the object while this one ran.
+                    self._leases.admit_outside_write(obj, time.monotonic())
                 except REFUSAL_TYPES as exc:
                     await refuse(context, exc)
+                except ObjectActive as exc:
+                    await refuse_active(context, exc)
                 future = self._storage.submit(op)
                 # Submitted: whatever comes next is ordered after it by the queue.
                 self._locks.release(obj)
@@ -390,12 +410,13 @@ class _Atomic:
         return sum(op(conn) for op in self.ops)
 
 
-def _commit_op(obj: ObjectId, commit: pb.TransactionCommit, key: str) -> Operation[Applied]:
+def object_write_ops(obj: ObjectId, writes: Iterable[pb.Write]) -> tuple[list[Operation[int]], int]:
+    """The operations of ``writes`` on ``obj`` (whatever object each write names), with
+    every limit checked, and how many keys they name in all. Raises a refusal."""
     ops: list[Operation[int]] = []
     keys = 0
-    for write in commit.writes:
+    for write in writes:
         kind = write.WhichOneof("op")
-        # The transaction's object, whatever the write names.
         if kind == "put":
             keys += len(write.put.entries)
             ops.append(_put_op(obj, write.put.entries))
@@ -406,7 +427,13 @@ def _commit_op(obj: ObjectId, commit: pb.TransactionCommit, key: str) -> Operati
             ops.append(DeleteAll(obj))
         else:
             raise InvalidRequest("a write names no operation")
-        check_batch(keys)
+    return ops, keys
+
+
+def _commit_op(obj: ObjectId, commit: pb.TransactionCommit, key: str) -> Operation[Applied]:
+    # The transaction's object, whatever the writes name.
+    ops, keys = object_write_ops(obj, commit.writes)
+    check_batch(keys)
     if commit.result:
         decode_value(commit.result)
     atomic = _Atomic(ops)

@@ -52,11 +52,17 @@ import grpc
 from stateservice import rpc
 from stateservice.broadcast import BusUnavailable, MessageTooLarge, fan_out
 from stateservice.component import StateContext
-from stateservice.limits import check_attachment_size, check_tags
 from stateservice.presence import GRACE_S, PresenceMonitor
 from stateservice.storage import ObjectId, Operation
 from wsgate import ids
-from wsgate.errors import InvalidConnectionId, InvalidObjectId, InvalidValue, LimitExceeded
+from wsgate.errors import (
+    InvalidConnectionId,
+    InvalidObjectId,
+    InvalidValue,
+    LimitExceeded,
+    ObjectActive,
+)
+from wsgate.limits import check_attachment_size, check_tags
 from wsgate.state_errors import ERROR_INFO_KEY, MAX_ERROR_KEY_CHARS
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -405,7 +411,7 @@ class BroadcastRecipients:
 # -- the servicer -------------------------------------------------------------------------
 
 
-def _checked_attachment(attachment: bytes) -> bytes:
+def checked_attachment(attachment: bytes) -> bytes:
     """``attachment`` if it is at most 16 KiB and a Value (or empty, for null); raises
     AttachmentTooLarge or InvalidValue."""
     check_attachment_size(attachment)
@@ -446,7 +452,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         gateway_id = await _gateway(context, request.connection_id)
         try:
             check_tags(list(request.tags))
-            attachment = _checked_attachment(request.attachment)
+            attachment = checked_attachment(request.attachment)
         except (LimitExceeded, InvalidValue) as exc:
             await rpc.refuse(context, exc)
         op = JoinMember(
@@ -458,7 +464,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         )
         # Before the write: a sweep of the gateway running meanwhile must leave it due.
         self._presence.member_joined(gateway_id)
-        if not await rpc.stored(context, self._write(obj, op)):
+        if not await self._write(context, obj, op):
             log.debug("join of departed connection %s ignored", request.connection_id)
         return pb.JoinResponse()
 
@@ -466,7 +472,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         """Remove a connection from one object."""
         obj = await _object(context, request.object)
         await _gateway(context, request.connection_id)
-        left = await rpc.stored(context, self._write(obj, LeaveMember(obj, request.connection_id)))
+        left = await self._write(context, obj, LeaveMember(obj, request.connection_id))
         return pb.LeaveResponse(left=left)
 
     async def LeaveAll(self, request: pb.LeaveAllRequest, context: Any) -> pb.LeaveAllResponse:
@@ -518,11 +524,11 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         obj = await _object(context, request.object)
         await _gateway(context, request.connection_id)
         try:
-            attachment = _checked_attachment(request.attachment)
+            attachment = checked_attachment(request.attachment)
         except (LimitExceeded, InvalidValue) as exc:
             await rpc.refuse(context, exc)
         op = SetMemberAttachment(obj, request.connection_id, attachment)
-        member = await rpc.stored(context, self._write(obj, op))
+        member = await self._write(context, obj, op)
         return pb.SetAttachmentResponse(member=member)
 
     async def Broadcast(self, request: pb.BroadcastRequest, context: Any) -> pb.BroadcastResponse:
@@ -547,19 +553,45 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
             await _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
         return pb.BroadcastResponse(recipients=done.recipients, commands=done.commands)
 
+    async def Recipients(
+        self, request: pb.RecipientsRequest, context: Any
+    ) -> pb.RecipientsResponse:
+        """Who a broadcast would reach, by gateway (an activation publishes it itself)."""
+        obj = await _object(context, request.object)
+        try:
+            tag = _checked_tag(request)
+        except LimitExceeded as exc:
+            await rpc.refuse(context, exc)
+        query = BroadcastRecipients(obj, tag, frozenset(request.exclude))
+        recipients = await rpc.stored(context, self._storage.run(query))
+        return pb.RecipientsResponse(
+            gateways=[
+                pb.GatewayRecipients(gateway_id=gateway_id, connection_ids=connection_ids)
+                for gateway_id, connection_ids in recipients.items()
+            ]
+        )
+
     # -- helpers -------------------------------------------------------------------------
 
-    async def _write(self, obj: ObjectId, op: Operation[Any]) -> Any:
+    async def _write(self, context: Any, obj: ObjectId, op: Operation[Any]) -> Any:
         """Submit a write to ``obj`` in its turn: at once if no transaction holds the
         object or waits for it, else behind them (the hold is needed only to submit, as
-        storage applies submissions in order)."""
+        storage applies submissions in order). Refused (FAILED_PRECONDITION) while an
+        activation holds the object: its members are changed by its own turns."""
         locks = self._context.locks
-        if locks.is_free(obj):
-            future = self._storage.submit(op)
-        else:
-            async with locks.holding(obj):
-                future = self._storage.submit(op)
-        return await future
+        try:
+            if locks.is_free(obj):
+                future = self._submit_outside_write(obj, op)
+            else:
+                async with locks.holding(obj):
+                    future = self._submit_outside_write(obj, op)
+        except ObjectActive as exc:
+            await rpc.refuse_active(context, exc)
+        return await rpc.stored(context, future)
+
+    def _submit_outside_write(self, obj: ObjectId, op: Operation[Any]) -> asyncio.Future[Any]:
+        self._context.leases.admit_outside_write(obj, time.monotonic())
+        return self._storage.submit(op)
 
 
 async def _abort(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:

@@ -11,7 +11,8 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 
 from stateservice.storage import ObjectId
-from wsgate.state_errors import Refusal, refusal_metadata
+from wsgate.errors import ObjectActive
+from wsgate.state_errors import Refusal, object_active_metadata, refusal_metadata
 from wsgate.v1 import state_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,17 @@ async def refuse(context: Any, exc: Refusal) -> NoReturn:
     """End the call with INVALID_ARGUMENT, ``exc``'s message and its ErrorInfo."""
     await context.abort(
         grpc.StatusCode.INVALID_ARGUMENT, str(exc), trailing_metadata=refusal_metadata(exc)
+    )
+    raise AssertionError("unreachable: ServicerContext.abort() raises")
+
+
+async def refuse_active(context: Any, exc: ObjectActive) -> NoReturn:
+    """End the call with FAILED_PRECONDITION: a write from outside to an object that an
+    activation holds (the ErrorInfo names the holder)."""
+    await context.abort(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        str(exc),
+        trailing_metadata=object_active_metadata(exc.holder),
     )
     raise AssertionError("unreachable: ServicerContext.abort() raises")
 

@@ -1,19 +1,22 @@
 """The state service role: durable objects over grpc.aio, backed by SQLite, on the bus.
 
-One process serves three gRPC services (``wsgate.v1.State``, ``wsgate.v1.Membership``,
-``wsgate.v1.Alarms``), each built by its own part (:mod:`stateservice.component`), and the
-standard gRPC health service (``grpc.health.v1.Health``), which reports SERVING for ``""``
-and each service name while the server accepts calls, and NOT_SERVING once it is
-closing; Kubernetes' gRPC probes and ``grpc_health_probe`` read it.
+One process serves four gRPC services (``wsgate.v1.State``, ``wsgate.v1.Membership``,
+``wsgate.v1.Alarms``, ``wsgate.v1.Activations``), each built by its own part
+(:mod:`stateservice.component`), and the standard gRPC health service
+(``grpc.health.v1.Health``), which reports SERVING for ``""`` and each service name while
+the server accepts calls, and NOT_SERVING once it is closing; Kubernetes' gRPC probes and
+``grpc_health_probe`` read it.
 
 Calls with bad input are refused with INVALID_ARGUMENT, a readable details string, and an
 ErrorInfo in the trailing metadata (see :mod:`wsgate.state_errors`). The limits are
-checked here, at the service boundary, and nowhere else.
+checked here, at the service boundary (an activation checks them too, where a handler
+writes, but the service is the authority).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import grpc
@@ -21,15 +24,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from nats.aio.client import Client as NatsClient
 
+from stateservice.activations import ActivationsComponent
 from stateservice.alarms import ALARMS_SCHEMA, AlarmsComponent
 from stateservice.component import Component, StateContext
 from stateservice.idempotency import IDEMPOTENCY_SCHEMA, IdempotencyPruner
 from stateservice.kv_service import KeyValueComponent
+from stateservice.leases import LEASES_SCHEMA, ObjectLeases
 from stateservice.locks import ObjectLocks
 from stateservice.membership import MEMBERSHIP_SCHEMA, MembershipComponent
 from stateservice.metrics import state_registry
 from stateservice.presence import PresenceStats
 from stateservice.storage import SqliteStorage
+from stateservice.turns import TURNS_SCHEMA
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
 from wsgate.probes import ProbeServer
@@ -57,9 +63,17 @@ class StateServer(Service):
         super().__init__()
         self.config = config
         self.storage = SqliteStorage(
-            config.db_path, schemas=(IDEMPOTENCY_SCHEMA, MEMBERSHIP_SCHEMA, ALARMS_SCHEMA)
+            config.db_path,
+            schemas=(
+                IDEMPOTENCY_SCHEMA,
+                MEMBERSHIP_SCHEMA,
+                ALARMS_SCHEMA,
+                LEASES_SCHEMA,
+                TURNS_SCHEMA,
+            ),
         )
         self.locks = ObjectLocks()
+        self.leases = ObjectLeases(self.storage, config.lease_s)
         self._probes = ProbeServer(
             config.host,
             config.probe_port,
@@ -87,13 +101,21 @@ class StateServer(Service):
         try:
             await self._probes.start()
             await self.storage.start()
+            # Before listening: a holder that renews right after a restart keeps its objects.
+            await self.leases.load(time.monotonic())
             self._nc = await connect_bus(self.config, "wsgate-state")
-            context = StateContext(self.config, self.storage, self.locks, self._nc)
+            context = StateContext(self.config, self.storage, self.locks, self._nc, self.leases)
             self._membership = MembershipComponent(context)
+            alarms = AlarmsComponent(context)
             self._components = [
                 KeyValueComponent(context),
                 self._membership,
-                AlarmsComponent(context),
+                alarms,
+                ActivationsComponent(
+                    context,
+                    on_alarm_set=alarms.scheduler.alarm_set,
+                    on_member_joined=self._membership.presence.member_joined,
+                ),
                 IdempotencyPruner(context),
             ]
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the

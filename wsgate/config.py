@@ -206,11 +206,45 @@ class WorkerConfig(BusConfig):
     drain_timeout_s: float = setting(
         20.0, "WSGATE_DRAIN_TIMEOUT_S", "on SIGTERM: time for running handlers to finish"
     )
+    turn_timeout_s: float = setting(
+        30.0,
+        "WSGATE_TURN_TIMEOUT_S",
+        "a durable object's handler running longer is cancelled (its connection gets 1011) "
+        "and the object goes on with its next event",
+    )
+    max_activations: int = setting(
+        10_000,
+        "WSGATE_MAX_ACTIVATIONS",
+        "durable object activations held in memory at most; the least recently used idle "
+        "ones are evicted beyond it (their connections stay open)",
+    )
+    activation_idle_s: float = setting(
+        60.0,
+        "WSGATE_ACTIVATION_IDLE_S",
+        "an activation without events for this long is evicted (hibernation)",
+    )
+    commit_timeout_s: float = setting(
+        30.0,
+        "WSGATE_COMMIT_TIMEOUT_S",
+        "how long an activation retries committing its turns while the state service "
+        "cannot be reached (their events wait, kept alive by progress acks)",
+    )
+    intake_stall_s: float = setting(
+        10.0,
+        "WSGATE_INTAKE_STALL_S",
+        "/readyz turns 503 when requests wait this long without the worker taking any",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_port("port (WSGATE_WORKER_PORT)", self.port)
         _check_positive("drain_timeout_s (WSGATE_DRAIN_TIMEOUT_S)", self.drain_timeout_s)
+        _check_positive("turn_timeout_s (WSGATE_TURN_TIMEOUT_S)", self.turn_timeout_s)
+        _check_positive("activation_idle_s (WSGATE_ACTIVATION_IDLE_S)", self.activation_idle_s)
+        _check_positive("commit_timeout_s (WSGATE_COMMIT_TIMEOUT_S)", self.commit_timeout_s)
+        _check_positive("intake_stall_s (WSGATE_INTAKE_STALL_S)", self.intake_stall_s)
+        if self.max_activations < 1:
+            raise ConfigError("max_activations (WSGATE_MAX_ACTIVATIONS) must be >= 1")
         if ":" not in self.app:
             raise ConfigError(f"app (WSGATE_APP) must be module:attribute, got {self.app!r}")
         if not _HOST_PORT.match(self.state_address):
@@ -251,6 +285,12 @@ class StateConfig(BusConfig):
         "WSGATE_IDEMPOTENCY_RETENTION_S",
         "how long applied idempotency keys are remembered (above the gateways' delivery timeout)",
     )
+    lease_s: float = setting(
+        10.0,
+        "WSGATE_LEASE_S",
+        "how long a worker's lease on a durable object's activation holds without renewal; "
+        "a dead worker's objects move to another worker within about this long",
+    )
     alarm_timeout_s: float = setting(
         60.0,
         "WSGATE_ALARM_TIMEOUT_S",
@@ -281,6 +321,7 @@ class StateConfig(BusConfig):
             "idempotency_retention_s (WSGATE_IDEMPOTENCY_RETENTION_S)",
             self.idempotency_retention_s,
         )
+        _check_positive("lease_s (WSGATE_LEASE_S)", self.lease_s)
         _check_positive("alarm_timeout_s (WSGATE_ALARM_TIMEOUT_S)", self.alarm_timeout_s)
         _check_positive(
             "alarm_first_backoff_s (WSGATE_ALARM_FIRST_BACKOFF_S)", self.alarm_first_backoff_s

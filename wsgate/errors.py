@@ -14,6 +14,8 @@
         ├── InvalidObjectId(ValueError)         an object id is malformed (empty namespace)
         ├── InvalidRequest(ValueError)          a request is malformed (no operation, ...)
         ├── TransactionAborted                  a transaction outlived its deadline
+        ├── ObjectActive                        a write from outside to an object that an
+        │                                       activation holds
         └── LimitExceeded(ValueError)           an input is over a documented limit
             ├── KeyTooLarge                     key over 2 KiB
             ├── ValueTooLarge                   value over 128 KiB
@@ -84,6 +86,18 @@ class InvalidRequest(StateError, ValueError):
 class TransactionAborted(StateError):
     """A transaction was aborted by the state service (it held its object longer than the
     transaction timeout); none of its writes were applied."""
+
+
+class ObjectActive(StateError):
+    """A write to a durable object from outside its activation (``env.storage(...)`` of a
+    function route, say) while a worker holds the object's activation: the activation
+    keeps the object's state in memory and is its one writer, so the write is refused
+    rather than lost under it. Reads from outside are allowed (they see what it committed).
+    ``holder`` is the id of the worker that holds it."""
+
+    def __init__(self, message: str, *, holder: str = "") -> None:
+        self.holder = holder
+        super().__init__(message)
 
 
 class LimitExceeded(StateError, ValueError):

@@ -2,7 +2,9 @@
 
 The server refuses bad input with INVALID_ARGUMENT, a readable details string, and a
 serialized ``wsgate.v1.ErrorInfo`` in the trailing metadata key :data:`ERROR_INFO_KEY`;
-the client turns that back into the same exception, with its fields. Both sides use the
+the client turns that back into the same exception, with its fields. A write to an object
+that an activation holds is refused with FAILED_PRECONDITION and the reason
+``OBJECT_ACTIVE`` (:class:`~wsgate.errors.ObjectActive`). Both sides use the
 table below, so a new refusal is added here once.
 """
 
@@ -21,6 +23,7 @@ from wsgate.errors import (
     InvalidValue,
     KeyTooLarge,
     LimitExceeded,
+    ObjectActive,
     StateError,
     StateTimeout,
     StateUnavailable,
@@ -51,6 +54,7 @@ class Reason(enum.StrEnum):
     TOO_MANY_TAGS = "TOO_MANY_TAGS"
     TAG_TOO_LARGE = "TAG_TOO_LARGE"
     ATTACHMENT_TOO_LARGE = "ATTACHMENT_TOO_LARGE"
+    OBJECT_ACTIVE = "OBJECT_ACTIVE"
 
 
 #: The exceptions the server refuses calls with, and the reason each travels as.
@@ -101,6 +105,12 @@ def refusal_metadata(exc: Refusal) -> tuple[tuple[str, bytes], ...]:
     return ((ERROR_INFO_KEY, error_info(exc).SerializeToString()),)
 
 
+def object_active_metadata(holder: str) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata of an OBJECT_ACTIVE refusal (sent with FAILED_PRECONDITION)."""
+    info = pb.ErrorInfo(reason=Reason.OBJECT_ACTIVE, key=holder[:MAX_ERROR_KEY_CHARS])
+    return ((ERROR_INFO_KEY, info.SerializeToString()),)
+
+
 def exception_from_error_info(info: pb.ErrorInfo, details: str) -> StateError:
     """The exception a refusal stands for; a plain StateError for an unknown reason
     (a newer server), so the caller still gets the details."""
@@ -113,14 +123,17 @@ def exception_from_error_info(info: pb.ErrorInfo, details: str) -> StateError:
         return InvalidObjectId(details)
     if info.reason == Reason.INVALID_REQUEST:
         return InvalidRequest(details)
+    if info.reason == Reason.OBJECT_ACTIVE:
+        return ObjectActive(details, holder=info.key)
     return StateError(f"state service refused the call ({info.reason}): {details}")
 
 
 def exception_from_rpc_error(err: grpc.RpcError, what: str) -> StateError:
     """Map a failed call (``what``, e.g. ``"Get"``) to the state exception tree.
 
-    UNAVAILABLE → StateUnavailable, DEADLINE_EXCEEDED → StateTimeout, INVALID_ARGUMENT with
-    an ErrorInfo → the refusal's own exception; anything else → StateError naming the code.
+    UNAVAILABLE → StateUnavailable, DEADLINE_EXCEEDED → StateTimeout, INVALID_ARGUMENT or
+    FAILED_PRECONDITION with an ErrorInfo → the refusal's own exception (ObjectActive for
+    OBJECT_ACTIVE); anything else → StateError naming the code.
     """
     code = _call_attr(err, "code")
     details = _call_attr(err, "details") or ""
@@ -130,7 +143,7 @@ def exception_from_rpc_error(err: grpc.RpcError, what: str) -> StateError:
         return StateTimeout(f"state service did not answer {what} in time: {details}")
     if code == grpc.StatusCode.ABORTED:
         return TransactionAborted(f"state service aborted {what}: {details}")
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
         info = _error_info_of(err)
         if info is not None:
             return exception_from_error_info(info, details)

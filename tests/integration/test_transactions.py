@@ -13,12 +13,12 @@ import pytest
 
 from stateservice.component import StateContext
 from stateservice.idempotency import IdempotencyPruner
-from stateservice.limits import MAX_BATCH_KEYS
 from stateservice.server import StateServer
 from tests.harness import in_process_state_config, write_results
 from worker.gate import OutputGate, current_gate
 from worker.state_client import ObjectStorage, StateClient, Transaction
 from wsgate.errors import InvalidValue, TooManyKeys, TransactionAborted
+from wsgate.limits import MAX_BATCH_KEYS
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
@@ -314,6 +314,7 @@ async def test_keys_past_their_retention_are_pruned(
             server.storage,
             server.locks,
             nc=None,  # type: ignore[arg-type]  # the pruner never touches the bus
+            leases=server.leases,
         )
     )
     await _until_pruned(pruner)

@@ -11,6 +11,7 @@ from wsgate.errors import (
     InvalidValue,
     KeyTooLarge,
     LimitExceeded,
+    ObjectActive,
     StateError,
     TagTooLarge,
     TooManyKeys,
@@ -18,19 +19,31 @@ from wsgate.errors import (
     ValueTooLarge,
 )
 from wsgate.state_errors import (
+    ERROR_INFO_KEY,
     REFUSAL_TYPES,
     REFUSALS,
     Reason,
     Refusal,
     error_info,
     exception_from_error_info,
+    object_active_metadata,
 )
 from wsgate.v1 import state_pb2 as pb
 
 
 def test_every_refusal_has_one_reason() -> None:
     assert all(issubclass(refusal, REFUSAL_TYPES) for refusal in REFUSALS)
-    assert sorted(REFUSALS.values()) == sorted(Reason)
+    # Every reason is a refusal of bad input, but OBJECT_ACTIVE (FAILED_PRECONDITION).
+    assert sorted(REFUSALS.values()) == sorted(set(Reason) - {Reason.OBJECT_ACTIVE})
+
+
+def test_an_object_active_refusal_names_the_holder() -> None:
+    ((key, value),) = object_active_metadata("worker-abcdefgh")
+    assert key == ERROR_INFO_KEY
+    exc = exception_from_error_info(pb.ErrorInfo.FromString(value), "object is active")
+    assert type(exc) is ObjectActive
+    assert exc.holder == "worker-abcdefgh"
+    assert str(exc) == "object is active"
 
 
 @pytest.mark.parametrize(

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wsgate/v1/envelope.proto\x12\twsgate.v1\"3\n\x07Message\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x96\x01\n\x0e\x43onnectRequest\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\"\n\x07headers\x18\x04 \x03(\x0b\x32\x11.wsgate.v1.Header\x12\x14\n\x0csubprotocols\x18\x05 \x03(\t\x12\x16\n\x0eremote_address\x18\x06 \x01(\t\"f\n\x0f\x43onnectDecision\x12#\n\x06\x61\x63\x63\x65pt\x18\x01 \x01(\x0b\x32\x11.wsgate.v1.AcceptH\x00\x12#\n\x06reject\x18\x02 \x01(\x0b\x32\x11.wsgate.v1.RejectH\x00\x42\t\n\x07outcome\"C\n\x06\x41\x63\x63\x65pt\x12\x13\n\x0bsubprotocol\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.wsgate.v1.Message\"J\n\x06Reject\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\"\n\x07headers\x18\x03 \x03(\x0b\x32\x11.wsgate.v1.Header\"T\n\x06\x43losed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12,\n\tinitiator\x18\x03 \x01(\x0e\x32\x19.wsgate.v1.CloseInitiator\"\xc6\x01\n\x0f\x43onnectionEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0bredelivered\x18\x03 \x01(\x08\x12\x0c\n\x04path\x18\x04 \x01(\t\x12%\n\x07message\x18\x05 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12#\n\x06\x63losed\x18\x06 \x01(\x0b\x32\x11.wsgate.v1.ClosedH\x00\x12\x13\n\x0b\x61\x63k_wait_ms\x18\x07 \x01(\rB\x06\n\x04kind\"n\n\x08\x45ventAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x13\n\x0bin_progress\x18\x02 \x01(\x08\x12$\n\x08messages\x18\x03 \x03(\x0b\x32\x12.wsgate.v1.Message\x12\x15\n\rconnection_id\x18\x04 \x01(\t\"-\n\x08\x41\x63kBatch\x12!\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x13.wsgate.v1.EventAck\"/\n\x0f\x43loseConnection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x98\x01\n\x0eGatewayCommand\x12\x16\n\x0e\x63onnection_ids\x18\x01 \x03(\t\x12\"\n\x04send\x18\x02 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12+\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1a.wsgate.v1.CloseConnectionH\x00\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x42\x08\n\x06\x61\x63tion\"H\n\x0fGatewayPresence\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x0f\n\x07leaving\x18\x03 \x01(\x08\"k\n\nAlarmEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cscheduled_ms\x18\x03 \x01(\x03\x12\x13\n\x0bretry_count\x18\x04 \x01(\r\x12\x11\n\tfiring_id\x18\x05 \x01(\t\"(\n\x0b\x41larmResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t*\x83\x01\n\x0e\x43loseInitiator\x12\x1f\n\x1b\x43LOSE_INITIATOR_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSE_INITIATOR_CLIENT\x10\x01\x12\x17\n\x13\x43LOSE_INITIATOR_APP\x10\x02\x12\x1b\n\x17\x43LOSE_INITIATOR_GATEWAY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wsgate/v1/envelope.proto\x12\twsgate.v1\"3\n\x07Message\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x96\x01\n\x0e\x43onnectRequest\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\"\n\x07headers\x18\x04 \x03(\x0b\x32\x11.wsgate.v1.Header\x12\x14\n\x0csubprotocols\x18\x05 \x03(\t\x12\x16\n\x0eremote_address\x18\x06 \x01(\t\"f\n\x0f\x43onnectDecision\x12#\n\x06\x61\x63\x63\x65pt\x18\x01 \x01(\x0b\x32\x11.wsgate.v1.AcceptH\x00\x12#\n\x06reject\x18\x02 \x01(\x0b\x32\x11.wsgate.v1.RejectH\x00\x42\t\n\x07outcome\"S\n\x06\x41\x63\x63\x65pt\x12\x13\n\x0bsubprotocol\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.wsgate.v1.Message\x12\x0e\n\x06worker\x18\x03 \x01(\t\"J\n\x06Reject\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\"\n\x07headers\x18\x03 \x03(\x0b\x32\x11.wsgate.v1.Header\"T\n\x06\x43losed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12,\n\tinitiator\x18\x03 \x01(\x0e\x32\x19.wsgate.v1.CloseInitiator\"\xc6\x01\n\x0f\x43onnectionEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0bredelivered\x18\x03 \x01(\x08\x12\x0c\n\x04path\x18\x04 \x01(\t\x12%\n\x07message\x18\x05 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12#\n\x06\x63losed\x18\x06 \x01(\x0b\x32\x11.wsgate.v1.ClosedH\x00\x12\x13\n\x0b\x61\x63k_wait_ms\x18\x07 \x01(\rB\x06\n\x04kind\"\x8d\x01\n\x08\x45ventAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x13\n\x0bin_progress\x18\x02 \x01(\x08\x12$\n\x08messages\x18\x03 \x03(\x0b\x32\x12.wsgate.v1.Message\x12\x15\n\rconnection_id\x18\x04 \x01(\t\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\r\n\x05retry\x18\x06 \x01(\x08\"-\n\x08\x41\x63kBatch\x12!\n\x04\x61\x63ks\x18\x01 \x03(\x0b\x32\x13.wsgate.v1.EventAck\"/\n\x0f\x43loseConnection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x98\x01\n\x0eGatewayCommand\x12\x16\n\x0e\x63onnection_ids\x18\x01 \x03(\t\x12\"\n\x04send\x18\x02 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12+\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1a.wsgate.v1.CloseConnectionH\x00\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x42\x08\n\x06\x61\x63tion\"H\n\x0fGatewayPresence\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x0f\n\x07leaving\x18\x03 \x01(\x08\"k\n\nAlarmEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cscheduled_ms\x18\x03 \x01(\x03\x12\x13\n\x0bretry_count\x18\x04 \x01(\r\x12\x11\n\tfiring_id\x18\x05 \x01(\t\"(\n\x0b\x41larmResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t*\x83\x01\n\x0e\x43loseInitiator\x12\x1f\n\x1b\x43LOSE_INITIATOR_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSE_INITIATOR_CLIENT\x10\x01\x12\x17\n\x13\x43LOSE_INITIATOR_APP\x10\x02\x12\x1b\n\x17\x43LOSE_INITIATOR_GATEWAY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wsgate.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLOSEINITIATOR']._serialized_start=1409
-  _globals['_CLOSEINITIATOR']._serialized_end=1540
+  _globals['_CLOSEINITIATOR']._serialized_start=1457
+  _globals['_CLOSEINITIATOR']._serialized_end=1588
   _globals['_MESSAGE']._serialized_start=39
   _globals['_MESSAGE']._serialized_end=90
   _globals['_HEADER']._serialized_start=92
@@ -42,25 +42,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONNECTDECISION']._serialized_start=284
   _globals['_CONNECTDECISION']._serialized_end=386
   _globals['_ACCEPT']._serialized_start=388
-  _globals['_ACCEPT']._serialized_end=455
-  _globals['_REJECT']._serialized_start=457
-  _globals['_REJECT']._serialized_end=531
-  _globals['_CLOSED']._serialized_start=533
-  _globals['_CLOSED']._serialized_end=617
-  _globals['_CONNECTIONEVENT']._serialized_start=620
-  _globals['_CONNECTIONEVENT']._serialized_end=818
-  _globals['_EVENTACK']._serialized_start=820
-  _globals['_EVENTACK']._serialized_end=930
-  _globals['_ACKBATCH']._serialized_start=932
-  _globals['_ACKBATCH']._serialized_end=977
-  _globals['_CLOSECONNECTION']._serialized_start=979
-  _globals['_CLOSECONNECTION']._serialized_end=1026
-  _globals['_GATEWAYCOMMAND']._serialized_start=1029
-  _globals['_GATEWAYCOMMAND']._serialized_end=1181
-  _globals['_GATEWAYPRESENCE']._serialized_start=1183
-  _globals['_GATEWAYPRESENCE']._serialized_end=1255
-  _globals['_ALARMEVENT']._serialized_start=1257
-  _globals['_ALARMEVENT']._serialized_end=1364
-  _globals['_ALARMRESULT']._serialized_start=1366
-  _globals['_ALARMRESULT']._serialized_end=1406
+  _globals['_ACCEPT']._serialized_end=471
+  _globals['_REJECT']._serialized_start=473
+  _globals['_REJECT']._serialized_end=547
+  _globals['_CLOSED']._serialized_start=549
+  _globals['_CLOSED']._serialized_end=633
+  _globals['_CONNECTIONEVENT']._serialized_start=636
+  _globals['_CONNECTIONEVENT']._serialized_end=834
+  _globals['_EVENTACK']._serialized_start=837
+  _globals['_EVENTACK']._serialized_end=978
+  _globals['_ACKBATCH']._serialized_start=980
+  _globals['_ACKBATCH']._serialized_end=1025
+  _globals['_CLOSECONNECTION']._serialized_start=1027
+  _globals['_CLOSECONNECTION']._serialized_end=1074
+  _globals['_GATEWAYCOMMAND']._serialized_start=1077
+  _globals['_GATEWAYCOMMAND']._serialized_end=1229
+  _globals['_GATEWAYPRESENCE']._serialized_start=1231
+  _globals['_GATEWAYPRESENCE']._serialized_end=1303
+  _globals['_ALARMEVENT']._serialized_start=1305
+  _globals['_ALARMEVENT']._serialized_end=1412
+  _globals['_ALARMRESULT']._serialized_start=1414
+  _globals['_ALARMRESULT']._serialized_end=1454
 # @@protoc_insertion_point(module_scope)

@@ -13,6 +13,13 @@ Subjects (see wsgate/subjects.py; every user string is encoded into one safe tok
   <prefix>.gw.<gateway_id>   GatewayCommand                      publish, one gateway subscribes
   <prefix>.presence          GatewayPresence                     publish, state services subscribe
   <prefix>.alarm.<namespace> AlarmEvent -> AlarmResult           request/reply, worker queue group
+  <prefix>.worker.<worker_id>.connect|events|alarm
+                             the same three, sent to one worker: the one that holds the
+                             activation of the durable object they concern (a gateway's
+                             next event of a connection, or another worker forwarding)
+
+A message forwarded from one worker to another carries the NATS header "Wsgate-Hops"
+(how many times it was forwarded), so that forwarding can never loop.
 
 Compatibility: fields are only ever added; a retired field number is listed as `reserved`.
 """
@@ -207,8 +214,14 @@ class Accept(_message.Message):
 
     SUBPROTOCOL_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
     subprotocol: _builtins.str
     """The subprotocol to answer with; empty for none. Must be one the client offered."""
+    worker: _builtins.str
+    """On a durable object route: the worker that holds the object's activation (its id).
+    The gateway sends the connection's events to that worker directly
+    (<prefix>.worker.<worker_id>.events) instead of to the queue. Empty: any worker.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
         """Messages to send right after the handshake, in order, before any later command.
@@ -220,10 +233,11 @@ class Accept(_message.Message):
         *,
         subprotocol: _builtins.str = ...,
         messages: _abc.Iterable[Global___Message] | None = ...,
+        worker: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "subprotocol", b"subprotocol"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["messages", b"messages", "subprotocol", b"subprotocol", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -362,6 +376,8 @@ class EventAck(_message.Message):
     IN_PROGRESS_FIELD_NUMBER: _builtins.int
     MESSAGES_FIELD_NUMBER: _builtins.int
     CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    RETRY_FIELD_NUMBER: _builtins.int
     sequence: _builtins.int
     """The sequence of the event acknowledged."""
     in_progress: _builtins.bool
@@ -371,6 +387,15 @@ class EventAck(_message.Message):
     connection_id: _builtins.str
     """The connection the acknowledged event belongs to (set in an AckBatch, where the
     subject does not say it).
+    """
+    worker: _builtins.str
+    """With the final ack, on a durable object route: the worker that holds the object's
+    activation; the gateway sends the connection's next event there (see Accept.worker).
+    """
+    retry: _builtins.bool
+    """Instead of a progress or final ack: the worker cannot handle the event (the object's
+    activation moved and could not be reached); the gateway sends it again at once,
+    marked redelivered, to the queue. The handler did not run for this copy.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___Message]:
@@ -386,10 +411,12 @@ class EventAck(_message.Message):
         in_progress: _builtins.bool = ...,
         messages: _abc.Iterable[Global___Message] | None = ...,
         connection_id: _builtins.str = ...,
+        worker: _builtins.str = ...,
+        retry: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "in_progress", b"in_progress", "messages", b"messages", "sequence", b"sequence"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_id", b"connection_id", "in_progress", b"in_progress", "messages", b"messages", "retry", b"retry", "sequence", b"sequence", "worker", b"worker"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

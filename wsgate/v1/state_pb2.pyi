@@ -3,9 +3,10 @@
 isort:skip_file
 The state service: durable objects, reached over gRPC (grpc.aio).
 
-Three services share one server: State (per-object key/value storage and transactions),
-Membership (connections accepted into objects, with tags and attachments, and broadcast)
-and Alarms (one alarm per object). Every call names its object; all operations on one
+Four services share one server: State (per-object key/value storage and transactions),
+Membership (connections accepted into objects, with tags and attachments, and broadcast),
+Alarms (one alarm per object) and Activations (the leases that make one worker the only
+host of an object, and the fenced, exactly-once commits of its turns). Every call names its object; all operations on one
 object are strictly serializable, and a write is acknowledged only once it is durable.
 
 Errors are gRPC status codes. A call refused for bad input carries INVALID_ARGUMENT and
@@ -828,7 +829,9 @@ class ErrorInfo(_message.Message):
     reason: _builtins.str
     """A stable, machine-readable reason: "KEY_TOO_LARGE", "VALUE_TOO_LARGE", "INVALID_VALUE",
     "INVALID_OBJECT_ID", "TOO_MANY_KEYS", "TOO_MANY_TAGS", "TAG_TOO_LARGE",
-    "ATTACHMENT_TOO_LARGE", "INVALID_CONNECTION_ID", "INVALID_REQUEST".
+    "ATTACHMENT_TOO_LARGE", "INVALID_CONNECTION_ID", "INVALID_REQUEST"; and
+    "OBJECT_ACTIVE" (status FAILED_PRECONDITION): a write from outside to an object that a
+    worker's activation holds (key: that worker's id).
     """
     size: _builtins.int
     """The size that was refused, in bytes, keys or tags (0 when not about a size)."""
@@ -1287,6 +1290,94 @@ class BroadcastResponse(_message.Message):
 Global___BroadcastResponse: _TypeAlias = BroadcastResponse  # noqa: Y015
 
 @_typing.final
+class RecipientsRequest(_message.Message):
+    """Ask who a broadcast to an object's members would reach."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    TAG_FIELD_NUMBER: _builtins.int
+    EXCLUDE_FIELD_NUMBER: _builtins.int
+    tag: _builtins.str
+    """Only members with this tag (unset: all)."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    @_builtins.property
+    def exclude(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Connections to leave out."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        tag: _builtins.str | None = ...,
+        exclude: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tag", b"_tag", "object", b"object", "tag", b"tag"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tag", b"_tag", "exclude", b"exclude", "object", b"object", "tag", b"tag"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__tag: _TypeAlias = _typing.Literal["tag"]  # noqa: Y015
+    _WhichOneofArgType__tag: _TypeAlias = _typing.Literal["_tag", b"_tag"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tag) -> _WhichOneofReturnType__tag | None: ...
+
+Global___RecipientsRequest: _TypeAlias = RecipientsRequest  # noqa: Y015
+
+@_typing.final
+class GatewayRecipients(_message.Message):
+    """The connections of one gateway that a broadcast reaches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAY_ID_FIELD_NUMBER: _builtins.int
+    CONNECTION_IDS_FIELD_NUMBER: _builtins.int
+    gateway_id: _builtins.str
+    """The gateway (the connection ids name it)."""
+    @_builtins.property
+    def connection_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its connections, in connection id order."""
+
+    def __init__(
+        self,
+        *,
+        gateway_id: _builtins.str = ...,
+        connection_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection_ids", b"connection_ids", "gateway_id", b"gateway_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayRecipients: _TypeAlias = GatewayRecipients  # noqa: Y015
+
+@_typing.final
+class RecipientsResponse(_message.Message):
+    """Who a broadcast would reach."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GATEWAYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def gateways(self) -> _containers.RepeatedCompositeFieldContainer[Global___GatewayRecipients]:
+        """One entry per gateway holding recipients."""
+
+    def __init__(
+        self,
+        *,
+        gateways: _abc.Iterable[Global___GatewayRecipients] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gateways", b"gateways"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecipientsResponse: _TypeAlias = RecipientsResponse  # noqa: Y015
+
+@_typing.final
 class SetAlarmRequest(_message.Message):
     """-- Alarms ----------------------------------------------------------------------------------
 
@@ -1429,3 +1520,732 @@ class DeleteAlarmResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteAlarmResponse: _TypeAlias = DeleteAlarmResponse  # noqa: Y015
+
+@_typing.final
+class Lease(_message.Message):
+    """-- Activations ------------------------------------------------------------------------------
+
+    A durable object runs in one activation at a time, hosted by one worker. The state
+    service grants that worker a lease on the object with an epoch, one higher at each grant
+    (epochs are durable, so they grow across restarts). Every commit of the activation's turns
+    names the epoch, and the service refuses an older one inside the database transaction
+    that would apply it (fencing): a worker that paused past its lease can never write for the
+    object again. A lease not renewed within its duration may be granted to another worker.
+
+    One lease, as a worker names it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The epoch the worker was granted."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Lease: _TypeAlias = Lease  # noqa: Y015
+
+@_typing.final
+class ActivateRequest(_message.Message):
+    """Ask for the lease on an object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    WORKER_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The asking worker's id."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        worker: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActivateRequest: _TypeAlias = ActivateRequest  # noqa: Y015
+
+@_typing.final
+class LeaseGranted(_message.Message):
+    """The lease is the asker's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The new epoch (greater than every earlier one of this object)."""
+    lease_ms: _builtins.int
+    """How long the lease holds without renewal, in milliseconds."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        lease_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "lease_ms", b"lease_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseGranted: _TypeAlias = LeaseGranted  # noqa: Y015
+
+@_typing.final
+class LeaseHeld(_message.Message):
+    """Another worker holds a live lease on the object."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The holder's id: send the object's events to <prefix>.worker.<worker>."""
+    epoch: _builtins.int
+    """Its epoch."""
+    def __init__(
+        self,
+        *,
+        worker: _builtins.str = ...,
+        epoch: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseHeld: _TypeAlias = LeaseHeld  # noqa: Y015
+
+@_typing.final
+class ActivateResponse(_message.Message):
+    """The answer to ActivateRequest: exactly one of granted or held."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTED_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def granted(self) -> Global___LeaseGranted:
+        """The lease is the asker's."""
+
+    @_builtins.property
+    def held(self) -> Global___LeaseHeld:
+        """Another worker has it."""
+
+    def __init__(
+        self,
+        *,
+        granted: Global___LeaseGranted | None = ...,
+        held: Global___LeaseHeld | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "held", b"held", "outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["granted", b"granted", "held", b"held", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["granted", "held"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___ActivateResponse: _TypeAlias = ActivateResponse  # noqa: Y015
+
+@_typing.final
+class RenewRequest(_message.Message):
+    """Renew every lease a worker holds, in one call."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The worker."""
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
+        """Its leases."""
+
+    def __init__(
+        self,
+        *,
+        worker: _builtins.str = ...,
+        leases: _abc.Iterable[Global___Lease] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewRequest: _TypeAlias = RenewRequest  # noqa: Y015
+
+@_typing.final
+class RenewResponse(_message.Message):
+    """Which leases are no longer the worker's."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOST_FIELD_NUMBER: _builtins.int
+    LEASE_MS_FIELD_NUMBER: _builtins.int
+    lease_ms: _builtins.int
+    """How long the renewed leases hold, in milliseconds."""
+    @_builtins.property
+    def lost(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Positions (in RenewRequest.leases) of leases lost: granted to another worker, released,
+        or revoked. Their activations must stop at once. The others now hold for lease_ms.
+        """
+
+    def __init__(
+        self,
+        *,
+        lost: _abc.Iterable[_builtins.int] | None = ...,
+        lease_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_ms", b"lease_ms", "lost", b"lost"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewResponse: _TypeAlias = RenewResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseRequest(_message.Message):
+    """Give leases up (the activations were evicted or the worker is draining)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The worker."""
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[Global___Lease]:
+        """The leases; one that is not the worker's any more is ignored."""
+
+    def __init__(
+        self,
+        *,
+        worker: _builtins.str = ...,
+        leases: _abc.Iterable[Global___Lease] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leases", b"leases", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseRequest: _TypeAlias = ReleaseRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseResponse(_message.Message):
+    """The leases are released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseResponse: _TypeAlias = ReleaseResponse  # noqa: Y015
+
+@_typing.final
+class MemberChange(_message.Message):
+    """A change to one member of the object, made by a turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_ID_FIELD_NUMBER: _builtins.int
+    JOIN_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    LEAVE_FIELD_NUMBER: _builtins.int
+    connection_id: _builtins.str
+    """The connection."""
+    attachment: _builtins.bytes
+    """Replace its attachment (a serialized Value; empty: null)."""
+    @_builtins.property
+    def join(self) -> Global___MemberJoin:
+        """Accept it into the object (or replace its tags and attachment)."""
+
+    @_builtins.property
+    def leave(self) -> Global___MemberLeave:
+        """Remove it from the object."""
+
+    def __init__(
+        self,
+        *,
+        connection_id: _builtins.str = ...,
+        join: Global___MemberJoin | None = ...,
+        attachment: _builtins.bytes = ...,
+        leave: Global___MemberLeave | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "change", b"change", "join", b"join", "leave", b"leave"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "change", b"change", "connection_id", b"connection_id", "join", b"join", "leave", b"leave"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["join", "attachment", "leave"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___MemberChange: _TypeAlias = MemberChange  # noqa: Y015
+
+@_typing.final
+class MemberJoin(_message.Message):
+    """A member joins (see JoinRequest for the limits)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    ATTACHMENT_FIELD_NUMBER: _builtins.int
+    attachment: _builtins.bytes
+    """Its attachment, a serialized Value (empty: null)."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its tags."""
+
+    def __init__(
+        self,
+        *,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+        attachment: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberJoin: _TypeAlias = MemberJoin  # noqa: Y015
+
+@_typing.final
+class MemberLeave(_message.Message):
+    """A member leaves."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberLeave: _TypeAlias = MemberLeave  # noqa: Y015
+
+@_typing.final
+class AlarmChange(_message.Message):
+    """A change to the object's alarm, made by a turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SET_MS_FIELD_NUMBER: _builtins.int
+    DELETE_FIELD_NUMBER: _builtins.int
+    set_ms: _builtins.int
+    """Set the alarm to this time, in milliseconds since the Unix epoch."""
+    delete: _builtins.bool
+    """Delete the alarm."""
+    def __init__(
+        self,
+        *,
+        set_ms: _builtins.int = ...,
+        delete: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "delete", b"delete", "set_ms", b"set_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "delete", b"delete", "set_ms", b"set_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["set_ms", "delete"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___AlarmChange: _TypeAlias = AlarmChange  # noqa: Y015
+
+@_typing.final
+class TurnOutput(_message.Message):
+    """One thing a turn sends, in the order the handler sent it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLY_FIELD_NUMBER: _builtins.int
+    CLOSE_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reply(self) -> _envelope_pb2.Message:
+        """A message to the connection whose event the turn handled."""
+
+    @_builtins.property
+    def close(self) -> _envelope_pb2.CloseConnection:
+        """Close that connection."""
+
+    @_builtins.property
+    def command(self) -> _envelope_pb2.GatewayCommand:
+        """A command to other connections (send_many, a broadcast, a peer's send)."""
+
+    def __init__(
+        self,
+        *,
+        reply: _envelope_pb2.Message | None = ...,
+        close: _envelope_pb2.CloseConnection | None = ...,
+        command: _envelope_pb2.GatewayCommand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "command", b"command", "output", b"output", "reply", b"reply"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "command", b"command", "output", b"output", "reply", b"reply"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["reply", "close", "command"]  # noqa: Y015
+    _WhichOneofArgType_output: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_output) -> _WhichOneofReturnType_output | None: ...
+
+Global___TurnOutput: _TypeAlias = TurnOutput  # noqa: Y015
+
+@_typing.final
+class TurnOutcome(_message.Message):
+    """What a turn produced, recorded with its commit so that a redelivered event whose turn
+    committed gets the same outcome without running the handler again.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OUTPUTS_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    failed: _builtins.bool
+    """The handler raised or ran past the turn limit (its connection is closed with 1011)."""
+    @_builtins.property
+    def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TurnOutput]:
+        """What it sent, in order."""
+
+    @_builtins.property
+    def decision(self) -> _envelope_pb2.ConnectDecision:
+        """For a connect turn: the decision answered to the gateway."""
+
+    def __init__(
+        self,
+        *,
+        outputs: _abc.Iterable[Global___TurnOutput] | None = ...,
+        decision: _envelope_pb2.ConnectDecision | None = ...,
+        failed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "failed", b"failed", "outputs", b"outputs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnOutcome: _TypeAlias = TurnOutcome  # noqa: Y015
+
+@_typing.final
+class Turn(_message.Message):
+    """One turn of an activation: its effects and its outcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    WRITES_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    ALARM_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The event's key: the connection id (sequence 0 is its connect), or "alarm:<firing id>"."""
+    sequence: _builtins.int
+    """The event's sequence on its connection (0 for a connect or an alarm)."""
+    record: _builtins.bool
+    """Record the outcome under key: a later turn with the same key and a sequence at or
+    below this one is then a duplicate.
+    """
+    @_builtins.property
+    def writes(self) -> _containers.RepeatedCompositeFieldContainer[Global___Write]:
+        """Storage writes, applied in order (their objects are ignored: the turn's object)."""
+
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___MemberChange]:
+        """Membership changes, applied in order after the writes."""
+
+    @_builtins.property
+    def alarm(self) -> Global___AlarmChange:
+        """The alarm change, if any."""
+
+    @_builtins.property
+    def outcome(self) -> Global___TurnOutcome:
+        """What the turn produced (recorded under key when record is set)."""
+
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        sequence: _builtins.int = ...,
+        writes: _abc.Iterable[Global___Write] | None = ...,
+        members: _abc.Iterable[Global___MemberChange] | None = ...,
+        alarm: Global___AlarmChange | None = ...,
+        outcome: Global___TurnOutcome | None = ...,
+        record: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_alarm", b"_alarm", "alarm", b"alarm", "outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_alarm", b"_alarm", "alarm", b"alarm", "key", b"key", "members", b"members", "outcome", b"outcome", "record", b"record", "sequence", b"sequence", "writes", b"writes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__alarm: _TypeAlias = _typing.Literal["alarm"]  # noqa: Y015
+    _WhichOneofArgType__alarm: _TypeAlias = _typing.Literal["_alarm", b"_alarm"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__alarm) -> _WhichOneofReturnType__alarm | None: ...
+
+Global___Turn: _TypeAlias = Turn  # noqa: Y015
+
+@_typing.final
+class ObjectTurns(_message.Message):
+    """The turns of one activation, in the order they ran."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    TURNS_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """The epoch of the activation's lease."""
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    @_builtins.property
+    def turns(self) -> _containers.RepeatedCompositeFieldContainer[Global___Turn]:
+        """The turns, in order; applied all or none."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+        epoch: _builtins.int = ...,
+        turns: _abc.Iterable[Global___Turn] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "object", b"object", "turns", b"turns"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectTurns: _TypeAlias = ObjectTurns  # noqa: Y015
+
+@_typing.final
+class CommitTurnsRequest(_message.Message):
+    """Commit turns of several activations of one worker."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKER_FIELD_NUMBER: _builtins.int
+    OBJECTS_FIELD_NUMBER: _builtins.int
+    worker: _builtins.str
+    """The worker."""
+    @_builtins.property
+    def objects(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectTurns]:
+        """One entry per object; each is applied (or refused) on its own."""
+
+    def __init__(
+        self,
+        *,
+        worker: _builtins.str = ...,
+        objects: _abc.Iterable[Global___ObjectTurns] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["objects", b"objects", "worker", b"worker"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitTurnsRequest: _TypeAlias = CommitTurnsRequest  # noqa: Y015
+
+@_typing.final
+class TurnsCommitted(_message.Message):
+    """The turns are durable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnsCommitted: _TypeAlias = TurnsCommitted  # noqa: Y015
+
+@_typing.final
+class TurnsRefused(_message.Message):
+    """The turns were refused: nothing of them was applied, and the activation must stop."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FENCED_FIELD_NUMBER: _builtins.int
+    DUPLICATE_FIELD_NUMBER: _builtins.int
+    DETAILS_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    fenced: _builtins.bool
+    """The lease's epoch is not the request's (fenced), or the lease is not the worker's."""
+    duplicate: _builtins.bool
+    """A turn had already been committed (by another activation): the activation ran a
+    duplicate, so its memory is not the object's any more.
+    """
+    details: _builtins.str
+    """Why, for the log."""
+    @_builtins.property
+    def info(self) -> Global___ErrorInfo:
+        """The refusal of bad input, when that is why (e.g. a limit)."""
+
+    def __init__(
+        self,
+        *,
+        fenced: _builtins.bool = ...,
+        duplicate: _builtins.bool = ...,
+        details: _builtins.str = ...,
+        info: Global___ErrorInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details", "duplicate", b"duplicate", "fenced", b"fenced", "info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TurnsRefused: _TypeAlias = TurnsRefused  # noqa: Y015
+
+@_typing.final
+class ObjectTurnsResult(_message.Message):
+    """The result for one ObjectTurns."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """Its position in CommitTurnsRequest.objects."""
+    @_builtins.property
+    def committed(self) -> Global___TurnsCommitted:
+        """Durable."""
+
+    @_builtins.property
+    def refused(self) -> Global___TurnsRefused:
+        """Refused."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        committed: Global___TurnsCommitted | None = ...,
+        refused: Global___TurnsRefused | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "outcome", b"outcome", "refused", b"refused"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "index", b"index", "outcome", b"outcome", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["committed", "refused"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___ObjectTurnsResult: _TypeAlias = ObjectTurnsResult  # noqa: Y015
+
+@_typing.final
+class CommitTurnsResponse(_message.Message):
+    """The results of CommitTurns, one per object, in any order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectTurnsResult]:
+        """The results."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ObjectTurnsResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommitTurnsResponse: _TypeAlias = CommitTurnsResponse  # noqa: Y015
+
+@_typing.final
+class LookupTurnRequest(_message.Message):
+    """Ask for the recorded outcome of an event's turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """The turn's key (see Turn.key)."""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupTurnRequest: _TypeAlias = LookupTurnRequest  # noqa: Y015
+
+@_typing.final
+class LookupTurnResponse(_message.Message):
+    """What was recorded under a key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FOUND_FIELD_NUMBER: _builtins.int
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    found: _builtins.bool
+    """Whether anything is recorded."""
+    sequence: _builtins.int
+    """The sequence of the last turn recorded under the key."""
+    @_builtins.property
+    def outcome(self) -> Global___TurnOutcome:
+        """Its outcome."""
+
+    def __init__(
+        self,
+        *,
+        found: _builtins.bool = ...,
+        sequence: _builtins.int = ...,
+        outcome: Global___TurnOutcome | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["found", b"found", "outcome", b"outcome", "sequence", b"sequence"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LookupTurnResponse: _TypeAlias = LookupTurnResponse  # noqa: Y015

@@ -284,6 +284,11 @@ class MembershipStub:
                 request_serializer=wsgate_dot_v1_dot_state__pb2.BroadcastRequest.SerializeToString,
                 response_deserializer=wsgate_dot_v1_dot_state__pb2.BroadcastResponse.FromString,
                 _registered_method=True)
+        self.Recipients = channel.unary_unary(
+                '/wsgate.v1.Membership/Recipients',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.RecipientsRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.RecipientsResponse.FromString,
+                _registered_method=True)
 
 
 class MembershipServicer:
@@ -341,6 +346,13 @@ class MembershipServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Recipients(self, request, context):
+        """Who a broadcast would reach, grouped by gateway (an activation sends it itself).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MembershipServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -378,6 +390,11 @@ def add_MembershipServicer_to_server(servicer, server):
                     servicer.Broadcast,
                     request_deserializer=wsgate_dot_v1_dot_state__pb2.BroadcastRequest.FromString,
                     response_serializer=wsgate_dot_v1_dot_state__pb2.BroadcastResponse.SerializeToString,
+            ),
+            'Recipients': grpc.unary_unary_rpc_method_handler(
+                    servicer.Recipients,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.RecipientsRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.RecipientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -582,6 +599,33 @@ class Membership:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Recipients(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Membership/Recipients',
+            wsgate_dot_v1_dot_state__pb2.RecipientsRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.RecipientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class AlarmsStub:
     """One alarm per object. At its time the state service publishes an AlarmEvent to the
@@ -745,6 +789,258 @@ class Alarms:
             '/wsgate.v1.Alarms/DeleteAlarm',
             wsgate_dot_v1_dot_state__pb2.DeleteAlarmRequest.SerializeToString,
             wsgate_dot_v1_dot_state__pb2.DeleteAlarmResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ActivationsStub:
+    """The leases of durable objects' activations, and the commits of their turns.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Activate = channel.unary_unary(
+                '/wsgate.v1.Activations/Activate',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.ActivateRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.ActivateResponse.FromString,
+                _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/wsgate.v1.Activations/Renew',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.RenewRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.RenewResponse.FromString,
+                _registered_method=True)
+        self.Release = channel.unary_unary(
+                '/wsgate.v1.Activations/Release',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.ReleaseRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.ReleaseResponse.FromString,
+                _registered_method=True)
+        self.CommitTurns = channel.unary_unary(
+                '/wsgate.v1.Activations/CommitTurns',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.CommitTurnsRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.CommitTurnsResponse.FromString,
+                _registered_method=True)
+        self.LookupTurn = channel.unary_unary(
+                '/wsgate.v1.Activations/LookupTurn',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.LookupTurnRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.LookupTurnResponse.FromString,
+                _registered_method=True)
+
+
+class ActivationsServicer:
+    """The leases of durable objects' activations, and the commits of their turns.
+    """
+
+    def Activate(self, request, context):
+        """Take the lease on an object, or learn who holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Renew(self, request, context):
+        """Renew a worker's leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Release(self, request, context):
+        """Release leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitTurns(self, request, context):
+        """Commit turns, fenced by their epochs, each turn once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LookupTurn(self, request, context):
+        """The recorded outcome of a turn.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ActivationsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Activate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Activate,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.ActivateRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.ActivateResponse.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.RenewRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.RenewResponse.SerializeToString,
+            ),
+            'Release': grpc.unary_unary_rpc_method_handler(
+                    servicer.Release,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.ReleaseRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'CommitTurns': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitTurns,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.CommitTurnsRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.CommitTurnsResponse.SerializeToString,
+            ),
+            'LookupTurn': grpc.unary_unary_rpc_method_handler(
+                    servicer.LookupTurn,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.LookupTurnRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.LookupTurnResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'wsgate.v1.Activations', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('wsgate.v1.Activations', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Activations:
+    """The leases of durable objects' activations, and the commits of their turns.
+    """
+
+    @staticmethod
+    def Activate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Activations/Activate',
+            wsgate_dot_v1_dot_state__pb2.ActivateRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.ActivateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Activations/Renew',
+            wsgate_dot_v1_dot_state__pb2.RenewRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.RenewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Release(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Activations/Release',
+            wsgate_dot_v1_dot_state__pb2.ReleaseRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitTurns(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Activations/CommitTurns',
+            wsgate_dot_v1_dot_state__pb2.CommitTurnsRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.CommitTurnsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LookupTurn(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.Activations/LookupTurn',
+            wsgate_dot_v1_dot_state__pb2.LookupTurnRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.LookupTurnResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,277 @@
+"""``wsgate.v1.Activations``: the leases that make one worker the host of an object's
+activation (:mod:`stateservice.leases`), and the fenced, exactly-once commits of its turns
+(:mod:`stateservice.turns`).
+
+A commit names its epoch; its effects are checked here (every storage and membership
+limit, as for the calls of the other services) and applied by one storage operation per
+object, so the turns of many objects and workers share one group commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from stateservice import rpc
+from stateservice.alarms import PutAlarm, RemoveAlarm, new_firing_id
+from stateservice.component import StateContext
+from stateservice.idempotency import PRUNE_INTERVAL_S
+from stateservice.kv_service import object_write_ops
+from stateservice.leases import Claim, GrantLease, ReleaseLease
+from stateservice.membership import JoinMember, LeaveMember, SetMemberAttachment, checked_attachment
+from stateservice.storage import ObjectId, Operation
+from stateservice.turns import (
+    CommitObjectTurns,
+    LookupTurnRecord,
+    PruneTurns,
+    Refused,
+    TurnEffects,
+    now_ms,
+)
+from wsgate import ids
+from wsgate.errors import InvalidConnectionId, InvalidObjectId, InvalidRequest
+from wsgate.limits import check_tags
+from wsgate.state_errors import REFUSAL_TYPES, error_info
+from wsgate.v1 import state_pb2 as pb
+from wsgate.v1 import state_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+class _Checked:
+    """One object's turns, checked: the operation to store, and the alarm times it sets
+    (the scheduler is woken for them once the operation is durable)."""
+
+    __slots__ = ("alarms", "op")
+
+    def __init__(self, op: CommitObjectTurns, alarms: list[int]) -> None:
+        self.op = op
+        self.alarms = alarms
+
+
+class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
+    """The Activations service over the shared storage and lease table.
+
+    ``on_alarm_set(at_ms)`` wakes the alarm scheduler for an alarm a turn set;
+    ``on_member_joined(gateway_id)`` tells the gateway leases that a gateway may now hold
+    members (before the join is stored, as the Membership service does).
+    """
+
+    def __init__(
+        self,
+        context: StateContext,
+        *,
+        on_alarm_set: Callable[[int], None],
+        on_member_joined: Callable[[str], None],
+    ) -> None:
+        self._context = context
+        self._storage = context.storage
+        self._table = context.leases.table
+        self._lease_ms = int(self._table.lease_s * 1000)
+        self._on_alarm_set = on_alarm_set
+        self._on_member_joined = on_member_joined
+
+    async def Activate(self, request: pb.ActivateRequest, context: Any) -> pb.ActivateResponse:
+        """Grant the lease on an object to the asker, or say who holds it."""
+        obj = await _object(context, request.object)
+        worker = await _worker(context, request.worker)
+        claim, lease = self._table.claim(obj, worker, time.monotonic())
+        if claim is Claim.HELD:
+            assert lease is not None
+            return pb.ActivateResponse(held=pb.LeaseHeld(worker=lease.holder, epoch=lease.epoch))
+        try:
+            epoch = await rpc.stored(context, self._storage.submit(GrantLease(obj, worker)))
+        except BaseException:
+            self._table.grant_failed(obj, worker)
+            raise
+        self._table.granted(obj, worker, epoch, time.monotonic())
+        log.debug("lease on %s/%s: epoch %d to %s", obj.namespace, obj.name, epoch, worker)
+        return pb.ActivateResponse(granted=pb.LeaseGranted(epoch=epoch, lease_ms=self._lease_ms))
+
+    async def Renew(self, request: pb.RenewRequest, context: Any) -> pb.RenewResponse:
+        """Extend a worker's leases (in memory: no disk write); report the ones it lost."""
+        worker = await _worker(context, request.worker)
+        leases = [(await _object(context, lease.object), lease.epoch) for lease in request.leases]
+        lost = self._table.renew(worker, leases, time.monotonic())
+        return pb.RenewResponse(lost=lost, lease_ms=self._lease_ms)
+
+    async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
+        """Give leases up; the next asker gets the object at once."""
+        worker = await _worker(context, request.worker)
+        released = []
+        for lease in request.leases:
+            obj = await _object(context, lease.object)
+            if self._table.release(obj, worker, lease.epoch):
+                released.append(self._storage.submit(ReleaseLease(obj, worker, lease.epoch)))
+        if released:
+            await rpc.stored(context, asyncio.gather(*released))
+        return pb.ReleaseResponse()
+
+    async def CommitTurns(
+        self, request: pb.CommitTurnsRequest, context: Any
+    ) -> pb.CommitTurnsResponse:
+        """Apply each object's turns, fenced and deduplicated, all or none per object."""
+        worker = await _worker(context, request.worker)
+        response = pb.CommitTurnsResponse()
+        pending: list[tuple[int, _Checked, asyncio.Future[Refused | None]]] = []
+        for index, turns in enumerate(request.objects):
+            try:
+                checked = self._check(turns, worker)
+            except REFUSAL_TYPES as exc:
+                refused = pb.TurnsRefused(details=str(exc), info=error_info(exc))
+                response.results.add(index=index, refused=refused)
+                continue
+            except InvalidConnectionId as exc:
+                response.results.add(index=index, refused=pb.TurnsRefused(details=str(exc)))
+                continue
+            pending.append((index, checked, self._storage.submit(checked.op)))
+        for index, checked, future in pending:
+            outcome = await rpc.stored(context, future)
+            if outcome is None:
+                for at_ms in checked.alarms:
+                    self._on_alarm_set(at_ms)
+                response.results.add(index=index, committed=pb.TurnsCommitted())
+            else:
+                log.info(
+                    "turns of %s/%s refused: %s",
+                    checked.op.obj.namespace,
+                    checked.op.obj.name,
+                    outcome.details,
+                )
+                refused = pb.TurnsRefused(
+                    fenced=outcome.fenced, duplicate=outcome.duplicate, details=outcome.details
+                )
+                response.results.add(index=index, refused=refused)
+        return response
+
+    async def LookupTurn(
+        self, request: pb.LookupTurnRequest, context: Any
+    ) -> pb.LookupTurnResponse:
+        """The outcome recorded under a key, for a redelivered event."""
+        if not request.key:
+            await rpc.refuse(context, InvalidRequest("a turn lookup needs a key"))
+        found = await rpc.stored(context, self._storage.run(LookupTurnRecord(request.key)))
+        if found is None:
+            return pb.LookupTurnResponse(found=False)
+        sequence, outcome = found
+        return pb.LookupTurnResponse(
+            found=True, sequence=sequence, outcome=pb.TurnOutcome.FromString(outcome)
+        )
+
+    def _check(self, turns: pb.ObjectTurns, worker: str) -> _Checked:
+        """The storage operation of one object's turns, every limit checked (raises the
+        refusal), and the alarm times they set."""
+        obj = rpc.object_id(turns.object)
+        effects: list[TurnEffects] = []
+        alarms: list[int] = []
+        for turn in turns.turns:
+            ops: list[Operation[Any]] = list(object_write_ops(obj, turn.writes)[0])
+            for change in turn.members:
+                ops.append(self._member_op(obj, change))
+            if turn.HasField("alarm"):
+                if turn.alarm.WhichOneof("change") == "set_ms":
+                    ops.append(PutAlarm(obj, turn.alarm.set_ms, new_firing_id()))
+                    alarms.append(turn.alarm.set_ms)
+                else:
+                    ops.append(RemoveAlarm(obj))
+            effects.append(
+                TurnEffects(
+                    key=turn.key,
+                    sequence=turn.sequence,
+                    ops=tuple(ops),
+                    outcome=turn.outcome.SerializeToString(),
+                    record=turn.record,
+                )
+            )
+        return _Checked(CommitObjectTurns(obj, turns.epoch, worker, tuple(effects)), alarms)
+
+    def _member_op(self, obj: ObjectId, change: pb.MemberChange) -> Operation[Any]:
+        connection_id = change.connection_id
+        gateway_id = ids.gateway_of(connection_id)
+        kind = change.WhichOneof("change")
+        if kind == "join":
+            tags = list(change.join.tags)
+            check_tags(tags)
+            # Before the write: a sweep of the gateway running meanwhile must leave it due.
+            self._on_member_joined(gateway_id)
+            return JoinMember(
+                obj,
+                connection_id,
+                gateway_id,
+                tuple(dict.fromkeys(tags)),
+                checked_attachment(change.join.attachment),
+            )
+        if kind == "attachment":
+            return SetMemberAttachment(obj, connection_id, checked_attachment(change.attachment))
+        if kind == "leave":
+            return LeaveMember(obj, connection_id)
+        raise InvalidRequest("a member change names no change")
+
+
+async def _object(context: Any, message: pb.ObjectId) -> ObjectId:
+    try:
+        return rpc.object_id(message)
+    except InvalidObjectId as exc:
+        await rpc.refuse(context, exc)
+
+
+async def _worker(context: Any, worker: str) -> str:
+    if not worker:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call must name its worker")
+    return worker
+
+
+class ActivationsComponent:
+    """The Activations service, and the pruning of turn records past the idempotency
+    retention."""
+
+    def __init__(
+        self,
+        context: StateContext,
+        *,
+        on_alarm_set: Callable[[int], None],
+        on_member_joined: Callable[[str], None],
+    ) -> None:
+        self.context = context
+        self.servicer = ActivationsServicer(
+            context, on_alarm_set=on_alarm_set, on_member_joined=on_member_joined
+        )
+        self._pruner: asyncio.Task[None] | None = None
+
+    def register(self, server: Any) -> None:
+        """Add ``wsgate.v1.Activations`` to the server."""
+        state_pb2_grpc.add_ActivationsServicer_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        """Start pruning (the server loads the stored leases before it listens)."""
+        self._pruner = asyncio.get_running_loop().create_task(self._prune_loop())
+
+    async def close(self) -> None:
+        """Stop pruning. Idempotent."""
+        pruner, self._pruner = self._pruner, None
+        if pruner is not None:
+            pruner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pruner
+
+    async def prune_once(self) -> int:
+        """Forget turn records past the retention; returns how many."""
+        retention_ms = int(self.context.config.idempotency_retention_s * 1000)
+        return await self.context.storage.run(PruneTurns(now_ms() - retention_ms))
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+            try:
+                pruned = await self.prune_once()
+            except Exception:
+                log.exception("pruning turn records failed")
+                continue
+            if pruned:
+                log.debug("forgot %d turn record(s)", pruned)

@@ -1,0 +1,160 @@
+"""Committing an activation's turns: fenced by the lease's epoch, each turn exactly once.
+
+A worker's activation runs an object's events one at a time (turns) against its memory,
+and sends what each turn did (storage writes, membership changes, the alarm) with what
+it produced (its outcome) in one :class:`CommitObjectTurns` per object. In the one
+database transaction that applies them, this operation:
+
+1. **fences**: the object's lease must still carry the activation's epoch and worker;
+   otherwise nothing is applied (a paused worker that lost its lease writes nothing);
+2. **refuses duplicates**: a turn whose key (the connection id; ``alarm:<firing id>``) has
+   a recorded sequence at or above its own ran before, in another activation, and this
+   activation's memory went wrong with it; nothing is applied, and the activation stops;
+3. applies every turn's effects in order and records, per key, the last sequence with its
+   outcome, so a redelivered event whose turn committed is answered from the record.
+
+A commit is all or nothing per object. A worker that sends the same commit twice (its
+first call's answer was lost) is told it committed: the record carries the epoch, so the
+first turn shows up as its own, already applied.
+
+Records are kept one per key (the next turn of a connection replaces its previous one: a
+gateway sends a connection's next event only once the previous one was acknowledged, so an
+older outcome can never be asked for again) and pruned after the idempotency retention.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from stateservice.storage import ObjectId, Operation
+
+TURNS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS turns (
+    key      TEXT    PRIMARY KEY,  -- a connection id, or alarm:<firing id>
+    sequence INTEGER NOT NULL,     -- the last sequence committed under the key
+    epoch    INTEGER NOT NULL,     -- the epoch of the activation that committed it
+    outcome  BLOB    NOT NULL,     -- its serialized wsgate.v1.TurnOutcome
+    at_ms    INTEGER NOT NULL      -- when, for pruning
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS turns_at ON turns (at_ms);
+"""
+
+
+def now_ms() -> int:
+    """Wall-clock milliseconds since the Unix epoch."""
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True)
+class TurnEffects:
+    """One turn, checked and turned into storage operations."""
+
+    key: str
+    sequence: int
+    #: Writes, membership changes and the alarm change, in the order to apply them.
+    ops: tuple[Operation[object], ...]
+    outcome: bytes
+    record: bool
+
+
+@dataclass(frozen=True)
+class Refused:
+    """Why a commit was refused (nothing of it was applied)."""
+
+    fenced: bool = False
+    duplicate: bool = False
+    details: str = ""
+
+
+@dataclass(frozen=True)
+class CommitObjectTurns:
+    """Apply one activation's turns, fenced and deduplicated (see the module docstring).
+
+    Returns None when they are durable (or were already), or :class:`Refused`.
+    """
+
+    obj: ObjectId
+    epoch: int
+    worker: str
+    turns: Sequence[TurnEffects]
+    writes = True
+
+    @property
+    def write_count(self) -> int:
+        """Turns count as one write each in the storage's statistics."""
+        return len(self.turns)
+
+    def __call__(self, conn: sqlite3.Connection) -> Refused | None:
+        row = conn.execute(
+            "SELECT epoch, holder FROM leases WHERE namespace = ? AND name = ?",
+            (self.obj.namespace, self.obj.name),
+        ).fetchone()
+        if row is None or int(row[0]) != self.epoch or row[1] != self.worker:
+            found = "no lease" if row is None else f"epoch {row[0]} held by {row[1] or 'nobody'}"
+            return Refused(
+                fenced=True, details=f"lease epoch {self.epoch} of {self.worker} is stale: {found}"
+            )
+        applied = fresh = 0
+        for turn in self.turns:
+            if not turn.record:
+                continue
+            recorded = conn.execute(
+                "SELECT sequence, epoch FROM turns WHERE key = ?", (turn.key,)
+            ).fetchone()
+            if recorded is None or int(recorded[0]) < turn.sequence:
+                fresh += 1
+            elif (int(recorded[0]), int(recorded[1])) == (turn.sequence, self.epoch):
+                applied += 1
+            else:
+                return Refused(
+                    duplicate=True,
+                    details=f"turn {turn.key}#{turn.sequence} was committed before "
+                    f"(as #{recorded[0]} by epoch {recorded[1]})",
+                )
+        if applied and not fresh:
+            return None  # this very commit, sent again: it is applied already
+        if applied:
+            return Refused(
+                duplicate=True, details="some turns of this commit were committed before"
+            )
+        at_ms = now_ms()
+        for turn in self.turns:
+            for op in turn.ops:
+                op(conn)
+            if turn.record:
+                conn.execute(
+                    "INSERT INTO turns (key, sequence, epoch, outcome, at_ms) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+                    "sequence = excluded.sequence, epoch = excluded.epoch, "
+                    "outcome = excluded.outcome, at_ms = excluded.at_ms",
+                    (turn.key, turn.sequence, self.epoch, turn.outcome, at_ms),
+                )
+        return None
+
+
+@dataclass(frozen=True)
+class LookupTurnRecord:
+    """The last ``(sequence, outcome)`` recorded under ``key``, or None."""
+
+    key: str
+    writes = False
+
+    def __call__(self, conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+        row = conn.execute(
+            "SELECT sequence, outcome FROM turns WHERE key = ?", (self.key,)
+        ).fetchone()
+        return None if row is None else (int(row[0]), bytes(row[1]))
+
+
+@dataclass(frozen=True)
+class PruneTurns:
+    """Forget turns recorded before ``before_ms``; returns how many."""
+
+    before_ms: int
+    writes = True
+
+    def __call__(self, conn: sqlite3.Connection) -> int:
+        return conn.execute("DELETE FROM turns WHERE at_ms < ?", (self.before_ms,)).rowcount
