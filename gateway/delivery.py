@@ -7,7 +7,13 @@ final ack (which may carry the messages the handler sent to the connection) come
 ``AckBatch`` on ``<prefix>.acks.<gateway_id>``, with the other acks for this gateway that
 the worker gathered in the same turn of its event loop.
 When neither comes within ``ack_timeout_s`` (the worker died or stalled, or the message
-was lost), the same event is published again, marked ``redelivered``. When no worker
+was lost), the same event is published again, marked ``redelivered``.
+
+Events of a durable object's connection go to the worker that holds the object's
+activation once an ack (or the connect decision) named it: published on that worker's own
+subject instead of the queue, they skip a forward. If that worker does not answer (no
+responders, no ack in time) or asks for a retry (the object moved), the hint is dropped
+and the event goes to the queue again at once, marked ``redelivered``. When no worker
 subscribes at all, NATS answers at once with a 503 status and the event is retried after
 a short backoff. While NATS is unreachable nothing is published; the delivery waits for
 the reconnection. Every sign of a worker (a progress ack) restarts the clock; after
@@ -24,6 +30,7 @@ import contextlib
 import enum
 import logging
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -45,16 +52,26 @@ class Reply(enum.Enum):
     PROGRESS = "progress"
     NO_RESPONDERS = "no_responders"
     TIMEOUT = "timeout"
+    RETRY = "retry"
+
+
+class Routed(Protocol):
+    """Where a connection's events go: ``worker`` is the id of the worker that holds its
+    object's activation ("" for the queue). Delivery updates it from the acks."""
+
+    worker: str
 
 
 class _Waiting:
     """One event waiting for its reply."""
 
-    __slots__ = ("expires_at", "future")
+    __slots__ = ("expires_at", "future", "worker")
 
     def __init__(self, future: asyncio.Future[Reply], expires_at: float) -> None:
         self.future = future
         self.expires_at = expires_at
+        #: The activation's host, as the final ack named it.
+        self.worker = ""
 
 
 class EventDelivery:
@@ -74,6 +91,7 @@ class EventDelivery:
         nc: NatsClient,
         *,
         events_subject: str,
+        worker_events_subject: Callable[[str], str],
         ack_prefix: str,
         ack_batch_subject: str,
         ack_timeout_s: float,
@@ -87,6 +105,7 @@ class EventDelivery:
         self._nc = nc
         self._loop = asyncio.get_running_loop()
         self._events_subject = events_subject
+        self._worker_events_subject = worker_events_subject
         self._ack_prefix = ack_prefix
         self._ack_prefix_len = len(ack_prefix) + 1
         self.ack_batch_subject = ack_batch_subject
@@ -127,9 +146,10 @@ class EventDelivery:
         else:
             self._bus_up.clear()
 
-    async def deliver(self, event: pb.ConnectionEvent) -> bool:
+    async def deliver(self, event: pb.ConnectionEvent, route: Routed | None = None) -> bool:
         """Publish ``event`` until a worker acknowledges it. True once acknowledged; False
-        after ``delivery_timeout_s`` without any sign of a worker."""
+        after ``delivery_timeout_s`` without any sign of a worker. ``route``, if given, says
+        which worker to try first, and learns it from the ack."""
         loop = self._loop
         key = (event.connection_id, event.sequence)
         reply_subject = f"{self._ack_prefix}.{event.connection_id}.{event.sequence}"
@@ -147,12 +167,16 @@ class EventDelivery:
                     event.redelivered = True
                     self._on_redelivery()
                 attempt += 1
+                hinted = route is not None and bool(route.worker)
+                subject = (
+                    self._worker_events_subject(route.worker)
+                    if route is not None and route.worker
+                    else self._events_subject
+                )
                 waiting = _Waiting(loop.create_future(), loop.time() + self._ack_timeout_s)
                 self._waiting[key] = waiting
                 try:
-                    await self._nc.publish(
-                        self._events_subject, event.SerializeToString(), reply=reply_subject
-                    )
+                    await self._nc.publish(subject, event.SerializeToString(), reply=reply_subject)
                 except nats.errors.Error as exc:
                     # Closed or over the reconnect buffer: treated like no worker for now.
                     log.debug("publishing %s#%d failed: %r", *key, exc)
@@ -166,13 +190,21 @@ class EventDelivery:
                         self._waiting[key] = waiting
                         outcome = await waiting.future
                 if outcome is Reply.ACKED:
+                    if route is not None:
+                        route.worker = waiting.worker
                     self._on_round_trip(loop.time() - started)
                     return True
                 if loop.time() >= give_up_at:
                     self._on_given_up(event)
                     return False
-                if outcome is Reply.NO_RESPONDERS:
-                    # No worker subscribed right now (all restarting): retry soon, not at once.
+                if hinted and route is not None:
+                    # The activation's host did not take it: back to the queue, at once.
+                    route.worker = ""
+                    if outcome is not Reply.TIMEOUT:
+                        continue
+                if outcome in (Reply.NO_RESPONDERS, Reply.RETRY):
+                    # No worker subscribed right now (all restarting), or the object is
+                    # moving: retry soon, not at once.
                     await asyncio.sleep(min(backoff_s, max(0.0, give_up_at - loop.time())))
                     backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
         finally:
@@ -221,6 +253,9 @@ class EventDelivery:
         if ack.in_progress:
             waiting.future.set_result(Reply.PROGRESS)
             return
+        if ack.retry:
+            waiting.future.set_result(Reply.RETRY)
+            return
         self._acknowledged(connection_id, ack, waiting)
 
     async def on_batch(self, msg: Msg) -> None:
@@ -239,6 +274,7 @@ class EventDelivery:
                 self._acknowledged(ack.connection_id, ack, waiting)
 
     def _acknowledged(self, connection_id: str, ack: pb.EventAck, waiting: _Waiting) -> None:
+        waiting.worker = ack.worker
         if ack.messages:
             # Queued before the read loop resumes, so before the next event is dispatched.
             self._on_messages(connection_id, ack.messages)

@@ -72,6 +72,9 @@ class LiveConnection:
     lifecycle: ConnectionLifecycle
     ws: web.WebSocketResponse
     outbox: Outbox
+    #: The worker holding the activation of the connection's durable object (from the
+    #: connect decision and the acks): its events go there first. "" for the queue.
+    worker: str = ""
     #: True while an event of this connection is on its way to a worker.
     busy: bool = False
     #: Made only when a drain waits for ``busy`` to end (an Event each would cost memory).
@@ -151,9 +154,13 @@ class Gateway(Service):
                     f"max_message_bytes={self.config.max_message_bytes} plus its envelope; "
                     "raise max_payload in the nats-server config or lower WSGATE_MAX_MESSAGE_BYTES"
                 )
+            prefix = self.config.prefix
             self._delivery = EventDelivery(
                 nc,
                 events_subject=self._events_subject,
+                worker_events_subject=lambda worker: subjects.worker_subject(
+                    prefix, worker, "events"
+                ),
                 ack_prefix=subjects.ack_prefix(self.config.prefix, self.gateway_id),
                 ack_batch_subject=subjects.ack_batch_subject(self.config.prefix, self.gateway_id),
                 ack_timeout_s=self.config.ack_timeout_s,
@@ -336,6 +343,7 @@ class Gateway(Service):
         conn = LiveConnection(
             lifecycle=ConnectionLifecycle(connection_id, request.path),
             ws=ws,
+            worker=accept.worker if ids.is_worker_id(accept.worker) else "",
             outbox=Outbox(
                 ws,
                 max_bytes=self.config.max_outbound_bytes,
@@ -363,7 +371,7 @@ class Gateway(Service):
             event = conn.lifecycle.closed_event()
             if event is not None:
                 self.metrics.closes.labels(_INITIATOR_LABEL[event.closed.initiator]).inc()
-                await self._deliver(event)
+                await self._deliver(event, conn)
             del self._connections[connection_id]
             self.metrics.connections_open.dec()
         return ws
@@ -454,7 +462,7 @@ class Gateway(Service):
             conn.busy = True
             event = lifecycle.message_event(message)
             try:
-                delivered = await delivery.deliver(event)
+                delivered = await delivery.deliver(event, conn)
             finally:
                 conn.done_with_event()
             if delivered:
@@ -498,10 +506,11 @@ class Gateway(Service):
             log.info("closing slow consumer %s", conn.lifecycle.connection_id)
             conn.outbox.force_close(CloseCode.POLICY_VIOLATION, reason)
 
-    async def _deliver(self, event: pb.ConnectionEvent) -> bool:
-        """Deliver one event at least once; False if it was given up."""
+    async def _deliver(self, event: pb.ConnectionEvent, conn: LiveConnection | None = None) -> bool:
+        """Deliver one event at least once (to ``conn``'s worker first, if it has one);
+        False if it was given up."""
         assert self._delivery is not None
-        return await self._delivery.deliver(event)
+        return await self._delivery.deliver(event, conn)
 
     def _given_up(self, event: pb.ConnectionEvent) -> None:
         self.metrics.undeliverable.inc()

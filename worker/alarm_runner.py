@@ -10,6 +10,11 @@ once and may run again after a crash or a lost answer.
 Each run has its own output gate keyed ``alarm:<firing_id>``: its storage writes carry
 idempotency keys that a retry of the same firing reuses, and ``ok`` is answered only once
 those writes are durable.
+
+The alarms of a durable object class's namespace are not run here: each is a turn of its
+object's activation (:mod:`worker.activations`), which answers once the turn committed.
+The runner also takes those forwarded to this worker, the holder of their object's
+activation, on ``<prefix>.worker.<worker_id>.alarm``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import TYPE_CHECKING
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -28,8 +34,13 @@ from worker.alarms_client import AlarmInfo
 from worker.app import AlarmHandler, App
 from worker.env import Env
 from worker.gate import OutputGate, current_gate
+from worker.work import Work
 from wsgate import subjects
 from wsgate.v1 import envelope_pb2 as pb
+
+if TYPE_CHECKING:
+    from worker.activations import Activations
+    from worker.durable import DurableObject
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +66,8 @@ class AlarmRunner:
         prefix: str,
         max_concurrent: int,
         drain_timeout_s: float,
+        activations: Activations | None = None,
+        worker_id: str = "",
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
@@ -67,6 +80,8 @@ class AlarmRunner:
         self._subscriptions: list[Subscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._activations = activations
+        self._worker_id = worker_id
 
     @property
     def namespaces(self) -> tuple[str, ...]:
@@ -84,9 +99,16 @@ class AlarmRunner:
                     cb=self._take,
                 )
             )
+        if self._subscriptions and self._activations is not None and self._worker_id:
+            self._subscriptions.append(
+                await self._nc.subscribe(
+                    subjects.worker_subject(self._prefix, self._worker_id, "alarm"),
+                    cb=self._take,
+                )
+            )
         if self._subscriptions:
             await self._nc.flush()
-            log.info("running alarms of %d namespace(s)", len(self._subscriptions))
+            log.info("running alarms of %d namespace(s)", len(self._handlers))
 
     async def close(self) -> None:
         """Stop taking alarms, wait for running handlers (up to the drain timeout), cancel
@@ -124,14 +146,24 @@ class AlarmRunner:
                     pb.AlarmResult(ok=False, error="worker shutting down").SerializeToString()
                 )
             return
-        # A Task per alarm: its context (and so its output gate) is its own.
-        task = asyncio.get_running_loop().create_task(self._run(msg, event, handler))
+        durable_class = getattr(handler, "durable_class", None)
+        if durable_class is not None and self._activations is not None:
+            coro = self._run_as_turn(Work.for_alarm(msg, event), durable_class, event.name)
+        else:
+            # A Task per alarm: its context (and so its output gate) is its own.
+            coro = self._run(msg, event, handler)
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._done)
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
         self._slots.release()
+
+    async def _run_as_turn(self, work: Work, cls: type[DurableObject], name: str) -> None:
+        assert self._activations is not None
+        self._activations.submit(cls, name, work)
+        await work.done
 
     async def _run(self, msg: Msg, event: pb.AlarmEvent, handler: AlarmHandler) -> None:
         gate = OutputGate(f"alarm:{event.firing_id}")

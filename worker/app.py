@@ -127,6 +127,9 @@ class Route:
         self.close_handler: CloseHandler | None = None
         #: Served by a durable object class (App.durable): its connections join the object.
         self.durable = False
+        #: The class whose objects serve the route, and the parameter naming the object.
+        self.object_class: type[DurableObject] | None = None
+        self.object_param = ""
 
     def on_connect(self, handler: ConnectHandler) -> ConnectHandler:
         """Decorator: decide the upgrade (return Accept, Reject or None for accept)."""
@@ -142,6 +145,17 @@ class Route:
         """Decorator: the connection ended with ``code`` and ``reason``; runs once."""
         self.close_handler = handler
         return handler
+
+    def serve_object(self, cls: type[DurableObject], param: str) -> None:
+        """Make the route a durable object route: each event runs as a turn of the object
+        of class ``cls`` named by the path parameter ``param``, in its activation."""
+        self.durable = True
+        self.object_class = cls
+        self.object_param = param
+        # The worker runs the object's methods in its activation, never these.
+        self.connect_handler = _served_by_activation
+        self.message_handler = _served_by_activation
+        self.close_handler = _served_by_activation
 
     def match(self, path: str) -> dict[str, str] | None:
         """The parameters if ``path`` matches this route, else None."""
@@ -161,6 +175,8 @@ class App:
         # path -> match: every event is routed by its path, and a connection has many.
         self._resolved: dict[str, tuple[Route, Mapping[str, str]] | None] = {}
         self._alarm_handlers: dict[str, AlarmHandler] = {}
+        #: Namespace -> the durable object class that serves it (App.durable).
+        self.durable_classes: dict[str, type[DurableObject]] = {}
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -235,6 +251,10 @@ class App:
             self._resolved.clear()
         self._resolved[path] = found
         return found
+
+
+async def _served_by_activation(*args: Any) -> Any:
+    raise RuntimeError("a durable object route's events run in the object's activation")
 
 
 def _compile(pattern: str) -> tuple[re.Pattern[str], tuple[str, ...]]:

@@ -17,40 +17,42 @@
             await self.broadcast(f"{conn.state['name']}: {message}")
 
 Every connection to ``/chat/lobby`` reaches the same object, ``("ChatRoom", "lobby")``,
-whichever gateway and worker serve it. Workers hold nothing between events: an instance
-is made for each event, and everything the object keeps lives in the state service —
-``self.storage`` (keys, values and transactions), its members (the connections accepted
-into it, with tags and a per-connection ``conn.state``), and its alarm. That is what lets
-any worker serve any event, and a worker die at any time.
+whichever gateway and worker serve it: the object lives in one *activation* at a time, on
+one worker (:mod:`worker.activation`), which runs its events one at a time, in arrival
+order. An instance of the class is made once per activation, so its attributes are
+in-memory state that lasts between events, until the activation is evicted (hibernation)
+or moves to another worker; what must outlive that goes in storage.
 
 What an instance offers:
 
-- ``self.storage``: :class:`~worker.state_client.ObjectStorage` (get/put/delete/list, the
-  batch forms, ``transaction``);
+- ``self.storage``: get/put/delete/list, the batch forms and ``transaction``, served from
+  the activation's memory; writes are durable with the turn, before its output leaves;
 - ``await self.broadcast(message, tag=None, exclude=())``: to the object's connections;
 - ``await self.connections(tag=None)``: its open connections, as :class:`Peer` handles;
-- ``self.alarm``: :class:`~worker.alarms_client.ObjectAlarm` (``await self.alarm.set(t)``),
-  and ``on_alarm()`` runs when it is due;
+- ``self.alarm``: ``await self.alarm.set(t)``, and ``on_alarm()`` runs, as a turn, when due;
 - ``self.name``, ``self.namespace``, ``self.env``.
 
 A connection accepted with ``Accept(tags=..., state=...)`` joins the object (the
 hibernation API's ``acceptWebSocket(ws, tags)`` and ``serializeAttachment``); it leaves
 when it closes. In its handlers ``conn.state`` is the attachment, and assigning it stores
-a new one (durable before the handler's output leaves, as every write).
+a new one (durable with the turn, as every write).
 """
 
 from __future__ import annotations
 
+import contextvars
 import inspect
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from worker.app import Accept, ConnectRequest, Reject, Route
-from worker.errors import InvalidResponse, InvalidRoute
-from worker.membership import BroadcastResult, ObjectMembers
+from worker.errors import InvalidResponse, InvalidRoute, TurnOver
+from worker.membership import BroadcastResult
+from worker.turn import current_turn
 
 if TYPE_CHECKING:
+    from worker.activation import Activation
     from worker.alarms_client import AlarmInfo, ObjectAlarm
     from worker.app import App
     from worker.connection import Connection
@@ -60,12 +62,18 @@ if TYPE_CHECKING:
 D = TypeVar("D", bound="DurableObject")
 
 
+#: The activation an instance is being made for (set around the class's constructor).
+_binding: contextvars.ContextVar[Activation | None] = contextvars.ContextVar(
+    "wsgate_durable_binding", default=None
+)
+
+
 class DurableObject:
     """Base class of durable objects. Override the ``on_*`` methods you need; each is a
     coroutine and optional.
 
     ``namespace`` (a class attribute) names the kind of object; it defaults to the class's
-    name. Two classes with the same namespace share their objects' data.
+    name. One class serves a namespace (it may be routed by several patterns).
     """
 
     namespace: ClassVar[str] = ""
@@ -75,8 +83,13 @@ class DurableObject:
         self.env = env
         #: The object's name within its namespace (e.g. the room).
         self.name = name
-        self.storage: ObjectStorage = env.storage(self.namespace, name)
-        self.members: ObjectMembers = env.members(self.namespace, name)
+        self._activation = _binding.get()
+        self.storage: ObjectStorage
+        if self._activation is not None:
+            self.storage = self._activation.storage
+        else:
+            # Made outside an activation (a test, a script): the remote object, unfenced.
+            self.storage = env.storage(self.namespace, name)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -107,6 +120,8 @@ class DurableObject:
     @property
     def alarm(self) -> ObjectAlarm:
         """The object's alarm: ``await self.alarm.set(when)``, ``get()``, ``delete()``."""
+        if self._activation is not None:
+            return self._activation.alarm
         return self.env.alarm(self.namespace, self.name)
 
     async def broadcast(
@@ -117,16 +132,23 @@ class DurableObject:
         exclude: Iterable[Connection | str] = (),
     ) -> BroadcastResult:
         """Send ``message`` to the object's connections (those with ``tag``, if given),
-        except ``exclude``: one command per gateway, after this handler's writes are
-        durable and after what it sent to its own connection."""
-        return await self.members.broadcast(message, tag=tag, exclude=exclude)
+        except ``exclude``: one command per gateway, after what this handler sent before,
+        once its turn has committed (the output gate)."""
+        if self._activation is not None:
+            turn = current_turn.get()
+            if turn is None or turn.activation is not self._activation:
+                raise TurnOver(f"{self!r}.broadcast() runs in the object's own handlers")
+            return await self._activation.members.broadcast(turn, message, tag=tag, exclude=exclude)
+        members = self.env.members(self.namespace, self.name)
+        return await members.broadcast(message, tag=tag, exclude=exclude)
 
     async def connections(self, tag: str | None = None) -> list[Peer]:
         """The object's open connections (with ``tag``, if given), in id order."""
-        return [
-            Peer(self.env, member.id, member.tags, member.attachment)
-            for member in await self.members.connections(tag)
-        ]
+        if self._activation is not None:
+            found = await self._activation.members.connections(tag)
+        else:
+            found = await self.env.members(self.namespace, self.name).connections(tag)
+        return [Peer(self.env, member.id, member.tags, member.attachment) for member in found]
 
 
 @dataclass(frozen=True)
@@ -152,14 +174,19 @@ def durable_route(app: App, pattern: str, cls: type[D], *, name: str | None = No
     ``on_alarm`` for its namespace if it overrides it. Returns ``cls`` (a decorator's
     result).
 
-    Raises InvalidRoute when ``cls`` is not a DurableObject, or the pattern has no
-    parameter to name the object (or several and ``name`` is not given, or ``name`` is not
-    one of them).
+    Raises InvalidRoute when ``cls`` is not a DurableObject, another class already serves
+    its namespace, or the pattern has no parameter to name the object (or several and
+    ``name`` is not given, or ``name`` is not one of them).
     """
     if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
         raise InvalidRoute(f"{cls!r} is not a DurableObject subclass")
-    route = app.route(pattern)
-    params = route.param_names
+    serving = app.durable_classes.get(cls.namespace)
+    if serving is not None and serving is not cls:
+        raise InvalidRoute(
+            f"namespace {cls.namespace!r} is served by {serving.__qualname__} already: "
+            "an object runs in one activation, of one class"
+        )
+    params = _compile_params(pattern)
     if name is None:
         if len(params) != 1:
             raise InvalidRoute(
@@ -169,61 +196,43 @@ def durable_route(app: App, pattern: str, cls: type[D], *, name: str | None = No
         name = params[0]
     elif name not in params:
         raise InvalidRoute(f"route {pattern!r} has no parameter {name!r} to name the object")
-    _Adapter(cls, name).install(route)
-    if _overrides(cls, "on_alarm"):
-        app.on_alarm(cls.namespace)(_alarm_handler(cls))
+    route = app.route(pattern)
+    route.serve_object(cls, name)
+    app.durable_classes[cls.namespace] = cls
+    if serving is None and _overrides(cls, "on_alarm"):
+        app.on_alarm(cls.namespace)(DurableAlarm(cls))
     return cls
 
 
-class _Adapter:
-    """Turns a DurableObject class into a route's three handlers."""
-
-    def __init__(self, cls: type[DurableObject], param: str) -> None:
-        self._cls = cls
-        self._param = param
-
-    def install(self, route: Route) -> None:
-        route.durable = True
-        route.on_connect(self._connect)
-        route.on_message(self._message)
-        route.on_close(self._close)
-
-    def _object(self, conn: Connection, params: Mapping[str, str]) -> DurableObject:
-        return self._cls(conn.env, params[self._param])
-
-    async def _connect(self, conn: Connection, request: ConnectRequest) -> Accept | Reject | None:
-        obj = self._object(conn, request.params)
-        outcome = await obj.on_connect(conn, request)
-        if outcome is None:
-            outcome = Accept()
-        if isinstance(outcome, Accept):
-            # A member from now on: broadcasts and connections() include it, and its state
-            # is there for its first message.
-            await obj.members.accept(conn, tags=outcome.tags, attachment=outcome.state)
-            conn._attach_state(obj.members, outcome.state)
-        return outcome
-
-    async def _message(self, conn: Connection, message: str | bytes) -> None:
-        obj = self._object(conn, conn.params)
-        conn._attach_state(obj.members, await obj.members.attachment(conn))
-        await obj.on_message(conn, message)
-
-    async def _close(self, conn: Connection, code: int, reason: str) -> None:
-        obj = self._object(conn, conn.params)
-        conn._attach_state(obj.members, await obj.members.attachment(conn))
-        await obj.on_close(conn, code, reason)
+def _compile_params(pattern: str) -> tuple[str, ...]:
+    return Route(pattern).param_names
 
 
-def _alarm_handler(cls: type[DurableObject]) -> Callable[[AlarmInfo], Any]:
-    async def run_alarm(alarm: AlarmInfo) -> None:
-        await cls(alarm.env, alarm.name).on_alarm()
+class DurableAlarm:
+    """The alarm handler of a durable class's namespace, as ``App.alarm_handlers`` lists
+    it: the worker runs it as a turn of the object's activation, not as a plain call."""
 
-    run_alarm.__qualname__ = f"{cls.__qualname__}.on_alarm"
-    return run_alarm
+    def __init__(self, cls: type[DurableObject]) -> None:
+        self.durable_class = cls
+        self.__qualname__ = f"{cls.__qualname__}.on_alarm"
+
+    async def __call__(self, alarm: AlarmInfo) -> None:
+        raise RuntimeError(
+            f"{self.__qualname__} runs as a turn of its object's activation, not as a call"
+        )
 
 
 def _overrides(cls: type[DurableObject], method: str) -> bool:
     return inspect.getattr_static(cls, method) is not inspect.getattr_static(DurableObject, method)
+
+
+def instantiate(cls: type[DurableObject], activation: Activation) -> DurableObject:
+    """The instance of ``cls`` an activation runs (its constructor sees the activation)."""
+    token = _binding.set(activation)
+    try:
+        return cls(activation.env, activation.name)
+    finally:
+        _binding.reset(token)
 
 
 def check_plain_accept(outcome: Accept) -> None:

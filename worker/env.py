@@ -12,10 +12,12 @@ from worker.errors import InvalidMessage
 from worker.gate import open_current_gate
 from worker.membership import ObjectMembers
 from worker.state_client import ObjectStorage, StateClient
+from worker.turn import current_turn
 from wsgate import ids
 from wsgate.v1 import envelope_pb2 as pb
 
 if TYPE_CHECKING:
+    from worker.activation import Activation
     from worker.connection import CommandSink
 
 
@@ -32,7 +34,16 @@ class Env:
         self._sink = sink
 
     def storage(self, namespace: str, name: str) -> ObjectStorage:
-        """The key/value storage of the object ``name`` in ``namespace``."""
+        """The key/value storage of the object ``name`` in ``namespace``.
+
+        In a durable object's own handler, its own object's storage is the activation's
+        (``self.storage``). Any other object is reached through the state service: reads
+        see what it committed; writes to an object that an activation holds are refused
+        (ObjectActive), since the activation is its one writer.
+        """
+        activation = _own_activation(namespace, name)
+        if activation is not None:
+            return activation.storage
         return self._state.storage(namespace, name)
 
     def members(self, namespace: str, name: str) -> ObjectMembers:
@@ -41,7 +52,11 @@ class Env:
         return ObjectMembers(self._state, namespace, name)
 
     def alarm(self, namespace: str, name: str) -> ObjectAlarm:
-        """The alarm of the object ``name`` in ``namespace`` (see :mod:`worker.alarms_client`)."""
+        """The alarm of the object ``name`` in ``namespace`` (see :mod:`worker.alarms_client`;
+        in the object's own handler, its activation's)."""
+        activation = _own_activation(namespace, name)
+        if activation is not None:
+            return activation.alarm
         return ObjectAlarm(self._state, namespace, name)
 
     async def send_many(
@@ -60,6 +75,10 @@ class Env:
             envelope = pb.Message(binary=bytes(message))
         else:
             raise InvalidMessage(f"send_many() takes str or bytes, not {type(message).__name__}")
+        turn = current_turn.get()
+        if turn is not None:
+            # In a durable object's turn: output of the turn, released once it committed.
+            return turn.send_to(list(connection_ids), envelope)
         # Output: only once the running handler's writes are durable (the output gate).
         await open_current_gate()
         sender = current_connection.get()
@@ -73,3 +92,12 @@ class Env:
             command = pb.GatewayCommand(connection_ids=members, send=envelope)
             await self._sink.send_command(members[0], command)
         return len(by_gateway)
+
+
+def _own_activation(namespace: str, name: str) -> Activation | None:
+    """The activation of (``namespace``, ``name``) if this runs in one of its turns."""
+    turn = current_turn.get()
+    if turn is None:
+        return None
+    activation = turn.activation
+    return activation if (activation.namespace, activation.name) == (namespace, name) else None

@@ -10,6 +10,8 @@
         ├── InvalidMessage(TypeError)    sending something other than str or bytes
         ├── InvalidCloseCode(ValueError) a close code an endpoint may not send, a long reason
         ├── NoConnectionState            conn.state outside a durable object's handlers
+        ├── TurnOver                     a durable object's storage or connection used by
+        │                                a task that outlived the turn that made it
         └── ConnectionClosed             sending on, or closing, a closed connection
             └── NotAccepted              closing before accepting (reject instead)
 """
@@ -64,3 +66,9 @@ class NotAccepted(ConnectionClosed):
 class NoConnectionState(WorkerError):
     """``conn.state`` exists only in a durable object's handlers, once the connection is
     accepted (in ``on_connect``, give it with ``Accept(state=...)``)."""
+
+
+class TurnOver(WorkerError):
+    """A durable object's storage, alarm or connection was used after the turn (the event's
+    handler) that it belongs to had ended: a task the handler started and did not await.
+    The turn's writes and output were already committed without it."""

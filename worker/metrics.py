@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
@@ -26,6 +26,71 @@ class WorkerMetrics:
         self.gate_waits = Counter(
             "wsgate_worker_output_gate_waits",
             "Handler runs whose output had to wait at the gate for storage writes",
+            registry=r,
+        )
+        # Durable objects' activations (see worker/activations.py).
+        self.activations = Gauge(
+            "wsgate_worker_activations", "Durable object activations held now", registry=r
+        )
+        self.activations_started = Counter(
+            "wsgate_worker_activations_started",
+            "Leases asked for, by answer: granted (an activation started here) or held "
+            "(another worker has it: requests forwarded there)",
+            ["outcome"],
+            registry=r,
+        )
+        self.activations_fenced = Counter(
+            "wsgate_worker_activations_fenced",
+            "Activations stopped because their lease was another's (refused commit, lost renewal)",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "wsgate_worker_activations_evicted",
+            "Activations evicted (hibernation), by reason: idle or capacity",
+            ["reason"],
+            registry=r,
+        )
+        self.forwarded = Counter(
+            "wsgate_worker_requests_forwarded",
+            "Requests forwarded to the worker that holds their object",
+            registry=r,
+        )
+        self.given_back = Counter(
+            "wsgate_worker_requests_given_back",
+            "Requests answered with 'try again' (object unreachable, worker draining)",
+            registry=r,
+        )
+        self.turns = Counter(
+            "wsgate_worker_turns",
+            "Turns run by activations, by kind and outcome (ok, failed)",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.turn_timeouts = Counter(
+            "wsgate_worker_turn_timeouts", "Turns cancelled at the turn limit", registry=r
+        )
+        self.turn_replays = Counter(
+            "wsgate_worker_turn_replays",
+            "Redelivered requests answered from their committed turn's record, not run again",
+            registry=r,
+        )
+        self.commit_calls = Counter(
+            "wsgate_worker_commit_calls",
+            "CommitTurns calls made (each serves many turns)",
+            registry=r,
+        )
+        self.turns_committed = Counter(
+            "wsgate_worker_turns_committed", "Turns committed", registry=r
+        )
+        self.storage_reads = Counter(
+            "wsgate_worker_storage_reads",
+            "Keys read by activations, by source: memory (their cache) or state (the service)",
+            ["source"],
+            registry=r,
+        )
+        self.intake_stalled = Gauge(
+            "wsgate_worker_intake_stalled",
+            "1 while the worker takes no requests although some wait (see /readyz)",
             registry=r,
         )
         fast = FastMetrics(r)  # updated per event: no locks

@@ -1,11 +1,21 @@
-"""The worker: takes connect requests and connection events from NATS and runs the app's
-handlers for them.
+"""The worker: takes connect requests, connection events and alarms from NATS and runs the
+app's handlers for them.
 
-Workers of one app share a queue group, so each request goes to exactly one of them, and
-any worker can serve any connection: everything a handler needs arrives in the envelope
-or lives in the state service. Each request is handled in its own task, at most
-``max_concurrent_events`` at once; the reply (the decision, or the ack) is sent only when
-the handler has finished, which is what gives the gateway its per-connection order.
+Workers of one app share a queue group, so each request goes to one of them.
+
+- **Function routes** are stateless: any worker serves any event; everything a handler
+  needs arrives in the envelope or lives in the state service.
+- **Durable object routes** run in their object's one activation
+  (:mod:`worker.activations`): a request for an object hosted elsewhere is forwarded to the
+  host, on its own subjects (``<prefix>.worker.<worker_id>.connect|events|alarm``), which
+  gateways also use directly once an ack named the host.
+
+Every handler runs in a Task of its own, so ``asyncio.timeout``, ``wait_for``, TaskGroups
+and cancellation inside it behave as in any asyncio program. At most
+``max_concurrent_events`` requests are handled at once; the reply (the decision, the ack)
+is sent only when the handler has finished, which gives the gateway its per-connection
+order. While a request waits or runs, the gateway hears a progress ack every third of its
+ack wait, so a slow handler, or a durable object's busy queue, is not redelivered.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -22,21 +32,25 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from worker.activations import Activations
 from worker.alarm_runner import AlarmRunner
-from worker.app import Accept, App, ConnectRequest, Reject
+from worker.app import Accept, App, ConnectRequest, Reject, Route
 from worker.connection import Connection, current_connection
+from worker.decisions import accept_decision, check_accept, reject_decision
 from worker.durable import check_plain_accept
 from worker.env import Env
 from worker.errors import InvalidResponse
 from worker.gate import OutputGate, current_gate
+from worker.intake import IntakeWatchdog
 from worker.membership import leave_all
 from worker.metrics import WorkerMetrics
 from worker.state_client import StateClient
+from worker.work import Work
 from wsgate import ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
-from wsgate.eager import start_eagerly
+from wsgate.eager import start_eagerly, start_task
 from wsgate.errors import InvalidConnectionId
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
@@ -47,10 +61,16 @@ log = logging.getLogger(__name__)
 
 #: How often running handlers are checked for a progress ack being due.
 PROGRESS_SWEEP_S = 0.1
+#: How often the intake is checked (at most; a shorter stall setting checks more often).
+INTAKE_CHECK_S = 0.5
+
+
+#: A route and the parameters of the path it matched.
+Resolved = tuple[Route, Mapping[str, str]]
 
 
 class _Running:
-    """An event whose handler runs: where and when to send its next progress ack."""
+    """An event being handled: where and when to send its next progress ack."""
 
     __slots__ = ("due", "interval_s", "reply", "sequence")
 
@@ -59,6 +79,10 @@ class _Running:
         self.sequence = sequence
         self.interval_s = interval_s
         self.due = now + interval_s
+
+
+class HandlerCancelled(Exception):
+    """A handler was cancelled from inside (it cancelled its own Task): it failed."""
 
 
 class Worker(Service):
@@ -71,6 +95,7 @@ class Worker(Service):
         super().__init__()
         self.config = config
         self.app = app
+        self.worker_id = ids.new_worker_id()
         self.metrics = WorkerMetrics()
         self._state = StateClient(config.state_address, timeout_s=config.state_timeout_s)
         self._env = Env(self._state, self)
@@ -86,6 +111,9 @@ class Worker(Service):
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._alarms: AlarmRunner | None = None
+        self._activations: Activations | None = None
+        self._intake = IntakeWatchdog(config.intake_stall_s, time.monotonic())
+        self._intake_stopped: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
@@ -96,34 +124,60 @@ class Worker(Service):
         self._enter_running()
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
+        config = self.config
         try:
             await self._probes.start()
             await self._state.start()
-            self._nc = await connect_bus(self.config, "wsgate-worker")
-            queue = subjects.worker_queue(self.config.app_name)
-            for subject, handler in (
-                (subjects.connect_subject(self.config.prefix, self.config.app_name), self._connect),
-                (subjects.events_subject(self.config.prefix, self.config.app_name), self._event),
+            self._nc = nc = await connect_bus(config, f"wsgate-worker {self.worker_id}")
+            self._activations = Activations(
+                worker_id=self.worker_id,
+                prefix=config.prefix,
+                nc=nc,
+                state=self._state,
+                env=self._env,
+                metrics=self.metrics,
+                turn_timeout_s=config.turn_timeout_s,
+                max_activations=config.max_activations,
+                idle_s=config.activation_idle_s,
+                commit_timeout_s=config.commit_timeout_s,
+                drain_timeout_s=config.drain_timeout_s,
+                publish_command=self._publish_command,
+                queue_ack=self._queue_ack,
+            )
+            await self._activations.start()
+            queue = subjects.worker_queue(config.app_name)
+            own = subjects.worker_subject
+            for subject, group, handler in (
+                (subjects.connect_subject(config.prefix, config.app_name), queue, self._connect),
+                (subjects.events_subject(config.prefix, config.app_name), queue, self._event),
+                # What gateways and other workers send to this worker, the host of objects.
+                (own(config.prefix, self.worker_id, "connect"), "", self._connect),
+                (own(config.prefix, self.worker_id, "events"), "", self._event),
             ):
                 self._subscriptions.append(
-                    await self._nc.subscribe(subject, queue=queue, cb=self._spawner(handler))
+                    await nc.subscribe(subject, queue=group, cb=self._spawner(handler))
                 )
             self._alarms = AlarmRunner(
-                self._nc,
+                nc,
                 self.app,
                 self._env,
-                prefix=self.config.prefix,
-                max_concurrent=self.config.max_concurrent_events,
-                drain_timeout_s=self.config.drain_timeout_s,
+                prefix=config.prefix,
+                max_concurrent=config.max_concurrent_events,
+                drain_timeout_s=config.drain_timeout_s,
+                activations=self._activations,
+                worker_id=self.worker_id,
             )
             await self._alarms.start()
             # Make sure the server has the subscriptions before we call ourselves ready.
-            await self._nc.flush()
-            self._sweeper = self._loop.create_task(self._send_progress())
+            await nc.flush()
+            self._sweeper = self._loop.create_task(self._sweep())
         except BaseException:
             await self.close()
             raise
-        log.info("worker serving %d route(s) of app %r", len(self.app.routes), self.config.app_name)
+        log.info(
+            "worker %s serving %d route(s) of app %r",
+            self.worker_id, len(self.app.routes), config.app_name,
+        )  # fmt: skip
 
     @property
     def probe_port(self) -> int:
@@ -132,13 +186,18 @@ class Worker(Service):
 
     def _is_ready(self) -> bool:
         nc = self._nc
-        return self.phase is ServicePhase.RUNNING and nc is not None and nc.is_connected
+        return (
+            self.phase is ServicePhase.RUNNING
+            and nc is not None
+            and nc.is_connected
+            and self._intake_stopped is None
+        )
 
     async def close(self) -> None:
         """Drain: readiness turns 503, no new requests are taken, running handlers finish
         and are acknowledged (up to ``drain_timeout_s``; then they are cancelled and their
-        events redelivered elsewhere), then NATS, the state client and the probes close.
-        Idempotent."""
+        events redelivered elsewhere), activations finish and release their objects, then
+        NATS, the state client and the probes close. Idempotent."""
         if not await self._enter_closing():
             return
         try:
@@ -149,6 +208,8 @@ class Worker(Service):
                 # Stops taking alarms now; running alarm handlers finish (they answer on
                 # NATS, so before it drains) while event handlers go on beside them.
                 await self._alarms.close()
+            if self._activations is not None:
+                await self._activations.close()
             if self._tasks:
                 _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
                 for task in pending:
@@ -168,38 +229,34 @@ class Worker(Service):
     def _spawner(
         self, handler: Callable[[Msg], Coroutine[None, None, None]]
     ) -> Callable[[Msg], Awaitable[None]]:
-        """Run each request on its own (in a Task if it waits), at most
-        max_concurrent_events at once.
+        """Run each request in a Task of its own, at most max_concurrent_events at once.
 
         nats-py calls a subscription's callback for one message at a time; waiting for a
         slot here is what pushes back when the worker is saturated.
         """
 
         async def spawn(msg: Msg) -> None:
-            await self._slots.acquire()
+            if self._slots.locked():
+                self._intake.waiting(+1)
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._intake.waiting(-1)
+            else:
+                await self._slots.acquire()
+            self._intake.taken(time.monotonic())
             self.metrics.in_flight.inc()
             assert self._loop is not None
-            try:
-                # Most handlers answer without waiting on anything: no Task for those.
-                task = start_eagerly(self._loop, handler(msg))
-            except Exception:
-                log.exception("request handling failed")
-                task = None
-            if task is None:
-                self._release_slot()
-                return
+            task = start_task(self._loop, handler(msg))
             self._tasks.add(task)
             task.add_done_callback(self._task_done)
 
         return spawn
 
-    def _release_slot(self) -> None:
-        self._slots.release()
-        self.metrics.in_flight.dec()
-
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._release_slot()
+        self._slots.release()
+        self.metrics.in_flight.dec()
         if not task.cancelled() and task.exception() is not None:
             log.error("request handling failed", exc_info=task.exception())
 
@@ -211,6 +268,9 @@ class Worker(Service):
         await self._nc.publish(subject, command.SerializeToString())
         self.metrics.commands.inc()
 
+    async def _publish_command(self, command: pb.GatewayCommand) -> None:
+        await self.send_command(command.connection_ids[0], command)
+
     async def _connect(self, msg: Msg) -> None:
         try:
             request = pb.ConnectRequest.FromString(msg.data)
@@ -219,14 +279,29 @@ class Worker(Service):
             self.metrics.garbage.inc()
             log.warning("dropped an unreadable connect request (%d bytes)", len(msg.data))
             return
-        decision = await self._decide(request)
+        resolved = self.app.resolve(request.path)
+        if resolved is not None and resolved[0].object_class is not None:
+            # The activation answers, or the host it was forwarded to.
+            await self._to_activation(resolved, Work.for_connect(msg, request, resolved[1]))
+            return
+        decision = await self._decide(request, resolved)
         self.metrics.connects.labels(decision.WhichOneof("outcome")).inc()
         await msg.respond(decision.SerializeToString())
 
-    async def _decide(self, envelope: pb.ConnectRequest) -> pb.ConnectDecision:
-        resolved = self.app.resolve(envelope.path)
+    async def _to_activation(self, resolved: Resolved, work: Work) -> None:
+        """Hand ``work`` to its object's activation; return once this worker is done."""
+        route, params = resolved
+        cls = route.object_class
+        if cls is None or self._activations is None:
+            raise RuntimeError(f"{route} is not served by a durable object class")
+        self._activations.submit(cls, params[route.object_param], work)
+        await work.done
+
+    async def _decide(
+        self, envelope: pb.ConnectRequest, resolved: Resolved | None
+    ) -> pb.ConnectDecision:
         if resolved is None:
-            return _reject(404, "Not found")
+            return reject_decision(404, "Not found")
         route, params = resolved
         gate = OutputGate(f"{envelope.connection_id}:0")
         conn = Connection(
@@ -241,41 +316,43 @@ class Worker(Service):
         request = ConnectRequest.from_envelope(envelope, params)
         current_gate.set(gate)
         try:
-            outcome = await route.connect_handler(conn, request) if route.connect_handler else None
+            outcome = await self._guarded(
+                route.connect_handler(conn, request) if route.connect_handler else None
+            )
             # The Accept carries what on_connect sent: only once its writes are durable.
             await gate.open()
             if outcome is None:
                 outcome = Accept()
             if isinstance(outcome, Reject):
-                body = outcome.body.encode() if isinstance(outcome.body, str) else outcome.body
-                return pb.ConnectDecision(
-                    reject=pb.Reject(
-                        status=outcome.status,
-                        body=body,
-                        headers=[pb.Header(name=k, value=v) for k, v in outcome.headers.items()],
-                    )
-                )
+                return reject_decision(outcome.status, outcome.body, outcome.headers)
             if not isinstance(outcome, Accept):
                 raise InvalidResponse(
                     f"on_connect must return Accept, Reject or None, not {type(outcome).__name__}"
                 )
-            if not route.durable:
-                check_plain_accept(outcome)
-            if outcome.subprotocol is not None and outcome.subprotocol not in request.subprotocols:
-                raise InvalidResponse(
-                    f"subprotocol {outcome.subprotocol!r} was not offered "
-                    f"(offered: {list(request.subprotocols)})"
-                )
+            check_plain_accept(outcome)
+            check_accept(outcome, request)
         except Exception:
             gate.abandon()
             self.metrics.handler_errors.inc()
             log.exception("on_connect failed for %s on %s", envelope.connection_id, route)
-            return _reject(500, "Internal Server Error")
+            return reject_decision(500, "Internal Server Error")
         finally:
             current_gate.set(None)
-        return pb.ConnectDecision(
-            accept=pb.Accept(subprotocol=outcome.subprotocol or "", messages=conn._take_pending())
-        )
+        return accept_decision(outcome, conn._take_pending())
+
+    async def _guarded(self, call: Awaitable[object] | None) -> object:
+        """Await a handler; a handler that cancelled itself has failed (as an exception),
+        while a cancellation from outside (the worker shutting down) goes on."""
+        if call is None:
+            return None
+        try:
+            return await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.phase is not ServicePhase.RUNNING or task is None or not task.cancelling():
+                raise
+            task.uncancel()
+            raise HandlerCancelled("the handler was cancelled") from None
 
     async def _event(self, msg: Msg) -> None:
         try:
@@ -298,9 +375,14 @@ class Worker(Service):
             self._running[key] = _Running(
                 msg.reply, event.sequence, event.ack_wait_ms / 3000, started
             )
+        resolved = self.app.resolve(event.path)
         try:
+            if resolved is not None and resolved[0].object_class is not None:
+                # Acked by the activation (here, or where it was forwarded).
+                await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
+                return
             ack = pb.EventAck(sequence=event.sequence, connection_id=event.connection_id)
-            ack.messages.extend(await self._run_event(event, kind))
+            ack.messages.extend(await self._run_event(event, kind, resolved))
             if kind == "closed":
                 # After the app's close handler: the connection leaves every object. A
                 # failure propagates, so the event is not acked and is delivered again.
@@ -344,9 +426,12 @@ class Worker(Service):
             # The gateway will resend the events; their handlers may run again.
             log.warning("acks to %s lost: %r", subject, exc)
 
-    async def _send_progress(self) -> None:
-        """Every PROGRESS_SWEEP_S, a progress ack for each handler that has run long enough."""
+    async def _sweep(self) -> None:
+        """Every PROGRESS_SWEEP_S, a progress ack for each request that has waited long
+        enough; now and then, a look at the intake."""
         assert self._nc is not None
+        intake_every = min(INTAKE_CHECK_S, self.config.intake_stall_s / 4)
+        next_intake_check = time.monotonic() + intake_every
         while True:
             await asyncio.sleep(PROGRESS_SWEEP_S)
             now = time.perf_counter()
@@ -356,11 +441,28 @@ class Worker(Service):
                     progress = pb.EventAck(sequence=running.sequence, in_progress=True)
                     with contextlib.suppress(nats.errors.Error):
                         await self._nc.publish(running.reply, progress.SerializeToString())
+            if time.monotonic() >= next_intake_check:
+                next_intake_check = time.monotonic() + intake_every
+                self._check_intake()
 
-    async def _run_event(self, event: pb.ConnectionEvent, kind: str) -> list[pb.Message]:
-        """Run the handler; returns what it sent that is still buffered (for the ack)."""
-        resolved = self.app.resolve(event.path)
-        conn_params = resolved[1] if resolved else {}
+    def _check_intake(self) -> None:
+        if self.phase is not ServicePhase.RUNNING:
+            return  # draining: the subscriptions end on purpose
+        reason = self._intake.check(self._subscriptions, time.monotonic())
+        if reason != self._intake_stopped:
+            if reason is not None:
+                log.error("worker %s takes no requests: %s; /readyz is 503", self.worker_id, reason)
+            else:
+                log.warning("worker %s takes requests again; /readyz is 200", self.worker_id)
+            self._intake_stopped = reason
+            self.metrics.intake_stalled.set(0 if reason is None else 1)
+
+    async def _run_event(
+        self, event: pb.ConnectionEvent, kind: str, resolved: Resolved | None
+    ) -> list[pb.Message]:
+        """Run a function route's handler; returns what it sent that is still buffered
+        (for the ack)."""
+        conn_params: Mapping[str, str] = resolved[1] if resolved else {}
         # Idempotency keys of this run's writes: the same for every delivery of the event.
         gate = OutputGate(f"{event.connection_id}:{event.sequence}")
         conn = Connection(
@@ -387,9 +489,11 @@ class Worker(Service):
             if kind == "message" and route.message_handler is not None:
                 data = event.message
                 payload = data.text if data.WhichOneof("data") == "text" else data.binary
-                await route.message_handler(conn, payload)
+                await self._guarded(route.message_handler(conn, payload))
             elif kind == "closed" and route.close_handler is not None:
-                await route.close_handler(conn, event.closed.code, event.closed.reason)
+                await self._guarded(
+                    route.close_handler(conn, event.closed.code, event.closed.reason)
+                )
             # What the handler sent leaves with the ack: only once its writes are durable.
             # Most handlers write nothing: then there is nothing to wait for (no await).
             if gate.holds_writes:
@@ -406,18 +510,4 @@ class Worker(Service):
                 # As in Cloudflare Workers: an exception in a handler ends the connection.
                 with contextlib.suppress(Exception):
                     await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-        finally:
-            # Not reset(token): an eagerly started handler may end in another Task.
-            current_connection.set(None)
-            current_gate.set(None)
         return await conn._finish()
-
-
-def _reject(status: int, text: str) -> pb.ConnectDecision:
-    return pb.ConnectDecision(
-        reject=pb.Reject(
-            status=status,
-            body=text.encode(),
-            headers=[pb.Header(name="Content-Type", value="text/plain; charset=utf-8")],
-        )
-    )

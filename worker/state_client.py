@@ -109,6 +109,7 @@ class StateClient(StartsAndCloses):
             "State": state_pb2_grpc.StateStub(self._channel),
             "Membership": state_pb2_grpc.MembershipStub(self._channel),
             "Alarms": state_pb2_grpc.AlarmsStub(self._channel),
+            "Activations": state_pb2_grpc.ActivationsStub(self._channel),
         }
         self.phase = ClientPhase.OPEN
 
@@ -134,7 +135,8 @@ class StateClient(StartsAndCloses):
         return ObjectStorage(self, namespace, name)
 
     def stub(self, service: str) -> Any:
-        """The stub of ``service`` ("State", "Membership", "Alarms"); RuntimeError unless open."""
+        """The stub of ``service`` ("State", "Membership", "Alarms", "Activations");
+        RuntimeError unless open."""
         stub = self._stubs.get(service)
         if self.phase is not ClientPhase.OPEN or stub is None:
             raise RuntimeError(f"state client is {self.phase.value}, not open")

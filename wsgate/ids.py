@@ -1,11 +1,12 @@
-"""Gateway and connection ids.
+"""Gateway, worker and connection ids.
 
 A gateway id is ``<node>-<boot>``: the node name (a DNS label such as a pod name, or the
 host name) and 8 random characters chosen at each start, so a restarted gateway never
 reuses its predecessor's ids. A connection id is ``<gateway_id>_<serial>``, the serial
 counting up in base 36. Both are single NATS tokens (``[a-z0-9-]`` and one ``_``), and
 a connection id names its gateway, so anyone can address the owning gateway's command
-subject without a lookup.
+subject without a lookup. A worker id has the gateway id's form; it names the worker's
+own subjects, where the events of the durable objects it hosts are sent.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ def new_gateway_id(node_name: str) -> str:
         )
     boot = "".join(secrets.choice(_BOOT_ALPHABET) for _ in range(8))
     return f"{node_name}-{boot}"
+
+
+def new_worker_id(node_name: str | None = None) -> str:
+    """A fresh worker id: ``<node>-<boot>`` as a gateway's (the host name by default), so a
+    restarted worker is a new worker: leases it held before are never taken for its own."""
+    return new_gateway_id(node_name or node_name_from_host())
+
+
+def is_worker_id(value: str) -> bool:
+    """Whether ``value`` has the form of a worker id (one safe NATS token)."""
+    return bool(_GATEWAY_ID.match(value))
 
 
 def is_gateway_id(value: str) -> bool:

@@ -150,3 +150,15 @@ def alarm_subject(prefix: str, namespace: str) -> str:
 def alarm_queue(namespace: str) -> str:
     """The queue group of workers that run ``namespace``'s alarm handler."""
     return f"alarms-{encode_token(namespace)}"
+
+
+#: The kinds of message a worker takes on its own subjects.
+WORKER_SUBJECT_KINDS = ("connect", "events", "alarm")
+
+
+def worker_subject(prefix: str, worker_id: str, kind: str) -> str:
+    """Where messages of ``kind`` (connect, events, alarm) for one worker go: the events of
+    the durable objects whose activations it holds. ``worker_id`` is already a safe token."""
+    if kind not in WORKER_SUBJECT_KINDS:
+        raise ValueError(f"no worker subject for {kind!r}")
+    return f"{prefix}.worker.{worker_id}.{kind}"

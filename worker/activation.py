@@ -1,0 +1,624 @@
+"""One durable object's activation: its single point of coordination, on one worker.
+
+While this worker holds the object's lease (:mod:`worker.activations` asks for it), every
+event of the object comes here, from whichever gateway and connection, and runs as a
+*turn*: one at a time, in arrival order (so each connection's order too), each handler in
+a Task of its own, cancelled past the turn limit. Code written for Cloudflare, such as a
+``get`` then a ``put``, is therefore exact without a transaction.
+
+The life of a turn::
+
+    arrive ─► queue ─► (redelivered? look up its record: replay the outcome, done)
+                 │
+                 ▼
+            run the handler (storage from memory; writes, sends collected in the Turn)
+                 │
+                 ▼
+            queue its commit ─► next turn starts at once
+                 │
+    CommitTurns (with the turns that ended meanwhile; fenced by the epoch) ─► durable
+                 │
+                 ▼
+            release: frames, commands, the ack or the answer (the output gate)
+
+At most one commit of the activation is in flight; turns that end meanwhile go together in
+the next one, so one commit serves more turns the busier the object is. A commit refused
+(another activation holds the lease now, or a turn ran twice) stops the activation: its
+memory is not the object's any more. Its turns that were not released are handed back to
+the worker, which sends them where the object now lives; they carry a mark that makes the
+new host look their records up first (a turn that did commit is then answered from its
+record, never run twice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import enum
+import logging
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from nats.aio.msg import Msg
+
+from worker.activation_alarm import ActivationAlarm
+from worker.activation_members import ActivationMembers
+from worker.activation_storage import ActivationStorage
+from worker.app import Accept, ConnectRequest, Reject
+from worker.decisions import accept_decision, check_accept, reject_decision
+from worker.durable import instantiate
+from worker.errors import InvalidResponse
+from worker.object_cache import (
+    UNKNOWN,
+    KeyRange,
+    Layer,
+    StorageCache,
+    merged_listing,
+    needs_remote,
+    remote_limit,
+)
+from worker.object_connection import ObjectConnection
+from worker.turn import Turn, TurnKind, current_turn
+from worker.work import Work, WorkKind
+from wsgate import ids
+from wsgate.closecodes import CloseCode
+from wsgate.eager import start_task
+from wsgate.errors import StateError
+from wsgate.v1 import envelope_pb2 as envelope
+from wsgate.v1 import state_pb2 as pb
+
+if TYPE_CHECKING:
+    from worker.durable import DurableObject
+    from worker.env import Env
+    from worker.metrics import WorkerMetrics
+    from worker.state_client import StateClient
+
+log = logging.getLogger(__name__)
+
+#: A handler cancelled at the turn limit gets this long to unwind before it is abandoned.
+CANCEL_GRACE_S = 1.0
+
+#: Replies to the event's own connection ride on its ack up to this many bytes in all;
+#: beyond, they leave as commands (NATS' payload limit, and a big ack would stall others).
+MAX_ACK_MESSAGE_BYTES = 64 * 1024
+
+
+class ActivationHost(Protocol):
+    """What an activation needs from its worker (:class:`~worker.activations.Activations`)."""
+
+    worker_id: str
+    state: StateClient
+    env: Env
+    metrics: WorkerMetrics
+    turn_timeout_s: float
+    payload_budget: int
+
+    async def commit(self, turns: pb.ObjectTurns) -> pb.ObjectTurnsResult:
+        """Commit one activation's turns (retried while the state service is away)."""
+        ...
+
+    async def lease_confirmed(self, activation: Activation) -> bool:
+        """Whether the activation's lease is still its own (renewing it if need be)."""
+        ...
+
+    async def publish_command(self, command: envelope.GatewayCommand) -> None:
+        """Publish a command to the gateway its connections belong to."""
+        ...
+
+    def queue_ack(self, gateway_id: str, ack: envelope.EventAck) -> None:
+        """Send a final ack (batched per gateway)."""
+        ...
+
+    async def respond(self, msg: Msg, payload: bytes) -> None:
+        """Answer a request (a connect, an alarm)."""
+        ...
+
+    async def connection_closed(self, connection_id: str) -> None:
+        """The connection's close was committed: it leaves every object."""
+        ...
+
+    def handed_back(self, activation: Activation, works: list[Work]) -> None:
+        """The activation stopped: send these requests where the object lives now."""
+        ...
+
+
+class Phase(enum.Enum):
+    """An activation's life; it only moves forward."""
+
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+@dataclass(eq=False)
+class _Committing:
+    """A turn that ran, waiting for its commit and then its release."""
+
+    work: Work
+    turn: pb.Turn
+    number: int
+    #: Copies of the same event that arrived meanwhile: answered with it.
+    copies: list[Work] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Known:
+    """The last turn of a key run by this activation."""
+
+    sequence: int
+    pending: _Committing | None
+    outcome: pb.TurnOutcome | None = None
+
+
+class Activation:
+    """The activation of one object on this worker, with lease epoch ``epoch``."""
+
+    def __init__(
+        self,
+        host: ActivationHost,
+        cls: type[DurableObject],
+        name: str,
+        epoch: int,
+        lease_s: float,
+    ) -> None:
+        self.host = host
+        self.cls = cls
+        namespace = self.namespace = cls.namespace
+        self.name = name
+        self.object_pb = pb.ObjectId(namespace=namespace, name=name)
+        self.epoch = epoch
+        self.lease_s = lease_s
+        #: Until when (monotonic) the lease is surely still ours without asking again.
+        self.valid_until = time.monotonic() + lease_s * 0.9
+        self.phase = Phase.RUNNING
+        self.state: StateClient = host.state
+        self.env: Env = host.env
+        self.payload_budget = host.payload_budget
+        self.cache = StorageCache()
+        self.storage = ActivationStorage(self)
+        self.members = ActivationMembers(self)
+        self.alarm = ActivationAlarm(self)
+        #: When the last request arrived (monotonic), for idle eviction.
+        self.last_used = time.monotonic()
+        self._loop = asyncio.get_running_loop()
+        self._queue: deque[Work] = deque()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._current: Work | None = None
+        self._handler: asyncio.Task[Any] | None = None
+        self._turns = 0
+        self._known: dict[str, _Known] = {}
+        self._unsent: list[_Committing] = []
+        self._in_flight: list[_Committing] = []
+        self._committer: asyncio.Task[None] | None = None
+        self._idle_waiters: list[asyncio.Future[None]] = []
+        self.instance: DurableObject = instantiate(cls, self)
+        self._runner = self._loop.create_task(self._run())
+
+    def __repr__(self) -> str:
+        return f"<Activation {self.namespace!r}/{self.name!r} epoch {self.epoch}>"
+
+    # -- the queue -------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued, running, committing or waiting to commit."""
+        return not (
+            self._queue or self._current or self._unsent or self._in_flight or self._committer
+        )
+
+    def enqueue(self, work: Work) -> None:
+        """Run ``work`` as a turn after those queued before it."""
+        if self.phase is Phase.STOPPED:
+            self.host.handed_back(self, [work])
+            return
+        self.last_used = time.monotonic()
+        self._queue.append(work)
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def _run(self) -> None:
+        while True:
+            while not self._queue:
+                self._wakeup = self._loop.create_future()
+                await self._wakeup
+            work = self._queue.popleft()
+            self._current = work
+            try:
+                await self._take(work)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug here, not in a handler: the object's memory cannot be trusted.
+                log.exception("%r failed on %s#%d", self, work.key, work.sequence)
+                self.stop("internal error")
+                return
+            finally:
+                self._current = None
+                self._notify_if_idle()
+
+    async def _take(self, work: Work) -> None:
+        known = self._known.get(work.key)
+        if known is not None and work.sequence <= known.sequence:
+            if work.sequence < known.sequence:
+                work.finish()  # a copy of an event answered long ago: its ack is stale
+            elif known.pending is not None:
+                known.pending.copies.append(work)  # answered with the turn in flight
+            elif known.outcome is not None:
+                await self._release_outcome(work, known.outcome)
+                work.finish()
+            return
+        if known is None and work.retried:
+            # It may have run before, elsewhere: its record says so, if it committed.
+            response = await self._lookup(work.key)
+            if response.found and response.sequence >= work.sequence:
+                self.host.metrics.turn_replays.inc()
+                if response.sequence == work.sequence:
+                    await self._release_outcome(work, response.outcome)
+                work.finish()
+                return
+        committing = await self._run_turn(work)
+        if committing is None:
+            return
+        self._known[work.key] = _Known(work.sequence, committing)
+        self._unsent.append(committing)
+        if self._committer is None:
+            self._committer = self._loop.create_task(self._commit_loop())
+
+    # -- running one turn ------------------------------------------------------------------
+
+    async def _run_turn(self, work: Work) -> _Committing | None:
+        self._turns += 1
+        kind = _turn_kind(work)
+        turn = Turn(self, self._turns, kind, work.key, work.sequence)
+        context = contextvars.copy_context()
+        context.run(current_turn.set, turn)
+        started = time.perf_counter()
+        outcome: _Outcome = _Outcome()
+        self._handler = start_task(self._loop, self._call(work, turn, outcome), context=context)
+        try:
+            done, _ = await asyncio.wait({self._handler}, timeout=self.host.turn_timeout_s)
+            if not done:
+                self.host.metrics.turn_timeouts.inc()
+                log.warning(
+                    "%r: the turn of %s#%d ran past %g s: cancelled",
+                    self, work.key, work.sequence, self.host.turn_timeout_s,
+                )  # fmt: skip
+                self._handler.cancel()
+                await asyncio.wait({self._handler}, timeout=CANCEL_GRACE_S)
+                turn.failed = True
+            elif self._handler.cancelled() or self._handler.exception() is not None:
+                turn.failed = True
+        finally:
+            self._handler = None
+            if kind is TurnKind.CLOSE:
+                # Whatever the handler did: a closed connection leaves the object.
+                self.members.leave(turn, work.key)
+            turn.end()
+            self.host.metrics.handler_seconds.observe(time.perf_counter() - started)
+        if turn.failed:
+            self.host.metrics.handler_errors.inc()
+        self.host.metrics.turns.labels(kind.value, "failed" if turn.failed else "ok").inc()
+        self.alarm.turn_ended(turn)
+        if kind is TurnKind.CONNECT:
+            decision = outcome.decision if not turn.failed and outcome.decision else None
+            if decision is None:
+                decision = reject_decision(500, "Internal Server Error")
+            return _Committing(work, turn.to_proto(decision=decision), turn.number)
+        if kind is not TurnKind.ALARM and turn.failed and not _closes(turn):
+            # As an exception in a Worker does: the connection ends with 1011.
+            turn.outputs.append(
+                pb.TurnOutput(
+                    close=envelope.CloseConnection(
+                        code=CloseCode.INTERNAL_ERROR, reason="internal error"
+                    )
+                )
+            )
+        return _Committing(work, turn.to_proto(decision=None), turn.number)
+
+    async def _call(self, work: Work, turn: Turn, outcome: _Outcome) -> None:
+        """The handler's Task: runs the object's handler for ``work``, then waits for what
+        it started and did not await (its transactions)."""
+        try:
+            if turn.kind is TurnKind.CONNECT:
+                assert work.connect is not None
+                outcome.decision = await self._connect(work.connect, work.params, turn)
+            elif turn.kind is TurnKind.ALARM:
+                await self.instance.on_alarm()
+            else:
+                assert work.event is not None
+                await self._event(work.event, work.params, turn)
+            if turn.pending:
+                await asyncio.gather(*turn.pending)
+        except Exception:
+            log.exception("%r: handler failed for %s#%d", self, work.key, work.sequence)
+            raise
+
+    async def _connect(
+        self, request_pb: envelope.ConnectRequest, params: Mapping[str, str], turn: Turn
+    ) -> envelope.ConnectDecision:
+        conn = ObjectConnection(
+            self, turn, request_pb.connection_id, request_pb.path, params, connecting=True
+        )
+        request = ConnectRequest.from_envelope(request_pb, params)
+        decided = await self.instance.on_connect(conn, request)
+        if decided is None:
+            decided = Accept()
+        if isinstance(decided, Reject):
+            return reject_decision(decided.status, decided.body, decided.headers)
+        if not isinstance(decided, Accept):
+            raise InvalidResponse(
+                f"on_connect must return Accept, Reject or None, not {type(decided).__name__}"
+            )
+        check_accept(decided, request)
+        self.members.join(turn, request_pb.connection_id, decided.tags, decided.state)
+        return accept_decision(decided, turn.replies, worker=self.host.worker_id)
+
+    async def _event(
+        self, event: envelope.ConnectionEvent, params: Mapping[str, str], turn: Turn
+    ) -> None:
+        closing = turn.kind is TurnKind.CLOSE
+        conn = ObjectConnection(
+            self,
+            turn,
+            event.connection_id,
+            event.path,
+            params,
+            closed=closing,
+            sequence=event.sequence,
+            redelivered=event.redelivered,
+        )
+        await self.members.load_attachment(event.connection_id)
+        if closing:
+            await self.instance.on_close(conn, event.closed.code, event.closed.reason)
+        else:
+            data = event.message
+            payload = data.text if data.WhichOneof("data") == "text" else data.binary
+            await self.instance.on_message(conn, payload)
+
+    # -- commits and releases ----------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        try:
+            while self._unsent and self.phase is Phase.RUNNING:
+                batch, self._unsent = self._unsent, []
+                self._in_flight = batch
+                request = pb.ObjectTurns(
+                    object=self.object_pb, epoch=self.epoch, turns=[c.turn for c in batch]
+                )
+                try:
+                    result = await self.host.commit(request)
+                except StateError as exc:
+                    log.warning("%r: committing %d turn(s) failed: %s", self, len(batch), exc)
+                    self.stop("commit failed")
+                    return
+                if result.WhichOneof("outcome") != "committed":
+                    refused = result.refused
+                    if refused.fenced:
+                        self.host.metrics.activations_fenced.inc()
+                    log.warning("%r: commit refused: %s", self, refused.details)
+                    self.stop("commit refused")
+                    return
+                self.members.committed(batch[-1].number)
+                if not await self.host.lease_confirmed(self):
+                    # Committed, but the lease may be another's by now: release nothing.
+                    # The new host answers these events from their records.
+                    self.stop("lease lost")
+                    return
+                self._in_flight = []
+                for committing in batch:
+                    await self._release(committing)
+        finally:
+            self._committer = None
+            self._notify_if_idle()
+
+    async def _release(self, committing: _Committing) -> None:
+        outcome = committing.turn.outcome
+        known = self._known.get(committing.work.key)
+        if known is not None and known.pending is committing:
+            known.pending = None
+            known.outcome = outcome
+        work = committing.work
+        if work.kind is WorkKind.ALARM or _is_close(work):
+            self._known.pop(work.key, None)  # nothing of it can come again but a late copy
+        await self._release_outcome(committing.work, outcome)
+        for work in (committing.work, *committing.copies):
+            work.finish()
+
+    async def _release_outcome(self, work: Work, outcome: pb.TurnOutcome) -> None:
+        """Send what a committed turn produced: its output in order, then the answer (the
+        event's ack, the connect decision, the alarm's result)."""
+        host = self.host
+        if work.kind is WorkKind.EVENT:
+            assert work.event is not None
+            event = work.event
+            ack = envelope.EventAck(
+                sequence=event.sequence, connection_id=event.connection_id, worker=host.worker_id
+            )
+            if _rides_on_ack(outcome.outputs):
+                ack.messages.extend(output.reply for output in outcome.outputs)
+            else:
+                for output in outcome.outputs:
+                    await host.publish_command(_as_command(output, event))
+            if event.WhichOneof("kind") == "closed":
+                await host.connection_closed(event.connection_id)
+            host.queue_ack(ids.gateway_of(event.connection_id), ack)
+        elif work.kind is WorkKind.CONNECT:
+            for output in outcome.outputs:
+                await host.publish_command(output.command)
+            await host.respond(work.msg, outcome.decision.SerializeToString())
+        else:
+            for output in outcome.outputs:
+                await host.publish_command(output.command)
+            result = envelope.AlarmResult(ok=not outcome.failed)
+            if outcome.failed:
+                result.error = "the alarm handler failed (see the worker's log)"
+            await host.respond(work.msg, result.SerializeToString())
+
+    async def _lookup(self, key: str) -> pb.LookupTurnResponse:
+        response: pb.LookupTurnResponse = await self.call(
+            "Activations", "LookupTurn", pb.LookupTurnRequest(key=key)
+        )
+        return response
+
+    # -- reads for the storage, members and alarm ------------------------------------------------
+
+    async def call(self, service: str, method: str, request: Any) -> Any:
+        """A read from the state service, waiting for it within the turn limit (a
+        restarting service is waited for, not failed)."""
+        return await self.state.unary(service, method, request, timeout_s=self.host.turn_timeout_s)
+
+    async def read_remote(self, keys: list[str]) -> dict[str, bytes]:
+        """What the state service holds for ``keys`` (committed values)."""
+        self.host.metrics.storage_reads.labels("state").inc(len(keys))
+        response = await self.call("State", "Get", pb.GetRequest(object=self.object_pb, keys=keys))
+        return {entry.key: entry.value for entry in response.entries}
+
+    async def read_keys(self, keys: list[str], layers: list[Layer]) -> dict[str, bytes]:
+        """The encoded values of the keys that exist, as the top of ``layers`` sees them;
+        keys no layer knows are read from the state service once and kept in the cache."""
+        found: dict[str, bytes] = {}
+        missing: list[str] = []
+        for key in keys:
+            value = _lookup(layers, key)
+            if value is UNKNOWN:
+                missing.append(key)
+            elif isinstance(value, bytes):
+                found[key] = value
+        self.host.metrics.storage_reads.labels("memory").inc(len(keys) - len(missing))
+        if missing:
+            remote = await self.read_remote(missing)
+            for key in missing:
+                self.cache.fill(key, remote.get(key))
+            for key in missing:
+                value = _lookup(layers, key)
+                if isinstance(value, bytes):
+                    found[key] = value
+            found = {key: found[key] for key in keys if key in found}
+        return found
+
+    async def list_keys(
+        self, bounds: KeyRange, limit: int | None, reverse: bool, layers: list[Layer]
+    ) -> list[tuple[str, bytes]]:
+        """A listing as the top of ``layers`` sees it (the state service is asked unless a
+        layer knows every key; a listing of every key teaches the cache every key)."""
+        remote: dict[str, bytes] | None = None
+        if needs_remote(layers):
+            wire_limit = remote_limit(layers, bounds, limit)
+            request = pb.ListRequest(
+                object=self.object_pb,
+                prefix=bounds.prefix,
+                limit=min(wire_limit or 0, 2**32 - 1),
+                reverse=reverse,
+            )
+            if bounds.start is not None:
+                request.start = bounds.start
+            if bounds.end is not None:
+                request.end = bounds.end
+            self.host.metrics.storage_reads.labels("state").inc()
+            response = await self.call("State", "List", request)
+            remote = {entry.key: entry.value for entry in response.entries}
+            for key, value in remote.items():
+                self.cache.fill(key, value)
+            if bounds.is_everything and limit is None and layers and layers[0] is self.cache:
+                self.cache.whole = True
+        else:
+            self.host.metrics.storage_reads.labels("memory").inc()
+        return merged_listing(remote, layers, bounds, limit=limit, reverse=reverse)
+
+    # -- the end ---------------------------------------------------------------------------------
+
+    def stop(self, reason: str, *, quiet: bool = False) -> None:
+        """Stop at once: the handler running is cancelled, nothing more is released, and
+        every request not answered is handed back to the worker. Idempotent. ``quiet``:
+        an ordinary end (an eviction), logged at debug level only."""
+        if self.phase is Phase.STOPPED:
+            return
+        self.phase = Phase.STOPPED
+        log.log(logging.DEBUG if quiet else logging.INFO, "%r stopped: %s", self, reason)
+        self._runner.cancel()
+        if self._handler is not None:
+            self._handler.cancel()
+        committer = self._committer
+        if committer is not None and committer is not asyncio.current_task():
+            committer.cancel()
+        works: list[Work] = []
+        for committing in (*self._in_flight, *self._unsent):
+            works.extend((committing.work, *committing.copies))
+        if self._current is not None and self._current not in works:
+            works.append(self._current)
+        works.extend(self._queue)
+        self._in_flight, self._unsent, self._current = [], [], None
+        self._queue.clear()
+        for work in works:
+            work.retried = True  # it may have committed: the next host looks it up
+        self.host.handed_back(self, [w for w in works if not w.done.done()])
+        self._notify_if_idle()
+
+    async def wait_idle(self) -> None:
+        """Until nothing is queued, running or committing (or the activation stopped)."""
+        while not self.idle and self.phase is Phase.RUNNING:
+            waiter = self._loop.create_future()
+            self._idle_waiters.append(waiter)
+            await waiter
+
+    def _notify_if_idle(self) -> None:
+        if self._idle_waiters and (self.idle or self.phase is Phase.STOPPED):
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+
+@dataclass
+class _Outcome:
+    decision: envelope.ConnectDecision | None = None
+
+
+def _turn_kind(work: Work) -> TurnKind:
+    if work.kind is WorkKind.CONNECT:
+        return TurnKind.CONNECT
+    if work.kind is WorkKind.ALARM:
+        return TurnKind.ALARM
+    assert work.event is not None
+    return TurnKind.CLOSE if work.event.WhichOneof("kind") == "closed" else TurnKind.MESSAGE
+
+
+def _is_close(work: Work) -> bool:
+    return work.event is not None and work.event.WhichOneof("kind") == "closed"
+
+
+def _closes(turn: Turn) -> bool:
+    return turn.kind is TurnKind.CLOSE or any(o.HasField("close") for o in turn.outputs)
+
+
+def _lookup(layers: list[Layer], key: str) -> bytes | object | None:
+    for layer in reversed(layers):
+        value = layer.lookup(key)
+        if value is not UNKNOWN:
+            return value
+    return UNKNOWN
+
+
+def _rides_on_ack(outputs: Any) -> bool:
+    size = 0
+    for output in outputs:
+        if not output.HasField("reply"):
+            return False
+        size += output.reply.ByteSize()
+    return size <= MAX_ACK_MESSAGE_BYTES
+
+
+def _as_command(output: pb.TurnOutput, event: envelope.ConnectionEvent) -> envelope.GatewayCommand:
+    kind = output.WhichOneof("output")
+    if kind == "command":
+        return output.command
+    command = envelope.GatewayCommand(
+        connection_ids=[event.connection_id], in_reply_to=event.sequence
+    )
+    if kind == "reply":
+        command.send.CopyFrom(output.reply)
+    else:
+        command.close.CopyFrom(output.close)
+    return command

@@ -1,0 +1,44 @@
+"""Connect decisions as they travel back to the gateway: what ``on_connect`` returned,
+checked and turned into a ``ConnectDecision`` (shared by function routes and activations)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from worker.app import Accept, ConnectRequest
+from worker.errors import InvalidResponse
+from wsgate.v1 import envelope_pb2 as pb
+
+
+def check_accept(outcome: Accept, request: ConnectRequest) -> None:
+    """Raise InvalidResponse if ``outcome`` chose a subprotocol the client did not offer."""
+    if outcome.subprotocol is not None and outcome.subprotocol not in request.subprotocols:
+        raise InvalidResponse(
+            f"subprotocol {outcome.subprotocol!r} was not offered "
+            f"(offered: {list(request.subprotocols)})"
+        )
+
+
+def accept_decision(
+    outcome: Accept, messages: Iterable[pb.Message], *, worker: str = ""
+) -> pb.ConnectDecision:
+    """The decision that completes the upgrade, with what ``on_connect`` sent; ``worker``
+    names the host of the object's activation, where the connection's events go next."""
+    return pb.ConnectDecision(
+        accept=pb.Accept(subprotocol=outcome.subprotocol or "", messages=messages, worker=worker)
+    )
+
+
+def reject_decision(
+    status: int, body: str | bytes, headers: Mapping[str, str] | None = None
+) -> pb.ConnectDecision:
+    """The decision that answers the upgrade with an HTTP response (the gateway makes it
+    text/plain unless ``headers`` say otherwise)."""
+    raw = body.encode() if isinstance(body, str) else body
+    return pb.ConnectDecision(
+        reject=pb.Reject(
+            status=status,
+            body=raw,
+            headers=[pb.Header(name=name, value=value) for name, value in (headers or {}).items()],
+        )
+    )

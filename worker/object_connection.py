@@ -1,0 +1,123 @@
+"""A connection as a durable object's handler sees it: what it sends joins the turn.
+
+Same API as :class:`~worker.connection.Connection` (it is one). Nothing leaves the worker
+while the handler runs: messages and the close are the turn's output, released in order
+once the turn has committed (the output gate), riding on the event's ack when they can.
+``conn.state`` is the connection's attachment in the object, from the activation's memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from worker.connection import Connection, _Phase
+from worker.errors import (
+    ConnectionClosed,
+    InvalidCloseCode,
+    InvalidMessage,
+    NoConnectionState,
+    NotAccepted,
+)
+from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
+from wsgate.v1 import envelope_pb2 as pb
+
+if TYPE_CHECKING:
+    from worker.activation import Activation
+    from worker.turn import Turn
+
+
+class _NoSink:
+    """Connections of an activation publish nothing themselves."""
+
+    async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
+        raise AssertionError("an activation's connection handle publishes through its turn")
+
+
+_NO_SINK = _NoSink()
+
+
+def message_envelope(message: str | bytes | bytearray | memoryview, what: str) -> pb.Message:
+    """``message`` as an envelope: str is text, bytes-like is binary; InvalidMessage else."""
+    if isinstance(message, str):
+        return pb.Message(text=message)
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return pb.Message(binary=bytes(message))
+    raise InvalidMessage(f"{what} takes str (text) or bytes (binary), not {type(message).__name__}")
+
+
+class ObjectConnection(Connection):
+    """The connection whose event a turn of a durable object handles."""
+
+    def __init__(
+        self,
+        activation: Activation,
+        turn: Turn,
+        connection_id: str,
+        path: str,
+        params: Mapping[str, str],
+        *,
+        connecting: bool = False,
+        closed: bool = False,
+        sequence: int = 0,
+        redelivered: bool = False,
+    ) -> None:
+        super().__init__(
+            connection_id,
+            path,
+            params,
+            sink=_NO_SINK,
+            env=activation.env,
+            connecting=connecting,
+            closed=closed,
+            sequence=sequence,
+            redelivered=redelivered,
+        )
+        self._activation = activation
+        self._turn = turn
+
+    @property
+    def state(self) -> Any:
+        """This connection's attachment in the object (see :attr:`Connection.state`)."""
+        if self._phase is _Phase.CONNECTING:
+            raise NoConnectionState(
+                "in on_connect the connection is not accepted yet: return Accept(state=...)"
+            )
+        return self._activation.members.attachment_of(self.id)
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        if self._phase is _Phase.CONNECTING:
+            raise NoConnectionState(
+                "in on_connect the connection is not accepted yet: return Accept(state=...)"
+            )
+        self._activation.members.set_attachment(self._turn, self.id, value)
+
+    async def send(self, message: str | bytes | bytearray | memoryview) -> None:
+        """Send a message to the client; it leaves once the turn has committed."""
+        envelope = message_envelope(message, "send()")
+        if self._phase is _Phase.CLOSED:
+            raise ConnectionClosed(self.id)
+        self._turn.reply(envelope)
+
+    async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
+        """Close the connection (after what was sent before), once the turn committed.
+
+        Raises InvalidCloseCode, ConnectionClosed if already closed, NotAccepted in
+        ``on_connect`` (return ``Reject(...)`` there instead).
+        """
+        reason_bytes = len(reason.encode("utf-8"))
+        if not is_sendable(code):
+            raise InvalidCloseCode(
+                code, reason_bytes, f"close code {code} may not be sent (use 1000 or 3000-4999)"
+            )
+        if reason_bytes > MAX_REASON_BYTES:
+            raise InvalidCloseCode(
+                code, reason_bytes, f"close reason is {reason_bytes} bytes, over {MAX_REASON_BYTES}"
+            )
+        if self._phase is _Phase.CONNECTING:
+            raise NotAccepted(self.id, "cannot close before accepting: return Reject(...) instead")
+        if self._phase is _Phase.CLOSED:
+            raise ConnectionClosed(self.id)
+        self._phase = _Phase.CLOSED
+        self._turn.close(code, reason)

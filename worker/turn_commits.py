@@ -1,0 +1,130 @@
+"""Commits of a worker's activations, coalesced into few ``CommitTurns`` calls.
+
+A gRPC call costs about as much as a whole SQLite commit here, so the commits that the
+activations of one worker ask for in one turn of the event loop (and while up to
+:data:`MAX_CALLS_IN_FLIGHT` calls are out) travel in one call; the state service applies
+each object's turns with one storage operation, all of them in one group commit.
+
+A call that fails because the service is away (UNAVAILABLE, or its deadline passed while
+waiting for it) is made again for as long as ``retry_for_s`` allows: committing the same
+turns twice is safe (the service recognises a commit it already applied by the record of
+its first turn, and answers that it is committed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from worker.metrics import WorkerMetrics
+from worker.state_client import StateClient
+from wsgate.errors import StateError, StateTimeout, StateUnavailable
+from wsgate.v1 import state_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+#: CommitTurns calls in flight at once; more commits wait and travel in the next call.
+MAX_CALLS_IN_FLIGHT = 4
+#: One call carries at most this many objects' turns ...
+MAX_OBJECTS_PER_CALL = 512
+#: ... and about this many bytes (the state service takes requests of up to 32 MiB).
+MAX_CALL_BYTES = 8 * 1024 * 1024
+#: After a failed call, wait this long before the next try, doubling up to ...
+RETRY_FIRST_BACKOFF_S = 0.05
+#: ... this.
+RETRY_MAX_BACKOFF_S = 1.0
+
+_Pending = tuple[pb.ObjectTurns, "asyncio.Future[pb.ObjectTurnsResult]"]
+
+
+class TurnCommitter:
+    """Commits for the activations of worker ``worker_id``, over ``client``."""
+
+    def __init__(
+        self, client: StateClient, worker_id: str, *, retry_for_s: float, metrics: WorkerMetrics
+    ) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._worker_id = worker_id
+        self._retry_for_s = retry_for_s
+        self._queue: list[_Pending] = []
+        self._in_flight = 0
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def commit(self, turns: pb.ObjectTurns) -> asyncio.Future[pb.ObjectTurnsResult]:
+        """Queue one activation's turns; the future resolves with the service's verdict
+        (committed, or refused with why), or fails with a StateError once the service
+        could not be reached for ``retry_for_s``."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[pb.ObjectTurnsResult] = loop.create_future()
+        self._queue.append((turns, future))
+        if not self._scheduled and self._in_flight < MAX_CALLS_IN_FLIGHT:
+            self._scheduled = True
+            loop.call_soon(self._send_queued)
+        return future
+
+    async def close(self) -> None:
+        """Wait for the calls in flight."""
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+
+    def _send_queued(self) -> None:
+        self._scheduled = False
+        loop = asyncio.get_running_loop()
+        while self._queue and self._in_flight < MAX_CALLS_IN_FLIGHT:
+            size = count = 0
+            for turns, _ in self._queue:
+                size += turns.ByteSize()
+                if count and (count >= MAX_OBJECTS_PER_CALL or size > MAX_CALL_BYTES):
+                    break
+                count += 1
+            batch, self._queue = self._queue[:count], self._queue[count:]
+            self._in_flight += 1
+            task = loop.create_task(self._send(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_for_s
+        backoff_s = RETRY_FIRST_BACKOFF_S
+        request = pb.CommitTurnsRequest(worker=self._worker_id, objects=[t for t, _ in batch])
+        try:
+            while True:
+                try:
+                    response = await self._client.stub("Activations").CommitTurns(
+                        request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=True
+                    )
+                    break
+                except grpc.RpcError as exc:
+                    error = self._client._error(exc, "CommitTurns")
+                    retryable = isinstance(error, (StateUnavailable, StateTimeout))
+                    if retryable and loop.time() + backoff_s < deadline:
+                        log.debug("CommitTurns failed (%s); trying again", error)
+                        await asyncio.sleep(backoff_s)
+                        backoff_s = min(backoff_s * 2, RETRY_MAX_BACKOFF_S)
+                        continue
+                    raise error from exc
+            self._metrics.commit_calls.inc()
+            for result in response.results:
+                _, future = batch[result.index]
+                if result.WhichOneof("outcome") == "committed":
+                    self._metrics.turns_committed.inc(len(batch[result.index][0].turns))
+                if not future.done():
+                    future.set_result(result)
+            missing = [f for _, f in batch if not f.done()]
+            if missing:
+                raise StateError(f"the state service left {len(missing)} commit(s) unanswered")
+        except Exception as exc:
+            failure = exc if isinstance(exc, StateError) else StateError(str(exc))
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(failure)
+        finally:
+            self._in_flight -= 1
+            if self._queue and not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._send_queued)
