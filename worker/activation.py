@@ -73,6 +73,7 @@ from wsgate.v1 import state_pb2 as pb
 if TYPE_CHECKING:
     from worker.durable import DurableObject
     from worker.env import Env
+    from worker.failpoints import Failpoints
     from worker.metrics import WorkerMetrics
     from worker.state_client import StateClient
 
@@ -95,6 +96,7 @@ class ActivationHost(Protocol):
     metrics: WorkerMetrics
     turn_timeout_s: float
     payload_budget: int
+    failpoints: Failpoints
 
     async def commit(self, turns: pb.ObjectTurns) -> pb.ObjectTurnsResult:
         """Commit one activation's turns (retried while the state service is away)."""
@@ -401,6 +403,7 @@ class Activation:
                     self.stop("commit refused")
                     return
                 self.members.committed(batch[-1].number)
+                self.host.failpoints.after_commit(c.work.event for c in batch)
                 if not await self.host.lease_confirmed(self):
                     # Committed, but the lease may be another's by now: release nothing.
                     # The new host answers these events from their records.

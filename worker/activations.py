@@ -37,6 +37,7 @@ from nats.aio.msg import Msg
 
 from worker.activation import Activation, Phase
 from worker.decisions import reject_decision
+from worker.failpoints import Failpoints
 from worker.membership import leave_all
 from worker.metrics import WorkerMetrics
 from worker.state_client import StateClient
@@ -98,8 +99,10 @@ class Activations:
         drain_timeout_s: float,
         publish_command: Callable[[envelope.GatewayCommand], Awaitable[None]],
         queue_ack: Callable[[str, envelope.EventAck], None],
+        failpoints: Failpoints | None = None,
     ) -> None:
         self.worker_id = worker_id
+        self.failpoints = failpoints or Failpoints()
         self.state = state
         self.env = env
         self.metrics = metrics

@@ -40,6 +40,7 @@ from worker.decisions import accept_decision, check_accept, reject_decision
 from worker.durable import check_plain_accept
 from worker.env import Env
 from worker.errors import InvalidResponse
+from worker.failpoints import Failpoints
 from worker.gate import OutputGate, current_gate
 from worker.intake import IntakeWatchdog
 from worker.membership import leave_all
@@ -96,6 +97,7 @@ class Worker(Service):
         self.config = config
         self.app = app
         self.worker_id = ids.new_worker_id()
+        self._failpoints = Failpoints.parse(config.failpoints)
         self.metrics = WorkerMetrics()
         self._state = StateClient(config.state_address, timeout_s=config.state_timeout_s)
         self._env = Env(self._state, self)
@@ -143,6 +145,7 @@ class Worker(Service):
                 drain_timeout_s=config.drain_timeout_s,
                 publish_command=self._publish_command,
                 queue_ack=self._queue_ack,
+                failpoints=self._failpoints,
             )
             await self._activations.start()
             queue = subjects.worker_queue(config.app_name)

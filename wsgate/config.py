@@ -234,6 +234,11 @@ class WorkerConfig(BusConfig):
         "WSGATE_INTAKE_STALL_S",
         "/readyz turns 503 when requests wait this long without the worker taking any",
     )
+    failpoints: str = setting(
+        "",
+        "WSGATE_FAILPOINTS",
+        "testing only: faults to inject, e.g. kill-after-commit=<message> (worker/failpoints.py)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -5,6 +5,9 @@
 - ``wsgate bench idle``: the gateway's resident memory per idle connection (:mod:`.idle`).
 - ``wsgate bench state``: durable writes/s through the state service beside a naive SQLite
   baseline, in one run (:mod:`.state`; its command line is in :mod:`.state_command`).
+- ``wsgate bench object``: turns/s of a durable object (the naive counter) through the
+  full path, on one object and spread over many, beside the full path's echo, in one run
+  (:mod:`.objects`).
 
 Both start every process they need on 127.0.0.1 (:mod:`.processes`), drive the load from
 separate load-generator processes (:mod:`.loadgen`, picows on uvloop) and stop everything
@@ -21,13 +24,14 @@ import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
-from wsgate.bench.config import EchoBenchConfig, IdleBenchConfig
+from wsgate.bench.config import EchoBenchConfig, IdleBenchConfig, ObjectBenchConfig
 from wsgate.bench.state_command import add_state_parser, run_state_command
 from wsgate.errors import ConfigError, WsgateError
 
 if TYPE_CHECKING:
     from wsgate.bench.echo import EchoReport
     from wsgate.bench.idle import IdleReport
+    from wsgate.bench.objects import ObjectReport
 
 log = logging.getLogger("wsgate.bench")
 
@@ -110,8 +114,60 @@ def add_bench_parser(subparsers: Any) -> None:
         help=f"client processes (default: {idle_defaults.clients})",
     )
     idle.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_object_parser(kinds)
     add_state_parser(kinds)
     bench.set_defaults(bench_parser=bench)
+
+
+def _add_object_parser(kinds: Any) -> None:
+    defaults = ObjectBenchConfig()
+    obj = kinds.add_parser(
+        "object",
+        help="a durable object's turns/s (the naive counter), on one object and on many, "
+        "beside the full path's echo",
+        description="Closed loops of increments of the example app's counter (get, then "
+        "put) through a stack it starts: N connections on one object, then one connection "
+        "on each of M objects, beside echo through the same stack; counters are checked "
+        "against the increments acknowledged.",
+    )
+    obj.add_argument(
+        "--connections",
+        type=int,
+        default=defaults.connections,
+        help=f"connections on the one object and on echo (default: {defaults.connections})",
+    )
+    obj.add_argument(
+        "--objects",
+        type=int,
+        default=defaults.objects,
+        help=f"objects of the spread, a connection each (default: {defaults.objects})",
+    )
+    obj.add_argument(
+        "--duration-s",
+        type=float,
+        default=defaults.duration_s,
+        help=f"measurement window (default: {defaults.duration_s:g})",
+    )
+    obj.add_argument(
+        "--warmup-s",
+        type=float,
+        default=defaults.warmup_s,
+        help=f"load before the window, not counted (default: {defaults.warmup_s:g})",
+    )
+    obj.add_argument(
+        "--clients",
+        type=int,
+        default=defaults.clients,
+        help=f"load-generator processes (default: {defaults.clients})",
+    )
+    obj.add_argument(
+        "--rounds",
+        type=int,
+        default=defaults.rounds,
+        help="rounds on fresh processes; the round with the median ratio is reported "
+        f"(default: {defaults.rounds})",
+    )
+    obj.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_bench(args: argparse.Namespace) -> int:
@@ -122,9 +178,18 @@ def run_bench(args: argparse.Namespace) -> int:
         return 2
     if args.bench == "state":  # no load-generator processes, so no picows
         return run_state_command(args)
-    config: EchoBenchConfig | IdleBenchConfig
+    config: EchoBenchConfig | IdleBenchConfig | ObjectBenchConfig
     try:
-        if args.bench == "echo":
+        if args.bench == "object":
+            config = ObjectBenchConfig(
+                connections=args.connections,
+                objects=args.objects,
+                duration_s=args.duration_s,
+                warmup_s=args.warmup_s,
+                clients=args.clients,
+                rounds=args.rounds,
+            )
+        elif args.bench == "echo":
             config = EchoBenchConfig(
                 connections=args.connections,
                 size_bytes=args.size_bytes,
@@ -148,9 +213,13 @@ def run_bench(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)-7s bench %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    report: EchoReport | IdleReport
+    report: EchoReport | IdleReport | ObjectReport
     try:
-        if isinstance(config, EchoBenchConfig):
+        if isinstance(config, ObjectBenchConfig):
+            from wsgate.bench.objects import run_object
+
+            report = run_object(config)
+        elif isinstance(config, EchoBenchConfig):
             from wsgate.bench.echo import run_echo
 
             report = run_echo(config)

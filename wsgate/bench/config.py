@@ -1,4 +1,4 @@
-"""The settings of ``wsgate bench echo`` and ``wsgate bench idle``: one frozen dataclass
+"""The settings of ``wsgate bench echo``, ``idle`` and ``object``: one frozen dataclass
 each, checked on construction (ConfigError names the flag)."""
 
 from __future__ import annotations
@@ -34,6 +34,36 @@ class EchoBenchConfig:
         _check_at_least("--rounds", self.rounds, 1)
         if not 1 <= self.size_bytes <= MAX_MESSAGE_BYTES:
             raise ConfigError(f"--size must be in 1..{MAX_MESSAGE_BYTES}, got {self.size_bytes}")
+        if not self.duration_s > 0:
+            raise ConfigError(f"--duration-s must be > 0, got {self.duration_s}")
+        if not self.warmup_s >= 0:
+            raise ConfigError(f"--warmup-s must be >= 0, got {self.warmup_s}")
+
+
+#: The example app's durable counter; ``<this><name>`` is the object ``name``.
+COUNTER_PATH = "/counter/"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ObjectBenchConfig:
+    """``wsgate bench object``: the naive counter (get, then put) on one durable object and
+    spread over many, through the full path, beside the full path's echo, in one run."""
+
+    #: Connections on the one object (and on the echo route).
+    connections: int = 128
+    #: Objects of the spread measurement, one connection each.
+    objects: int = 1000
+    duration_s: float = 10.0
+    warmup_s: float = 2.0
+    clients: int = 2
+    #: As for echo: each round starts everything afresh; the median round is reported.
+    rounds: int = 3
+
+    def __post_init__(self) -> None:
+        _check_at_least("--connections", self.connections, 1)
+        _check_at_least("--objects", self.objects, 1)
+        _check_at_least("--clients", self.clients, 1)
+        _check_at_least("--rounds", self.rounds, 1)
         if not self.duration_s > 0:
             raise ConfigError(f"--duration-s must be > 0, got {self.duration_s}")
         if not self.warmup_s >= 0:

@@ -11,8 +11,14 @@ message) on uvloop. Protocol with the parent, in order:
 3. ``echo``: it waits for SIGUSR1 (the parent sends it to every client at once), runs
    each connection as a closed loop (send a message, wait for its echo, send the next)
    for ``--warmup-s`` then ``--duration-s``, prints one JSON object on stdout
-   (``{"count", "errors", "window_s", "cpu_s", "run_s", "histogram"}``), closes and
-   exits. SIGTERM at any point closes the connections and exits.
+   (``{"count", "errors", "window_s", "cpu_s", "run_s", "histogram", "answered"}``),
+   closes and exits. SIGTERM at any point closes the connections and exits.
+4. ``count``: as ``echo``, against a durable counter (``/counter/{name}`` of the example
+   app): each message is the text ``increment``, each answer is the new value, and the
+   first message of a connection (the value ``on_connect`` sends) is not an answer.
+   ``answered`` counts every increment answered, warm-up included, so that the parent can
+   check the counter against it. With ``--spread N``, connection ``i`` (counting from
+   ``--offset``) uses ``<url><i mod N>``: one object each.
 
 Only the round trips that complete inside the measurement window are counted.
 """
@@ -93,6 +99,8 @@ class EchoLoad:
         self.window: EchoWindow | None = None
         self.errors = 0
         self.running = 0
+        #: Answers received, warm-up included.
+        self.answered = 0
         self.all_done = asyncio.Event()
 
     def loop_ended(self) -> None:
@@ -105,12 +113,16 @@ class EchoLoad:
 class EchoClient(WSListener):
     """One connection's closed loop: at most one message in flight."""
 
+    #: Whether the first message the server sends is a greeting, not an answer.
+    greeted = False
+
     def __init__(self, load: EchoLoad) -> None:
         super().__init__()
         self.load = load
         self.transport: WSTransport | None = None
         self.active = False
         self._sent_ns = 0
+        self._greeting_pending = self.greeted
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -129,15 +141,25 @@ class EchoClient(WSListener):
         self._sent_ns = time.perf_counter_ns()
         self.transport.send(WSMsgType.BINARY, self.load.payload)
 
+    def _check(self, frame: WSFrame) -> bool:
+        """Whether ``frame`` is the answer expected (an echo of the same size)."""
+        return frame.payload_size == len(self.load.payload)
+
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type == WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
             return
-        if not self.active or frame.msg_type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+        if frame.msg_type not in (WSMsgType.BINARY, WSMsgType.TEXT):
+            return
+        if self._greeting_pending:
+            self._greeting_pending = False
+            return
+        if not self.active:
             return
         now_ns = time.perf_counter_ns()
-        if frame.payload_size != len(self.load.payload):
+        self.load.answered += 1
+        if not self._check(frame):
             self.load.errors += 1
         window = self.load.window
         assert window is not None
@@ -161,6 +183,21 @@ class EchoClient(WSListener):
         return self.active
 
 
+class CountClient(EchoClient):
+    """A closed loop of increments of a durable counter (see the module docstring)."""
+
+    greeted = True
+    MESSAGE = b"increment"
+
+    def _send(self) -> None:
+        assert self.transport is not None
+        self._sent_ns = time.perf_counter_ns()
+        self.transport.send(WSMsgType.TEXT, self.MESSAGE)
+
+    def _check(self, frame: WSFrame) -> bool:
+        return frame.msg_type == WSMsgType.TEXT
+
+
 class IdleClient(WSListener):
     """A connection that only answers what the protocol requires (pings, close)."""
 
@@ -171,20 +208,22 @@ class IdleClient(WSListener):
 
 
 async def open_connections(
-    url: str, count: int, factory: Callable[[], WSListener]
+    url: str | Callable[[int], str], count: int, factory: Callable[[], WSListener]
 ) -> tuple[list[tuple[WSTransport, Any]], int, str]:
-    """Open ``count`` connections, :data:`CONNECT_CONCURRENCY` handshakes at a time.
+    """Open ``count`` connections, :data:`CONNECT_CONCURRENCY` handshakes at a time, to
+    ``url`` (or ``url(i)`` for the ``i``-th).
 
     Returns the open (transport, listener) pairs, the number that failed and the first
     failure's description.
     """
     slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
-    async def one() -> tuple[WSTransport, Any]:
+    async def one(i: int) -> tuple[WSTransport, Any]:
+        target = url if isinstance(url, str) else url(i)
         async with slots, asyncio.timeout(HANDSHAKE_TIMEOUT_S):
-            return await ws_connect(factory, url, websocket_handshake_timeout=None)
+            return await ws_connect(factory, target, websocket_handshake_timeout=None)
 
-    results = await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+    results = await asyncio.gather(*(one(i) for i in range(count)), return_exceptions=True)
     opened: list[tuple[WSTransport, Any]] = []
     failures: list[BaseException] = []
     for result in results:
@@ -238,19 +277,20 @@ async def run_idle(url: str, connections: int, ready_fd: int | None) -> int:
 
 
 async def run_echo(
-    url: str,
+    url: str | Callable[[int], str],
     connections: int,
     size_bytes: int,
     warmup_s: float,
     duration_s: float,
     ready_fd: int | None,
+    client_type: type[EchoClient] = EchoClient,
 ) -> int:
-    """Open the connections, report, wait for SIGUSR1, run the closed loops, print the
-    result on stdout."""
+    """Open the connections, report, wait for SIGUSR1, run the closed loops (of
+    ``client_type``), print the result on stdout."""
     signals = _signal_events(signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
     limit = raise_nofile_limit()
     load = EchoLoad(os.urandom(size_bytes))
-    opened, failed, error = await open_connections(url, connections, lambda: EchoClient(load))
+    opened, failed, error = await open_connections(url, connections, lambda: client_type(load))
     notify_ready(ready_fd, _ready_info(len(opened), failed, error, limit))
     go = signals[signal.SIGUSR1]
     await _first(*signals.values(), timeout_s=GO_TIMEOUT_S)
@@ -275,6 +315,7 @@ async def run_echo(
         "cpu_s": time.process_time() - cpu_start_s,
         "run_s": (time.perf_counter_ns() - started_ns) / 1e9,
         "histogram": load.window.histogram.to_json(),
+        "answered": load.answered,
     }
     sys.stdout.write(json.dumps(result, separators=(",", ":")) + "\n")
     sys.stdout.flush()
@@ -297,15 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     """Flags of ``python -m wsgate.bench.loadgen``."""
     parser = argparse.ArgumentParser(prog="python -m wsgate.bench.loadgen")
     sub = parser.add_subparsers(dest="mode", required=True)
-    for mode in ("echo", "idle"):
+    for mode in ("echo", "count", "idle"):
         p = sub.add_parser(mode)
         p.add_argument("--url", required=True, help="ws://127.0.0.1:PORT/PATH")
         p.add_argument("--connections", type=int, required=True)
         p.add_argument("--ready-fd", type=int, default=None)
-        if mode == "echo":
+        if mode in ("echo", "count"):
             p.add_argument("--size", type=int, default=64, help="message size in bytes")
             p.add_argument("--warmup-s", type=float, default=2.0)
             p.add_argument("--duration-s", type=float, default=10.0)
+        if mode == "count":
+            p.add_argument("--spread", type=int, default=0, help="objects (0: one, the url)")
+            p.add_argument("--offset", type=int, default=0, help="index of the first connection")
     return parser
 
 
@@ -317,6 +361,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "echo":
         coro = run_echo(
             args.url, args.connections, args.size, args.warmup_s, args.duration_s, args.ready_fd
+        )
+    elif args.mode == "count":
+        url: str | Callable[[int], str] = args.url
+        if args.spread:
+            base, spread, offset = args.url, args.spread, args.offset
+
+            def url(i: int) -> str:
+                return f"{base}{(offset + i) % spread}"
+
+        coro = run_echo(
+            url,
+            args.connections,
+            args.size,
+            args.warmup_s,
+            args.duration_s,
+            args.ready_fd,
+            CountClient,
         )
     else:
         coro = run_idle(args.url, args.connections, args.ready_fd)

@@ -154,9 +154,13 @@ def load_clients(
     processes: int,
     log_dir: Path,
     extra: Sequence[str] = (),
+    *,
+    numbered: bool = False,
 ) -> Iterator[list[Child]]:
     """Start load-generator processes (:mod:`wsgate.bench.loadgen`) sharing
     ``connections`` and wait until each has opened its share; stop them on exit.
+    ``numbered``: each is told the index of its first connection (``--offset``), so that
+    connections are numbered across processes.
 
     Each child's ``info`` holds ``open``, ``failed`` and ``error``. Raises BenchError if
     not every connection opened.
@@ -173,6 +177,8 @@ def load_clients(
                 sys.executable, "-m", "wsgate.bench.loadgen", mode,
                 "--url", url, "--connections", str(share), *extra,
             ]  # fmt: skip
+            if numbered:
+                argv += ["--offset", str(sum(shares[:i]))]
             out = logs.open(f"loadgen{i}")
             children.append(
                 spawn(
