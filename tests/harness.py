@@ -4,6 +4,7 @@ ports chosen by the kernel, each waited for by its readiness signal, each stoppe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import select
@@ -11,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -186,6 +187,7 @@ def stack_context(
     gateway: bool = True,
     gateway_args: tuple[str, ...] = (),
     state_args: tuple[str, ...] = (),
+    worker_args: tuple[str, ...] = (),
 ) -> Iterator[Stack]:
     """Nats, state service, workers and one gateway; stopped (and checked) after."""
     stack = Stack(log_dir)
@@ -194,7 +196,7 @@ def stack_context(
         if state:
             stack.start_state(None, *state_args)
         for _ in range(workers if worker else 0):
-            stack.start_worker(app)
+            stack.start_worker(app, *worker_args)
         if gateway:
             stack.start_gateway(*gateway_args)
         yield stack
@@ -236,6 +238,17 @@ def wait_for_dev_url(
             assert chunk, f"wsgate dev exited ({proc.wait()}):\n{output.decode(errors='replace')}"
             output += chunk
     return m.group(1).decode(), int(m.group(2)), output
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout_s`` (a bound, not a wait)."""
+    deadline = time.monotonic() + timeout_s
+    while not await condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

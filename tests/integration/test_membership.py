@@ -13,7 +13,7 @@ import asyncio
 import json
 import resource
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from gateway.server import Gateway
 from stateservice.membership import INVALID_CONNECTION_ID, PAGE_SIZE, MembershipComponent
 from stateservice.server import StateServer
 from stateservice.storage import ObjectId
-from tests.harness import Stack, in_process_state_config, metric, stack_context
+from tests.harness import Stack, in_process_state_config, metric, stack_context, wait_until
 from worker.membership import Member, ObjectMembers, leave_all
 from worker.state_client import StateClient
 from wsgate import ids, subjects
@@ -53,17 +53,6 @@ from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
 
 PREFIX = "wsgate"
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout_s`` (a bound, not a wait)."""
-    deadline = time.monotonic() + timeout_s
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 def new_ids(count: int, node: str = "gw") -> list[str]:
