@@ -14,8 +14,8 @@ database transaction that applies them, this operation:
    outcome, so a redelivered event whose turn committed is answered from the record.
 
 A commit is all or nothing per object. A worker that sends the same commit twice (its
-first call's answer was lost) is told it committed: the record carries the epoch, so the
-first turn shows up as its own, already applied.
+first call's answer was lost) is told it committed: the records carry the epoch, so the
+last turn of each of its keys shows up as its own, already applied.
 
 Records are kept one per key (the next turn of a connection replaces its previous one: a
 gateway sends a connection's next event only once the previous one was acknowledged, so an
@@ -97,21 +97,25 @@ class CommitObjectTurns:
             return Refused(
                 fenced=True, details=f"lease epoch {self.epoch} of {self.worker} is stale: {found}"
             )
-        applied = fresh = 0
+        # Per key, the sequences this commit holds (a connection's turns come in order).
+        spans: dict[str, tuple[int, int]] = {}
         for turn in self.turns:
-            if not turn.record:
-                continue
+            if turn.record:
+                first, _ = spans.get(turn.key, (turn.sequence, turn.sequence))
+                spans[turn.key] = (first, turn.sequence)
+        applied = fresh = 0
+        for key, (first, last) in spans.items():
             recorded = conn.execute(
-                "SELECT sequence, epoch FROM turns WHERE key = ?", (turn.key,)
+                "SELECT sequence, epoch FROM turns WHERE key = ?", (key,)
             ).fetchone()
-            if recorded is None or int(recorded[0]) < turn.sequence:
+            if recorded is None or int(recorded[0]) < first:
                 fresh += 1
-            elif (int(recorded[0]), int(recorded[1])) == (turn.sequence, self.epoch):
-                applied += 1
+            elif (int(recorded[0]), int(recorded[1])) == (last, self.epoch):
+                applied += 1  # this very commit, sent before: its last turn is recorded
             else:
                 return Refused(
                     duplicate=True,
-                    details=f"turn {turn.key}#{turn.sequence} was committed before "
+                    details=f"turn {key}#{first} was committed before "
                     f"(as #{recorded[0]} by epoch {recorded[1]})",
                 )
         if applied and not fresh:

@@ -34,12 +34,15 @@ class Failpoints:
 
     @classmethod
     def parse(cls, spec: str) -> Failpoints:
-        """Read ``name=argument,...``; raises ConfigError for an unknown name."""
+        """Read ``name=argument,...``; raises ConfigError for an unknown name or a missing
+        argument."""
         armed: dict[str, str] = {}
         for item in filter(None, (part.strip() for part in spec.split(","))):
             name, _, argument = item.partition("=")
             if name not in _KNOWN:
                 raise ConfigError(f"unknown failpoint {name!r} (known: {', '.join(_KNOWN)})")
+            if not argument:
+                raise ConfigError(f"failpoint {name!r} needs an argument: {name}=<message>")
             armed[name] = argument
         return cls(kill_after_commit=armed.get(KILL_AFTER_COMMIT))
 

@@ -77,11 +77,43 @@ def test_idle_reports_memory_per_connection() -> None:
     assert _positive(report["kib_per_connection"])
 
 
-def test_bad_settings_are_refused_as_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.timeout(200)
+def test_object_reports_one_object_spread_and_echo_with_nothing_lost() -> None:
+    report = _bench(
+        "object", "--connections", "16", "--objects", "40", "--duration-s", "2",
+        "--warmup-s", "0.5", "--rounds", "1", "--json",
+        timeout_s=180,
+    )  # fmt: skip
+    assert set(report) == {"one_object", "spread", "echo", "ratio"}
+    for target, objects in (("one_object", 1), ("spread", 40)):
+        figures = report[target]
+        assert set(figures) == {"turns_per_s", "p50_ms", "p99_ms", "lost", "objects"}
+        assert figures["lost"] == 0, figures
+        assert figures["objects"] == objects
+        assert all(_positive(figures[k]) for k in ("turns_per_s", "p50_ms", "p99_ms")), figures
+        assert figures["p50_ms"] <= figures["p99_ms"]
+    assert set(report["echo"]) == {"msgs_per_s", "p50_ms", "p99_ms"}
+    assert report["ratio"] == pytest.approx(
+        report["one_object"]["turns_per_s"] / report["echo"]["msgs_per_s"], rel=0.01
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["echo", "--connections", "0"],
+        ["object", "--connections", "0"],
+        ["object", "--objects", "0"],
+        ["object", "--rounds", "0"],
+    ],
+)
+def test_bad_settings_are_refused_as_usage_errors(
+    args: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exited:
-        main(["bench", "echo", "--connections", "0"])
+        main(["bench", *args])
     assert exited.value.code == 2
-    assert "--connections" in capsys.readouterr().err
+    assert args[1] in capsys.readouterr().err
 
 
 def test_histogram_percentiles_are_within_one_percent() -> None:
