@@ -122,6 +122,7 @@ class EventDelivery:
         self._bus_up = asyncio.Event()
         self._bus_up.set()
         self._sweeper: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def ack_wildcard(self) -> str:
@@ -133,11 +134,16 @@ class EventDelivery:
         self._sweeper = self._loop.create_task(self._sweep())
 
     async def close(self) -> None:
-        """Stop the sweep. Deliveries still waiting then wait until given up."""
+        """Stop the sweep, and give up every delivery still waiting (no ack can come any
+        more: NATS is drained by then). Idempotent."""
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
+        for waiting in list(self._waiting.values()):
+            if not waiting.future.done():
+                waiting.future.set_result(Reply.TIMEOUT)
 
     def set_bus_connected(self, connected: bool) -> None:
         """Called on NATS disconnects and reconnects."""
@@ -160,6 +166,9 @@ class EventDelivery:
         attempt = 0
         try:
             while True:
+                if self._closed:
+                    self._on_given_up(event)
+                    return False
                 if not self._bus_up.is_set() and not await self._wait_bus(give_up_at):
                     self._on_given_up(event)
                     return False
@@ -194,7 +203,7 @@ class EventDelivery:
                         route.worker = waiting.worker
                     self._on_round_trip(loop.time() - started)
                     return True
-                if loop.time() >= give_up_at:
+                if self._closed or loop.time() >= give_up_at:
                     self._on_given_up(event)
                     return False
                 if hinted and route is not None:

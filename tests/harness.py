@@ -15,10 +15,12 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from wsgate.config import StateConfig
 from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -240,15 +242,24 @@ def wait_for_dev_url(
     return m.group(1).decode(), int(m.group(2)), output
 
 
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout_s`` (a bound, not a wait)."""
+async def eventually(probe: Callable[[], Awaitable[T]], what: str, *, timeout_s: float = 20.0) -> T:
+    """Poll ``probe`` until it returns something truthy, and return that; fail after
+    ``timeout_s`` (a bound on a condition that is polled, not a wait standing in for it)."""
     deadline = time.monotonic() + timeout_s
-    while not await condition():
+    while True:
+        value = await probe()
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+async def wait_until(
+    condition: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout_s``."""
+    await eventually(condition, what, timeout_s=timeout_s)
 
 
 async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

@@ -287,9 +287,9 @@ class Activation:
                     "%r: the turn of %s#%d ran past %g s: cancelled",
                     self, work.key, work.sequence, self.host.turn_timeout_s,
                 )  # fmt: skip
+                turn.failed = True  # before the cancel: the handler's Task is not to log it
                 self._handler.cancel()
                 await asyncio.wait({self._handler}, timeout=CANCEL_GRACE_S)
-                turn.failed = True
             elif self._handler.cancelled() or self._handler.exception() is not None:
                 turn.failed = True
         finally:
@@ -333,6 +333,10 @@ class Activation:
                 await self._event(work.event, work.params, turn)
             if turn.pending:
                 await asyncio.gather(*turn.pending)
+        except asyncio.CancelledError:
+            if not turn.failed:  # not the turn limit: the handler cancelled its own Task
+                log.warning("%r: handler cancelled for %s#%d", self, work.key, work.sequence)
+            raise
         except Exception:
             log.exception("%r: handler failed for %s#%d", self, work.key, work.sequence)
             raise

@@ -15,7 +15,7 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,7 +23,7 @@ import pytest
 
 from stateservice.alarms import ALARMS_SCHEMA, AlarmScheduler, PutAlarm, ReadAlarm
 from stateservice.storage import ObjectId, SqliteStorage
-from tests.harness import Stack, stack_context
+from tests.harness import Stack, eventually, stack_context
 from worker.alarms_client import ObjectAlarm, from_epoch_ms
 from worker.state_client import StateClient
 from wsgate.bus import connect_bus
@@ -69,18 +69,6 @@ def unique(prefix: str = "obj") -> str:
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], what: str, *, timeout_s: float = 20.0) -> T:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def firings(client: StateClient, namespace: str, name: str, count: int = 1) -> Any:
