@@ -33,6 +33,7 @@ from wsgate.bench.processes import (
     BenchError,
     BenchStack,
     collect_results,
+    cpu_seconds,
     load_clients,
     running_stack,
     start_loops,
@@ -60,6 +61,9 @@ class CountFigures:
     #: ... and what the objects hold, less the increment each connection's open made.
     counted: int
     objects: int
+    #: CPU each process of the stack spent per answered turn, in microseconds: where a
+    #: turn's time goes.
+    cpu_us_per_turn: dict[str, float]
 
     @property
     def lost(self) -> int:
@@ -73,7 +77,6 @@ class CountFigures:
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
             "lost": self.lost,
-            "objects": self.objects,
         }
 
 
@@ -121,8 +124,10 @@ class ObjectReport:
             f"{'echo':12} {r.echo.msgs_per_s:10.0f} {r.echo.p50_ms:8.2f} {r.echo.p99_ms:8.2f}",
         ]
         for name, f in (("one object", r.one_object), ("spread", r.spread)):
+            cpu = "  ".join(f"{role} {us:.0f}" for role, us in f.cpu_us_per_turn.items())
             lines.append(
                 f"{name:12} {f.turns_per_s:10.0f} {f.p50_ms:8.2f} {f.p99_ms:8.2f} {f.lost:6d}"
+                f"   CPU µs/turn: {cpu}"
             )
         lines.append(
             f"ratio one object/echo: {r.ratio:.3f}; increments lost in all rounds: {self.lost}"
@@ -194,10 +199,15 @@ def _measure_counters(
     with load_clients(
         "count", url, connections, config.clients, log_dir, extra, numbered=spread
     ) as clients:
+        cpu_before = {role: cpu_seconds(child.pid) for role, child in stack.roles().items()}
         start_loops(clients)
         results = collect_results(clients, config.warmup_s + config.duration_s + RESULT_GRACE_S)
+        cpu_after = {role: cpu_seconds(child.pid) for role, child in stack.roles().items()}
     figures = merge_results(results, url)
     answered = sum(int(result["answered"]) for result in results)
+    cpu_us = {
+        role: (cpu_after[role] - cpu_before[role]) * 1e6 / max(answered, 1) for role in cpu_after
+    }
     stored = asyncio.run(_read_counters(str(stack.state.info["address"]), names))
     # Every connection's open incremented its object once (on_connect), before the loop.
     return CountFigures(
@@ -207,6 +217,7 @@ def _measure_counters(
         answered=answered,
         counted=stored - connections,
         objects=len(names),
+        cpu_us_per_turn=cpu_us,
     )
 
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import resource
 import signal
 import subprocess
@@ -50,6 +51,15 @@ class BenchStack:
     state: Child
     worker: Child
     gateway: Child
+
+    def roles(self) -> dict[str, Child]:
+        """Each process of the stack by its role."""
+        return {
+            "gateway": self.gateway,
+            "nats": self.nats,
+            "worker": self.worker,
+            "state": self.state,
+        }
 
     def ws_url(self, path: str) -> str:
         """The gateway's WebSocket URL for ``path``."""
@@ -240,6 +250,13 @@ def _check_client_fd_budget(share: int) -> None:
             f"a client process needs about {share + FD_MARGIN} file descriptors but the hard "
             f"RLIMIT_NOFILE is {hard}: use more --clients or raise the hard limit"
         )
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) process ``pid`` used so far, from ``/proc/PID/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the command: state is field 3, utime and stime fields 14 and 15 (in ticks).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
