@@ -60,12 +60,6 @@ class WorkerMetrics:
             "Requests answered with 'try again' (object unreachable, worker draining)",
             registry=r,
         )
-        self.turns = Counter(
-            "wsgate_worker_turns",
-            "Turns run by activations, by kind and outcome (ok, failed)",
-            ["kind", "outcome"],
-            registry=r,
-        )
         self.turn_timeouts = Counter(
             "wsgate_worker_turn_timeouts", "Turns cancelled at the turn limit", registry=r
         )
@@ -82,12 +76,6 @@ class WorkerMetrics:
         self.turns_committed = Counter(
             "wsgate_worker_turns_committed", "Turns committed", registry=r
         )
-        self.storage_reads = Counter(
-            "wsgate_worker_storage_reads",
-            "Keys read by activations, by source: memory (their cache) or state (the service)",
-            ["source"],
-            registry=r,
-        )
         self.intake_stalled = Gauge(
             "wsgate_worker_intake_stalled",
             "1 while the worker takes no requests although some wait (see /readyz)",
@@ -101,3 +89,13 @@ class WorkerMetrics:
         )
         self.in_flight = fast.gauge("wsgate_worker_in_flight", "Requests being handled now")
         self.commands = fast.counter("wsgate_worker_commands", "Gateway commands published")
+        self.turns = fast.counter_family(
+            "wsgate_worker_turns",
+            "Turns run by activations, by kind and outcome (ok, failed)",
+            ["kind", "outcome"],
+        )
+        self.storage_reads = fast.counter_family(
+            "wsgate_worker_storage_reads",
+            "Keys read by activations, by source: memory (their cache) or state (the service)",
+            ["source"],
+        )

@@ -39,6 +39,25 @@ class FastCounter:
         self.value -= amount
 
 
+class FastCounterFamily:
+    """Counters told apart by label values (a fixed, small set), updated from one thread."""
+
+    __slots__ = ("counters", "label_names")
+
+    def __init__(self, label_names: Sequence[str]) -> None:
+        self.label_names = tuple(label_names)
+        self.counters: dict[tuple[str, ...], FastCounter] = {}
+
+    def labels(self, *values: str) -> FastCounter:
+        """The counter of these label values (made on first use)."""
+        counter = self.counters.get(values)
+        if counter is None:
+            if len(values) != len(self.label_names):
+                raise ValueError(f"expected values for {self.label_names}, got {values}")
+            counter = self.counters[values] = FastCounter()
+        return counter
+
+
 class FastHistogram:
     """A histogram updated from one thread only; ``buckets`` are upper bounds, ascending."""
 
@@ -69,6 +88,7 @@ class FastMetrics(Collector):
         self._counters: list[tuple[str, str, FastCounter]] = []
         self._gauges: list[tuple[str, str, FastCounter]] = []
         self._histograms: list[tuple[str, str, FastHistogram]] = []
+        self._families: list[tuple[str, str, FastCounterFamily]] = []
         registry.register(self)
 
     def counter(self, name: str, documentation: str) -> FastCounter:
@@ -83,6 +103,14 @@ class FastMetrics(Collector):
         self._gauges.append((name, documentation, metric))
         return metric
 
+    def counter_family(
+        self, name: str, documentation: str, label_names: Sequence[str]
+    ) -> FastCounterFamily:
+        """Counters with labels, exported as ``<name>_total{...}``."""
+        family = FastCounterFamily(label_names)
+        self._families.append((name, documentation, family))
+        return family
+
     def histogram(self, name: str, documentation: str, buckets: Sequence[float]) -> FastHistogram:
         """A histogram with the given bucket bounds."""
         metric = FastHistogram(buckets)
@@ -94,6 +122,11 @@ class FastMetrics(Collector):
             yield CounterMetricFamily(name, doc, value=counter.value)
         for name, doc, gauge in self._gauges:
             yield GaugeMetricFamily(name, doc, value=gauge.value)
+        for name, doc, family in self._families:
+            exported = CounterMetricFamily(name, doc, labels=family.label_names)
+            for values, counter in family.counters.items():
+                exported.add_metric(values, counter.value)
+            yield exported
         for name, doc, histogram in self._histograms:
             yield HistogramMetricFamily(
                 name, doc, buckets=histogram.cumulative(), sum_value=histogram.sum
