@@ -24,10 +24,12 @@ class _StorageCollector(Collector):
         storage: SqliteStorage,
         locks: ObjectLocks,
         presence: Callable[[], PresenceStats | None],
+        leases: Callable[[], int],
     ) -> None:
         self._storage = storage
         self._locks = locks
         self._presence = presence
+        self._leases = leases
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self._storage.stats
@@ -44,6 +46,11 @@ class _StorageCollector(Collector):
             "wsgate_state_objects_held",
             "Objects held by a transaction or waited for",
             value=self._locks.held(),
+        )
+        yield GaugeMetricFamily(
+            "wsgate_state_leases",
+            "Objects whose activation a worker holds (or held, until another asks)",
+            value=self._leases(),
         )
         presence = self._presence()
         if presence is not None:
@@ -73,9 +80,11 @@ def state_registry(
     storage: SqliteStorage,
     locks: ObjectLocks,
     presence: Callable[[], PresenceStats | None] = lambda: None,
+    leases: Callable[[], int] = lambda: 0,
 ) -> CollectorRegistry:
-    """A registry exposing the storage's figures, and the membership leases' once
-    ``presence()`` has them (the membership part exists only once the server started)."""
+    """A registry exposing the storage's figures, the objects' leases, and the membership
+    leases' once ``presence()`` has them (the membership part exists only once the server
+    started)."""
     registry = CollectorRegistry()
-    registry.register(_StorageCollector(storage, locks, presence))
+    registry.register(_StorageCollector(storage, locks, presence, leases))
     return registry

@@ -78,7 +78,9 @@ class StateServer(Service):
             config.host,
             config.probe_port,
             is_ready=self._is_ready,
-            registry=state_registry(self.storage, self.locks, self._presence_stats),
+            registry=state_registry(
+                self.storage, self.locks, self._presence_stats, lambda: len(self.leases.table)
+            ),
         )
         self._membership: MembershipComponent | None = None
         self._components: list[Component] = []

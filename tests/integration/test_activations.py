@@ -163,6 +163,13 @@ async def test_the_naive_counter_is_exact_across_gateways_and_workers(cluster: S
                    for i in range(3)]  # fmt: skip
     assert sorted(activations)[-1] >= 1
     assert sum(a > 0 for a in activations) == 1
+    # Group commit: the turns that ended while a commit was in flight went in the next one.
+    calls = turns = 0.0
+    for i in range(3):
+        calls += await metric(cluster.worker_metrics_url(i), "wsgate_worker_commit_calls_total")
+        turns += await metric(cluster.worker_metrics_url(i), "wsgate_worker_turns_committed_total")
+    assert turns >= 6400
+    assert turns / calls > 2
 
 
 async def test_an_alarm_is_a_turn_between_the_increments(cluster: Stack) -> None:
