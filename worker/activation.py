@@ -47,10 +47,9 @@ from nats.aio.msg import Msg
 from worker.activation_alarm import ActivationAlarm
 from worker.activation_members import ActivationMembers
 from worker.activation_storage import ActivationStorage
-from worker.app import Accept, ConnectRequest, Reject
-from worker.decisions import accept_decision, check_accept, reject_decision
+from worker.app import ConnectRequest, Reject
+from worker.decisions import accept_decision, check_accept, connect_outcome, reject_decision
 from worker.durable import instantiate
-from worker.errors import InvalidResponse
 from worker.object_cache import (
     UNKNOWN,
     KeyRange,
@@ -368,15 +367,9 @@ class Activation:
             self, turn, request_pb.connection_id, request_pb.path, params, connecting=True
         )
         request = ConnectRequest.from_envelope(request_pb, params)
-        decided = await self.instance.on_connect(conn, request)
-        if decided is None:
-            decided = Accept()
+        decided = connect_outcome(await self.instance.on_connect(conn, request))
         if isinstance(decided, Reject):
             return reject_decision(decided.status, decided.body, decided.headers)
-        if not isinstance(decided, Accept):
-            raise InvalidResponse(
-                f"on_connect must return Accept, Reject or None, not {type(decided).__name__}"
-            )
         check_accept(decided, request)
         self.members.join(turn, request_pb.connection_id, decided.tags, decided.state)
         return accept_decision(decided, turn.replies, worker=self.host.worker_id)

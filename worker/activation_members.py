@@ -26,7 +26,6 @@ from worker.object_connection import message_envelope
 from wsgate import ids
 from wsgate.fanout import plan
 from wsgate.limits import check_attachment_size, check_tags
-from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
 from wsgate.values import decode_value, encode_value
 
@@ -196,8 +195,3 @@ class ActivationMembers:
         for _, command in commands:
             turn.command(command)
         return BroadcastResult(recipients=len(recipients), commands=len(commands))
-
-
-def peer_message(message: str | bytes | bytearray | memoryview) -> envelope.Message:
-    """A message for other connections, checked (InvalidMessage)."""
-    return message_envelope(message, "send_many()")

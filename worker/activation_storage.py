@@ -29,7 +29,7 @@ from worker.object_cache import (
     KeyRange,
     Layer,
 )
-from worker.state_client import ObjectStorage, Transaction, _list_request
+from worker.state_client import ObjectStorage, Transaction
 from worker.turn import Turn, current_turn
 from wsgate.limits import check_batch, check_key, check_value_size
 from wsgate.v1 import state_pb2 as pb
@@ -79,10 +79,7 @@ class ActivationStorage(ObjectStorage):
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of the keys that exist (at most 128 keys)."""
-        keys = list(keys)
-        check_batch(len(keys), keys[0] if keys else "")
-        found = await self._activation.read_keys(keys, self._layers())
-        return {key: decode_value(value) for key, value in found.items()}
+        return await self._read(keys, self._layers())
 
     async def list(
         self,
@@ -94,12 +91,24 @@ class ActivationStorage(ObjectStorage):
         reverse: bool = False,
     ) -> dict[str, Any]:
         """As :meth:`ObjectStorage.list`, including this activation's writes."""
-        request = _list_request(self._object, prefix, start, end, limit, reverse)
-        if request is None:
+        return await self._list(KeyRange(prefix, start, end), limit, reverse, self._layers())
+
+    async def _read(self, keys: Iterable[str], layers: builtins.list[Layer]) -> dict[str, Any]:
+        """The values of the keys that exist, as the top of ``layers`` sees them."""
+        keys = builtins.list(keys)
+        check_batch(len(keys), keys[0] if keys else "")
+        found = await self._activation.read_keys(keys, layers)
+        return {key: decode_value(value) for key, value in found.items()}
+
+    async def _list(
+        self, bounds: KeyRange, limit: int | None, reverse: bool, layers: builtins.list[Layer]
+    ) -> dict[str, Any]:
+        """A listing as the top of ``layers`` sees it."""
+        if limit is not None and limit < 0:
+            raise ValueError(f"limit must be >= 0 or None, got {limit}")
+        if limit == 0:
             return {}
-        entries = await self._activation.list_keys(
-            KeyRange(prefix, start, end), limit, reverse, self._layers()
-        )
+        entries = await self._activation.list_keys(bounds, limit, reverse, layers)
         return {key: decode_value(value) for key, value in entries}
 
     def _layers(self) -> builtins.list[Layer]:
@@ -227,9 +236,7 @@ class CachedTransaction(Transaction):
     async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """The values of the keys that exist, as this transaction sees them."""
         self._check_open()
-        keys = builtins.list(keys)
-        found = await self._storage._activation.read_keys(keys, self._layers())
-        return {key: decode_value(value) for key, value in found.items()}
+        return await self._storage._read(keys, self._layers())
 
     async def list(
         self,
@@ -242,13 +249,9 @@ class CachedTransaction(Transaction):
     ) -> dict[str, Any]:
         """As :meth:`ObjectStorage.list`, as this transaction sees the object."""
         self._check_open()
-        request = _list_request(self._object, prefix, start, end, limit, reverse)
-        if request is None:
-            return {}
-        entries = await self._storage._activation.list_keys(
+        return await self._storage._list(
             KeyRange(prefix, start, end), limit, reverse, self._layers()
         )
-        return {key: decode_value(value) for key, value in entries}
 
     def put(self, key: str, value: Any) -> None:
         """Set ``key`` when the transaction's function returns."""

@@ -188,20 +188,7 @@ class Connection:
         Raises InvalidCloseCode, ConnectionClosed if already closed, NotAccepted in the
         connect handler (return ``Reject(...)`` there instead).
         """
-        reason_bytes = len(reason.encode("utf-8"))
-        if not is_sendable(code):
-            raise InvalidCloseCode(
-                code, reason_bytes, f"close code {code} may not be sent (use 1000 or 3000-4999)"
-            )
-        if reason_bytes > MAX_REASON_BYTES:
-            raise InvalidCloseCode(
-                code, reason_bytes, f"close reason is {reason_bytes} bytes, over {MAX_REASON_BYTES}"
-            )
-        if self._phase is _Phase.CONNECTING:
-            raise NotAccepted(self.id, "cannot close before accepting: return Reject(...) instead")
-        if self._phase is _Phase.CLOSED:
-            raise ConnectionClosed(self.id)
-        self._phase = _Phase.CLOSED
+        self._start_closing(code, reason)
         if self._gate is not None:
             await self._gate.open()
         for envelope in await self._finish():  # what was sent before goes first
@@ -219,6 +206,24 @@ class Connection:
                 in_reply_to=self.sequence,
             ),
         )
+
+    def _start_closing(self, code: int, reason: str) -> None:
+        """Check a close (InvalidCloseCode, NotAccepted, ConnectionClosed) and mark the
+        handle closed: nothing more can be sent on it."""
+        reason_bytes = len(reason.encode("utf-8"))
+        if not is_sendable(code):
+            raise InvalidCloseCode(
+                code, reason_bytes, f"close code {code} may not be sent (use 1000 or 3000-4999)"
+            )
+        if reason_bytes > MAX_REASON_BYTES:
+            raise InvalidCloseCode(
+                code, reason_bytes, f"close reason is {reason_bytes} bytes, over {MAX_REASON_BYTES}"
+            )
+        if self._phase is _Phase.CONNECTING:
+            raise NotAccepted(self.id, "cannot close before accepting: return Reject(...) instead")
+        if self._phase is _Phase.CLOSED:
+            raise ConnectionClosed(self.id)
+        self._phase = _Phase.CLOSED
 
     # -- for the runtime -----------------------------------------------------------------
 

@@ -5,9 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from worker.app import Accept, ConnectRequest
+from worker.app import Accept, ConnectRequest, Reject
 from worker.errors import InvalidResponse
 from wsgate.v1 import envelope_pb2 as pb
+
+
+def connect_outcome(outcome: object) -> Accept | Reject:
+    """What ``on_connect`` returned, as Accept or Reject (None accepts); raises
+    InvalidResponse for anything else."""
+    if outcome is None:
+        return Accept()
+    if not isinstance(outcome, Accept | Reject):
+        raise InvalidResponse(
+            f"on_connect must return Accept, Reject or None, not {type(outcome).__name__}"
+        )
+    return outcome
 
 
 def check_accept(outcome: Accept, request: ConnectRequest) -> None:

@@ -12,14 +12,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from worker.connection import Connection, _Phase
-from worker.errors import (
-    ConnectionClosed,
-    InvalidCloseCode,
-    InvalidMessage,
-    NoConnectionState,
-    NotAccepted,
-)
-from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
+from worker.errors import ConnectionClosed, InvalidMessage, NoConnectionState
+from wsgate.closecodes import CloseCode
 from wsgate.v1 import envelope_pb2 as pb
 
 if TYPE_CHECKING:
@@ -106,18 +100,5 @@ class ObjectConnection(Connection):
         Raises InvalidCloseCode, ConnectionClosed if already closed, NotAccepted in
         ``on_connect`` (return ``Reject(...)`` there instead).
         """
-        reason_bytes = len(reason.encode("utf-8"))
-        if not is_sendable(code):
-            raise InvalidCloseCode(
-                code, reason_bytes, f"close code {code} may not be sent (use 1000 or 3000-4999)"
-            )
-        if reason_bytes > MAX_REASON_BYTES:
-            raise InvalidCloseCode(
-                code, reason_bytes, f"close reason is {reason_bytes} bytes, over {MAX_REASON_BYTES}"
-            )
-        if self._phase is _Phase.CONNECTING:
-            raise NotAccepted(self.id, "cannot close before accepting: return Reject(...) instead")
-        if self._phase is _Phase.CLOSED:
-            raise ConnectionClosed(self.id)
-        self._phase = _Phase.CLOSED
+        self._start_closing(code, reason)
         self._turn.close(code, reason)

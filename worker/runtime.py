@@ -34,12 +34,11 @@ from nats.aio.subscription import Subscription
 
 from worker.activations import Activations
 from worker.alarm_runner import AlarmRunner
-from worker.app import Accept, App, ConnectRequest, Reject, Route
+from worker.app import App, ConnectRequest, Reject, Route
 from worker.connection import Connection, current_connection
-from worker.decisions import accept_decision, check_accept, reject_decision
+from worker.decisions import accept_decision, check_accept, connect_outcome, reject_decision
 from worker.durable import check_plain_accept
 from worker.env import Env
-from worker.errors import InvalidResponse
 from worker.failpoints import Failpoints
 from worker.gate import OutputGate, current_gate
 from worker.intake import IntakeWatchdog
@@ -319,19 +318,15 @@ class Worker(Service):
         request = ConnectRequest.from_envelope(envelope, params)
         current_gate.set(gate)
         try:
-            outcome = await self._guarded(
-                route.connect_handler(conn, request) if route.connect_handler else None
+            outcome = connect_outcome(
+                await self._guarded(
+                    route.connect_handler(conn, request) if route.connect_handler else None
+                )
             )
             # The Accept carries what on_connect sent: only once its writes are durable.
             await gate.open()
-            if outcome is None:
-                outcome = Accept()
             if isinstance(outcome, Reject):
                 return reject_decision(outcome.status, outcome.body, outcome.headers)
-            if not isinstance(outcome, Accept):
-                raise InvalidResponse(
-                    f"on_connect must return Accept, Reject or None, not {type(outcome).__name__}"
-                )
             check_plain_accept(outcome)
             check_accept(outcome, request)
         except Exception:
