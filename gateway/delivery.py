@@ -37,6 +37,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from wsgate import ids
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -283,7 +284,8 @@ class EventDelivery:
                 self._acknowledged(ack.connection_id, ack, waiting)
 
     def _acknowledged(self, connection_id: str, ack: pb.EventAck, waiting: _Waiting) -> None:
-        waiting.worker = ack.worker
+        # A worker id becomes a subject token: anything else is not taken as one.
+        waiting.worker = ack.worker if ids.is_worker_id(ack.worker) else ""
         if ack.messages:
             # Queued before the read loop resumes, so before the next event is dispatched.
             self._on_messages(connection_id, ack.messages)

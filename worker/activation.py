@@ -235,6 +235,10 @@ class Activation:
                 await self._take(work)
             except asyncio.CancelledError:
                 raise
+            except StateError as exc:
+                # A record or a read could not be had within the turn limit.
+                self.stop(f"the state service failed {work.key}#{work.sequence}: {exc}")
+                return
             except Exception:
                 # A bug here, not in a handler: the object's memory cannot be trusted.
                 log.exception("%r failed on %s#%d", self, work.key, work.sequence)
