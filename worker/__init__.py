@@ -18,6 +18,7 @@ from worker.errors import (
     InvalidRoute,
     NoConnectionState,
     NotAccepted,
+    TurnOver,
     WorkerError,
 )
 from worker.state_client import ObjectStorage, Transaction
@@ -42,5 +43,6 @@ __all__ = [
     "Reject",
     "Route",
     "Transaction",
+    "TurnOver",
     "WorkerError",
 ]
