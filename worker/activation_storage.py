@@ -155,8 +155,11 @@ class ActivationStorage(ObjectStorage):
         if not unknown:
             return _done(known)
         # The cache had not seen these keys, so no write of this activation touched them:
-        # what the state service holds is what they held before this delete.
-        return asyncio.ensure_future(self._count_existing(unknown, known))
+        # what the state service holds is what they held before this delete (read before
+        # the turn's commit: the turn waits for it).
+        counting = asyncio.ensure_future(self._count_existing(unknown, known))
+        turn.hold(counting)
+        return counting
 
     async def _count_existing(self, keys: builtins.list[str], known: int) -> int:
         found = await self._activation.read_remote(keys)
@@ -165,19 +168,17 @@ class ActivationStorage(ObjectStorage):
     def delete_all(self) -> asyncio.Future[int]:
         """Delete every key of the object; resolves to how many there were."""
         turn = self._turn()
-        layers = self._layers()
-        counting = asyncio.ensure_future(self._count_all(layers))
-        self._activation.cache.clear()
+        cache = self._activation.cache
+        before = Layer()  # what the cache knew until now: counted below, after the clear
+        before.values, before.whole = dict(cache.values), cache.whole
+        counting = asyncio.ensure_future(self._count_all(before))
+        turn.hold(counting)  # its read must reach the service before the turn's commit
+        cache.clear()
         turn.write(pb.Write(delete_all=pb.DeleteAllRequest()))
         return counting
 
-    async def _count_all(self, layers: builtins.list[Layer]) -> int:
-        # Started before the clear: a snapshot of the layers as they were.
-        snapshot = Layer()
-        cache = self._activation.cache
-        snapshot.values = dict(cache.values)
-        snapshot.whole = cache.whole
-        entries = await self._activation.list_keys(KeyRange(), None, False, [snapshot])
+    async def _count_all(self, before: Layer) -> int:
+        entries = await self._activation.list_keys(KeyRange(), None, False, [before])
         return len(entries)
 
     def transaction(

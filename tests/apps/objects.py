@@ -77,6 +77,7 @@ class Store(DurableObject):
     - ``put-list <prefix> <key>...``: put each key (value 1), then answer the keys a list
       of the prefix shows, comma-separated;
     - ``delete-list <prefix> <key>``: delete the key, then answer the list of the prefix;
+    - ``clear``: delete every key; answer how many there were;
     - ``big <bytes>``: put a value of that many bytes; answer "stored" or the error's type;
     - ``alarm-in <ms>``: set the alarm that far ahead; on_alarm stores ``alarm-ran``.
     """
@@ -97,6 +98,8 @@ class Store(DurableObject):
             existed = await self.storage.delete(args[1])
             listed = ",".join(await self.storage.list(prefix=args[0]))
             await conn.send(f"{existed}:{listed}")
+        elif verb == "clear":
+            await conn.send(str(await self.storage.delete_all()))
         elif verb == "big":
             try:
                 await self.storage.put("big", "x" * int(args[0]))

@@ -376,6 +376,24 @@ async def test_reads_see_the_turns_own_writes(cluster: Stack) -> None:
             assert await ws.receive() == expected, command
 
 
+async def test_delete_all_counts_what_the_object_held(cluster: Stack) -> None:
+    from worker.state_client import StateClient
+
+    async with StateClient(str(cluster.state_info("address"))) as state:
+        # Written before any activation: its cache knows none of these.
+        await state.storage("Store", "cleared").put_many({"a": 1, "b": 2, "c": 3})
+    async with connect(cluster.ws_url("/store/cleared")) as ws:
+        for command, expected in (
+            ("put d 4", "4"),
+            ("clear", "4"),
+            ("clear", "0"),
+            ("get a", "-"),
+            ("put-list p/ p/x", "p/x"),
+        ):
+            await ws.send(command)
+            assert await ws.receive() == expected, command
+
+
 async def test_reads_come_from_memory_after_the_first(cluster: Stack) -> None:
     async def reads(source: str) -> float:
         return sum(
