@@ -23,7 +23,6 @@ from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
 
-
 #: The transaction timeout of this module's state service (short: some tests wait it out).
 TRANSACTION_TIMEOUT_S = 1.0
 
