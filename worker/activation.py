@@ -430,9 +430,11 @@ class Activation:
                     # The new host answers these events from their records.
                     self.stop("lease lost")
                     return
-                self._in_flight = []
+                # Still in flight until released: if the activation stops meanwhile, what
+                # was not released yet is handed back (and answered from its record).
                 for committing in batch:
                     await self._release(committing)
+                self._in_flight = []
         finally:
             self._committer = None
             self._notify_if_idle()
