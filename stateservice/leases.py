@@ -210,13 +210,6 @@ class LeaseTable:
         """Forget the object's lease (the caller stores the revocation)."""
         self._leases.pop(obj, None)
 
-    def holders(self) -> dict[str, int]:
-        """How many leases each worker holds (for metrics and tests)."""
-        counts: dict[str, int] = {}
-        for lease in self._leases.values():
-            counts[lease.holder] = counts.get(lease.holder, 0) + 1
-        return counts
-
 
 class ObjectLeases:
     """The lease table with its storage: what the state service's parts share."""
