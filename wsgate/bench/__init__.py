@@ -67,32 +67,11 @@ def add_bench_parser(subparsers: Any) -> None:
         default=echo_defaults.size_bytes,
         help=f"message size in bytes (default: {echo_defaults.size_bytes})",
     )
-    echo.add_argument(
-        "--duration-s",
-        type=float,
-        default=echo_defaults.duration_s,
-        help=f"measurement window (default: {echo_defaults.duration_s:g})",
+    _add_loop_options(
+        echo,
+        echo_defaults,
+        "rounds, each measuring both targets afresh; the median round of each is reported",
     )
-    echo.add_argument(
-        "--warmup-s",
-        type=float,
-        default=echo_defaults.warmup_s,
-        help=f"load before the window, not counted (default: {echo_defaults.warmup_s:g})",
-    )
-    echo.add_argument(
-        "--clients",
-        type=int,
-        default=echo_defaults.clients,
-        help=f"load-generator processes (default: {echo_defaults.clients})",
-    )
-    echo.add_argument(
-        "--rounds",
-        type=int,
-        default=echo_defaults.rounds,
-        help="rounds, each measuring both targets afresh; the median round of each is "
-        f"reported (default: {echo_defaults.rounds})",
-    )
-    echo.add_argument("--json", action="store_true", help="print one JSON object")
 
     idle_defaults = IdleBenchConfig()
     idle = kinds.add_parser(
@@ -142,32 +121,40 @@ def _add_object_parser(kinds: Any) -> None:
         default=defaults.objects,
         help=f"objects of the spread, a connection each (default: {defaults.objects})",
     )
-    obj.add_argument(
+    _add_loop_options(
+        obj, defaults, "rounds on fresh processes; the round with the median ratio is reported"
+    )
+
+
+def _add_loop_options(
+    parser: Any, defaults: EchoBenchConfig | ObjectBenchConfig, rounds_help: str
+) -> None:
+    """The options of a closed-loop benchmark: window, warm-up, clients, rounds, --json."""
+    parser.add_argument(
         "--duration-s",
         type=float,
         default=defaults.duration_s,
         help=f"measurement window (default: {defaults.duration_s:g})",
     )
-    obj.add_argument(
+    parser.add_argument(
         "--warmup-s",
         type=float,
         default=defaults.warmup_s,
         help=f"load before the window, not counted (default: {defaults.warmup_s:g})",
     )
-    obj.add_argument(
+    parser.add_argument(
         "--clients",
         type=int,
         default=defaults.clients,
         help=f"load-generator processes (default: {defaults.clients})",
     )
-    obj.add_argument(
+    parser.add_argument(
         "--rounds",
         type=int,
         default=defaults.rounds,
-        help="rounds on fresh processes; the round with the median ratio is reported "
-        f"(default: {defaults.rounds})",
+        help=f"{rounds_help} (default: {defaults.rounds})",
     )
-    obj.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_bench(args: argparse.Namespace) -> int:
