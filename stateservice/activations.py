@@ -37,6 +37,7 @@ from stateservice.turns import (
 from wsgate import ids
 from wsgate.errors import InvalidConnectionId, InvalidObjectId, InvalidRequest
 from wsgate.limits import check_tags
+from wsgate.placement import task_key
 from wsgate.state_errors import REFUSAL_TYPES, error_info
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -80,7 +81,12 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
     async def Activate(self, request: pb.ActivateRequest, context: Any) -> pb.ActivateResponse:
         """Grant the lease on an object to the asker, or say who holds it."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         worker = await _worker(context, request.worker)
+        if self._table.live(obj, time.monotonic()) is None:
+            # About to grant: first adopt a lease that another replica granted while it
+            # owned the object, so that a live holder is not fenced for nothing.
+            await rpc.stored(context, self._context.leases.refresh([obj]))
         claim, lease = self._table.claim(obj, worker, time.monotonic())
         if claim is Claim.HELD:
             assert lease is not None
@@ -99,6 +105,14 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
         worker = await _worker(context, request.worker)
         leases = [(await _object(context, lease.object), lease.epoch) for lease in request.leases]
         lost = self._table.renew(worker, leases, time.monotonic())
+        if lost:
+            # Leases granted by another replica (the objects moved here) are in the
+            # database: adopt those that are still this worker's, then look again.
+            await rpc.stored(
+                context, self._context.leases.refresh([leases[index][0] for index in lost])
+            )
+            again = self._table.renew(worker, [leases[index] for index in lost], time.monotonic())
+            lost = [lost[index] for index in again]
         return pb.RenewResponse(lost=lost, lease_ms=self._lease_ms)
 
     async def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
@@ -107,8 +121,11 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
         released = []
         for lease in request.leases:
             obj = await _object(context, lease.object)
-            if self._table.release(obj, worker, lease.epoch):
-                released.append(self._storage.submit(ReleaseLease(obj, worker, lease.epoch)))
+            self._table.release(obj, worker, lease.epoch)
+            # Stored even when the table does not show it: a lease granted by another
+            # replica (the object moved here) is released too. The row only changes if
+            # it still shows this worker and epoch.
+            released.append(self._storage.submit(ReleaseLease(obj, worker, lease.epoch)))
         if released:
             await rpc.stored(context, asyncio.gather(*released))
         return pb.ReleaseResponse()
@@ -268,6 +285,8 @@ class ActivationsComponent:
     async def _prune_loop(self) -> None:
         while True:
             await asyncio.sleep(PRUNE_INTERVAL_S)
+            if not self.context.ownership.owns_key(task_key("prune-turns")):
+                continue  # another replica prunes for the tier
             try:
                 pruned = await self.prune_once()
             except Exception:

@@ -35,9 +35,9 @@ import asyncio
 import contextlib
 import enum
 import logging
-import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -47,8 +47,8 @@ from nats.aio.client import Client as NatsClient
 
 from stateservice.component import StateContext
 from stateservice.leases import ObjectLeases
-from stateservice.rpc import object_id, refuse, refuse_active, stored
-from stateservice.storage import ObjectId, Operation, SqliteStorage
+from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
+from stateservice.storage import DATABASE_ERRORS, ObjectId, Operation, Sql, Storage
 from wsgate.config import StateConfig
 from wsgate.errors import InvalidObjectId, ObjectActive
 from wsgate.subjects import alarm_subject
@@ -60,20 +60,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-ALARMS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS alarms (
-    namespace    TEXT    NOT NULL,
-    name         TEXT    NOT NULL,
-    scheduled_ms INTEGER NOT NULL,  -- the time SetAlarm asked for (what GetAlarm reports)
-    at_ms        INTEGER NOT NULL,  -- the next try: scheduled_ms, later a retry's time
-    retry_count  INTEGER NOT NULL,  -- failed runs of the handler in this firing
-    backoff_step INTEGER NOT NULL,  -- tries that did not succeed (failed or undelivered)
-    firing_id    TEXT    NOT NULL,  -- drawn by each SetAlarm; kept across retries
-    PRIMARY KEY (namespace, name)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS alarms_at ON alarms (at_ms);
-"""
 
+#: Rows read at a time while looking past other replicas' alarms for this one's.
+OWNED_SCAN_PAGE = 512
 #: Alarms firing at once (awaiting their workers' answers); more due ones wait their turn.
 MAX_CONCURRENT_FIRINGS = 128
 #: The scheduler looks at the clock at least this often, so a jump of the wall clock (NTP)
@@ -158,7 +147,7 @@ class PutAlarm:
     firing_id: str
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> None:
+    def __call__(self, conn: Sql) -> None:
         conn.execute(
             f"INSERT INTO alarms ({_COLUMNS}) VALUES (?, ?, ?, ?, 0, 0, ?) "
             "ON CONFLICT (namespace, name) DO UPDATE SET "
@@ -175,7 +164,7 @@ class ReadAlarm:
     obj: ObjectId
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> StoredAlarm | None:
+    def __call__(self, conn: Sql) -> StoredAlarm | None:
         row = conn.execute(
             f"SELECT {_COLUMNS} FROM alarms WHERE namespace = ? AND name = ?",
             (self.obj.namespace, self.obj.name),
@@ -190,7 +179,7 @@ class RemoveAlarm:
     obj: ObjectId
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> bool:
+    def __call__(self, conn: Sql) -> bool:
         cursor = conn.execute(
             "DELETE FROM alarms WHERE namespace = ? AND name = ?",
             (self.obj.namespace, self.obj.name),
@@ -200,16 +189,25 @@ class RemoveAlarm:
 
 @dataclass(frozen=True)
 class EarliestAlarms:
-    """The ``limit`` alarms with the earliest next try, earliest first."""
+    """The ``limit`` alarms with the earliest next try, earliest first; with ``after`` (an
+    ``(at_ms, namespace, name)`` of a row read before), those that come after it."""
 
     limit: int
+    after: tuple[int, str, str] | None = None
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> list[StoredAlarm]:
-        rows = conn.execute(
-            f"SELECT {_COLUMNS} FROM alarms ORDER BY at_ms, namespace, name LIMIT ?",
-            (self.limit,),
-        ).fetchall()
+    def __call__(self, conn: Sql) -> list[StoredAlarm]:
+        if self.after is None:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM alarms ORDER BY at_ms, namespace, name LIMIT ?",
+                (self.limit,),
+            ).fetchall()
+        else:
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM alarms WHERE (at_ms, namespace, name) > (?, ?, ?) "
+                "ORDER BY at_ms, namespace, name LIMIT ?",
+                (*self.after, self.limit),
+            ).fetchall()
         return [_row(row) for row in rows]
 
 
@@ -222,7 +220,7 @@ class FinishAlarm:
     firing_id: str
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> bool:
+    def __call__(self, conn: Sql) -> bool:
         cursor = conn.execute(
             "DELETE FROM alarms WHERE namespace = ? AND name = ? AND firing_id = ?",
             (self.obj.namespace, self.obj.name, self.firing_id),
@@ -263,7 +261,7 @@ class RetryAlarm:
     policy: RetryPolicy
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> Retried:
+    def __call__(self, conn: Sql) -> Retried:
         row = conn.execute(
             "SELECT retry_count, backoff_step, firing_id FROM alarms "
             "WHERE namespace = ? AND name = ?",
@@ -309,15 +307,17 @@ class AlarmScheduler:
 
     def __init__(
         self,
-        storage: SqliteStorage,
+        storage: Storage,
         nc: NatsClient,
         config: StateConfig,
         *,
         max_concurrent: int = MAX_CONCURRENT_FIRINGS,
+        owns: Callable[[ObjectId], bool] | None = None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self._storage = storage
+        self._owns = owns
         self._nc = nc
         self._prefix = config.prefix
         self._timeout_s = config.alarm_timeout_s
@@ -369,8 +369,8 @@ class AlarmScheduler:
             free = self._max_concurrent - len(self._in_flight)
             try:
                 # In-flight alarms are still stored (and due): read past them.
-                rows = await self._storage.run(EarliestAlarms(len(self._in_flight) + free + 1))
-            except (sqlite3.Error, RuntimeError):
+                rows = await self._earliest_owned(len(self._in_flight) + free + 1)
+            except (*DATABASE_ERRORS, RuntimeError):
                 log.exception("reading alarms failed; trying again in %g s", ERROR_PAUSE_S)
                 rows = None
             finally:
@@ -398,6 +398,28 @@ class AlarmScheduler:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay_s):
                     await self._wake.wait()
+
+    async def _earliest_owned(self, limit: int) -> list[StoredAlarm]:
+        """The ``limit`` earliest alarms of the objects this replica owns (all of them when
+        it is alone), read a page at a time past the other replicas' alarms."""
+        owns = self._owns
+        if owns is None:
+            return await self._storage.run(EarliestAlarms(limit))
+        page = max(limit, OWNED_SCAN_PAGE)
+        found: list[StoredAlarm] = []
+        after: tuple[int, str, str] | None = None
+        while len(found) < limit:
+            rows = await self._storage.run(EarliestAlarms(page, after))
+            found.extend(a for a in rows if owns(ObjectId(a.namespace, a.name)))
+            if len(rows) < page:
+                break
+            last = rows[-1]
+            after = (last.at_ms, last.namespace, last.name)
+        return found[:limit]
+
+    def wake(self) -> None:
+        """Look at the table again now (the objects this replica owns changed)."""
+        self._wake.set()
 
     def _dispatch(self, alarm: StoredAlarm) -> None:
         self._in_flight[alarm.key] = alarm.firing_id
@@ -491,9 +513,7 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
     """``wsgate.v1.Alarms``: SetAlarm is durable when answered; GetAlarm, as in Cloudflare,
     reports no alarm while the object's alarm handler runs, unless a new alarm was set."""
 
-    def __init__(
-        self, storage: SqliteStorage, scheduler: AlarmScheduler, leases: ObjectLeases
-    ) -> None:
+    def __init__(self, storage: Storage, scheduler: AlarmScheduler, leases: ObjectLeases) -> None:
         self._storage = storage
         self._scheduler = scheduler
         self._leases = leases
@@ -501,6 +521,7 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
     async def SetAlarm(self, request: pb.SetAlarmRequest, context: Any) -> pb.SetAlarmResponse:
         """Replace the object's alarm with one at ``at_ms`` (a past time fires at once)."""
         obj = await _object(context, request.object)
+        await require_owner(context, self._ownership, obj)
         await self._outside_write(context, obj, PutAlarm(obj, request.at_ms, new_firing_id()))
         self._scheduler.alarm_set(request.at_ms)
         return pb.SetAlarmResponse()
@@ -508,6 +529,7 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
     async def GetAlarm(self, request: pb.GetAlarmRequest, context: Any) -> pb.GetAlarmResponse:
         """The object's alarm time (the one set, not a retry's)."""
         obj = await _object(context, request.object)
+        await require_owner(context, self._ownership, obj)
         alarm = await stored(context, self._storage.run(ReadAlarm(obj)))
         if alarm is None or alarm.firing_id == self._scheduler.firing_id_in_flight(obj):
             return pb.GetAlarmResponse(set=False)
@@ -519,6 +541,7 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
         """Delete the object's alarm. Deleted while its handler runs, a failing handler is
         not retried."""
         obj = await _object(context, request.object)
+        await require_owner(context, self._ownership, obj)
         deleted = await self._outside_write(context, obj, RemoveAlarm(obj))
         return pb.DeleteAlarmResponse(deleted=deleted)
 
@@ -544,8 +567,18 @@ class AlarmsComponent:
 
     def __init__(self, context: StateContext) -> None:
         self.context = context
-        self.scheduler = AlarmScheduler(context.storage, context.nc, context.config)
-        self.servicer = AlarmsServicer(context.storage, self.scheduler, context.leases)
+        ownership = context.ownership
+        self.scheduler = AlarmScheduler(
+            context.storage,
+            context.nc,
+            context.config,
+            owns=None if ownership.alone else ownership.owns,
+        )
+        # Objects that moved here may have alarms due: look at once.
+        ownership.listeners.append(lambda _live: self.scheduler.wake())
+        self.servicer = AlarmsServicer(
+            context.storage, self.scheduler, context.leases, context.ownership
+        )
 
     def register(self, server: Any) -> None:
         """Add ``wsgate.v1.Alarms`` to the server."""

@@ -14,7 +14,8 @@ from nats.aio.client import Client as NatsClient
 
 from stateservice.leases import ObjectLeases
 from stateservice.locks import ObjectLocks
-from stateservice.storage import SqliteStorage
+from stateservice.ownership import Ownership
+from stateservice.storage import Storage
 from wsgate.config import StateConfig
 
 
@@ -23,14 +24,16 @@ class StateContext:
     """Shared by the parts of one state service process."""
 
     config: StateConfig
-    #: The one SQLite file; every part submits its operations here (group commit).
-    storage: SqliteStorage
+    #: The database (SQLite or PostgreSQL); every part submits its operations here.
+    storage: Storage
     #: Per-object order between transactions and the writes that must wait for them.
     locks: ObjectLocks
     #: The bus: broadcasts to gateways, presence from gateways, alarms to workers.
     nc: NatsClient
     #: Which worker hosts which object's activation; writes from outside are refused there.
     leases: ObjectLeases
+    #: Which objects this replica serves (all of them, on SQLite).
+    ownership: Ownership
 
 
 class Component(Protocol):

@@ -13,25 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from stateservice.component import StateContext
-from stateservice.storage import Operation
+from stateservice.storage import DATABASE_ERRORS, Operation, Sql
+from wsgate.placement import task_key
 
 log = logging.getLogger(__name__)
 
-IDEMPOTENCY_SCHEMA = """
-CREATE TABLE IF NOT EXISTS applied (
-    key    TEXT PRIMARY KEY,
-    count  INTEGER NOT NULL,  -- what the write returned (entries written, keys deleted)
-    result BLOB,              -- a transaction's serialized result, if it returned one
-    at_ms  INTEGER NOT NULL   -- when it was applied, for pruning
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS applied_at ON applied (at_ms);
-"""
 
 _LOOKUP = "SELECT count, result FROM applied WHERE key = ?"
 
@@ -66,7 +57,7 @@ class Idempotent:
     result: bytes | None = None
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> Applied:
+    def __call__(self, conn: Sql) -> Applied:
         row = conn.execute(
             "SELECT count, result FROM applied WHERE key = ?", (self.key,)
         ).fetchone()
@@ -88,7 +79,7 @@ class LookupApplied:
     key: str
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> Applied | None:
+    def __call__(self, conn: Sql) -> Applied | None:
         row = conn.execute(
             "SELECT count, result FROM applied WHERE key = ?", (self.key,)
         ).fetchone()
@@ -104,7 +95,7 @@ class PruneApplied:
     before_ms: int
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         return conn.execute("DELETE FROM applied WHERE at_ms < ?", (self.before_ms,)).rowcount
 
 
@@ -138,9 +129,11 @@ class IdempotencyPruner:
     async def _prune_forever(self) -> None:
         while True:
             await asyncio.sleep(self._interval_s)
+            if not self._context.ownership.owns_key(task_key("prune-applied")):
+                continue  # another replica prunes for the tier
             try:
                 pruned = await self.prune_once()
-            except (sqlite3.Error, RuntimeError):
+            except (*DATABASE_ERRORS, RuntimeError):
                 log.warning("pruning idempotency keys failed", exc_info=True)
                 continue
             if pruned:

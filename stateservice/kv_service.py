@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -24,7 +23,7 @@ import grpc
 
 from stateservice.component import StateContext
 from stateservice.idempotency import Applied, Idempotent, LookupApplied
-from stateservice.rpc import object_id, refuse, refuse_active, stored
+from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
 from stateservice.storage import (
     DeleteAll,
     DeleteKeys,
@@ -33,8 +32,9 @@ from stateservice.storage import (
     ObjectId,
     Operation,
     PutKeys,
+    Sql,
 )
-from wsgate.errors import InvalidRequest, ObjectActive
+from wsgate.errors import InvalidRequest, NotOwner, ObjectActive
 from wsgate.limits import check_batch, check_key, check_value_size
 from wsgate.state_errors import REFUSAL_TYPES, Reason, error_info
 from wsgate.v1 import state_pb2 as pb
@@ -72,6 +72,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
             op = _get_op(object_id(request.object), request)
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
+        await require_owner(context, self._context.ownership, op.obj)
         entries = await stored(context, self._storage.submit(op))
         return pb.GetResponse(entries=[pb.Entry(key=k, value=v) for k, v in entries])
 
@@ -80,6 +81,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
             op = _list_op(object_id(request.object), request)
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
+        await require_owner(context, self._context.ownership, op.obj)
         entries = await stored(context, self._storage.submit(op))
         return pb.ListResponse(entries=[pb.Entry(key=k, value=v) for k, v in entries])
 
@@ -99,10 +101,14 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         free_indexes: list[int] = []
         held: dict[asyncio.Future[Applied], int] = {}
         objects: dict[tuple[str, str], ObjectId] = {}  # one ObjectId per object of the call
+        ownership = self._context.ownership
         now = time.monotonic()
         for index, write in enumerate(request.writes):
             try:
                 obj, op = _write_op(write, objects)
+                not_owner = ownership.refusal(obj)
+                if not_owner is not None:
+                    raise not_owner
                 self._leases.admit_outside_write(obj, now)
             except REFUSAL_TYPES as exc:
                 failure = pb.WriteFailure(
@@ -117,6 +123,16 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
                     code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
                     details=str(exc),
                     info=pb.ErrorInfo(reason=Reason.OBJECT_ACTIVE, key=exc.holder),
+                )
+                ready.append(pb.WriteResult(failure=failure, index=index))
+                continue
+            except NotOwner as exc:
+                failure = pb.WriteFailure(
+                    code=grpc.StatusCode.FAILED_PRECONDITION.value[0],
+                    details=str(exc),
+                    info=pb.ErrorInfo(
+                        reason=Reason.NOT_OWNER, key=exc.owner, owner_address=exc.address
+                    ),
                 )
                 ready.append(pb.WriteResult(failure=failure, index=index))
                 continue
@@ -176,6 +192,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
             obj = object_id(begin.object)
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
+        await require_owner(context, self._context.ownership, obj)
         try:
             self._leases.admit_outside_write(obj, time.monotonic())
         except ObjectActive as exc:
@@ -290,7 +307,7 @@ class _WriteGroup:
         """How many writes this operation is (for the storage's statistics)."""
         return len(self.ops)
 
-    def __call__(self, conn: sqlite3.Connection) -> list[Applied | Exception]:
+    def __call__(self, conn: Sql) -> list[Applied | Exception]:
         if not self.careful:
             try:
                 return [op(conn) for op in self.ops]

@@ -32,24 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from stateservice.storage import ObjectId, SqliteStorage
+from stateservice.storage import ObjectId, Sql, Storage
 from wsgate.errors import ObjectActive
 
 log = logging.getLogger(__name__)
-
-LEASES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS leases (
-    namespace TEXT    NOT NULL,
-    name      TEXT    NOT NULL,
-    epoch     INTEGER NOT NULL,  -- the last epoch granted (or revoked); only grows
-    holder    TEXT    NOT NULL,  -- the worker holding the lease; '' when none does
-    PRIMARY KEY (namespace, name)
-) WITHOUT ROWID;
-"""
 
 
 # -- durable operations -------------------------------------------------------------------
@@ -63,10 +54,10 @@ class GrantLease:
     holder: str
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         row = conn.execute(
             "INSERT INTO leases (namespace, name, epoch, holder) VALUES (?, ?, 1, ?) "
-            "ON CONFLICT (namespace, name) DO UPDATE SET epoch = epoch + 1, "
+            "ON CONFLICT (namespace, name) DO UPDATE SET epoch = leases.epoch + 1, "
             "holder = excluded.holder RETURNING epoch",
             (self.obj.namespace, self.obj.name, self.holder),
         ).fetchone()
@@ -82,7 +73,7 @@ class ReleaseLease:
     epoch: int
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> bool:
+    def __call__(self, conn: Sql) -> bool:
         cursor = conn.execute(
             "UPDATE leases SET holder = '' "
             "WHERE namespace = ? AND name = ? AND epoch = ? AND holder = ?",
@@ -98,7 +89,7 @@ class RevokeLease:
     obj: ObjectId
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> None:
+    def __call__(self, conn: Sql) -> None:
         conn.execute(
             "UPDATE leases SET epoch = epoch + 1, holder = '' WHERE namespace = ? AND name = ?",
             (self.obj.namespace, self.obj.name),
@@ -111,11 +102,31 @@ class HeldLeases:
 
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> list[tuple[ObjectId, int, str]]:
+    def __call__(self, conn: Sql) -> list[tuple[ObjectId, int, str]]:
         rows = conn.execute(
             "SELECT namespace, name, epoch, holder FROM leases WHERE holder != ''"
         ).fetchall()
         return [(ObjectId(ns, name), int(epoch), holder) for ns, name, epoch, holder in rows]
+
+
+@dataclass(frozen=True)
+class ReadLeases:
+    """The stored leases of some objects, as ``{object: (epoch, holder)}`` (only those with
+    a row; holder ``''``: released or revoked)."""
+
+    objs: tuple[ObjectId, ...]
+    writes = False
+
+    def __call__(self, conn: Sql) -> dict[ObjectId, tuple[int, str]]:
+        found: dict[ObjectId, tuple[int, str]] = {}
+        for obj in dict.fromkeys(self.objs):
+            row = conn.execute(
+                "SELECT epoch, holder FROM leases WHERE namespace = ? AND name = ?",
+                (obj.namespace, obj.name),
+            ).fetchone()
+            if row is not None:
+                found[obj] = (int(row[0]), str(row[1]))
+        return found
 
 
 # -- the table in memory ------------------------------------------------------------------
@@ -210,17 +221,50 @@ class LeaseTable:
         """Forget the object's lease (the caller stores the revocation)."""
         self._leases.pop(obj, None)
 
+    def adopt(self, obj: ObjectId, holder: str, epoch: int, now: float) -> None:
+        """Take a lease found in the database (granted by another replica, which owned the
+        object before): it lasts a full lease from now, as after a restart."""
+        self._leases[obj] = Lease(holder, epoch, now + self.lease_s)
+
+    def forget_unless(self, keep: Callable[[ObjectId], bool]) -> int:
+        """Drop the leases of objects ``keep`` rejects (moved to another replica, whose
+        table is now their authority); leases being granted stay. Returns how many."""
+        gone = [obj for obj, lease in self._leases.items() if lease.epoch and not keep(obj)]
+        for obj in gone:
+            del self._leases[obj]
+        return len(gone)
+
 
 class ObjectLeases:
     """The lease table with its storage: what the state service's parts share."""
 
-    def __init__(self, storage: SqliteStorage, lease_s: float) -> None:
+    def __init__(self, storage: Storage, lease_s: float) -> None:
         self.storage = storage
         self.table = LeaseTable(lease_s)
 
     async def load(self, now: float) -> None:
         """Load the stored leases (at start)."""
         self.table.load(await self.storage.run(HeldLeases()), now)
+
+    async def refresh(self, objs: list[ObjectId]) -> None:
+        """Bring the table up to date for ``objs``, which it shows without a live lease:
+        a lease that another replica granted (the object moved here since) is adopted, so
+        its holder keeps it instead of being fenced by a new grant.
+
+        The table is a cache of the ``leases`` table, exact only while this replica owns
+        the object throughout; the database stays the authority (commits check the epoch
+        there), so a stale table costs a re-activation, never a lost or doubled turn.
+        """
+        stored = await self.storage.run(ReadLeases(tuple(objs)))
+        now = time.monotonic()
+        for obj, (epoch, holder) in stored.items():
+            if not holder:
+                continue
+            lease = self.table.get(obj)
+            if lease is not None and not lease.epoch:
+                continue  # a grant is in progress here
+            if lease is None or lease.epoch != epoch or lease.holder != holder:
+                self.table.adopt(obj, holder, epoch, now)
 
     def admit_outside_write(self, obj: ObjectId, now: float) -> None:
         """Let a write from outside any activation reach ``obj``, or raise ObjectActive.

@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import sqlite3
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from stateservice import rpc
 from stateservice.broadcast import BusUnavailable, MessageTooLarge, fan_out
 from stateservice.component import StateContext
 from stateservice.presence import GRACE_S, PresenceMonitor
-from stateservice.storage import ObjectId, Operation
+from stateservice.storage import ObjectId, Operation, Sql
 from wsgate import ids
 from wsgate.errors import (
     InvalidConnectionId,
@@ -63,6 +62,7 @@ from wsgate.errors import (
     ObjectActive,
 )
 from wsgate.limits import check_attachment_size, check_tags
+from wsgate.placement import task_key
 from wsgate.state_errors import ERROR_INFO_KEY, MAX_ERROR_KEY_CHARS
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -70,31 +70,6 @@ from wsgate.values import decode_value
 
 log = logging.getLogger(__name__)
 
-MEMBERSHIP_SCHEMA = """
-CREATE TABLE IF NOT EXISTS members (
-    namespace     TEXT NOT NULL,
-    name          TEXT NOT NULL,
-    connection_id TEXT NOT NULL,
-    gateway_id    TEXT NOT NULL,  -- the gateway the connection id names (lease sweeps)
-    tags          TEXT NOT NULL,  -- JSON array of the member's tags, in the order given
-    attachment    BLOB NOT NULL   -- a serialized wsgate.v1.Value; empty: null
-);
-CREATE UNIQUE INDEX IF NOT EXISTS members_key ON members (namespace, name, connection_id);
-CREATE INDEX IF NOT EXISTS members_by_connection ON members (connection_id);
-CREATE INDEX IF NOT EXISTS members_by_gateway ON members (gateway_id);
-CREATE TABLE IF NOT EXISTS member_tags (
-    namespace     TEXT NOT NULL,
-    name          TEXT NOT NULL,
-    tag           TEXT NOT NULL,
-    connection_id TEXT NOT NULL,
-    PRIMARY KEY (namespace, name, tag, connection_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS departed (
-    connection_id TEXT PRIMARY KEY,
-    at_ms         INTEGER NOT NULL  -- when it left everything, for pruning
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS departed_at ON departed (at_ms);
-"""
 
 #: Members listed per page, by default and at most.
 PAGE_SIZE = 1000
@@ -134,7 +109,7 @@ class StoredMember:
 
 
 def _delete_tag_rows(
-    conn: sqlite3.Connection, namespace: str, name: str, connection_id: str, tags_json: str
+    conn: Sql, namespace: str, name: str, connection_id: str, tags_json: str
 ) -> None:
     conn.executemany(
         "DELETE FROM member_tags "
@@ -143,7 +118,7 @@ def _delete_tag_rows(
     )
 
 
-def _delete_members(conn: sqlite3.Connection, rows: list[tuple[int, str, str, str, str]]) -> None:
+def _delete_members(conn: Sql, rows: list[tuple[int, str, str, str, str]]) -> None:
     """Delete members given as (rowid, namespace, name, connection_id, tags) rows."""
     for _, namespace, name, connection_id, tags_json in rows:
         _delete_tag_rows(conn, namespace, name, connection_id, tags_json)
@@ -165,7 +140,7 @@ class JoinMember:
     attachment: bytes
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> bool:
+    def __call__(self, conn: Sql) -> bool:
         if conn.execute(
             "SELECT 1 FROM departed WHERE connection_id = ?", (self.connection_id,)
         ).fetchone():
@@ -207,7 +182,7 @@ class LeaveMember:
     connection_id: str
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> bool:
+    def __call__(self, conn: Sql) -> bool:
         rows = conn.execute(
             "SELECT rowid, namespace, name, connection_id, tags FROM members "
             "WHERE namespace = ? AND name = ? AND connection_id = ?",
@@ -226,7 +201,7 @@ class LeaveEverything:
     at_ms: int
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         rows = conn.execute(
             "SELECT rowid, namespace, name, connection_id, tags FROM members "
             "WHERE connection_id = ?",
@@ -250,10 +225,11 @@ class RemoveGatewayMembers:
     limit: int = SWEEP_BATCH
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         rows = conn.execute(
+            # In rowid order: replicas sweeping the same gateway lock rows in one order.
             "SELECT rowid, namespace, name, connection_id, tags FROM members "
-            "WHERE gateway_id = ? LIMIT ?",
+            "WHERE gateway_id = ? ORDER BY rowid LIMIT ?",
             (self.gateway_id, self.limit),
         ).fetchall()
         _delete_members(conn, rows)
@@ -266,7 +242,7 @@ class GatewaysWithMembers:
 
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> list[str]:
+    def __call__(self, conn: Sql) -> list[str]:
         return [row[0] for row in conn.execute("SELECT DISTINCT gateway_id FROM members")]
 
 
@@ -277,7 +253,7 @@ class PruneDeparted:
     before_ms: int
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         return conn.execute("DELETE FROM departed WHERE at_ms < ?", (self.before_ms,)).rowcount
 
 
@@ -297,7 +273,7 @@ class MembersPage:
     max_bytes: int = PAGE_BYTES
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> tuple[list[StoredMember], bool]:
+    def __call__(self, conn: Sql) -> tuple[list[StoredMember], bool]:
         params: tuple[object, ...]
         columns = "m.connection_id, m.tags, m.attachment" if self.details else "connection_id"
         if self.tag is None:
@@ -349,7 +325,7 @@ class GetMemberAttachment:
     connection_id: str
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> bytes | None:
+    def __call__(self, conn: Sql) -> bytes | None:
         row = conn.execute(
             "SELECT attachment FROM members WHERE namespace = ? AND name = ? AND connection_id = ?",
             (self.obj.namespace, self.obj.name, self.connection_id),
@@ -366,7 +342,7 @@ class SetMemberAttachment:
     attachment: bytes
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> bool:
+    def __call__(self, conn: Sql) -> bool:
         cursor = conn.execute(
             "UPDATE members SET attachment = ? "
             "WHERE namespace = ? AND name = ? AND connection_id = ?",
@@ -385,7 +361,7 @@ class BroadcastRecipients:
     exclude: frozenset[str] = frozenset()
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> dict[str, list[str]]:
+    def __call__(self, conn: Sql) -> dict[str, list[str]]:
         if self.tag is None:
             rows = conn.execute(
                 "SELECT connection_id, gateway_id FROM members "
@@ -449,6 +425,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         is a member already (an upsert). A connection that has closed is not accepted
         (nothing is stored): it could never be reached."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         gateway_id = await _gateway(context, request.connection_id)
         try:
             check_tags(list(request.tags))
@@ -471,6 +448,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
     async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveResponse:
         """Remove a connection from one object."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         await _gateway(context, request.connection_id)
         left = await self._write(context, obj, LeaveMember(obj, request.connection_id))
         return pb.LeaveResponse(left=left)
@@ -486,6 +464,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
     async def Members(self, request: pb.MembersRequest, context: Any) -> pb.MembersResponse:
         """A page of an object's members in connection id order (see MembersRequest)."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         try:
             tag = _checked_tag(request)
         except LimitExceeded as exc:
@@ -509,6 +488,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
     ) -> pb.GetAttachmentResponse:
         """A member's attachment (``member`` false for a non-member)."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         await _gateway(context, request.connection_id)
         found = await rpc.stored(
             context, self._storage.run(GetMemberAttachment(obj, request.connection_id))
@@ -522,6 +502,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
     ) -> pb.SetAttachmentResponse:
         """Replace a member's attachment; nothing is stored for a non-member."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         await _gateway(context, request.connection_id)
         try:
             attachment = checked_attachment(request.attachment)
@@ -535,6 +516,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         """Send a message to an object's members (with a tag, less the excluded): one
         command per gateway holding recipients. Returns once NATS has the commands."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         try:
             tag = _checked_tag(request)
         except LimitExceeded as exc:
@@ -558,6 +540,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
     ) -> pb.RecipientsResponse:
         """Who a broadcast would reach, by gateway (an activation publishes it itself)."""
         obj = await _object(context, request.object)
+        await rpc.require_owner(context, self._context.ownership, obj)
         try:
             tag = _checked_tag(request)
         except LimitExceeded as exc:
@@ -672,6 +655,8 @@ class MembershipComponent:
         retention_ms = int(self.context.config.idempotency_retention_s * 1000)
         while True:
             await asyncio.sleep(PRUNE_INTERVAL_S)
+            if not self.context.ownership.owns_key(task_key("prune-departed")):
+                continue  # another replica prunes for the tier
             try:
                 pruned = await self.context.storage.run(PruneDeparted(now_ms() - retention_ms))
             except Exception:

@@ -15,13 +15,13 @@ from prometheus_client.registry import Collector
 
 from stateservice.locks import ObjectLocks
 from stateservice.presence import PresenceStats
-from stateservice.storage import SqliteStorage
+from stateservice.storage import Storage
 
 
 class _StorageCollector(Collector):
     def __init__(
         self,
-        storage: SqliteStorage,
+        storage: Storage,
         locks: ObjectLocks,
         presence: Callable[[], PresenceStats | None],
         leases: Callable[[], int],
@@ -77,7 +77,7 @@ class _StorageCollector(Collector):
 
 
 def state_registry(
-    storage: SqliteStorage,
+    storage: Storage,
     locks: ObjectLocks,
     presence: Callable[[], PresenceStats | None] = lambda: None,
     leases: Callable[[], int] = lambda: 0,

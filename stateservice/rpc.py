@@ -4,15 +4,20 @@ bad input with a typed ErrorInfo, and turn storage failures into INTERNAL."""
 from __future__ import annotations
 
 import logging
-import sqlite3
 from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from stateservice.storage import ObjectId
+from stateservice.ownership import Ownership
+from stateservice.storage import DATABASE_ERRORS, ObjectId
 from wsgate.errors import ObjectActive
-from wsgate.state_errors import Refusal, object_active_metadata, refusal_metadata
+from wsgate.state_errors import (
+    Refusal,
+    not_owner_metadata,
+    object_active_metadata,
+    refusal_metadata,
+)
 from wsgate.v1 import state_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -44,12 +49,26 @@ async def refuse_active(context: Any, exc: ObjectActive) -> NoReturn:
     raise AssertionError("unreachable: ServicerContext.abort() raises")
 
 
+async def require_owner(context: Any, ownership: Ownership | None, obj: ObjectId) -> None:
+    """End the call with FAILED_PRECONDITION and NOT_OWNER, naming the owner, unless this
+    replica owns ``obj`` (None: a replica alone, which owns everything)."""
+    refusal = None if ownership is None else ownership.refusal(obj)
+    if refusal is None:
+        return
+    await context.abort(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        str(refusal),
+        trailing_metadata=not_owner_metadata(refusal.owner, refusal.address),
+    )
+    raise AssertionError("unreachable: ServicerContext.abort() raises")
+
+
 async def stored(context: Any, operation: Awaitable[T]) -> T:
     """Await a storage operation; a disk failure ends the call with INTERNAL (the batch was
     rolled back, nothing of it was stored)."""
     try:
         return await operation
-    except sqlite3.Error as exc:
+    except DATABASE_ERRORS as exc:
         log.exception("storage failed")
         await context.abort(grpc.StatusCode.INTERNAL, f"storage failed: {exc}")
         raise AssertionError("unreachable: ServicerContext.abort() raises") from exc

@@ -1,4 +1,6 @@
-"""The state service role: durable objects over grpc.aio, backed by SQLite, on the bus.
+"""The state service role: durable objects over grpc.aio, on the bus, backed by SQLite (one
+replica) or PostgreSQL (N replicas, each serving the objects that rendezvous hashing over
+the live replicas gives it: :mod:`stateservice.ownership`, :mod:`wsgate.placement`).
 
 One process serves four gRPC services (``wsgate.v1.State``, ``wsgate.v1.Membership``,
 ``wsgate.v1.Alarms``, ``wsgate.v1.Activations``), each built by its own part
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 import grpc
@@ -25,24 +28,29 @@ from grpc_health.v1.health import aio as health_aio
 from nats.aio.client import Client as NatsClient
 
 from stateservice.activations import ActivationsComponent
-from stateservice.alarms import ALARMS_SCHEMA, AlarmsComponent
+from stateservice.alarms import AlarmsComponent
 from stateservice.component import Component, StateContext
-from stateservice.idempotency import IDEMPOTENCY_SCHEMA, IdempotencyPruner
+from stateservice.idempotency import IdempotencyPruner
 from stateservice.kv_service import KeyValueComponent
-from stateservice.leases import LEASES_SCHEMA, ObjectLeases
+from stateservice.leases import ObjectLeases
 from stateservice.locks import ObjectLocks
-from stateservice.membership import MEMBERSHIP_SCHEMA, MembershipComponent
+from stateservice.membership import MembershipComponent
 from stateservice.metrics import state_registry
+from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
-from stateservice.storage import SqliteStorage
-from stateservice.turns import TURNS_SCHEMA
+from stateservice.storage import PostgresStorage, SqliteStorage, Storage
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
+from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
 from wsgate.v1 import state_pb2 as pb
 
 log = logging.getLogger(__name__)
+
+#: How long a starting replica waits to hear the replicas already on the bus (each answers
+#: a newcomer's announcement at once with its own) before it serves.
+JOIN_SETTLE_S = 0.3
 
 #: The largest request the server takes: a batch at every limit fits with room to spare.
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
@@ -62,16 +70,7 @@ class StateServer(Service):
     def __init__(self, config: StateConfig) -> None:
         super().__init__()
         self.config = config
-        self.storage = SqliteStorage(
-            config.db_path,
-            schemas=(
-                IDEMPOTENCY_SCHEMA,
-                MEMBERSHIP_SCHEMA,
-                ALARMS_SCHEMA,
-                LEASES_SCHEMA,
-                TURNS_SCHEMA,
-            ),
-        )
+        self.storage: Storage = open_storage(config)
         self.locks = ObjectLocks()
         self.leases = ObjectLeases(self.storage, config.lease_s)
         self._probes = ProbeServer(
@@ -82,6 +81,9 @@ class StateServer(Service):
                 self.storage, self.locks, self._presence_stats, lambda: len(self.leases.table)
             ),
         )
+        self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"
+        self.ownership: Ownership | None = None
+        self._watch: ReplicaWatch | None = None
         self._membership: MembershipComponent | None = None
         self._components: list[Component] = []
         self._started: list[Component] = []
@@ -103,23 +105,12 @@ class StateServer(Service):
         try:
             await self._probes.start()
             await self.storage.start()
-            # Before listening: a holder that renews right after a restart keeps its objects.
-            await self.leases.load(time.monotonic())
+            if not self.config.postgres:
+                # Before listening: a holder that renews right after a restart keeps its
+                # objects. (Over PostgreSQL leases are adopted from the table on demand:
+                # the objects a replica serves change as replicas come and go.)
+                await self.leases.load(time.monotonic())
             self._nc = await connect_bus(self.config, "wsgate-state")
-            context = StateContext(self.config, self.storage, self.locks, self._nc, self.leases)
-            self._membership = MembershipComponent(context)
-            alarms = AlarmsComponent(context)
-            self._components = [
-                KeyValueComponent(context),
-                self._membership,
-                alarms,
-                ActivationsComponent(
-                    context,
-                    on_alarm_set=alarms.scheduler.alarm_set,
-                    on_member_joined=self._membership.presence.member_joined,
-                ),
-                IdempotencyPruner(context),
-            ]
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the
             # same port must fail, not silently share the traffic.
             server = grpc.aio.server(
@@ -133,6 +124,28 @@ class StateServer(Service):
                 ]
             )
             self._server = server
+            target = f"{_host_for_address(self.config.host)}:{self.config.port}"
+            try:
+                self._port = server.add_insecure_port(target)
+            except RuntimeError as exc:
+                raise OSError(f"state service cannot listen on {target}: {exc}") from exc
+            ownership = await self._join_replicas()
+            context = StateContext(
+                self.config, self.storage, self.locks, self._nc, self.leases, ownership
+            )
+            self._membership = MembershipComponent(context)
+            alarms = AlarmsComponent(context)
+            self._components = [
+                KeyValueComponent(context),
+                self._membership,
+                alarms,
+                ActivationsComponent(
+                    context,
+                    on_alarm_set=alarms.scheduler.alarm_set,
+                    on_member_joined=self._membership.presence.member_joined,
+                ),
+                IdempotencyPruner(context),
+            ]
             health = health_aio.HealthServicer()
             self._health = health
             for service in ("", *SERVICE_NAMES):
@@ -140,11 +153,6 @@ class StateServer(Service):
             for component in self._components:
                 component.register(server)
             health_pb2_grpc.add_HealthServicer_to_server(health, server)
-            target = f"{_host_for_address(self.config.host)}:{self.config.port}"
-            try:
-                self._port = server.add_insecure_port(target)
-            except RuntimeError as exc:
-                raise OSError(f"state service cannot listen on {target}: {exc}") from exc
             await server.start()
             for component in self._components:
                 await component.start()
@@ -154,7 +162,51 @@ class StateServer(Service):
         except BaseException:
             await self.close()
             raise
-        log.info("state service listening on %s, data in %s", self.address, self.config.db_path)
+        log.info(
+            "state replica %s listening on %s, data in %s%s",
+            self.replica_id,
+            self.address,
+            self.storage.label,
+            "" if self._watch is None else f", with {len(self._watch.live()) - 1} other(s)",
+        )
+
+    async def _join_replicas(self) -> Ownership:
+        """This replica's ownership: everything (SQLite), or the objects rendezvous hashing
+        gives it among the replicas on the bus (PostgreSQL). A replica announces itself and
+        hears the others before it serves: each replica that hears a newcomer announces
+        itself at once, so a round trip on the bus is enough."""
+        own = Replica(self.replica_id, self.config.advertise or self.address)
+        if not self.config.postgres:
+            self.ownership = Ownership(own)
+            return self.ownership
+        ownership = Ownership(own)
+        watch = ReplicaWatch(
+            self._nc,
+            self.config.prefix,
+            ReplicaDirectory(own),
+            timeout_s=self.config.replica_timeout_s,
+            announce=True,
+            on_change=self._replicas_changed,
+        )
+        ownership.watch = watch
+        self.ownership = ownership
+        self._watch = watch
+        await watch.start()
+        assert self._nc is not None
+        await self._nc.flush()
+        await watch.settled(JOIN_SETTLE_S)
+        return ownership
+
+    def _replicas_changed(self, live: list[Replica]) -> None:
+        ownership = self.ownership
+        if ownership is None:
+            return
+        # Leases of objects that moved away: their new owner's table is the authority now
+        # (it adopts them from the database), and ours would go stale.
+        dropped = self.leases.table.forget_unless(ownership.owns)
+        if dropped:
+            log.info("%d lease(s) moved to other replicas", dropped)
+        ownership.changed(live)
 
     def _presence_stats(self) -> PresenceStats | None:
         return None if self._membership is None else self._membership.presence.stats
@@ -198,6 +250,10 @@ class StateServer(Service):
         try:
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
+            if self._watch is not None:
+                # First: the others take this replica's objects over at once, and workers
+                # stop sending it new calls while those in flight finish.
+                await self._watch.close()
             if self._server is not None:
                 await self._server.stop(grace_s)
             for component in reversed(self._started):
@@ -216,6 +272,13 @@ class StateServer(Service):
         finally:
             self._mark_closed()
             log.info("state service closed")
+
+
+def open_storage(config: StateConfig) -> Storage:
+    """The storage ``config`` names: PostgreSQL when it has a DSN, else the SQLite file."""
+    if config.postgres:
+        return PostgresStorage(config.dsn, migrate=config.migrates_at_start)
+    return SqliteStorage(config.db_path, migrate=config.migrates_at_start)
 
 
 def _host_for_address(host: str) -> str:

@@ -1,42 +1,60 @@
-"""Durable objects' data in one SQLite file, written with group commit.
+"""Durable objects' data in one database, SQLite or PostgreSQL, written with group commit.
 
-Tables: ``kv`` holds every object's keys, keyed by (namespace, name, key); other modules
-add theirs (membership, alarms, idempotency) through ``schemas``. Keys are stored as UTF-8
-BLOBs, which SQLite compares with ``memcmp``: listing is in UTF-8 byte order, as on
-Cloudflare Durable Objects, and a prefix is exactly the byte range [prefix, successor).
+Tables (:mod:`stateservice.schema`): ``kv`` holds every object's keys, keyed by (namespace,
+name, key); membership, alarms, idempotency keys, leases and turn records have theirs. Keys
+are stored as UTF-8 bytes (BLOB, BYTEA), which both compare bytewise: listing is in UTF-8
+byte order, as on Cloudflare Durable Objects, and a prefix is exactly the byte range
+[prefix, successor).
 
-All SQLite work runs on one dedicated thread, as *operations* (:class:`Operation`):
-callables on the connection, submitted with :meth:`SqliteStorage.submit`. Operations are
-applied one at a time in the order they were submitted, which makes the order of every
-object's operations one total order, consistent with real time (strict serializability).
+All database work runs on one dedicated thread per storage, as *operations*
+(:class:`Operation`): callables on the connection, submitted with :meth:`Storage.submit`.
+Operations are applied one at a time in the order they were submitted, which makes the order
+of every object's operations one total order, consistent with real time. The operations are
+the same code on both databases: they use sqlite3's ``execute`` with ``?`` placeholders, and
+:class:`PgConnection` offers that on a psycopg connection.
 
 Group commit: while the thread commits one batch, newly submitted operations queue; the
-thread then takes all of them (up to :data:`MAX_BATCH_OPS`) into one SQLite transaction and
-one COMMIT: one fsync of the WAL serves them all. A write that raises is undone alone: the
-batch then runs again with each write in its own SAVEPOINT (savepoints cost about a third
-of a small write, so only a batch that needs them pays for them). Every caller is answered
-only after that COMMIT: a write is durable when its future resolves, and a read never
-returns data that a failed commit then loses. Under load a batch is as large as what
-arrived during the previous fsync, so fsyncs per second stay bounded while writes per
-second grow.
+thread then takes all of them (up to :data:`MAX_BATCH_OPS`) into one transaction and one
+COMMIT: one fsync (of SQLite's WAL, of PostgreSQL's WAL) serves them all. A write that
+raises is undone alone: the batch then runs again with each operation in its own SAVEPOINT
+(savepoints cost about a third of a small write, so only a batch that needs them pays for
+them). Every caller is answered only after that COMMIT: a write is durable when its future
+resolves, and a read never returns data that a failed commit then loses.
 
-Durability: WAL journal with ``synchronous=FULL``: the WAL is fsynced at every commit,
-so an acknowledged write survives ``kill -9`` and power loss.
+Durability: SQLite runs a WAL journal with ``synchronous=FULL`` (the WAL is fsynced at every
+commit); PostgreSQL commits with its default ``synchronous_commit=on``. Either way an
+acknowledged write survives ``kill -9`` of the state service.
+
+PostgreSQL specifics: several replicas write to one database, so a batch may meet another
+replica's transaction. A batch that PostgreSQL aborts for a deadlock or a serialization
+failure ran nothing: it is run again, whole (up to :data:`PG_BATCH_ATTEMPTS` times). A lost
+connection fails the batch in flight (its callers see the error: not acknowledged) and is
+opened again for the next one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import sqlite3
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol, TypeAlias, TypeVar
 
+import psycopg
+import psycopg.errors
+from psycopg.pq import TransactionStatus
+
+from stateservice import schema
 from wsgate.errors import InvalidObjectId
 from wsgate.service import StartsAndCloses
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -44,19 +62,72 @@ T_co = TypeVar("T_co", covariant=True)
 #: Listed entries: (key, serialized Value) pairs in the requested order.
 Entries: TypeAlias = list[tuple[str, bytes]]
 
-#: At most this many operations share one SQLite transaction, which bounds how long one
-#: batch holds the thread (and the latency of the operations queued behind it).
+#: At most this many operations share one transaction, which bounds how long one batch
+#: holds the thread (and the latency of the operations queued behind it).
 MAX_BATCH_OPS = 2048
 
-KV_SCHEMA = """
-CREATE TABLE IF NOT EXISTS kv (
-    namespace TEXT NOT NULL,
-    name      TEXT NOT NULL,
-    key       BLOB NOT NULL,  -- UTF-8 bytes: BLOBs compare bytewise, giving UTF-8 order
-    value     BLOB NOT NULL,  -- a serialized wsgate.v1.Value, stored as received
-    PRIMARY KEY (namespace, name, key)
-) WITHOUT ROWID
-"""
+#: A PostgreSQL batch aborted by a deadlock or serialization failure is tried this often.
+PG_BATCH_ATTEMPTS = 5
+
+#: What the databases raise; a storage failure is one of these (or RuntimeError when closed).
+DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+
+
+class Sql(Protocol):
+    """A connection as operations see it: sqlite3's ``execute`` and ``executemany`` with
+    ``?`` placeholders, and ``dialect`` ("sqlite" or "postgres") for the rare statement that
+    differs (:func:`for_update`)."""
+
+    dialect: str
+
+    def execute(self, sql: str, parameters: Any = ..., /) -> Any: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> Any: ...
+
+
+def for_update(conn: Sql) -> str:
+    """`` FOR UPDATE`` on PostgreSQL, where a read that a transaction's writes depend on must
+    lock its row against other replicas' transactions; nothing on SQLite, whose write
+    transaction (BEGIN IMMEDIATE) already excludes every other writer."""
+    return " FOR UPDATE" if conn.dialect == "postgres" else ""
+
+
+class SqliteConnection(sqlite3.Connection):
+    """sqlite3's connection, telling operations its dialect."""
+
+    dialect = "sqlite"
+
+
+@lru_cache(maxsize=1024)
+def _pg_sql(sql: str) -> str:
+    # Our statements never hold a literal "?" or "%", so this is exact.
+    return sql.replace("?", "%s")
+
+
+class PgConnection:
+    """sqlite3's ``execute``/``executemany`` on a psycopg connection (``?`` placeholders)."""
+
+    dialect = "postgres"
+
+    def __init__(self, conn: psycopg.Connection[Any]) -> None:
+        self.raw = conn
+
+    def execute(self, sql: str, parameters: Any = None, /) -> psycopg.Cursor[Any]:
+        """Run one statement; returns its cursor (``fetchone``, ``fetchall``, ``rowcount``)."""
+        return self.raw.execute(_pg_sql(sql), parameters or None)
+
+    def executemany(self, sql: str, parameters: Iterable[Any], /) -> psycopg.Cursor[Any]:
+        """Run one statement once per parameter tuple."""
+        cursor = self.raw.cursor()
+        rows = list(parameters)
+        if rows:
+            cursor.executemany(_pg_sql(sql), rows)
+        return cursor
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether a transaction is open (or failed and not yet rolled back)."""
+        return self.raw.info.transaction_status is not TransactionStatus.IDLE
 
 
 @dataclass(frozen=True)
@@ -72,7 +143,7 @@ class ObjectId:
 
 
 class Operation(Protocol[T_co]):
-    """Work on the SQLite connection, run on the storage thread inside a batch's transaction.
+    """Work on the connection, run on the storage thread inside a batch's transaction.
 
     ``writes`` tells whether it changes anything: if a writing operation raises, its
     changes are undone (the batch runs again with it in a SAVEPOINT) and the batch goes
@@ -81,7 +152,7 @@ class Operation(Protocol[T_co]):
 
     writes: bool
 
-    def __call__(self, conn: sqlite3.Connection) -> T_co:
+    def __call__(self, conn: Sql) -> T_co:
         """Do the work; raise to fail this operation alone."""
         ...
 
@@ -101,63 +172,71 @@ class CommitStats:
     commits: int = 0
     operations: int = 0
     writes: int = 0
+    #: PostgreSQL batches run again after a deadlock or serialization failure.
+    retries: int = 0
 
 
-class SqliteStorage(StartsAndCloses):
-    """Operations on a SQLite file, created (with its directory) if missing.
+class Storage(StartsAndCloses):
+    """Operations on one database, with group commit; :class:`SqliteStorage` and
+    :class:`PostgresStorage` open it.
 
     Call :meth:`start` (or use ``async with``) before any operation, and :meth:`close` at
     the end. Operations raise RuntimeError unless the storage is open. An operation that
     raises fails alone (its savepoint is rolled back); a failed COMMIT fails the whole
-    batch with its ``sqlite3.Error``, and nothing of it was stored.
+    batch with the database's error (one of :data:`DATABASE_ERRORS`), and nothing of it
+    was stored.
+
+    ``migrate``: create or migrate the schema at start (:mod:`stateservice.schema`);
+    otherwise a database whose schema is not this code's is refused with SchemaOutdated
+    (or SchemaTooNew).
 
     ``group_commit=False`` commits every operation on its own (one fsync per write): the
     naive baseline the benchmark compares with.
     """
 
-    def __init__(
-        self,
-        path: Path | str,
-        *,
-        schemas: Sequence[str] = (),
-        group_commit: bool = True,
-    ) -> None:
-        self.path = Path(path)
+    #: "sqlite" or "postgres".
+    dialect: str = ""
+
+    def __init__(self, *, group_commit: bool = True, migrate: bool = True) -> None:
         self.phase = StoragePhase.NEW
         self.stats = CommitStats()
-        self._schemas = (KV_SCHEMA, *schemas)
+        self.migrate = migrate
         self._max_batch = MAX_BATCH_OPS if group_commit else 1
         self._executor: ThreadPoolExecutor | None = None
         self._queue: list[tuple[Operation[Any], asyncio.Future[Any]]] = []
         self._committing = False
         self._idle: asyncio.Event | None = None
-        # Used only on the executor's thread (sqlite3 checks that, too).
-        self._conn: sqlite3.Connection | None = None
+
+    @property
+    def label(self) -> str:
+        """Where the data is, for logs (no password)."""
+        raise NotImplementedError
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the file, switch it to WAL and create the tables.
+        """Open the database and check (or migrate) its schema.
 
-        Idempotent while open; raises RuntimeError once closed, ``sqlite3.Error`` or
-        OSError if the file cannot be opened (the storage is then closed).
+        Idempotent while open; raises RuntimeError once closed, one of
+        :data:`DATABASE_ERRORS` or OSError if the database cannot be opened, SchemaOutdated
+        or SchemaTooNew (the storage is then closed).
         """
         if self.phase is StoragePhase.OPEN:
             return
         if self.phase is StoragePhase.CLOSED:
-            raise RuntimeError("storage is closed; make a new SqliteStorage")
+            raise RuntimeError("storage is closed; make a new one")
         self.phase = StoragePhase.OPEN
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsgate-sqlite")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wsgate-storage")
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._open)
+            await asyncio.get_running_loop().run_in_executor(self._executor, self._open_checked)
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        """Finish the operations already submitted, then close the file. Idempotent.
+        """Finish the operations already submitted, then close the database. Idempotent.
 
         Operations submitted after ``close`` raise RuntimeError.
         """
@@ -228,23 +307,34 @@ class SqliteStorage(StartsAndCloses):
 
     # -- the thread ----------------------------------------------------------------------
 
+    def _open_checked(self) -> None:
+        conn = self._open()
+        if self.migrate:
+            self._begin(conn)
+            try:
+                applied = schema.migrate(conn, self.dialect, time.time_ns() // 1_000_000)
+                conn.execute("COMMIT")
+            except BaseException:
+                self._rollback(conn)
+                raise
+            if applied:
+                log.info("schema of %s migrated to version %s", self.label, applied[-1])
+        schema.check(conn)
+
     def _apply(self, ops: list[Operation[Any]]) -> list[tuple[bool, Any]]:
-        conn = self._connection_for_thread()
-        # IMMEDIATE takes the write lock at BEGIN, so a busy file fails here, before work.
-        conn.execute("BEGIN IMMEDIATE")
+        conn = self._connection()
+        self._begin(conn)
         try:
             outcomes = self._run_all(conn, ops)
             if outcomes is None:
                 # Some write failed: start over with each write in its own savepoint, so
                 # that it is undone alone. Rare, so the common batch pays for no savepoint.
                 conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
+                self._begin(conn)
                 outcomes = self._run_each_in_savepoint(conn, ops)
             conn.execute("COMMIT")
         except BaseException:
-            # A failed COMMIT may already have rolled back (e.g. disk full).
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            self._rollback(conn)
             raise
         self.stats.commits += 1
         self.stats.operations += len(ops)
@@ -252,28 +342,27 @@ class SqliteStorage(StartsAndCloses):
         self.stats.writes += sum(getattr(op, "write_count", 1) for op in ops if op.writes)
         return outcomes
 
-    @staticmethod
-    def _run_all(
-        conn: sqlite3.Connection, ops: list[Operation[Any]]
-    ) -> list[tuple[bool, Any]] | None:
-        """Run every operation; None as soon as a write raises (its effects are partial)."""
+    def _run_all(self, conn: Sql, ops: list[Operation[Any]]) -> list[tuple[bool, Any]] | None:
+        """Run every operation; None as soon as a write raises (its effects are partial),
+        or any operation meets a database error (on PostgreSQL that ends the transaction)."""
         outcomes: list[tuple[bool, Any]] = []
         for op in ops:
             try:
                 outcomes.append((True, op(conn)))
             except Exception as exc:
-                if op.writes:
+                if op.writes or isinstance(exc, DATABASE_ERRORS):
                     return None
                 outcomes.append((False, exc))  # a failed read changed nothing
         return outcomes
 
-    @staticmethod
     def _run_each_in_savepoint(
-        conn: sqlite3.Connection, ops: list[Operation[Any]]
+        self, conn: Sql, ops: list[Operation[Any]]
     ) -> list[tuple[bool, Any]]:
+        # A read needs a savepoint only where a failed statement ends the transaction.
+        reads_too = self.dialect == "postgres"
         outcomes: list[tuple[bool, Any]] = []
         for op in ops:
-            if not op.writes:
+            if not op.writes and not reads_too:
                 try:
                     outcomes.append((True, op(conn)))
                 except Exception as exc:
@@ -290,36 +379,6 @@ class SqliteStorage(StartsAndCloses):
                 conn.execute("RELEASE op")
                 outcomes.append((True, result))
         return outcomes
-
-    def _connection_for_thread(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise RuntimeError("storage did not open")
-        return self._conn
-
-    def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # isolation_level=None: no implicit transactions; _apply opens them.
-        conn = sqlite3.connect(self.path, isolation_level=None)
-        try:
-            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-            if str(mode).lower() != "wal":
-                raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
-            # FULL: the WAL is fsynced at each commit, so an acknowledged write is durable
-            # (NORMAL would only protect the file's consistency, not the last commits).
-            conn.execute("PRAGMA synchronous=FULL")
-            # Another process holding the write lock (a backup, say) delays us, not fails us.
-            conn.execute("PRAGMA busy_timeout=5000")
-            for schema in self._schemas:
-                conn.executescript(schema)
-        except BaseException:
-            conn.close()
-            raise
-        self._conn = conn
-
-    def _close_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
 
     # -- key/value conveniences (the servicer builds the same operations) ----------------
 
@@ -367,6 +426,155 @@ class SqliteStorage(StartsAndCloses):
             )
         )
 
+    # -- what each database does its own way -----------------------------------------------
+
+    def _open(self) -> Sql:
+        """Connect (on the storage thread) and return the connection."""
+        raise NotImplementedError
+
+    def _connection(self) -> Sql:
+        raise NotImplementedError
+
+    def _begin(self, conn: Sql) -> None:
+        raise NotImplementedError
+
+    def _rollback(self, conn: Sql) -> None:
+        raise NotImplementedError
+
+    def _close_connection(self) -> None:
+        raise NotImplementedError
+
+
+class SqliteStorage(Storage):
+    """Operations on a SQLite file, created (with its directory) if missing."""
+
+    dialect = "sqlite"
+
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        group_commit: bool = True,
+        migrate: bool = True,
+    ) -> None:
+        super().__init__(group_commit=group_commit, migrate=migrate)
+        self.path = Path(path)
+        # Used only on the executor's thread (sqlite3 checks that, too).
+        self._conn: SqliteConnection | None = None
+
+    @property
+    def label(self) -> str:
+        """The file's path."""
+        return str(self.path)
+
+    def _open(self) -> Sql:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: no implicit transactions; _apply opens them.
+        conn = sqlite3.connect(self.path, isolation_level=None, factory=SqliteConnection)
+        try:
+            (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"{self.path}: SQLite refused WAL mode (got {mode!r})")
+            # FULL: the WAL is fsynced at each commit, so an acknowledged write is durable
+            # (NORMAL would only protect the file's consistency, not the last commits).
+            conn.execute("PRAGMA synchronous=FULL")
+            # Another process holding the write lock (a backup, say) delays us, not fails us.
+            conn.execute("PRAGMA busy_timeout=5000")
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _connection(self) -> Sql:
+        if self._conn is None:
+            raise RuntimeError("storage did not open")
+        return self._conn
+
+    def _begin(self, conn: Sql) -> None:
+        # IMMEDIATE takes the write lock at BEGIN, so a busy file fails here, before work.
+        conn.execute("BEGIN IMMEDIATE")
+
+    def _rollback(self, conn: Sql) -> None:
+        # A failed COMMIT may already have rolled back (e.g. disk full).
+        assert isinstance(conn, sqlite3.Connection)
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+
+class PostgresStorage(Storage):
+    """Operations on a PostgreSQL database named by ``dsn`` (a libpq connection string or
+    ``postgresql://`` URL), through one psycopg connection on the storage thread.
+
+    Several replicas may share the database: each group-commits its own objects' work, and
+    what must not race another replica (a lease's epoch checked by a commit) locks its row
+    (:func:`for_update`).
+    """
+
+    dialect = "postgres"
+
+    def __init__(self, dsn: str, *, group_commit: bool = True, migrate: bool = False) -> None:
+        super().__init__(group_commit=group_commit, migrate=migrate)
+        self.dsn = dsn
+        self._conn: PgConnection | None = None
+
+    @property
+    def label(self) -> str:
+        """The database, host and port (never the password)."""
+        try:
+            info = psycopg.conninfo.conninfo_to_dict(self.dsn)
+        except psycopg.Error:
+            return "postgresql (unparsable DSN)"
+        host = info.get("host", "localhost")
+        return f"postgresql://{host}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+    def _open(self) -> Sql:
+        # autocommit: no implicit transactions; _apply opens them with BEGIN, as on SQLite.
+        raw = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+        self._conn = PgConnection(raw)
+        return self._conn
+
+    def _connection(self) -> Sql:
+        conn = self._conn
+        if conn is None or conn.raw.closed or conn.raw.broken:
+            if conn is not None:
+                log.warning("connection to %s lost; connecting again", self.label)
+                conn.raw.close()
+            return self._open()
+        return conn
+
+    def _begin(self, conn: Sql) -> None:
+        conn.execute("BEGIN")
+
+    def _rollback(self, conn: Sql) -> None:
+        assert isinstance(conn, PgConnection)
+        if conn.raw.broken or conn.raw.closed:
+            return
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+
+    def _apply(self, ops: list[Operation[Any]]) -> list[tuple[bool, Any]]:
+        for attempt in range(1, PG_BATCH_ATTEMPTS + 1):
+            try:
+                return super()._apply(ops)
+            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+                # Nothing of the batch was stored; run it again, whole.
+                if attempt == PG_BATCH_ATTEMPTS:
+                    raise
+                self.stats.retries += 1
+                time.sleep(0.001 * attempt)
+        raise AssertionError("unreachable")
+
+    def _close_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.raw.close()
+
 
 # -- key/value operations -----------------------------------------------------------------
 
@@ -380,7 +588,7 @@ class GetKeys:
     keys: tuple[bytes, ...]
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> Entries:
+    def __call__(self, conn: Sql) -> Entries:
         found: Entries = []
         seen: set[bytes] = set()
         for key in self.keys:
@@ -405,7 +613,7 @@ class PutKeys:
     entries: tuple[tuple[bytes, bytes], ...]
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         conn.executemany(
             "INSERT INTO kv (namespace, name, key, value) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (namespace, name, key) DO UPDATE SET value = excluded.value",
@@ -422,7 +630,7 @@ class DeleteKeys:
     keys: tuple[bytes, ...]
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         deleted = 0
         for key in dict.fromkeys(self.keys):  # a key listed twice existed at most once
             cursor = conn.execute(
@@ -440,7 +648,7 @@ class DeleteAll:
     obj: ObjectId
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         cursor = conn.execute(
             "DELETE FROM kv WHERE namespace = ? AND name = ?", (self.obj.namespace, self.obj.name)
         )
@@ -459,7 +667,7 @@ class ListQuery:
     reverse: bool = False
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> Entries:
+    def __call__(self, conn: Sql) -> Entries:
         where = ["namespace = ?", "name = ?"]
         params: list[object] = [self.obj.namespace, self.obj.name]
         # Every bound is a plain comparison on the primary key, so SQLite walks one range

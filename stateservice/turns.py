@@ -24,23 +24,11 @@ older outcome can never be asked for again) and pruned after the idempotency ret
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stateservice.storage import ObjectId, Operation
-
-TURNS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS turns (
-    key      TEXT    PRIMARY KEY,  -- a connection id, or alarm:<firing id>
-    sequence INTEGER NOT NULL,     -- the last sequence committed under the key
-    epoch    INTEGER NOT NULL,     -- the epoch of the activation that committed it
-    outcome  BLOB    NOT NULL,     -- its serialized wsgate.v1.TurnOutcome
-    at_ms    INTEGER NOT NULL      -- when, for pruning
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS turns_at ON turns (at_ms);
-"""
+from stateservice.storage import ObjectId, Operation, Sql, for_update
 
 
 def now_ms() -> int:
@@ -87,9 +75,11 @@ class CommitObjectTurns:
         """Turns count as one write each in the storage's statistics."""
         return len(self.turns)
 
-    def __call__(self, conn: sqlite3.Connection) -> Refused | None:
+    def __call__(self, conn: Sql) -> Refused | None:
         row = conn.execute(
-            "SELECT epoch, holder FROM leases WHERE namespace = ? AND name = ?",
+            # Locked on PostgreSQL: no other replica's grant can come between this check
+            # and the COMMIT, so a fenced activation writes nothing.
+            "SELECT epoch, holder FROM leases WHERE namespace = ? AND name = ?" + for_update(conn),
             (self.obj.namespace, self.obj.name),
         ).fetchone()
         if row is None or int(row[0]) != self.epoch or row[1] != self.worker:
@@ -146,7 +136,7 @@ class LookupTurnRecord:
     key: str
     writes = False
 
-    def __call__(self, conn: sqlite3.Connection) -> tuple[int, bytes] | None:
+    def __call__(self, conn: Sql) -> tuple[int, bytes] | None:
         row = conn.execute(
             "SELECT sequence, outcome FROM turns WHERE key = ?", (self.key,)
         ).fetchone()
@@ -160,5 +150,5 @@ class PruneTurns:
     before_ms: int
     writes = True
 
-    def __call__(self, conn: sqlite3.Connection) -> int:
+    def __call__(self, conn: Sql) -> int:
         return conn.execute("DELETE FROM turns WHERE at_ms < ?", (self.before_ms,)).rowcount

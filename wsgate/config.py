@@ -264,7 +264,8 @@ class WorkerConfig(BusConfig):
 
 @dataclass(frozen=True, kw_only=True)
 class StateConfig(BusConfig):
-    """The state service: durable objects over gRPC, stored in SQLite.
+    """The state service: durable objects over gRPC, stored in SQLite (one replica) or in
+    PostgreSQL (N replicas, objects placed by rendezvous hashing).
 
     It is on the bus too: it publishes broadcasts to gateways, hears gateways' presence
     (membership leases) and publishes alarm events to workers.
@@ -274,6 +275,31 @@ class StateConfig(BusConfig):
     port: int = setting(DEFAULT_STATE_PORT, "WSGATE_STATE_PORT", "gRPC port (0: any free port)")
     db_path: Path = setting(
         Path("wsgate-state.sqlite3"), "WSGATE_STATE_DB", "the SQLite file (created if missing)"
+    )
+    dsn: str = setting(
+        "",
+        "WSGATE_STATE_DSN",
+        "PostgreSQL connection string (postgresql://user:pass@host/db): store objects there "
+        "and serve as one of N replicas; empty: one replica on the SQLite file",
+    )
+    migrate: str = setting(
+        "auto",
+        "WSGATE_STATE_MIGRATE",
+        "create or migrate the schema at start: yes, no, or auto (yes on SQLite, no on "
+        "PostgreSQL, where `wsgate state migrate` does it)",
+    )
+    replica_id: str = setting(
+        "", "WSGATE_STATE_REPLICA_ID", "this replica's id on the bus (empty: a new random one)"
+    )
+    advertise: str = setting(
+        "",
+        "WSGATE_STATE_ADVERTISE",
+        "host:port other processes reach this replica's gRPC at (empty: the address bound)",
+    )
+    replica_timeout_s: float = setting(
+        3.0,
+        "WSGATE_STATE_REPLICA_TIMEOUT_S",
+        "a replica not heard from for this long is dead and its objects move to the others",
     )
     probe_port: int = setting(
         DEFAULT_STATE_PROBE_PORT,
@@ -315,6 +341,16 @@ class StateConfig(BusConfig):
         "retries of a failing alarm handler before the alarm is dropped (0: never retried)",
     )
 
+    @property
+    def postgres(self) -> bool:
+        """Whether the data is in PostgreSQL (``dsn`` set)."""
+        return bool(self.dsn)
+
+    @property
+    def migrates_at_start(self) -> bool:
+        """Whether the state service creates or migrates the schema when it starts."""
+        return self.migrate == "yes" or (self.migrate == "auto" and not self.postgres)
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_port("port (WSGATE_STATE_PORT)", self.port)
@@ -327,6 +363,21 @@ class StateConfig(BusConfig):
             self.idempotency_retention_s,
         )
         _check_positive("lease_s (WSGATE_LEASE_S)", self.lease_s)
+        _check_positive(
+            "replica_timeout_s (WSGATE_STATE_REPLICA_TIMEOUT_S)", self.replica_timeout_s
+        )
+        if self.migrate not in ("auto", "yes", "no"):
+            raise ConfigError(
+                f"migrate (WSGATE_STATE_MIGRATE) must be auto, yes or no, got {self.migrate!r}"
+            )
+        if (
+            self.dsn
+            and not self.dsn.startswith(("postgresql://", "postgres://"))
+            and ("=" not in self.dsn)
+        ):
+            raise ConfigError(
+                "dsn (WSGATE_STATE_DSN) must be a postgresql:// URL or a libpq key=value string"
+            )
         _check_positive("alarm_timeout_s (WSGATE_ALARM_TIMEOUT_S)", self.alarm_timeout_s)
         _check_positive(
             "alarm_first_backoff_s (WSGATE_ALARM_FIRST_BACKOFF_S)", self.alarm_first_backoff_s

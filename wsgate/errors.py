@@ -16,6 +16,10 @@
         ├── TransactionAborted                  a transaction outlived its deadline
         ├── ObjectActive                        a write from outside to an object that an
         │                                       activation holds
+        ├── NotOwner                            a state replica was asked about an object
+        │                                       another replica owns (names the owner)
+        ├── SchemaOutdated                      the database's schema is older than the code
+        ├── SchemaTooNew                        ... or newer
         └── LimitExceeded(ValueError)           an input is over a documented limit
             ├── KeyTooLarge                     key over 2 KiB
             ├── ValueTooLarge                   value over 128 KiB
@@ -98,6 +102,26 @@ class ObjectActive(StateError):
     def __init__(self, message: str, *, holder: str = "") -> None:
         self.holder = holder
         super().__init__(message)
+
+
+class NotOwner(StateError):
+    """A state replica was asked about an object that another live replica owns (objects
+    are placed on replicas by rendezvous hashing). ``owner`` is that replica's id and
+    ``address`` its gRPC address, so the caller can ask it instead; both are empty when
+    the replica knows of no owner (no live replica at all)."""
+
+    def __init__(self, message: str, *, owner: str = "", address: str = "") -> None:
+        self.owner = owner
+        self.address = address
+        super().__init__(message)
+
+
+class SchemaOutdated(StateError):
+    """The database's schema is older than this wsgate needs: run ``wsgate state migrate``."""
+
+
+class SchemaTooNew(StateError):
+    """The database's schema is newer than this wsgate knows: upgrade wsgate."""
 
 
 class LimitExceeded(StateError, ValueError):

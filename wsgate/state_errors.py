@@ -23,6 +23,7 @@ from wsgate.errors import (
     InvalidValue,
     KeyTooLarge,
     LimitExceeded,
+    NotOwner,
     ObjectActive,
     StateError,
     StateTimeout,
@@ -55,6 +56,7 @@ class Reason(enum.StrEnum):
     TAG_TOO_LARGE = "TAG_TOO_LARGE"
     ATTACHMENT_TOO_LARGE = "ATTACHMENT_TOO_LARGE"
     OBJECT_ACTIVE = "OBJECT_ACTIVE"
+    NOT_OWNER = "NOT_OWNER"
 
 
 #: The exceptions the server refuses calls with, and the reason each travels as.
@@ -111,6 +113,12 @@ def object_active_metadata(holder: str) -> tuple[tuple[str, bytes], ...]:
     return ((ERROR_INFO_KEY, info.SerializeToString()),)
 
 
+def not_owner_metadata(owner: str, address: str) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata of a NOT_OWNER refusal (sent with FAILED_PRECONDITION)."""
+    info = pb.ErrorInfo(reason=Reason.NOT_OWNER, key=owner, owner_address=address)
+    return ((ERROR_INFO_KEY, info.SerializeToString()),)
+
+
 def exception_from_error_info(info: pb.ErrorInfo, details: str) -> StateError:
     """The exception a refusal stands for; a plain StateError for an unknown reason
     (a newer server), so the caller still gets the details."""
@@ -125,6 +133,8 @@ def exception_from_error_info(info: pb.ErrorInfo, details: str) -> StateError:
         return InvalidRequest(details)
     if info.reason == Reason.OBJECT_ACTIVE:
         return ObjectActive(details, holder=info.key)
+    if info.reason == Reason.NOT_OWNER:
+        return NotOwner(details, owner=info.key, address=info.owner_address)
     return StateError(f"state service refused the call ({info.reason}): {details}")
 
 

@@ -142,6 +142,11 @@ def presence_subject(prefix: str) -> str:
     return f"{prefix}.presence"
 
 
+def replicas_subject(prefix: str) -> str:
+    """Where state replicas announce that they are alive (placement of objects)."""
+    return f"{prefix}.state.replicas"
+
+
 def alarm_subject(prefix: str, namespace: str) -> str:
     """Where the state service sends the alarms of objects in ``namespace``."""
     return f"{prefix}.alarm.{encode_token(namespace)}"

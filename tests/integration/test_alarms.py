@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from stateservice.alarms import ALARMS_SCHEMA, AlarmScheduler, PutAlarm, ReadAlarm
+from stateservice.alarms import AlarmScheduler, PutAlarm, ReadAlarm
 from stateservice.storage import ObjectId, SqliteStorage
 from tests.harness import Stack, eventually, stack_context
 from worker.alarms_client import ObjectAlarm, from_epoch_ms
@@ -223,7 +223,7 @@ async def test_many_due_alarms_fire_concurrently_within_the_bound(
     answered = 0
     all_answered = asyncio.Event()
 
-    async with SqliteStorage(config.db_path, schemas=(ALARMS_SCHEMA,)) as storage:
+    async with SqliteStorage(config.db_path) as storage:
         nc = await connect_bus(config, "test-responder")
         scheduler = AlarmScheduler(storage, nc, config, max_concurrent=4)
         try:

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from stateservice.alarms import (
-    ALARMS_SCHEMA,
     EarliestAlarms,
     FinishAlarm,
     PutAlarm,
@@ -35,7 +34,7 @@ POLICY = RetryPolicy(first_ms=1000, max_ms=8000, max_retries=3)
 
 @pytest.fixture
 async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
-    async with SqliteStorage(tmp_path / "state.sqlite3", schemas=(ALARMS_SCHEMA,)) as storage:
+    async with SqliteStorage(tmp_path / "state.sqlite3") as storage:
         yield storage
 
 
@@ -166,10 +165,10 @@ async def test_setting_again_resets_the_retries(storage: SqliteStorage) -> None:
 
 async def test_alarms_survive_reopening(tmp_path: Path) -> None:
     path = tmp_path / "state.sqlite3"
-    async with SqliteStorage(path, schemas=(ALARMS_SCHEMA,)) as storage:
+    async with SqliteStorage(path) as storage:
         await storage.run(PutAlarm(OBJ, 100, "f"))
         await storage.run(RetryAlarm(OBJ, "f", 0, counted=True, policy=POLICY))
-    async with SqliteStorage(path, schemas=(ALARMS_SCHEMA,)) as storage:
+    async with SqliteStorage(path) as storage:
         alarm = await storage.run(ReadAlarm(OBJ))
     assert alarm is not None
     assert (alarm.firing_id, alarm.retry_count, alarm.at_ms) == ("f", 1, 1000)

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from stateservice.membership import (
-    MEMBERSHIP_SCHEMA,
     PAGE_SIZE,
     SWEEP_BATCH,
     BroadcastRecipients,
@@ -36,7 +35,7 @@ OTHER = ObjectId("room", "kitchen")
 
 @pytest.fixture
 async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
-    async with SqliteStorage(tmp_path / "state.sqlite3", schemas=(MEMBERSHIP_SCHEMA,)) as storage:
+    async with SqliteStorage(tmp_path / "state.sqlite3") as storage:
         yield storage
 
 
@@ -267,9 +266,9 @@ async def test_an_object_holds_100_000_members(storage: SqliteStorage) -> None:
 async def test_members_survive_reopening(tmp_path: Path) -> None:
     (cid,) = connection_ids(1)
     path = tmp_path / "state.sqlite3"
-    async with SqliteStorage(path, schemas=(MEMBERSHIP_SCHEMA,)) as storage:
+    async with SqliteStorage(path) as storage:
         await join(storage, cid, tags=("t",), attachment=encode_value(1))
-    async with SqliteStorage(path, schemas=(MEMBERSHIP_SCHEMA,)) as storage:
+    async with SqliteStorage(path) as storage:
         members, _ = await storage.run(MembersPage(obj=ROOM, tag="t", details=True))
         assert members == [StoredMember(cid, ("t",), encode_value(1))]
 
@@ -324,7 +323,7 @@ async def test_every_query_is_an_index_search_with_no_sort(
     """Listing in connection id order (by tag or not), LeaveAll and gateway sweeps walk an
     index range; nothing scans a table or sorts in a temporary b-tree."""
     db = tmp_path / "state.sqlite3"
-    async with SqliteStorage(db, schemas=(MEMBERSHIP_SCHEMA,)) as storage:
+    async with SqliteStorage(db) as storage:
         await join(storage, "gw-abcdefgh_1", tags=("t",))
     conn = sqlite3.connect(db, isolation_level=None)
     try:

@@ -11,6 +11,7 @@ from wsgate.errors import (
     InvalidValue,
     KeyTooLarge,
     LimitExceeded,
+    NotOwner,
     ObjectActive,
     StateError,
     TagTooLarge,
@@ -26,6 +27,7 @@ from wsgate.state_errors import (
     Refusal,
     error_info,
     exception_from_error_info,
+    not_owner_metadata,
     object_active_metadata,
 )
 from wsgate.v1 import state_pb2 as pb
@@ -33,8 +35,11 @@ from wsgate.v1 import state_pb2 as pb
 
 def test_every_refusal_has_one_reason() -> None:
     assert all(issubclass(refusal, REFUSAL_TYPES) for refusal in REFUSALS)
-    # Every reason is a refusal of bad input, but OBJECT_ACTIVE (FAILED_PRECONDITION).
-    assert sorted(REFUSALS.values()) == sorted(set(Reason) - {Reason.OBJECT_ACTIVE})
+    # Every reason is a refusal of bad input, but OBJECT_ACTIVE and NOT_OWNER
+    # (FAILED_PRECONDITION).
+    assert sorted(REFUSALS.values()) == sorted(
+        set(Reason) - {Reason.OBJECT_ACTIVE, Reason.NOT_OWNER}
+    )
 
 
 def test_an_object_active_refusal_names_the_holder() -> None:
@@ -44,6 +49,15 @@ def test_an_object_active_refusal_names_the_holder() -> None:
     assert type(exc) is ObjectActive
     assert exc.holder == "worker-abcdefgh"
     assert str(exc) == "object is active"
+
+
+def test_a_not_owner_refusal_names_the_owner_and_its_address() -> None:
+    ((key, value),) = not_owner_metadata("state-abc", "10.0.0.7:7070")
+    assert key == ERROR_INFO_KEY
+    exc = exception_from_error_info(pb.ErrorInfo.FromString(value), "not mine")
+    assert type(exc) is NotOwner
+    assert (exc.owner, exc.address) == ("state-abc", "10.0.0.7:7070")
+    assert str(exc) == "not mine"
 
 
 @pytest.mark.parametrize(

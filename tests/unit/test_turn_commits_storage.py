@@ -14,7 +14,6 @@ import pytest
 
 from stateservice import turns as turns_module
 from stateservice.leases import (
-    LEASES_SCHEMA,
     GrantLease,
     HeldLeases,
     ReleaseLease,
@@ -22,7 +21,6 @@ from stateservice.leases import (
 )
 from stateservice.storage import GetKeys, ObjectId, Operation, PutKeys, SqliteStorage
 from stateservice.turns import (
-    TURNS_SCHEMA,
     CommitObjectTurns,
     LookupTurnRecord,
     PruneTurns,
@@ -35,11 +33,10 @@ OBJ = ObjectId("counter", "room-1")
 OTHER_OBJ = ObjectId("counter", "room-2")
 W1 = "worker-1"
 W2 = "worker-2"
-SCHEMAS = (LEASES_SCHEMA, TURNS_SCHEMA)
 
 
 def open_storage(path: Path) -> SqliteStorage:
-    return SqliteStorage(path, schemas=SCHEMAS)
+    return SqliteStorage(path)
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ Subjects (see wsgate/subjects.py; every user string is encoded into one safe tok
   <prefix>.gw.<gateway_id>   GatewayCommand                      publish, one gateway subscribes
   <prefix>.presence          GatewayPresence                     publish, state services subscribe
   <prefix>.alarm.<namespace> AlarmEvent -> AlarmResult           request/reply, worker queue group
+  <prefix>.state.replicas    StateReplica                        publish, state replicas and
+                                                                 workers subscribe
   <prefix>.worker.<worker_id>.connect|events|alarm
                              the same three, sent to one worker: the one that holds the
                              activation of the durable object they concern (a gateway's
@@ -556,6 +558,44 @@ class GatewayPresence(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GatewayPresence: _TypeAlias = GatewayPresence  # noqa: Y015
+
+@_typing.final
+class StateReplica(_message.Message):
+    """A state replica is alive, published on <prefix>.state.replicas every replica interval.
+    Every replica and every worker keeps the set of replicas heard within timeout_ms; each
+    object is owned by one of them, chosen by rendezvous hashing over that set
+    (stateservice/placement.py), so all who hear the same announcements agree on the owner.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    LEAVING_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    """The replica's id (unique; the hash is over it)."""
+    address: _builtins.str
+    """Its gRPC address, host:port, as others reach it."""
+    timeout_ms: _builtins.int
+    """How long this announcement holds, in milliseconds (a few intervals)."""
+    leaving: _builtins.bool
+    """The replica is shutting down: drop it from the set at once."""
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        timeout_ms: _builtins.int = ...,
+        leaving: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "leaving", b"leaving", "replica_id", b"replica_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StateReplica: _TypeAlias = StateReplica  # noqa: Y015
 
 @_typing.final
 class AlarmEvent(_message.Message):

@@ -826,12 +826,15 @@ class ErrorInfo(_message.Message):
     SIZE_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    OWNER_ADDRESS_FIELD_NUMBER: _builtins.int
     reason: _builtins.str
     """A stable, machine-readable reason: "KEY_TOO_LARGE", "VALUE_TOO_LARGE", "INVALID_VALUE",
     "INVALID_OBJECT_ID", "TOO_MANY_KEYS", "TOO_MANY_TAGS", "TAG_TOO_LARGE",
     "ATTACHMENT_TOO_LARGE", "INVALID_CONNECTION_ID", "INVALID_REQUEST"; and
     "OBJECT_ACTIVE" (status FAILED_PRECONDITION): a write from outside to an object that a
-    worker's activation holds (key: that worker's id).
+    worker's activation holds (key: that worker's id); "NOT_OWNER" (status
+    FAILED_PRECONDITION): this replica does not own the object (key: the owner's replica id,
+    owner_address: its gRPC address; both empty when no live replica is known).
     """
     size: _builtins.int
     """The size that was refused, in bytes, keys or tags (0 when not about a size)."""
@@ -839,6 +842,8 @@ class ErrorInfo(_message.Message):
     """The limit that was exceeded, in the same unit (0 when not about a size)."""
     key: _builtins.str
     """The key (or tag) concerned, cut to 64 characters (empty when not about one)."""
+    owner_address: _builtins.str
+    """NOT_OWNER: the gRPC address of the replica that owns the object."""
     def __init__(
         self,
         *,
@@ -846,10 +851,11 @@ class ErrorInfo(_message.Message):
         size: _builtins.int = ...,
         limit: _builtins.int = ...,
         key: _builtins.str = ...,
+        owner_address: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "limit", b"limit", "reason", b"reason", "size", b"size"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "limit", b"limit", "owner_address", b"owner_address", "reason", b"reason", "size", b"size"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,66 @@
+"""Which objects this state replica serves: all of them alone (SQLite), or those that
+rendezvous hashing over the live replicas gives it (PostgreSQL, N replicas; see
+:mod:`wsgate.placement`).
+
+A call about an object this replica does not own is refused with NOT_OWNER, naming the
+owner (:func:`stateservice.rpc.require_owner`). Jobs for the whole tier (removing a dead
+gateway's members, pruning old records) run on the owner of their own key, so exactly one
+live replica runs each, and another takes over when it dies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from stateservice.storage import ObjectId
+from wsgate.errors import NotOwner
+from wsgate.placement import Replica, ReplicaWatch, object_key
+
+
+class Ownership:
+    """This replica (``own``) and, with several replicas, the watch of the live ones
+    (None: this replica is alone and owns everything)."""
+
+    def __init__(self, own: Replica, watch: ReplicaWatch | None = None) -> None:
+        self.own = own
+        self.watch = watch
+        #: Called with the live replicas when the set changes (the parts subscribe here).
+        self.listeners: list[Callable[[list[Replica]], None]] = []
+
+    @property
+    def alone(self) -> bool:
+        """Whether this replica serves every object (no placement)."""
+        return self.watch is None
+
+    def owner_of_key(self, key: str) -> Replica | None:
+        """The live replica that owns ``key``."""
+        return self.own if self.watch is None else self.watch.owner(key)
+
+    def owns_key(self, key: str) -> bool:
+        """Whether this replica owns ``key``."""
+        return self.watch is None or self.watch.owner(key) == self.own
+
+    def owns(self, obj: ObjectId) -> bool:
+        """Whether this replica owns ``obj``."""
+        return self.owns_key(object_key(obj.namespace, obj.name))
+
+    def refusal(self, obj: ObjectId) -> NotOwner | None:
+        """NotOwner naming the owner if this replica does not own ``obj``, else None."""
+        if self.watch is None:
+            return None
+        owner = self.watch.owner(object_key(obj.namespace, obj.name))
+        if owner == self.own:
+            return None
+        if owner is None:  # cannot happen: a replica is always alive to itself
+            return NotOwner(f"no live replica owns {obj.namespace!r}/{obj.name!r}")
+        return NotOwner(
+            f"object {obj.namespace!r}/{obj.name!r} is owned by state replica "
+            f"{owner.replica_id} at {owner.address}, not {self.own.replica_id}",
+            owner=owner.replica_id,
+            address=owner.address,
+        )
+
+    def changed(self, live: list[Replica]) -> None:
+        """The live set changed: tell the listeners."""
+        for listener in self.listeners:
+            listener(live)
