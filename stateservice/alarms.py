@@ -47,6 +47,7 @@ from nats.aio.client import Client as NatsClient
 
 from stateservice.component import StateContext
 from stateservice.leases import ObjectLeases
+from stateservice.ownership import Ownership
 from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
 from stateservice.storage import DATABASE_ERRORS, ObjectId, Operation, Sql, Storage
 from wsgate.config import StateConfig
@@ -513,7 +514,14 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
     """``wsgate.v1.Alarms``: SetAlarm is durable when answered; GetAlarm, as in Cloudflare,
     reports no alarm while the object's alarm handler runs, unless a new alarm was set."""
 
-    def __init__(self, storage: Storage, scheduler: AlarmScheduler, leases: ObjectLeases) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        scheduler: AlarmScheduler,
+        leases: ObjectLeases,
+        ownership: Ownership | None = None,
+    ) -> None:
+        self._ownership = ownership
         self._storage = storage
         self._scheduler = scheduler
         self._leases = leases

@@ -329,17 +329,28 @@ class Activations:
         return asyncio.shield(self._renewing)
 
     async def _renew_once(self) -> None:
-        activations = [a for a in self._active.values() if a.phase is Phase.RUNNING]
-        if not activations:
+        running = [a for a in self._active.values() if a.phase is Phase.RUNNING]
+        if not running:
             return
+        # One call per replica, each to the replica that owns the objects (their leases
+        # live there).
+        by_replica: dict[str, list[Activation]] = {}
+        for activation in running:
+            address = self.state.owner_address(activation.object_pb)
+            by_replica.setdefault(address, []).append(activation)
+        await asyncio.gather(
+            *(self._renew_at(address, group) for address, group in by_replica.items())
+        )
+
+    async def _renew_at(self, address: str, activations: list[Activation]) -> None:
         request = pb.RenewRequest(
             worker=self.worker_id,
             leases=[pb.Lease(object=a.object_pb, epoch=a.epoch) for a in activations],
         )
         sent = time.monotonic()
         try:
-            response = await self.state.unary(
-                "Activations", "Renew", request, timeout_s=max(self._lease_s / 2, 0.5)
+            response = await self.state.unary_at(
+                address, "Activations", "Renew", request, timeout_s=max(self._lease_s / 2, 0.5)
             )
         except StateError as exc:
             log.warning("renewing %d lease(s) failed: %s", len(activations), exc)
@@ -359,8 +370,20 @@ class Activations:
             await self._renew()
 
     async def _release(self, leases: list[pb.Lease]) -> None:
-        request = pb.ReleaseRequest(worker=self.worker_id, leases=leases)
-        await self.state.unary("Activations", "Release", request)
+        by_replica: dict[str, list[pb.Lease]] = {}
+        for lease in leases:
+            by_replica.setdefault(self.state.owner_address(lease.object), []).append(lease)
+        await asyncio.gather(
+            *(
+                self.state.unary_at(
+                    address,
+                    "Activations",
+                    "Release",
+                    pb.ReleaseRequest(worker=self.worker_id, leases=group),
+                )
+                for address, group in by_replica.items()
+            )
+        )
 
     # -- eviction ------------------------------------------------------------------------
 

@@ -52,6 +52,7 @@ from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
 from wsgate.errors import InvalidConnectionId
+from wsgate.placement import ANNOUNCE_FRACTION, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
 from wsgate.v1 import envelope_pb2 as pb
@@ -67,6 +68,11 @@ INTAKE_CHECK_S = 0.5
 
 #: A route and the parameters of the path it matched.
 Resolved = tuple[Route, Mapping[str, str]]
+
+
+#: How often a worker looks whether a state replica's announcement ran out (each
+#: announcement carries its own timeout).
+REPLICA_TICK_S = 0.25
 
 
 class _Running:
@@ -113,6 +119,7 @@ class Worker(Service):
         self._sweeper: asyncio.Task[None] | None = None
         self._alarms: AlarmRunner | None = None
         self._activations: Activations | None = None
+        self._replicas: ReplicaWatch | None = None
         self._intake = IntakeWatchdog(config.intake_stall_s, time.monotonic())
         self._intake_stopped: str | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -130,6 +137,17 @@ class Worker(Service):
             await self._probes.start()
             await self._state.start()
             self._nc = nc = await connect_bus(config, f"wsgate-worker {self.worker_id}")
+            # State replicas announce themselves on the bus: route each call to the owner
+            # of its object (until one is heard, to config.state_address).
+            self._replicas = ReplicaWatch(
+                nc,
+                config.prefix,
+                ReplicaDirectory(),
+                timeout_s=REPLICA_TICK_S / ANNOUNCE_FRACTION,
+                on_change=self._state.replicas_changed,
+            )
+            await self._replicas.start()
+            self._state.use_replicas(self._replicas)
             self._activations = Activations(
                 worker_id=self.worker_id,
                 prefix=config.prefix,
@@ -218,6 +236,8 @@ class Worker(Service):
                     task.cancel()
             if self._sweeper is not None:
                 self._sweeper.cancel()
+            if self._replicas is not None:
+                await self._replicas.close()
             if self._nc is not None and not self._nc.is_closed:
                 with contextlib.suppress(Exception):
                     await self._nc.drain()

@@ -35,7 +35,8 @@ from typing import Any, TypeVar
 import grpc
 
 from worker.gate import current_gate
-from wsgate.errors import InvalidRequest, StateError, StateUnavailable
+from wsgate.errors import InvalidRequest, NotOwner, StateError, StateUnavailable
+from wsgate.placement import Replica, ReplicaWatch, object_key
 from wsgate.service import StartsAndCloses
 from wsgate.state_errors import exception_from_error_info, exception_from_rpc_error
 from wsgate.v1 import state_pb2 as pb
@@ -78,11 +79,36 @@ class ClientPhase(enum.Enum):
     CLOSED = "closed"
 
 
+class _Endpoint:
+    """A gRPC channel to one state replica, its stubs and its write pipeline."""
+
+    def __init__(self, client: StateClient, address: str) -> None:
+        self.address = address
+        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.stubs: dict[str, Any] = {
+            "State": state_pb2_grpc.StateStub(self.channel),
+            "Membership": state_pb2_grpc.MembershipStub(self.channel),
+            "Alarms": state_pb2_grpc.AlarmsStub(self.channel),
+            "Activations": state_pb2_grpc.ActivationsStub(self.channel),
+        }
+        self.writes = _WritePipeline(client, self)
+        #: The replica left the view and the channel was closed: its calls in flight end
+        #: CANCELLED, which means "unavailable, try the new owner".
+        self.closed = False
+
+
 class StateClient(StartsAndCloses):
-    """A gRPC channel to one state service.
+    """gRPC channels to the state tier: one replica (``address``), or the replicas alive on
+    the bus once :meth:`use_replicas` is given their watch.
+
+    With replicas, every call about an object goes to the replica that owns it
+    (rendezvous hashing, :mod:`wsgate.placement`); a replica that does not own it (the
+    views differ for a moment) answers NotOwner naming the owner, and the call is made
+    there. Calls about no object (LookupTurn, LeaveAll) go to any live replica. Until a
+    replica has been heard (or when none is), calls go to ``address``.
 
     Use ``async with StateClient(address)`` or call :meth:`start`, then :meth:`close`.
-    ``start`` does not wait for the service: the channel connects on the first call, so a
+    ``start`` does not wait for the service: a channel connects on its first call, so a
     worker may start before the state service. A call waits for the service to be
     reachable (a restart, say) within its deadline of ``timeout_s`` seconds; after it,
     StateTimeout, or StateUnavailable when the service could not be reached at all.
@@ -94,9 +120,10 @@ class StateClient(StartsAndCloses):
         self.address = address
         self.timeout_s = timeout_s
         self.phase = ClientPhase.NEW
-        self._channel: Any = None  # grpc.aio.Channel while open
-        self._stubs: dict[str, Any] = {}  # service name -> stub, while open
-        self._writes = _WritePipeline(self)
+        self._endpoints: dict[str, _Endpoint] = {}
+        self._watch: ReplicaWatch | None = None
+        #: Calls made again at the owner a replica named (NotOwner followed).
+        self.redirects = 0
 
     async def start(self) -> None:
         """Create the channel. Idempotent while open; RuntimeError once closed."""
@@ -104,24 +131,32 @@ class StateClient(StartsAndCloses):
             return
         if self.phase is ClientPhase.CLOSED:
             raise RuntimeError("state client is closed; make a new StateClient")
-        self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
-        self._stubs = {
-            "State": state_pb2_grpc.StateStub(self._channel),
-            "Membership": state_pb2_grpc.MembershipStub(self._channel),
-            "Alarms": state_pb2_grpc.AlarmsStub(self._channel),
-            "Activations": state_pb2_grpc.ActivationsStub(self._channel),
-        }
+        self._endpoints[self.address] = _Endpoint(self, self.address)
         self.phase = ClientPhase.OPEN
 
+    def use_replicas(self, watch: ReplicaWatch) -> None:
+        """Route calls by object over the replicas ``watch`` hears (see the class doc)."""
+        self._watch = watch
+
+    def replicas_changed(self, live: list[Replica]) -> None:
+        """Close the channels of replicas that are gone (keep the configured address)."""
+        alive = {replica.address for replica in live} | {self.address}
+        for address in list(self._endpoints):
+            if address not in alive:
+                endpoint = self._endpoints.pop(address)
+                endpoint.closed = True
+                task = asyncio.ensure_future(endpoint.channel.close(grace=1.0))
+                _closing.add(task)
+                task.add_done_callback(_closing.discard)
+
     async def close(self) -> None:
-        """Close the channel; calls in flight are cancelled. Idempotent."""
+        """Close the channels; calls in flight are cancelled. Idempotent."""
         if self.phase is ClientPhase.CLOSED:
             return
         self.phase = ClientPhase.CLOSED
-        channel, self._channel = self._channel, None
-        self._stubs = {}
-        if channel is not None:
-            await channel.close()
+        endpoints, self._endpoints = self._endpoints, {}
+        for endpoint in endpoints.values():
+            await endpoint.channel.close()
 
     async def wait_closed(self) -> None:
         """Nothing to wait for once :meth:`close` returned; here for the common lifecycle."""
@@ -134,46 +169,148 @@ class StateClient(StartsAndCloses):
         """
         return ObjectStorage(self, namespace, name)
 
-    def stub(self, service: str) -> Any:
-        """The stub of ``service`` ("State", "Membership", "Alarms", "Activations");
-        RuntimeError unless open."""
-        stub = self._stubs.get(service)
-        if self.phase is not ClientPhase.OPEN or stub is None:
+    # -- routing -------------------------------------------------------------------------
+
+    def owner_address(self, obj: pb.ObjectId | None) -> str:
+        """The address of the replica that owns ``obj`` (any live one for None), or the
+        configured address while no replica is known."""
+        watch = self._watch
+        if watch is None:
+            return self.address
+        if obj is None:
+            live = watch.known()
+            return live[0].address if live else self.address
+        owner = watch.owner(object_key(obj.namespace, obj.name))
+        return self.address if owner is None else owner.address
+
+    def endpoint(self, address: str) -> _Endpoint:
+        """The channel to ``address``, made on first use; RuntimeError unless open."""
+        if self.phase is not ClientPhase.OPEN:
             raise RuntimeError(f"state client is {self.phase.value}, not open")
-        return stub
+        endpoint = self._endpoints.get(address)
+        if endpoint is None:
+            endpoint = self._endpoints[address] = _Endpoint(self, address)
+        return endpoint
+
+    def stub(self, service: str, obj: pb.ObjectId | None = None) -> Any:
+        """The stub of ``service`` ("State", "Membership", "Alarms", "Activations") on the
+        replica that owns ``obj`` (any replica for None); RuntimeError unless open."""
+        return self.endpoint(self.owner_address(obj)).stubs[service]
 
     async def unary(
         self, service: str, method: str, request: Any, *, timeout_s: float | None = None
     ) -> Any:
-        """Call ``service.method`` (e.g. ``"Membership", "Join"``) with ``request``.
+        """Call ``service.method`` (e.g. ``"Membership", "Join"``) with ``request``, at
+        the replica that owns ``request.object`` when the request names one.
 
         Waits for the channel to be ready (a restarting state service) up to the deadline
         (``timeout_s``, by default the client's); failures come back as the state exception
-        tree (:func:`wsgate.state_errors.exception_from_rpc_error`).
+        tree (:func:`wsgate.state_errors.exception_from_rpc_error`). NotOwner is followed to
+        the owner it names, a few times within the deadline.
         """
-        stub = self.stub(service)
+        obj = getattr(request, "object", None) if _names_object(request) else None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout_s or self.timeout_s)
+        address = self.owner_address(obj)
+        redirects = 0
+        backoff_s = RETRY_FIRST_BACKOFF_S
+        while True:
+            endpoint = self.endpoint(address)
+            try:
+                return await getattr(endpoint.stubs[service], method)(
+                    request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=True
+                )
+            except grpc.RpcError as exc:
+                error = self._error(exc, method, endpoint)
+                if isinstance(error, NotOwner) and redirects < MAX_REDIRECTS:
+                    address = self._follow(error, obj, redirects)
+                    await asyncio.sleep(REDIRECT_BACKOFF_S * redirects)
+                    redirects += 1
+                    continue
+                if (
+                    isinstance(error, StateUnavailable)
+                    and self._watch is not None
+                    and loop.time() + backoff_s < deadline
+                ):
+                    # A replica died: once the view drops it, the call goes to the object's
+                    # new owner (the data is in the shared database).
+                    await asyncio.sleep(backoff_s)
+                    backoff_s = min(backoff_s * 2, RETRY_MAX_BACKOFF_S)
+                    address = self.owner_address(obj)
+                    continue
+                raise error from exc
+
+    async def unary_at(
+        self,
+        address: str,
+        service: str,
+        method: str,
+        request: Any,
+        *,
+        timeout_s: float | None = None,
+    ) -> Any:
+        """Call ``service.method`` at the replica at ``address`` (a call about several
+        objects, split by owner by the caller), failures as in :meth:`unary`."""
+        endpoint = self.endpoint(address)
         try:
-            return await getattr(stub, method)(
+            return await getattr(endpoint.stubs[service], method)(
                 request, timeout=timeout_s or self.timeout_s, wait_for_ready=True
             )
         except grpc.RpcError as exc:
-            raise self._error(exc, method) from exc
+            raise self._error(exc, method, endpoint) from exc
 
-    def _error(self, exc: grpc.RpcError, what: str) -> StateError:
+    def _follow(self, error: NotOwner, obj: pb.ObjectId | None, attempt: int) -> str:
+        """Where to make a call again after NotOwner: the owner it names, else (its view
+        knows none, or naming went round) the owner in this client's view."""
+        self.redirects += 1
+        if error.address and attempt == 0:
+            return error.address
+        return self.owner_address(obj) if error.address == "" else error.address
+
+    def _error(
+        self, exc: grpc.RpcError, what: str, endpoint: _Endpoint | None = None
+    ) -> StateError:
         error = exception_from_rpc_error(exc, what)
-        channel = self._channel
+        endpoint = endpoint or self._endpoints.get(self.address)
+        if endpoint is not None and endpoint.closed and not isinstance(error, NotOwner):
+            return StateUnavailable(f"state replica at {endpoint.address} left: {error}")
         if (
             isinstance(error, TimeoutError)
-            and channel is not None
-            and channel.get_state() is not grpc.ChannelConnectivity.READY
+            and endpoint is not None
+            and endpoint.channel.get_state() is not grpc.ChannelConnectivity.READY
         ):
             # The deadline passed while waiting for the service, not for its answer.
-            return StateUnavailable(f"state service at {self.address} unreachable: {error}")
+            return StateUnavailable(f"state service at {endpoint.address} unreachable: {error}")
         return error
 
     def write(self, write: pb.Write) -> asyncio.Future[pb.WriteResult]:
-        """Queue ``write`` for the next Write call; the future resolves with its result."""
-        return self._writes.submit(write)
+        """Queue ``write`` for the next Write call to its object's replica; the future
+        resolves with its result."""
+        return self.endpoint(self.owner_address(_write_object(write))).writes.submit(write)
+
+
+#: A call refused with NotOwner is made again at most this many times.
+MAX_REDIRECTS = 3
+#: ... waiting this long times the attempt before the second and later (views settle).
+REDIRECT_BACKOFF_S = 0.1
+
+#: Channels being closed (kept referenced until they are).
+_closing: set[asyncio.Future[Any]] = set()
+
+
+def _names_object(request: Any) -> bool:
+    try:
+        return bool(request.HasField("object"))
+    except ValueError:  # the message has no such field
+        return False
+
+
+def _write_object(write: pb.Write) -> pb.ObjectId | None:
+    kind = write.WhichOneof("op")
+    if kind is None:
+        return None
+    op: Any = getattr(write, kind)
+    return op.object  # type: ignore[no-any-return]
 
 
 class _WritePipeline:
@@ -185,15 +322,17 @@ class _WritePipeline:
     write pays one round trip, and under load one call (and one commit) serves many.
     """
 
-    def __init__(self, client: StateClient) -> None:
+    def __init__(self, client: StateClient, endpoint: _Endpoint) -> None:
         self._client = client
+        self._endpoint = endpoint
         self._queue: list[tuple[pb.Write, asyncio.Future[pb.WriteResult]]] = []
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     def submit(self, write: pb.Write) -> asyncio.Future[pb.WriteResult]:
-        self._client.stub("State")  # RuntimeError now, not later, unless open
+        if self._client.phase is not ClientPhase.OPEN:  # RuntimeError now, not later
+            raise RuntimeError(f"state client is {self._client.phase.value}, not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[pb.WriteResult] = loop.create_future()
         self._queue.append((write, future))
@@ -245,15 +384,18 @@ class _WritePipeline:
                 positions = list(unanswered)
                 request = pb.WriteRequest(writes=[unanswered[i][0] for i in positions])
                 try:
-                    call = self._client.stub("State").Write(
+                    call = self._endpoint.stubs["State"].Write(
                         request,
                         timeout=max(deadline - loop.time(), 0.001),
                         wait_for_ready=True,
                     )
                     async for response in call:
                         for result in response.results:
-                            _, future = unanswered.pop(positions[result.index])
-                            if not future.done():
+                            write, future = unanswered.pop(positions[result.index])
+                            if _not_owner(result):
+                                # Another replica owns its object: send it there.
+                                self._redirect(write, result, future)
+                            elif not future.done():
                                 future.set_result(result)
                         if holding_slot:
                             holding_slot = False
@@ -262,10 +404,11 @@ class _WritePipeline:
                         raise StateError(f"state service left {len(unanswered)} writes unanswered")
                     return
                 except grpc.RpcError as exc:
-                    error = self._client._error(exc, "Write")
+                    error = self._client._error(exc, "Write", self._endpoint)
                     if isinstance(error, StateUnavailable) and loop.time() + backoff_s < deadline:
                         await asyncio.sleep(backoff_s)
                         backoff_s = min(backoff_s * 2, RETRY_MAX_BACKOFF_S)
+                        self._reroute_moved(unanswered)
                         continue
                     raise error from exc
         except Exception as exc:
@@ -276,11 +419,54 @@ class _WritePipeline:
             if holding_slot:
                 self._release_slot()
 
+    def _reroute_moved(
+        self, unanswered: dict[int, tuple[pb.Write, asyncio.Future[pb.WriteResult]]]
+    ) -> None:
+        """Hand the writes whose object another replica owns now (this one died and left
+        the view) to that replica's pipeline."""
+        for position, (write, future) in list(unanswered.items()):
+            address = self._client.owner_address(_write_object(write))
+            if address != self._endpoint.address:
+                del unanswered[position]
+                again = self._client.endpoint(address).writes.submit(write)
+                again.add_done_callback(lambda done, f=future: _copy_outcome(done, f))
+
+    def _redirect(
+        self, write: pb.Write, result: pb.WriteResult, future: asyncio.Future[pb.WriteResult]
+    ) -> None:
+        """Send ``write`` again to the owner a NotOwner result named, at most
+        MAX_REDIRECTS times; then its result (the NotOwner failure) stands."""
+        hops = getattr(future, "_wsgate_hops", 0)
+        address = result.failure.info.owner_address
+        if hops >= MAX_REDIRECTS or not address or address == self._endpoint.address:
+            if not future.done():
+                future.set_result(result)
+            return
+        self._client.redirects += 1
+        again = self._client.endpoint(address).writes.submit(write)
+        again._wsgate_hops = hops + 1  # type: ignore[attr-defined]
+        again.add_done_callback(lambda done: _copy_outcome(done, future))
+
     def _release_slot(self) -> None:
         self._in_flight -= 1
         if self._queue and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send_queued)
+
+
+def _not_owner(result: pb.WriteResult) -> bool:
+    return result.WhichOneof("outcome") == "failure" and result.failure.info.reason == "NOT_OWNER"
+
+
+def _copy_outcome(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())
 
 
 def _result_count(result: pb.WriteResult) -> int:
@@ -422,7 +608,26 @@ class ObjectStorage:
     async def _transaction(
         self, fn: Callable[[Transaction], Awaitable[T]], key: str, timeout_s: float | None
     ) -> T:
-        call = self._client.stub("State").Transaction(
+        address = self._client.owner_address(self._object)
+        for attempt in range(MAX_REDIRECTS + 1):
+            try:
+                return await self._transaction_at(address, fn, key, timeout_s)
+            except NotOwner as exc:
+                # Refused at begin, before fn ran: make it at the owner instead.
+                if attempt == MAX_REDIRECTS:
+                    raise
+                address = self._client._follow(exc, self._object, attempt)
+        raise AssertionError("unreachable")
+
+    async def _transaction_at(
+        self,
+        address: str,
+        fn: Callable[[Transaction], Awaitable[T]],
+        key: str,
+        timeout_s: float | None,
+    ) -> T:
+        endpoint = self._client.endpoint(address)
+        call = endpoint.stubs["State"].Transaction(
             timeout=timeout_s or self._client.timeout_s, wait_for_ready=True
         )
         try:
@@ -440,7 +645,7 @@ class ObjectStorage:
             await call.done_writing()
             return result
         except grpc.RpcError as exc:
-            raise self._client._error(exc, "Transaction") from exc
+            raise self._client._error(exc, "Transaction", endpoint) from exc
         finally:
             # Ending the stream without a commit is the abort: nothing was written.
             call.cancel()

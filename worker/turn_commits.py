@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 import grpc
 
@@ -40,12 +41,76 @@ _Pending = tuple[pb.ObjectTurns, "asyncio.Future[pb.ObjectTurnsResult]"]
 
 
 class TurnCommitter:
-    """Commits for the activations of worker ``worker_id``, over ``client``."""
+    """Commits for the activations of worker ``worker_id``, over ``client``: each object's
+    turns go to the replica that owns it, coalesced per replica.
+
+    Any replica accepts a commit (the epoch check in its transaction is the authority, not
+    placement), so a commit sent while the views of the replicas differ is never refused
+    for it; sending it to the owner keeps one object's commits in one group commit.
+    """
 
     def __init__(
         self, client: StateClient, worker_id: str, *, retry_for_s: float, metrics: WorkerMetrics
     ) -> None:
         self._client = client
+        self._worker_id = worker_id
+        self._retry_for_s = retry_for_s
+        self._metrics = metrics
+        self._replicas: dict[str, _ReplicaCommits] = {}
+
+    def commit(self, turns: pb.ObjectTurns) -> asyncio.Future[pb.ObjectTurnsResult]:
+        """Queue one activation's turns; the future resolves with the service's verdict
+        (committed, or refused with why), or fails with a StateError once the service
+        could not be reached for ``retry_for_s``."""
+        address = self._client.owner_address(turns.object)
+        replica = self._replicas.get(address)
+        if replica is None:
+            replica = self._replicas[address] = _ReplicaCommits(
+                self._client,
+                address,
+                self._worker_id,
+                retry_for_s=self._retry_for_s,
+                metrics=self._metrics,
+            )
+            replica._committer = self
+        return replica.commit(turns)
+
+    async def close(self) -> None:
+        """Wait for the calls in flight."""
+        for replica in list(self._replicas.values()):
+            await replica.close()
+
+
+class _ReplicaCommits:
+    """The commits sent to one replica."""
+
+    def _reroute_moved(self, batch: list[_Pending]) -> list[_Pending]:
+        """Hand the commits of objects that another replica owns now (this one died and
+        left the view) to that replica; returns those that stay."""
+        committer = self._committer
+        if committer is None:
+            return batch
+        staying: list[_Pending] = []
+        for turns, future in batch:
+            if self._client.owner_address(turns.object) == self._address:
+                staying.append((turns, future))
+                continue
+            again = committer.commit(turns)
+            again.add_done_callback(lambda done, f=future: _copy_outcome(done, f))
+        return staying
+
+    def __init__(
+        self,
+        client: StateClient,
+        address: str,
+        worker_id: str,
+        *,
+        retry_for_s: float,
+        metrics: WorkerMetrics,
+    ) -> None:
+        self._client = client
+        self._address = address
+        self._committer: TurnCommitter | None = None
         self._metrics = metrics
         self._worker_id = worker_id
         self._retry_for_s = retry_for_s
@@ -95,17 +160,24 @@ class TurnCommitter:
         try:
             while True:
                 try:
-                    response = await self._client.stub("Activations").CommitTurns(
+                    endpoint = self._client.endpoint(self._address)
+                    response = await endpoint.stubs["Activations"].CommitTurns(
                         request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=True
                     )
                     break
                 except grpc.RpcError as exc:
-                    error = self._client._error(exc, "CommitTurns")
+                    error = self._client._error(exc, "CommitTurns", endpoint)
                     retryable = isinstance(error, (StateUnavailable, StateTimeout))
                     if retryable and loop.time() + backoff_s < deadline:
                         log.debug("CommitTurns failed (%s); trying again", error)
                         await asyncio.sleep(backoff_s)
                         backoff_s = min(backoff_s * 2, RETRY_MAX_BACKOFF_S)
+                        batch = self._reroute_moved(batch)
+                        if not batch:
+                            return
+                        request = pb.CommitTurnsRequest(
+                            worker=self._worker_id, objects=[t for t, _ in batch]
+                        )
                         continue
                     raise error from exc
             self._metrics.commit_calls.inc()
@@ -128,3 +200,16 @@ class TurnCommitter:
             if self._queue and not self._scheduled:
                 self._scheduled = True
                 loop.call_soon(self._send_queued)
+
+
+def _copy_outcome(
+    source: asyncio.Future[pb.ObjectTurnsResult], target: asyncio.Future[Any]
+) -> None:
+    if target.done():
+        return
+    if source.cancelled():
+        target.cancel()
+    elif source.exception() is not None:
+        target.set_exception(source.exception())  # type: ignore[arg-type]
+    else:
+        target.set_result(source.result())

@@ -193,9 +193,15 @@ class ReplicaWatch:
         """The live replicas now."""
         return self.directory.live(time.monotonic())
 
+    def known(self) -> list[Replica]:
+        """The live replicas as of the last look (an announcement heard, or the timer):
+        what :meth:`owner` places over, so that placement changes exactly when
+        ``on_change`` is told."""
+        return self._last
+
     def owner(self, key: str) -> Replica | None:
-        """The owner of ``key`` now."""
-        return self.directory.owner(key, time.monotonic())
+        """The owner of ``key`` among :meth:`known`."""
+        return owner_of(key, self._last)
 
     def check(self) -> None:
         """Look at the live set now (and tell ``on_change`` if it changed)."""
