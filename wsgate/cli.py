@@ -1,6 +1,9 @@
 """The ``wsgate`` command: ``dev``, ``gateway``, ``worker``, ``state`` (and ``bench``,
 see :mod:`wsgate.bench`).
 
+``wsgate state`` serves; ``wsgate state migrate``, ``backup PATH`` and ``restore PATH`` are
+administrative actions on its database, done by :mod:`stateservice.admin` (dispatched here).
+
 Each role's flags come from its config dataclass (:mod:`wsgate.config`): ``--nats-url``
 for ``nats_url`` and so on, each defaulting to its ``WSGATE_*`` environment variable,
 then to the dataclass default. The environment is read here and nowhere else.
@@ -18,7 +21,7 @@ import resource
 import signal
 import sys
 import typing
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.role == "bench":
         return run_bench(args)
+    action = getattr(args, "action", None)
     config_type, _ = _ROLES[args.role]
     try:
         config = config_type(
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         parser.exit(2, f"wsgate {args.role}: {exc}\n")
     _setup_logging(args.role, args.log_level)
+    if args.role == "state" and action not in (None, "serve"):
+        return _run_state_action(action, config, args)
     app_dir = Path(args.app_dir).resolve() if getattr(args, "app_dir", None) else Path.cwd()
     try:
         if args.role == "dev":
@@ -96,15 +102,90 @@ def build_parser(environ: typing.Mapping[str, str]) -> argparse.ArgumentParser:
             )
         if role != "dev":
             p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+        if role == "state":
+            _add_state_actions(p, environ)
     add_bench_parser(sub)
     return parser
 
 
+#: ``wsgate state``'s actions; serving is the default (no action).
+_STATE_ACTIONS: dict[str, str] = {
+    "serve": "serve durable object storage over gRPC (the default)",
+    "migrate": "create or migrate the database's schema to this version's, then exit",
+    "backup": "write an online snapshot of the SQLite file to PATH (state service may run)",
+    "restore": "replace the SQLite file with the snapshot PATH (state service stopped)",
+}
+
+#: The settings an administrative action reads: where the database is.
+_STORAGE_SETTINGS = ("db_path", "dsn")
+
+
+def _add_state_actions(parser: argparse.ArgumentParser, environ: typing.Mapping[str, str]) -> None:
+    """``wsgate state [ACTION]``. Each action's parser takes the flags it uses again, so
+    they may come before or after the action word; there they default to SUPPRESS, which
+    leaves the value parsed before the action (or the environment's) in place."""
+    actions = parser.add_subparsers(
+        dest="action",
+        metavar="ACTION",
+        title="actions",
+        description="without one, the state service serves",
+    )
+    for name, help_text in _STATE_ACTIONS.items():
+        p = actions.add_parser(name, help=help_text, description=help_text)
+        if name == "serve":
+            _add_config_options(p, StateConfig, environ, inherit=True)
+            p.add_argument(
+                "--ready-fd", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
+        else:
+            _add_config_options(p, StateConfig, environ, only=_STORAGE_SETTINGS, inherit=True)
+        p.add_argument(
+            "--log-level",
+            default=argparse.SUPPRESS,
+            choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+            help="logging threshold [WSGATE_LOG_LEVEL]",
+        )
+        if name == "backup":
+            p.add_argument("path", type=Path, metavar="PATH", help="the snapshot file to write")
+            p.add_argument("--force", action="store_true", help="replace PATH if it exists")
+        elif name == "restore":
+            p.add_argument("path", type=Path, metavar="PATH", help="the snapshot to restore")
+
+
+def _run_state_action(action: str, config: StateConfig, args: argparse.Namespace) -> int:
+    """Run an administrative action of ``wsgate state``: its report on stdout, exit 0; or
+    one line on stderr and the action's exit status."""
+    from stateservice import admin
+
+    try:
+        if action == "migrate":
+            report: object = admin.migrate(config)
+        elif action == "backup":
+            report = admin.backup(config, args.path, force=args.force)
+        else:
+            report = admin.restore(config, args.path)
+    except admin.AdminError as exc:
+        print(f"wsgate state {action}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(report)
+    return 0
+
+
 def _add_config_options(
-    parser: argparse.ArgumentParser, config_type: type, environ: typing.Mapping[str, str]
+    parser: argparse.ArgumentParser,
+    config_type: type,
+    environ: typing.Mapping[str, str],
+    *,
+    only: Collection[str] | None = None,
+    inherit: bool = False,
 ) -> None:
+    """One flag per field of ``config_type`` (those in ``only``, if given). ``inherit``:
+    the flags default to SUPPRESS (a subcommand's repeat of its parent's flags); their
+    help still shows the real default."""
     hints = typing.get_type_hints(config_type)
     for f in dataclasses.fields(config_type):
+        if only is not None and f.name not in only:
+            continue
         kind = hints[f.name]
         env = f.metadata["env"]
         default = f.default
@@ -117,7 +198,7 @@ def _add_config_options(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             type=kind,
-            default=default,
+            default=argparse.SUPPRESS if inherit else default,
             help=f"{f.metadata['help']} [{env}, default: {default}]",
         )
 
@@ -195,5 +276,7 @@ def _ready_info(role: str, server: Any) -> dict[str, Any]:
     elif role == "worker":
         info.update(probe_port=server.probe_port)
     elif role == "state":
-        info.update(address=server.address, probe_port=server.probe_port)
+        info.update(
+            address=server.address, probe_port=server.probe_port, replica_id=server.replica_id
+        )
     return info
