@@ -12,6 +12,12 @@ path changed in one place only fails here. NATS' configuration is checked the sa
 nats-server started from the dev overlay's configuration that a client using the roles'
 NATS URL must get into.
 
+The state tier runs over PostgreSQL (N replicas, the default) or on a SQLite file (one
+replica, ``components/state-sqlite``): its DSN must come from a Secret, each replica must
+advertise its pod IP, ``wsgate state migrate`` must create the schema before a replica
+starts, and the dev overlay's own PostgreSQL, run by a real server with password
+authentication, must let the state tier's DSN in.
+
 Rendering needs ``kubectl`` (its built-in kustomize); without it these tests are skipped.
 """
 
@@ -38,13 +44,18 @@ from urllib.parse import urlsplit
 import kubernetes_validate
 import nats
 import nats.errors
+import psycopg
+import psycopg.conninfo
+import psycopg.sql
 import pytest
 import yaml
 
 from gateway.server import ENVELOPE_MARGIN_BYTES
 from stateservice.server import StateServer
+from stateservice.storage import PostgresStorage
 from wsgate.cli import build_parser
 from wsgate.config import GatewayConfig, StateConfig, WorkerConfig, env_variables
+from wsgate.pgserver import postgres_available, running_postgres
 from wsgate.probes import HEALTH_PATH, METRICS_PATH, READY_PATH
 from wsgate.procs import find_nats_server
 
@@ -57,7 +68,25 @@ K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.32.0"
 
 #: Every kustomization: the base and the overlays.
-TARGETS = ("base", "overlays/dev", "overlays/prod")
+TARGETS = ("base", "overlays/dev", "overlays/prod", "overlays/sqlite")
+
+#: Secrets the manifests use but do not make, with what each key stands for in the tests:
+#: the state tier's DSN names a database outside the manifests (docs/deploy.md says how to
+#: create it). Only the dev overlay makes one, for its own PostgreSQL.
+EXTERNAL_SECRETS: dict[str, dict[str, str]] = {
+    "state-db": {"dsn": "postgresql://wsgate@db.invalid:5432/wsgate?sslmode=verify-full"},
+}
+
+#: How docs/deploy.md tells to create each external Secret.
+EXTERNAL_SECRET_COMMAND = "kubectl -n wsgate create secret generic {name}"
+
+#: A PostgreSQL URL or libpq string with a password in it.
+_DSN_WITH_PASSWORD = re.compile(
+    r"postgres(?:ql)?://[^/@\s:]+:[^@\s]+@|\bpassword\s*=\s*\S", re.IGNORECASE
+)
+
+#: Where the state replicas find their own pod IP (the downward API).
+POD_IP_FIELDS = ("status.podIP", "status.podIPs")
 
 #: The roles that run in the cluster and the config each one builds (``wsgate dev`` and
 #: ``wsgate bench`` do not belong in a cluster).
@@ -79,6 +108,9 @@ NATS_MAX_PAYLOAD_LIMIT = 64 * 1024 * 1024
 
 #: The port nats-py dials when a NATS URL names none.
 NATS_DEFAULT_PORT = 4222
+
+#: The port libpq dials when a DSN names none.
+PG_DEFAULT_PORT = 5432
 
 #: Service types that are reachable from outside the cluster.
 _EXPOSED = ("LoadBalancer", "NodePort")
@@ -160,6 +192,9 @@ class Manifests:
     def of_kind(self, kind: str) -> list[dict[str, Any]]:
         return [o for o in self.objects if o["kind"] == kind]
 
+    def renders(self, kind: str, name: str) -> bool:
+        return any(o["metadata"]["name"] == name for o in self.of_kind(kind))
+
     def get(self, kind: str, name: str) -> dict[str, Any]:
         found = [o for o in self.of_kind(kind) if o["metadata"]["name"] == name]
         assert len(found) == 1, f"{self.target}: expected one {kind} {name!r}, found {found}"
@@ -175,6 +210,13 @@ class Manifests:
             for c in w["spec"]["template"]["spec"]["containers"]
         ]
 
+    def init_containers(self) -> list[Container]:
+        return [
+            Container(w, c)
+            for w in self.workloads()
+            for c in w["spec"]["template"]["spec"].get("initContainers", [])
+        ]
+
     def wsgate_containers(self) -> dict[str, Container]:
         """The containers of the wsgate image, by role (their first argument)."""
         by_role: dict[str, Container] = {}
@@ -185,6 +227,12 @@ class Manifests:
             assert role not in by_role, f"{self.target}: two containers run {role!r}"
             by_role[role] = c
         return by_role
+
+    def postgres(self) -> Container | None:
+        """The PostgreSQL that the kustomization runs itself (dev), if any."""
+        found = [c for c in self.containers() if _image_name(c.spec["image"]) == "postgres"]
+        assert len(found) <= 1, f"{self.target}: several PostgreSQL containers: {found}"
+        return found[0] if found else None
 
     def nats(self) -> Container:
         found = [c for c in self.containers() if _image_name(c.spec["image"]) == "nats"]
@@ -202,6 +250,10 @@ class Manifests:
         return dict(self.get("ConfigMap", name).get("data", {}))
 
     def secret(self, name: str) -> dict[str, str]:
+        """The Secret's data, decoded; a Secret of EXTERNAL_SECRETS that this
+        kustomization does not make gets its stand-in values."""
+        if name in EXTERNAL_SECRETS and not self.renders("Secret", name):
+            return dict(EXTERNAL_SECRETS[name])
         secret = self.get("Secret", name)
         data = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
         data.update(secret.get("stringData", {}))
@@ -560,8 +612,9 @@ def test_services_send_to_ports_the_pods_open(manifests: Manifests) -> None:
 
 def test_roles_address_nats_and_the_state_service_by_their_services(manifests: Manifests) -> None:
     """WSGATE_NATS_URL names the NATS Service, its client port and the Secret's
-    credentials that nats.conf checks; WSGATE_STATE_ADDRESS names the state service (a pod
-    of its StatefulSet through the headless Service) and its gRPC port."""
+    credentials that nats.conf checks; WSGATE_STATE_ADDRESS (the workers' address of the
+    state tier until they hear its replicas on the bus) names a Service that selects the
+    state pods, or one pod of a StatefulSet by its stable name, and the gRPC port."""
     m = manifests
     nats_c, files, main = _nats_files(m)
     conf = _parse_nats_conf(files, main)
@@ -585,19 +638,16 @@ def test_roles_address_nats_and_the_state_service_by_their_services(manifests: M
     state = m.wsgate_containers()["state"]
     host, port = _host_port(worker.state_address)
     state_config = _role_config(m, "state")
-    statefulset = state.workload
-    assert statefulset["kind"] == "StatefulSet"
-    service = statefulset["spec"]["serviceName"]
-    pods = {
-        f"{statefulset['metadata']['name']}-{i}" for i in range(statefulset["spec"]["replicas"])
-    }
-    # A pod of the StatefulSet by its stable name (<pod>.<service>), or the Service.
-    pod, _, service_part = host.partition(".")
-    if service_part:
+    workload = state.workload
+    pod, _, service = host.partition(".")
+    if service:
+        # A pod of a StatefulSet by its stable name (<pod>.<service>).
+        assert workload["kind"] == "StatefulSet", f"WSGATE_STATE_ADDRESS {host}: no stable names"
+        assert service == workload["spec"]["serviceName"], f"{host}: not via its Service"
+        pods = {f"{workload['metadata']['name']}-{i}" for i in range(workload["spec"]["replicas"])}
         assert pod in pods, f"WSGATE_STATE_ADDRESS {host}: no such state pod ({pods})"
-        assert service_part == service, f"WSGATE_STATE_ADDRESS {host}: not via {service}"
     else:
-        assert host == service, f"WSGATE_STATE_ADDRESS {host}: not the state Service"
+        service = host
     _assert_service_reaches(m, service, port, state)
     assert state.port(_service_target(m, service, port)) == state_config.port, (
         f"WSGATE_STATE_ADDRESS port {port} does not reach the state service's gRPC port "
@@ -651,18 +701,29 @@ def test_grace_periods_outlast_the_drains(manifests: Manifests) -> None:
     assert command == ["nats-server", "--signal", f"ldm={pid_file}"]
 
 
-def test_state_database_is_on_the_pod_volume(manifests: Manifests) -> None:
-    """WSGATE_STATE_DB is on the StatefulSet's volume claim, one replica as documented."""
+def test_state_data_is_in_postgresql_or_on_the_pod_volume(manifests: Manifests) -> None:
+    """Over PostgreSQL (the base, dev, prod) the state replicas keep nothing on disk: no
+    volume but /tmp, and several of them. On SQLite (overlays/sqlite) WSGATE_STATE_DB is on
+    the StatefulSet's volume claim, and there is one replica: SQLite is one file."""
     state = manifests.wsgate_containers()["state"]
     config = _role_config(manifests, "state")
-    statefulset = state.workload
-    # One replica: every object lives on one state service (docs/architecture.md).
-    assert statefulset["spec"]["replicas"] == 1
-    claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
+    workload = state.workload
+    if config.postgres:
+        assert "volumeClaimTemplates" not in workload["spec"], f"{state.name}: a volume claim"
+        for volume in state.pod["volumes"]:
+            assert "emptyDir" in volume, f"{state.name}: volume {volume['name']} keeps data"
+        assert workload["spec"]["replicas"] >= 2, f"{state.name}: one replica over PostgreSQL"
+        return
+    assert manifests.target == "overlays/sqlite", f"{manifests.target}: the state tier on SQLite"
+    assert workload["kind"] == "StatefulSet"
+    assert workload["spec"]["replicas"] == 1
+    claims = {t["metadata"]["name"] for t in workload["spec"]["volumeClaimTemplates"]}
     mounts = {state.mount_of(v) for v in claims}
     assert str(PurePosixPath(str(config.db_path)).parent) in mounts, (
         f"WSGATE_STATE_DB {config.db_path} is not on a volume claim ({mounts})"
     )
+    # It creates or migrates its schema itself at start.
+    assert config.migrates_at_start, "WSGATE_STATE_MIGRATE: the SQLite replica must migrate"
 
 
 def test_nats_config_matches_its_pods_and_the_gateway(manifests: Manifests) -> None:
@@ -804,8 +865,9 @@ async def _client_address(stderr: asyncio.StreamReader, log: list[str]) -> str:
 
 def test_pods_are_locked_down_and_sized(manifests: Manifests) -> None:
     """Non-root, no privilege escalation, no capabilities, RuntimeDefault seccomp, a
-    read-only root with an emptyDir /tmp, requests and limits, pinned images."""
-    for c in manifests.containers():
+    read-only root with an emptyDir /tmp, requests and limits, pinned images; init
+    containers (the state tier's migration) included."""
+    for c in manifests.containers() + manifests.init_containers():
         pod = c.pod
         assert pod["securityContext"]["runAsNonRoot"] is True, c.name
         assert pod["securityContext"]["runAsUser"] == RUN_AS_USER, c.name
@@ -829,16 +891,24 @@ def test_pods_are_locked_down_and_sized(manifests: Manifests) -> None:
         for mount in c.spec.get("volumeMounts", []):
             assert mount["name"] in volumes, f"{c.name}: no volume {mount['name']}"
         assert c.spec.get("imagePullPolicy") == "IfNotPresent", c.name
-    for c in manifests.wsgate_containers().values():
+    wsgate = [
+        c
+        for c in manifests.containers() + manifests.init_containers()
+        if _image_name(c.spec["image"]) == "wsgate"
+    ]
+    for c in wsgate:
         # Python and SQLite write temporary files; the root filesystem is read-only.
         tmp = [v for v in c.pod["volumes"] if c.mount_of(v["name"]) == "/tmp"]
         assert tmp, f"{c.name}: no writable /tmp"
         assert "emptyDir" in tmp[0], f"{c.name}: /tmp is not an emptyDir"
-    # A pinned tag (nats:2.10-alpine), not whatever latest is on the day of a pull.
-    assert ":" in manifests.nats().spec["image"]
-    assert _image_tag(manifests.nats().spec["image"]) != "latest"
+    # A pinned tag (nats:2.10-alpine, postgres:16), not whatever latest is on the day of a
+    # pull.
+    for c in manifests.containers():
+        if _image_name(c.spec["image"]) != "wsgate":
+            assert ":" in c.spec["image"], c.name
+            assert _image_tag(c.spec["image"]) != "latest", c.name
     if manifests.target == "overlays/prod":
-        for c in manifests.wsgate_containers().values():
+        for c in wsgate:
             assert _image_tag(c.spec["image"]) != "latest", f"{c.name}: prod runs a pinned tag"
 
 
@@ -908,6 +978,13 @@ def test_network_policies_let_in_only_the_expected_flows(manifests: Manifests) -
     else:
         # A single server may still allow routes (harmless, nobody dials them).
         allowed = {a for a in allowed if a[:2] != ("nats", "nats")}
+    postgres = manifests.postgres()
+    if postgres is not None:
+        # The state tier (its replicas and their migration) reaches its PostgreSQL on the
+        # port its DSN names, through the Service.
+        dsn = _dsn_parts(state.dsn)
+        target = _service_target(manifests, dsn["host"], int(dsn.get("port", PG_DEFAULT_PORT)))
+        expected.add(("state", component(postgres), postgres.port(target)))
     assert allowed == expected, (
         f"allowed but not expected: {allowed - expected}; expected but not allowed: "
         f"{expected - allowed}"
@@ -923,13 +1000,23 @@ def test_network_policies_let_in_only_the_expected_flows(manifests: Manifests) -
 
 
 def test_scaling_and_disruption_keep_capacity(manifests: Manifests) -> None:
-    """Deployments are scaled by a CPU HPA and roll out by surge; each workload but the
-    single state replica has a PDB; the overlays set what they promise."""
+    """Gateways and workers are scaled by a CPU HPA and roll out by surge; the state tier
+    over PostgreSQL has a fixed count (a change of the replica set moves objects); each
+    workload but a single-replica store (the SQLite state replica, dev's PostgreSQL) has a
+    PDB; the overlays set what they promise."""
     hpas = {
         h["spec"]["scaleTargetRef"]["name"]: h for h in manifests.of_kind("HorizontalPodAutoscaler")
     }
+    state = manifests.wsgate_containers()["state"].workload
     for deployment in manifests.of_kind("Deployment"):
         name = deployment["metadata"]["name"]
+        rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+        if deployment is state:
+            assert name not in hpas, "the state tier must not be autoscaled"
+            assert deployment["spec"]["replicas"] >= 2, name
+            # Either a surge, or one replica out at a time (never two of N).
+            assert (rolling["maxSurge"], rolling["maxUnavailable"]) in {(1, 0), (0, 1)}, name
+            continue
         assert name in hpas, f"Deployment {name} has no HorizontalPodAutoscaler"
         # The autoscaler owns the count; a replicas field would reset it at every apply.
         assert "replicas" not in deployment["spec"], f"Deployment {name} sets replicas"
@@ -937,7 +1024,6 @@ def test_scaling_and_disruption_keep_capacity(manifests: Manifests) -> None:
         assert hpa["spec"]["scaleTargetRef"]["kind"] == "Deployment"
         assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
         assert [m["resource"]["name"] for m in hpa["spec"]["metrics"]] == ["cpu"]
-        rolling = deployment["spec"]["strategy"]["rollingUpdate"]
         # Surge first, never below the current count: capacity holds during a rollout.
         assert rolling["maxUnavailable"] == 0, name
         assert rolling["maxSurge"] not in (0, "0%"), name
@@ -950,11 +1036,24 @@ def test_scaling_and_disruption_keep_capacity(manifests: Manifests) -> None:
             for p in manifests.of_kind("PodDisruptionBudget")
             if _selects(p["spec"]["selector"], labels)
         ]
-        # The state service (one replica) has none: it would only block node drains.
-        if workload is not manifests.wsgate_containers()["state"].workload:
+        single_store = workload["kind"] == "StatefulSet" and (
+            workload is state or labels.get("app.kubernetes.io/name") == "postgres"
+        )
+        if single_store:
+            # One replica keeping data on its volume: a PDB would only block node drains.
+            assert workload["spec"]["replicas"] == 1, name
+            assert not pdbs, f"{name}: a PDB on a single replica"
+        else:
             assert len(pdbs) == 1, f"{name}: {len(pdbs)} PodDisruptionBudgets"
             # maxUnavailable, not minAvailable: one replica (dev) must not block a drain.
             assert pdbs[0]["spec"].get("maxUnavailable") == 1, name
+
+    # A required one-per-node anti-affinity leaves a surge pod nowhere to go once every
+    # node has a replica: such a rollout must replace pods, not add one first.
+    for workload in manifests.of_kind("Deployment"):
+        if _required_one_per_node(workload):
+            rolling = workload["spec"]["strategy"]["rollingUpdate"]
+            assert rolling["maxSurge"] == 0, workload["metadata"]["name"]
 
     gateway_service = [
         s
@@ -967,9 +1066,261 @@ def test_scaling_and_disruption_keep_capacity(manifests: Manifests) -> None:
         assert service["spec"]["type"] == "LoadBalancer"
         assert all(h["spec"]["minReplicas"] >= 2 for h in hpas.values())
         assert nats_replicas == 3
+        # Three state replicas over PostgreSQL, one per node.
+        assert state["kind"] == "Deployment"
+        assert state["spec"]["replicas"] == 3
+        assert _required_one_per_node(state), "prod: state replicas not required on 3 nodes"
     elif manifests.target == "overlays/dev":
         assert service["spec"]["type"] == "ClusterIP"
         assert all(h["spec"]["minReplicas"] == 1 for h in hpas.values())
         assert nats_replicas == 1
+        assert state["spec"]["replicas"] == 2
     else:
         assert nats_replicas == 3
+    if manifests.target != "overlays/sqlite":
+        # Spread over nodes at least where the nodes allow it.
+        affinity = state["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        terms = [
+            *affinity.get("requiredDuringSchedulingIgnoredDuringExecution", []),
+            *(
+                t["podAffinityTerm"]
+                for t in affinity.get("preferredDuringSchedulingIgnoredDuringExecution", [])
+            ),
+        ]
+        labels = state["spec"]["template"]["metadata"]["labels"]
+        assert any(
+            t["topologyKey"] == "kubernetes.io/hostname" and _selects(t["labelSelector"], labels)
+            for t in terms
+        ), "state replicas: no anti-affinity across nodes"
+
+
+def _required_one_per_node(workload: dict[str, Any]) -> bool:
+    """Whether the workload's pods must each be on a node without another of them."""
+    labels = workload["spec"]["template"]["metadata"]["labels"]
+    affinity = workload["spec"]["template"]["spec"].get("affinity", {}).get("podAntiAffinity", {})
+    return any(
+        t["topologyKey"] == "kubernetes.io/hostname" and _selects(t["labelSelector"], labels)
+        for t in affinity.get("requiredDuringSchedulingIgnoredDuringExecution", [])
+    )
+
+
+# -- the state tier's database --------------------------------------------------------------
+
+
+def _dsn_parts(dsn: str) -> dict[str, str]:
+    """The parameters of a libpq key=value string or postgresql:// URL."""
+    return {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items()}
+
+
+def _env_var(c: Container, name: str) -> dict[str, Any] | None:
+    return next((v for v in c.spec.get("env", []) if v["name"] == name), None)
+
+
+def _migration(m: Manifests) -> Container:
+    """The container that runs ``wsgate state migrate`` before the state replicas start."""
+    state = m.wsgate_containers()["state"]
+    found = [
+        c
+        for c in m.init_containers()
+        if c.workload is state.workload and _image_name(c.spec["image"]) == "wsgate"
+    ]
+    assert len(found) == 1, f"{m.target}: expected one wsgate init container, found {found}"
+    return found[0]
+
+
+def test_state_dsn_comes_from_a_secret(manifests: Manifests) -> None:
+    """WSGATE_STATE_DSN is read from a Secret (secretKeyRef) wherever it is set, never
+    written in a container's env, arguments or a ConfigMap; no DSN with a password is
+    written anywhere but a Secret. The Secrets the manifests use are all made by the
+    kustomization, except the external ones (the production DSN), which docs/deploy.md
+    tells how to create; the dev overlay makes every Secret it uses."""
+    m = manifests
+    for c in m.containers() + m.init_containers():
+        for var in c.spec.get("env", []):
+            if "value" in var:
+                assert not _DSN_WITH_PASSWORD.search(var["value"]), f"{c.name}: {var['name']}"
+        if (var := _env_var(c, "WSGATE_STATE_DSN")) is not None:
+            assert "secretKeyRef" in var.get("valueFrom", {}), f"{c.name}: DSN not from a Secret"
+        words = [*c.spec.get("command", []), *c.spec.get("args", [])]
+        assert not any(w.startswith("--dsn") for w in words), f"{c.name}: the DSN in arguments"
+        assert not any(_DSN_WITH_PASSWORD.search(w) for w in words), c.name
+    for cm in m.of_kind("ConfigMap"):
+        data = cm.get("data", {})
+        assert "WSGATE_STATE_DSN" not in data, f"ConfigMap {cm['metadata']['name']} has the DSN"
+        for key, value in data.items():
+            assert not _DSN_WITH_PASSWORD.search(value), (
+                f"ConfigMap {cm['metadata']['name']}: {key}"
+            )
+
+    referenced = {
+        var["valueFrom"]["secretKeyRef"]["name"]
+        for c in m.containers() + m.init_containers()
+        for var in c.spec.get("env", [])
+        if "secretKeyRef" in var.get("valueFrom", {})
+    }
+    missing = {name for name in referenced if not m.renders("Secret", name)}
+    if m.target == "overlays/dev":
+        assert not missing, f"dev must make every Secret it uses: {missing}"
+    else:
+        assert missing <= set(EXTERNAL_SECRETS), f"Secrets neither made nor external: {missing}"
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name in missing:
+        assert EXTERNAL_SECRET_COMMAND.format(name=name) in docs, f"docs: how to create {name}"
+        for key in EXTERNAL_SECRETS[name]:
+            assert f"--from-literal={key}=" in docs, f"docs: the key {key} of {name}"
+
+    config = _role_config(m, "state")
+    if m.target == "overlays/sqlite":
+        assert not config.postgres, "sqlite: the state tier has a DSN"
+    else:
+        # PostgreSQL is the default: the base and every overlay but sqlite.
+        assert config.postgres, f"{m.target}: the state tier has no DSN"
+        state_ref = _env_var(m.wsgate_containers()["state"], "WSGATE_STATE_DSN")
+        migrate_ref = _env_var(_migration(m), "WSGATE_STATE_DSN")
+        assert state_ref is not None
+        assert migrate_ref == state_ref, "the migration and the replicas read different DSNs"
+
+
+def test_state_replicas_advertise_their_pod_ip(manifests: Manifests) -> None:
+    """Over PostgreSQL, each replica advertises ``<pod IP>:<its gRPC port>`` (the bound
+    0.0.0.0 reaches nobody): a variable from the downward API's pod IP, defined before."""
+    config = _role_config(manifests, "state")
+    if not config.postgres:
+        return  # one replica on SQLite: it has no one to advertise itself to
+    state = manifests.wsgate_containers()["state"]
+    env = state.spec["env"]
+    names = [v["name"] for v in env]
+    advertise = _env_var(state, "WSGATE_STATE_ADVERTISE")
+    assert advertise is not None, f"{state.name}: no WSGATE_STATE_ADVERTISE"
+    match = re.fullmatch(r"(\[?)\$\(([A-Za-z_][A-Za-z0-9_]*)\)(\]?):(.+)", advertise["value"])
+    assert match, f"{state.name}: WSGATE_STATE_ADVERTISE={advertise['value']!r}"
+    ip_var = match.group(2)
+    assert ip_var in names[: names.index("WSGATE_STATE_ADVERTISE")], f"{ip_var} defined too late"
+    field = (_env_var(state, ip_var) or {}).get("valueFrom", {}).get("fieldRef", {})
+    assert field.get("fieldPath") in POD_IP_FIELDS, f"{ip_var} is not the pod's IP"
+    # The port is the one the replica serves gRPC on.
+    host, port = _host_port(config.advertise)
+    assert host.strip("[]") == f"<{field['fieldPath']}>"
+    assert port == config.port, f"advertised port {port}, gRPC on {config.port}"
+
+
+def test_state_schema_is_migrated_before_a_replica_starts(manifests: Manifests) -> None:
+    """Over PostgreSQL an init container of each replica runs ``wsgate state migrate``
+    with the replicas' own settings and DSN, and the replicas only check the schema; on
+    SQLite the one replica migrates at start."""
+    config = _role_config(manifests, "state")
+    state = manifests.wsgate_containers()["state"]
+    if not config.postgres:
+        assert config.migrates_at_start
+        assert not state.pod.get("initContainers"), "SQLite needs no migration container"
+        return
+    assert not config.migrates_at_start, "replicas migrate at start: leave it to the init one"
+    c = _migration(manifests)
+    assert c.spec.get("command", ["wsgate"]) == ["wsgate"], c.name
+    assert c.spec["args"][:2] == ["state", "migrate"], f"{c.name}: {c.spec['args']}"
+    assert c.spec["image"] == state.spec["image"], "the migration and the replicas' images differ"
+    env = _pod_env(manifests, c)
+    names = _role_env_names("state")
+    unknown = sorted(n for n in env if n.startswith("WSGATE_") and n not in names)
+    assert not unknown, f"{c.name}: wsgate state reads no {unknown}"
+    # The same settings as the replicas': what `wsgate state` builds from them is valid,
+    # and names the same database.
+    try:
+        args = build_parser(env).parse_args(["state"])
+    except SystemExit as exc:
+        pytest.fail(f"{c.name}: wsgate state rejects its environment ({exc})")
+    assert args.dsn == config.dsn
+
+
+def test_migration_runs_a_command_of_the_wsgate_cli(manifests: Manifests) -> None:
+    """The migration's argument list parses as ``wsgate`` parses it (skipped while the
+    CLI has no ``state migrate``)."""
+    if not _role_config(manifests, "state").postgres:
+        return
+    c = _migration(manifests)
+    state_parser = _subcommands()["state"]
+    nested = [a for a in state_parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not any("migrate" in a.choices for a in nested):
+        pytest.skip("wsgate.cli has no `wsgate state migrate` yet")
+    try:
+        build_parser(_pod_env(manifests, c)).parse_args(c.spec["args"])
+    except SystemExit as exc:
+        pytest.fail(f"{c.name}: wsgate rejects {c.spec['args']} ({exc})")
+
+
+def test_dev_overlay_runs_a_postgresql_for_the_state_tier() -> None:
+    """Only the dev overlay runs a PostgreSQL: the state tier's DSN reaches it through its
+    Service, names the user, password and database its entrypoint creates, and says its
+    sslmode; its data directory is a directory of its own on its volume."""
+    for target in TARGETS:
+        if target != "overlays/dev":
+            assert Manifests(target, _render(target)).postgres() is None, target
+    m = Manifests("overlays/dev", _render("overlays/dev"))
+    pg = m.postgres()
+    assert pg is not None, "dev: no PostgreSQL"
+    assert re.fullmatch(r"\d+(\.\d+)?(-[a-z0-9]+)?", _image_tag(pg.spec["image"])), pg.spec["image"]
+    dsn = _dsn_parts(_role_config(m, "state").dsn)
+    port = int(dsn.get("port", PG_DEFAULT_PORT))
+    _assert_service_reaches(m, dsn["host"], port, pg)
+    assert pg.port(_service_target(m, dsn["host"], port)) == pg.port("postgres")
+    env = _pod_env(m, pg)
+    assert dsn["user"] == env["POSTGRES_USER"]
+    assert dsn["password"] == env["POSTGRES_PASSWORD"]
+    assert dsn["dbname"] == env.get("POSTGRES_DB", env["POSTGRES_USER"])
+    assert dsn.get("sslmode"), "say the sslmode (disable for the dev server, which has no TLS)"
+    # initdb wants a directory of its own user, mode 0700: not the volume's root.
+    claims = {t["metadata"]["name"] for t in pg.workload["spec"]["volumeClaimTemplates"]}
+    (mount,) = {pg.mount_of(v) for v in claims} - {None}
+    pgdata = PurePosixPath(env["PGDATA"])
+    assert pgdata.is_relative_to(str(mount)), pgdata
+    assert pgdata != PurePosixPath(str(mount)), pgdata
+    # A fast shutdown: SIGTERM alone waits for the state replicas' sessions to end.
+    assert "pg_ctl" in pg.spec["lifecycle"]["preStop"]["exec"]["command"]
+
+
+async def test_dev_postgresql_lets_the_state_dsn_in(tmp_path: Path) -> None:
+    """The dev overlay's user, password and database, made on a real PostgreSQL (Debian's,
+    on 127.0.0.1) as the image's entrypoint makes them, with password authentication: the
+    state tier's DSN (its host and port moved there) gets in, the schema is created on
+    it and a replica's start accepts it; a wrong password is refused."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL's binaries are not installed (scripts/bootstrap test does)")
+    m = Manifests("overlays/dev", _render("overlays/dev"))
+    pg = m.postgres()
+    assert pg is not None
+    env = _pod_env(m, pg)
+    user, password = env["POSTGRES_USER"], env["POSTGRES_PASSWORD"]
+    database = env.get("POSTGRES_DB", user)
+    with running_postgres(tmp_path / "pg") as server:
+        with psycopg.connect(server.dsn, autocommit=True) as admin:
+            admin.execute(
+                psycopg.sql.SQL("CREATE ROLE {} LOGIN SUPERUSER PASSWORD {}").format(
+                    psycopg.sql.Identifier(user), psycopg.sql.Literal(password)
+                )
+            )
+            admin.execute(
+                psycopg.sql.SQL("CREATE DATABASE {} OWNER {}").format(
+                    psycopg.sql.Identifier(database), psycopg.sql.Identifier(user)
+                )
+            )
+            # As the image's pg_hba.conf: passwords over TCP (the admin keeps trust).
+            hba = server.data_dir / "pg_hba.conf"
+            hba.write_text(
+                "local all all trust\n"
+                f"host all {server.user} {server.host}/32 trust\n"
+                f"host all all {server.host}/32 scram-sha-256\n"
+            )
+            admin.execute("SELECT pg_reload_conf()")
+        dsn = psycopg.conninfo.make_conninfo(
+            _role_config(m, "state").dsn, host=server.host, port=str(server.port)
+        )
+        storage = PostgresStorage(dsn, migrate=True)
+        await storage.start()
+        await storage.close()
+        # What a replica does at start: the schema is there, at this code's version.
+        replica = PostgresStorage(dsn, migrate=False)
+        await replica.start()
+        await replica.close()
+        wrong = psycopg.conninfo.make_conninfo(dsn, password=password + "-wrong")
+        with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+            psycopg.connect(wrong, connect_timeout=5).close()
