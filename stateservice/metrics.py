@@ -14,6 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from stateservice.locks import ObjectLocks
+from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
 from stateservice.storage import Storage
 
@@ -25,7 +26,9 @@ class _StorageCollector(Collector):
         locks: ObjectLocks,
         presence: Callable[[], PresenceStats | None],
         leases: Callable[[], int],
+        ownership: Callable[[], Ownership | None],
     ) -> None:
+        self._ownership = ownership
         self._storage = storage
         self._locks = locks
         self._presence = presence
@@ -34,7 +37,9 @@ class _StorageCollector(Collector):
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         stats = self._storage.stats
         yield CounterMetricFamily(
-            "wsgate_state_commits", "SQLite commits (one fsync each)", value=stats.commits
+            "wsgate_state_commits",
+            "Database commits, one per batch (one fsync each); rate() is commits/s",
+            value=stats.commits,
         )
         yield CounterMetricFamily(
             "wsgate_state_writes", "Write operations committed", value=stats.writes
@@ -52,6 +57,28 @@ class _StorageCollector(Collector):
             "Objects whose activation a worker holds (or held, until another asks)",
             value=self._leases(),
         )
+        yield CounterMetricFamily(
+            "wsgate_state_batch_retries",
+            "PostgreSQL batches run again after a deadlock or serialization failure",
+            value=stats.retries,
+        )
+        ownership = self._ownership()
+        if ownership is not None:
+            yield GaugeMetricFamily(
+                "wsgate_state_replicas",
+                "State replicas alive on the bus, as this one sees them (itself included)",
+                value=ownership.live(),
+            )
+            yield GaugeMetricFamily(
+                "wsgate_state_objects",
+                "Objects this replica served calls about in the last minute",
+                value=ownership.served(),
+            )
+            yield CounterMetricFamily(
+                "wsgate_state_not_owner",
+                "Calls refused with NOT_OWNER: another replica owns their object",
+                value=ownership.refused,
+            )
         presence = self._presence()
         if presence is not None:
             yield CounterMetricFamily(
@@ -81,10 +108,11 @@ def state_registry(
     locks: ObjectLocks,
     presence: Callable[[], PresenceStats | None] = lambda: None,
     leases: Callable[[], int] = lambda: 0,
+    ownership: Callable[[], Ownership | None] = lambda: None,
 ) -> CollectorRegistry:
     """A registry exposing the storage's figures, the objects' leases, and the membership
     leases' once ``presence()`` has them (the membership part exists only once the server
     started)."""
     registry = CollectorRegistry()
-    registry.register(_StorageCollector(storage, locks, presence, leases))
+    registry.register(_StorageCollector(storage, locks, presence, leases, ownership))
     return registry

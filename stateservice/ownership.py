@@ -10,11 +10,15 @@ live replica runs each, and another takes over when it dies.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from stateservice.storage import ObjectId
 from wsgate.errors import NotOwner
 from wsgate.placement import Replica, ReplicaWatch, object_key
+
+#: ``wsgate_state_objects`` counts the objects served within this many seconds.
+SERVED_WINDOW_S = 60.0
 
 
 class Ownership:
@@ -26,6 +30,22 @@ class Ownership:
         self.watch = watch
         #: Called with the live replicas when the set changes (the parts subscribe here).
         self.listeners: list[Callable[[list[Replica]], None]] = []
+        #: Calls refused because another replica owns their object.
+        self.refused = 0
+        # Object -> when this replica last served a call about it (monotonic s).
+        self._served: dict[ObjectId, float] = {}
+
+    def served(self, within_s: float = SERVED_WINDOW_S) -> int:
+        """How many objects this replica served calls about in the last ``within_s``
+        seconds (older ones are forgotten)."""
+        horizon = time.monotonic() - within_s
+        for obj in [obj for obj, at in self._served.items() if at < horizon]:
+            del self._served[obj]
+        return len(self._served)
+
+    def live(self) -> int:
+        """How many replicas are alive, this one included."""
+        return 1 if self.watch is None else len(self.watch.known())
 
     @property
     def alone(self) -> bool:
@@ -47,10 +67,13 @@ class Ownership:
     def refusal(self, obj: ObjectId) -> NotOwner | None:
         """NotOwner naming the owner if this replica does not own ``obj``, else None."""
         if self.watch is None:
+            self._served[obj] = time.monotonic()
             return None
         owner = self.watch.owner(object_key(obj.namespace, obj.name))
         if owner == self.own:
+            self._served[obj] = time.monotonic()
             return None
+        self.refused += 1
         if owner is None:  # cannot happen: a replica is always alive to itself
             return NotOwner(f"no live replica owns {obj.namespace!r}/{obj.name!r}")
         return NotOwner(

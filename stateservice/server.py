@@ -78,7 +78,11 @@ class StateServer(Service):
             config.probe_port,
             is_ready=self._is_ready,
             registry=state_registry(
-                self.storage, self.locks, self._presence_stats, lambda: len(self.leases.table)
+                self.storage,
+                self.locks,
+                self._presence_stats,
+                lambda: len(self.leases.table),
+                lambda: self.ownership,
             ),
         )
         self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"

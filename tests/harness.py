@@ -30,6 +30,8 @@ class Stack:
     log_dir: Path
     nats: Child | None = None
     state: Child | None = None
+    #: State replicas over PostgreSQL (start_replica), beside or instead of ``state``.
+    replicas: list[Child] = field(default_factory=list)
     workers: list[Child] = field(default_factory=list)
     gateways: list[Child] = field(default_factory=list)
     _logs: list[IO[Any]] = field(default_factory=list)
@@ -96,6 +98,31 @@ class Stack:
         self.state = spawn("state", argv, stdout=log, stderr=log, env=_env())
         return self.state
 
+    def start_replica(self, dsn: str, *extra: str, replica_id: str = "") -> Child:
+        """Start one state replica over the PostgreSQL at ``dsn`` (schema migrated at
+        start); ``replica_id`` defaults to ``replica<n>``."""
+        replica_id = replica_id or f"replica{len(self.replicas)}"
+        log = self.log_file(replica_id)
+        argv = python_role_argv(
+            "state",
+            "--nats-url",
+            self.nats_url,
+            "--port",
+            "0",
+            "--probe-port",
+            "0",
+            "--dsn",
+            dsn,
+            "--migrate",
+            "yes",
+            "--replica-id",
+            replica_id,
+            *extra,
+        )
+        child = spawn(replica_id, argv, stdout=log, stderr=log, env=_env())
+        self.replicas.append(child)
+        return child
+
     def start_worker(self, app: str = "examples.app:app", *extra: str) -> Child:
         log = self.log_file(f"worker{len(self.workers)}")
         argv = python_role_argv(
@@ -103,6 +130,9 @@ class Stack:
         )
         if self.state is not None:
             argv += ["--state-address", str(self.state.info["address"])]
+        elif self.replicas:
+            # Only until the worker hears the replicas on the bus.
+            argv += ["--state-address", str(self.replicas[0].info["address"])]
         child = spawn("worker", argv, stdout=log, stderr=log, env=_env())
         self.workers.append(child)
         return child
@@ -122,7 +152,7 @@ class Stack:
 
     def forget(self, child: Child) -> None:
         """Stop tracking a child the test has stopped itself."""
-        for group in (self.workers, self.gateways):
+        for group in (self.replicas, self.workers, self.gateways):
             if child in group:
                 group.remove(child)
         if child is self.nats:
@@ -131,7 +161,7 @@ class Stack:
             self.state = None
 
     def children(self) -> list[Child]:
-        found = [self.nats, self.state, *self.workers, *self.gateways]
+        found = [self.nats, self.state, *self.replicas, *self.workers, *self.gateways]
         return [c for c in found if c is not None]
 
     def stop(self) -> dict[str, int]:

@@ -138,16 +138,31 @@ class StateClient(StartsAndCloses):
         """Route calls by object over the replicas ``watch`` hears (see the class doc)."""
         self._watch = watch
 
+    @property
+    def waits_for_ready(self) -> bool:
+        """Whether a call waits for its channel to connect (within its deadline), or fails
+        at once with UNAVAILABLE when the replica cannot be reached.
+
+        One replica (none heard on the bus): wait, so a restarting state service is waited
+        for. Several: fail fast, because the callers retry and each retry goes to the
+        object's owner as the view has it then; a call waiting on a dead replica's channel
+        would wait out its whole deadline even after the others took its objects over.
+        """
+        return self._watch is None or not self._watch.known()
+
     def replicas_changed(self, live: list[Replica]) -> None:
-        """Close the channels of replicas that are gone (keep the configured address)."""
+        """Forget the channels of replicas that are gone (keep the configured address);
+        each is closed a while later. Not at once: gRPC ends the calls still on a channel
+        it closes with asyncio.CancelledError, which would look like the caller's own
+        cancellation; calls fail fast once a replica is gone (waits_for_ready), so none is
+        left on it after CHANNEL_LINGER_S."""
         alive = {replica.address for replica in live} | {self.address}
+        loop = asyncio.get_running_loop()
         for address in list(self._endpoints):
             if address not in alive:
                 endpoint = self._endpoints.pop(address)
                 endpoint.closed = True
-                task = asyncio.ensure_future(endpoint.channel.close(grace=1.0))
-                _closing.add(task)
-                task.add_done_callback(_closing.discard)
+                loop.call_later(CHANNEL_LINGER_S, _close_later, endpoint)
 
     async def close(self) -> None:
         """Close the channels; calls in flight are cancelled. Idempotent."""
@@ -218,7 +233,9 @@ class StateClient(StartsAndCloses):
             endpoint = self.endpoint(address)
             try:
                 return await getattr(endpoint.stubs[service], method)(
-                    request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=True
+                    request,
+                    timeout=max(deadline - loop.time(), 0.001),
+                    wait_for_ready=self.waits_for_ready,
                 )
             except grpc.RpcError as exc:
                 error = self._error(exc, method, endpoint)
@@ -254,7 +271,7 @@ class StateClient(StartsAndCloses):
         endpoint = self.endpoint(address)
         try:
             return await getattr(endpoint.stubs[service], method)(
-                request, timeout=timeout_s or self.timeout_s, wait_for_ready=True
+                request, timeout=timeout_s or self.timeout_s, wait_for_ready=self.waits_for_ready
             )
         except grpc.RpcError as exc:
             raise self._error(exc, method, endpoint) from exc
@@ -294,8 +311,17 @@ MAX_REDIRECTS = 3
 #: ... waiting this long times the attempt before the second and later (views settle).
 REDIRECT_BACKOFF_S = 0.1
 
+#: A gone replica's channel is closed this long after it left the view.
+CHANNEL_LINGER_S = 30.0
+
 #: Channels being closed (kept referenced until they are).
 _closing: set[asyncio.Future[Any]] = set()
+
+
+def _close_later(endpoint: _Endpoint) -> None:
+    task = asyncio.ensure_future(endpoint.channel.close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def _names_object(request: Any) -> bool:
@@ -387,7 +413,7 @@ class _WritePipeline:
                     call = self._endpoint.stubs["State"].Write(
                         request,
                         timeout=max(deadline - loop.time(), 0.001),
-                        wait_for_ready=True,
+                        wait_for_ready=self._client.waits_for_ready,
                     )
                     async for response in call:
                         for result in response.results:
@@ -628,7 +654,8 @@ class ObjectStorage:
     ) -> T:
         endpoint = self._client.endpoint(address)
         call = endpoint.stubs["State"].Transaction(
-            timeout=timeout_s or self._client.timeout_s, wait_for_ready=True
+            timeout=timeout_s or self._client.timeout_s,
+            wait_for_ready=self._client.waits_for_ready,
         )
         try:
             begin = pb.TransactionBegin(object=self._object, idempotency_key=key)

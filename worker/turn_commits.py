@@ -162,7 +162,9 @@ class _ReplicaCommits:
                 try:
                     endpoint = self._client.endpoint(self._address)
                     response = await endpoint.stubs["Activations"].CommitTurns(
-                        request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=True
+                        request,
+                        timeout=max(deadline - loop.time(), 0.001),
+                        wait_for_ready=self._client.waits_for_ready,
                     )
                     break
                 except grpc.RpcError as exc:

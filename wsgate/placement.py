@@ -49,8 +49,9 @@ class Replica:
 
 
 def object_key(namespace: str, name: str) -> str:
-    """The placement key of a durable object (NUL cannot occur in either part's meaning)."""
-    return f"o\x00{namespace}\x00{name}"
+    """The placement key of a durable object. The namespace's length comes first, so no
+    two (namespace, name) pairs share a key whatever characters they hold."""
+    return f"o{len(namespace)}:{namespace}{name}"
 
 
 def gateway_key(gateway_id: str) -> str:
@@ -162,7 +163,7 @@ class ReplicaWatch:
         """Subscribe, announce (on a replica) and start the timer."""
         self._sub = await self._nc.subscribe(self._subject, cb=self._on_message)
         if self._announce:
-            await self._publish(leaving=False)
+            await self._publish(leaving=False, hello=True)
         self._task = asyncio.get_running_loop().create_task(self._tick())
 
     async def close(self) -> None:
@@ -212,7 +213,7 @@ class ReplicaWatch:
             if self._on_change is not None:
                 self._on_change(live)
 
-    async def _publish(self, *, leaving: bool) -> None:
+    async def _publish(self, *, leaving: bool, hello: bool = False) -> None:
         own = self.directory.own
         assert own is not None
         message = envelope_pb.StateReplica(
@@ -220,6 +221,7 @@ class ReplicaWatch:
             address=own.address,
             timeout_ms=max(1, round(self.timeout_s * 1000)),
             leaving=leaving,
+            hello=hello,
         )
         await self._nc.publish(self._subject, message.SerializeToString())
 
@@ -234,7 +236,9 @@ class ReplicaWatch:
             return
         replica = Replica(message.replica_id, message.address)
         now = time.monotonic()
-        newcomer = not message.leaving and replica not in self.directory.live(now)
+        newcomer = not message.leaving and (
+            message.hello or replica not in self.directory.live(now)
+        )
         self.directory.heard(replica, message.timeout_ms / 1000, message.leaving, now)
         self.check()
         if newcomer and self._announce and replica != self.directory.own:

@@ -17,7 +17,8 @@ app = App()
 class Naive(DurableObject):
     """Cloudflare's counter as a Worker author writes it: get, then put, no transaction.
     "read" answers the value without changing it; "alarm" sets the alarm to now (its turn
-    increments too) and answers "alarm"; anything else increments it."""
+    increments too) and answers "alarm", "alarm-in <ms>" that far ahead; "alarm?" answers
+    whether an alarm is set ("set" or "none"); anything else increments it."""
 
     async def on_message(self, conn: Connection, message: str | bytes) -> None:
         if message == "read":
@@ -26,6 +27,13 @@ class Naive(DurableObject):
         if message == "alarm":
             await self.alarm.set(time.time())
             await conn.send("alarm")
+            return
+        if isinstance(message, str) and message.startswith("alarm-in "):
+            await self.alarm.set(time.time() + int(message.split(" ")[1]) / 1000)
+            await conn.send("alarm")
+            return
+        if message == "alarm?":
+            await conn.send("none" if await self.alarm.get() is None else "set")
             return
         value = (await self.storage.get("count", 0)) + 1
         await self.storage.put("count", value)

@@ -573,6 +573,7 @@ class StateReplica(_message.Message):
     ADDRESS_FIELD_NUMBER: _builtins.int
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     LEAVING_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
     replica_id: _builtins.str
     """The replica's id (unique; the hash is over it)."""
     address: _builtins.str
@@ -581,6 +582,11 @@ class StateReplica(_message.Message):
     """How long this announcement holds, in milliseconds (a few intervals)."""
     leaving: _builtins.bool
     """The replica is shutting down: drop it from the set at once."""
+    hello: _builtins.bool
+    """The replica's first announcement since it started: every other replica answers it at
+    once with its own, so the newcomer knows them all before it serves (even one that
+    restarted with the same id and address, which the others still count as alive).
+    """
     def __init__(
         self,
         *,
@@ -588,10 +594,11 @@ class StateReplica(_message.Message):
         address: _builtins.str = ...,
         timeout_ms: _builtins.int = ...,
         leaving: _builtins.bool = ...,
+        hello: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "leaving", b"leaving", "replica_id", b"replica_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "hello", b"hello", "leaving", b"leaving", "replica_id", b"replica_id", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
