@@ -70,7 +70,7 @@ MAX_BATCH_OPS = 2048
 PG_BATCH_ATTEMPTS = 5
 
 #: What the databases raise; a storage failure is one of these (or RuntimeError when closed).
-DATABASE_ERRORS: tuple[type[Exception], ...] = (sqlite3.Error, psycopg.Error)
+DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
 
 class Sql(Protocol):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import enum
+import functools
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -336,7 +337,8 @@ def _write_object(write: pb.Write) -> pb.ObjectId | None:
     if kind is None:
         return None
     op: Any = getattr(write, kind)
-    return op.object  # type: ignore[no-any-return]
+    obj: pb.ObjectId = op.object
+    return obj
 
 
 class _WritePipeline:
@@ -455,7 +457,7 @@ class _WritePipeline:
             if address != self._endpoint.address:
                 del unanswered[position]
                 again = self._client.endpoint(address).writes.submit(write)
-                again.add_done_callback(lambda done, f=future: _copy_outcome(done, f))
+                again.add_done_callback(functools.partial(_copy_into, future))
 
     def _redirect(
         self, write: pb.Write, result: pb.WriteResult, future: asyncio.Future[pb.WriteResult]
@@ -482,6 +484,10 @@ class _WritePipeline:
 
 def _not_owner(result: pb.WriteResult) -> bool:
     return result.WhichOneof("outcome") == "failure" and result.failure.info.reason == "NOT_OWNER"
+
+
+def _copy_into(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
+    _copy_outcome(source, target)
 
 
 def _copy_outcome(source: asyncio.Future[Any], target: asyncio.Future[Any]) -> None:

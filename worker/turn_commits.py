@@ -14,6 +14,7 @@ its first turn, and answers that it is committed).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -96,7 +97,7 @@ class _ReplicaCommits:
                 staying.append((turns, future))
                 continue
             again = committer.commit(turns)
-            again.add_done_callback(lambda done, f=future: _copy_outcome(done, f))
+            again.add_done_callback(functools.partial(_copy_into, future))
         return staying
 
     def __init__(
@@ -202,6 +203,10 @@ class _ReplicaCommits:
             if self._queue and not self._scheduled:
                 self._scheduled = True
                 loop.call_soon(self._send_queued)
+
+
+def _copy_into(target: asyncio.Future[Any], source: asyncio.Future[pb.ObjectTurnsResult]) -> None:
+    _copy_outcome(source, target)
 
 
 def _copy_outcome(

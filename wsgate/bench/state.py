@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from stateservice.storage import ObjectId, PutKeys
+from stateservice.storage import ObjectId, PutKeys, SqliteConnection
 from worker.state_client import StateClient
 from wsgate.bench.histogram import LatencyHistogram
 from wsgate.bench.processes import ROLE_LOG_LEVEL, BenchError
@@ -644,12 +644,12 @@ async def measure_service(
 # -- naive: one transaction per write ---------------------------------------------------------
 
 
-def open_naive_connection(db_path: Path) -> sqlite3.Connection:
+def open_naive_connection(db_path: Path) -> SqliteConnection:
     """A connection as the state service opens its own (WAL, ``synchronous=FULL``, a busy
     timeout), with both settings read back: so each COMMIT fsyncs the WAL. Raises
     BenchError if SQLite did not take them."""
     # isolation_level=None: no implicit transactions; the loop issues BEGIN and COMMIT.
-    conn = sqlite3.connect(db_path, isolation_level=None)
+    conn = sqlite3.connect(db_path, isolation_level=None, factory=SqliteConnection)
     try:
         conn.execute(f"PRAGMA busy_timeout={NAIVE_BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA synchronous=FULL")
