@@ -8,6 +8,7 @@ from collections.abc import Awaitable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+import psycopg
 
 from stateservice.ownership import Ownership
 from stateservice.storage import DATABASE_ERRORS, ObjectId
@@ -65,10 +66,18 @@ async def require_owner(context: Any, ownership: Ownership | None, obj: ObjectId
 
 async def stored(context: Any, operation: Awaitable[T]) -> T:
     """Await a storage operation; a disk failure ends the call with INTERNAL (the batch was
-    rolled back, nothing of it was stored)."""
+    rolled back, nothing of it was stored). A lost connection to PostgreSQL (a failover,
+    a restart) ends it with UNAVAILABLE instead, which clients retry: whether its COMMIT
+    happened is unknown, and every write that retries may be made twice (keyed writes and
+    commits of turns are recognised; the others set absolutely)."""
     try:
         return await operation
     except DATABASE_ERRORS as exc:
         log.exception("storage failed")
-        await context.abort(grpc.StatusCode.INTERNAL, f"storage failed: {exc}")
+        code = (
+            grpc.StatusCode.UNAVAILABLE
+            if isinstance(exc, psycopg.OperationalError)
+            else grpc.StatusCode.INTERNAL
+        )
+        await context.abort(code, f"storage failed: {exc}")
         raise AssertionError("unreachable: ServicerContext.abort() raises") from exc
