@@ -556,6 +556,7 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
     async def _outside_write(self, context: Any, obj: ObjectId, op: Operation[T]) -> T:
         """Store ``op`` unless an activation holds the object (FAILED_PRECONDITION): its
         alarm is then set and deleted by its own turns."""
+        await stored(context, self._leases.check_outside_writes([obj]))
         try:
             self._leases.admit_outside_write(obj, time.monotonic())
         except ObjectActive as exc:

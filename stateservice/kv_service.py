@@ -102,6 +102,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         held: dict[asyncio.Future[Applied], int] = {}
         objects: dict[tuple[str, str], ObjectId] = {}  # one ObjectId per object of the call
         ownership = self._context.ownership
+        await stored(context, self._leases.check_outside_writes(_write_objects(request)))
         now = time.monotonic()
         for index, write in enumerate(request.writes):
             try:
@@ -193,6 +194,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
         await require_owner(context, self._context.ownership, obj)
+        await stored(context, self._leases.check_outside_writes([obj]))
         try:
             self._leases.admit_outside_write(obj, time.monotonic())
         except ObjectActive as exc:
@@ -365,6 +367,20 @@ def _write_op(
         obj = _cached_object_id(write.delete_all.object, objects)
         return obj, DeleteAll(obj)
     raise InvalidRequest("a write names no operation")
+
+
+def _write_objects(request: pb.WriteRequest) -> list[ObjectId]:
+    """The objects a Write call's well-formed writes name (malformed ones are refused
+    later, one by one)."""
+    found: list[ObjectId] = []
+    for write in request.writes:
+        kind = write.WhichOneof("op")
+        if kind is None:
+            continue
+        message = getattr(write, kind).object
+        if message.namespace:
+            found.append(ObjectId(message.namespace, message.name))
+    return found
 
 
 def _cached_object_id(

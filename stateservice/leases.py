@@ -43,6 +43,10 @@ from wsgate.errors import ObjectActive
 log = logging.getLogger(__name__)
 
 
+#: Objects remembered as checked (their stored lease read) at most; then forgotten.
+MAX_CHECKED = 100_000
+
+
 # -- durable operations -------------------------------------------------------------------
 
 
@@ -241,6 +245,12 @@ class ObjectLeases:
     def __init__(self, storage: Storage, lease_s: float) -> None:
         self.storage = storage
         self.table = LeaseTable(lease_s)
+        #: Whether the table may miss leases that another replica granted (several
+        #: replicas): then an object's stored lease is read once before a write from
+        #: outside is admitted, and again after every change of the replicas.
+        self.verify = False
+        # Objects whose stored lease was read since the replicas last changed.
+        self._checked: set[ObjectId] = set()
 
     async def load(self, now: float) -> None:
         """Load the stored leases (at start)."""
@@ -256,6 +266,9 @@ class ObjectLeases:
         there), so a stale table costs a re-activation, never a lost or doubled turn.
         """
         stored = await self.storage.run(ReadLeases(tuple(objs)))
+        if len(self._checked) + len(objs) > MAX_CHECKED:
+            self._checked.clear()  # read again when next written: a bound, not a leak
+        self._checked.update(objs)
         now = time.monotonic()
         for obj, (epoch, holder) in stored.items():
             if not holder:
@@ -265,6 +278,27 @@ class ObjectLeases:
                 continue  # a grant is in progress here
             if lease is None or lease.epoch != epoch or lease.holder != holder:
                 self.table.adopt(obj, holder, epoch, now)
+
+    async def check_outside_writes(self, objs: list[ObjectId]) -> None:
+        """Before writes from outside to ``objs`` are admitted: with several replicas,
+        read the stored leases of those this replica has not looked at since the replicas
+        last changed (an object that moved here may have a live holder that the table
+        does not show yet, and admitting the write would go behind that activation's
+        back). Nothing to do on a replica alone, whose table is exact."""
+        if not self.verify:
+            return
+        unchecked = [
+            obj
+            for obj in dict.fromkeys(objs)
+            if obj not in self._checked and not self.table.get(obj)
+        ]
+        if unchecked:
+            await self.refresh(unchecked)
+
+    def replicas_changed(self) -> None:
+        """Objects may have moved here: read their stored leases again before admitting
+        writes from outside."""
+        self._checked.clear()
 
     def admit_outside_write(self, obj: ObjectId, now: float) -> None:
         """Let a write from outside any activation reach ``obj``, or raise ObjectActive.

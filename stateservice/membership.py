@@ -562,6 +562,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         storage applies submissions in order). Refused (FAILED_PRECONDITION) while an
         activation holds the object: its members are changed by its own turns."""
         locks = self._context.locks
+        await rpc.stored(context, self._context.leases.check_outside_writes([obj]))
         try:
             if locks.is_free(obj):
                 future = self._submit_outside_write(obj, op)

@@ -194,6 +194,7 @@ class StateServer(Service):
         )
         ownership.watch = watch
         self.ownership = ownership
+        self.leases.verify = True
         self._watch = watch
         await watch.start()
         assert self._nc is not None
@@ -208,6 +209,7 @@ class StateServer(Service):
         # Leases of objects that moved away: their new owner's table is the authority now
         # (it adopts them from the database), and ours would go stale.
         dropped = self.leases.table.forget_unless(ownership.owns)
+        self.leases.replicas_changed()
         if dropped:
             log.info("%d lease(s) moved to other replicas", dropped)
         ownership.changed(live)

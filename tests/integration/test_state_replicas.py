@@ -27,7 +27,7 @@ import pytest
 from tests.harness import Stack, metric, wait_until
 from worker.state_client import StateClient
 from wsgate.client import ClientClosed, connect
-from wsgate.errors import NotOwner
+from wsgate.errors import NotOwner, ObjectActive
 from wsgate.pgserver import PostgresServer
 from wsgate.placement import Replica, object_key, owner_of
 from wsgate.state_errors import exception_from_rpc_error
@@ -149,12 +149,14 @@ def dsn(postgres_server: PostgresServer) -> str:
     return postgres_server.new_database_schema(f"replicas{next(_schemas)}_{os.getpid()}")
 
 
-def replicas_stack(tmp_path: Path, dsn: str, replicas: int = 3) -> Iterator[Stack]:
+def replicas_stack(
+    tmp_path: Path, dsn: str, replicas: int = 3, replica_args: tuple[str, ...] = REPLICA_ARGS
+) -> Iterator[Stack]:
     stack = Stack(tmp_path)
     try:
         stack.start_nats()
         for _ in range(replicas):
-            stack.start_replica(dsn, *REPLICA_ARGS)
+            stack.start_replica(dsn, *replica_args)
         for _ in range(2):
             stack.start_worker(APP)
         stack.start_gateway(*ACK)
@@ -286,3 +288,28 @@ def _positive(url: str, name: str) -> Callable[[], Awaitable[bool]]:
         return await metric(url, name) > 0
 
     return positive
+
+
+async def test_a_write_from_outside_to_an_active_object_that_moved_is_refused(
+    tmp_path: Path, dsn: str
+) -> None:
+    # Leases of 20 s: the holder renews every 5 s, so the write below reaches the new
+    # owner before the renewal tells it about the lease; it must find the lease anyway.
+    args = ("--replica-timeout-s", str(REPLICA_TIMEOUT_S), "--lease-s", "20")
+    for stack in replicas_stack(tmp_path, dsn, replica_args=args):
+        await replicas_see(stack, 3)
+        victim_child = stack.replicas[1]
+        (path,) = paths_owned(stack, replica_of(victim_child), 1, "moving")
+        name = path.rsplit("/", 1)[1]
+        async with connect(stack.ws_url(path)) as ws:
+            await ws.send("inc")
+            assert await ws.receive() == "1"  # active on a worker, granted by the victim
+            stack.kill(victim_child)
+            await replicas_see(stack, 2)
+            survivor = replica_of(stack.replicas[0])
+            async with StateClient(survivor.address) as client:
+                with pytest.raises(ObjectActive):
+                    await client.storage(NAMESPACE, name).put("count", 100)
+            # The activation goes on, its count intact.
+            await ws.send("inc")
+            assert await ws.receive() == "2"
