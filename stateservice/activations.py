@@ -148,8 +148,10 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
                 response.results.add(index=index, refused=pb.TurnsRefused(details=str(exc)))
                 continue
             pending.append((index, checked, self._storage.submit(checked.op)))
-        for index, checked, future in pending:
-            outcome = await rpc.stored(context, future)
+        # Together: if the storage fails, every future's error is collected (one aborts
+        # the call), none is left unretrieved.
+        outcomes = await rpc.stored(context, asyncio.gather(*(f for _, _, f in pending)))
+        for (index, checked, _), outcome in zip(pending, outcomes, strict=True):
             if outcome is None:
                 for at_ms in checked.alarms:
                     self._on_alarm_set(at_ms)

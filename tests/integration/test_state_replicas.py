@@ -28,7 +28,7 @@ from tests.harness import Stack, metric, wait_until
 from worker.state_client import StateClient
 from wsgate.client import ClientClosed, connect
 from wsgate.errors import NotOwner, ObjectActive
-from wsgate.pgserver import PostgresServer
+from wsgate.pgserver import PostgresServer, start_postgres
 from wsgate.placement import Replica, object_key, owner_of
 from wsgate.state_errors import exception_from_rpc_error
 from wsgate.v1 import state_pb2 as pb
@@ -313,3 +313,27 @@ async def test_a_write_from_outside_to_an_active_object_that_moved_is_refused(
             # The activation goes on, its count intact.
             await ws.send("inc")
             assert await ws.receive() == "2"
+
+
+async def test_a_postgresql_restart_under_load_loses_nothing_and_closes_no_socket(
+    tmp_path: Path,
+) -> None:
+    # A PostgreSQL of its own: this test restarts it. Two replicas: every commit in flight
+    # fails UNAVAILABLE while it is down and is retried once it is back.
+    pg = start_postgres(tmp_path / "pg")
+    try:
+        dsn = pg.new_database_schema("restart")
+        (tmp_path / "stack").mkdir()
+        for stack in replicas_stack(tmp_path / "stack", dsn, replicas=2):
+            await replicas_see(stack, 2)
+            each = 60
+            clients = [Client(f"/naive/pg{i}") for i in range(8)]
+            tasks = start_load(stack, clients, each)
+            await answered(clients, len(clients) * each // 3)
+            port = pg.port
+            pg.stop()  # fast shutdown: every connection is cut
+            pg = start_postgres(tmp_path / "pg", port=port)
+            await asyncio.gather(*tasks)
+            assert_exact(clients, each)
+    finally:
+        pg.stop()
