@@ -41,6 +41,7 @@ from stateservice.presence import PresenceStats
 from stateservice.storage import PostgresStorage, SqliteStorage, Storage
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
+from wsgate.errors import ConfigError
 from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
@@ -105,6 +106,13 @@ class StateServer(Service):
         ``sqlite3.Error`` or OSError if the database cannot be opened, BusUnavailable if
         NATS cannot be reached; the server is then closed.
         """
+        config = self.config
+        if config.postgres and not config.advertise and _is_wildcard(config.host):
+            raise ConfigError(
+                f"listening on {config.host}, this replica cannot tell the others where to "
+                "reach it: set --advertise (WSGATE_STATE_ADVERTISE) to host:port, e.g. the "
+                "pod's IP and the state port"
+            )
         self._enter_running()
         try:
             await self._probes.start()
@@ -285,6 +293,10 @@ def open_storage(config: StateConfig) -> Storage:
     if config.postgres:
         return PostgresStorage(config.dsn, migrate=config.migrates_at_start)
     return SqliteStorage(config.db_path, migrate=config.migrates_at_start)
+
+
+def _is_wildcard(host: str) -> bool:
+    return host.strip("[]") in ("0.0.0.0", "::", "")
 
 
 def _host_for_address(host: str) -> str:

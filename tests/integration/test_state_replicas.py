@@ -24,10 +24,11 @@ import grpc
 import psycopg
 import pytest
 
-from tests.harness import Stack, metric, wait_until
+from stateservice.server import StateServer
+from tests.harness import Stack, in_process_state_config, metric, wait_until
 from worker.state_client import StateClient
 from wsgate.client import ClientClosed, connect
-from wsgate.errors import NotOwner, ObjectActive
+from wsgate.errors import ConfigError, NotOwner, ObjectActive
 from wsgate.pgserver import PostgresServer, start_postgres
 from wsgate.placement import Replica, object_key, owner_of
 from wsgate.state_errors import exception_from_rpc_error
@@ -337,3 +338,11 @@ async def test_a_postgresql_restart_under_load_loses_nothing_and_closes_no_socke
             assert_exact(clients, each)
     finally:
         pg.stop()
+
+
+async def test_a_replica_on_every_address_must_be_told_what_to_advertise(
+    tmp_path: Path, dsn: str, nats_url: str
+) -> None:
+    config = in_process_state_config(tmp_path, nats_url, host="0.0.0.0", dsn=dsn, migrate="yes")
+    with pytest.raises(ConfigError, match="advertise"):
+        await StateServer(config).start()
