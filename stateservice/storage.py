@@ -69,6 +69,9 @@ MAX_BATCH_OPS = 2048
 #: A PostgreSQL batch aborted by a deadlock or serialization failure is tried this often.
 PG_BATCH_ATTEMPTS = 5
 
+#: A PostgreSQL session idle inside a transaction this long is ended by the server.
+PG_IDLE_IN_TRANSACTION_MS = 5000
+
 #: What the databases raise; a storage failure is one of these (or RuntimeError when closed).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
@@ -536,6 +539,15 @@ class PostgresStorage(Storage):
     def _open(self) -> Sql:
         # autocommit: no implicit transactions; _apply opens them with BEGIN, as on SQLite.
         raw = psycopg.connect(self.dsn, autocommit=True, connect_timeout=10)
+        try:
+            # A replica paused (SIGSTOP, a long GC, a frozen VM) in the middle of a batch
+            # would hold its row locks, among them leases', and stall every other
+            # replica's grants and commits of those objects: PostgreSQL ends its session
+            # instead, and its COMMIT fails when it wakes up (nothing of it stored).
+            raw.execute(f"SET idle_in_transaction_session_timeout = {PG_IDLE_IN_TRANSACTION_MS}")
+        except BaseException:
+            raw.close()
+            raise
         self._conn = PgConnection(raw)
         return self._conn
 

@@ -30,7 +30,7 @@ import asyncio
 import builtins
 import enum
 import functools
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -93,9 +93,46 @@ class _Endpoint:
             "Activations": state_pb2_grpc.ActivationsStub(self.channel),
         }
         self.writes = _WritePipeline(client, self)
-        #: The replica left the view and the channel was closed: its calls in flight end
-        #: CANCELLED, which means "unavailable, try the new owner".
+        #: The replica left the view: its calls in flight were cancelled and failed with
+        #: ReplicaGone ("unavailable, try the new owner"); none is made here any more.
         self.closed = False
+        # The calls in flight, so that they can be abandoned when the replica leaves: a
+        # paused replica keeps its connections open and would hold them to their deadline.
+        self.calls: set[Any] = set()
+
+    async def unary(self, method: Any, request: Any, **kwargs: Any) -> Any:
+        """Make one unary call with ``method`` (a stub's), tracked: ReplicaGone if the
+        replica leaves the view before it answers."""
+        if self.closed:
+            raise ReplicaGone(f"state replica at {self.address} left")
+        call = method(request, **kwargs)
+        self.calls.add(call)
+        try:
+            return await call
+        except asyncio.CancelledError:
+            raise self.gone_or_cancelled() from None
+        finally:
+            self.calls.discard(call)
+
+    def gone_or_cancelled(self) -> BaseException:
+        """What a call ended by CancelledError raises: ReplicaGone if this endpoint
+        cancelled it (its replica left), else the cancellation, which was the caller's."""
+        task = asyncio.current_task()
+        if self.closed and (task is None or not task.cancelling()):
+            return ReplicaGone(f"state replica at {self.address} left the view")
+        return asyncio.CancelledError()
+
+    def leave(self) -> None:
+        """The replica left the view: abandon the calls in flight (their callers retry at
+        the objects' new owners)."""
+        self.closed = True
+        for call in list(self.calls):
+            call.cancel()
+
+
+class ReplicaGone(StateUnavailable):
+    """A call was abandoned because its replica left the view (it died, paused, or shut
+    down): make it again at the object's owner now."""
 
 
 class StateClient(StartsAndCloses):
@@ -153,16 +190,15 @@ class StateClient(StartsAndCloses):
 
     def replicas_changed(self, live: list[Replica]) -> None:
         """Forget the channels of replicas that are gone (keep the configured address);
-        each is closed a while later. Not at once: gRPC ends the calls still on a channel
-        it closes with asyncio.CancelledError, which would look like the caller's own
-        cancellation; calls fail fast once a replica is gone (waits_for_ready), so none is
-        left on it after CHANNEL_LINGER_S."""
+        the calls in flight on them are abandoned (ReplicaGone: their callers retry at the
+        new owners), and each channel is closed a while later, when nothing can be using it
+        any more."""
         alive = {replica.address for replica in live} | {self.address}
         loop = asyncio.get_running_loop()
         for address in list(self._endpoints):
             if address not in alive:
                 endpoint = self._endpoints.pop(address)
-                endpoint.closed = True
+                endpoint.leave()
                 loop.call_later(CHANNEL_LINGER_S, _close_later, endpoint)
 
     async def close(self) -> None:
@@ -233,13 +269,14 @@ class StateClient(StartsAndCloses):
         while True:
             endpoint = self.endpoint(address)
             try:
-                return await getattr(endpoint.stubs[service], method)(
+                return await endpoint.unary(
+                    getattr(endpoint.stubs[service], method),
                     request,
                     timeout=max(deadline - loop.time(), 0.001),
                     wait_for_ready=self.waits_for_ready,
                 )
-            except grpc.RpcError as exc:
-                error = self._error(exc, method, endpoint)
+            except (grpc.RpcError, ReplicaGone) as exc:
+                error = exc if isinstance(exc, ReplicaGone) else self._error(exc, method, endpoint)
                 if isinstance(error, NotOwner) and redirects < MAX_REDIRECTS:
                     address = self._follow(error, obj, redirects)
                     await asyncio.sleep(REDIRECT_BACKOFF_S * redirects)
@@ -271,8 +308,11 @@ class StateClient(StartsAndCloses):
         objects, split by owner by the caller), failures as in :meth:`unary`."""
         endpoint = self.endpoint(address)
         try:
-            return await getattr(endpoint.stubs[service], method)(
-                request, timeout=timeout_s or self.timeout_s, wait_for_ready=self.waits_for_ready
+            return await endpoint.unary(
+                getattr(endpoint.stubs[service], method),
+                request,
+                timeout=timeout_s or self.timeout_s,
+                wait_for_ready=self.waits_for_ready,
             )
         except grpc.RpcError as exc:
             raise self._error(exc, method, endpoint) from exc
@@ -412,12 +452,14 @@ class _WritePipeline:
                 positions = list(unanswered)
                 request = pb.WriteRequest(writes=[unanswered[i][0] for i in positions])
                 try:
+                    if self._endpoint.closed:
+                        raise ReplicaGone(f"state replica at {self._endpoint.address} left")
                     call = self._endpoint.stubs["State"].Write(
                         request,
                         timeout=max(deadline - loop.time(), 0.001),
                         wait_for_ready=self._client.waits_for_ready,
                     )
-                    async for response in call:
+                    async for response in _tracked_stream(self._endpoint, call):
                         for result in response.results:
                             write, future = unanswered.pop(positions[result.index])
                             if _not_owner(result):
@@ -431,8 +473,12 @@ class _WritePipeline:
                     if unanswered:
                         raise StateError(f"state service left {len(unanswered)} writes unanswered")
                     return
-                except grpc.RpcError as exc:
-                    error = self._client._error(exc, "Write", self._endpoint)
+                except (grpc.RpcError, ReplicaGone) as exc:
+                    error = (
+                        exc
+                        if isinstance(exc, ReplicaGone)
+                        else self._client._error(exc, "Write", self._endpoint)
+                    )
                     if isinstance(error, StateUnavailable) and loop.time() + backoff_s < deadline:
                         await asyncio.sleep(backoff_s)
                         backoff_s = min(backoff_s * 2, RETRY_MAX_BACKOFF_S)
@@ -480,6 +526,19 @@ class _WritePipeline:
         if self._queue and not self._scheduled:
             self._scheduled = True
             asyncio.get_running_loop().call_soon(self._send_queued)
+
+
+async def _tracked_stream(endpoint: _Endpoint, call: Any) -> AsyncIterator[Any]:
+    """The responses of a streaming ``call``, tracked as :meth:`_Endpoint.unary` tracks
+    a unary one."""
+    endpoint.calls.add(call)
+    try:
+        async for response in call:
+            yield response
+    except asyncio.CancelledError:
+        raise endpoint.gone_or_cancelled() from None
+    finally:
+        endpoint.calls.discard(call)
 
 
 def _not_owner(result: pb.WriteResult) -> bool:
@@ -663,6 +722,7 @@ class ObjectStorage:
             timeout=timeout_s or self._client.timeout_s,
             wait_for_ready=self._client.waits_for_ready,
         )
+        endpoint.calls.add(call)
         try:
             begin = pb.TransactionBegin(object=self._object, idempotency_key=key)
             begun = (await _step(call, pb.TransactionRequest(begin=begin))).begun
@@ -679,7 +739,10 @@ class ObjectStorage:
             return result
         except grpc.RpcError as exc:
             raise self._client._error(exc, "Transaction", endpoint) from exc
+        except asyncio.CancelledError:
+            raise endpoint.gone_or_cancelled() from None
         finally:
+            endpoint.calls.discard(call)
             # Ending the stream without a commit is the abort: nothing was written.
             call.cancel()
 

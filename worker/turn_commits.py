@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 
 from worker.metrics import WorkerMetrics
-from worker.state_client import StateClient
+from worker.state_client import ReplicaGone, StateClient
 from wsgate.errors import StateError, StateTimeout, StateUnavailable
 from wsgate.v1 import state_pb2 as pb
 
@@ -162,14 +162,19 @@ class _ReplicaCommits:
             while True:
                 try:
                     endpoint = self._client.endpoint(self._address)
-                    response = await endpoint.stubs["Activations"].CommitTurns(
+                    response = await endpoint.unary(
+                        endpoint.stubs["Activations"].CommitTurns,
                         request,
                         timeout=max(deadline - loop.time(), 0.001),
                         wait_for_ready=self._client.waits_for_ready,
                     )
                     break
-                except grpc.RpcError as exc:
-                    error = self._client._error(exc, "CommitTurns", endpoint)
+                except (grpc.RpcError, ReplicaGone) as exc:
+                    error = (
+                        exc
+                        if isinstance(exc, ReplicaGone)
+                        else self._client._error(exc, "CommitTurns", endpoint)
+                    )
                     retryable = isinstance(error, (StateUnavailable, StateTimeout))
                     if retryable and loop.time() + backoff_s < deadline:
                         log.debug("CommitTurns failed (%s); trying again", error)

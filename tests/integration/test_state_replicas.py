@@ -25,12 +25,14 @@ import psycopg
 import pytest
 
 from stateservice.server import StateServer
+from stateservice.storage import PG_IDLE_IN_TRANSACTION_MS
 from tests.harness import Stack, in_process_state_config, metric, wait_until
 from worker.state_client import StateClient
 from wsgate.client import ClientClosed, connect
 from wsgate.errors import ConfigError, NotOwner, ObjectActive
 from wsgate.pgserver import PostgresServer, start_postgres
 from wsgate.placement import Replica, object_key, owner_of
+from wsgate.procs import Child
 from wsgate.state_errors import exception_from_rpc_error
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -120,11 +122,12 @@ def metrics_url(child: object) -> str:
     return f"http://127.0.0.1:{child.info['probe_port']}/metrics"  # type: ignore[attr-defined]
 
 
-async def replicas_see(stack: Stack, count: int) -> None:
-    """Every replica sees ``count`` live replicas (itself included)."""
+async def replicas_see(stack: Stack, count: int, among: list[Child] | None = None) -> None:
+    """Every replica (of ``among``, by default all) sees ``count`` live replicas (itself
+    included)."""
 
     async def agreed() -> bool:
-        for child in stack.replicas:
+        for child in among if among is not None else stack.replicas:
             if await metric(metrics_url(child), "wsgate_state_replicas") != count:
                 return False
         return True
@@ -346,3 +349,46 @@ async def test_a_replica_on_every_address_must_be_told_what_to_advertise(
     config = in_process_state_config(tmp_path, nats_url, host="0.0.0.0", dsn=dsn, migrate="yes")
     with pytest.raises(ConfigError, match="advertise"):
         await StateServer(config).start()
+
+
+async def test_a_paused_replica_writes_nothing_after_the_others_took_its_objects_over(
+    stack: Stack,
+) -> None:
+    await replicas_see(stack, 3)
+    victim = stack.replicas[1]
+    others = [stack.replicas[0], stack.replicas[2]]
+    moved = paths_owned(stack, replica_of(victim), 4, "paused")
+    staying = [p for p in paths_owned(stack, None, 30, "awake") if p not in moved][:4]
+    each = 80
+    clients = [Client(path) for path in moved + staying]
+    tasks = start_load(stack, clients, each)
+    await answered(clients, len(clients) * each // 4)
+    os.kill(victim.pid, signal.SIGSTOP)  # mid-batch, maybe: its locks go with its session
+    try:
+        await replicas_see(stack, 2, among=others)
+        # The others serve its objects now: its clients go on while it sleeps.
+        before = sum(len(c.values) for c in clients[: len(moved)])
+        await wait_until(
+            _moved_on(clients[: len(moved)], before + 20),
+            timeout_s=30,
+            what="the paused replica's objects to be served by the others",
+        )
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+    # It wakes up believing it owns its objects: whatever it had in flight is refused by
+    # the epochs in the database, and it rejoins (its objects move back to it).
+    await replicas_see(stack, 3)
+    await asyncio.gather(*tasks)
+    assert_exact(clients, each)
+    # Moved within the bound, plus the time PostgreSQL gives a session idle in a
+    # transaction (the paused replica may hold a lease row's lock) before ending it.
+    bound_s = MOVE_BOUND_S + PG_IDLE_IN_TRANSACTION_MS / 1000
+    for client in clients[: len(moved)]:
+        assert client.longest_gap_s < bound_s, (client.path, client.longest_gap_s)
+
+
+def _moved_on(clients: list[Client], answers: int) -> Callable[[], Awaitable[bool]]:
+    async def moved_on() -> bool:
+        return sum(len(c.values) for c in clients) >= answers
+
+    return moved_on
