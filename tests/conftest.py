@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 from tests.backends import BACKENDS, Backend
 from tests.harness import Stack, stack_context
 from wsgate.pgserver import PostgresServer, running_postgres
+
+_language_databases = itertools.count(1)
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +47,35 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "postgres":
         return Backend("postgres", tmp_path, request.getfixturevalue("postgres_server"))
     return Backend("sqlite", tmp_path)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def module_backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Backend:
+    """``backend`` for a module's shared fixtures (a stack of processes, say): one fresh
+    database on each backend in turn, shared by the module's tests on that backend."""
+    tmp_path = tmp_path_factory.mktemp(f"db-{request.param}")
+    if request.param == "postgres":
+        return Backend("postgres", tmp_path, request.getfixturevalue("postgres_server"))
+    return Backend("sqlite", tmp_path)
+
+
+@pytest.fixture
+def language_collated_dsn(postgres_server: PostgresServer) -> str:
+    """A DSN of a new, empty database whose default collation is a language's (ICU en-US,
+    where "-" and "_" barely count and "B" sorts after "a"), as on most managed PostgreSQL
+    servers; the test server's own databases collate bytewise (C), which would hide a text
+    column that the schema forgot to make ``COLLATE "C"``."""
+    import psycopg
+
+    name = f"lang_{next(_language_databases)}"
+    with psycopg.connect(postgres_server.dsn, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(
+            f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE 'C' "
+            "LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+        )
+    return (
+        f"postgresql://{postgres_server.user}@{postgres_server.host}:{postgres_server.port}/{name}"
+    )

@@ -1,5 +1,6 @@
-"""What the stateful storage tests (against SqliteStorage and against the gRPC service)
-draw keys from, so both hit the same ordering edges."""
+"""What the stateful storage tests (against the storage and against the gRPC service,
+each on SQLite and on PostgreSQL) draw keys from, so all of them hit the same ordering
+edges: PostgreSQL must order these keys (BYTEA) exactly as SQLite does (BLOB)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Durable object alarms end to end: a real nats-server, the state service and workers as
-separate processes (tests/apps/alarms.py is their app), and the workers' own client.
+separate processes (tests/apps/alarms.py is their app), and the workers' own client; the
+state service on each database in turn (SQLite, then PostgreSQL: ``module_backend``).
 
 The state service runs with short backoffs (100 ms doubling to 400 ms) so that retries
 happen within a test; the handlers record each run in the object's storage, which the
@@ -22,7 +23,8 @@ from typing import Any, TypeVar
 import pytest
 
 from stateservice.alarms import AlarmScheduler, PutAlarm, ReadAlarm
-from stateservice.storage import ObjectId, SqliteStorage
+from stateservice.storage import ObjectId
+from tests.backends import Backend
 from tests.harness import Stack, eventually, stack_context
 from worker.alarms_client import ObjectAlarm, from_epoch_ms
 from worker.state_client import StateClient
@@ -45,15 +47,16 @@ STATE_ARGS = (
 )  # fmt: skip
 
 
-def alarm_stack(log_dir: Path) -> Iterator[Stack]:
-    """nats-server, the state service (short backoffs) and one worker of APP; no gateway:
-    alarms need none. Stopped and checked after."""
-    yield from stack_context(log_dir, app=APP, gateway=False, state_args=STATE_ARGS)
+def alarm_stack(log_dir: Path, backend: Backend) -> Iterator[Stack]:
+    """nats-server, the state service (short backoffs) on ``backend``'s database and one
+    worker of APP; no gateway: alarms need none. Stopped and checked after."""
+    state_args = (*backend.state_args(), *STATE_ARGS)
+    yield from stack_context(log_dir, app=APP, gateway=False, state_args=state_args)
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    yield from alarm_stack(tmp_path_factory.mktemp("alarms"))
+def stack(tmp_path_factory: pytest.TempPathFactory, module_backend: Backend) -> Iterator[Stack]:
+    yield from alarm_stack(tmp_path_factory.mktemp("alarms"), module_backend)
 
 
 @pytest.fixture
@@ -184,9 +187,10 @@ async def test_an_alarm_without_a_worker_is_retried_until_one_starts(
 
 
 async def test_an_alarm_survives_kill_9_of_the_state_service(
-    tmp_path_factory: pytest.TempPathFactory,
+    tmp_path_factory: pytest.TempPathFactory, backend: Backend
 ) -> None:
-    with contextlib.contextmanager(alarm_stack)(tmp_path_factory.mktemp("restart")) as stack:
+    log_dir = tmp_path_factory.mktemp("restart")
+    with contextlib.contextmanager(alarm_stack)(log_dir, backend) as stack:
         assert stack.state is not None
         address = str(stack.state.info["address"])
         port = address.rsplit(":", 1)[1]
@@ -197,8 +201,8 @@ async def test_an_alarm_survives_kill_9_of_the_state_service(
             await alarm.set(at / 1000)  # durable once acknowledged
             os.kill(stack.state.pid, signal.SIGKILL)
             stack.state.process.wait()
-            # Same file and port (the worker knows the service by its address).
-            stack.start_state(stack.log_dir / "state.sqlite3", *STATE_ARGS, "--port", port)
+            # Same database and port (the worker knows the service by its address).
+            stack.start_state(None, *backend.state_args(), *STATE_ARGS, "--port", port)
             (fired,) = await firings(client, "record", name)
             assert fired["scheduled_ms"] == at
             assert fired["fired_ms"] >= at
@@ -209,21 +213,19 @@ async def test_an_alarm_survives_kill_9_of_the_state_service(
 
 
 async def test_many_due_alarms_fire_concurrently_within_the_bound(
-    tmp_path: Path, nats_url: str
+    backend: Backend, nats_url: str
 ) -> None:
     """20 due alarms, at most 4 firing at once: a real NATS subscriber answers each only
     once 4 are waiting, so the scheduler must have sent 4 at once, and never a 5th."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
-    config = StateConfig(
-        nats_url=nats_url, prefix=prefix, db_path=tmp_path / "s.sqlite3", probe_port=0
-    )
+    config = StateConfig(nats_url=nats_url, prefix=prefix, probe_port=0, **backend.state_settings())
     waiting: list[Any] = []
     not_in_flight: list[str] = []  # firings the scheduler did not count as in flight
     peak = 0
     answered = 0
     all_answered = asyncio.Event()
 
-    async with SqliteStorage(config.db_path) as storage:
+    async with backend.storage() as storage:
         nc = await connect_bus(config, "test-responder")
         scheduler = AlarmScheduler(storage, nc, config, max_concurrent=4)
         try:

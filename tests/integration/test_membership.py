@@ -1,4 +1,5 @@
-"""Membership and broadcast, for real.
+"""Membership and broadcast, for real, with the state service on each database in turn
+(SQLite, PostgreSQL: the ``backend`` and ``module_backend`` fixtures).
 
 In-process: a real nats-server, a StateServer and the worker SDK's ObjectMembers over a
 real StateClient; NATS subscribers stand in for gateways where only the commands matter.
@@ -29,12 +30,13 @@ from gateway.server import Gateway
 from stateservice.membership import INVALID_CONNECTION_ID, PAGE_SIZE, MembershipComponent
 from stateservice.server import StateServer
 from stateservice.storage import ObjectId
+from tests.backends import Backend
 from tests.harness import Stack, in_process_state_config, metric, stack_context, wait_until
 from worker.membership import Member, ObjectMembers, leave_all
 from worker.state_client import StateClient
 from wsgate import ids, subjects
 from wsgate.bench.loadgen import raise_nofile_limit
-from wsgate.config import GatewayConfig
+from wsgate.config import GatewayConfig, StateConfig
 from wsgate.errors import (
     AttachmentTooLarge,
     InvalidConnectionId,
@@ -95,9 +97,21 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
         child.stop()
 
 
+#: For a test whose calls never reach the database (refused before it, or not about it):
+#: the state service on one backend is enough.
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+def state_config(backend: Backend, nats_url: str, **settings: Any) -> StateConfig:
+    """An in-process state service's config, on ``backend``'s database."""
+    return in_process_state_config(
+        backend.tmp_path, nats_url, **backend.state_settings(), **settings
+    )
+
+
 @pytest.fixture
-async def server(tmp_path: Path, nats_server: Child) -> AsyncIterator[StateServer]:
-    config = in_process_state_config(tmp_path, str(nats_server.info["url"]), prefix=PREFIX)
+async def server(backend: Backend, nats_server: Child) -> AsyncIterator[StateServer]:
+    config = state_config(backend, str(nats_server.info["url"]), prefix=PREFIX)
     async with StateServer(config) as server:
         yield server
 
@@ -304,6 +318,7 @@ async def test_an_attachment_of_16384_bytes_passes_16385_is_refused(room: Object
     assert [m.id for m in await room.connections()] == [a]
 
 
+@sqlite_only
 async def test_bad_ids_and_values_are_refused_with_their_reason(
     stub: Any, client: StateClient
 ) -> None:
@@ -454,6 +469,7 @@ async def test_a_leaving_gateway_loses_its_members_at_once(
     await wait_until(gone, timeout_s=5, what="the leaving gateway's members to go")
 
 
+@sqlite_only
 async def test_garbage_on_the_presence_subject_is_counted_and_dropped(
     server: StateServer, bus: NatsClient, room: ObjectMembers
 ) -> None:
@@ -474,9 +490,9 @@ async def test_garbage_on_the_presence_subject_is_counted_and_dropped(
 
 
 async def test_members_stored_before_a_restart_get_a_grace_lease(
-    tmp_path: Path, nats_server: Child
+    backend: Backend, nats_server: Child
 ) -> None:
-    config = in_process_state_config(tmp_path, str(nats_server.info["url"]))
+    config = state_config(backend, str(nats_server.info["url"]))
     (a,) = new_ids(1)
     async with StateServer(config) as first, StateClient(first.address) as client:
         await ObjectMembers(client, "room", "r").accept(a)
@@ -489,13 +505,15 @@ async def test_members_stored_before_a_restart_get_a_grace_lease(
         assert [m.id for m in await ObjectMembers(client, "room", "r").connections()] == [a]
 
 
-async def test_leases_hold_while_the_state_service_is_cut_off_from_nats(tmp_path: Path) -> None:
+async def test_leases_hold_while_the_state_service_is_cut_off_from_nats(
+    backend: Backend, tmp_path: Path
+) -> None:
     """Cut off from NATS, the state service hears nobody: no lease may run out then, and
     once NATS is back every gateway gets the grace period to be heard again."""
     first = start_nats_server(tmp_path / "nats1")
     url = str(first.info["url"])
     second: Child | None = None
-    config = in_process_state_config(tmp_path, url)
+    config = state_config(backend, url)
     try:
         async with StateServer(config) as server, StateClient(server.address) as client:
             monitor = membership_of(server).presence
@@ -572,15 +590,18 @@ def test_the_presence_interval_must_be_positive() -> None:
 
 
 @pytest.fixture(scope="module")
-def two_gateways(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """nats, state, one worker on tests.apps.members, and gateways with short leases: two,
-    and a third that the kill test kills. All are started here, before any gRPC channel
-    exists in this process: a child forked while one does aborts in gRPC's fork handler
-    before it can exec."""
+def two_gateways(
+    tmp_path_factory: pytest.TempPathFactory, module_backend: Backend
+) -> Iterator[Stack]:
+    """nats, state (on ``module_backend``'s database), one worker on tests.apps.members,
+    and gateways with short leases: two, and a third that the kill test kills. All are
+    started here, before any gRPC channel exists in this process: a child forked while one
+    does aborts in gRPC's fork handler before it can exec."""
     for stack in stack_context(
         tmp_path_factory.mktemp("members"),
         app="tests.apps.members:app",
         gateway_args=("--presence-interval-s", "0.1"),
+        state_args=tuple(module_backend.state_args()),
     ):
         stack.start_gateway("--presence-interval-s", "0.1")
         stack.start_gateway("--presence-interval-s", "0.1")  # VICTIM
@@ -767,9 +788,16 @@ class Tally:
 
 
 @pytest.fixture(scope="module")
-def scale_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """nats, state, one worker, two gateways; 10,000 WebSockets will fit (5,000 each)."""
-    for stack in stack_context(tmp_path_factory.mktemp("scale"), app="tests.apps.members:app"):
+def scale_stack(
+    tmp_path_factory: pytest.TempPathFactory, module_backend: Backend
+) -> Iterator[Stack]:
+    """nats, state (on ``module_backend``'s database), one worker, two gateways; 10,000
+    WebSockets will fit (5,000 each)."""
+    for stack in stack_context(
+        tmp_path_factory.mktemp("scale"),
+        app="tests.apps.members:app",
+        state_args=tuple(module_backend.state_args()),
+    ):
         stack.start_gateway()
         yield stack
 

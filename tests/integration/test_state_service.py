@@ -1,4 +1,7 @@
-"""A real StateServer on 127.0.0.1, port 0, and a real StateClient: what a worker sees."""
+"""A real StateServer on 127.0.0.1, port 0, and a real StateClient: what a worker sees.
+
+The server stores on each database in turn (the ``backend`` fixture: SQLite, PostgreSQL);
+tests of the client alone (nothing listening, a silent or stuck peer) need no database."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stateservice.server import STATE_SERVICE_NAME, StateServer
+from tests.backends import Backend
 from tests.harness import in_process_state_config, write_results
 from worker.state_client import ObjectStorage, StateClient
 from wsgate.config import StateConfig
@@ -31,10 +35,19 @@ from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
 
+#: For a test whose calls never reach the database (refused before it, or not about it):
+#: the state service on one backend is enough.
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+def state_config(backend: Backend, nats_url: str) -> StateConfig:
+    """An in-process state service's config, on ``backend``'s database."""
+    return in_process_state_config(backend.tmp_path, nats_url, **backend.state_settings())
+
 
 @pytest.fixture
-async def server(tmp_path: Path, nats_url: str) -> AsyncIterator[StateServer]:
-    async with StateServer(in_process_state_config(tmp_path, nats_url)) as server:
+async def server(backend: Backend, nats_url: str) -> AsyncIterator[StateServer]:
+    async with StateServer(state_config(backend, nats_url)) as server:
         yield server
 
 
@@ -75,32 +88,38 @@ def bytes_encoding_to(size: int) -> bytes:
 # -- values and operations ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "value",
-    [
-        None,
-        True,
-        False,
-        0,
-        -(2**63),
-        2**63 - 1,
-        1.25,
-        math.inf,
-        "",
-        "héllo \U0001f600",
-        b"",
-        b"\x00\xff",
-        [],
-        {},
-        [1, "a", b"b", None, [2.5]],
-        {"nested": {"list": [True, {"deep": b"bytes"}]}},
-    ],
-)
-async def test_every_value_type_round_trips(room: ObjectStorage, value: object) -> None:
-    await room.put("key", value)
-    stored = await room.get("key")
-    assert stored == value
-    assert type(stored) is type(value)
+#: A value of every type the codec stores, with the edges of each.
+VALUES: list[object] = [
+    None,
+    True,
+    False,
+    0,
+    -(2**63),
+    2**63 - 1,
+    1.25,
+    math.inf,
+    "",
+    "héllo \U0001f600",
+    b"",
+    b"\x00\xff",
+    [],
+    {},
+    [1, "a", b"b", None, [2.5]],
+    {"nested": {"list": [True, {"deep": b"bytes"}]}},
+]
+
+
+async def test_every_value_type_round_trips(room: ObjectStorage) -> None:
+    # Each under a key of its own, all in one test: one state service (and database) for
+    # all of them; every value that comes back different is reported.
+    for i, value in enumerate(VALUES):
+        await room.put(f"v{i}", value)
+    wrong = []
+    for i, value in enumerate(VALUES):
+        stored = await room.get(f"v{i}")
+        if stored != value or type(stored) is not type(value):
+            wrong.append((value, stored))
+    assert wrong == []
 
 
 async def test_nan_round_trips(room: ObjectStorage) -> None:
@@ -151,13 +170,14 @@ async def test_list(room: ObjectStorage) -> None:
     assert list(await room.list(limit=2**40)) == list(listed)
 
 
+@sqlite_only
 async def test_a_negative_limit_is_refused(room: ObjectStorage) -> None:
     with pytest.raises(ValueError, match="limit"):
         await room.list(limit=-1)
 
 
-async def test_data_survives_a_restart_of_the_service(tmp_path: Path, nats_url: str) -> None:
-    config = in_process_state_config(tmp_path, nats_url)
+async def test_data_survives_a_restart_of_the_service(backend: Backend, nats_url: str) -> None:
+    config = state_config(backend, nats_url)
     async with StateServer(config) as first, StateClient(first.address) as client:
         await client.storage("room", "lobby").put("k", {"kept": True})
     async with StateServer(config) as second, StateClient(second.address) as client:
@@ -176,6 +196,7 @@ async def test_a_key_at_the_limit_is_accepted(room: ObjectStorage) -> None:
         assert await room.delete(key) is True
 
 
+@sqlite_only
 @pytest.mark.parametrize("key", ["k" * (MAX_KEY_BYTES + 1), "é" * (MAX_KEY_BYTES // 2) + "k"])
 async def test_a_key_over_the_limit_is_refused_on_every_call(room: ObjectStorage, key: str) -> None:
     calls = [lambda: room.put(key, 1), lambda: room.get(key), lambda: room.delete(key)]
@@ -194,6 +215,7 @@ async def test_a_value_at_the_limit_is_accepted(room: ObjectStorage) -> None:
     assert await room.get("big") == value
 
 
+@sqlite_only
 async def test_a_value_one_byte_over_the_limit_is_refused(room: ObjectStorage) -> None:
     value = bytes_encoding_to(MAX_VALUE_BYTES + 1)
     with pytest.raises(ValueTooLarge) as info:
@@ -203,6 +225,7 @@ async def test_a_value_one_byte_over_the_limit_is_refused(room: ObjectStorage) -
     assert await room.get("big") is None
 
 
+@sqlite_only
 async def test_a_structured_value_over_the_limit_is_refused(room: ObjectStorage) -> None:
     value = {"items": ["x" * 1000] * 200}
     size = len(encode_value(value))
@@ -211,6 +234,7 @@ async def test_a_structured_value_over_the_limit_is_refused(room: ObjectStorage)
     assert info.value.size == size
 
 
+@sqlite_only
 async def test_an_empty_namespace_is_refused(client: StateClient) -> None:
     nameless = client.storage("", "lobby")
     calls = [
@@ -228,7 +252,7 @@ async def test_an_unstorable_value_is_refused_before_any_call(
     tmp_path: Path, nats_url: str
 ) -> None:
     # Nothing listens here, so a call would raise StateUnavailable: InvalidValue proves
-    # the client refused first.
+    # the client refused first. (The client alone: the server's database does not matter.)
     async with StateServer(in_process_state_config(tmp_path, nats_url)) as server:
         address = server.address
     async with StateClient(address) as client:
@@ -237,6 +261,7 @@ async def test_an_unstorable_value_is_refused_before_any_call(
     assert info.value.path == "value['a'][2]"
 
 
+@sqlite_only
 async def test_refusals_carry_the_status_details_and_error_info(stub: Any) -> None:
     request = pb.GetRequest(
         object=pb.ObjectId(namespace="room", name="lobby"), keys=["k" * (MAX_KEY_BYTES + 1)]
@@ -276,6 +301,7 @@ async def test_a_bad_write_fails_alone_with_its_error_info(stub: Any, room: Obje
     assert await room.list() == {"a": 1}
 
 
+@sqlite_only
 @pytest.mark.parametrize(
     "garbage", [b"", b"\xff\xff\xff", b"\x2a\x01\xff", b"\x3a\x02\x0a\x00"], ids=repr
 )
@@ -295,6 +321,7 @@ async def test_a_raw_put_of_garbage_is_refused_and_harms_nothing(
 # -- health and lifecycle ----------------------------------------------------------------
 
 
+@sqlite_only
 @pytest.mark.parametrize("service", ["", STATE_SERVICE_NAME])
 async def test_health_reports_serving(server: StateServer, service: str) -> None:
     async with grpc.aio.insecure_channel(server.address) as channel:
@@ -303,8 +330,8 @@ async def test_health_reports_serving(server: StateServer, service: str) -> None
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def test_health_turns_not_serving_when_closing(tmp_path: Path, nats_url: str) -> None:
-    server = StateServer(in_process_state_config(tmp_path, nats_url))
+async def test_health_turns_not_serving_when_closing(backend: Backend, nats_url: str) -> None:
+    server = StateServer(state_config(backend, nats_url))
     await server.start()
     async with grpc.aio.insecure_channel(server.address) as channel:
         watch = health_pb2_grpc.HealthStub(channel).Watch(
@@ -319,14 +346,15 @@ async def test_health_turns_not_serving_when_closing(tmp_path: Path, nats_url: s
     assert server.phase is ServicePhase.CLOSED
 
 
+@sqlite_only
 async def test_address_is_the_bound_port(server: StateServer) -> None:
     host, port = server.address.rsplit(":", 1)
     assert host == "127.0.0.1"
     assert int(port) == server.port > 0
 
 
-async def test_close_is_idempotent(tmp_path: Path, nats_url: str) -> None:
-    server = StateServer(in_process_state_config(tmp_path, nats_url))
+async def test_close_is_idempotent(backend: Backend, nats_url: str) -> None:
+    server = StateServer(state_config(backend, nats_url))
     await server.start()
     await asyncio.gather(server.close(), server.close())
     await server.close()
@@ -334,11 +362,13 @@ async def test_close_is_idempotent(tmp_path: Path, nats_url: str) -> None:
     assert server.phase is ServicePhase.CLOSED
 
 
+@sqlite_only
 async def test_start_twice_is_an_error(server: StateServer) -> None:
     with pytest.raises(RuntimeError):
         await server.start()
 
 
+@sqlite_only
 async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path, nats_url: str) -> None:
     config = StateConfig(
         host="127.0.0.1",
@@ -357,6 +387,7 @@ async def test_a_taken_port_fails_start(server: StateServer, tmp_path: Path, nat
 
 
 async def test_a_closed_port_raises_state_unavailable(tmp_path: Path, nats_url: str) -> None:
+    # The client alone, once the server is gone: its database does not matter.
     async with StateServer(in_process_state_config(tmp_path, nats_url)) as server:
         address = server.address
     # Calls wait for the service (a restart) up to their deadline, then give up.
@@ -418,6 +449,7 @@ async def test_a_service_that_does_not_answer_raises_state_timeout() -> None:
         await server.stop(0)
 
 
+@sqlite_only
 async def test_calls_after_close_are_an_error(server: StateServer) -> None:
     client = StateClient(server.address)
     await client.start()
@@ -427,13 +459,13 @@ async def test_calls_after_close_are_an_error(server: StateServer) -> None:
         await client.storage("room", "lobby").get("k")
 
 
-def test_round_trip_under_uvloop(tmp_path: Path, nats_url: str) -> None:
+def test_round_trip_under_uvloop(backend: Backend, nats_url: str) -> None:
     # The CLI may run the state role (and workers) on uvloop; grpc.aio must work there too.
     uvloop = pytest.importorskip("uvloop")
 
     async def round_trip() -> tuple[object, str]:
         async with (
-            StateServer(in_process_state_config(tmp_path, nats_url)) as server,
+            StateServer(state_config(backend, nats_url)) as server,
             StateClient(server.address) as client,
         ):
             room = client.storage("room", "lobby")

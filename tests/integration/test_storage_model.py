@@ -1,10 +1,11 @@
 """Durable object storage against an in-memory model: a stateful property test.
 
-A real StateServer (gRPC on 127.0.0.1 port 0, a SQLite file, a real nats-server) and a real
-StateClient; Hypothesis drives a RuleBasedStateMachine through ``get``, ``get_many``,
-``list``, ``put``, ``put_many``, ``delete``, ``delete_many``, ``delete_all``, writes
-started in one go (coalesced into Write calls), and transactions that commit or raise, on
-three objects at once. The model is one dict per object, and every answer is compared
+A real StateServer (gRPC on 127.0.0.1 port 0, a real nats-server), on each database in
+turn (the ``backend`` fixture: a SQLite file, a PostgreSQL schema), and a real StateClient;
+Hypothesis drives a RuleBasedStateMachine through ``get``, ``get_many``, ``list``,
+``put``, ``put_many``, ``delete``, ``delete_many``, ``delete_all``, writes started in one
+go (coalesced into Write calls), and transactions that commit or raise, on three objects
+at once. The model is one dict per object, and every answer is compared
 with it, as is every object's whole content after each step that wrote.
 
 When a run fails, Hypothesis prints the shrunk steps as a program that reproduces it, and a
@@ -17,8 +18,11 @@ UTF-8 and code point order, *after* them in UTF-16), and supplementary character
 differ only beyond the BMP.
 
 The event loop runs on a background thread for the whole test: the server and the client
-live on it, and the synchronous state machine submits coroutines to it. Every example
-(machine) gets its own server and SQLite file, so it starts from an empty database.
+live on it, and the synchronous state machine submits coroutines to it. One server serves
+every example of the test (on PostgreSQL a server per example would cost each a schema, its
+migration and a replica's start); each example (machine) has a client of its own and
+objects of its own, named apart by a namespace prefix that keeps the three objects'
+relations, so it starts from empty objects.
 
 The machine found one bug, kept as its minimal reproduction,
 test_a_write_to_a_free_object_does_not_wait_for_a_held_one: writes coalesced into one
@@ -30,11 +34,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import shutil
 import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeAlias, TypeVar
 
 import pytest
@@ -49,6 +51,7 @@ from hypothesis.stateful import (
 )
 
 from stateservice.server import StateServer
+from tests.backends import Backend
 from tests.harness import in_process_state_config
 from tests.storage_keys import KEYS, weighted
 from worker.state_client import ObjectStorage, StateClient, Transaction
@@ -71,13 +74,16 @@ OBJECTS: tuple[ObjectKey, ...] = (("room", "ab"), ("rooma", "b"), ("room", "a"))
 STEP_TIMEOUT_S = 30.0
 
 SETTINGS = settings(
-    # About 15 s: every example starts its own server, and every step is a gRPC round trip.
+    # Every step is a gRPC round trip (and a commit when it writes).
     max_examples=50,
     stateful_step_count=30,
     # Every step is I/O on a real server: timing is not the property under test.
     deadline=None,
     print_blob=True,
 )
+#: On PostgreSQL every commit is a round trip more (and an fsync of its own): fewer
+#: examples keep the second run short; the model is the same, SQLite runs them all.
+PG_SETTINGS = settings(SETTINGS, max_examples=15)
 
 # -- keys and values ----------------------------------------------------------------------
 
@@ -519,18 +525,15 @@ class LoopThread:
 
 @dataclass
 class Env:
-    """What every machine of one test shares: the loop, NATS, a directory for databases."""
+    """What every machine of one test shares: the loop and the state service on it."""
 
     loop: LoopThread
-    nats_url: str
-    tmp_path: Path
+    server: StateServer
     _serial: Iterator[int] = field(default_factory=itertools.count, repr=False)
 
-    def new_db_dir(self) -> Path:
-        """A fresh directory: every machine (example) starts from an empty database."""
-        path = self.tmp_path / f"example-{next(self._serial)}"
-        path.mkdir()
-        return path
+    def new_namespace_prefix(self) -> str:
+        """A prefix no other machine (example) uses: its objects start empty."""
+        return f"e{next(self._serial)}."
 
 
 # -- the machine --------------------------------------------------------------------------
@@ -542,27 +545,19 @@ class StorageMachine(RuleBasedStateMachine):
     def __init__(self, env: Env) -> None:
         super().__init__()
         self.env = env
-        self.db_dir = env.new_db_dir()
-        self.server = StateServer(in_process_state_config(self.db_dir, env.nats_url))
-        env.loop.run(self.server.start())
-        try:
-            self.client = StateClient(self.server.address)
-            env.loop.run(self.client.start())
-        except BaseException:
-            env.loop.run(self.server.close())
-            raise
-        self.storages = {obj: self.client.storage(*obj) for obj in OBJECTS}
+        self.client = StateClient(env.server.address)
+        env.loop.run(self.client.start())
+        # The same prefix on every namespace keeps what OBJECTS are made to test: the first
+        # two still concatenate alike, the third's name is still a prefix of the first's.
+        prefix = env.new_namespace_prefix()
+        self.storages = {obj: self.client.storage(prefix + obj[0], obj[1]) for obj in OBJECTS}
         self.model: dict[ObjectKey, State] = {obj: {} for obj in OBJECTS}
         # Whether a step wrote since the objects were last compared with the model; all
-        # are compared at first, to see that a new database is empty.
+        # are compared at first, to see that the example's objects start empty.
         self.wrote = True
 
     def teardown(self) -> None:
-        try:
-            self.env.loop.run(self.client.close())
-        finally:
-            self.env.loop.run(self.server.close())
-            shutil.rmtree(self.db_dir, ignore_errors=True)
+        self.env.loop.run(self.client.close())
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the loop thread (where the client's futures must be made)."""
@@ -732,28 +727,35 @@ def loop_thread() -> Iterator[LoopThread]:
         loop.close()
 
 
-def test_storage_matches_the_model(nats_url: str, tmp_path: Path, loop_thread: LoopThread) -> None:
+def test_storage_matches_the_model(
+    nats_url: str, backend: Backend, loop_thread: LoopThread
+) -> None:
     """Runs the machine; Hypothesis prints a failing run's steps as a program."""
-    env = Env(loop_thread, nats_url, tmp_path)
+    server = StateServer(
+        in_process_state_config(backend.tmp_path, nats_url, **backend.state_settings())
+    )
+    loop_thread.run(server.start())
+    try:
+        env = Env(loop_thread, server)
 
-    class Machine(StorageMachine):
-        # Hypothesis makes machines with no arguments; this one is bound to this test's env.
-        def __init__(self) -> None:
-            super().__init__(env)
+        class Machine(StorageMachine):
+            # Hypothesis makes machines with no arguments; this one is bound to this env.
+            def __init__(self) -> None:
+                super().__init__(env)
 
-    run_state_machine_as_test(Machine, settings=SETTINGS)
+        run_state_machine_as_test(Machine, settings=PG_SETTINGS if backend.postgres else SETTINGS)
+    finally:
+        loop_thread.run(server.close())
 
 
 async def test_a_write_to_a_free_object_does_not_wait_for_a_held_one(
-    nats_url: str, tmp_path: Path
+    nats_url: str, backend: Backend
 ) -> None:
     """The minimal reproduction of what the machine found with an Elsewhere write after a
     Later one: a transaction holds only its own object ("objects never wait for each
     other", stateservice.locks), so a put to another object must not wait for it."""
-    async with (
-        StateServer(in_process_state_config(tmp_path, nats_url)) as server,
-        StateClient(server.address) as client,
-    ):
+    config = in_process_state_config(backend.tmp_path, nats_url, **backend.state_settings())
+    async with StateServer(config) as server, StateClient(server.address) as client:
         held, free = client.storage("room", "held"), client.storage("room", "free")
         holding, release = asyncio.Event(), asyncio.Event()
 

@@ -1,11 +1,11 @@
 """Transactions, batch forms, idempotency keys and group commit, on a real StateServer over
-gRPC (in this process, port 0) with a real SQLite file."""
+gRPC (in this process, port 0), on each database in turn (the ``backend`` fixture: a
+SQLite file, a PostgreSQL schema)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -14,9 +14,11 @@ import pytest
 from stateservice.component import StateContext
 from stateservice.idempotency import IdempotencyPruner
 from stateservice.server import StateServer
+from tests.backends import Backend
 from tests.harness import in_process_state_config, write_results
 from worker.gate import OutputGate, current_gate
 from worker.state_client import ObjectStorage, StateClient, Transaction
+from wsgate.config import StateConfig
 from wsgate.errors import InvalidValue, TooManyKeys, TransactionAborted
 from wsgate.limits import MAX_BATCH_KEYS
 from wsgate.v1 import state_pb2 as pb
@@ -27,15 +29,27 @@ from wsgate.values import encode_value
 TRANSACTION_TIMEOUT_S = 1.0
 
 
+#: For a test whose writes never reach the database (refused, or aborted before commit):
+#: the state service on one backend is enough.
+sqlite_only = pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+
+
+def state_config(backend: Backend, nats_url: str, **settings: Any) -> StateConfig:
+    """An in-process state service's config, on ``backend``'s database."""
+    return in_process_state_config(
+        backend.tmp_path, nats_url, **backend.state_settings(), **settings
+    )
+
+
 @pytest.fixture
 async def server(
-    tmp_path: Path, nats_url: str, request: pytest.FixtureRequest
+    backend: Backend, nats_url: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[StateServer]:
     # A test marked transaction_timeout(s) gets a service with that timeout instead.
     marker = request.node.get_closest_marker("transaction_timeout")
     timeout_s = marker.args[0] if marker else TRANSACTION_TIMEOUT_S
     async with StateServer(
-        in_process_state_config(tmp_path, nats_url, transaction_timeout_s=timeout_s)
+        state_config(backend, nats_url, transaction_timeout_s=timeout_s)
     ) as server:
         yield server
 
@@ -77,6 +91,7 @@ async def test_a_batch_at_the_key_limit_is_accepted(counter: ObjectStorage) -> N
     assert await counter.delete_many(keys) == MAX_BATCH_KEYS
 
 
+@sqlite_only
 @pytest.mark.parametrize("operation", ["put_many", "get_many", "delete_many"])
 async def test_a_batch_one_key_over_the_limit_is_refused(
     counter: ObjectStorage, operation: str
@@ -156,6 +171,7 @@ async def test_a_failing_transaction_writes_nothing(counter: ObjectStorage) -> N
     assert await counter.transaction(increment) == 2
 
 
+@sqlite_only
 async def test_an_unstorable_result_aborts_the_transaction(counter: ObjectStorage) -> None:
     async def body(txn: Transaction) -> object:
         txn.put("n", 1)
@@ -166,6 +182,7 @@ async def test_an_unstorable_result_aborts_the_transaction(counter: ObjectStorag
     assert await counter.list() == {}
 
 
+@sqlite_only
 async def test_a_transaction_over_the_key_limit_is_refused_whole(counter: ObjectStorage) -> None:
     async def body(txn: Transaction) -> None:
         txn.put_many({f"k{i:03}": i for i in range(MAX_BATCH_KEYS + 1)})
@@ -229,6 +246,7 @@ async def test_a_held_object_does_not_stall_other_objects(client: StateClient) -
     await transaction
 
 
+@sqlite_only
 async def test_a_transaction_past_its_deadline_is_aborted(counter: ObjectStorage) -> None:
     # The server fixture aborts transactions after 1 s.
     async def too_slow(txn: Transaction) -> None:
@@ -311,7 +329,7 @@ async def test_concurrent_writers_share_commits(server: StateServer, client: Sta
 
 
 async def test_keys_past_their_retention_are_pruned(
-    tmp_path: Path, nats_url: str, server: StateServer, counter: ObjectStorage
+    backend: Backend, nats_url: str, server: StateServer, counter: ObjectStorage
 ) -> None:
     async def handler_run() -> None:
         current_gate.set(OutputGate("c_4:1"))
@@ -319,13 +337,15 @@ async def test_keys_past_their_retention_are_pruned(
 
     await asyncio.create_task(handler_run())
     await counter.put("n", "later")
+    assert server.ownership is not None
     pruner = IdempotencyPruner(
         StateContext(
-            in_process_state_config(tmp_path, nats_url, idempotency_retention_s=0.001),
+            state_config(backend, nats_url, idempotency_retention_s=0.001),
             server.storage,
             server.locks,
             nc=None,  # type: ignore[arg-type]  # the pruner never touches the bus
             leases=server.leases,
+            ownership=server.ownership,
         )
     )
     await _until_pruned(pruner)
@@ -344,10 +364,10 @@ async def _until_pruned(pruner: IdempotencyPruner) -> None:
 
 
 async def test_writes_waiting_behind_a_transaction_do_not_hold_back_other_writes(
-    tmp_path: Path, nats_url: str
+    backend: Backend, nats_url: str
 ) -> None:
     # A patient server: the hold must outlast everything the test checks.
-    config = in_process_state_config(tmp_path, nats_url, transaction_timeout_s=60)
+    config = state_config(backend, nats_url, transaction_timeout_s=60)
     async with StateServer(config) as server, StateClient(server.address) as client:
         await _check_held_writes_do_not_hold_back_others(client)
 

@@ -1,13 +1,13 @@
-"""The alarms table on a real SQLite file: set/get/delete, the schedule order, finishing a
-firing, retries with backoff, giving up, and surviving a reopen. Also the pure parts of the
-worker's side: time conversions and registering alarm handlers."""
+"""The alarms table on both databases (the ``backend`` fixture): set/get/delete, the
+schedule order, finishing a firing, retries with backoff, giving up, and surviving a
+reopen. Also the pure parts of the worker's side: time conversions and registering alarm
+handlers."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 
@@ -22,7 +22,8 @@ from stateservice.alarms import (
     RetryPolicy,
     new_firing_id,
 )
-from stateservice.storage import ObjectId, SqliteStorage
+from stateservice.storage import ObjectId, PostgresStorage, Storage
+from tests.backends import Backend
 from worker.alarms_client import AlarmInfo, from_epoch_ms, to_epoch_ms
 from worker.app import App
 from wsgate.config import StateConfig
@@ -33,12 +34,12 @@ POLICY = RetryPolicy(first_ms=1000, max_ms=8000, max_retries=3)
 
 
 @pytest.fixture
-async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
-    async with SqliteStorage(tmp_path / "state.sqlite3") as storage:
+async def storage(backend: Backend) -> AsyncIterator[Storage]:
+    async with backend.storage() as storage:
         yield storage
 
 
-async def test_set_get_replace_delete(storage: SqliteStorage) -> None:
+async def test_set_get_replace_delete(storage: Storage) -> None:
     assert await storage.run(ReadAlarm(OBJ)) is None
     await storage.run(PutAlarm(OBJ, 1_000, "f1"))
     alarm = await storage.run(ReadAlarm(OBJ))
@@ -58,7 +59,7 @@ async def test_set_get_replace_delete(storage: SqliteStorage) -> None:
     assert await storage.run(RemoveAlarm(OBJ)) is False
 
 
-async def test_objects_have_their_own_alarms(storage: SqliteStorage) -> None:
+async def test_objects_have_their_own_alarms(storage: Storage) -> None:
     await storage.run(PutAlarm(OBJ, 1, "a"))
     await storage.run(PutAlarm(ObjectId("room", "other"), 2, "b"))
     await storage.run(PutAlarm(ObjectId("counter", "lobby"), 3, "c"))
@@ -66,7 +67,7 @@ async def test_objects_have_their_own_alarms(storage: SqliteStorage) -> None:
     assert [a.firing_id for a in await storage.run(EarliestAlarms(10))] == ["b", "c"]
 
 
-async def test_earliest_alarms_come_first_and_are_limited(storage: SqliteStorage) -> None:
+async def test_earliest_alarms_come_first_and_are_limited(storage: Storage) -> None:
     for i, at in enumerate([50, 10, 40, 20, 30]):
         await storage.run(PutAlarm(ObjectId("ns", f"o{i}"), at, f"f{i}"))
     earliest = await storage.run(EarliestAlarms(3))
@@ -101,7 +102,7 @@ def test_bad_alarm_settings_are_refused(settings: dict[str, float]) -> None:
 
 
 async def test_a_failed_firing_is_retried_with_backoff_then_given_up(
-    storage: SqliteStorage,
+    storage: Storage,
 ) -> None:
     await storage.run(PutAlarm(OBJ, 100, "f"))
     now = 10_000
@@ -119,7 +120,7 @@ async def test_a_failed_firing_is_retried_with_backoff_then_given_up(
     assert await storage.run(ReadAlarm(OBJ)) is None
 
 
-async def test_undelivered_tries_back_off_but_never_give_up(storage: SqliteStorage) -> None:
+async def test_undelivered_tries_back_off_but_never_give_up(storage: Storage) -> None:
     await storage.run(PutAlarm(OBJ, 100, "f"))
     delays = []
     for _ in range(POLICY.max_retries + 5):
@@ -133,7 +134,7 @@ async def test_undelivered_tries_back_off_but_never_give_up(storage: SqliteStora
     assert (retried.retry_count, retried.at_ms) == (1, 8000)
 
 
-async def test_a_new_alarm_set_during_a_firing_is_kept(storage: SqliteStorage) -> None:
+async def test_a_new_alarm_set_during_a_firing_is_kept(storage: Storage) -> None:
     await storage.run(PutAlarm(OBJ, 100, "first"))
     await storage.run(PutAlarm(OBJ, 100, "second"))  # same time, yet a new firing
     assert await storage.run(FinishAlarm(OBJ, "first")) is False
@@ -146,7 +147,7 @@ async def test_a_new_alarm_set_during_a_firing_is_kept(storage: SqliteStorage) -
     assert await storage.run(ReadAlarm(OBJ)) is None
 
 
-async def test_a_deleted_alarm_is_not_retried(storage: SqliteStorage) -> None:
+async def test_a_deleted_alarm_is_not_retried(storage: Storage) -> None:
     await storage.run(PutAlarm(OBJ, 100, "f"))
     await storage.run(RemoveAlarm(OBJ))
     retried = await storage.run(RetryAlarm(OBJ, "f", 0, counted=True, policy=POLICY))
@@ -154,7 +155,7 @@ async def test_a_deleted_alarm_is_not_retried(storage: SqliteStorage) -> None:
     assert await storage.run(ReadAlarm(OBJ)) is None
 
 
-async def test_setting_again_resets_the_retries(storage: SqliteStorage) -> None:
+async def test_setting_again_resets_the_retries(storage: Storage) -> None:
     await storage.run(PutAlarm(OBJ, 100, "f"))
     await storage.run(RetryAlarm(OBJ, "f", 0, counted=True, policy=POLICY))
     await storage.run(PutAlarm(OBJ, 500, "g"))
@@ -163,12 +164,11 @@ async def test_setting_again_resets_the_retries(storage: SqliteStorage) -> None:
     assert (alarm.at_ms, alarm.retry_count, alarm.backoff_step) == (500, 0, 0)
 
 
-async def test_alarms_survive_reopening(tmp_path: Path) -> None:
-    path = tmp_path / "state.sqlite3"
-    async with SqliteStorage(path) as storage:
+async def test_alarms_survive_reopening(backend: Backend) -> None:
+    async with backend.storage() as storage:
         await storage.run(PutAlarm(OBJ, 100, "f"))
         await storage.run(RetryAlarm(OBJ, "f", 0, counted=True, policy=POLICY))
-    async with SqliteStorage(path) as storage:
+    async with backend.storage() as storage:
         alarm = await storage.run(ReadAlarm(OBJ))
     assert alarm is not None
     assert (alarm.firing_id, alarm.retry_count, alarm.at_ms) == ("f", 1, 1000)
@@ -227,3 +227,24 @@ def test_alarm_handlers_are_registered_per_namespace() -> None:
         app.on_alarm("")
     with pytest.raises(TypeError):
         app.alarm_handlers["other"] = ring  # type: ignore[index]
+
+
+# PostgreSQL only: a database that collates text by language, not bytes.
+async def test_the_schedule_is_in_byte_order_on_a_language_collated_database(
+    language_collated_dsn: str,
+) -> None:
+    """Alarms due at the same time come in (namespace, name) byte order, and paging from a
+    cursor goes on from it, also where the database's own collation is a language's."""
+    objs = [ObjectId(ns, name) for ns in ("b", "B", "a-b", "ab", "a_c") for name in ("x", "X-")]
+    expected = sorted((obj.namespace, obj.name) for obj in objs)  # ASCII: byte order
+    async with PostgresStorage(language_collated_dsn, migrate=True) as storage:
+        for i, obj in enumerate(objs):
+            await storage.run(PutAlarm(obj, 100, f"f{i}"))
+        first = await storage.run(EarliestAlarms(len(objs)))
+        assert [(a.namespace, a.name) for a in first] == expected
+        paged: list[tuple[str, str]] = []
+        after: tuple[int, str, str] | None = None
+        while page := await storage.run(EarliestAlarms(3, after)):
+            paged += [(a.namespace, a.name) for a in page]
+            after = (page[-1].at_ms, page[-1].namespace, page[-1].name)
+        assert paged == expected
