@@ -25,6 +25,7 @@ from stateservice.component import StateContext
 from stateservice.idempotency import Applied, Idempotent, LookupApplied
 from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
 from stateservice.storage import (
+    RETRY_WHOLE_BATCH,
     DeleteAll,
     DeleteKeys,
     GetKeys,
@@ -313,8 +314,9 @@ class _WriteGroup:
         if not self.careful:
             try:
                 return [op(conn) for op in self.ops]
-            except Exception:
-                self.careful = True
+            except Exception as exc:
+                # A lost transaction (deadlock) is the batch's to run again, not a write's.
+                self.careful = not isinstance(exc, RETRY_WHOLE_BATCH)
                 raise
         outcomes: list[Applied | Exception] = []
         for op in self.ops:
@@ -322,6 +324,8 @@ class _WriteGroup:
             try:
                 outcomes.append(op(conn))
             except Exception as exc:
+                if isinstance(exc, RETRY_WHOLE_BATCH):
+                    raise
                 conn.execute("ROLLBACK TO write")
                 outcomes.append(exc)
             conn.execute("RELEASE write")

@@ -72,6 +72,11 @@ PG_BATCH_ATTEMPTS = 5
 #: A PostgreSQL session idle inside a transaction this long is ended by the server.
 PG_IDLE_IN_TRANSACTION_MS = 5000
 
+#: What PostgreSQL raises when it aborted a batch's transaction for a deadlock or a
+#: serialization failure: nothing of the batch is stored, and it runs again, whole (an
+#: operation that meets one must let it through, never treat it as its own failure).
+RETRY_WHOLE_BATCH = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+
 #: What the databases raise; a storage failure is one of these (or RuntimeError when closed).
 DATABASE_ERRORS = (sqlite3.Error, psycopg.Error)
 
@@ -353,6 +358,8 @@ class Storage(StartsAndCloses):
             try:
                 outcomes.append((True, op(conn)))
             except Exception as exc:
+                if isinstance(exc, RETRY_WHOLE_BATCH):
+                    raise  # the transaction is lost: the batch runs again, whole
                 if op.writes or isinstance(exc, DATABASE_ERRORS):
                     return None
                 outcomes.append((False, exc))  # a failed read changed nothing
@@ -375,6 +382,8 @@ class Storage(StartsAndCloses):
             try:
                 result = op(conn)
             except Exception as exc:
+                if isinstance(exc, RETRY_WHOLE_BATCH):
+                    raise
                 conn.execute("ROLLBACK TO op")
                 conn.execute("RELEASE op")
                 outcomes.append((False, exc))
@@ -574,7 +583,7 @@ class PostgresStorage(Storage):
         for attempt in range(1, PG_BATCH_ATTEMPTS + 1):
             try:
                 return super()._apply(ops)
-            except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            except RETRY_WHOLE_BATCH:
                 # Nothing of the batch was stored; run it again, whole.
                 if attempt == PG_BATCH_ATTEMPTS:
                     raise

@@ -500,3 +500,5 @@ async def test_a_batch_that_meets_a_deadlock_is_run_again_whole(pg_backend: Back
         assert (entries["one"], entries["two"]) == (b"1", b"1")
         # The batch run again committed last, whole: both rows carry its value.
         assert (entries["x"], entries["y"]) == (again.encode(), again.encode())
+        # ... by the batch's own retry (not as one operation's failure, in a savepoint).
+        assert one.stats.retries + two.stats.retries == 1
