@@ -29,6 +29,15 @@ one transaction, and may join several calls in one, so writes per commit is at l
 this), and the CPU the client (this process) and the state service used, in cores; per
 cell, the CPU every other process of the machine used (a busy neighbour lowers both
 figures, and the report says so).
+
+With ``--backend postgres`` every cell is measured a third time, first: **PostgreSQL**,
+N state replicas (``wsgate state --dsn``) over one PostgreSQL server started in the run
+directory (``fsync`` and ``synchronous_commit`` on), the clients sharing one StateClient
+that routes each write to its object's owner as a worker does (it hears the replicas'
+announcements on the bus). Each replica's ``/metrics`` counters, read before and after
+the cell, say how many writes and commits it took: all of a single object's on its
+owner, about 1/N each over many objects. Every object is written once through the
+replicas before the first cell (see :meth:`RoutedClient.prime`).
 """
 
 from __future__ import annotations
@@ -43,8 +52,10 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -53,7 +64,10 @@ from worker.state_client import StateClient
 from wsgate.bench.histogram import LatencyHistogram
 from wsgate.bench.processes import ROLE_LOG_LEVEL, BenchError
 from wsgate.bench.state_command import StateBenchConfig
+from wsgate.config import DEFAULT_PREFIX
 from wsgate.errors import StateError, WsgateError
+from wsgate.pgserver import PostgresServer, postgres_available, start_postgres
+from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
 from wsgate.values import encode_value
 
@@ -77,6 +91,18 @@ MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 #: Above this much CPU used by other processes during a window, the report says that the
 #: machine was not quiet (its figures are then low, and vary from run to run).
 QUIET_OTHER_CORES = 0.2
+#: The routing client waits this long for every replica's announcement before measuring.
+REPLICAS_HEARD_TIMEOUT_S = 15.0
+#: The routing client's view re-checks announcements' timeouts this often (times
+#: ANNOUNCE_FRACTION); a worker uses 1 s too.
+ROUTING_WATCH_TIMEOUT_S = 1.0
+#: A replica's /metrics must answer within this long.
+SCRAPE_TIMEOUT_S = 5.0
+#: What to install when PostgreSQL is missing.
+POSTGRES_MISSING = (
+    "--backend postgres needs PostgreSQL's server binaries (initdb, postgres): install "
+    "Debian's postgresql package (apt-get install postgresql; scripts/bootstrap test does)"
+)
 
 
 # -- what every writer does the same way ------------------------------------------------------
@@ -171,10 +197,13 @@ class ServiceFigures:
     #: measured processes share the cores with it, so figures taken beside a busy
     #: neighbour are low and not comparable.
     other_cores: float
+    #: CPU PostgreSQL's processes used over the window, in cores (not in ``other_cores``);
+    #: None on SQLite, which runs inside the state service.
+    postgres_cores: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The figures ``--json`` prints."""
-        return {
+        """The figures ``--json`` prints (``postgres_cores`` only over PostgreSQL)."""
+        figures: dict[str, Any] = {
             "writes_per_s": round(self.writes_per_s, 1),
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
@@ -186,6 +215,61 @@ class ServiceFigures:
             "client_cores": round(self.client_cores, 2),
             "server_cores": round(self.server_cores, 2),
             "other_cores": round(self.other_cores, 2),
+        }
+        if self.postgres_cores is not None:
+            figures["postgres_cores"] = round(self.postgres_cores, 2)
+        return figures
+
+
+@dataclass(frozen=True)
+class ReplicaWrites:
+    """What one state replica committed during one cell: the difference of its
+    ``wsgate_state_writes_total`` and ``wsgate_state_commits_total`` read just before the
+    cell and once its last write was answered (warm-up and window included, so at least
+    the writes counted in the window)."""
+
+    replica_id: str
+    writes: int
+    commits: int
+
+    @property
+    def writes_per_commit(self) -> float | None:
+        """Its group commit's batching (None: it committed nothing)."""
+        return self.writes / self.commits if self.commits else None
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures ``--json`` prints."""
+        return {"replica_id": self.replica_id, "writes": self.writes, "commits": self.commits}
+
+
+@dataclass(frozen=True)
+class ReplicasFigures:
+    """What N state replicas over PostgreSQL sustained in one cell, and how its writes
+    spread over them. ``service.server_cores`` is the replicas' processes together."""
+
+    service: ServiceFigures
+    replicas: tuple[ReplicaWrites, ...]
+    #: NOT_OWNER answers the client followed during the cell: 0 when its view of the
+    #: owners matched the replicas' own.
+    redirects: int
+
+    @property
+    def writes_per_s(self) -> float:
+        """Acknowledged writes per second in the window."""
+        return self.service.writes_per_s
+
+    @property
+    def writes_committed(self) -> int:
+        """Writes the replicas committed over the whole cell, together."""
+        return sum(replica.writes for replica in self.replicas)
+
+    def to_json(self) -> dict[str, Any]:
+        """The figures ``--json`` prints: the service's, then the spread."""
+        return {
+            **self.service.to_json(),
+            "redirects": self.redirects,
+            "writes_committed": self.writes_committed,
+            "replicas": [replica.to_json() for replica in self.replicas],
         }
 
 
@@ -226,11 +310,28 @@ class Cell:
     clients: int
     wsgate: ServiceFigures
     naive: NaiveFigures
+    #: N state replicas over PostgreSQL (``--backend postgres``), else None.
+    postgres: ReplicasFigures | None = None
 
     @property
     def ratio(self) -> float:
         """wsgate writes/s over naive writes/s at the same spread and concurrency."""
         return self.wsgate.writes_per_s / self.naive.writes_per_s
+
+    @property
+    def postgres_ratio(self) -> float | None:
+        """PostgreSQL replicas' writes/s over the SQLite service's (None: not measured)."""
+        if self.postgres is None:
+            return None
+        return self.postgres.writes_per_s / self.wsgate.writes_per_s
+
+    @property
+    def other_cores(self) -> float:
+        """The most CPU other processes used during any of the cell's windows, in cores."""
+        measured = [self.wsgate.other_cores, self.naive.other_cores]
+        if self.postgres is not None:
+            measured.append(self.postgres.service.other_cores)
+        return max(measured)
 
 
 @dataclass(frozen=True)
@@ -245,7 +346,7 @@ class StateReport:
     @property
     def max_other_cores(self) -> float:
         """The most CPU other processes used during any window, in cores."""
-        return max(max(c.wsgate.other_cores, c.naive.other_cores) for c in self.cells)
+        return max(cell.other_cores for cell in self.cells)
 
     @property
     def best_naive_writes_per_s(self) -> float:
@@ -261,26 +362,38 @@ class StateReport:
 
     def to_json(self) -> dict[str, Any]:
         """The object ``--json`` prints: settings, every cell with both targets' figures
-        and their ratio, and the targets (null when their cell was not measured)."""
+        and their ratio, and the targets (null when their cell was not measured).
+
+        With ``--backend postgres`` also ``backend`` and ``replicas``, and per cell
+        ``postgres`` (the replicas' figures and their writes one by one) and
+        ``ratio_postgres_vs_sqlite``; a SQLite run prints exactly what it always did."""
         c = self.config
         best = self.best_naive_writes_per_s
         target = self.target_cell()
+        cells: list[dict[str, Any]] = []
+        for cell in self.cells:
+            figures: dict[str, Any] = {
+                "objects": cell.objects,
+                "clients": cell.clients,
+                "wsgate": cell.wsgate.to_json(),
+                "naive": cell.naive.to_json(),
+                "ratio": round(cell.ratio, 3),
+                "ratio_vs_best_naive": round(cell.wsgate.writes_per_s / best, 3),
+            }
+            if cell.postgres is not None and cell.postgres_ratio is not None:
+                figures["postgres"] = cell.postgres.to_json()
+                figures["ratio_postgres_vs_sqlite"] = round(cell.postgres_ratio, 3)
+            cells.append(figures)
+        backend: dict[str, Any] = {}
+        if c.backend == "postgres":
+            backend = {"backend": c.backend, "replicas": c.postgres_replicas}
         return {
             "seconds": c.seconds,
             "warmup_s": c.warmup_s,
             "value_chars": VALUE_CHARS,
             "filesystem": self.filesystem,
-            "cells": [
-                {
-                    "objects": cell.objects,
-                    "clients": cell.clients,
-                    "wsgate": cell.wsgate.to_json(),
-                    "naive": cell.naive.to_json(),
-                    "ratio": round(cell.ratio, 3),
-                    "ratio_vs_best_naive": round(cell.wsgate.writes_per_s / best, 3),
-                }
-                for cell in self.cells
-            ],
+            **backend,
+            "cells": cells,
             "best_naive_writes_per_s": round(best, 1),
             "max_other_cores": round(self.max_other_cores, 2),
             "targets": {
@@ -299,9 +412,15 @@ class StateReport:
         }
 
     def render(self) -> str:
-        """A table for people, then whether the targets are met."""
+        """A table for people, then whether the targets are met (with ``--backend
+        postgres``, the three targets' table and the writes per replica first)."""
+        postgres = self.config.backend == "postgres"
+        lines = self._render_postgres() if postgres else self._render_sqlite()
+        return "\n".join(lines + self._render_footer())
+
+    def _render_sqlite(self) -> list[str]:
         c = self.config
-        lines = [
+        return [
             f"wsgate bench state: {c.seconds:g} s per cell after {c.warmup_s:g} s warm-up; "
             f"{VALUE_CHARS}-character values; SQLite WAL, synchronous=FULL, on "
             f"{self.filesystem}",
@@ -309,17 +428,82 @@ class StateReport:
             f"{'objects':>7} {'clients':>7} | {'writes/s':>9} {'p50 ms':>7} {'p99 ms':>7} "
             f"{'w/call':>7} {'CPU cli+srv':>13} | {'writes/s':>8} {'p50 ms':>7} "
             f"{'p99 ms':>8} | {'ratio':>6}",
+            *(
+                f"{cell.objects:>7} {cell.clients:>7} | {cell.wsgate.writes_per_s:>9,.0f} "
+                f"{cell.wsgate.p50_ms:>7.2f} {cell.wsgate.p99_ms:>7.2f} "
+                f"{_per_call(cell.wsgate):>7} "
+                f"{cell.wsgate.client_cores:>6.2f}+{cell.wsgate.server_cores:<6.2f} | "
+                f"{cell.naive.writes_per_s:>8,.0f} {cell.naive.p50_ms:>7.2f} "
+                f"{cell.naive.p99_ms:>8.2f} | {cell.ratio:>5.2f}x"
+                for cell in self.cells
+            ),
+        ]
+
+    def _render_postgres(self) -> list[str]:
+        c = self.config
+        n = c.postgres_replicas
+        group = "{:^26}|"
+        lines = [
+            f"wsgate bench state: {c.seconds:g} s per cell after {c.warmup_s:g} s warm-up; "
+            f"{VALUE_CHARS}-character values; PostgreSQL fsync=on, synchronous_commit=on, "
+            f"{n} replica(s); SQLite WAL, synchronous=FULL; all on {self.filesystem}",
+            f"{'':16}|"
+            + group.format(f"PostgreSQL, {n} replica(s)")
+            + group.format("SQLite state service")
+            + group.format("naive SQLite")
+            + f"{'ratios':^21}",
+            f"{'objects':>7} {'clients':>7} |"
+            + f" {'writes/s':>8} {'p50 ms':>7} {'p99 ms':>7} |" * 3
+            + f" {'pg/sqlite':>9} {'sqlite/naive':>12}",
         ]
         for cell in self.cells:
-            w, n = cell.wsgate, cell.naive
-            per_call = "n/a" if w.writes_per_call is None else f"{w.writes_per_call:.1f}"
-            lines.append(
-                f"{cell.objects:>7} {cell.clients:>7} | {w.writes_per_s:>9,.0f} "
-                f"{w.p50_ms:>7.2f} {w.p99_ms:>7.2f} {per_call:>7} "
-                f"{w.client_cores:>6.2f}+{w.server_cores:<6.2f} | {n.writes_per_s:>8,.0f} "
-                f"{n.p50_ms:>7.2f} {n.p99_ms:>8.2f} | {cell.ratio:>5.2f}x"
+            p = cell.postgres
+            if p is None or cell.postgres_ratio is None:  # not in a postgres run's report
+                continue
+            row = f"{cell.objects:>7} {cell.clients:>7} |"
+            for f in (p.service, cell.wsgate, cell.naive):
+                row += f" {f.writes_per_s:>8,.0f} {f.p50_ms:>7.2f} {f.p99_ms:>7.2f} |"
+            lines.append(row + f" {cell.postgres_ratio:>8.2f}x {cell.ratio:>11.2f}x")
+        lines += [
+            "",
+            "writes per call and CPU in cores (client + service [+ PostgreSQL]); writes each "
+            "replica committed over the cell, warm-up included (share, writes per commit):",
+            f"{'objects':>7} {'clients':>7} | {'pg w/call':>9} {'CPU cli+repl+pg':>16} | "
+            f"{'sqlite w/call':>13} {'CPU cli+srv':>11} | per replica",
+        ]
+        for cell in self.cells:
+            p = cell.postgres
+            if p is None:
+                continue
+            s, w = p.service, cell.wsgate
+            total = p.writes_committed or 1
+            spread = "  ".join(
+                f"{r.replica_id} {r.writes:,} ({100 * r.writes / total:.0f}%, "
+                + ("-" if r.writes_per_commit is None else f"{r.writes_per_commit:.1f}")
+                + ")"
+                for r in p.replicas
             )
-        errors = sum(cell.wsgate.errors + cell.naive.errors for cell in self.cells)
+            lines.append(
+                f"{cell.objects:>7} {cell.clients:>7} | {_per_call(s):>9} "
+                f"{f'{s.client_cores:.2f}+{s.server_cores:.2f}+{s.postgres_cores or 0:.2f}':>16}"
+                f" | {_per_call(w):>13} {f'{w.client_cores:.2f}+{w.server_cores:.2f}':>11} | "
+                f"{spread}"
+            )
+        redirects = sum(cell.postgres.redirects for cell in self.cells if cell.postgres)
+        lines.append(
+            f"the client routed each write to its object's owner (rendezvous hashing over the "
+            f"replicas it heard on the bus); NOT_OWNER answers followed: {redirects}"
+        )
+        return lines
+
+    def _render_footer(self) -> list[str]:
+        lines: list[str] = []
+        errors = sum(
+            cell.wsgate.errors
+            + cell.naive.errors
+            + (0 if cell.postgres is None else cell.postgres.service.errors)
+            for cell in self.cells
+        )
         lines.append(
             f"naive: in-process sqlite3, no network; N threads, each its own connection, one "
             f"BEGIN IMMEDIATE/upsert/COMMIT (one WAL fsync) per write; best cell "
@@ -349,11 +533,15 @@ class StateReport:
                 f"{_yes(target.ratio >= TARGET_RATIO)} ({target.ratio:.2f}x the naive cell at "
                 f"the same concurrency; {best_ratio:.2f}x the best naive cell)"
             )
-        return "\n".join(lines)
+        return lines
 
 
 def _yes(met: bool) -> str:
     return "yes" if met else "no"
+
+
+def _per_call(figures: ServiceFigures) -> str:
+    return "n/a" if figures.writes_per_call is None else f"{figures.writes_per_call:.1f}"
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -361,12 +549,16 @@ def _yes(met: bool) -> str:
 
 def run_state(config: StateBenchConfig) -> StateReport:
     """Start nats-server and a state service on a SQLite file under a new temporary
-    directory, measure every cell (wsgate, then naive, on the same file), stop both by
-    PID and remove the directory.
+    directory (with ``--backend postgres`` also a PostgreSQL server and N state replicas
+    over it, in the same directory), measure every cell (PostgreSQL replicas, then the
+    SQLite service, then naive on the same SQLite file), stop every process by PID and
+    remove the directory.
 
-    Raises BenchError; the directory (with the processes' logs) is then kept, and the
-    message says where.
+    Raises BenchError (at once if PostgreSQL is asked for and not installed); the
+    directory (with the processes' logs) is then kept, and the message says where.
     """
+    if config.backend == "postgres" and not postgres_available():
+        raise BenchError(POSTGRES_MISSING)
     run_dir = make_run_dir(config.data_dir)
     filesystem = filesystem_type(run_dir)
     if filesystem in MEMORY_FILESYSTEMS:
@@ -378,8 +570,8 @@ def run_state(config: StateBenchConfig) -> StateReport:
     db_path = run_dir / "state.sqlite3"
     log.info("SQLite file %s (%s)", db_path, filesystem)
     try:
-        with running_state_service(run_dir, db_path) as state:
-            cells = measure_cells(config, state, db_path)
+        with running_services(run_dir, db_path, config.postgres_replicas) as services:
+            cells = measure_cells(config, services, db_path)
     except (WsgateError, sqlite3.Error, OSError) as exc:
         raise BenchError(f"{exc} (logs kept in {run_dir})") from exc
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -422,15 +614,29 @@ def filesystem_type(path: Path) -> str:
     return kind
 
 
+@dataclass
+class Services:
+    """The processes one run started: nats-server, the state service on SQLite, and with
+    ``--backend postgres`` a PostgreSQL server and the state replicas over it."""
+
+    nats: Child
+    state: Child
+    postgres: PostgresServer | None = None
+    replicas: list[Child] = field(default_factory=list)
+
+
 @contextlib.contextmanager
-def running_state_service(run_dir: Path, db_path: Path) -> Iterator[Child]:
-    """Start nats-server and ``wsgate state`` on ``db_path`` (port chosen by the kernel),
-    each waited for; stop them by PID on exit (the service first). Logs go to
-    ``run_dir/logs``."""
+def running_services(run_dir: Path, db_path: Path, replicas: int) -> Iterator[Services]:
+    """Start nats-server and ``wsgate state`` on ``db_path``, and if ``replicas`` > 0 a
+    PostgreSQL server in ``run_dir/postgres`` and that many ``wsgate state --dsn``
+    replicas over it (every port chosen by the kernel), each waited for; stop them all by
+    PID on exit, also on failure (the replicas first, nats-server last). Logs go to
+    ``run_dir/logs`` (PostgreSQL's to ``run_dir/postgres/postgres.log``)."""
     log_dir = run_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     handles: list[IO[Any]] = []
-    children: list[Child] = []
+    # Whatever was started, in order; stopped in reverse.
+    started: list[Child | PostgresServer] = []
 
     def log_file(name: str) -> IO[Any]:
         handle = open(log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in finally
@@ -440,51 +646,267 @@ def running_state_service(run_dir: Path, db_path: Path) -> Iterator[Child]:
     try:
         out = log_file("nats")
         nats = start_nats_server(run_dir / "nats", stdout=out, stderr=out)
-        children.append(nats)
+        started.append(nats)
+        nats_url = str(nats.info["url"])
         out = log_file("state")
         # Every port chosen by the kernel, so that runs side by side (or beside a `wsgate
         # dev`) do not collide on a default port.
         argv = python_role_argv(
-            "state", "--nats-url", str(nats.info["url"]), "--port", "0", "--probe-port", "0",
+            "state", "--nats-url", nats_url, "--port", "0", "--probe-port", "0",
             "--db-path", str(db_path), "--log-level", ROLE_LOG_LEVEL,
         )  # fmt: skip
         state = spawn("state", argv, stdout=out, stderr=out)
-        children.append(state)
+        started.append(state)
         log.info("state service up: pid %d at %s", state.pid, state.info["address"])
-        yield state
+        services = Services(nats=nats, state=state)
+        if replicas:
+            # In the run directory: on the disk measured, beside the SQLite file.
+            # TCP only, as the replicas connect: a Unix socket's path in a deep --data-dir
+            # can exceed the 107 bytes PostgreSQL allows, and then it refuses to start.
+            postgres = start_postgres(
+                run_dir / "postgres", settings={"unix_socket_directories": ""}
+            )
+            started.append(postgres)
+            services.postgres = postgres
+            log.info("PostgreSQL up: pid %d at %s", postgres.pid, postgres.dsn)
+            for index in range(replicas):
+                replica_id = f"replica-{index}"
+                out = log_file(replica_id)
+                # One after the other: each migrates the schema at start (a no-op after
+                # the first) and hears the ones before it when it joins.
+                argv = python_role_argv(
+                    "state", "--nats-url", nats_url, "--port", "0", "--probe-port", "0",
+                    "--dsn", postgres.dsn, "--migrate", "yes", "--replica-id", replica_id,
+                    "--log-level", ROLE_LOG_LEVEL,
+                )  # fmt: skip
+                replica = spawn(replica_id, argv, stdout=out, stderr=out)
+                started.append(replica)
+                services.replicas.append(replica)
+                log.info("%s up: pid %d at %s", replica_id, replica.pid, replica.info["address"])
+        yield services
     finally:
-        for child in reversed(children):
-            child.stop()
+        for process in reversed(started):
+            process.stop()
         for handle in handles:
             handle.close()
 
 
-def measure_cells(config: StateBenchConfig, state: Child, db_path: Path) -> list[Cell]:
-    """Every cell, in order: for each spread, for each client count, wsgate then naive
-    (back to back, so that both see the file, its WAL and the machine in the same state)."""
+def measure_cells(config: StateBenchConfig, services: Services, db_path: Path) -> list[Cell]:
+    """Every cell, in order: for each spread, for each client count, the PostgreSQL
+    replicas (if started), the SQLite state service, then naive (back to back, so that
+    all see the machine, and the last two the file and its WAL, in the same state)."""
     cells: list[Cell] = []
+    state = services.state
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         client = StateClient(str(state.info["address"]))
         runner.run(client.start())
         counter = WriteCallCounter(client)
+        routed: RoutedClient | None = None
         try:
+            if services.replicas:
+                assert services.postgres is not None
+                routed = RoutedClient(services.nats, services.replicas, services.postgres)
+                runner.run(routed.open())
+                runner.run(routed.prime(max(config.spreads)))
             for spread in config.spreads:
                 for clients in config.clients:
-                    service = runner.run(
-                        measure_service(client, counter, state.pid, spread, clients, config)
+                    on_postgres = (
+                        None if routed is None else routed.measure(runner, spread, clients, config)
                     )
-                    naive = measure_naive(db_path, spread, clients, config)
-                    cell = Cell(objects=spread, clients=clients, wsgate=service, naive=naive)
+                    service = runner.run(
+                        measure_service(client, counter, [state.pid], spread, clients, config)
+                    )
+                    if routed is None:
+                        naive = measure_naive(db_path, spread, clients, config)
+                    else:
+                        # The routing client's loop must keep running meanwhile: its view
+                        # forgets a replica not heard from for 3 s (the announcements'
+                        # timeout), and with it that replica's channel.
+                        naive = runner.run(
+                            asyncio.to_thread(measure_naive, db_path, spread, clients, config)
+                        )
+                    cell = Cell(
+                        objects=spread,
+                        clients=clients,
+                        wsgate=service,
+                        naive=naive,
+                        postgres=on_postgres,
+                    )
                     log.info(
                         "%d object(s), %d client(s): ratio %.2f; wsgate %s; naive %s",
                         spread, clients, cell.ratio, service.to_json(), naive.to_json(),
                     )  # fmt: skip
-                    if max(service.other_cores, naive.other_cores) > QUIET_OTHER_CORES:
+                    if on_postgres is not None:
+                        log.info(
+                            "%d object(s), %d client(s): PostgreSQL/SQLite %.2f; postgres %s",
+                            spread, clients, cell.postgres_ratio, on_postgres.to_json(),
+                        )  # fmt: skip
+                    if cell.other_cores > QUIET_OTHER_CORES:
                         log.warning("other processes are busy: this cell's figures are low")
                     cells.append(cell)
         finally:
+            if routed is not None:
+                runner.run(routed.close())
             runner.run(client.close())
     return cells
+
+
+# -- PostgreSQL: N replicas, the client routing by owner -------------------------------------
+
+
+class RoutedClient:
+    """One StateClient over the state replicas, routing each call to its object's owner as
+    a worker does: a :class:`ReplicaWatch` on the bus tells it which replicas are alive,
+    and rendezvous hashing over them which one owns an object."""
+
+    def __init__(self, nats: Child, replicas: Sequence[Child], postgres: PostgresServer) -> None:
+        self._nats_url = str(nats.info["url"])
+        self.replicas = list(replicas)
+        self.postgres = postgres
+        # Until the watch has heard a replica, calls go to this address; none is made then.
+        self.client = StateClient(str(replicas[0].info["address"]))
+        self._nc: Any = None
+        self._watch: ReplicaWatch | None = None
+        self.counter: WriteCallCounter | None = None
+        #: Every replica was heard: from then on, a change of the view is news.
+        self._complete = False
+
+    async def open(self) -> None:
+        """Connect to the bus, start the client and its watch, and wait until the watch
+        has heard every replica. Raises BenchError if it has not within
+        :data:`REPLICAS_HEARD_TIMEOUT_S`, or the bus cannot be reached."""
+        import nats
+        import nats.errors
+
+        try:
+            self._nc = await nats.connect(
+                self._nats_url, name="wsgate bench state", connect_timeout=5, allow_reconnect=False
+            )
+        except (OSError, nats.errors.Error) as exc:
+            raise BenchError(f"cannot reach nats-server at {self._nats_url}: {exc!r}") from exc
+        await self.client.start()
+        self._watch = watch = ReplicaWatch(
+            self._nc,
+            DEFAULT_PREFIX,
+            ReplicaDirectory(),
+            timeout_s=ROUTING_WATCH_TIMEOUT_S,
+            on_change=self._replicas_changed,
+        )
+        await watch.start()
+        self.client.use_replicas(watch)
+        expected = {str(child.info["replica_id"]) for child in self.replicas}
+        deadline = time.monotonic() + REPLICAS_HEARD_TIMEOUT_S
+        # The replicas announce themselves every quarter of their timeout (3 s): the view
+        # is complete within about 0.75 s.
+        while {r.replica_id for r in watch.known()} != expected:
+            if time.monotonic() > deadline:
+                heard = ", ".join(r.replica_id for r in watch.known()) or "none"
+                raise BenchError(
+                    f"within {REPLICAS_HEARD_TIMEOUT_S:g} s the client heard only replicas "
+                    f"{heard} on the bus, expected {', '.join(sorted(expected))}"
+                )
+            await asyncio.sleep(0.05)
+        log.info(
+            "client routes over %s",
+            ", ".join(f"{r.replica_id} at {r.address}" for r in watch.known()),
+        )
+        self.counter = WriteCallCounter(self.client, every_endpoint=True)
+        self._complete = True
+
+    async def prime(self, objects: int) -> None:
+        """Write every one of the first ``objects`` objects once (key ``prime``), not
+        measured. The first write a replica admits to an object since the replicas last
+        changed reads the object's stored lease first (one more transaction: the object
+        may have moved here with a live activation); a worker's objects are past that, and
+        so are the cells' once primed. Raises BenchError if a write fails."""
+        storages = [self.client.storage(NAMESPACE, object_name(i)) for i in range(objects)]
+        try:
+            async with asyncio.timeout(RESULT_GRACE_S):
+                await asyncio.gather(*(storage.put("prime", "primed") for storage in storages))
+        except (StateError, TimeoutError) as exc:
+            raise BenchError(f"priming {objects} object(s) on the replicas: {exc!r}") from exc
+
+    def _replicas_changed(self, live: list[Replica]) -> None:
+        self.client.replicas_changed(live)
+        if self._complete and len(live) != len(self.replicas):
+            # Calls then go to another owner and are refused (NOT_OWNER, counted), or wait.
+            log.warning(
+                "the client's view lost a replica (%s live of %d): figures are disturbed",
+                ", ".join(r.replica_id for r in live) or "none", len(self.replicas),
+            )  # fmt: skip
+
+    def measure(
+        self, runner: asyncio.Runner, spread: int, clients: int, config: StateBenchConfig
+    ) -> ReplicasFigures:
+        """One cell through the replicas, with each replica's writes and commits over it."""
+        assert self.counter is not None, "open() first"
+        before = [replica_counters(child) for child in self.replicas]
+        redirects = self.client.redirects
+        service = runner.run(
+            measure_service(
+                self.client,
+                self.counter,
+                [child.pid for child in self.replicas],
+                spread,
+                clients,
+                config,
+                postgres_pid=self.postgres.pid,
+            )
+        )
+        after = [replica_counters(child) for child in self.replicas]
+        return ReplicasFigures(
+            service=service,
+            replicas=tuple(
+                ReplicaWrites(
+                    replica_id=str(child.info["replica_id"]),
+                    writes=round(end[0] - start[0]),
+                    commits=round(end[1] - start[1]),
+                )
+                for child, start, end in zip(self.replicas, before, after, strict=True)
+            ),
+            redirects=self.client.redirects - redirects,
+        )
+
+    async def close(self) -> None:
+        """Close the client, the watch and the bus connection. Idempotent."""
+        await self.client.close()
+        if self._watch is not None:
+            await self._watch.close()
+            self._watch = None
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.close()
+            self._nc = None
+
+
+def replica_counters(replica: Child) -> tuple[float, float]:
+    """``wsgate_state_writes_total`` and ``wsgate_state_commits_total`` from a replica's
+    /metrics (on 127.0.0.1, where the benchmark started it). Raises BenchError if it
+    does not answer or lacks either."""
+    url = f"http://127.0.0.1:{replica.info['probe_port']}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=SCRAPE_TIMEOUT_S) as response:
+            text = response.read().decode()
+    except (OSError, urllib.error.URLError) as exc:
+        raise BenchError(f"{replica.name}'s metrics at {url}: {exc}") from exc
+    values = parse_counters(text, ("wsgate_state_writes_total", "wsgate_state_commits_total"))
+    return values[0], values[1]
+
+
+def parse_counters(text: str, names: Sequence[str]) -> list[float]:
+    """The values of the unlabelled samples ``names`` in Prometheus text ``text``, in
+    that order. Raises BenchError naming one that is missing."""
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) >= 2 and fields[0] in names:
+            found[fields[0]] = float(fields[1])
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise BenchError(f"metrics without {', '.join(missing)}")
+    return [found[name] for name in names]
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -502,14 +924,34 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 class WriteCallCounter:
     """Counts the ``Write`` calls a started StateClient makes and the writes they carry
-    (how well it coalesced), by wrapping the ``Write`` method of its State stub: whatever
-    kind of call the client makes of it, it goes through the stub. Counting is all the
-    wrapper adds."""
+    (how well it coalesced), by wrapping the ``Write`` method of its State stubs: whatever
+    kind of call the client makes of it, it goes through a stub. Counting is all the
+    wrapper adds.
 
-    def __init__(self, client: StateClient) -> None:
+    ``every_endpoint``: count through the stub of every channel the client uses (a routing
+    client has one per replica, made on first use, and made anew if a replica left its
+    view and came back), by wrapping :meth:`StateClient.endpoint`; else through the stub
+    of its configured address only."""
+
+    def __init__(self, client: StateClient, *, every_endpoint: bool = False) -> None:
         self.calls = 0
         self.writes = 0
-        stub = client.stub("State")
+        if not every_endpoint:
+            self._wrap(client.stub("State"))
+            return
+        endpoint = client.endpoint
+
+        def counted_endpoint(address: str) -> Any:
+            # Every write goes out through an endpoint looked up here (StateClient.write).
+            made = endpoint(address)
+            stub = made.stubs["State"]
+            if not getattr(stub, COUNTED, False):
+                self._wrap(stub)
+            return made
+
+        client.endpoint = counted_endpoint  # type: ignore[method-assign]
+
+    def _wrap(self, stub: Any) -> None:
         original = stub.Write
 
         def counted_write(request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -518,6 +960,11 @@ class WriteCallCounter:
             return original(request, *args, **kwargs)
 
         stub.Write = counted_write
+        setattr(stub, COUNTED, True)
+
+
+#: Set on a stub whose Write a WriteCallCounter wrapped (never twice).
+COUNTED = "_wsgate_bench_counted"
 
 
 @dataclass(frozen=True)
@@ -528,16 +975,22 @@ class _Usage:
     machine_cpu_s: float
     client_cpu_s: float
     server_cpu_s: float
+    postgres_cpu_s: float
     write_calls: int
     writes_sent: int
 
 
-def _usage(counter: WriteCallCounter | None, server_pid: int | None) -> _Usage:
+def _usage(
+    counter: WriteCallCounter | None,
+    server_pids: Sequence[int] = (),
+    postgres_pid: int | None = None,
+) -> _Usage:
     return _Usage(
         at_ns=time.monotonic_ns(),
         machine_cpu_s=machine_cpu_s(),
         client_cpu_s=time.process_time(),
-        server_cpu_s=0.0 if server_pid is None else process_cpu_s(server_pid),
+        server_cpu_s=sum(process_cpu_s(pid) for pid in server_pids),
+        postgres_cpu_s=0.0 if postgres_pid is None else process_tree_cpu_s(postgres_pid),
         write_calls=0 if counter is None else counter.calls,
         writes_sent=0 if counter is None else counter.writes,
     )
@@ -562,6 +1015,35 @@ def process_cpu_s(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
+def process_tree_cpu_s(root_pid: int) -> float:
+    """CPU time (user + system) process ``root_pid`` and every live descendant have used:
+    PostgreSQL's postmaster, its background processes and one backend per connection.
+    Processes that end meanwhile are missed (the replicas' connections last the run)."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # ended while listed
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        pid = int(entry.name)
+        parents[pid] = int(fields[1])  # field 4 of proc(5), ppid
+        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid, seconds in cpu.items():
+        ancestor = pid
+        # A process belongs to the tree if root_pid is on its chain of parents.
+        while ancestor > 1 and ancestor != root_pid:
+            ancestor = parents.get(ancestor, 0)
+        if ancestor == root_pid:
+            total += seconds
+    return total
+
+
 async def _sleep_until(monotonic_ns: int) -> None:
     await asyncio.sleep(max(0.0, (monotonic_ns - time.monotonic_ns()) / 1e9))
 
@@ -569,13 +1051,17 @@ async def _sleep_until(monotonic_ns: int) -> None:
 async def measure_service(
     client: StateClient,
     counter: WriteCallCounter,
-    server_pid: int,
+    server_pids: Sequence[int],
     spread: int,
     clients: int,
     config: StateBenchConfig,
+    *,
+    postgres_pid: int | None = None,
 ) -> ServiceFigures:
     """Run ``clients`` closed loops of ``put`` through ``client`` over ``spread`` objects
-    for the warm-up and the window; ``counter`` counts ``client``'s Write calls. Raises
+    for the warm-up and the window; ``counter`` counts ``client``'s Write calls, the
+    service's CPU is that of ``server_pids`` together and, when ``postgres_pid`` is given,
+    PostgreSQL's is that of its process tree. Raises
     BenchError if a writer failed other than with a StateError (counted as a failed write),
     no write was acknowledged in the window, or the writes did not end within the grace
     period."""
@@ -602,9 +1088,9 @@ async def measure_service(
 
     async def sample_window() -> None:
         await _sleep_until(window.measure_from_ns)
-        samples.append(_usage(counter, server_pid))
+        samples.append(_usage(counter, server_pids, postgres_pid))
         await _sleep_until(window.measure_until_ns)
-        samples.append(_usage(counter, server_pid))
+        samples.append(_usage(counter, server_pids, postgres_pid))
 
     limit_s = config.warmup_s + config.seconds + RESULT_GRACE_S
     try:
@@ -627,6 +1113,7 @@ async def measure_service(
         log.warning("no Write call was counted: the client no longer calls its stub's Write?")
     client_cores = (last.client_cpu_s - first.client_cpu_s) / wall_s
     server_cores = (last.server_cpu_s - first.server_cpu_s) / wall_s
+    postgres_cores = (last.postgres_cpu_s - first.postgres_cpu_s) / wall_s
     machine_cores = (last.machine_cpu_s - first.machine_cpu_s) / wall_s
     return ServiceFigures(
         writes_per_s=tally.count / config.seconds,
@@ -637,7 +1124,8 @@ async def measure_service(
         writes_per_call=(last.writes_sent - first.writes_sent) / calls if calls else None,
         client_cores=client_cores,
         server_cores=server_cores,
-        other_cores=max(0.0, machine_cores - client_cores - server_cores),
+        other_cores=max(0.0, machine_cores - client_cores - server_cores - postgres_cores),
+        postgres_cores=None if postgres_pid is None else postgres_cores,
     )
 
 
@@ -736,9 +1224,9 @@ def measure_naive(
         raise BenchError("; ".join(problems) or "naive writers did not start") from None
     window = windows[0]
     _sleep_until_sync(window.measure_from_ns)
-    first = _usage(None, None)
+    first = _usage(None)
     _sleep_until_sync(window.measure_until_ns)
-    last = _usage(None, None)
+    last = _usage(None)
     wall_s = (last.at_ns - first.at_ns) / 1e9
     own_cores = (last.client_cpu_s - first.client_cpu_s) / wall_s
     machine_cores = (last.machine_cpu_s - first.machine_cpu_s) / wall_s

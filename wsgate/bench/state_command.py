@@ -22,12 +22,18 @@ log = logging.getLogger("wsgate.bench")
 __all__ = ["StateBenchConfig", "add_state_parser", "run_state_command"]
 
 DEFAULT_CLIENTS = (1, 16, 128)
+#: The backends ``--backend`` takes: the state service on SQLite alone, or also N state
+#: replicas over PostgreSQL beside it.
+BACKENDS = ("sqlite", "postgres")
+#: State replicas over PostgreSQL when ``--backend postgres`` is given without ``--replicas``.
+DEFAULT_REPLICAS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
 class StateBenchConfig:
     """``wsgate bench state``: durable writes per second through the state service and
-    through a naive SQLite baseline. Checked on construction (ConfigError names the flag).
+    through a naive SQLite baseline, and with ``backend="postgres"`` also through N state
+    replicas over PostgreSQL. Checked on construction (ConfigError names the flag).
     """
 
     #: Measurement window of each cell (one object spread x one client count x one target).
@@ -43,6 +49,13 @@ class StateBenchConfig:
     #: Where the SQLite file goes (a temporary directory is made inside it); None: the
     #: system's temporary directory unless it is in memory, else the current directory.
     data_dir: Path | None = None
+    #: "sqlite": the state service on SQLite beside the naive baseline (each cell measured
+    #: twice). "postgres": also N state replicas over a PostgreSQL started in the run
+    #: directory, the client routing each write to its object's owner (three times).
+    backend: str = "sqlite"
+    #: The number of state replicas over PostgreSQL; None: :data:`DEFAULT_REPLICAS` with
+    #: "postgres". Refused with "sqlite" (a single replica by construction).
+    replicas: int | None = None
 
     def __post_init__(self) -> None:
         if not self.seconds > 0:
@@ -56,6 +69,22 @@ class StateBenchConfig:
                 raise ConfigError(f"--clients must all be >= 1, got {count}")
         if self.objects < 1:
             raise ConfigError(f"--objects must be >= 1, got {self.objects}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend}")
+        if self.replicas is not None:
+            if self.backend != "postgres":
+                raise ConfigError(
+                    "--replicas is only for --backend postgres (SQLite is one replica)"
+                )
+            if self.replicas < 1:
+                raise ConfigError(f"--replicas must be >= 1, got {self.replicas}")
+
+    @property
+    def postgres_replicas(self) -> int:
+        """The state replicas to run over PostgreSQL: 0 with "sqlite"."""
+        if self.backend != "postgres":
+            return 0
+        return DEFAULT_REPLICAS if self.replicas is None else self.replicas
 
     @property
     def spreads(self) -> tuple[int, ...]:
@@ -72,7 +101,9 @@ def add_state_parser(kinds: Any) -> None:
         description="Acknowledged durable writes per second on one object and spread over "
         "many, for each count of concurrent clients, through a state service it starts "
         "(gRPC, group commit) and through a naive in-process baseline on the same SQLite "
-        "file (one transaction, one fsync, per write), in the same run.",
+        "file (one transaction, one fsync, per write), in the same run; with --backend "
+        "postgres, also through N state replicas over a PostgreSQL it starts, the client "
+        "routing each write to its object's owner.",
     )
     state.add_argument(
         "--seconds",
@@ -109,6 +140,22 @@ def add_state_parser(kinds: Any) -> None:
         help="directory for the SQLite file, on the disk to measure (default: the system's "
         "temporary directory unless it is in memory (tmpfs), else the current directory)",
     )
+    state.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=defaults.backend,
+        help="sqlite: the state service on SQLite beside the naive baseline; postgres: also "
+        "N state replicas over a PostgreSQL it starts (Debian's postgresql package), "
+        f"measured in the same run (default: {defaults.backend})",
+    )
+    state.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"state replicas over PostgreSQL, only with --backend postgres "
+        f"(default: {DEFAULT_REPLICAS})",
+    )
     state.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -123,6 +170,8 @@ def run_state_command(args: argparse.Namespace) -> int:
             clients=tuple(args.clients),
             objects=args.objects,
             data_dir=args.data_dir,
+            backend=args.backend,
+            replicas=args.replicas,
         )
     except ConfigError as exc:
         args.bench_parser.exit(2, f"wsgate bench state: {exc}\n")
