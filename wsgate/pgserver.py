@@ -155,12 +155,9 @@ def start_postgres(
     owner = _as_postgres_user()
     work_dir.mkdir(parents=True, exist_ok=True)
     data_dir = work_dir / "pgdata"
-    socket_dir = work_dir / "pgsock"
-    socket_dir.mkdir(exist_ok=True)
     log_file = work_dir / "postgres.log"
     if owner is not None:
-        for path in (work_dir, socket_dir):
-            os.chown(path, *owner)
+        os.chown(work_dir, *owner)
         # Reachable by the postgres user: every directory above must be searchable.
         for parent in work_dir.parents:
             with contextlib.suppress(OSError):
@@ -200,7 +197,9 @@ def start_postgres(
     options = {
         "listen_addresses": host,
         "port": str(port),
-        "unix_socket_directories": str(socket_dir),
+        # TCP only: a socket path under a deep directory (a test's tmp_path) would pass
+        # the 107-byte limit of Unix socket names, and nothing here uses one.
+        "unix_socket_directories": "",
         "max_connections": "200",
         "fsync": "on",
         "synchronous_commit": "on",

@@ -109,9 +109,10 @@ class ReplicaDirectory:
         self._by_id[replica.replica_id] = replica
         self._expires[replica] = now + timeout_s
 
-    def live(self, now: float) -> list[Replica]:
-        """The live replicas, in id order (expired ones are forgotten)."""
-        for replica, expires in list(self._expires.items()):
+    def live(self, now: float, *, expire: bool = True) -> list[Replica]:
+        """The live replicas, in id order (expired ones are forgotten; with ``expire``
+        False, they are kept and counted until a later call expires them)."""
+        for replica, expires in list(self._expires.items()) if expire else ():
             if expires <= now:
                 del self._expires[replica]
                 if self._by_id.get(replica.replica_id) == replica:
@@ -204,9 +205,11 @@ class ReplicaWatch:
         """The owner of ``key`` among :meth:`known`."""
         return owner_of(key, self._last)
 
-    def check(self) -> None:
-        """Look at the live set now (and tell ``on_change`` if it changed)."""
-        live = self.directory.live(time.monotonic())
+    def check(self, *, expire: bool = True) -> None:
+        """Look at the live set now (and tell ``on_change`` if it changed); with
+        ``expire`` False, add and remove what was heard but let nobody time out (only the
+        timer does that, and not right after this process stalled)."""
+        live = self.directory.live(time.monotonic(), expire=expire)
         if live != self._last:
             before, self._last = self._last, live
             log.info("state replicas: %s (were %s)", _ids(live), _ids(before))
@@ -237,10 +240,12 @@ class ReplicaWatch:
         replica = Replica(message.replica_id, message.address)
         now = time.monotonic()
         newcomer = not message.leaving and (
-            message.hello or replica not in self.directory.live(now)
+            message.hello or replica not in self.directory.live(now, expire=False)
         )
         self.directory.heard(replica, message.timeout_ms / 1000, message.leaving, now)
-        self.check()
+        # No timeouts judged here: after a stall of this process, the announcements of
+        # the others may still be queued behind this one.
+        self.check(expire=False)
         if newcomer and self._announce and replica != self.directory.own:
             # Answer at once, so a starting replica knows the others before it serves.
             with contextlib.suppress(Exception):
@@ -248,6 +253,7 @@ class ReplicaWatch:
 
     async def _tick(self) -> None:
         interval = self.timeout_s * ANNOUNCE_FRACTION
+        last = time.monotonic()
         while True:
             await asyncio.sleep(interval)
             if self._announce and self._nc.is_connected:
@@ -255,6 +261,14 @@ class ReplicaWatch:
                     await self._publish(leaving=False)
                 except Exception as exc:  # reconnecting: the next tick tries again
                     log.debug("announcing failed: %r", exc)
+            now = time.monotonic()
+            gap, last = now - last, now
+            if gap > 2 * interval:
+                # This process stalled (a long GC, an overloaded loop): the announcements
+                # heard meanwhile are still queued, unread. Judge at the next tick, once
+                # they are in, rather than declare every other replica dead.
+                log.warning("replica view: this process stalled for %.1f s", gap)
+                continue
             self.check()
 
 

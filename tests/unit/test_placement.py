@@ -112,3 +112,14 @@ def test_a_replica_restarted_at_another_address_replaces_its_old_entry() -> None
     directory.heard(Replica("state-b", "10.0.0.1:7070"), 3.0, False, now=0.0)
     directory.heard(Replica("state-b", "10.0.0.2:7070"), 3.0, False, now=1.0)
     assert directory.live(1.0) == [Replica("state-b", "10.0.0.2:7070")]
+
+
+def test_without_expiring_the_directory_keeps_counting_a_replica_past_its_timeout() -> None:
+    # What a process that stalled does with the first announcement it reads afterwards:
+    # the others' may still be queued, so nobody is declared dead until the timer says so.
+    directory = ReplicaDirectory()
+    b, c = Replica("state-b", "h:1"), Replica("state-c", "h:2")
+    directory.heard(b, 3.0, False, now=0.0)
+    directory.heard(c, 3.0, False, now=10.0)
+    assert directory.live(10.0, expire=False) == [b, c]
+    assert directory.live(10.0) == [c]
