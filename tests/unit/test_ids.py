@@ -49,8 +49,33 @@ def test_unusable_node_names_are_config_errors(bad: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "x", "node_1", "node-abcdefgh", "node-abcdefgh_", "a.b_1", "*_1"]
+    "bad",
+    [
+        "",
+        "x",
+        "node_1",
+        "node-abcdefgh",
+        "node-abcdefgh_",
+        "a.b_1",
+        "*_1",
+        "node-abcdefgh_1\n",
+        "node-abcdefgh\n_1",
+        "node-abcdefgh_1_2",
+        "node-abcdefgh_A",
+    ],
 )
 def test_malformed_connection_ids_raise(bad: str) -> None:
     with pytest.raises(InvalidConnectionId):
         ids.gateway_of(bad)
+
+
+def test_looking_up_a_connections_gateway_keeps_nothing_per_connection() -> None:
+    # Every role runs it for every event and command of every connection: a cache keyed
+    # by connection id grew with every connection ever seen (the churn soak found it).
+    gateway_id = ids.new_gateway_id("node")
+    connections = ids.ConnectionIds(gateway_id)
+    before = ids._valid_gateway_id.cache_info().currsize
+    for _ in range(20_000):
+        assert ids.gateway_of(connections.next()) == gateway_id
+    assert ids._valid_gateway_id.cache_info().currsize <= before + 1
+    assert not hasattr(ids.gateway_of, "cache_info")
