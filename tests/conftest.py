@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# Before anything imports grpc: the tests make gRPC calls in this process and then fork
+# children (nats-server, with a pre-exec hook). gRPC's fork handlers then run in a child
+# while other threads are inside gRPC, and may abort it before it execs (seen as
+# nats-server exiting with SIGABRT); nothing here needs gRPC after a fork.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
