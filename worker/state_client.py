@@ -503,7 +503,7 @@ class _WritePipeline:
             if address != self._endpoint.address:
                 del unanswered[position]
                 again = self._client.endpoint(address).writes.submit(write)
-                again.add_done_callback(functools.partial(_copy_into, future))
+                again.add_done_callback(functools.partial(copy_into, future))
 
     def _redirect(
         self, write: pb.Write, result: pb.WriteResult, future: asyncio.Future[pb.WriteResult]
@@ -545,7 +545,8 @@ def _not_owner(result: pb.WriteResult) -> bool:
     return result.WhichOneof("outcome") == "failure" and result.failure.info.reason == "NOT_OWNER"
 
 
-def _copy_into(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
+def copy_into(target: asyncio.Future[Any], source: asyncio.Future[Any]) -> None:
+    """Give ``target`` the outcome of ``source`` (a done callback, used with partial)."""
     _copy_outcome(source, target)
 
 

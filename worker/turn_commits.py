@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from typing import Any
 
 import grpc
 
 from worker.metrics import WorkerMetrics
-from worker.state_client import ReplicaGone, StateClient
+from worker.state_client import ReplicaGone, StateClient, copy_into
 from wsgate.errors import StateError, StateTimeout, StateUnavailable
 from wsgate.v1 import state_pb2 as pb
 
@@ -97,7 +96,7 @@ class _ReplicaCommits:
                 staying.append((turns, future))
                 continue
             again = committer.commit(turns)
-            again.add_done_callback(functools.partial(_copy_into, future))
+            again.add_done_callback(functools.partial(copy_into, future))
         return staying
 
     def __init__(
@@ -208,20 +207,3 @@ class _ReplicaCommits:
             if self._queue and not self._scheduled:
                 self._scheduled = True
                 loop.call_soon(self._send_queued)
-
-
-def _copy_into(target: asyncio.Future[Any], source: asyncio.Future[pb.ObjectTurnsResult]) -> None:
-    _copy_outcome(source, target)
-
-
-def _copy_outcome(
-    source: asyncio.Future[pb.ObjectTurnsResult], target: asyncio.Future[Any]
-) -> None:
-    if target.done():
-        return
-    if source.cancelled():
-        target.cancel()
-    elif source.exception() is not None:
-        target.set_exception(source.exception())  # type: ignore[arg-type]
-    else:
-        target.set_result(source.result())
