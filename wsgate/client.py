@@ -323,6 +323,11 @@ class Client:
       sent on every reconnect too.
     - ``reconnect``: a :class:`ReconnectPolicy`, ``True`` for the default one, or
       ``False``/``None`` (the default) to end on the first drop.
+    - ``fallback_urls``: other URLs of the same app (other gateways, where no load
+      balancer stands in front of them). Reconnect attempts go round the list
+      ``[url, *fallback_urls]``, each to the URL after the one tried last, so the first
+      attempt after a drop goes to another gateway than the one that dropped (a gateway
+      draining on SIGTERM refuses new upgrades). :attr:`url` is the one in use.
     - ``on_reconnect``: awaited (in a task of its own, so it may send, receive and close)
       after each successful reconnect; for re-joining what the new connection does not
       have. If it raises, the client is closed with 1011 and ``receive`` raises
@@ -346,6 +351,7 @@ class Client:
         subprotocols: Sequence[str] = (),
         headers: Mapping[str, str] | None = None,
         reconnect: ReconnectPolicy | bool | None = False,
+        fallback_urls: Sequence[str] = (),
         on_reconnect: Hook | None = None,
         connect_timeout: float = 10.0,
         close_timeout: float = 10.0,
@@ -358,7 +364,10 @@ class Client:
     ) -> None:
         if isinstance(subprotocols, str):  # a str is a Sequence[str]: one letter per protocol
             raise TypeError("subprotocols must be a sequence of strings, not a string")
-        self.url = url
+        if isinstance(fallback_urls, str):
+            raise TypeError("fallback_urls must be a sequence of strings, not a string")
+        self.urls: tuple[str, ...] = (url, *fallback_urls)
+        self._url_index = 0
         self.policy: ReconnectPolicy | None = (
             ReconnectPolicy() if reconnect is True else reconnect or None
         )
@@ -391,6 +400,11 @@ class Client:
         self._reconnects = 0
 
     # --- state ---
+
+    @property
+    def url(self) -> str:
+        """The URL of the current connection (or of the attempt under way)."""
+        return self.urls[self._url_index]
 
     @property
     def connected(self) -> bool:
@@ -773,6 +787,7 @@ class Client:
                 return False
             log.debug("%s: reconnect attempt %d in %.3f s", self.url, backoff.attempts, delay)
             await self._sleep(delay)
+            self._url_index = (self._url_index + 1) % len(self.urls)
             try:
                 ws = await self._open()
             except UpgradeRefused as refused:

@@ -363,6 +363,34 @@ async def test_retryable_refusals_are_retried_with_the_computed_backoff(
     assert script.closes == [(1000, "")]
 
 
+async def test_reconnect_attempts_go_round_the_fallback_urls(
+    serve: Callable[[Script], Awaitable[str]],
+) -> None:
+    # A gateway going away (1001) and refusing from then on (503, draining), a second one
+    # refusing too, a third one serving: each attempt goes to the next URL, round the list.
+    draining = Script([Accept(("first",), close=1001), Refuse(503)])
+    refusing = Script([Refuse(503)])
+    serving = Script([Accept(("second",), close=1001), Accept(("third",))])
+    urls = [await serve(script) for script in (draining, refusing, serving)]
+    policy = ReconnectPolicy(initial_delay=0.01, max_delay=0.01)
+    async with Client(urls[0], fallback_urls=urls[1:], reconnect=policy, sleep=Sleeps()) as c:
+        assert c.urls == tuple(urls)
+        assert await c.receive(timeout=5) == "first"
+        assert await c.receive(timeout=5) == "second"
+        # The third one dropped too: round the list, past the two refusing, back to it.
+        assert await c.receive(timeout=5) == "third"
+        await c.send("still here")
+        assert await c.receive(timeout=5) == "still here"
+        assert c.url == urls[2]
+        assert c.reconnects == 2
+    assert (draining.attempts, refusing.attempts, serving.attempts) == (2, 2, 2)
+
+
+def test_fallback_urls_must_be_a_sequence_of_urls() -> None:
+    with pytest.raises(TypeError, match="fallback_urls"):
+        Client("ws://127.0.0.1:1/a", fallback_urls="ws://127.0.0.1:1/b")
+
+
 async def test_a_refusal_that_is_not_retryable_ends_the_reconnecting(
     serve: Callable[[Script], Awaitable[str]],
 ) -> None:
