@@ -398,6 +398,7 @@ class Client:
         self._subprotocol: str | None = None
         self._connected_at = 0.0
         self._reconnects = 0
+        self._drops: list[tuple[int, str]] = []
 
     # --- state ---
 
@@ -436,6 +437,12 @@ class Client:
     def reconnects(self) -> int:
         """How many times the client reconnected successfully."""
         return self._reconnects
+
+    @property
+    def drops(self) -> tuple[tuple[int, str], ...]:
+        """(close code, reason) of every connection that dropped and was reconnected
+        from, oldest first (1006 for a drop without a close frame)."""
+        return tuple(self._drops)
 
     async def wait_closed(self) -> ClientClosed:
         """Wait until the client has ended (see :attr:`closed`); returns how, without
@@ -736,6 +743,7 @@ class Client:
                     self._finish(ClientClosed(code, reason), cause=error)
                     break
                 log.info("%s: dropped with %s %r; reconnecting", self.url, code, reason)
+                self._drops.append((code, reason))
                 if not await self._reconnect(code, reason, error):
                     break
         except asyncio.CancelledError:

@@ -383,6 +383,7 @@ async def test_reconnect_attempts_go_round_the_fallback_urls(
         assert await c.receive(timeout=5) == "still here"
         assert c.url == urls[2]
         assert c.reconnects == 2
+        assert c.drops == ((1001, ""), (1001, ""))
     assert (draining.attempts, refusing.attempts, serving.attempts) == (2, 2, 2)
 
 
