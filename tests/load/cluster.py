@@ -97,6 +97,18 @@ class Node:
         except psutil.Error:
             return None
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time (user + system) the role's process has used; ``None`` while it is not
+        running."""
+        pid = self.host_pid()
+        if pid is None:
+            return None
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            return None
+        return float(times.user + times.system)
+
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Poll the role's readiness (a probe endpoint or a query) until it answers; the
         probe is the event, there is nothing to subscribe to from outside."""
@@ -314,6 +326,15 @@ class Cluster:
             usage = node.usage()
             if usage is not None:
                 found[node.name] = usage
+        return found
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds used so far by every running process, by node name."""
+        found = {}
+        for node in self.nodes:
+            used = node.cpu_seconds()
+            if used is not None:
+                found[node.name] = used
         return found
 
     def save_logs(self, into: Path) -> None:

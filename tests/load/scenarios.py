@@ -241,6 +241,20 @@ class Result:
         }
 
 
+def cpu_share(
+    before: dict[str, float], after: dict[str, float], seconds: float
+) -> dict[str, float]:
+    """Per node: the share of one core it used over ``seconds`` (0.5: half a core), for the
+    capacity model."""
+    shares = {}
+    for node, used in after.items():
+        start = before.get(node, 0.0)
+        if start > used:  # restarted meanwhile: its count began again
+            start = 0.0
+        shares[node] = round((used - start) / seconds, 3)
+    return shares
+
+
 def _ended(problems: list[str]) -> int:
     return sum(1 for p in problems if " ended with " in p)
 
@@ -282,14 +296,18 @@ async def run_scenario(
     traffic = Traffic(urls, shape, run)
     await traffic.connect()
     gateway_clients = sum(1 for p in traffic.pacers if p.client.url.startswith(urls[0]("")))
-    traffic.timeline.started = time.monotonic()
+    cpu_before = await asyncio.to_thread(cluster.cpu_seconds)
+    traffic.timeline.started = started = time.monotonic()
     traffic.start()
     try:
         await scenario.faults(cluster, traffic.timeline, duration_s)
     finally:
         await traffic.stop()
+    cpu_after = await asyncio.to_thread(cluster.cpu_seconds)
+    elapsed = time.monotonic() - started
     counts = await traffic.final_counts()
     result = Result(scenario, duration_s, shape, traffic.verdict(counts))
+    result.extra["cpu_share"] = cpu_share(cpu_before, cpu_after, elapsed)
     check(result, gateway_clients)
     await asyncio.to_thread(ensure_running, cluster)
     return result
