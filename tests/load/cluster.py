@@ -86,28 +86,42 @@ class Node:
         pid = int(self.docker.attrs["State"]["Pid"])
         return pid or None
 
-    def usage(self) -> tuple[int, int] | None:
-        """(RSS bytes, open fds) of the role's process; ``None`` while it is not running."""
+    def _processes(self) -> list[psutil.Process]:
+        """The role's process and its children (PostgreSQL's backends, for one)."""
         pid = self.host_pid()
         if pid is None:
-            return None
+            return []
         try:
-            process = psutil.Process(pid)
-            return process.memory_info().rss, process.num_fds()
+            root = psutil.Process(pid)
+            return [root, *root.children(recursive=True)]
         except psutil.Error:
-            return None
+            return []
+
+    def usage(self) -> tuple[int, int] | None:
+        """(RSS bytes, open fds) of the role's processes; ``None`` while it is not running.
+        (Summed over a process tree, shared pages count once per process.)"""
+        rss = fds = 0
+        processes = self._processes()
+        for process in processes:
+            try:
+                rss += process.memory_info().rss
+                fds += process.num_fds()
+            except psutil.Error:  # a child that ended meanwhile
+                continue
+        return (rss, fds) if processes else None
 
     def cpu_seconds(self) -> float | None:
-        """CPU time (user + system) the role's process has used; ``None`` while it is not
-        running."""
-        pid = self.host_pid()
-        if pid is None:
-            return None
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.Error:
-            return None
-        return float(times.user + times.system)
+        """CPU time (user + system) the role's processes have used; ``None`` while it is
+        not running."""
+        used = 0.0
+        processes = self._processes()
+        for process in processes:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            used += times.user + times.system
+        return used if processes else None
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Poll the role's readiness (a probe endpoint or a query) until it answers; the
