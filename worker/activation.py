@@ -8,7 +8,8 @@ a Task of its own, cancelled past the turn limit. Code written for Cloudflare, s
 
 The life of a turn::
 
-    arrive ─► queue ─► (redelivered? look up its record: replay the outcome, done)
+    arrive ─► queue ─► (a copy of a turn released here? its answer again, done)
+                 │      (redelivered? look up its record: release the outcome, done)
                  │
                  ▼
             run the handler (storage from memory; writes, sends collected in the Turn)
@@ -28,6 +29,15 @@ memory is not the object's any more. Its turns that were not released are handed
 the worker, which sends them where the object now lives; they carry a mark that makes the
 new host look their records up first (a turn that did commit is then answered from its
 record, never run twice).
+
+A turn's output leaves at most once from the activation that committed it: a copy of its
+event that comes later (its gateway gave up waiting for the ack and resent it) gets the
+answer again (the ack and the frames riding on it, the decision, the alarm's result), never
+its commands (a broadcast, sends to other connections) nor its frames to the event's
+connection sent as commands. A release, once begun, is finished even if the activation
+stops meanwhile, and copies of released turns are answered at the stop, not handed back.
+Only a new host that finds the record of a turn releases its output again: its first
+release may have been lost with its worker (at least once, then).
 """
 
 from __future__ import annotations
@@ -198,6 +208,8 @@ class Activation:
         self._unsent: list[_Committing] = []
         self._in_flight: list[_Committing] = []
         self._committer: asyncio.Task[None] | None = None
+        #: The batch being released, its lease confirmed: finished whatever happens.
+        self._releasing: list[_Committing] = []
         self._idle_waiters: list[asyncio.Future[None]] = []
         self.instance: DurableObject = instantiate(cls, self)
         self._runner = self._loop.create_task(self._run())
@@ -256,7 +268,10 @@ class Activation:
             elif known.pending is not None:
                 known.pending.copies.append(work)  # answered with the turn in flight
             elif known.outcome is not None:
-                await self._release_outcome(work, known.outcome)
+                # Released by this activation already: only the answer again. The gateway
+                # resent the event because the ack was late or lost; the commands left
+                # with it, and sending them again would duplicate a broadcast.
+                await self._answer_again(work, known.outcome)
                 work.finish()
             return
         if known is None and work.retried:
@@ -430,11 +445,15 @@ class Activation:
                     # The new host answers these events from their records.
                     self.stop("lease lost")
                     return
-                # Still in flight until released: if the activation stops meanwhile, what
-                # was not released yet is handed back (and answered from its record).
-                for committing in batch:
-                    await self._release(committing)
-                self._in_flight = []
+                # Released in full even if the activation stops meanwhile (stop() neither
+                # cancels this nor hands the batch back): a release cut short and handed
+                # back would be released again from the records, its first part twice.
+                self._in_flight, self._releasing = [], batch
+                try:
+                    for committing in batch:
+                        await self._release(committing)
+                finally:
+                    self._releasing = []
         finally:
             self._committer = None
             self._notify_if_idle()
@@ -459,12 +478,8 @@ class Activation:
         if work.kind is WorkKind.EVENT:
             assert work.event is not None
             event = work.event
-            ack = envelope.EventAck(
-                sequence=event.sequence, connection_id=event.connection_id, worker=host.worker_id
-            )
-            if _rides_on_ack(outcome.outputs):
-                ack.messages.extend(output.reply for output in outcome.outputs)
-            else:
+            ack = self._event_ack(event, outcome)
+            if not ack.messages:
                 for output in outcome.outputs:
                     await host.publish_command(_as_command(output, event))
             if event.WhichOneof("kind") == "closed":
@@ -481,6 +496,55 @@ class Activation:
             if outcome.failed:
                 result.error = "the alarm handler failed (see the worker's log)"
             await host.respond(work.msg, result.SerializeToString())
+
+    async def _answer_again(self, work: Work, outcome: pb.TurnOutcome) -> None:
+        """Answer a copy of a request whose turn this activation released: the answer
+        only, without the output that left with the first release."""
+        if work.kind is WorkKind.EVENT:
+            assert work.event is not None
+            # The frames riding on the ack are part of it: the gateway takes them only if
+            # the first ack never came (they were lost with it), as a stale ack otherwise.
+            self.host.queue_ack(
+                ids.gateway_of(work.event.connection_id), self._event_ack(work.event, outcome)
+            )
+        elif work.kind is WorkKind.CONNECT:
+            await self.host.respond(work.msg, outcome.decision.SerializeToString())
+        else:
+            result = envelope.AlarmResult(ok=not outcome.failed)
+            if outcome.failed:
+                result.error = "the alarm handler failed (see the worker's log)"
+            await self.host.respond(work.msg, result.SerializeToString())
+
+    def _event_ack(
+        self, event: envelope.ConnectionEvent, outcome: pb.TurnOutcome
+    ) -> envelope.EventAck:
+        """The final ack of ``event``, with the turn's frames when they all ride on it."""
+        ack = envelope.EventAck(
+            sequence=event.sequence, connection_id=event.connection_id, worker=self.host.worker_id
+        )
+        if _rides_on_ack(outcome.outputs):
+            ack.messages.extend(output.reply for output in outcome.outputs)
+        return ack
+
+    def _answered_at_stop(self, work: Work) -> bool:
+        """At a stop: answer ``work`` here if it is a copy of an event whose turn this
+        activation released (handed back, its new host would release the output again from
+        the record). Whether it was."""
+        known = self._known.get(work.key)
+        if work.event is None or known is None or work.sequence > known.sequence:
+            return False
+        if work.sequence == known.sequence:
+            if known.pending is not None:
+                if known.pending not in self._releasing:
+                    return False  # not committed yet: handed back with its turn
+                known.pending.copies.append(work)  # answered by the release under way
+                return True
+            assert known.outcome is not None
+            self.host.queue_ack(
+                ids.gateway_of(work.event.connection_id), self._event_ack(work.event, known.outcome)
+            )
+        work.finish()  # older ones: a copy of an event answered long ago, as in _take
+        return True
 
     async def _lookup(self, key: str) -> pb.LookupTurnResponse:
         response: pb.LookupTurnResponse = await self.call(
@@ -556,9 +620,10 @@ class Activation:
     # -- the end ---------------------------------------------------------------------------------
 
     def stop(self, reason: str, *, quiet: bool = False) -> None:
-        """Stop at once: the handler running is cancelled, nothing more is released, and
-        every request not answered is handed back to the worker. Idempotent. ``quiet``:
-        an ordinary end (an eviction), logged at debug level only."""
+        """Stop at once: the handler running is cancelled, nothing more is released (but
+        the rest of a batch whose release began), and every request not answered is handed
+        back to the worker (copies of released turns are answered with their ack instead).
+        Idempotent. ``quiet``: an ordinary end (an eviction), logged at debug level only."""
         if self.phase is Phase.STOPPED:
             return
         self.phase = Phase.STOPPED
@@ -567,14 +632,18 @@ class Activation:
         if self._handler is not None:
             self._handler.cancel()
         committer = self._committer
-        if committer is not None and committer is not asyncio.current_task():
+        if (
+            committer is not None
+            and committer is not asyncio.current_task()
+            and not self._releasing  # a release once begun is finished (see _commit_loop)
+        ):
             committer.cancel()
         works: list[Work] = []
         for committing in (*self._in_flight, *self._unsent):
             works.extend((committing.work, *committing.copies))
         if self._current is not None and self._current not in works:
             works.append(self._current)
-        works.extend(self._queue)
+        works.extend(w for w in self._queue if not self._answered_at_stop(w))
         self._in_flight, self._unsent, self._current = [], [], None
         self._queue.clear()
         for work in works:

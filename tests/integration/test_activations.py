@@ -10,6 +10,7 @@ underneath.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -17,11 +18,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats
 import pytest
 
 from tests.harness import Stack, metric, stack_context, wait_until
+from wsgate import ids, subjects
 from wsgate.client import ClientClosed, connect
+from wsgate.config import DEFAULT_APP_NAME, DEFAULT_PREFIX
 from wsgate.procs import Child
+from wsgate.v1 import envelope_pb2 as envelope
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -321,6 +326,57 @@ async def running_turn(stack: Stack) -> Child:
 
     await wait_until(one_runs, timeout_s=10, what="a worker running the turn")
     return found[0]
+
+
+async def test_a_copy_of_a_released_turn_is_acked_and_sends_nothing_again(tmp_path: Path) -> None:
+    """A gateway that gave up waiting for an ack resends the event; when the copy reaches
+    the activation after the first one's turn was released, it gets the ack again, but
+    what the turn sent to other connections is not sent twice."""
+    for stack in stack_context(tmp_path, app="tests.apps.sdk:app"):
+        nc = await nats.connect(stack.nats_url)
+        try:
+            async with (
+                connect(stack.ws_url("/room/copies")) as poker,
+                connect(stack.ws_url("/room/copies")) as peer,
+            ):
+                await poker.send("state")
+                poker_id = json.loads(await poker.receive())["joined"]
+                await peer.send("state")
+                peer_id = json.loads(await peer.receive())["joined"]
+                # Every final ack of the gateway, the first poke's and its copy's.
+                acks = await nc.subscribe(
+                    subjects.ack_batch_subject(DEFAULT_PREFIX, ids.gateway_of(poker_id))
+                )
+                await nc.flush()
+                await poker.send("poke")  # the poker's event #2
+                assert await poker.receive() == "poked"
+                assert await peer.receive() == f"poked by {poker_id}"
+                copy = envelope.ConnectionEvent(
+                    connection_id=poker_id,
+                    sequence=2,
+                    path="/room/copies",
+                    message=envelope.Message(text="poke"),
+                    redelivered=True,
+                )
+                await nc.publish(
+                    subjects.events_subject(DEFAULT_PREFIX, DEFAULT_APP_NAME),
+                    copy.SerializeToString(),
+                    reply=nc.new_inbox(),
+                )
+                seen = 0
+                while seen < 2:
+                    batch = envelope.AckBatch.FromString((await acks.next_msg(timeout=20)).data)
+                    seen += sum(
+                        1 for a in batch.acks if (a.connection_id, a.sequence) == (poker_id, 2)
+                    )
+                # A second "poked by" would have left before the copy's ack, so it would
+                # come before the answer to this.
+                await peer.send("state")
+                assert await peer.receive() == json.dumps({"joined": peer_id})
+                await poker.send("state")
+                assert await poker.receive() == json.dumps({"joined": poker_id})
+        finally:
+            await nc.close()
 
 
 # -- a state service restart -----------------------------------------------------------
