@@ -343,17 +343,21 @@ CHURN = Scenario("g", "churn", "short connections (connect, one message, close)"
 
 async def _churn(
     cluster: Cluster, connections: int, concurrency: int, run: str, samples: list[dict[str, Any]]
-) -> dict[str, int]:
+) -> tuple[dict[str, int], list[str]]:
     """``connections`` short connections: three echo for every increment of a counter (a
     durable object's connection costs the cluster about three times an echo's: its
     connect, message and close are turns, each committed). The role usage is sampled
-    40 times along the way. Returns each counter's answered count."""
+    40 times along the way. Returns each counter's answered count, and what went wrong
+    with each connection that failed."""
     answered: dict[str, int] = {}
-    done = errors = 0
+    done = 0
     step = max(1, connections // 40)
     indexes = iter(range(connections))
 
-    async def one(session: aiohttp.ClientSession, i: int) -> bool:
+    failures: list[str] = []
+
+    async def one(session: aiohttp.ClientSession, i: int) -> str | None:
+        """None when the connection got its answer; else what went wrong."""
         gateway = i % len(cluster.gateways)
         if i % 4 == 3:
             counter = f"{run}-churn-{i % 50}"
@@ -364,19 +368,20 @@ async def _churn(
             async with session.ws_connect(cluster.gateway_url(gateway, path)) as ws:
                 await ws.send_str(text)
                 reply = await ws.receive(timeout=30)
-        except (aiohttp.ClientError, TimeoutError):
-            return False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"{path}: {type(exc).__name__}: {exc}"
         if reply.type is not aiohttp.WSMsgType.TEXT or not reply.data.startswith(expected):
-            return False
+            return f"{path}: answered {reply.type.name} {str(reply.data)[:80]!r}"
         if counter:
             answered[counter] = answered.get(counter, 0) + 1
-        return True
+        return None
 
     async def churner(session: aiohttp.ClientSession) -> None:
-        nonlocal done, errors
+        nonlocal done
         for i in indexes:  # shared: each index is taken by one churner
-            if not await one(session, i):
-                errors += 1
+            failure = await one(session, i)
+            if failure is not None:
+                failures.append(failure)
             done += 1
             if done % step == 0:
                 usage = await asyncio.to_thread(cluster.usage)
@@ -385,8 +390,7 @@ async def _churn(
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(churner(session) for _ in range(concurrency)))
-    answered["_errors"] = errors
-    return answered
+    return answered, failures
 
 
 async def run_churn(
@@ -394,7 +398,7 @@ async def run_churn(
     connections: int,
     shape: Shape,
     *,
-    concurrency: int = 100,
+    concurrency: int = 50,
     bounds: ChurnBounds = ChurnBounds(),
 ) -> Result:
     """(g): the churn, under the steady mixed load, and the usage of every role."""
@@ -407,16 +411,17 @@ async def run_churn(
     samples: list[dict[str, Any]] = [{"connections": 0, "usage": cluster.usage()}]
     started = time.monotonic()
     try:
-        answered = await _churn(cluster, connections, concurrency, run, samples)
+        answered, churn_failures = await _churn(cluster, connections, concurrency, run, samples)
     finally:
         await traffic.stop()
     duration = time.monotonic() - started
     counts = await traffic.final_counts()
     result = Result(CHURN, duration, shape, traffic.verdict(counts))
     check(result, 0)
-    errors = answered.pop("_errors")
-    if errors:
-        result.failures.append(f"{errors} churned connections failed")
+    if churn_failures:
+        result.failures.append(
+            f"{len(churn_failures)} churned connections failed, e.g. {churn_failures[:3]}"
+        )
     finals = await _counter_values(cluster, list(answered))
     for counter, expected in answered.items():
         if finals[counter] != expected:
