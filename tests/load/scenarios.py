@@ -61,45 +61,48 @@ async def steady(cluster: Cluster, timeline: Timeline, duration_s: float) -> Non
     await _until(timeline, duration_s)
 
 
-async def kill_worker(cluster: Cluster, timeline: Timeline, duration_s: float) -> None:
-    victim = cluster.workers[0]
-    await _until(timeline, duration_s / 4)
-    await _do(timeline, f"kill -9 {victim.name}", lambda: victim.kill("SIGKILL"))
-    await asyncio.to_thread(victim.wait_exited)
-    # Restarted late: the recovery measured is the cluster's own (leases expiring,
-    # events redelivered to the other workers), not the restart's.
-    await _until(timeline, 3 * duration_s / 4)
-    await _do(timeline, f"{victim.name} started", victim.start)
-    await _until(timeline, duration_s)
+def down_then_up(
+    pick: Callable[[Cluster], Node],
+    verb: str,
+    act: Callable[[Node], None],
+    *,
+    at: float,
+    back_at: float,
+) -> Faults:
+    """A fault: at ``at`` of the run, ``act`` on the node ``pick`` chooses (marked
+    ``"<verb> <node>"``) and wait for its process to end; at ``back_at``, start the same
+    container again (marked ``"<node> started"``)."""
+
+    async def faults(cluster: Cluster, timeline: Timeline, duration_s: float) -> None:
+        victim = pick(cluster)
+        await _until(timeline, duration_s * at)
+        await _do(timeline, f"{verb} {victim.name}", lambda: act(victim))
+        await asyncio.to_thread(victim.wait_exited)
+        await _until(timeline, duration_s * back_at)
+        await _do(timeline, f"{victim.name} started", victim.start)
+        await _until(timeline, duration_s)
+
+    return faults
 
 
-async def restart_nats(cluster: Cluster, timeline: Timeline, duration_s: float) -> None:
-    victim = cluster.nats[1]
-    await _until(timeline, duration_s / 3)
-    await _do(timeline, f"stop {victim.name}", lambda: victim.stop(timeout_s=10))
-    await _until(timeline, 2 * duration_s / 3)
-    await _do(timeline, f"{victim.name} started", victim.start)
-    await _until(timeline, duration_s)
+def _kill(node: Node) -> None:
+    node.kill("SIGKILL")
 
 
-async def stop_gateway(cluster: Cluster, timeline: Timeline, duration_s: float) -> None:
-    victim = cluster.gateways[0]
-    await _until(timeline, duration_s / 4)
-    await _do(timeline, f"SIGTERM {victim.name}", lambda: victim.kill("SIGTERM"))
-    await asyncio.to_thread(victim.wait_exited)
-    await _until(timeline, 3 * duration_s / 4)
-    await _do(timeline, f"{victim.name} started", victim.start)
-    await _until(timeline, duration_s)
+def _terminate(node: Node) -> None:
+    node.kill("SIGTERM")
 
 
-async def kill_state_replica(cluster: Cluster, timeline: Timeline, duration_s: float) -> None:
-    victim = cluster.state[1]
-    await _until(timeline, duration_s / 3)
-    await _do(timeline, f"kill -9 {victim.name}", lambda: victim.kill("SIGKILL"))
-    await asyncio.to_thread(victim.wait_exited)
-    await _until(timeline, 2 * duration_s / 3)
-    await _do(timeline, f"{victim.name} started", victim.start)
-    await _until(timeline, duration_s)
+def _stop(node: Node) -> None:
+    node.stop(timeout_s=10)
+
+
+# (b) restarts the worker late: the recovery measured is the cluster's own (leases
+# expiring, events redelivered to the other workers), not the restart's.
+kill_worker = down_then_up(lambda c: c.workers[0], "kill -9", _kill, at=1 / 4, back_at=3 / 4)
+restart_nats = down_then_up(lambda c: c.nats[1], "stop", _stop, at=1 / 3, back_at=2 / 3)
+stop_gateway = down_then_up(lambda c: c.gateways[0], "SIGTERM", _terminate, at=1 / 4, back_at=3 / 4)
+kill_state_replica = down_then_up(lambda c: c.state[1], "kill -9", _kill, at=1 / 3, back_at=2 / 3)
 
 
 async def rolling_restart(cluster: Cluster, timeline: Timeline, duration_s: float) -> None:
