@@ -14,6 +14,7 @@ Flow of one connection::
 
 Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
 :class:`~gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
+Those for a connection still upgrading are kept until it opens (see ``_on_command``).
 """
 
 from __future__ import annotations
@@ -99,6 +100,17 @@ class LiveConnection:
                     await asyncio.shield(self.settled)
 
 
+@dataclass(eq=False)
+class _Early:
+    """Commands for a connection whose upgrade is under way (ConnectRequest sent, socket
+    not open yet): handed to its outbox, in order, once it opens."""
+
+    commands: list[pb.GatewayCommand] = field(default_factory=list)
+    size: int = 0
+    #: More than max_outbound_bytes came: the connection is closed as a slow consumer.
+    overflowed: bool = False
+
+
 @dataclass
 class _Refusal:
     reason: str
@@ -127,6 +139,8 @@ class Gateway(Service):
         self._auto_responses = config.auto_response_map
         self._connections: dict[str, LiveConnection] = {}
         self._connecting = 0
+        #: Connections between their ConnectRequest and their registration (see _on_command).
+        self._early: dict[str, _Early] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._nc: NatsClient | None = None
         self._delivery: EventDelivery | None = None
@@ -308,6 +322,13 @@ class Gateway(Service):
         if refusal is not None:
             return self._refuse(refusal)
         connection_id = self._ids.next()
+        self._early[connection_id] = _Early()
+        try:
+            return await self._open(request, connection_id)
+        finally:
+            self._early.pop(connection_id, None)
+
+    async def _open(self, request: web.Request, connection_id: str) -> web.StreamResponse:
         offered = _offered_subprotocols(request)
         self._connecting += 1
         try:
@@ -366,11 +387,18 @@ class Gateway(Service):
             await self._report_unopened(connection_id, request.path, CloseCode.ABNORMAL)
             return ws
         self._connections[connection_id] = conn
+        early = self._early.pop(connection_id)
         self.metrics.connections.inc()
         self.metrics.connections_open.inc()
         try:
             for message in accept.messages:
                 self._push_message(conn, message)
+            # Then what came for it before it opened (the next turns' broadcasts): their
+            # turns ran after the connect turn, so their output follows its messages.
+            for command in early.commands:
+                self._apply_command(conn, command)
+            if early.overflowed:
+                self._slow_consumer(connection_id)
             await self._read_loop(conn)
         finally:
             await conn.outbox.flush()
@@ -556,17 +584,47 @@ class Gateway(Service):
             return
         for connection_id in command.connection_ids:
             conn = self._connections.get(connection_id)
+            if conn is None:
+                early = self._early.get(connection_id)
+                if early is not None:
+                    # The upgrade is under way. The object may have committed the join and
+                    # run its next turn already: that turn's broadcast can be handled here
+                    # before the task of the upgrade sees the decision (another NATS
+                    # subscription, another task), and a member that joined would miss a
+                    # post that is neither in its replay nor sent to it live. Kept for it.
+                    self._keep_early(early, command)
+                    continue
             if conn is None or conn.lifecycle.phase is not Phase.OPEN:
                 # The connection is gone, closing, or never was here: count it, never loop.
                 self.metrics.drops.labels("unknown_connection").inc()
                 continue
-            if conn.lifecycle.is_stale(command.in_reply_to):
-                self.metrics.drops.labels("stale").inc()
-                continue
-            if action == "send":
-                self._push_message(conn, command.send)
-            else:
-                self._push_close(conn, command.close.code, command.close.reason)
+            self._apply_command(conn, command)
+
+    def _keep_early(self, early: _Early, command: pb.GatewayCommand) -> None:
+        if early.overflowed:
+            self.metrics.drops.labels("slow_consumer").inc()
+            return
+        size = command.ByteSize()
+        if early.size + size > self.config.max_outbound_bytes:
+            early.overflowed = True
+            early.commands.clear()
+            self.metrics.drops.labels("slow_consumer").inc()
+            return
+        early.size += size
+        early.commands.append(command)
+
+    def _apply_command(self, conn: LiveConnection, command: pb.GatewayCommand) -> None:
+        """One command for one open connection (``_on_command`` checked the rest)."""
+        if conn.lifecycle.phase is not Phase.OPEN:
+            self.metrics.drops.labels("unknown_connection").inc()
+            return
+        if conn.lifecycle.is_stale(command.in_reply_to):
+            self.metrics.drops.labels("stale").inc()
+            return
+        if command.WhichOneof("action") == "send":
+            self._push_message(conn, command.send)
+        else:
+            self._push_close(conn, command.close.code, command.close.reason)
 
     def _push_message(self, conn: LiveConnection, message: pb.Message) -> None:
         kind = message.WhichOneof("data")
