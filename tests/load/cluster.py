@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import docker
 import psutil
@@ -30,6 +31,8 @@ from testcontainers.core.container import DockerContainer
 from tests.load.containers import ContainerSession
 from tests.load.images import Images
 from wsgate.procs import DEV_NATS_MAX_PAYLOAD_BYTES
+
+_T = TypeVar("_T")
 
 CLUSTER_NAME = "wsgate-load"
 #: The workers' app (tests/load/app.py), mounted into their containers as /app/loadapp.py.
@@ -333,23 +336,22 @@ class Cluster:
 
     # --- after ---
 
-    def usage(self) -> dict[str, tuple[int, int]]:
-        """(RSS bytes, open fds) of every running process, by node name."""
+    def _of_running(self, measure: Callable[[Node], _T | None]) -> dict[str, _T]:
+        """``measure`` of every node whose process runs, by node name."""
         found = {}
         for node in self.nodes:
-            usage = node.usage()
-            if usage is not None:
-                found[node.name] = usage
+            value = measure(node)
+            if value is not None:
+                found[node.name] = value
         return found
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        """(RSS bytes, open fds) of every running process, by node name."""
+        return self._of_running(Node.usage)
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds used so far by every running process, by node name."""
-        found = {}
-        for node in self.nodes:
-            used = node.cpu_seconds()
-            if used is not None:
-                found[node.name] = used
-        return found
+        return self._of_running(Node.cpu_seconds)
 
     def save_logs(self, into: Path) -> None:
         """Every node's log as ``<name>.log`` (for a failed run)."""
