@@ -492,10 +492,7 @@ class Activation:
         else:
             for output in outcome.outputs:
                 await host.publish_command(output.command)
-            result = envelope.AlarmResult(ok=not outcome.failed)
-            if outcome.failed:
-                result.error = "the alarm handler failed (see the worker's log)"
-            await host.respond(work.msg, result.SerializeToString())
+            await host.respond(work.msg, _alarm_result(outcome))
 
     async def _answer_again(self, work: Work, outcome: pb.TurnOutcome) -> None:
         """Answer a copy of a request whose turn this activation released: the answer
@@ -504,16 +501,11 @@ class Activation:
             assert work.event is not None
             # The frames riding on the ack are part of it: the gateway takes them only if
             # the first ack never came (they were lost with it), as a stale ack otherwise.
-            self.host.queue_ack(
-                ids.gateway_of(work.event.connection_id), self._event_ack(work.event, outcome)
-            )
+            self._ack_again(work.event, outcome)
         elif work.kind is WorkKind.CONNECT:
             await self.host.respond(work.msg, outcome.decision.SerializeToString())
         else:
-            result = envelope.AlarmResult(ok=not outcome.failed)
-            if outcome.failed:
-                result.error = "the alarm handler failed (see the worker's log)"
-            await self.host.respond(work.msg, result.SerializeToString())
+            await self.host.respond(work.msg, _alarm_result(outcome))
 
     def _event_ack(
         self, event: envelope.ConnectionEvent, outcome: pb.TurnOutcome
@@ -525,6 +517,9 @@ class Activation:
         if _rides_on_ack(outcome.outputs):
             ack.messages.extend(output.reply for output in outcome.outputs)
         return ack
+
+    def _ack_again(self, event: envelope.ConnectionEvent, outcome: pb.TurnOutcome) -> None:
+        self.host.queue_ack(ids.gateway_of(event.connection_id), self._event_ack(event, outcome))
 
     def _answered_at_stop(self, work: Work) -> bool:
         """At a stop: answer ``work`` here if it is a copy of an event whose turn this
@@ -540,9 +535,7 @@ class Activation:
                 known.pending.copies.append(work)  # answered by the release under way
                 return True
             assert known.outcome is not None
-            self.host.queue_ack(
-                ids.gateway_of(work.event.connection_id), self._event_ack(work.event, known.outcome)
-            )
+            self._ack_again(work.event, known.outcome)
         work.finish()  # older ones: a copy of an event answered long ago, as in _take
         return True
 
@@ -722,3 +715,11 @@ def _as_command(output: pb.TurnOutput, event: envelope.ConnectionEvent) -> envel
     else:
         command.close.CopyFrom(output.close)
     return command
+
+
+def _alarm_result(outcome: pb.TurnOutcome) -> bytes:
+    """The answer to an alarm's request: whether its turn's handler succeeded."""
+    result = envelope.AlarmResult(ok=not outcome.failed)
+    if outcome.failed:
+        result.error = "the alarm handler failed (see the worker's log)"
+    return result.SerializeToString()
