@@ -5,6 +5,7 @@ Every scenario holds when, from the clients' side:
 
 - nothing acknowledged was lost, nothing arrived twice, nothing out of order, counters
   exact (``lost``, ``duplicates`` and ``reordered`` are 0);
+- every send found a connection (a client reconnecting waits up to 30 s for one);
 - no socket dropped, except in (d) where the stopped gateway's clients get 1001 (and only
   1001) and every one of them reconnects to the other gateway;
 - the cluster recovered within the scenario's stated bound: ``recovery_s`` is how long
@@ -272,6 +273,8 @@ def check(result: Result, gateway_clients: int) -> None:
     if figures["answered"] == 0:
         failures.append("nothing was answered")
     total = result.verdict.total
+    if total.send_failures:  # a client found no connection to send on, even after waiting
+        failures.append(f"send failures: {total.send_failures}")
     if result.scenario.drops_gateway_clients:
         if set(total.drop_codes) - {1001}:
             failures.append(f"dropped with {sorted(set(total.drop_codes))}, expected 1001 only")

@@ -60,7 +60,9 @@ def result_with(tally: Tally, scenario: str = "steady", faults: int = 0) -> Resu
     return Result(SCENARIOS[scenario], 10.0, Shape(), verdict)
 
 
-@pytest.mark.parametrize("field", ["lost", "duplicates", "reordered", "dropped_sockets"])
+@pytest.mark.parametrize(
+    "field", ["lost", "duplicates", "reordered", "dropped_sockets", "send_failures"]
+)
 def test_any_loss_duplicate_reorder_or_drop_fails_the_scenario(field: str) -> None:
     tally = Tally(answered=10)
     setattr(tally, field, 1)

@@ -146,7 +146,8 @@ class _Pacer:
             self.in_doubt.update(self.outstanding)
             self._last_drops = len(drops)
 
-    async def send(self, key: str, text: str) -> bool:
+    async def send(self, key: str, text: str) -> None:
+        """Send ``text``, awaited as ``key``, once fewer than ``window`` are unanswered."""
         await self.window.acquire()
         self.note_drops()
         self.outstanding[key] = self.timeline.now()
@@ -155,12 +156,14 @@ class _Pacer:
         try:
             await self.client.send(text)
         except ClientError as exc:
+            # Not handed to any connection: nothing to await, and the window stays open.
             self.tally.send_failures += 1
             self.tally.problems.append(f"{self.name}: send failed: {exc}")
             self.timeline.error()
-            self.in_doubt.add(key)
-            return False
-        return True
+            del self.outstanding[key]
+            self.window.release()
+            if not self.outstanding:
+                self.settled.set()
 
     def answered(self, key: str) -> bool:
         """Record the answer to ``key``; False when nothing awaited it (a duplicate)."""
