@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.backends import BACKENDS, Backend
+from tests.certs import Pki
 from tests.harness import Stack, stack_context
 from wsgate.pgserver import PostgresServer, running_postgres
 
@@ -39,6 +40,13 @@ def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield str(nats.info["url"])
     finally:
         nats.stop()
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """Certificates made at test time: a trusted CA that issues server and client
+    certificates, and an untrusted one for refusals (tests/certs.py)."""
+    return Pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture(scope="session")
