@@ -3,14 +3,17 @@
 ::
 
     from worker import Accept, App, Connection, ConnectRequest, DurableObject, Reject
+    from worker import JWTVerifier, Unauthorized  # authentication at connect
 """
 
 from worker.app import Accept, App, ConnectRequest, Reject, Route
+from worker.auth import Authenticator
 from worker.connection import Connection
 from worker.durable import DurableObject, Peer
 from worker.env import Env
 from worker.errors import (
     AppLoadError,
+    AuthFailure,
     ConnectionClosed,
     InvalidCloseCode,
     InvalidMessage,
@@ -19,14 +22,18 @@ from worker.errors import (
     NoConnectionState,
     NotAccepted,
     TurnOver,
+    Unauthorized,
     WorkerError,
 )
+from worker.jwt_verifier import JWTVerifier
 from worker.state_client import ObjectStorage, Transaction
 
 __all__ = [
     "Accept",
     "App",
     "AppLoadError",
+    "AuthFailure",
+    "Authenticator",
     "ConnectRequest",
     "Connection",
     "ConnectionClosed",
@@ -36,6 +43,7 @@ __all__ = [
     "InvalidMessage",
     "InvalidResponse",
     "InvalidRoute",
+    "JWTVerifier",
     "NoConnectionState",
     "NotAccepted",
     "ObjectStorage",
@@ -44,5 +52,6 @@ __all__ = [
     "Route",
     "Transaction",
     "TurnOver",
+    "Unauthorized",
     "WorkerError",
 ]

@@ -58,7 +58,14 @@ from worker.activation_alarm import ActivationAlarm
 from worker.activation_members import ActivationMembers
 from worker.activation_storage import ActivationStorage
 from worker.app import ConnectRequest, Reject
-from worker.decisions import accept_decision, check_accept, connect_outcome, reject_decision
+from worker.auth import Verified, with_auth_subprotocol
+from worker.decisions import (
+    accept_decision,
+    check_accept,
+    connect_handler_result,
+    connect_outcome,
+    reject_decision,
+)
 from worker.durable import instantiate
 from worker.object_cache import (
     UNKNOWN,
@@ -363,7 +370,9 @@ class Activation:
         try:
             if turn.kind is TurnKind.CONNECT:
                 assert work.connect is not None
-                outcome.decision = await self._connect(work.connect, work.params, turn)
+                outcome.decision = await self._connect(
+                    work.connect, work.params, turn, work.verified
+                )
             elif turn.kind is TurnKind.ALARM:
                 await self.instance.on_alarm()
             else:
@@ -380,15 +389,23 @@ class Activation:
             raise
 
     async def _connect(
-        self, request_pb: envelope.ConnectRequest, params: Mapping[str, str], turn: Turn
+        self,
+        request_pb: envelope.ConnectRequest,
+        params: Mapping[str, str],
+        turn: Turn,
+        verified: Verified | None,
     ) -> envelope.ConnectDecision:
         conn = ObjectConnection(
             self, turn, request_pb.connection_id, request_pb.path, params, connecting=True
         )
-        request = ConnectRequest.from_envelope(request_pb, params)
-        decided = connect_outcome(await self.instance.on_connect(conn, request))
+        claims = verified.claims if verified is not None else None
+        request = ConnectRequest.from_envelope(request_pb, params, claims)
+        decided = connect_outcome(
+            await connect_handler_result(self.instance.on_connect(conn, request), self.host.metrics)
+        )
         if isinstance(decided, Reject):
             return reject_decision(decided.status, decided.body, decided.headers)
+        decided = with_auth_subprotocol(decided, verified)
         check_accept(decided, request)
         self.members.join(turn, request_pb.connection_id, decided.tags, decided.state)
         return accept_decision(decided, turn.replies, worker=self.host.worker_id)

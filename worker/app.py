@@ -12,8 +12,11 @@
         await conn.send(message)
 
 A route's ``on_connect(conn, request)`` decides the upgrade: return :class:`Accept`
-(or ``None``, which accepts) or :class:`Reject`. ``on_message(conn, message)`` gets each
-message, text as ``str`` and binary as ``bytes``, in the order the client sent them.
+(or ``None``, which accepts) or :class:`Reject`. A route declared with ``auth=`` (a
+``JWTVerifier``, say: :mod:`worker.auth`) has every connect verified first: a refusal is a
+401 that never reaches ``on_connect``, and ``request.claims`` holds the verified claims.
+``on_message(conn, message)`` gets each message, text as ``str`` and binary as ``bytes``,
+in the order the client sent them.
 ``on_close(conn, code, reason)`` runs once when the connection has ended, whoever closed
 it. Every handler is optional; all are coroutines. Nothing here does I/O.
 """
@@ -33,6 +36,7 @@ from worker.errors import InvalidResponse, InvalidRoute
 
 if TYPE_CHECKING:
     from worker.alarms_client import AlarmInfo
+    from worker.auth import Authenticator
     from worker.connection import Connection
     from worker.durable import DurableObject
     from wsgate.v1 import envelope_pb2 as pb
@@ -54,12 +58,19 @@ class ConnectRequest:
     subprotocols: tuple[str, ...]
     #: The peer's "host:port" as the gateway saw it.
     remote_address: str
+    #: The claims the route's authenticator verified (``auth=``), read-only; empty on a
+    #: route without one. Only ``on_connect`` sees them: what later events need, the app
+    #: keeps (on a durable object route, in ``Accept(state=...)``).
+    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
 
     @classmethod
     def from_envelope(
-        cls, envelope: pb.ConnectRequest, params: Mapping[str, str]
+        cls,
+        envelope: pb.ConnectRequest,
+        params: Mapping[str, str],
+        claims: Mapping[str, Any] | None = None,
     ) -> ConnectRequest:
-        """Build from the NATS envelope."""
+        """Build from the NATS envelope (with the claims verified for it, if any)."""
         return cls(
             connection_id=envelope.connection_id,
             path=envelope.path,
@@ -68,6 +79,7 @@ class ConnectRequest:
             headers=CIMultiDictProxy(CIMultiDict((h.name, h.value) for h in envelope.headers)),
             subprotocols=tuple(envelope.subprotocols),
             remote_address=envelope.remote_address,
+            claims=_NO_CLAIMS if claims is None else claims,
         )
 
 
@@ -113,15 +125,18 @@ H = TypeVar("H")
 D = TypeVar("D", bound="DurableObject")
 
 _RESOLVED_CACHE_SIZE = 4096
+_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 class Route:
     """One path pattern and its handlers. Made by :meth:`App.route`."""
 
-    def __init__(self, pattern: str) -> None:
+    def __init__(self, pattern: str, auth: Authenticator | None = None) -> None:
         self.pattern = pattern
         self._regex, self.param_names = _compile(pattern)
+        #: Verifies every connect before on_connect (None: the route is open).
+        self.auth = auth
         self.connect_handler: ConnectHandler | None = None
         self.message_handler: MessageHandler | None = None
         self.close_handler: CloseHandler | None = None
@@ -183,32 +198,46 @@ class App:
         """The routes in registration order."""
         return tuple(self._routes)
 
-    def route(self, pattern: str) -> Route:
-        """Register and return a new route; raises InvalidRoute for a duplicate pattern."""
+    def route(self, pattern: str, *, auth: Authenticator | None = None) -> Route:
+        """Register and return a new route; raises InvalidRoute for a duplicate pattern.
+
+        With ``auth`` (e.g. a ``JWTVerifier``), every connect is verified before
+        ``on_connect``: a refusal is a 401 (``Unauthorized.reject()``) and the verified
+        claims are ``request.claims``.
+        """
         if any(r.pattern == pattern for r in self._routes):
             raise InvalidRoute(f"route {pattern!r} is already registered")
-        route = Route(pattern)
+        route = Route(pattern, auth)
         self._routes.append(route)
         self._resolved.clear()
         return route
 
-    def durable(self, pattern: str, cls: type[D] | None = None, *, name: str | None = None) -> Any:
+    def durable(
+        self,
+        pattern: str,
+        cls: type[D] | None = None,
+        *,
+        name: str | None = None,
+        auth: Authenticator | None = None,
+    ) -> Any:
         """Serve ``pattern`` with a :class:`~worker.durable.DurableObject` class, named by
         the path parameter ``name`` (by default the pattern's only one)::
 
             @app.durable("/chat/{room}")
             class ChatRoom(DurableObject): ...
 
-        or ``app.durable("/chat/{room}", ChatRoom)``. Raises InvalidRoute for a class that
-        is not a DurableObject or a pattern with no parameter to name the object.
+        or ``app.durable("/chat/{room}", ChatRoom)``. With ``auth``, as for
+        :meth:`route`: connects are verified before they reach the object (a refused one
+        never activates it). Raises InvalidRoute for a class that is not a DurableObject
+        or a pattern with no parameter to name the object.
         """
         from worker.durable import durable_route
 
         if cls is not None:
-            return durable_route(self, pattern, cls, name=name)
+            return durable_route(self, pattern, cls, name=name, auth=auth)
 
         def register(decorated: type[D]) -> type[D]:
-            return durable_route(self, pattern, decorated, name=name)
+            return durable_route(self, pattern, decorated, name=name, auth=auth)
 
         return register
 

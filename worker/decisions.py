@@ -3,11 +3,34 @@ checked and turned into a ``ConnectDecision`` (shared by function routes and act
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import logging
+from collections.abc import Awaitable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from worker.app import Accept, ConnectRequest, Reject
-from worker.errors import InvalidResponse
+from worker.errors import InvalidResponse, Unauthorized
 from wsgate.v1 import envelope_pb2 as pb
+
+if TYPE_CHECKING:
+    from worker.metrics import WorkerMetrics
+
+log = logging.getLogger(__name__)
+
+
+async def connect_handler_result(call: Awaitable[object], metrics: WorkerMetrics) -> object:
+    """What ``on_connect`` returned, awaited; an Unauthorized it let through is its 401
+    (:func:`refused`), as if it had returned that."""
+    try:
+        return await call
+    except Unauthorized as exc:
+        return refused(exc, metrics)
+
+
+def refused(exc: Unauthorized, metrics: WorkerMetrics) -> Reject:
+    """The 401 answering ``exc``, counted by reason."""
+    metrics.auth_failures.labels(exc.reason.value).inc()
+    log.debug("connect refused: %s", exc.description)
+    return exc.reject()
 
 
 def connect_outcome(outcome: object) -> Accept | Reject:

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from worker.activation import Activation
     from worker.alarms_client import AlarmInfo, ObjectAlarm
     from worker.app import App
+    from worker.auth import Authenticator
     from worker.connection import Connection
     from worker.env import Env
     from worker.state_client import ObjectStorage
@@ -168,11 +169,18 @@ class Peer:
         await self.env.send_many([self.id], message)
 
 
-def durable_route(app: App, pattern: str, cls: type[D], *, name: str | None = None) -> type[D]:
+def durable_route(
+    app: App,
+    pattern: str,
+    cls: type[D],
+    *,
+    name: str | None = None,
+    auth: Authenticator | None = None,
+) -> type[D]:
     """Serve ``pattern`` with the durable object class ``cls``: the object is named by the
-    path parameter ``name`` (by default the pattern's only parameter). Registers ``cls``'s
-    ``on_alarm`` for its namespace if it overrides it. Returns ``cls`` (a decorator's
-    result).
+    path parameter ``name`` (by default the pattern's only parameter), its connects
+    verified by ``auth`` first if given. Registers ``cls``'s ``on_alarm`` for its
+    namespace if it overrides it. Returns ``cls`` (a decorator's result).
 
     Raises InvalidRoute when ``cls`` is not a DurableObject, another class already serves
     its namespace, or the pattern has no parameter to name the object (or several and
@@ -196,7 +204,7 @@ def durable_route(app: App, pattern: str, cls: type[D], *, name: str | None = No
         name = params[0]
     elif name not in params:
         raise InvalidRoute(f"route {pattern!r} has no parameter {name!r} to name the object")
-    route = app.route(pattern)
+    route = app.route(pattern, auth=auth)
     route.serve_object(cls, name)
     app.durable_classes[cls.namespace] = cls
     if serving is None and _overrides(cls, "on_alarm"):

@@ -12,13 +12,21 @@
         ├── NoConnectionState            conn.state outside a durable object's handlers
         ├── TurnOver                     a durable object's storage or connection used by
         │                                a task that outlived the turn that made it
+        ├── Unauthorized                 a connect's credentials were refused (its
+        │                                AuthFailure); uncaught in on_connect, a 401
         └── ConnectionClosed             sending on, or closing, a closed connection
             └── NotAccepted              closing before accepting (reject instead)
 """
 
 from __future__ import annotations
 
+import enum
+from typing import TYPE_CHECKING
+
 from wsgate.errors import WsgateError
+
+if TYPE_CHECKING:
+    from worker.app import Reject
 
 
 class WorkerError(WsgateError):
@@ -72,3 +80,68 @@ class TurnOver(WorkerError):
     """A durable object's storage, alarm or connection was used after the turn (the event's
     handler) that it belongs to had ended: a task the handler started and did not await.
     The turn's writes and output were already committed without it."""
+
+
+class AuthFailure(enum.Enum):
+    """Why credentials were refused: the value is the metric label, :attr:`description`
+    the short text the client gets. None of them says anything about the keys."""
+
+    MISSING_TOKEN = "missing_token"
+    MALFORMED = "malformed"
+    ALGORITHM_NOT_ALLOWED = "algorithm_not_allowed"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    WRONG_AUDIENCE = "wrong_audience"
+    WRONG_ISSUER = "wrong_issuer"
+    MISSING_CLAIM = "missing_claim"
+    INVALID_CLAIM = "invalid_claim"
+
+    @property
+    def description(self) -> str:
+        """The short reason, e.g. ``token expired``."""
+        return _AUTH_DESCRIPTIONS[self]
+
+
+_AUTH_DESCRIPTIONS = {
+    AuthFailure.MISSING_TOKEN: "missing token",
+    AuthFailure.MALFORMED: "malformed token",
+    AuthFailure.ALGORITHM_NOT_ALLOWED: "algorithm not allowed",
+    AuthFailure.UNKNOWN_KEY: "unknown key",
+    AuthFailure.BAD_SIGNATURE: "bad signature",
+    AuthFailure.EXPIRED: "token expired",
+    AuthFailure.NOT_YET_VALID: "token not yet valid",
+    AuthFailure.WRONG_AUDIENCE: "wrong audience",
+    AuthFailure.WRONG_ISSUER: "wrong issuer",
+    AuthFailure.MISSING_CLAIM: "missing claim",
+    AuthFailure.INVALID_CLAIM: "invalid claim",
+}
+
+
+class Unauthorized(WorkerError):
+    """A connect's credentials were refused, for ``reason``. Raised by
+    ``JWTVerifier.verify`` (and any :class:`~worker.auth.Authenticator`); left uncaught in
+    ``on_connect``, it answers the upgrade as :meth:`reject` does, like returning it.
+
+    ``description`` is what the client reads (the reason's, or a more precise one such as
+    ``missing claim: sub``): never anything about a key.
+    """
+
+    def __init__(self, reason: AuthFailure, description: str = "") -> None:
+        self.reason = reason
+        self.description = description or reason.description
+        super().__init__(self.description)
+
+    def reject(self) -> Reject:
+        """The answer: 401, the description as the body, and ``WWW-Authenticate: Bearer``
+        with ``error="invalid_token"`` and the description (RFC 6750 3.1; a request with
+        no token gets the bare challenge, as the RFC asks)."""
+        from worker.app import Reject
+
+        if self.reason is AuthFailure.MISSING_TOKEN:
+            challenge = "Bearer"
+        else:
+            quoted = self.description.replace("\\", "\\\\").replace('"', '\\"')
+            challenge = f'Bearer error="invalid_token", error_description="{quoted}"'
+        return Reject(401, self.description, headers={"WWW-Authenticate": challenge})

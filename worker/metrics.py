@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from worker.errors import AuthFailure
 from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
 
@@ -23,6 +24,15 @@ class WorkerMetrics:
             "wsgate_worker_handler_errors", "Handlers that raised", registry=r
         )
         self.garbage = Counter("wsgate_worker_garbage", "Unreadable envelopes dropped", registry=r)
+        self.auth_failures = Counter(
+            "wsgate_worker_auth_failures",
+            "Connects refused with 401 by a route's authenticator or an Unauthorized that "
+            "on_connect let through, by reason",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AuthFailure:
+            self.auth_failures.labels(reason.value)
         self.gate_waits = Counter(
             "wsgate_worker_output_gate_waits",
             "Handler runs whose output had to wait at the gate for storage writes",

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -35,10 +36,19 @@ from nats.aio.subscription import Subscription
 from worker.activations import Activations
 from worker.alarm_runner import AlarmRunner
 from worker.app import App, ConnectRequest, Reject, Route
+from worker.auth import Verified, authenticate, with_auth_subprotocol
 from worker.connection import Connection, current_connection
-from worker.decisions import accept_decision, check_accept, connect_outcome, reject_decision
+from worker.decisions import (
+    accept_decision,
+    check_accept,
+    connect_handler_result,
+    connect_outcome,
+    refused,
+    reject_decision,
+)
 from worker.durable import check_plain_accept
 from worker.env import Env
+from worker.errors import Unauthorized
 from worker.failpoints import Failpoints
 from worker.gate import OutputGate, current_gate
 from worker.intake import IntakeWatchdog
@@ -302,11 +312,33 @@ class Worker(Service):
             log.warning("dropped an unreadable connect request (%d bytes)", len(msg.data))
             return
         resolved = self.app.resolve(request.path)
+        connect: ConnectRequest | None = None
+        verified: Verified | None = None
+        if resolved is not None and resolved[0].auth is not None:
+            # Before anything of the app runs, and before a durable object is activated.
+            # (A forwarded connect is verified again by its host: it trusts no one's word.)
+            connect = ConnectRequest.from_envelope(request, resolved[1])
+            refusal = None
+            try:
+                verified = authenticate(resolved[0].auth, connect)
+            except Unauthorized as exc:
+                refusal = refused(exc, self.metrics)
+                decision = reject_decision(refusal.status, refusal.body, refusal.headers)
+            except Exception:
+                self.metrics.handler_errors.inc()
+                log.exception("the authenticator of %s failed", resolved[0])
+                decision = reject_decision(500, "Internal Server Error")
+            if verified is None:
+                self.metrics.connects.labels("reject").inc()
+                await msg.respond(decision.SerializeToString())
+                return
+            connect = dataclasses.replace(connect, claims=verified.claims)
         if resolved is not None and resolved[0].object_class is not None:
             # The activation answers, or the host it was forwarded to.
-            await self._to_activation(resolved, Work.for_connect(msg, request, resolved[1]))
+            work = Work.for_connect(msg, request, resolved[1], verified)
+            await self._to_activation(resolved, work)
             return
-        decision = await self._decide(request, resolved)
+        decision = await self._decide(request, resolved, connect, verified)
         self.metrics.connects.labels(decision.WhichOneof("outcome")).inc()
         await msg.respond(decision.SerializeToString())
 
@@ -320,8 +352,14 @@ class Worker(Service):
         await work.done
 
     async def _decide(
-        self, envelope: pb.ConnectRequest, resolved: Resolved | None
+        self,
+        envelope: pb.ConnectRequest,
+        resolved: Resolved | None,
+        request: ConnectRequest | None = None,
+        verified: Verified | None = None,
     ) -> pb.ConnectDecision:
+        """Run a function route's on_connect; ``request`` is the envelope's, when already
+        made (with the claims ``verified`` by the route's authenticator)."""
         if resolved is None:
             return reject_decision(404, "Not found")
         route, params = resolved
@@ -335,12 +373,16 @@ class Worker(Service):
             connecting=True,
             gate=gate,
         )
-        request = ConnectRequest.from_envelope(envelope, params)
+        if request is None:
+            request = ConnectRequest.from_envelope(envelope, params)
         current_gate.set(gate)
         try:
             outcome = connect_outcome(
-                await self._guarded(
-                    route.connect_handler(conn, request) if route.connect_handler else None
+                await connect_handler_result(
+                    self._guarded(
+                        route.connect_handler(conn, request) if route.connect_handler else None
+                    ),
+                    self.metrics,
                 )
             )
             # The Accept carries what on_connect sent: only once its writes are durable.
@@ -348,6 +390,7 @@ class Worker(Service):
             if isinstance(outcome, Reject):
                 return reject_decision(outcome.status, outcome.body, outcome.headers)
             check_plain_accept(outcome)
+            outcome = with_auth_subprotocol(outcome, verified)
             check_accept(outcome, request)
         except Exception:
             gate.abandon()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
+from worker.auth import Verified
 from wsgate.v1 import envelope_pb2 as pb
 
 #: The NATS header counting how often a message was forwarded between workers.
@@ -57,11 +58,21 @@ class Work:
     connect: pb.ConnectRequest | None = None
     event: pb.ConnectionEvent | None = None
     alarm: pb.AlarmEvent | None = None
+    #: A connect its route's authenticator passed (never carried by a forward: the host
+    #: verifies again).
+    verified: Verified | None = None
     done: asyncio.Future[None] = field(default_factory=_new_future)
 
     @classmethod
-    def for_connect(cls, msg: Msg, request: pb.ConnectRequest, params: Mapping[str, str]) -> Work:
-        """A connect request (a turn keyed by the connection id, sequence 0)."""
+    def for_connect(
+        cls,
+        msg: Msg,
+        request: pb.ConnectRequest,
+        params: Mapping[str, str],
+        verified: Verified | None = None,
+    ) -> Work:
+        """A connect request (a turn keyed by the connection id, sequence 0), with what
+        its route's authenticator verified, if it has one."""
         hops = hops_of(msg)
         return cls(
             WorkKind.CONNECT,
@@ -72,6 +83,7 @@ class Work:
             hops,
             params=params,
             connect=request,
+            verified=verified,
         )
 
     @classmethod

@@ -2,8 +2,10 @@
 
 Every field declares, in its metadata, the environment variable that sets it and a help
 text; :mod:`wsgate.cli` turns those into flags (``--nats-url``, ...) whose defaults come
-from the environment. The environment is read only there, at the entry point. Units are
-in the field names (``_s`` seconds, ``_bytes``).
+from the environment. The environment is read only there, at the entry point, with one
+exception: :class:`JWTConfig` belongs to the app, not to a role, and the app's
+``JWTVerifier.from_env()`` reads it when the app is imported (:func:`from_environ`). Units
+are in the field names (``_s`` seconds, ``_bytes``).
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from wsgate.errors import ConfigError
+
+C = TypeVar("C")
 
 DEFAULT_PREFIX = "wsgate"
 DEFAULT_APP_NAME = "main"
@@ -430,6 +435,125 @@ class DevConfig:
             )
         _check_port("nats_port (WSGATE_NATS_PORT)", self.nats_port)
         validate_prefix(self.prefix)
+
+
+#: The JWT algorithms the verifier knows; any other (``none`` above all) is refused.
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")
+#: The most clock skew a JWT verifier may be configured to forgive (seconds).
+MAX_JWT_LEEWAY_S = 300.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class JWTConfig:
+    """The app's JWT verifier when it is configured by the environment
+    (``worker.JWTVerifier.from_env``): not a role's flags, since the verifier is the app's,
+    but the same ``WSGATE_*`` settings, read by :func:`from_environ`."""
+
+    algorithms: str = setting(
+        ",".join(JWT_ALGORITHMS),
+        "WSGATE_JWT_ALGORITHMS",
+        "comma-separated algorithms a token may be signed with, of HS256, RS256, ES256 "
+        "(each key is bound to its own: a secret to HS256, an RSA key to RS256, an EC P-256 "
+        "key to ES256)",
+    )
+    secret: str = setting(
+        "", "WSGATE_JWT_SECRET", "the HS256 shared secret (at least 32 bytes); empty: none"
+    )
+    public_key: str = setting(
+        "",
+        "WSGATE_JWT_PUBLIC_KEY",
+        "path of a PEM file of public keys or certificates (RSA: RS256, EC P-256: ES256); "
+        "empty: none",
+    )
+    jwks: str = setting(
+        "", "WSGATE_JWT_JWKS", "path of a JWKS file, read again when it changes; empty: none"
+    )
+    audience: str = setting(
+        "",
+        "WSGATE_JWT_AUDIENCE",
+        "comma-separated audiences; a token's aud must name one (empty: a token with aud "
+        "is refused)",
+    )
+    issuer: str = setting(
+        "", "WSGATE_JWT_ISSUER", "comma-separated issuers a token's iss must be one of (empty: any)"
+    )
+    leeway_s: float = setting(
+        30.0,
+        "WSGATE_JWT_LEEWAY_S",
+        f"clock skew forgiven when checking exp and nbf, 0..{MAX_JWT_LEEWAY_S:g} seconds",
+    )
+    required_claims: str = setting(
+        "exp", "WSGATE_JWT_REQUIRED_CLAIMS", "comma-separated claims every token must carry"
+    )
+
+    def __post_init__(self) -> None:
+        for algorithm in self.algorithm_list:
+            if algorithm not in JWT_ALGORITHMS:
+                raise ConfigError(
+                    f"algorithms (WSGATE_JWT_ALGORITHMS) may name {', '.join(JWT_ALGORITHMS)}, "
+                    f"not {algorithm!r}"
+                )
+        if not self.algorithm_list:
+            raise ConfigError("algorithms (WSGATE_JWT_ALGORITHMS) must name at least one")
+        if not 0 <= self.leeway_s <= MAX_JWT_LEEWAY_S:
+            raise ConfigError(
+                f"leeway_s (WSGATE_JWT_LEEWAY_S) must be in 0..{MAX_JWT_LEEWAY_S:g}, "
+                f"got {self.leeway_s}"
+            )
+        if not self.has_key:
+            raise ConfigError(
+                "a JWT verifier needs a key: set WSGATE_JWT_SECRET, WSGATE_JWT_PUBLIC_KEY "
+                "or WSGATE_JWT_JWKS"
+            )
+        for name, path in (("public_key", self.public_key), ("jwks", self.jwks)):
+            if path and not Path(path).is_file():
+                variable = "WSGATE_JWT_PUBLIC_KEY" if name == "public_key" else "WSGATE_JWT_JWKS"
+                raise ConfigError(f"{name} ({variable}) must be a file, got {path!r}")
+
+    @property
+    def has_key(self) -> bool:
+        """Whether a key source is set."""
+        return bool(self.secret or self.public_key or self.jwks)
+
+    @property
+    def algorithm_list(self) -> tuple[str, ...]:
+        return _split(self.algorithms)
+
+    @property
+    def audience_list(self) -> tuple[str, ...]:
+        return _split(self.audience)
+
+    @property
+    def issuer_list(self) -> tuple[str, ...]:
+        return _split(self.issuer)
+
+    @property
+    def required_claim_list(self) -> tuple[str, ...]:
+        return _split(self.required_claims)
+
+
+def _split(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def from_environ(config_type: type[C], environ: Mapping[str, str]) -> C:
+    """``config_type`` with each field set from its ``WSGATE_*`` variable in ``environ``
+    when present (else its default), converted to the default's type. Raises ConfigError
+    naming the variable for a value that does not convert, or whatever the config's own
+    checks raise."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(config_type):  # type: ignore[arg-type]
+        variable = f.metadata["env"]
+        if variable not in environ:
+            continue
+        kind: Callable[[str], Any] = type(f.default)
+        try:
+            values[f.name] = kind(environ[variable])
+        except ValueError:
+            raise ConfigError(
+                f"{f.name} ({variable}) must be a {kind.__name__}, got {environ[variable]!r}"
+            ) from None
+    return config_type(**values)
 
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):\d{1,5}$")
