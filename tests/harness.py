@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -123,7 +123,11 @@ class Stack:
         self.replicas.append(child)
         return child
 
-    def start_worker(self, app: str = "examples.app:app", *extra: str) -> Child:
+    def start_worker(
+        self, app: str = "examples.app:app", *extra: str, env: Mapping[str, str] | None = None
+    ) -> Child:
+        """A worker serving ``app``; ``env`` adds to its environment (the app's own
+        settings, such as ``WSGATE_JWT_*``)."""
         log = self.log_file(f"worker{len(self.workers)}")
         argv = python_role_argv(
             "worker", "--nats-url", self.nats_url, "--app", app, "--port", "0", *extra
@@ -133,7 +137,7 @@ class Stack:
         elif self.replicas:
             # Only until the worker hears the replicas on the bus.
             argv += ["--state-address", str(self.replicas[0].info["address"])]
-        child = spawn("worker", argv, stdout=log, stderr=log, env=_env())
+        child = spawn("worker", argv, stdout=log, stderr=log, env=_env() | dict(env or {}))
         self.workers.append(child)
         return child
 
@@ -220,6 +224,7 @@ def stack_context(
     gateway_args: tuple[str, ...] = (),
     state_args: tuple[str, ...] = (),
     worker_args: tuple[str, ...] = (),
+    worker_env: Mapping[str, str] | None = None,
 ) -> Iterator[Stack]:
     """Nats, state service, workers and one gateway; stopped (and checked) after."""
     stack = Stack(log_dir)
@@ -228,7 +233,7 @@ def stack_context(
         if state:
             stack.start_state(None, *state_args)
         for _ in range(workers if worker else 0):
-            stack.start_worker(app, *worker_args)
+            stack.start_worker(app, *worker_args, env=worker_env)
         if gateway:
             stack.start_gateway(*gateway_args)
         yield stack

@@ -199,6 +199,8 @@ class JWTVerifier:
         except jwt.PyJWTError:
             raise Unauthorized(AuthFailure.MALFORMED) from None
         algorithm = header.get("alg")
+        if not isinstance(algorithm, str):
+            raise Unauthorized(AuthFailure.MALFORMED)
         if algorithm not in self.algorithms:  # "none" included: it is never allowed
             raise Unauthorized(AuthFailure.ALGORITHM_NOT_ALLOWED)
         kid = header.get("kid")
