@@ -19,6 +19,7 @@ import pytest
 from tests.backends import BACKENDS, Backend
 from tests.certs import Pki
 from tests.harness import Stack, stack_context
+from tests.tokens import JWT_ENV
 from wsgate.pgserver import PostgresServer, running_postgres
 
 _language_databases = itertools.count(1)
@@ -26,8 +27,9 @@ _language_databases = itertools.count(1)
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """A full stack as separate processes: nats-server, state, one worker, one gateway."""
-    yield from stack_context(tmp_path_factory.mktemp("stack"))
+    """A full stack as separate processes: nats-server, state, one worker, one gateway.
+    The worker's app verifies tokens of tests/tokens.py (the example's /private/echo)."""
+    yield from stack_context(tmp_path_factory.mktemp("stack"), worker_env=JWT_ENV)
 
 
 @pytest.fixture(scope="session")

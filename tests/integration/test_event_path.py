@@ -9,6 +9,7 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from tests import tokens
 from tests.harness import Stack
 
 pytestmark = pytest.mark.timeout(60)
@@ -61,9 +62,10 @@ async def test_plain_get_to_a_websocket_route_is_400_expected_websocket(
             assert await resp.text() == "Expected websocket"
 
 
-async def test_connect_handler_refusal_reaches_the_client_exactly(
+async def test_connect_refusal_reaches_the_client_exactly(
     stack: Stack, session: aiohttp.ClientSession
 ) -> None:
+    # The example's /private/echo verifies JWTs (keys from WSGATE_JWT_*, tests/tokens.py).
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await session.ws_connect(stack.ws_url("/private/echo"))
     assert refused.value.status == 401
@@ -78,8 +80,13 @@ async def test_connect_handler_refusal_reaches_the_client_exactly(
     }
     async with session.get(stack.url + "/private/echo?token=wrong", headers=headers) as resp:
         assert resp.status == 401
-        assert await resp.text() == "Missing or wrong token"
-    async with session.ws_connect(stack.ws_url("/private/echo?token=let-me-in")) as ws:
+        assert await resp.text() == "malformed token"
+        assert resp.headers["WWW-Authenticate"] == (
+            'Bearer error="invalid_token", error_description="malformed token"'
+        )
+    token = tokens.token("tester")
+    async with session.ws_connect(stack.ws_url(f"/private/echo?token={token}")) as ws:
+        assert (await ws.receive(timeout=10)).data == "hello, tester"
         await ws.send_str("inside")
         assert (await ws.receive(timeout=10)).data == "inside"
 
