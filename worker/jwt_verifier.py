@@ -51,8 +51,8 @@ KeyText = str | bytes
 
 
 class JWTVerifier:
-    """Verifies JWTs signed with HS256, RS256 or ES256. Thread-safe to share between
-    routes; cheap per connect (one signature check per candidate key, usually one).
+    """Verifies JWTs signed with HS256, RS256 or ES256. One may serve many routes (on one
+    event loop); a connect costs one signature check per candidate key, usually one.
 
     - ``algorithms``: the allow list (a subset of HS256, RS256, ES256).
     - ``secret``: the HS256 secret (at least 32 bytes), or ``{kid: secret}``.
@@ -244,7 +244,7 @@ class JWTVerifier:
             raise Unauthorized(AuthFailure.NOT_YET_VALID)
 
     def __repr__(self) -> str:
-        return f"JWTVerifier(algorithms={list(self.algorithms)}, keys={len(self._keys.keys)})"
+        return f"JWTVerifier(algorithms={list(self.algorithms)})"  # nothing of the keys
 
 
 def _refusal(exc: jwt.PyJWTError) -> Unauthorized:
