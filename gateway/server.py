@@ -2,8 +2,10 @@
 
 Flow of one connection::
 
+    (the listener: PROXY header, per-address limit, TLS, handshake deadline; listener.py)
     upgrade request ──► valid handshake? ── no ──► 400 "Expected websocket"
          │ yes          draining? 503 · Origin not allowed? 403 · at max_connections? 503
+         │              a proxy's client over its address's limit? 429
          ▼
     ConnectRequest on <prefix>.connect.<app> ──► ConnectDecision
          │ reject ──► the app's status, headers and body
