@@ -25,6 +25,44 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        # The edge (gateway/listener.py): every label is set up front, so each shows 0.
+        self.handshake_timeouts = Counter(
+            "wsgate_gateway_handshake_timeouts",
+            "Connections closed at the handshake deadline, by stage: proxy (in the PROXY "
+            "header), tls (in the TLS handshake), headers (in the request headers: 408)",
+            ["stage"],
+            registry=r,
+        )
+        self.ip_limit_refusals = Counter(
+            "wsgate_gateway_ip_limit_refusals",
+            "Connections over their client address's limit, by stage: accept (closed), "
+            "upgrade (429: the client named by a trusted proxy's X-Forwarded-For)",
+            ["stage"],
+            registry=r,
+        )
+        self.proxy_protocol_errors = Counter(
+            "wsgate_gateway_proxy_protocol_errors",
+            "Connections from a trusted proxy closed for a missing or malformed PROXY header",
+            registry=r,
+        )
+        self.tls_handshake_errors = Counter(
+            "wsgate_gateway_tls_handshake_errors",
+            "TLS handshakes that failed other than by the deadline",
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "wsgate_gateway_tls_reloads",
+            "Reloads of the TLS certificate and key (SIGHUP, file change), by result: ok, "
+            "failed (the previous certificate stays in use)",
+            ["result"],
+            registry=r,
+        )
+        for stage in ("proxy", "tls", "headers"):
+            self.handshake_timeouts.labels(stage)
+        for stage in ("accept", "upgrade"):
+            self.ip_limit_refusals.labels(stage)
+        for result in ("ok", "failed"):
+            self.tls_reloads.labels(result)
         fast = FastMetrics(r)  # updated per message: no locks
         self.messages_in = fast.counter(
             "wsgate_gateway_messages_in", "Messages received from clients"

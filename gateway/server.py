@@ -2,8 +2,10 @@
 
 Flow of one connection::
 
+    (the listener: PROXY header, per-address limit, TLS, handshake deadline; listener.py)
     upgrade request ──► valid handshake? ── no ──► 400 "Expected websocket"
          │ yes          draining? 503 · Origin not allowed? 403 · at max_connections? 503
+         │              a proxy's client over its address's limit? 429
          ▼
     ConnectRequest on <prefix>.connect.<app> ──► ConnectDecision
          │ reject ──► the app's status, headers and body
@@ -37,6 +39,7 @@ from nats.aio.msg import Msg
 
 from gateway.delivery import EventDelivery
 from gateway.lifecycle import ConnectionLifecycle, Phase
+from gateway.listener import Listener, mark_request_started
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import CloseFrame, Outbox
 from gateway.presence import PresenceAnnouncer
@@ -146,7 +149,8 @@ class Gateway(Service):
         self._delivery: EventDelivery | None = None
         self._presence: PresenceAnnouncer | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        #: The socket, TLS, PROXY protocol, handshake deadline, connections per address.
+        self._listener: Listener | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -158,6 +162,7 @@ class Gateway(Service):
         """
         self._enter_running()
         try:
+            self._listener = Listener(self.config, self.metrics)  # loads the certificate
             self._nc = nc = await connect_bus(
                 self.config,
                 f"wsgate-gateway {self.gateway_id}",
@@ -196,7 +201,7 @@ class Gateway(Service):
                 nc, self.config.prefix, self.gateway_id, self.config.presence_interval_s
             )
             self._presence.start()
-            app = web.Application()
+            app = web.Application(middlewares=[mark_request_started])
             add_probe_routes(app, is_ready=self._is_ready, registry=self.metrics.registry)
             handler: Handler = self._handle
             if self.config.static_path is not None:
@@ -205,8 +210,8 @@ class Gateway(Service):
             app.router.add_route("*", "/{tail:.*}", handler)
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await self._runner.setup()
-            self._site = web.TCPSite(self._runner, self.config.host, self.config.port)
-            await self._site.start()
+            assert self._runner.server is not None
+            await self._listener.start(self._runner.server)
         except BaseException:
             await self.close()
             raise
@@ -215,18 +220,25 @@ class Gateway(Service):
     @property
     def port(self) -> int:
         """The port actually bound (useful with port 0)."""
-        assert self._runner is not None, "start() first"
-        return int(self._runner.addresses[0][1])
+        assert self._listener is not None, "start() first"
+        return self._listener.port
 
     @property
     def url(self) -> str:
-        """The base URL clients use, e.g. ``http://127.0.0.1:8080``."""
+        """The base URL clients use, e.g. ``http://127.0.0.1:8080`` (``https`` with TLS)."""
         host = self.config.host
         if ":" in host:
             host = f"[{host}]"
         elif host in ("0.0.0.0", ""):
             host = "127.0.0.1"
-        return f"http://{host}:{self.port}"
+        scheme = "https" if self._listener is not None and self._listener.tls else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+    def reload_tls(self) -> bool:
+        """Reload the TLS certificate and key from their files (on SIGHUP): new handshakes
+        get the new certificate, open connections keep theirs. False if the reload failed
+        (the previous certificate stays; logged and counted) or TLS is off."""
+        return self._listener is not None and self._listener.reload_certificate()
 
     async def close(self) -> None:
         """Drain, in this order, within ``drain_timeout_s``: readiness turns 503 and new
@@ -268,6 +280,8 @@ class Gateway(Service):
                     await self._nc.drain()
             if self._delivery is not None:
                 await self._delivery.close()
+            if self._listener is not None:
+                await self._listener.close()
             if self._runner is not None:
                 await self._runner.cleanup()
         finally:
@@ -321,12 +335,18 @@ class Gateway(Service):
         refusal = self._precheck(request)
         if refusal is not None:
             return self._refuse(refusal)
+        assert self._listener is not None
+        client = self._listener.client(request)
+        if not self._listener.hold(client):  # a client named by a proxy: counted only now
+            text = "Too many connections from your address"
+            return self._refuse(_Refusal("ip_limit", 429, text, {"Retry-After": "1"}))
         connection_id = self._ids.next()
         self._early[connection_id] = _Early()
         try:
             return await self._open(request, connection_id)
         finally:
             self._early.pop(connection_id, None)
+            self._listener.release(client)
 
     async def _open(self, request: web.Request, connection_id: str) -> web.StreamResponse:
         offered = _offered_subprotocols(request)
@@ -415,14 +435,14 @@ class Gateway(Service):
     ) -> pb.ConnectDecision | _Refusal:
         """Send the ConnectRequest; map every way that can fail to an HTTP answer."""
         assert self._nc is not None
-        peer = request.transport.get_extra_info("peername") if request.transport else None
+        assert self._listener is not None
         connect = pb.ConnectRequest(
             connection_id=connection_id,
             path=request.path,
             query=request.query_string,
             headers=[pb.Header(name=k, value=v) for k, v in request.headers.items()],
             subprotocols=offered,
-            remote_address=f"{peer[0]}:{peer[1]}" if peer else "",
+            remote_address=str(self._listener.client(request).address),
         )
         if not self._nc.is_connected:
             return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})

@@ -56,7 +56,9 @@ class ConnectRequest:
     headers: CIMultiDictProxy[str]
     #: The subprotocols the client offered, in its order of preference.
     subprotocols: tuple[str, ...]
-    #: The peer's "host:port" as the gateway saw it.
+    #: The client's "host:port" ("[host]:port" for IPv6; the host alone when a proxy's
+    #: X-Forwarded-For gave no port), as the gateway found it: behind a trusted proxy,
+    #: the client the proxy names.
     remote_address: str
     #: The claims the route's authenticator verified (``auth=``), read-only; empty on a
     #: route without one. Only ``on_connect`` sees them: what later events need, the app

@@ -248,6 +248,9 @@ async def _serve(role: str, config: Any, ready_fd: int | None, app_dir: Path) ->
 
         server = StateServer(config)
     async with server:
+        if role == "gateway":
+            # SIGHUP reloads the TLS certificate and key (and no longer ends the process).
+            loop.add_signal_handler(signal.SIGHUP, server.reload_tls)
         # Everything allocated so far lives as long as the process: keep the collector off
         # it, and collect the young generation less often (hot paths allocate a lot of
         # short-lived objects that reference counting frees anyway).

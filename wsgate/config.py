@@ -15,6 +15,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,6 +129,53 @@ class GatewayConfig(BusConfig):
         "announce this gateway to the state service this often; its members leave every "
         "object when 5 intervals pass without an announcement (the gateway died)",
     )
+    # The edge: TLS, the handshake deadline, connections per client address, proxies
+    # (gateway/listener.py). Paths are str for the CLI, as static_dir below.
+    tls_cert: str = setting(
+        "",
+        "WSGATE_TLS_CERT",
+        "serve wss (TLS 1.2+) with this PEM certificate chain, leaf first; with "
+        "WSGATE_TLS_KEY; reloaded on SIGHUP and when either file changes; empty: plain ws",
+    )
+    tls_key: str = setting(
+        "", "WSGATE_TLS_KEY", "the PEM private key of WSGATE_TLS_CERT (both or neither)"
+    )
+    tls_watch_interval_s: float = setting(
+        5.0,
+        "WSGATE_TLS_WATCH_INTERVAL_S",
+        "check the certificate and key files for a change this often (a stat of each)",
+    )
+    handshake_timeout_s: float = setting(
+        10.0,
+        "WSGATE_HANDSHAKE_TIMEOUT_S",
+        "a connection must complete its PROXY header, TLS handshake and request headers "
+        "this long after its TCP accept, or it is closed (408 where HTTP can answer)",
+    )
+    keepalive_timeout_s: float = setting(
+        75.0,
+        "WSGATE_KEEPALIVE_TIMEOUT_S",
+        "close a plain HTTP connection idle (or not done sending its next request) this long "
+        "after its last response; keep it above a load balancer's idle timeout",
+    )
+    max_connections_per_ip: int = setting(
+        256,
+        "WSGATE_MAX_CONNECTIONS_PER_IP",
+        "connections (open WebSockets and handshakes) per client address; more are closed "
+        "at accept, or their upgrade gets 429 when a proxy's X-Forwarded-For names the "
+        "client (0: no limit)",
+    )
+    trusted_proxies: str = setting(
+        "",
+        "WSGATE_TRUSTED_PROXIES",
+        "comma-separated CIDRs of proxies allowed to name the client (X-Forwarded-For, "
+        "PROXY protocol); empty: none, the TCP peer is the client",
+    )
+    proxy_protocol: str = setting(
+        "off",
+        "WSGATE_PROXY_PROTOCOL",
+        "on: connections from WSGATE_TRUSTED_PROXIES must start with a PROXY protocol "
+        "header (v1 or v2), before TLS; others are served as direct. off: no header",
+    )
     # A str, not Path | None: the CLI builds each flag from the field's type, which must
     # be callable on the flag's text; "" stands for none (see static_path).
     static_dir: str = setting(
@@ -140,6 +188,7 @@ class GatewayConfig(BusConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_port("port (WSGATE_GATEWAY_PORT)", self.port)
+        _check_edge(self)
         if self.static_path is not None and not self.static_path.is_dir():
             raise ConfigError(
                 f"static_dir (WSGATE_STATIC_DIR) must be a directory, got {self.static_dir!r}"
@@ -168,6 +217,22 @@ class GatewayConfig(BusConfig):
     def static_path(self) -> Path | None:
         """``static_dir`` as a path; None when no static files are served."""
         return Path(self.static_dir) if self.static_dir else None
+
+    @property
+    def trusted_networks(self) -> tuple[IPv4Network | IPv6Network, ...]:
+        """``trusted_proxies`` parsed; a bare address is a network of one. ConfigError
+        names an entry that is neither."""
+        networks: list[IPv4Network | IPv6Network] = []
+        for entry in (e.strip() for e in self.trusted_proxies.split(",")):
+            if entry:
+                try:
+                    networks.append(ip_network(entry, strict=False))
+                except ValueError:
+                    raise ConfigError(
+                        f"trusted_proxies (WSGATE_TRUSTED_PROXIES): {entry!r} is not an IP "
+                        "address or CIDR network"
+                    ) from None
+        return tuple(networks)
 
     @property
     def origin_patterns(self) -> tuple[str, ...]:
@@ -557,6 +622,36 @@ def from_environ(config_type: type[C], environ: Mapping[str, str]) -> C:
 
 
 _HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):\d{1,5}$")
+
+
+def _check_edge(config: GatewayConfig) -> None:
+    """The gateway's TLS, handshake, per-address and proxy settings."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("WSGATE_TLS_CERT and WSGATE_TLS_KEY must be set together (or neither)")
+    for name, path in (
+        ("tls_cert (WSGATE_TLS_CERT)", config.tls_cert),
+        ("tls_key (WSGATE_TLS_KEY)", config.tls_key),
+    ):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"{name} must be a file, got {path!r}")
+    _check_positive(
+        "tls_watch_interval_s (WSGATE_TLS_WATCH_INTERVAL_S)", config.tls_watch_interval_s
+    )
+    _check_positive("handshake_timeout_s (WSGATE_HANDSHAKE_TIMEOUT_S)", config.handshake_timeout_s)
+    _check_positive("keepalive_timeout_s (WSGATE_KEEPALIVE_TIMEOUT_S)", config.keepalive_timeout_s)
+    if config.max_connections_per_ip < 0:
+        raise ConfigError("max_connections_per_ip (WSGATE_MAX_CONNECTIONS_PER_IP) must be >= 0")
+    trusted = config.trusted_networks
+    if config.proxy_protocol not in ("off", "on"):
+        raise ConfigError(
+            "proxy_protocol (WSGATE_PROXY_PROTOCOL) must be off or on, "
+            f"got {config.proxy_protocol!r}"
+        )
+    if config.proxy_protocol == "on" and not trusted:
+        raise ConfigError(
+            "WSGATE_PROXY_PROTOCOL=on needs WSGATE_TRUSTED_PROXIES: only trusted proxies may "
+            "send a PROXY header"
+        )
 
 
 def _check_port(name: str, port: int) -> None:

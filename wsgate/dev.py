@@ -69,6 +69,11 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
                 config.host,
                 "--port",
                 str(config.port),
+                # Plaintext on loopback, whatever WSGATE_TLS_* the environment holds.
+                "--tls-cert",
+                "",
+                "--tls-key",
+                "",
             ]
             if config.static_dir:
                 gateway_args += ["--static-dir", str(Path(config.static_dir).resolve())]

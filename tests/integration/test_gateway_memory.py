@@ -33,6 +33,8 @@ _PER_CONNECTION_TYPES = {
     "aiohttp.web_ws.WebSocketResponse",
     "aiohttp.web_request.Request",
     "aiohttp.web_protocol.RequestHandler",
+    "gateway.listener.GuardedRequestHandler",
+    "gateway.listener.ConnectionTicket",
 }
 
 

@@ -149,7 +149,11 @@ class ConnectRequest(_message.Message):
     query: _builtins.str
     """The raw query string without the leading "?", e.g. "token=abc"."""
     remote_address: _builtins.str
-    """The peer's address as the gateway sees it ("host:port"), for logging and rate limits."""
+    """The client's address, for logging and rate limits: "host:port" ("[host]:port" for IPv6),
+    or the host alone when a trusted proxy's X-Forwarded-For named the client without a port.
+    Behind a trusted proxy it is the client the proxy names (PROXY header or
+    X-Forwarded-For), not the proxy.
+    """
     @_builtins.property
     def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]:
         """The request headers, in order."""
