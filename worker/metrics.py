@@ -23,6 +23,12 @@ class WorkerMetrics:
             "wsgate_worker_handler_errors", "Handlers that raised", registry=r
         )
         self.garbage = Counter("wsgate_worker_garbage", "Unreadable envelopes dropped", registry=r)
+        self.state_connect_failures = Counter(
+            "wsgate_worker_state_connect_failures",
+            "Times a channel to a state replica failed to connect (a refused TLS handshake, "
+            "a closed port, ...; one outage counts once); the reason is in the log",
+            registry=r,
+        )
         self.gate_waits = Counter(
             "wsgate_worker_output_gate_waits",
             "Handler runs whose output had to wait at the gate for storage writes",
