@@ -96,6 +96,7 @@ class Worker(Service):
     """One worker process's event loop side.
 
     Use ``async with Worker(config, app)`` or :meth:`start` then :meth:`close` (idempotent).
+    The constructor reads the TLS files of the state client (ConfigError if one is unusable).
     """
 
     def __init__(self, config: WorkerConfig, app: App) -> None:

@@ -166,8 +166,9 @@ def explain_connect_failure(details: str, tls: ClientTls | None) -> str:
         hint = "the state service does not speak TLS (WSGATE_TLS_CERT unset there)"
     elif "Socket closed" in details and tls is not None:
         hint = (
-            "the state service closed the connection during the handshake: it requires a "
-            "client certificate signed by its WSGATE_TLS_CLIENT_CA, and this client has "
+            "the state service closed the connection during the handshake: most likely it "
+            "requires a client certificate signed by its WSGATE_TLS_CLIENT_CA, and this "
+            "client has "
             + (
                 "one it refused (WSGATE_STATE_TLS_CERT)"
                 if tls.has_certificate
