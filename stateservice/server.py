@@ -6,8 +6,13 @@ One process serves four gRPC services (``wsgate.v1.State``, ``wsgate.v1.Membersh
 ``wsgate.v1.Alarms``, ``wsgate.v1.Activations``), each built by its own part
 (:mod:`stateservice.component`), and the standard gRPC health service
 (``grpc.health.v1.Health``), which reports SERVING for ``""`` and each service name while
-the server accepts calls, and NOT_SERVING once it is closing; Kubernetes' gRPC probes and
-``grpc_health_probe`` read it.
+the server accepts calls, and NOT_SERVING once it is closing; ``grpc_health_probe`` reads
+it (with its TLS flags when the port speaks TLS; Kubernetes' own gRPC probes cannot).
+
+The gRPC port is plaintext, TLS, or mTLS (a client certificate signed by
+``WSGATE_TLS_CLIENT_CA`` required), as :mod:`wsgate.grpc_tls` builds it from the config. A
+refused handshake never reaches Python: gRPC's core logs it on stderr ("Handshake failed
+...") and no metric can count it here; the client side logs and counts its failures.
 
 Calls with bad input are refused with INVALID_ARGUMENT, a readable details string, and an
 ErrorInfo in the trailing metadata (see :mod:`wsgate.state_errors`). The limits are
@@ -42,6 +47,7 @@ from stateservice.storage import PostgresStorage, SqliteStorage, Storage
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
 from wsgate.errors import ConfigError
+from wsgate.grpc_tls import ServerTls, add_port, server_tls
 from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
@@ -96,6 +102,7 @@ class StateServer(Service):
         self._server: Any = None  # grpc.aio.Server once started
         self._health: health_aio.HealthServicer | None = None
         self._port: int | None = None
+        self._tls: ServerTls | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -104,9 +111,16 @@ class StateServer(Service):
 
         Call once. Raises OSError if the address cannot be bound (the port is taken),
         ``sqlite3.Error`` or OSError if the database cannot be opened, BusUnavailable if
-        NATS cannot be reached; the server is then closed.
+        NATS cannot be reached; the server is then closed. ConfigError if a TLS file
+        cannot be used (before anything is opened).
         """
         config = self.config
+        self._tls = server_tls(config)
+        if self._tls is not None and not self._tls.mutual:
+            log.warning(
+                "the gRPC port speaks TLS without client certificates: any client that "
+                "reaches it is served; set --tls-client-ca (WSGATE_TLS_CLIENT_CA) for mTLS"
+            )
         if config.postgres and not config.advertise and _is_wildcard(config.host):
             raise ConfigError(
                 f"listening on {config.host}, this replica cannot tell the others where to "
@@ -138,7 +152,7 @@ class StateServer(Service):
             self._server = server
             target = f"{_host_for_address(self.config.host)}:{self.config.port}"
             try:
-                self._port = server.add_insecure_port(target)
+                self._port = add_port(server, target, self._tls)
             except RuntimeError as exc:
                 raise OSError(f"state service cannot listen on {target}: {exc}") from exc
             ownership = await self._join_replicas()
@@ -175,9 +189,10 @@ class StateServer(Service):
             await self.close()
             raise
         log.info(
-            "state replica %s listening on %s, data in %s%s",
+            "state replica %s listening on %s (%s), data in %s%s",
             self.replica_id,
             self.address,
+            "plaintext" if self._tls is None else self._tls.describe(),
             self.storage.label,
             "" if self._watch is None else f", with {len(self._watch.live()) - 1} other(s)",
         )

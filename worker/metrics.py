@@ -33,6 +33,12 @@ class WorkerMetrics:
         )
         for reason in AuthFailure:
             self.auth_failures.labels(reason.value)
+        self.state_connect_failures = Counter(
+            "wsgate_worker_state_connect_failures",
+            "Times a channel to a state replica failed to connect (a refused TLS handshake, "
+            "a closed port, ...; one outage counts once); the reason is in the log",
+            registry=r,
+        )
         self.gate_waits = Counter(
             "wsgate_worker_output_gate_waits",
             "Handler runs whose output had to wait at the gate for storage writes",

@@ -62,6 +62,7 @@ from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
 from wsgate.errors import InvalidConnectionId
+from wsgate.grpc_tls import client_tls
 from wsgate.placement import ANNOUNCE_FRACTION, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
@@ -105,6 +106,7 @@ class Worker(Service):
     """One worker process's event loop side.
 
     Use ``async with Worker(config, app)`` or :meth:`start` then :meth:`close` (idempotent).
+    The constructor reads the TLS files of the state client (ConfigError if one is unusable).
     """
 
     def __init__(self, config: WorkerConfig, app: App) -> None:
@@ -114,7 +116,12 @@ class Worker(Service):
         self.worker_id = ids.new_worker_id()
         self._failpoints = Failpoints.parse(config.failpoints)
         self.metrics = WorkerMetrics()
-        self._state = StateClient(config.state_address, timeout_s=config.state_timeout_s)
+        self._state = StateClient(
+            config.state_address,
+            timeout_s=config.state_timeout_s,
+            tls=client_tls(config),
+            on_connect_failure=self.metrics.state_connect_failures.inc,
+        )
         self._env = Env(self._state, self)
         self._probes = ProbeServer(
             config.host, config.port, is_ready=self._is_ready, registry=self.metrics.registry
@@ -204,9 +211,11 @@ class Worker(Service):
         except BaseException:
             await self.close()
             raise
+        tls = self._state.tls
         log.info(
-            "worker %s serving %d route(s) of app %r",
-            self.worker_id, len(self.app.routes), config.app_name,
+            "worker %s serving %d route(s) of app %r; state service at %s (%s)",
+            self.worker_id, len(self.app.routes), config.app_name, config.state_address,
+            "plaintext" if tls is None else tls.describe(),
         )  # fmt: skip
 
     @property

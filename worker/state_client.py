@@ -22,27 +22,39 @@ Values go through :mod:`wsgate.values`: a value that cannot be stored raises Inv
 at the call. Limits (key and value sizes, keys per call) and the object id are checked by
 the state service, the one authority on them, and come back as the same typed exceptions
 (:class:`~wsgate.errors.KeyTooLarge` with ``size``, ``limit`` and ``key``, ...).
+
+Channels are plaintext, or TLS with the :class:`~wsgate.grpc_tls.ClientTls` given
+(``WSGATE_STATE_TLS_*``). When a channel fails to connect (a refused handshake, a closed
+port), the client logs why at once, with the setting most likely at fault, counts it, and
+the calls that give up on that replica say why too; it logs again when the channel
+connects.
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import enum
 import functools
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from worker.gate import current_gate
 from wsgate.errors import InvalidRequest, NotOwner, StateError, StateUnavailable
+from wsgate.grpc_tls import ClientTls, explain_connect_failure, open_channel
 from wsgate.placement import Replica, ReplicaWatch, object_key
 from wsgate.service import StartsAndCloses
 from wsgate.state_errors import exception_from_error_info, exception_from_rpc_error
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value, encode_value
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -71,6 +83,10 @@ _CHANNEL_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 
+#: The deadline of the call that asks a failed channel why it failed (it fails at once,
+#: locally, while the channel is down).
+DIAGNOSIS_TIMEOUT_S = 1.0
+
 
 class ClientPhase(enum.Enum):
     """The client's lifecycle; it only moves forward."""
@@ -85,7 +101,8 @@ class _Endpoint:
 
     def __init__(self, client: StateClient, address: str) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=_CHANNEL_OPTIONS)
+        self.client = client
+        self.channel = open_channel(address, client.tls, _CHANNEL_OPTIONS)
         self.stubs: dict[str, Any] = {
             "State": state_pb2_grpc.StateStub(self.channel),
             "Membership": state_pb2_grpc.MembershipStub(self.channel),
@@ -99,6 +116,57 @@ class _Endpoint:
         # The calls in flight, so that they can be abandoned when the replica leaves: a
         # paused replica keeps its connections open and would hold them to their deadline.
         self.calls: set[Any] = set()
+        #: Why the channel last failed to connect; None once it is connected.
+        self.connect_error: str | None = None
+        self._watcher = asyncio.get_running_loop().create_task(self._watch_connectivity())
+
+    async def _watch_connectivity(self) -> None:
+        """Log (and count) each time the channel fails to connect, with the reason, and
+        when it connects again. gRPC keeps a channel in TRANSIENT_FAILURE while it retries
+        (with backoff), so an outage is reported once, not once per attempt."""
+        channel = self.channel
+        state = channel.get_state(try_to_connect=False)
+        while state is not grpc.ChannelConnectivity.SHUTDOWN:
+            await channel.wait_for_state_change(state)
+            state = channel.get_state(try_to_connect=False)
+            if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                await self._diagnose()
+            elif state is grpc.ChannelConnectivity.READY and self.connect_error is not None:
+                self.connect_error = None
+                log.info("connected to the state service at %s", self.address)
+
+    async def _diagnose(self) -> None:
+        # The channel keeps the reason of its last failure to itself, except in the status
+        # of a call that fails for it: make one that does not wait for the channel.
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            await stub.Check(
+                health_pb2.HealthCheckRequest(),
+                timeout=DIAGNOSIS_TIMEOUT_S,
+                wait_for_ready=False,
+            )
+            return  # connected in the meantime
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                return  # it reached a server: the connection works
+            reason = explain_connect_failure(exc.details() or "", self.client.tls)
+        self.connect_error = reason
+        self.client.connect_failures += 1
+        if self.client.on_connect_failure is not None:
+            self.client.on_connect_failure()
+        log.warning(
+            "cannot connect to the state service at %s (%s): %s",
+            self.address,
+            "plaintext" if self.client.tls is None else self.client.tls.describe(),
+            reason,
+        )
+
+    async def close(self) -> None:
+        """Stop watching and close the channel (calls in flight are cancelled)."""
+        self._watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._watcher
+        await self.channel.close()
 
     async def unary(self, method: Any, request: Any, **kwargs: Any) -> Any:
         """Make one unary call with ``method`` (a stub's), tracked: ReplicaGone if the
@@ -152,11 +220,24 @@ class StateClient(StartsAndCloses):
     StateTimeout, or StateUnavailable when the service could not be reached at all.
     """
 
-    def __init__(self, address: str, *, timeout_s: float = 5.0) -> None:
+    def __init__(
+        self,
+        address: str,
+        *,
+        timeout_s: float = 5.0,
+        tls: ClientTls | None = None,
+        on_connect_failure: Callable[[], None] | None = None,
+    ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.address = address
         self.timeout_s = timeout_s
+        #: The channels' TLS; None for plaintext.
+        self.tls = tls
+        #: Called each time a channel fails to connect (after the failure is logged).
+        self.on_connect_failure = on_connect_failure
+        #: Times a channel failed to connect (an outage of one replica counts once).
+        self.connect_failures = 0
         self.phase = ClientPhase.NEW
         self._endpoints: dict[str, _Endpoint] = {}
         self._watch: ReplicaWatch | None = None
@@ -208,7 +289,7 @@ class StateClient(StartsAndCloses):
         self.phase = ClientPhase.CLOSED
         endpoints, self._endpoints = self._endpoints, {}
         for endpoint in endpoints.values():
-            await endpoint.channel.close()
+            await endpoint.close()
 
     async def wait_closed(self) -> None:
         """Nothing to wait for once :meth:`close` returned; here for the common lifecycle."""
@@ -338,7 +419,10 @@ class StateClient(StartsAndCloses):
             and endpoint.channel.get_state() is not grpc.ChannelConnectivity.READY
         ):
             # The deadline passed while waiting for the service, not for its answer.
-            return StateUnavailable(f"state service at {endpoint.address} unreachable: {error}")
+            why = "" if endpoint.connect_error is None else f" ({endpoint.connect_error})"
+            return StateUnavailable(
+                f"state service at {endpoint.address} unreachable{why}: {error}"
+            )
         return error
 
     def write(self, write: pb.Write) -> asyncio.Future[pb.WriteResult]:
@@ -360,7 +444,7 @@ _closing: set[asyncio.Future[Any]] = set()
 
 
 def _close_later(endpoint: _Endpoint) -> None:
-    task = asyncio.ensure_future(endpoint.channel.close())
+    task = asyncio.ensure_future(endpoint.close())
     _closing.add(task)
     task.add_done_callback(_closing.discard)
 

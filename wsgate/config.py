@@ -304,6 +304,30 @@ class WorkerConfig(BusConfig):
         "WSGATE_INTAKE_STALL_S",
         "/readyz turns 503 when requests wait this long without the worker taking any",
     )
+    # TLS to the state service (wsgate/grpc_tls.py). Paths are str, "" for none, as
+    # static_dir: the CLI builds each flag from the field's type.
+    state_tls_ca: str = setting(
+        "",
+        "WSGATE_STATE_TLS_CA",
+        "PEM CA certificate(s) that signed the state service's certificate: set, the worker "
+        "speaks TLS to it and trusts no other; empty: plaintext",
+    )
+    state_tls_cert: str = setting(
+        "",
+        "WSGATE_STATE_TLS_CERT",
+        "PEM certificate (chain) this worker presents to the state service (mTLS); needs "
+        "state_tls_key and state_tls_ca",
+    )
+    state_tls_key: str = setting(
+        "", "WSGATE_STATE_TLS_KEY", "the unencrypted PEM private key of state_tls_cert"
+    )
+    state_tls_server_name: str = setting(
+        "",
+        "WSGATE_STATE_TLS_SERVER_NAME",
+        "the name the state service's certificate must carry (e.g. its Service's DNS name), "
+        "checked whatever address is dialled (replicas advertise their pod IP); empty: the "
+        "host of the address",
+    )
     failpoints: str = setting(
         "",
         "WSGATE_FAILPOINTS",
@@ -330,6 +354,24 @@ class WorkerConfig(BusConfig):
         if self.max_concurrent_events < 1:
             raise ConfigError("max_concurrent_events (WSGATE_MAX_CONCURRENT_EVENTS) must be >= 1")
         _check_positive("state_timeout_s (WSGATE_STATE_TIMEOUT_S)", self.state_timeout_s)
+        _check_pair(
+            ("state_tls_cert (WSGATE_STATE_TLS_CERT)", self.state_tls_cert),
+            ("state_tls_key (WSGATE_STATE_TLS_KEY)", self.state_tls_key),
+        )
+        for name, value in (
+            ("state_tls_cert (WSGATE_STATE_TLS_CERT)", self.state_tls_cert),
+            ("state_tls_server_name (WSGATE_STATE_TLS_SERVER_NAME)", self.state_tls_server_name),
+        ):
+            if value and not self.state_tls_ca:
+                raise ConfigError(
+                    f"{name} needs state_tls_ca (WSGATE_STATE_TLS_CA): TLS to the state "
+                    "service is on only with the CA that signed its certificate"
+                )
+        _check_files(
+            ("state_tls_ca (WSGATE_STATE_TLS_CA)", self.state_tls_ca),
+            ("state_tls_cert (WSGATE_STATE_TLS_CERT)", self.state_tls_cert),
+            ("state_tls_key (WSGATE_STATE_TLS_KEY)", self.state_tls_key),
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -410,6 +452,21 @@ class StateConfig(BusConfig):
         "WSGATE_ALARM_MAX_RETRIES",
         "retries of a failing alarm handler before the alarm is dropped (0: never retried)",
     )
+    # The gRPC port's TLS (wsgate/grpc_tls.py); "" for none. /healthz, /readyz and
+    # /metrics stay plain HTTP on probe_port: Kubernetes' probes cannot present certificates.
+    tls_cert: str = setting(
+        "",
+        "WSGATE_TLS_CERT",
+        "PEM certificate (chain) of the gRPC port: set (with tls_key), the port speaks TLS "
+        "only; empty: plaintext",
+    )
+    tls_key: str = setting("", "WSGATE_TLS_KEY", "the unencrypted PEM private key of tls_cert")
+    tls_client_ca: str = setting(
+        "",
+        "WSGATE_TLS_CLIENT_CA",
+        "PEM CA certificate(s): set, every gRPC client must present a certificate they "
+        "signed (mTLS), others are refused at the handshake; empty: any client is served",
+    )
 
     @property
     def postgres(self) -> bool:
@@ -459,6 +516,20 @@ class StateConfig(BusConfig):
             )
         if self.alarm_max_retries < 0:
             raise ConfigError("alarm_max_retries (WSGATE_ALARM_MAX_RETRIES) must be >= 0")
+        _check_pair(
+            ("tls_cert (WSGATE_TLS_CERT)", self.tls_cert),
+            ("tls_key (WSGATE_TLS_KEY)", self.tls_key),
+        )
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError(
+                "tls_client_ca (WSGATE_TLS_CLIENT_CA) needs tls_cert (WSGATE_TLS_CERT) and "
+                "tls_key (WSGATE_TLS_KEY): client certificates are checked only over TLS"
+            )
+        _check_files(
+            ("tls_cert (WSGATE_TLS_CERT)", self.tls_cert),
+            ("tls_key (WSGATE_TLS_KEY)", self.tls_key),
+            ("tls_client_ca (WSGATE_TLS_CLIENT_CA)", self.tls_client_ca),
+        )
 
 
 def _examples_static() -> str:
@@ -662,6 +733,19 @@ def _check_port(name: str, port: int) -> None:
 def _check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _check_pair(first: tuple[str, str], second: tuple[str, str]) -> None:
+    """Two settings that are given together or not at all (a certificate and its key)."""
+    if bool(first[1]) != bool(second[1]):
+        raise ConfigError(f"{first[0]} and {second[0]} are set together or not at all")
+
+
+def _check_files(*settings: tuple[str, str]) -> None:
+    """Each setting that names a file (non-empty) names one that exists."""
+    for name, value in settings:
+        if value and not Path(value).is_file():
+            raise ConfigError(f"{name} must be a file, got {value!r}")
 
 
 def env_variables(config_type: type) -> dict[str, str]:

@@ -6,6 +6,9 @@ one worker serving the app, one gateway. Then prints the URL and waits. On SIGIN
 (Ctrl-C) or SIGTERM, or when any child exits, it stops them in reverse order (each gets
 SIGTERM and a grace period, then SIGKILL) and returns. Children die with it even if it is
 killed with SIGKILL (Linux' parent-death signal).
+
+Everything talks over loopback in plaintext: the state service's gRPC TLS settings
+(``WSGATE_TLS_*``, ``WSGATE_STATE_TLS_*``) exported in the shell do not reach its roles.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 
@@ -23,6 +26,24 @@ from wsgate.config import DevConfig
 from wsgate.procs import Child, ChildFailed, python_role_argv, spawn, start_nats_server
 
 log = logging.getLogger("wsgate.dev")
+
+#: The state gRPC's TLS settings (wsgate/grpc_tls.py), kept from dev's state and worker.
+GRPC_TLS_VARIABLES = frozenset(
+    {
+        "WSGATE_TLS_CERT",
+        "WSGATE_TLS_KEY",
+        "WSGATE_TLS_CLIENT_CA",
+        "WSGATE_STATE_TLS_CA",
+        "WSGATE_STATE_TLS_CERT",
+        "WSGATE_STATE_TLS_KEY",
+        "WSGATE_STATE_TLS_SERVER_NAME",
+    }
+)
+
+
+def plaintext_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """``environ`` without the state gRPC's TLS settings: dev's roles talk in plaintext."""
+    return {name: value for name, value in environ.items() if name not in GRPC_TLS_VARIABLES}
 
 
 class _StopRequested(BaseException):
@@ -53,6 +74,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
                     "--db-path", str(data_dir / "state.sqlite3"),
                     "--nats-url", nats_url, *common,
                 ),
+                env=plaintext_env(os.environ),
             )  # fmt: skip
             children.append(state)
             worker_args = ["--nats-url", nats_url, "--state-address", state.info["address"]]
@@ -60,7 +82,9 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
             worker_args += ["--app", config.app, *common]
             if app_dir is not None:
                 worker_args += ["--app-dir", str(app_dir)]
-            worker = spawn("worker", python_role_argv("worker", *worker_args))
+            worker = spawn(
+                "worker", python_role_argv("worker", *worker_args), env=plaintext_env(os.environ)
+            )
             children.append(worker)
             gateway_args = [
                 "--nats-url",
