@@ -16,7 +16,8 @@ text counted in characters) are bounded by ``max_bytes``. A frame that would pas
 bound is not queued; ``on_overflow`` is called instead, and the owner closes the connection
 (1008) with :meth:`force_close`, which drops what is queued, stops the writer, and sends
 the close frame, aborting the TCP connection if the client does not take even that within
-``close_timeout_s``.
+``close_timeout_s``. (Any close does: aiohttp closes the transport after the close frame,
+and a transport ends the TCP connection only once it has sent its buffer.)
 """
 
 from __future__ import annotations
@@ -61,10 +62,10 @@ class Outbox:
         close_timeout_s: float,
         on_dropped: Callable[[int], None],
         on_overflow: Callable[[], None],
-        abort: Callable[[], None],
+        transport: asyncio.Transport | None,
     ) -> None:
         self._ws = ws
-        self._abort = abort
+        self._transport = transport
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
         self._max_bytes = max_bytes
@@ -192,3 +193,27 @@ class Outbox:
             except TimeoutError:
                 # The client takes nothing, not even the close frame: cut the connection.
                 self._abort()
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # Not ours: force_close cancelled a write that waited for the socket to
+                # drain, and aiohttp (3.14) waits for that on one future per socket, which
+                # that cancel left cancelled, so this close's wait failed at once. The close
+                # frame is in the transport's buffer all the same.
+            self._cut_if_stalled()
+
+    def _cut_if_stalled(self) -> None:
+        """After ``ws.close``: aiohttp has closed the transport, which ends the TCP
+        connection once its buffer is sent; never, if the client takes nothing (its
+        window stays shut). Cut it, then, if it has not taken it all within the close
+        timeout. Scheduled only when something is left to send: the timer holds the
+        transport."""
+        transport = self._transport
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            self._loop.call_later(self._close_timeout_s, transport.abort)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()

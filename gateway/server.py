@@ -362,7 +362,6 @@ class Gateway(Service):
             compress=False,
             timeout=CLOSE_TIMEOUT_S,
         )
-        transport = request.transport
         conn = LiveConnection(
             lifecycle=ConnectionLifecycle(connection_id, request.path),
             ws=ws,
@@ -377,7 +376,7 @@ class Gateway(Service):
                 # buffers would wait for the cyclic collector (rare at the thresholds set at
                 # start-up) instead of being freed at once: RSS grew under churn.
                 on_overflow=functools.partial(self._slow_consumer, connection_id),
-                abort=transport.abort if transport is not None else lambda: None,
+                transport=request.transport,
             ),
         )
         try:

@@ -7,15 +7,18 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.harness import Stack, metric, stack_context
+from gateway.server import Gateway, LiveConnection
+from tests.harness import Stack, eventually, metric, stack_context
 from tests.wsraw import OP_BINARY, OP_TEXT, RawWebSocket
 from worker.state_client import StateClient
 from wsgate import subjects
+from wsgate.config import GatewayConfig
 from wsgate.v1 import envelope_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -362,3 +365,69 @@ def test_the_gateway_may_open_as_many_files_as_the_system_lets_it(stack: Stack) 
     (line,) = [entry for entry in limits if entry.startswith("Max open files")]
     soft, hard = line.split()[3:5]
     assert soft == hard
+
+
+# -- gateways in this process, on this stack's NATS: limits too small for the others ----
+
+KIB = 1024
+#: Frames the app sends to a client that stopped reading.
+FRAME = 32 * KIB
+
+
+def _config(stack: Stack, **settings: Any) -> GatewayConfig:
+    return GatewayConfig(
+        host="127.0.0.1", port=0, nats_url=stack.nats_url, drain_timeout_s=2, **settings
+    )
+
+
+def _sample(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float:
+    return gateway.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+async def _stalled_client(gateway: Gateway) -> tuple[RawWebSocket, LiveConnection]:
+    """A client that reads its greeting and then nothing: what the app sends it piles up
+    (first in the sockets' buffers, several MiB on loopback, then in its outbox)."""
+    raw = await RawWebSocket.connect("127.0.0.1", gateway.port, "/control")
+    hello = await raw.read_frame()
+    connection_id = hello.payload.decode().removeprefix("id ")
+    return raw, gateway._connections[connection_id]
+
+
+async def test_a_client_that_takes_not_even_the_close_frame_is_cut_after_the_close_timeout(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that never reads passes max_outbound_bytes and is closed with 1008; as it
+    takes not even the close frame, its TCP connection is cut after the close timeout
+    (1 s here), and the gateway forgets it.
+
+    The frames come from auto-responses, so the gateway's read loop waits for the next
+    message when the queue overflows (as when the app's sends for others overflow it).
+    The write that force_close cancelled used to leave aiohttp's wait for the socket to
+    drain cancelled: the close failed at once, nothing cut the connection, and it stayed
+    open for ever.
+    """
+    monkeypatch.setattr("gateway.server.CLOSE_TIMEOUT_S", 1.0)
+    config = _config(
+        stack,
+        max_outbound_bytes=64 * KIB,
+        auto_responses=json.dumps({"p": "x" * FRAME}),
+    )
+    async with Gateway(config) as gateway:
+        raw, _ = await _stalled_client(gateway)
+        try:
+            for _ in range(400):  # 12.5 MiB of answers: more than the sockets' buffers hold
+                await raw.send_frame(OP_TEXT, b"p")
+
+            async def slow() -> bool:
+                labels = {"reason": "slow_consumer"}
+                return _sample(gateway, "wsgate_gateway_drops_total", labels) > 0
+
+            await eventually(slow, "the client to be declared slow", timeout_s=20)
+
+            async def gone() -> bool:
+                return _sample(gateway, "wsgate_gateway_connections_open") == 0
+
+            await eventually(gone, "the connection to be cut", timeout_s=10)
+            assert _sample(gateway, "wsgate_gateway_closes_total", {"initiator": "gateway"}) == 1
+        finally:
+            await raw.aclose()
