@@ -56,6 +56,12 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "wsgate_gateway_rate_limited",
+            "Connections closed with 1008 for sending messages faster than WSGATE_MESSAGE_RATE "
+            "allows (counted once each, at the first message over the limit)",
+            registry=r,
+        )
         self.closes = Counter(
             "wsgate_gateway_closes",
             "Connections ended, by who started it",

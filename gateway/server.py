@@ -9,7 +9,8 @@ Flow of one connection::
          │ reject ──► the app's status, headers and body
          ▼ accept
     101 (with the app's subprotocol) ─► Accept.messages sent ─► read loop:
-        each message ─► ConnectionEvent, delivered at least once, awaited (window 1)
+        each message ─► over the message rate? close 1008
+                     ─► ConnectionEvent, delivered at least once, awaited (window 1)
     end ─► one Closed event ─► forget the connection
 
 Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
@@ -40,6 +41,7 @@ from gateway.lifecycle import ConnectionLifecycle, Phase
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import CloseFrame, Outbox
 from gateway.presence import PresenceAnnouncer
+from gateway.rate import TokenBucket
 from gateway.static import Handler, with_static_files
 from wsgate import ids, subjects
 from wsgate.bus import connect_bus
@@ -81,6 +83,8 @@ class LiveConnection:
     busy: bool = False
     #: Made only when a drain waits for ``busy`` to end (an Event each would cost memory).
     settled: asyncio.Future[None] | None = None
+    #: The client's message rate limit; None when WSGATE_MESSAGE_RATE is 0.
+    rate: TokenBucket | None = None
 
     def done_with_event(self) -> None:
         self.busy = False
@@ -379,6 +383,12 @@ class Gateway(Service):
                 transport=request.transport,
             ),
         )
+        if self.config.message_rate > 0:
+            conn.rate = TokenBucket(
+                self.config.message_rate,
+                self.config.message_burst,
+                asyncio.get_running_loop().time(),
+            )
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
@@ -455,6 +465,8 @@ class Gateway(Service):
         idle_timeout = self.config.idle_timeout_s or None
         delivery = self._delivery
         assert delivery is not None
+        rate = conn.rate
+        now = asyncio.get_running_loop().time
         while True:
             try:
                 msg = await ws.receive(timeout=idle_timeout)
@@ -464,6 +476,9 @@ class Gateway(Service):
                 )
                 continue
             if msg.type is WSMsgType.TEXT:
+                if rate is not None and not rate.take(now()):
+                    self._rate_limited(conn)
+                    continue
                 response = self._auto_responses.get(msg.data)
                 if response is not None:
                     self.metrics.auto_responses.inc()
@@ -471,6 +486,9 @@ class Gateway(Service):
                     continue
                 message = pb.Message(text=msg.data)
             elif msg.type is WSMsgType.BINARY:
+                if rate is not None and not rate.take(now()):
+                    self._rate_limited(conn)
+                    continue
                 message = pb.Message(binary=msg.data)
             elif msg.type is WSMsgType.CLOSE:
                 self._client_closed(conn, int(msg.data), msg.extra or "")
@@ -529,6 +547,21 @@ class Gateway(Service):
     ) -> None:
         if conn.lifecycle.request_close(initiator, code, reason):
             conn.outbox.push(CloseFrame(code, reason))
+
+    def _rate_limited(self, conn: LiveConnection) -> None:
+        """A message found the client's token bucket empty: it is dropped, and the
+        connection closed with 1008 after what is queued for it (once; later messages are
+        dropped as the connection is closing)."""
+        reason = (
+            f"message rate exceeded ({self.config.message_rate:g}/s, "
+            f"burst {self.config.message_burst})"
+        )
+        if conn.lifecycle.request_close(
+            pb.CLOSE_INITIATOR_GATEWAY, CloseCode.POLICY_VIOLATION, reason
+        ):
+            self.metrics.rate_limited.inc()
+            log.info("closing %s: %s", conn.lifecycle.connection_id, reason)
+            conn.outbox.push(CloseFrame(CloseCode.POLICY_VIOLATION, reason))
 
     def _slow_consumer(self, connection_id: str) -> None:
         self.metrics.drops.labels("slow_consumer").inc()

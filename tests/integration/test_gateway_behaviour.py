@@ -380,8 +380,61 @@ def _config(stack: Stack, **settings: Any) -> GatewayConfig:
     )
 
 
+def _ws_url(gateway: Gateway, path: str) -> str:
+    return gateway.url.replace("http://", "ws://", 1) + path
+
+
 def _sample(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float:
     return gateway.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+# -- message rate ------------------------------------------------------------------------
+
+
+async def test_burst_messages_at_once_are_served_and_one_more_is_closed_with_1008(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    """Burst 3, a token every 1000 s: three messages sent at once are answered, the fourth
+    closes the connection with 1008. Auto-responses, answered by the gateway, count too."""
+    config = _config(
+        stack, message_rate=0.001, message_burst=3, auto_responses=json.dumps({"ping": "pong"})
+    )
+    async with Gateway(config) as gateway:
+        echo = await session.ws_connect(_ws_url(gateway, "/control"))
+        assert (await echo.receive(timeout=10)).data.startswith("id ")
+        pings = await session.ws_connect(_ws_url(gateway, "/control"))
+        assert (await pings.receive(timeout=10)).data.startswith("id ")
+
+        for data in ("m0", b"m1", "m2", "m3"):  # all at once: text and binary alike
+            await (echo.send_str(data) if isinstance(data, str) else echo.send_bytes(data))
+        for _ in range(4):
+            await pings.send_str("ping")
+
+        assert [(await echo.receive(timeout=10)).data for _ in range(3)] == ["m0", b"m1", "m2"]
+        assert [(await pings.receive(timeout=10)).data for _ in range(3)] == ["pong"] * 3
+        for ws in (echo, pings):
+            closed = await ws.receive(timeout=10)
+            assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+            assert closed.extra == "message rate exceeded (0.001/s, burst 3)"
+        metrics = f"{gateway.url}/metrics"
+        assert await metric(metrics, "wsgate_gateway_rate_limited_total") == 2
+        assert await metric(metrics, "wsgate_gateway_auto_responses_total") == 3
+        for ws in (echo, pings):
+            await ws.close()
+
+
+async def test_a_message_rate_of_0_is_no_limit(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    async with Gateway(_config(stack, message_rate=0, message_burst=1)) as gateway:
+        async with session.ws_connect(_ws_url(gateway, "/control")) as ws:
+            await ws.receive(timeout=10)
+            for i in range(20):
+                await ws.send_str(f"m{i}")
+            assert [(await ws.receive(timeout=10)).data for _ in range(20)] == [
+                f"m{i}" for i in range(20)
+            ]
+        assert _sample(gateway, "wsgate_gateway_rate_limited_total") == 0
 
 
 async def _stalled_client(gateway: Gateway) -> tuple[RawWebSocket, LiveConnection]:
@@ -409,6 +462,7 @@ async def test_a_client_that_takes_not_even_the_close_frame_is_cut_after_the_clo
     monkeypatch.setattr("gateway.server.CLOSE_TIMEOUT_S", 1.0)
     config = _config(
         stack,
+        message_rate=0,
         max_outbound_bytes=64 * KIB,
         auto_responses=json.dumps({"p": "x" * FRAME}),
     )
