@@ -93,6 +93,13 @@ class GatewayConfig(BusConfig):
         "WSGATE_MAX_OUTBOUND_BYTES",
         "bytes waiting to be written to one client; a slower client is closed with 1008",
     )
+    outbound_budget_bytes: int = setting(
+        256 * 1024 * 1024,
+        "WSGATE_OUTBOUND_BUDGET_BYTES",
+        "bytes waiting to be written to all clients of this gateway together (at least "
+        "WSGATE_MAX_OUTBOUND_BYTES); past it the clients with the most queued are closed "
+        "with 1013 and, until they are gone, upgrades get 503 and /readyz 503",
+    )
     message_rate: float = setting(
         100.0,
         "WSGATE_MESSAGE_RATE",
@@ -165,6 +172,12 @@ class GatewayConfig(BusConfig):
             )
         if self.max_outbound_bytes < 1:
             raise ConfigError("max_outbound_bytes (WSGATE_MAX_OUTBOUND_BYTES) must be >= 1")
+        if self.outbound_budget_bytes < self.max_outbound_bytes:
+            raise ConfigError(
+                "outbound_budget_bytes (WSGATE_OUTBOUND_BUDGET_BYTES) must be >= "
+                f"max_outbound_bytes (WSGATE_MAX_OUTBOUND_BYTES) = {self.max_outbound_bytes}, "
+                f"got {self.outbound_budget_bytes}"
+            )
         if not (math.isfinite(self.message_rate) and self.message_rate >= 0):
             raise ConfigError(
                 "message_rate (WSGATE_MESSAGE_RATE) must be a finite number >= 0 (0: off), "

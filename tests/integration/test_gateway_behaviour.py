@@ -1,5 +1,7 @@
 """What clients see of the gateway: subprotocols, close codes, limits, auto-responses,
-probes, commands for connections that are gone. Real processes throughout."""
+probes, commands for connections that are gone. Real processes throughout; the tests at
+the end (message rate, outbound budget, close timeout) run gateways in this process, with
+tiny limits, on the same NATS and worker, and look at how much is queued for each client."""
 
 from __future__ import annotations
 
@@ -370,8 +372,12 @@ def test_the_gateway_may_open_as_many_files_as_the_system_lets_it(stack: Stack) 
 # -- gateways in this process, on this stack's NATS: limits too small for the others ----
 
 KIB = 1024
-#: Frames the app sends to a client that stopped reading.
-FRAME = 32 * KIB
+#: The outbound budget of the budget test, and what one client may have queued.
+BUDGET, PER_CLIENT = 1024 * KIB, 640 * KIB
+#: Frames the app sends to a client that stopped reading: FRAME bytes each, two at a time
+#: once some are queued at the gateway, BIG_FLOOD at a time while the sockets' buffers
+#: still take them (several MiB on loopback).
+FRAME, FRAMES_PER_FLOOD, BIG_FLOOD = 32 * KIB, 2, 16
 
 
 def _config(stack: Stack, **settings: Any) -> GatewayConfig:
@@ -437,6 +443,9 @@ async def test_a_message_rate_of_0_is_no_limit(
         assert _sample(gateway, "wsgate_gateway_rate_limited_total") == 0
 
 
+# -- outbound budget ---------------------------------------------------------------------
+
+
 async def _stalled_client(gateway: Gateway) -> tuple[RawWebSocket, LiveConnection]:
     """A client that reads its greeting and then nothing: what the app sends it piles up
     (first in the sockets' buffers, several MiB on loopback, then in its outbox)."""
@@ -444,6 +453,92 @@ async def _stalled_client(gateway: Gateway) -> tuple[RawWebSocket, LiveConnectio
     hello = await raw.read_frame()
     connection_id = hello.payload.decode().removeprefix("id ")
     return raw, gateway._connections[connection_id]
+
+
+async def _flood(gateway: Gateway, raw: RawWebSocket, conn: LiveConnection) -> None:
+    """The app sends frames to ``raw`` (more while none is queued at the gateway for it,
+    so that a flood adds at most BIG_FLOOD frames to an empty queue, FRAMES_PER_FLOOD to
+    another); returns once the gateway has handed them to the outbox (messages_out)."""
+    name = "wsgate_gateway_messages_out_total"
+    frames = BIG_FLOOD if conn.outbox.queued_bytes == 0 else FRAMES_PER_FLOOD
+    before = _sample(gateway, name)
+    await raw.send_frame(OP_TEXT, f"flood {frames} {FRAME}".encode())
+
+    async def queued() -> bool:
+        return _sample(gateway, name) >= before + frames
+
+    await eventually(queued, "the flood to reach the gateway", timeout_s=10)
+
+
+async def test_the_client_furthest_behind_is_shed_first_and_upgrades_wait_until_it_is_gone(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    """Budget 1 MiB, 640 KiB per client. Client A stops reading and gets about 600 KiB
+    queued; client B stops reading and gets more until the total passes the budget: A,
+    the furthest behind, is shed with 1013; B, with less queued, and a client that reads
+    stay. Upgrades get 503 until A has closed, then 101 again."""
+    config = _config(
+        stack, message_rate=0, max_outbound_bytes=PER_CLIENT, outbound_budget_bytes=BUDGET
+    )
+    async with Gateway(config) as gateway:
+        metrics = f"{gateway.url}/metrics"
+        fast = await session.ws_connect(_ws_url(gateway, "/control"))
+        await fast.receive(timeout=10)
+        raw_a, conn_a = await _stalled_client(gateway)
+        raw_b, conn_b = await _stalled_client(gateway)
+        try:
+            # A: at least PER_CLIENT - 2 frames, so less than PER_CLIENT after one more flood.
+            while conn_a.outbox.queued_bytes < PER_CLIENT - FRAMES_PER_FLOOD * FRAME:
+                await _flood(gateway, raw_a, conn_a)
+            # B: until the total passes the budget. Then B holds at most BUDGET - A + FRAME
+            # (< 512 KiB), A at least 576 KiB: A is the one furthest behind.
+            for _ in range(1000):
+                if _sample(gateway, "wsgate_gateway_budget_shed_total"):
+                    break
+                assert conn_a.outbox.queued_bytes + conn_b.outbox.queued_bytes <= BUDGET
+                await _flood(gateway, raw_b, conn_b)
+                await fast.send_str("still here")
+                assert (await fast.receive(timeout=10)).data == "still here"
+            assert await metric(metrics, "wsgate_gateway_budget_shed_total") == 1
+            assert (conn_a.shed, conn_b.shed) == (True, False)
+            assert conn_a.outbox.queued_bytes == 0
+            assert 0 < conn_b.outbox.queued_bytes < PER_CLIENT - FRAMES_PER_FLOOD * FRAME
+            assert await metric(metrics, "wsgate_gateway_outbound_bytes") == float(
+                conn_b.outbox.queued_bytes
+            )
+
+            # A has not taken its close frame: the gateway counts as over its budget.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(_ws_url(gateway, "/control"))
+            assert refused.value.status == 503
+            async with session.get(f"{gateway.url}/readyz") as probe:
+                assert probe.status == 503
+            assert (
+                await metric(
+                    metrics, "wsgate_gateway_upgrades_refused_total", {"reason": "outbound_budget"}
+                )
+                == 1
+            )
+
+            # A reads now: what the sockets held, then the close frame; it answers it.
+            assert (await raw_a.read_until_close()).close_code == 1013
+            await raw_a.send_close(1000)
+
+            async def ready() -> bool:
+                async with session.get(f"{gateway.url}/readyz") as resp:
+                    return resp.status == 200
+
+            await eventually(ready, "/readyz once A is gone", timeout_s=10)
+            again = await session.ws_connect(_ws_url(gateway, "/control"))
+            assert (await again.receive(timeout=10)).data.startswith("id ")
+            await again.close()
+            await fast.send_str("still here")
+            assert (await fast.receive(timeout=10)).data == "still here"
+            assert not conn_b.shed
+        finally:
+            await raw_a.aclose()
+            await raw_b.aclose()
+            await fast.close()
 
 
 async def test_a_client_that_takes_not_even_the_close_frame_is_cut_after_the_close_timeout(
