@@ -94,6 +94,24 @@ class GatewayMetrics:
             ["reason"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "wsgate_gateway_rate_limited",
+            "Connections closed with 1008 for sending messages faster than WSGATE_MESSAGE_RATE "
+            "allows (counted once each, at the first message over the limit)",
+            registry=r,
+        )
+        self.outbound_bytes = Gauge(
+            "wsgate_gateway_outbound_bytes",
+            "Bytes queued to all clients and not yet written (against "
+            "WSGATE_OUTBOUND_BUDGET_BYTES)",
+            registry=r,
+        )
+        self.budget_shed = Counter(
+            "wsgate_gateway_budget_shed",
+            "Connections closed with 1013 because the outbound budget was exceeded (those "
+            "with the most bytes queued first)",
+            registry=r,
+        )
         self.closes = Counter(
             "wsgate_gateway_closes",
             "Connections ended, by who started it",

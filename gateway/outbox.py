@@ -16,7 +16,11 @@ text counted in characters) are bounded by ``max_bytes``. A frame that would pas
 bound is not queued; ``on_overflow`` is called instead, and the owner closes the connection
 (1008) with :meth:`force_close`, which drops what is queued, stops the writer, and sends
 the close frame, aborting the TCP connection if the client does not take even that within
-``close_timeout_s``.
+``close_timeout_s``. (Any close does: aiohttp closes the transport after the close frame,
+and a transport ends the TCP connection only once it has sent its buffer.)
+
+Every change of the bytes queued is also made to the gateway's
+:class:`~gateway.budget.OutboundBudget`, whose total is the sum over all outboxes.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.budget import OutboundBudget
 from wsgate.eager import resume
 
 log = logging.getLogger(__name__)
@@ -58,16 +63,18 @@ class Outbox:
         ws: web.WebSocketResponse,
         *,
         max_bytes: int,
+        budget: OutboundBudget,
         close_timeout_s: float,
         on_dropped: Callable[[int], None],
         on_overflow: Callable[[], None],
-        abort: Callable[[], None],
+        transport: asyncio.Transport | None,
     ) -> None:
         self._ws = ws
-        self._abort = abort
+        self._transport = transport
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
         self._max_bytes = max_bytes
+        self._budget = budget
         self._close_timeout_s = close_timeout_s
         self._frames: collections.deque[Frame] = collections.deque()
         self._queued_bytes = 0
@@ -94,7 +101,7 @@ class Outbox:
                 self._on_dropped(1)
                 self._on_overflow()
                 return
-            self._queued_bytes += size
+            self._count(size)
             if self._writer is None:
                 self._write_eagerly(frame)
                 return
@@ -107,7 +114,7 @@ class Outbox:
         try:
             suspended_on = coro.send(None)
         except StopIteration:
-            self._queued_bytes -= len(frame)
+            self._count(-len(frame))
             return
         except (ConnectionError, RuntimeError) as exc:
             self._write_failed(frame, exc)
@@ -128,7 +135,7 @@ class Outbox:
         if dropped:
             self._on_dropped(dropped)
         self._frames.clear()
-        self._queued_bytes = 0
+        self._count(-self._queued_bytes)
         self._closed = True
         writer = self._writer
         if writer is not None:
@@ -165,16 +172,22 @@ class Outbox:
             if self._writer is asyncio.current_task():
                 self._writer = None
 
+    def _count(self, delta: int) -> None:
+        self._queued_bytes += delta
+        self._budget.total += delta
+
     def _release(self, frame: Frame) -> None:
         if not isinstance(frame, CloseFrame):
-            self._queued_bytes = max(0, self._queued_bytes - len(frame))
+            # Never below 0: force_close and a failed write set the count to 0 while a
+            # frame was still being written.
+            self._count(-min(self._queued_bytes, len(frame)))
 
     def _write_failed(self, frame: Frame, exc: BaseException) -> None:
         # The socket went away under us: the read loop sees that too and reports the
         # close; what is left here can no longer be delivered.
         dropped = 1 + len(self._frames)
         self._frames.clear()
-        self._queued_bytes = 0
+        self._count(-self._queued_bytes)
         self._closed = True
         self._on_dropped(dropped)
         log.debug("write failed, %d frame(s) dropped: %s", dropped, exc)
@@ -192,3 +205,27 @@ class Outbox:
             except TimeoutError:
                 # The client takes nothing, not even the close frame: cut the connection.
                 self._abort()
+                return
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+                # Not ours: force_close cancelled a write that waited for the socket to
+                # drain, and aiohttp (3.14) waits for that on one future per socket, which
+                # that cancel left cancelled, so this close's wait failed at once. The close
+                # frame is in the transport's buffer all the same.
+            self._cut_if_stalled()
+
+    def _cut_if_stalled(self) -> None:
+        """After ``ws.close``: aiohttp has closed the transport, which ends the TCP
+        connection once its buffer is sent; never, if the client takes nothing (its
+        window stays shut). Cut it, then, if it has not taken it all within the close
+        timeout. Scheduled only when something is left to send: the timer holds the
+        transport."""
+        transport = self._transport
+        if transport is not None and transport.get_write_buffer_size() > 0:
+            self._loop.call_later(self._close_timeout_s, transport.abort)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()

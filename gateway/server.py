@@ -6,17 +6,21 @@ Flow of one connection::
     upgrade request ──► valid handshake? ── no ──► 400 "Expected websocket"
          │ yes          draining? 503 · Origin not allowed? 403 · at max_connections? 503
          │              a proxy's client over its address's limit? 429
+         │              over the outbound budget? 503
          ▼
     ConnectRequest on <prefix>.connect.<app> ──► ConnectDecision
          │ reject ──► the app's status, headers and body
          ▼ accept
     101 (with the app's subprotocol) ─► Accept.messages sent ─► read loop:
-        each message ─► ConnectionEvent, delivered at least once, awaited (window 1)
+        each message ─► over the message rate? close 1008
+                     ─► ConnectionEvent, delivered at least once, awaited (window 1)
     end ─► one Closed event ─► forget the connection
 
 Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
 :class:`~gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
 Those for a connection still upgrading are kept until it opens (see ``_on_command``).
+The bytes queued in all outboxes together are bounded by an
+:class:`~gateway.budget.OutboundBudget`; past it the furthest behind are shed (``_shed``).
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
+from gateway.budget import OutboundBudget, choose_victims
 from gateway.delivery import EventDelivery
 from gateway.lifecycle import ConnectionLifecycle, Phase
 from gateway.listener import Listener, mark_request_started
 from gateway.metrics import GatewayMetrics
 from gateway.outbox import CloseFrame, Outbox
 from gateway.presence import PresenceAnnouncer
+from gateway.rate import TokenBucket
 from gateway.static import Handler, with_static_files
 from wsgate import ids, subjects
 from wsgate.bus import connect_bus
@@ -84,6 +90,10 @@ class LiveConnection:
     busy: bool = False
     #: Made only when a drain waits for ``busy`` to end (an Event each would cost memory).
     settled: asyncio.Future[None] | None = None
+    #: The client's message rate limit; None when WSGATE_MESSAGE_RATE is 0.
+    rate: TokenBucket | None = None
+    #: Closed to keep the outbound budget (counted in OutboundBudget.closing until gone).
+    shed: bool = False
 
     def done_with_event(self) -> None:
         self.busy = False
@@ -140,6 +150,8 @@ class Gateway(Service):
         self._command_subject = subjects.gateway_subject(config.prefix, self.gateway_id)
         self._origins = config.origin_patterns
         self._auto_responses = config.auto_response_map
+        self._budget = budget = OutboundBudget(config.outbound_budget_bytes)
+        self.metrics.outbound_bytes.set_function(lambda: budget.total)
         self._connections: dict[str, LiveConnection] = {}
         self._connecting = 0
         #: Connections between their ConnectRequest and their registration (see _on_command).
@@ -289,7 +301,13 @@ class Gateway(Service):
 
     def _is_ready(self) -> bool:
         nc = self._nc
-        return self.phase is ServicePhase.RUNNING and nc is not None and nc.is_connected
+        return (
+            self.phase is ServicePhase.RUNNING
+            and nc is not None
+            and nc.is_connected
+            # Upgrades get 503 meanwhile: new clients are better served by another gateway.
+            and not self._budget.over
+        )
 
     def _bus_changed(self, connected: bool) -> None:
         if self._delivery is not None:
@@ -329,6 +347,10 @@ class Gateway(Service):
             return _Refusal("origin", 403, "Origin not allowed")
         if len(self._connections) + self._connecting >= self.config.max_connections:
             return _Refusal("max_connections", 503, "Too many connections", {"Retry-After": "1"})
+        if self._budget.over:
+            return _Refusal(
+                "outbound_budget", 503, "Outbound memory budget exceeded", {"Retry-After": "1"}
+            )
         return None
 
     async def _upgrade(self, request: web.Request) -> web.StreamResponse:
@@ -382,7 +404,6 @@ class Gateway(Service):
             compress=False,
             timeout=CLOSE_TIMEOUT_S,
         )
-        transport = request.transport
         conn = LiveConnection(
             lifecycle=ConnectionLifecycle(connection_id, request.path),
             ws=ws,
@@ -390,6 +411,7 @@ class Gateway(Service):
             outbox=Outbox(
                 ws,
                 max_bytes=self.config.max_outbound_bytes,
+                budget=self._budget,
                 close_timeout_s=CLOSE_TIMEOUT_S,
                 on_dropped=self.metrics.drops.labels("write_failed").inc,
                 # By id, not a closure over conn: conn holds the outbox, so a closure would
@@ -397,9 +419,15 @@ class Gateway(Service):
                 # buffers would wait for the cyclic collector (rare at the thresholds set at
                 # start-up) instead of being freed at once: RSS grew under churn.
                 on_overflow=functools.partial(self._slow_consumer, connection_id),
-                abort=transport.abort if transport is not None else lambda: None,
+                transport=request.transport,
             ),
         )
+        if self.config.message_rate > 0:
+            conn.rate = TokenBucket(
+                self.config.message_rate,
+                self.config.message_burst,
+                asyncio.get_running_loop().time(),
+            )
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
@@ -422,6 +450,9 @@ class Gateway(Service):
             await self._read_loop(conn)
         finally:
             await conn.outbox.flush()
+            if conn.shed:
+                # Its close frame is written or its TCP connection cut: its memory is free.
+                self._budget.shed_finished()
             event = conn.lifecycle.closed_event()
             if event is not None:
                 self.metrics.closes.labels(_INITIATOR_LABEL[event.closed.initiator]).inc()
@@ -476,6 +507,8 @@ class Gateway(Service):
         idle_timeout = self.config.idle_timeout_s or None
         delivery = self._delivery
         assert delivery is not None
+        rate = conn.rate
+        now = asyncio.get_running_loop().time
         while True:
             try:
                 msg = await ws.receive(timeout=idle_timeout)
@@ -485,13 +518,20 @@ class Gateway(Service):
                 )
                 continue
             if msg.type is WSMsgType.TEXT:
+                if rate is not None and not rate.take(now()):
+                    self._rate_limited(conn)
+                    continue
                 response = self._auto_responses.get(msg.data)
                 if response is not None:
                     self.metrics.auto_responses.inc()
                     conn.outbox.push(response)
+                    self._keep_budget()
                     continue
                 message = pb.Message(text=msg.data)
             elif msg.type is WSMsgType.BINARY:
+                if rate is not None and not rate.take(now()):
+                    self._rate_limited(conn)
+                    continue
                 message = pb.Message(binary=msg.data)
             elif msg.type is WSMsgType.CLOSE:
                 self._client_closed(conn, int(msg.data), msg.extra or "")
@@ -550,6 +590,55 @@ class Gateway(Service):
     ) -> None:
         if conn.lifecycle.request_close(initiator, code, reason):
             conn.outbox.push(CloseFrame(code, reason))
+
+    def _rate_limited(self, conn: LiveConnection) -> None:
+        """A message found the client's token bucket empty: it is dropped, and the
+        connection closed with 1008 after what is queued for it (once; later messages are
+        dropped as the connection is closing)."""
+        reason = (
+            f"message rate exceeded ({self.config.message_rate:g}/s, "
+            f"burst {self.config.message_burst})"
+        )
+        if conn.lifecycle.request_close(
+            pb.CLOSE_INITIATOR_GATEWAY, CloseCode.POLICY_VIOLATION, reason
+        ):
+            self.metrics.rate_limited.inc()
+            log.info("closing %s: %s", conn.lifecycle.connection_id, reason)
+            conn.outbox.push(CloseFrame(CloseCode.POLICY_VIOLATION, reason))
+
+    def _keep_budget(self) -> None:
+        """After a frame was queued: shed if the outbound budget is exceeded."""
+        if self._budget.total > self._budget.limit_bytes:
+            self._shed()
+
+    def _shed(self) -> None:
+        """Close the connections with the most bytes queued, their queues dropped, until
+        the total is within the budget again (see gateway/budget.py)."""
+        budget = self._budget
+        total = budget.total
+        victims = choose_victims(
+            ((c, c.outbox.queued_bytes) for c in self._connections.values()), budget.excess
+        )
+        reason = "outbound memory budget exceeded"
+        for conn in victims:
+            # A connection closing already (its close frame queued behind data it does not
+            # take) is shed all the same: its queue is what holds the memory.
+            conn.lifecycle.request_close(
+                pb.CLOSE_INITIATOR_GATEWAY, CloseCode.TRY_AGAIN_LATER, reason
+            )
+            conn.outbox.force_close(CloseCode.TRY_AGAIN_LATER, reason)
+            conn.shed = True
+            budget.shed_started()
+        self.metrics.budget_shed.inc(len(victims))
+        # One line per pass: a storm may shed thousands at once.
+        log.warning(
+            "%s (%d of %d bytes queued): shed %d connection(s), %d bytes queued now",
+            reason,
+            total,
+            budget.limit_bytes,
+            len(victims),
+            budget.total,
+        )
 
     def _slow_consumer(self, connection_id: str) -> None:
         self.metrics.drops.labels("slow_consumer").inc()
@@ -656,6 +745,7 @@ class Gateway(Service):
             self.metrics.drops.labels("garbage").inc()
             return
         self.metrics.messages_out.inc()
+        self._keep_budget()
 
     def _push_close(self, conn: LiveConnection, code: int, reason: str) -> None:
         if not is_sendable(code) or len(reason.encode("utf-8")) > MAX_REASON_BYTES:

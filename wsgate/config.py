@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -97,6 +98,24 @@ class GatewayConfig(BusConfig):
         4 * 1024 * 1024,
         "WSGATE_MAX_OUTBOUND_BYTES",
         "bytes waiting to be written to one client; a slower client is closed with 1008",
+    )
+    outbound_budget_bytes: int = setting(
+        256 * 1024 * 1024,
+        "WSGATE_OUTBOUND_BUDGET_BYTES",
+        "bytes waiting to be written to all clients of this gateway together (at least "
+        "WSGATE_MAX_OUTBOUND_BYTES); past it the clients with the most queued are closed "
+        "with 1013 and, until they are gone, upgrades get 503 and /readyz 503",
+    )
+    message_rate: float = setting(
+        100.0,
+        "WSGATE_MESSAGE_RATE",
+        "messages per second one client may send on average (a token bucket; auto-responses "
+        "count); a message past it closes the connection with 1008 (0: off)",
+    )
+    message_burst: int = setting(
+        200,
+        "WSGATE_MESSAGE_BURST",
+        "messages one client may send at once above WSGATE_MESSAGE_RATE (the bucket's size)",
     )
     heartbeat_s: float = setting(
         30.0, "WSGATE_HEARTBEAT_S", "ping clients this often; no pong in half of it closes (0: off)"
@@ -207,6 +226,21 @@ class GatewayConfig(BusConfig):
             )
         if self.max_outbound_bytes < 1:
             raise ConfigError("max_outbound_bytes (WSGATE_MAX_OUTBOUND_BYTES) must be >= 1")
+        if self.outbound_budget_bytes < self.max_outbound_bytes:
+            raise ConfigError(
+                "outbound_budget_bytes (WSGATE_OUTBOUND_BUDGET_BYTES) must be >= "
+                f"max_outbound_bytes (WSGATE_MAX_OUTBOUND_BYTES) = {self.max_outbound_bytes}, "
+                f"got {self.outbound_budget_bytes}"
+            )
+        if not (math.isfinite(self.message_rate) and self.message_rate >= 0):
+            raise ConfigError(
+                "message_rate (WSGATE_MESSAGE_RATE) must be a finite number >= 0 (0: off), "
+                f"got {self.message_rate}"
+            )
+        if self.message_burst < 1:
+            raise ConfigError(
+                f"message_burst (WSGATE_MESSAGE_BURST) must be >= 1, got {self.message_burst}"
+            )
         if self.max_connections < 1:
             raise ConfigError("max_connections (WSGATE_MAX_CONNECTIONS) must be >= 1")
         if self.heartbeat_s < 0 or self.idle_timeout_s < 0:

@@ -1,5 +1,7 @@
 """What clients see of the gateway: subprotocols, close codes, limits, auto-responses,
-probes, commands for connections that are gone. Real processes throughout."""
+probes, commands for connections that are gone. Real processes throughout; the tests at
+the end (message rate, outbound budget, close timeout) run gateways in this process, with
+tiny limits, on the same NATS and worker, and look at how much is queued for each client."""
 
 from __future__ import annotations
 
@@ -7,15 +9,18 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from tests.harness import Stack, metric, stack_context
+from gateway.server import Gateway, LiveConnection
+from tests.harness import Stack, eventually, metric, stack_context
 from tests.wsraw import OP_BINARY, OP_TEXT, RawWebSocket
 from worker.state_client import StateClient
 from wsgate import subjects
+from wsgate.config import GatewayConfig
 from wsgate.v1 import envelope_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -362,3 +367,216 @@ def test_the_gateway_may_open_as_many_files_as_the_system_lets_it(stack: Stack) 
     (line,) = [entry for entry in limits if entry.startswith("Max open files")]
     soft, hard = line.split()[3:5]
     assert soft == hard
+
+
+# -- gateways in this process, on this stack's NATS: limits too small for the others ----
+
+KIB = 1024
+#: The outbound budget of the budget test, and what one client may have queued.
+BUDGET, PER_CLIENT = 1024 * KIB, 640 * KIB
+#: Frames the app sends to a client that stopped reading: FRAME bytes each, two at a time
+#: once some are queued at the gateway, BIG_FLOOD at a time while the sockets' buffers
+#: still take them (several MiB on loopback).
+FRAME, FRAMES_PER_FLOOD, BIG_FLOOD = 32 * KIB, 2, 16
+
+
+def _config(stack: Stack, **settings: Any) -> GatewayConfig:
+    return GatewayConfig(
+        host="127.0.0.1", port=0, nats_url=stack.nats_url, drain_timeout_s=2, **settings
+    )
+
+
+def _ws_url(gateway: Gateway, path: str) -> str:
+    return gateway.url.replace("http://", "ws://", 1) + path
+
+
+def _sample(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float:
+    return gateway.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+# -- message rate ------------------------------------------------------------------------
+
+
+async def test_burst_messages_at_once_are_served_and_one_more_is_closed_with_1008(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    """Burst 3, a token every 1000 s: three messages sent at once are answered, the fourth
+    closes the connection with 1008. Auto-responses, answered by the gateway, count too."""
+    config = _config(
+        stack, message_rate=0.001, message_burst=3, auto_responses=json.dumps({"ping": "pong"})
+    )
+    async with Gateway(config) as gateway:
+        echo = await session.ws_connect(_ws_url(gateway, "/control"))
+        assert (await echo.receive(timeout=10)).data.startswith("id ")
+        pings = await session.ws_connect(_ws_url(gateway, "/control"))
+        assert (await pings.receive(timeout=10)).data.startswith("id ")
+
+        for data in ("m0", b"m1", "m2", "m3"):  # all at once: text and binary alike
+            await (echo.send_str(data) if isinstance(data, str) else echo.send_bytes(data))
+        for _ in range(4):
+            await pings.send_str("ping")
+
+        assert [(await echo.receive(timeout=10)).data for _ in range(3)] == ["m0", b"m1", "m2"]
+        assert [(await pings.receive(timeout=10)).data for _ in range(3)] == ["pong"] * 3
+        for ws in (echo, pings):
+            closed = await ws.receive(timeout=10)
+            assert (closed.type, closed.data) == (aiohttp.WSMsgType.CLOSE, 1008)
+            assert closed.extra == "message rate exceeded (0.001/s, burst 3)"
+        metrics = f"{gateway.url}/metrics"
+        assert await metric(metrics, "wsgate_gateway_rate_limited_total") == 2
+        assert await metric(metrics, "wsgate_gateway_auto_responses_total") == 3
+        for ws in (echo, pings):
+            await ws.close()
+
+
+async def test_a_message_rate_of_0_is_no_limit(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    async with Gateway(_config(stack, message_rate=0, message_burst=1)) as gateway:
+        async with session.ws_connect(_ws_url(gateway, "/control")) as ws:
+            await ws.receive(timeout=10)
+            for i in range(20):
+                await ws.send_str(f"m{i}")
+            assert [(await ws.receive(timeout=10)).data for _ in range(20)] == [
+                f"m{i}" for i in range(20)
+            ]
+        assert _sample(gateway, "wsgate_gateway_rate_limited_total") == 0
+
+
+# -- outbound budget ---------------------------------------------------------------------
+
+
+async def _stalled_client(gateway: Gateway) -> tuple[RawWebSocket, LiveConnection]:
+    """A client that reads its greeting and then nothing: what the app sends it piles up
+    (first in the sockets' buffers, several MiB on loopback, then in its outbox)."""
+    raw = await RawWebSocket.connect("127.0.0.1", gateway.port, "/control")
+    hello = await raw.read_frame()
+    connection_id = hello.payload.decode().removeprefix("id ")
+    return raw, gateway._connections[connection_id]
+
+
+async def _flood(gateway: Gateway, raw: RawWebSocket, conn: LiveConnection) -> None:
+    """The app sends frames to ``raw`` (more while none is queued at the gateway for it,
+    so that a flood adds at most BIG_FLOOD frames to an empty queue, FRAMES_PER_FLOOD to
+    another); returns once the gateway has handed them to the outbox (messages_out)."""
+    name = "wsgate_gateway_messages_out_total"
+    frames = BIG_FLOOD if conn.outbox.queued_bytes == 0 else FRAMES_PER_FLOOD
+    before = _sample(gateway, name)
+    await raw.send_frame(OP_TEXT, f"flood {frames} {FRAME}".encode())
+
+    async def queued() -> bool:
+        return _sample(gateway, name) >= before + frames
+
+    await eventually(queued, "the flood to reach the gateway", timeout_s=10)
+
+
+async def test_the_client_furthest_behind_is_shed_first_and_upgrades_wait_until_it_is_gone(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    """Budget 1 MiB, 640 KiB per client. Client A stops reading and gets about 600 KiB
+    queued; client B stops reading and gets more until the total passes the budget: A,
+    the furthest behind, is shed with 1013; B, with less queued, and a client that reads
+    stay. Upgrades get 503 until A has closed, then 101 again."""
+    config = _config(
+        stack, message_rate=0, max_outbound_bytes=PER_CLIENT, outbound_budget_bytes=BUDGET
+    )
+    async with Gateway(config) as gateway:
+        metrics = f"{gateway.url}/metrics"
+        fast = await session.ws_connect(_ws_url(gateway, "/control"))
+        await fast.receive(timeout=10)
+        raw_a, conn_a = await _stalled_client(gateway)
+        raw_b, conn_b = await _stalled_client(gateway)
+        try:
+            # A: at least PER_CLIENT - 2 frames, so less than PER_CLIENT after one more flood.
+            while conn_a.outbox.queued_bytes < PER_CLIENT - FRAMES_PER_FLOOD * FRAME:
+                await _flood(gateway, raw_a, conn_a)
+            # B: until the total passes the budget. Then B holds at most BUDGET - A + FRAME
+            # (< 512 KiB), A at least 576 KiB: A is the one furthest behind.
+            for _ in range(1000):
+                if _sample(gateway, "wsgate_gateway_budget_shed_total"):
+                    break
+                assert conn_a.outbox.queued_bytes + conn_b.outbox.queued_bytes <= BUDGET
+                await _flood(gateway, raw_b, conn_b)
+                await fast.send_str("still here")
+                assert (await fast.receive(timeout=10)).data == "still here"
+            assert await metric(metrics, "wsgate_gateway_budget_shed_total") == 1
+            assert (conn_a.shed, conn_b.shed) == (True, False)
+            assert conn_a.outbox.queued_bytes == 0
+            assert 0 < conn_b.outbox.queued_bytes < PER_CLIENT - FRAMES_PER_FLOOD * FRAME
+            assert await metric(metrics, "wsgate_gateway_outbound_bytes") == float(
+                conn_b.outbox.queued_bytes
+            )
+
+            # A has not taken its close frame: the gateway counts as over its budget.
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await session.ws_connect(_ws_url(gateway, "/control"))
+            assert refused.value.status == 503
+            async with session.get(f"{gateway.url}/readyz") as probe:
+                assert probe.status == 503
+            assert (
+                await metric(
+                    metrics, "wsgate_gateway_upgrades_refused_total", {"reason": "outbound_budget"}
+                )
+                == 1
+            )
+
+            # A reads now: what the sockets held, then the close frame; it answers it.
+            assert (await raw_a.read_until_close()).close_code == 1013
+            await raw_a.send_close(1000)
+
+            async def ready() -> bool:
+                async with session.get(f"{gateway.url}/readyz") as resp:
+                    return resp.status == 200
+
+            await eventually(ready, "/readyz once A is gone", timeout_s=10)
+            again = await session.ws_connect(_ws_url(gateway, "/control"))
+            assert (await again.receive(timeout=10)).data.startswith("id ")
+            await again.close()
+            await fast.send_str("still here")
+            assert (await fast.receive(timeout=10)).data == "still here"
+            assert not conn_b.shed
+        finally:
+            await raw_a.aclose()
+            await raw_b.aclose()
+            await fast.close()
+
+
+async def test_a_client_that_takes_not_even_the_close_frame_is_cut_after_the_close_timeout(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that never reads passes max_outbound_bytes and is closed with 1008; as it
+    takes not even the close frame, its TCP connection is cut after the close timeout
+    (1 s here), and the gateway forgets it.
+
+    The frames come from auto-responses, so the gateway's read loop waits for the next
+    message when the queue overflows (as when the app's sends for others overflow it).
+    The write that force_close cancelled used to leave aiohttp's wait for the socket to
+    drain cancelled: the close failed at once, nothing cut the connection, and it stayed
+    open for ever.
+    """
+    monkeypatch.setattr("gateway.server.CLOSE_TIMEOUT_S", 1.0)
+    config = _config(
+        stack,
+        message_rate=0,
+        max_outbound_bytes=64 * KIB,
+        auto_responses=json.dumps({"p": "x" * FRAME}),
+    )
+    async with Gateway(config) as gateway:
+        raw, _ = await _stalled_client(gateway)
+        try:
+            for _ in range(400):  # 12.5 MiB of answers: more than the sockets' buffers hold
+                await raw.send_frame(OP_TEXT, b"p")
+
+            async def slow() -> bool:
+                labels = {"reason": "slow_consumer"}
+                return _sample(gateway, "wsgate_gateway_drops_total", labels) > 0
+
+            await eventually(slow, "the client to be declared slow", timeout_s=20)
+
+            async def gone() -> bool:
+                return _sample(gateway, "wsgate_gateway_connections_open") == 0
+
+            await eventually(gone, "the connection to be cut", timeout_s=10)
+            assert _sample(gateway, "wsgate_gateway_closes_total", {"initiator": "gateway"}) == 1
+        finally:
+            await raw.aclose()

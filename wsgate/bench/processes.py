@@ -113,7 +113,11 @@ def running_stack(log_dir: Path, app: str = DEFAULT_APP) -> Iterator[BenchStack]
         worker = spawn("worker", argv, stdout=out, stderr=out)
         children.append(worker)
         out = logs.open("gateway")
-        argv = python_role_argv("gateway", "--nats-url", nats_url, "--port", "0", *common)
+        # No message rate limit: a benchmark's closed loops send as fast as the path answers,
+        # which is what it measures.
+        argv = python_role_argv(
+            "gateway", "--nats-url", nats_url, "--port", "0", "--message-rate", "0", *common
+        )
         gateway = spawn("gateway", argv, stdout=out, stderr=out)
         children.append(gateway)
         log.info(
