@@ -6,6 +6,10 @@ one worker serving the app, one gateway. Then prints the URL and waits. On SIGIN
 (Ctrl-C) or SIGTERM, or when any child exits, it stops them in reverse order (each gets
 SIGTERM and a grace period, then SIGKILL) and returns. Children die with it even if it is
 killed with SIGKILL (Linux' parent-death signal).
+
+The embedded nats-server listens on loopback, plaintext and without authentication, and
+the children are started without the NATS credential and TLS settings of the environment
+(``WSGATE_NATS_USER``, ``WSGATE_NATS_TLS_CA``, ...), which are for a deployed NATS.
 """
 
 from __future__ import annotations
@@ -19,10 +23,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from wsgate.config import DevConfig
+from wsgate.config import BusConfig, DevConfig, env_variables
 from wsgate.procs import Child, ChildFailed, python_role_argv, spawn, start_nats_server
 
 log = logging.getLogger("wsgate.dev")
+
+#: The environment variables of NATS credentials and TLS, which the children must not see.
+_NATS_SECURITY_ENV = frozenset(
+    env
+    for name, env in env_variables(BusConfig).items()
+    if name.startswith("nats_") and name != "nats_url"
+)
+
+
+def _children_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _NATS_SECURITY_ENV}
 
 
 class _StopRequested(BaseException):
@@ -40,6 +55,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
     data_dir.mkdir(parents=True, exist_ok=True)
     children: list[Child] = []
     status = 0
+    env = _children_env()
     with _stop_signals():
         try:
             nats = start_nats_server(data_dir / "nats", port=config.nats_port)
@@ -53,6 +69,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
                     "--db-path", str(data_dir / "state.sqlite3"),
                     "--nats-url", nats_url, *common,
                 ),
+                env=env,
             )  # fmt: skip
             children.append(state)
             worker_args = ["--nats-url", nats_url, "--state-address", state.info["address"]]
@@ -60,7 +77,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
             worker_args += ["--app", config.app, *common]
             if app_dir is not None:
                 worker_args += ["--app-dir", str(app_dir)]
-            worker = spawn("worker", python_role_argv("worker", *worker_args))
+            worker = spawn("worker", python_role_argv("worker", *worker_args), env=env)
             children.append(worker)
             gateway_args = [
                 "--nats-url",
@@ -72,7 +89,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
             ]
             if config.static_dir:
                 gateway_args += ["--static-dir", str(Path(config.static_dir).resolve())]
-            gateway = spawn("gateway", python_role_argv("gateway", *gateway_args, *common))
+            gateway = spawn("gateway", python_role_argv("gateway", *gateway_args, *common), env=env)
             children.append(gateway)
             print(f"wsgate dev: serving {config.app} at {gateway.info['url']}", flush=True)
             print(
