@@ -9,6 +9,7 @@ in the field names (``_s`` seconds, ``_bytes``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, field
@@ -28,6 +29,11 @@ DEFAULT_WORKER_PORT = 8081
 DEFAULT_STATE_PROBE_PORT = 8082
 #: The largest message size a gateway may be configured to accept (32 MiB).
 MAX_MESSAGE_LIMIT = 32 * 1024 * 1024
+
+
+def nkeys_available() -> bool:
+    """Whether nats-py can log in with an nkey seed or a .creds file (it needs ``nkeys``)."""
+    return importlib.util.find_spec("nkeys") is not None
 
 
 def setting(default: Any, env: str, help: str) -> Any:
@@ -108,6 +114,11 @@ class BusConfig:
         ):
             if path and not Path(path).is_file():
                 raise ConfigError(f"{name} ({env}): no such file {path!r}")
+        if (self.nats_nkey_seed or self.nats_creds) and not nkeys_available():
+            raise ConfigError(
+                "WSGATE_NATS_NKEY_SEED and WSGATE_NATS_CREDS need the nkeys package, which "
+                "nats-py uses to sign the server's challenge: pip install 'nats-py[nkeys]'"
+            )
 
     def _check_nats_credentials(self) -> None:
         if bool(self.nats_user) != bool(self.nats_password):

@@ -489,6 +489,7 @@ async def test_garbage_on_the_presence_subject_is_counted_and_dropped(
     assert [m.id for m in await room.connections()] == [a]
 
 
+@sqlite_only
 async def test_a_presence_for_another_gateway_is_dropped_and_counted(
     server: StateServer, room: ObjectMembers, bus: NatsClient
 ) -> None:

@@ -12,7 +12,7 @@ import pytest
 from tests.certs import Pki
 from wsgate.bus import connect_options, is_permission_violation
 from wsgate.cli import build_parser
-from wsgate.config import BusConfig, GatewayConfig, StateConfig, WorkerConfig
+from wsgate.config import BusConfig, GatewayConfig, StateConfig, WorkerConfig, nkeys_available
 from wsgate.errors import ConfigError
 
 FILE_SETTINGS = {
@@ -47,6 +47,12 @@ def test_without_settings_nothing_is_sent_but_the_identitys_inbox() -> None:
 def test_each_kind_of_credential_becomes_its_option(files: dict[str, str]) -> None:
     by_password = connect_options(BusConfig(nats_user="gw", nats_password="pw"), "worker")
     assert (by_password["user"], by_password["password"]) == ("gw", "pw")
+    if not nkeys_available():
+        # nats-py signs with the nkeys package: without it, a clear error at start.
+        for settings in ({"nats_nkey_seed": files["seed"]}, {"nats_creds": files["creds"]}):
+            with pytest.raises(ConfigError, match=r"nkeys package.*nats-py\[nkeys\]"):
+                BusConfig(**settings)
+        return
     by_seed = connect_options(BusConfig(nats_nkey_seed=files["seed"]), "worker")
     assert by_seed["nkeys_seed"] == files["seed"]
     assert "user" not in by_seed
