@@ -329,7 +329,8 @@ async def test_the_roles_serve_over_tls_with_their_own_credentials(
     """State service, worker and gateway, each with its identity's credentials and client
     certificate: a durable object's connect, events (through the queue, then straight to
     its host), an alarm answered by the worker and its broadcast by the state service, the
-    gateway's presence. Nobody is refused anything, and nobody is taken for an impostor."""
+    gateway's presence. Nobody is refused anything, and nobody is taken for an impostor;
+    requests that speak for another gateway are dropped and counted."""
     settings = secured.config("state")
     state_config = in_process_state_config(tmp_path, settings.pop("nats_url"), **settings)
     async with StateServer(state_config) as state:
@@ -352,6 +353,43 @@ async def test_the_roles_serve_over_tls_with_their_own_credentials(
                 assert await ws.receive() == "alarm set"
                 assert await ws.receive() == "alarm secured"  # state -> gateway
 
+            # Within its own subjects, a gateway's identity still cannot act for another
+            # gateway's connection, nor steer a worker's answer to someone else's subject:
+            # the worker drops such requests and counts them.
+            gw_id, other = gateway.gateway_id, "gw-a-zzzz0000"
+            event = pb.ConnectionEvent(connection_id=f"{other}_1", sequence=1, path="/room/secured")
+            event.message.text = "state"
+            own_event = pb.ConnectionEvent(connection_id=joined, sequence=9, path="/room/secured")
+            own_event.message.text = "state"
+            connect_request = pb.ConnectRequest(connection_id=f"{gw_id}_zz", path="/room/secured")
+            async with Bus(secured, "gw-a") as intruder:
+                for subject, payload, reply in (
+                    (
+                        subjects.events_subject(P, "main", gw_id),
+                        event,
+                        subjects.ack_subject(P, other, f"{other}_1", 1),
+                    ),
+                    (
+                        subjects.events_subject(P, "main", gw_id),
+                        own_event,
+                        subjects.gateway_subject(P, GW_B),
+                    ),
+                    (
+                        subjects.connect_subject(P, "main", gw_id),
+                        connect_request,
+                        f"{subjects.inbox_prefix(P, 'gateway', 'gw-b')}.steered.1",
+                    ),
+                ):
+                    await intruder.nc.publish(subject, payload.SerializeToString(), reply=reply)
+                await intruder.nc.flush()
+                assert intruder.errors == []
+            impostors = "wsgate_worker_impostor_requests_total"
+
+            async def dropped() -> bool:
+                return worker.metrics.registry.get_sample_value(impostors) == 3
+
+            await wait_until(dropped, timeout_s=10, what="the impostors dropped")
+
             state_metrics = f"http://127.0.0.1:{state.probe_port}/metrics"
 
             async def heard() -> bool:
@@ -364,9 +402,6 @@ async def test_the_roles_serve_over_tls_with_their_own_credentials(
                 ),
                 "worker violations": worker.metrics.registry.get_sample_value(
                     "wsgate_worker_nats_permission_violations_total"
-                ),
-                "worker impostors": worker.metrics.registry.get_sample_value(
-                    "wsgate_worker_impostor_requests_total"
                 ),
                 "state violations": await metric(
                     state_metrics, "wsgate_state_nats_permission_violations_total"
