@@ -127,8 +127,10 @@ class EventDelivery:
 
     @property
     def ack_wildcard(self) -> str:
-        """The subscription that receives every reply meant for this gateway."""
-        return f"{self._ack_prefix}.>"
+        """The subscription that receives every reply meant for this gateway: one token
+        for the connection id, one for the sequence (exactly what its NATS permissions
+        allow it to read)."""
+        return f"{self._ack_prefix}.*.*"
 
     def start(self) -> None:
         """Start the timeout sweep."""

@@ -112,6 +112,12 @@ class GatewayMetrics:
             "with the most bytes queued first)",
             registry=r,
         )
+        self.nats_permission_violations = Counter(
+            "wsgate_gateway_nats_permission_violations",
+            "Publishes and subscriptions NATS refused this gateway's identity (a gap in its "
+            "permissions, or the process acting beyond its role)",
+            registry=r,
+        )
         self.closes = Counter(
             "wsgate_gateway_closes",
             "Connections ended, by who started it",

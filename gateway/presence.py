@@ -1,7 +1,8 @@
 """The gateway's lease on its connections' memberships.
 
 Every ``presence_interval_s`` the gateway publishes ``wsgate.v1.GatewayPresence`` (its id
-and a lease of :data:`LEASE_INTERVALS` intervals) on ``<prefix>.presence``. The state
+and a lease of :data:`LEASE_INTERVALS` intervals) on its own presence subject,
+``<prefix>.presence.<node>.<gateway_id>`` (NATS lets its identity publish there only). The state
 service removes every member of a gateway from every object once its lease has run out
 without a renewal (the gateway died, e.g. ``kill -9``, and sent no close events), or at
 once when the gateway announces that it is leaving, which it does at the end of its
@@ -43,7 +44,7 @@ def lease_ms(interval_s: float) -> int:
 
 
 class PresenceAnnouncer:
-    """Announces one gateway on ``<prefix>.presence`` every ``interval_s``.
+    """Announces one gateway on its presence subject every ``interval_s``.
 
     :meth:`start` announces at once, then periodically; :meth:`close` stops and announces
     ``leaving`` (call it after the gateway's connections are closed and their close events
@@ -55,7 +56,7 @@ class PresenceAnnouncer:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self._nc = nc
-        self._subject = subjects.presence_subject(prefix)
+        self._subject = subjects.presence_subject(prefix, gateway_id)
         self._interval_s = interval_s
         self._alive = pb.GatewayPresence(
             gateway_id=gateway_id, lease_ms=lease_ms(interval_s)

@@ -142,11 +142,15 @@ class Gateway(Service):
     def __init__(self, config: GatewayConfig) -> None:
         super().__init__()
         self.config = config
-        self.gateway_id = ids.new_gateway_id(config.node_name or ids.node_name_from_host())
+        self.gateway_id = ids.new_gateway_id(config.node)
         self.metrics = GatewayMetrics()
         self._ids = ids.ConnectionIds(self.gateway_id)
-        self._connect_subject = subjects.connect_subject(config.prefix, config.app_name)
-        self._events_subject = subjects.events_subject(config.prefix, config.app_name)
+        self._connect_subject = subjects.connect_subject(
+            config.prefix, config.app_name, self.gateway_id
+        )
+        self._events_subject = subjects.events_subject(
+            config.prefix, config.app_name, self.gateway_id
+        )
         self._command_subject = subjects.gateway_subject(config.prefix, self.gateway_id)
         self._origins = config.origin_patterns
         self._auto_responses = config.auto_response_map
@@ -178,7 +182,9 @@ class Gateway(Service):
             self._nc = nc = await connect_bus(
                 self.config,
                 f"wsgate-gateway {self.gateway_id}",
+                role="gateway",
                 on_connection_change=self._bus_changed,
+                on_permission_violation=self.metrics.nats_permission_violations.inc,
             )
             if self.config.max_message_bytes + ENVELOPE_MARGIN_BYTES > nc.max_payload:
                 raise ConfigError(
@@ -191,7 +197,7 @@ class Gateway(Service):
                 nc,
                 events_subject=self._events_subject,
                 worker_events_subject=lambda worker: subjects.worker_subject(
-                    prefix, worker, "events"
+                    prefix, worker, "events", self.gateway_id
                 ),
                 ack_prefix=subjects.ack_prefix(self.config.prefix, self.gateway_id),
                 ack_batch_subject=subjects.ack_batch_subject(self.config.prefix, self.gateway_id),

@@ -27,8 +27,10 @@ class _StorageCollector(Collector):
         presence: Callable[[], PresenceStats | None],
         leases: Callable[[], int],
         ownership: Callable[[], Ownership | None],
+        permission_violations: Callable[[], int],
     ) -> None:
         self._ownership = ownership
+        self._permission_violations = permission_violations
         self._storage = storage
         self._locks = locks
         self._presence = presence
@@ -62,6 +64,12 @@ class _StorageCollector(Collector):
             "PostgreSQL batches run again after a deadlock or serialization failure",
             value=stats.retries,
         )
+        yield CounterMetricFamily(
+            "wsgate_state_nats_permission_violations",
+            "Publishes and subscriptions NATS refused this replica's identity (a gap in its "
+            "permissions, or the process acting beyond its role)",
+            value=self._permission_violations(),
+        )
         ownership = self._ownership()
         if ownership is not None:
             yield GaugeMetricFamily(
@@ -87,6 +95,17 @@ class _StorageCollector(Collector):
                 value=presence.announcements,
             )
             yield CounterMetricFamily(
+                "wsgate_state_presence_garbage",
+                "Unreadable gateway presence announcements dropped",
+                value=presence.garbage,
+            )
+            yield CounterMetricFamily(
+                "wsgate_state_presence_impostors",
+                "Presence announcements dropped because they named another gateway than "
+                "their subject's (a gateway speaking for another)",
+                value=presence.impostors,
+            )
+            yield CounterMetricFamily(
                 "wsgate_state_gateways_swept",
                 "Gateways whose lease ended and whose members were removed",
                 value=presence.gateways_swept,
@@ -109,10 +128,13 @@ def state_registry(
     presence: Callable[[], PresenceStats | None] = lambda: None,
     leases: Callable[[], int] = lambda: 0,
     ownership: Callable[[], Ownership | None] = lambda: None,
+    permission_violations: Callable[[], int] = lambda: 0,
 ) -> CollectorRegistry:
     """A registry exposing the storage's figures, the objects' leases, and the membership
     leases' once ``presence()`` has them (the membership part exists only once the server
     started)."""
     registry = CollectorRegistry()
-    registry.register(_StorageCollector(storage, locks, presence, leases, ownership))
+    registry.register(
+        _StorageCollector(storage, locks, presence, leases, ownership, permission_violations)
+    )
     return registry

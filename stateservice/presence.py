@@ -2,10 +2,11 @@
 
 A connection leaves its objects when the worker handles its close event (LeaveAll). A
 gateway killed with ``kill -9`` sends no close events, so its connections would stay
-members for ever. Instead every gateway announces itself on ``<prefix>.presence``
-(:class:`wsgate.v1.GatewayPresence`) every presence interval, with a lease of a few
-intervals; the state service keeps, per gateway, when its lease runs out, and removes all
-members of a gateway whose lease ran out (or that said it is leaving) from every object.
+members for ever. Instead every gateway announces itself on its own presence subject,
+``<prefix>.presence.<node>.<gateway_id>`` (:class:`wsgate.v1.GatewayPresence`), every
+presence interval, with a lease of a few intervals; the state service keeps, per
+gateway, when its lease runs out, and removes all members of a gateway whose lease ran
+out (or that said it is leaving) from every object.
 
 Rules (:class:`GatewayLeases`, pure bookkeeping with the clock passed in):
 
@@ -20,6 +21,10 @@ Rules (:class:`GatewayLeases`, pure bookkeeping with the clock passed in):
   worker) is swept at the next sweep.
 - While the state service is cut off from NATS it hears nobody, so it sweeps nobody by
   expiry; once reconnected, every lease is extended to a grace lease from then.
+- An announcement is taken only on the subject of the gateway it names: NATS lets a
+  gateway's identity publish on its own presence subjects only, so one that speaks for
+  another gateway (a fake ``leaving`` would evict that gateway's members) is an impostor's,
+  dropped and counted (``impostors``).
 
 :class:`PresenceMonitor` runs it: it subscribes, and sweeps every :func:`sweep_interval`
 (a quarter of the shortest lease heard, at most :data:`MAX_SWEEP_INTERVAL_S`), or at once
@@ -74,6 +79,8 @@ class PresenceStats:
 
     announcements: int = 0
     garbage: int = 0
+    #: Announcements naming another gateway than the subject they came on.
+    impostors: int = 0
     #: Sweeps run (whether or not anything was due).
     sweeps: int = 0
     #: Gateways whose members were removed (once per lease that ended).
@@ -213,7 +220,7 @@ class PresenceMonitor:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._nc = nc
-        self._subject = subjects.presence_subject(prefix)
+        self._subject = subjects.presence_subject(prefix, subjects.ANY)
         self._remove_members = remove_members
         self._clock = clock
         self.leases = GatewayLeases(grace_s=grace_s)
@@ -319,6 +326,14 @@ class PresenceMonitor:
         ):
             self.stats.garbage += 1
             log.warning("dropped an unreadable presence announcement (%d bytes)", len(msg.data))
+            return
+        if not subjects.sent_by(msg.subject, presence.gateway_id):
+            self.stats.impostors += 1
+            log.warning(
+                "dropped a presence announcement for gateway %s that came on %s",
+                presence.gateway_id,
+                msg.subject[:200],
+            )
             return
         self.stats.announcements += 1
         self.leases.heard(

@@ -90,6 +90,7 @@ class StateServer(Service):
                 self._presence_stats,
                 lambda: len(self.leases.table),
                 lambda: self.ownership,
+                lambda: self.nats_permission_violations,
             ),
         )
         self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"
@@ -103,6 +104,8 @@ class StateServer(Service):
         self._health: health_aio.HealthServicer | None = None
         self._port: int | None = None
         self._tls: ServerTls | None = None
+        #: Publishes and subscriptions NATS refused this replica's identity.
+        self.nats_permission_violations = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -136,7 +139,12 @@ class StateServer(Service):
                 # objects. (Over PostgreSQL leases are adopted from the table on demand:
                 # the objects a replica serves change as replicas come and go.)
                 await self.leases.load(time.monotonic())
-            self._nc = await connect_bus(self.config, "wsgate-state")
+            self._nc = await connect_bus(
+                self.config,
+                f"wsgate-state {self.replica_id}",
+                role="state",
+                on_permission_violation=self._permission_violation,
+            )
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the
             # same port must fail, not silently share the traffic.
             server = grpc.aio.server(
@@ -236,6 +244,9 @@ class StateServer(Service):
         if dropped:
             log.info("%d lease(s) moved to other replicas", dropped)
         ownership.changed(live)
+
+    def _permission_violation(self) -> None:
+        self.nats_permission_violations += 1
 
     def _presence_stats(self) -> PresenceStats | None:
         return None if self._membership is None else self._membership.presence.stats

@@ -43,7 +43,7 @@ from worker.metrics import WorkerMetrics
 from worker.state_client import StateClient
 from worker.turn_commits import TurnCommitter
 from worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind
-from wsgate import subjects
+from wsgate import ids, subjects
 from wsgate.errors import StateError, StateTimeout, StateUnavailable
 from wsgate.fanout import payload_budget
 from wsgate.v1 import envelope_pb2 as envelope
@@ -231,7 +231,9 @@ class Activations:
         if holder == self.worker_id or work.hops >= MAX_HOPS:
             await self._give_up(work, f"forwarded {work.hops} times")
             return
-        subject = subjects.worker_subject(self._prefix, holder, work.kind.value)
+        # A connect or an event keeps naming the gateway it came from (the holder checks it).
+        sender = None if work.kind is WorkKind.ALARM else ids.gateway_of(work.key)
+        subject = subjects.worker_subject(self._prefix, holder, work.kind.value, sender)
         try:
             await self._nc.publish(
                 subject,

@@ -39,6 +39,18 @@ class WorkerMetrics:
             "a closed port, ...; one outage counts once); the reason is in the log",
             registry=r,
         )
+        self.impostors = Counter(
+            "wsgate_worker_impostor_requests",
+            "Connect requests and events dropped because their connection id, subject and "
+            "reply subject do not all name the same gateway (a gateway speaking for another)",
+            registry=r,
+        )
+        self.nats_permission_violations = Counter(
+            "wsgate_worker_nats_permission_violations",
+            "Publishes and subscriptions NATS refused this worker's identity (a gap in its "
+            "permissions, or the process acting beyond its role)",
+            registry=r,
+        )
         self.gate_waits = Counter(
             "wsgate_worker_output_gate_waits",
             "Handler runs whose output had to wait at the gate for storage writes",

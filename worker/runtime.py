@@ -7,8 +7,14 @@ Workers of one app share a queue group, so each request goes to one of them.
   needs arrives in the envelope or lives in the state service.
 - **Durable object routes** run in their object's one activation
   (:mod:`worker.activations`): a request for an object hosted elsewhere is forwarded to the
-  host, on its own subjects (``<prefix>.worker.<worker_id>.connect|events|alarm``), which
-  gateways also use directly once an ack named the host.
+  host, on its own subjects (``<prefix>.worker.<node>.<worker_id>.connect|events|alarm``),
+  which gateways also use directly once an ack named the host.
+
+A connect request or an event is taken only if its subject (which names the gateway that
+sent it: NATS lets a gateway's identity publish on its own subjects only), its connection
+id and its reply subject (that gateway's inbox or ack subject) all name the same gateway.
+Anything else is a gateway speaking for another's connections, or steering the answer to
+someone else's subject: dropped and counted (``wsgate_worker_impostor_requests_total``).
 
 Every handler runs in a Task of its own, so ``asyncio.timeout``, ``wait_for``, TaskGroups
 and cancellation inside it behave as in any asyncio program. At most
@@ -113,7 +119,7 @@ class Worker(Service):
         super().__init__()
         self.config = config
         self.app = app
-        self.worker_id = ids.new_worker_id()
+        self.worker_id = ids.new_worker_id(config.node)
         self._failpoints = Failpoints.parse(config.failpoints)
         self.metrics = WorkerMetrics()
         self._state = StateClient(
@@ -153,7 +159,12 @@ class Worker(Service):
         try:
             await self._probes.start()
             await self._state.start()
-            self._nc = nc = await connect_bus(config, f"wsgate-worker {self.worker_id}")
+            self._nc = nc = await connect_bus(
+                config,
+                f"wsgate-worker {self.worker_id}",
+                role="worker",
+                on_permission_violation=self.metrics.nats_permission_violations.inc,
+            )
             # State replicas announce themselves on the bus: route each call to the owner
             # of its object (until one is heard, to config.state_address).
             self._replicas = ReplicaWatch(
@@ -184,12 +195,13 @@ class Worker(Service):
             await self._activations.start()
             queue = subjects.worker_queue(config.app_name)
             own = subjects.worker_subject
+            prefix, app, anyone = config.prefix, config.app_name, subjects.ANY
             for subject, group, handler in (
-                (subjects.connect_subject(config.prefix, config.app_name), queue, self._connect),
-                (subjects.events_subject(config.prefix, config.app_name), queue, self._event),
+                (subjects.connect_subject(prefix, app, anyone), queue, self._connect),
+                (subjects.events_subject(prefix, app, anyone), queue, self._event),
                 # What gateways and other workers send to this worker, the host of objects.
-                (own(config.prefix, self.worker_id, "connect"), "", self._connect),
-                (own(config.prefix, self.worker_id, "events"), "", self._event),
+                (own(prefix, self.worker_id, "connect", anyone), "", self._connect),
+                (own(prefix, self.worker_id, "events", anyone), "", self._event),
             ):
                 self._subscriptions.append(
                     await nc.subscribe(subject, queue=group, cb=self._spawner(handler))
@@ -315,10 +327,14 @@ class Worker(Service):
     async def _connect(self, msg: Msg) -> None:
         try:
             request = pb.ConnectRequest.FromString(msg.data)
-            ids.gateway_of(request.connection_id)
+            gateway_id = ids.gateway_of(request.connection_id)
         except (DecodeError, InvalidConnectionId):
             self.metrics.garbage.inc()
             log.warning("dropped an unreadable connect request (%d bytes)", len(msg.data))
+            return
+        inbox = subjects.inbox_prefix(self.config.prefix, "gateway", ids.node_of(gateway_id))
+        if not (subjects.sent_by(msg.subject, gateway_id) and msg.reply.startswith(f"{inbox}.")):
+            self._impostor("connect request", request.connection_id, msg)
             return
         resolved = self.app.resolve(request.path)
         connect: ConnectRequest | None = None
@@ -425,15 +441,25 @@ class Worker(Service):
             raise HandlerCancelled("the handler was cancelled") from None
 
     async def _event(self, msg: Msg) -> None:
+        gateway_id = ""
         try:
             event = pb.ConnectionEvent.FromString(msg.data)
-            ids.gateway_of(event.connection_id)
+            gateway_id = ids.gateway_of(event.connection_id)
         except (DecodeError, InvalidConnectionId):
             event = None
         kind = event.WhichOneof("kind") if event is not None else None
         if event is None or kind is None or not msg.reply:
             self.metrics.garbage.inc()
             log.warning("dropped an unreadable event (%d bytes)", len(msg.data))
+            return
+        if not (
+            subjects.sent_by(msg.subject, gateway_id)
+            and msg.reply
+            == subjects.ack_subject(
+                self.config.prefix, gateway_id, event.connection_id, event.sequence
+            )
+        ):
+            self._impostor("event", event.connection_id, msg)
             return
         (self.metrics.message_events if kind == "message" else self.metrics.closed_events).inc()
         if event.redelivered:
@@ -460,7 +486,17 @@ class Worker(Service):
         finally:
             self._running.pop(key, None)
             self.metrics.handler_seconds.observe(time.perf_counter() - started)
-        self._queue_ack(ids.gateway_of(event.connection_id), ack)
+        self._queue_ack(gateway_id, ack)
+
+    def _impostor(self, what: str, connection_id: str, msg: Msg) -> None:
+        self.metrics.impostors.inc()
+        log.warning(
+            "dropped a %s for %s that came on %s with reply subject %s",
+            what,
+            connection_id,
+            msg.subject[:200],
+            msg.reply[:200],
+        )
 
     def _queue_ack(self, gateway_id: str, ack: pb.EventAck) -> None:
         """Final acks leave in one AckBatch per gateway at the end of this turn of the event

@@ -1,39 +1,118 @@
-"""Connecting to NATS, the bus between the roles, the same way in every role."""
+"""Connecting to NATS, the bus between the roles, the same way in every role.
+
+Every NATS connection of every role is opened by :func:`connect_bus`, with the options
+:func:`connect_options` makes of the role's :class:`~wsgate.config.BusConfig`:
+
+- **Credentials**, one kind: a user and password, an nkey seed file (``nkeys_seed``) or a
+  ``.creds`` file (``user_credentials``); none for a server without authentication.
+- **TLS**, once a CA or a client certificate is set: an ``ssl.SSLContext`` that trusts the
+  CA (or the system's CAs) and presents the client certificate, if any. The client starts
+  TLS before the server speaks (``tls_handshake_first``; the server needs
+  ``tls { handshake_first }``): nats-py otherwise upgrades only when the server's first
+  words ask for TLS, so a server or a man in the middle that does not ask would get the
+  password in the clear.
+- **Request inboxes** of the role's own identity (``inbox_prefix``,
+  :func:`wsgate.subjects.inbox_prefix`): the replies to its requests arrive on subjects
+  that NATS permissions let only that identity read.
+
+A permission violation the server reports (a publish or a subscription the identity's
+permissions do not allow) is logged and counted by the role (``on_permission_violation``):
+it is a misconfiguration or an attack, never part of normal operation.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 
+from wsgate import subjects
 from wsgate.config import BusConfig
 from wsgate.errors import BusUnavailable
 
 log = logging.getLogger(__name__)
+
+#: What nats-py puts in the error it reports for a refusal by the server's permissions
+#: (its parser lower-cases the server's ``-ERR 'Permissions Violation for ...'``).
+PERMISSION_VIOLATION = "permissions violation"
+
+
+def tls_context(config: BusConfig) -> ssl.SSLContext | None:
+    """The client-side TLS context for NATS, or None when TLS is off. Verifies the server's
+    certificate and host name against ``nats_tls_ca`` (the system's CAs if empty) and
+    presents ``nats_tls_cert`` when set. Raises OSError or ssl.SSLError for unreadable
+    files (ConfigError has checked that they exist)."""
+    if not config.nats_tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=config.nats_tls_ca or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if config.nats_tls_cert:
+        context.load_cert_chain(config.nats_tls_cert, config.nats_tls_key)
+    return context
+
+
+def connect_options(config: BusConfig, role: str) -> dict[str, Any]:
+    """The nats-py ``connect()`` options of ``config``'s credentials, TLS and the request
+    inboxes of ``role`` (``gateway``, ``worker`` or ``state``) under its identity (the node
+    name). Pure but for reading the TLS files."""
+    options: dict[str, Any] = {
+        "servers": config.nats_servers,
+        "inbox_prefix": subjects.inbox_prefix(config.prefix, role, config.node),
+    }
+    if config.nats_user:
+        options["user"] = config.nats_user
+        options["password"] = config.nats_password
+    if config.nats_nkey_seed:
+        options["nkeys_seed"] = config.nats_nkey_seed
+    if config.nats_creds:
+        options["user_credentials"] = config.nats_creds
+    context = tls_context(config)
+    if context is not None:
+        options["tls"] = context
+        options["tls_handshake_first"] = True
+    return options
+
+
+def is_permission_violation(exc: BaseException) -> bool:
+    """Whether nats-py's error ``exc`` is the server refusing a publish or a subscription."""
+    return PERMISSION_VIOLATION in str(exc).lower()
 
 
 async def connect_bus(
     config: BusConfig,
     name: str,
     *,
+    role: str,
     wait_s: float = 10.0,
     on_connection_change: Callable[[bool], None] | None = None,
+    on_permission_violation: Callable[[], None] | None = None,
 ) -> NatsClient:
-    """Connect to NATS as ``name`` (shown by the server's monitoring).
+    """Connect to NATS as ``name`` (shown by the server's monitoring), a process of
+    ``role`` (its request inboxes, see :func:`connect_options`).
 
     Keeps trying for ``wait_s`` seconds, then raises BusUnavailable, so a role that cannot
     reach the bus fails at start, visibly, and its supervisor restarts it. Once connected
     the client reconnects forever and buffers what is published meanwhile;
-    ``on_connection_change(False)`` / ``(True)`` report each loss and recovery.
+    ``on_connection_change(False)`` / ``(True)`` report each loss and recovery, and
+    ``on_permission_violation()`` each publish or subscription the server refused.
     """
     nc = NatsClient()
     notify = on_connection_change or (lambda connected: None)
+    refused = on_permission_violation or (lambda: None)
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        if is_permission_violation(exc):
+            # The server drops the message (or refuses the subscription) and carries on:
+            # a gap in the identity's permissions, or a process acting beyond its role.
+            refused()
+            log.error("nats refused this identity: %s", exc)
+        else:
+            log.warning("nats: %s", exc)
 
     async def on_disconnected() -> None:
         notify(False)
@@ -49,7 +128,7 @@ async def connect_bus(
     try:
         async with asyncio.timeout(wait_s):
             await nc.connect(
-                servers=config.nats_servers,
+                **connect_options(config, role),
                 name=name,
                 error_cb=on_error,
                 disconnected_cb=on_disconnected,

@@ -1,5 +1,6 @@
 """The ``wsgate`` command: ``dev``, ``gateway``, ``worker``, ``state`` (and ``bench``,
-see :mod:`wsgate.bench`).
+see :mod:`wsgate.bench`; ``nats-auth``, which writes the NATS users and permissions of
+the roles, see :mod:`wsgate.nats_permissions`).
 
 ``wsgate state`` serves; ``wsgate state migrate``, ``backup PATH`` and ``restore PATH`` are
 administrative actions on its database, done by :mod:`stateservice.admin` (dispatched here).
@@ -27,7 +28,7 @@ from typing import Any
 
 from wsgate import __version__
 from wsgate.bench import add_bench_parser, run_bench
-from wsgate.config import DevConfig, GatewayConfig, StateConfig, WorkerConfig
+from wsgate.config import DEFAULT_PREFIX, DevConfig, GatewayConfig, StateConfig, WorkerConfig
 from wsgate.errors import ConfigError, WsgateError
 from wsgate.readiness import notify_ready
 
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.role == "bench":
         return run_bench(args)
+    if args.role == NATS_AUTH:
+        return _run_nats_auth(args, parser)
     action = getattr(args, "action", None)
     config_type, _ = _ROLES[args.role]
     try:
@@ -105,7 +108,63 @@ def build_parser(environ: typing.Mapping[str, str]) -> argparse.ArgumentParser:
         if role == "state":
             _add_state_actions(p, environ)
     add_bench_parser(sub)
+    _add_nats_auth_parser(sub, environ)
     return parser
+
+
+#: The command that writes nats-server's authorization block.
+NATS_AUTH = "nats-auth"
+
+
+def _add_nats_auth_parser(sub: Any, environ: typing.Mapping[str, str]) -> None:
+    help_text = "write nats-server's users and permissions of the roles (an authorization block)"
+    p = sub.add_parser(
+        NATS_AUTH,
+        help=help_text,
+        description=help_text + ": one user per identity (a node name, WSGATE_NODE_NAME), "
+        "allowed only the subjects its role needs. deploy/k8s/base/nats/authorization.conf "
+        "is its output for the Kubernetes manifests.",
+    )
+    p.add_argument(
+        "--prefix",
+        default=environ.get("WSGATE_PREFIX", DEFAULT_PREFIX),
+        help=f"subject prefix [WSGATE_PREFIX, default: {DEFAULT_PREFIX}]",
+    )
+    for role in ("gateway", "worker", "state"):
+        p.add_argument(
+            f"--{role}",
+            metavar="NODE",
+            action="append",
+            default=None,
+            help=f"a {role} identity (its WSGATE_NODE_NAME); repeat for several (default: {role})",
+        )
+    p.add_argument(
+        "--output", metavar="PATH", default="", help="write the block to PATH (default: stdout)"
+    )
+
+
+def _run_nats_auth(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from wsgate.nats_permissions import Identity, render_authorization
+
+    identities = [
+        Identity(role, node)
+        for role in ("gateway", "worker", "state")
+        for node in (getattr(args, role) or [role])
+    ]
+    words = [f"wsgate {NATS_AUTH}"]
+    if args.prefix != DEFAULT_PREFIX:
+        words.append(f"--prefix {args.prefix}")
+    words += [f"--{i.role} {i.node}" for i in identities if i.node != i.role]
+    command = " ".join(words)
+    try:
+        text = render_authorization(args.prefix, identities, command=command)
+    except ConfigError as exc:
+        parser.exit(2, f"wsgate {NATS_AUTH}: {exc}\n")
+    if args.output:
+        Path(args.output).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 #: ``wsgate state``'s actions; serving is the default (no action).

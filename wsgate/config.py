@@ -11,6 +11,7 @@ are in the field names (``_s`` seconds, ``_bytes``).
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import math
 import re
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from wsgate.errors import ConfigError
 
@@ -36,6 +38,11 @@ DEFAULT_STATE_PROBE_PORT = 8082
 MAX_MESSAGE_LIMIT = 32 * 1024 * 1024
 
 
+def nkeys_available() -> bool:
+    """Whether nats-py can log in with an nkey seed or a .creds file (it needs ``nkeys``)."""
+    return importlib.util.find_spec("nkeys") is not None
+
+
 def setting(default: Any, env: str, help: str) -> Any:
     """A config field with its environment variable and help text."""
     return field(default=default, metadata={"env": env, "help": help})
@@ -50,19 +57,112 @@ class BusConfig:
     )
     prefix: str = setting(DEFAULT_PREFIX, "WSGATE_PREFIX", "subject prefix (dot-separated tokens)")
     app_name: str = setting(DEFAULT_APP_NAME, "WSGATE_APP_NAME", "the app's name in subjects")
+    node_name: str = setting(
+        "",
+        "WSGATE_NODE_NAME",
+        "this process's node name: the first part of a gateway's or worker's id, and its "
+        "identity on NATS (its own subjects and request inboxes carry it; the NATS "
+        "permissions of its credentials must name it); default: the host name",
+    )
+    # NATS credentials: one kind at most (a user and password, an nkey seed, or a .creds
+    # file); none for a server without authentication (wsgate dev).
+    nats_user: str = setting("", "WSGATE_NATS_USER", "NATS user name (with WSGATE_NATS_PASSWORD)")
+    nats_password: str = setting(
+        "",
+        "WSGATE_NATS_PASSWORD",
+        "NATS password (set it in the environment, not as a flag: flags show in ps)",
+    )
+    nats_nkey_seed: str = setting(
+        "", "WSGATE_NATS_NKEY_SEED", "path of a file holding this identity's NATS nkey seed"
+    )
+    nats_creds: str = setting(
+        "", "WSGATE_NATS_CREDS", "path of this identity's NATS .creds file (a user JWT and seed)"
+    )
+    # TLS to NATS: on once a CA or a client certificate is set. The client then starts TLS
+    # before NATS says anything (the server needs tls { handshake_first }), so it never
+    # speaks plaintext to a server, or a man in the middle, that does not offer TLS.
+    nats_tls_ca: str = setting(
+        "",
+        "WSGATE_NATS_TLS_CA",
+        "PEM file of the CA(s) that sign the NATS servers' certificates (turns TLS on; "
+        "empty with a client certificate: the system's CAs)",
+    )
+    nats_tls_cert: str = setting(
+        "",
+        "WSGATE_NATS_TLS_CERT",
+        "PEM client certificate (chain) for NATS (mutual TLS; with WSGATE_NATS_TLS_KEY)",
+    )
+    nats_tls_key: str = setting(
+        "", "WSGATE_NATS_TLS_KEY", "PEM private key of WSGATE_NATS_TLS_CERT"
+    )
 
     def __post_init__(self) -> None:
         # Checked here rather than on use so a bad setting stops the process at start.
+        from wsgate.ids import validate_node_name
         from wsgate.subjects import validate_prefix
 
         validate_prefix(self.prefix)
         if not self.nats_url.strip():
             raise ConfigError("nats_url (WSGATE_NATS_URL) must not be empty")
+        if self.node_name:
+            validate_node_name(self.node_name)
+        self._check_nats_credentials()
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            raise ConfigError(
+                "nats_tls_cert (WSGATE_NATS_TLS_CERT) and nats_tls_key (WSGATE_NATS_TLS_KEY) "
+                "go together: set both or neither"
+            )
+        for name, env, path in (
+            ("nats_nkey_seed", "WSGATE_NATS_NKEY_SEED", self.nats_nkey_seed),
+            ("nats_creds", "WSGATE_NATS_CREDS", self.nats_creds),
+            ("nats_tls_ca", "WSGATE_NATS_TLS_CA", self.nats_tls_ca),
+            ("nats_tls_cert", "WSGATE_NATS_TLS_CERT", self.nats_tls_cert),
+            ("nats_tls_key", "WSGATE_NATS_TLS_KEY", self.nats_tls_key),
+        ):
+            if path and not Path(path).is_file():
+                raise ConfigError(f"{name} ({env}): no such file {path!r}")
+        if (self.nats_nkey_seed or self.nats_creds) and not nkeys_available():
+            raise ConfigError(
+                "WSGATE_NATS_NKEY_SEED and WSGATE_NATS_CREDS need the nkeys package, which "
+                "nats-py uses to sign the server's challenge: pip install 'nats-py[nkeys]'"
+            )
+
+    def _check_nats_credentials(self) -> None:
+        if bool(self.nats_user) != bool(self.nats_password):
+            raise ConfigError(
+                "nats_user (WSGATE_NATS_USER) and nats_password (WSGATE_NATS_PASSWORD) go "
+                "together: set both or neither"
+            )
+        in_url = any(urlsplit(u).username is not None for u in self.nats_servers)
+        kinds = [
+            env
+            for env, used in (
+                ("WSGATE_NATS_USER/WSGATE_NATS_PASSWORD", bool(self.nats_user)),
+                ("WSGATE_NATS_NKEY_SEED", bool(self.nats_nkey_seed)),
+                ("WSGATE_NATS_CREDS", bool(self.nats_creds)),
+                ("credentials in WSGATE_NATS_URL", in_url),
+            )
+            if used
+        ]
+        if len(kinds) > 1:
+            raise ConfigError(f"NATS credentials: set one kind at most, got {' and '.join(kinds)}")
 
     @property
     def nats_servers(self) -> list[str]:
         """``nats_url`` split into the list nats-py takes."""
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
+
+    @property
+    def node(self) -> str:
+        """The node name in use: ``node_name``, else one made from the host name."""
+        from wsgate.ids import node_name_from_host
+
+        return self.node_name or node_name_from_host()
+
+    @property
+    def nats_tls(self) -> bool:
+        """Whether NATS is reached over TLS (a CA or a client certificate is set)."""
+        return bool(self.nats_tls_ca or self.nats_tls_cert)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,9 +171,6 @@ class GatewayConfig(BusConfig):
 
     host: str = setting("127.0.0.1", "WSGATE_HOST", "address to listen on")
     port: int = setting(DEFAULT_GATEWAY_PORT, "WSGATE_GATEWAY_PORT", "HTTP port (0: any free port)")
-    node_name: str = setting(
-        "", "WSGATE_NODE_NAME", "this gateway's name, part of its id (default: the host name)"
-    )
     connect_timeout_s: float = setting(
         5.0, "WSGATE_CONNECT_TIMEOUT_S", "how long the app may take to decide on an upgrade"
     )

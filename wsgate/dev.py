@@ -7,8 +7,10 @@ one worker serving the app, one gateway. Then prints the URL and waits. On SIGIN
 SIGTERM and a grace period, then SIGKILL) and returns. Children die with it even if it is
 killed with SIGKILL (Linux' parent-death signal).
 
-Everything talks over loopback in plaintext: the state service's gRPC TLS settings
-(``WSGATE_TLS_*``, ``WSGATE_STATE_TLS_*``) exported in the shell do not reach its roles.
+Everything talks over loopback in plaintext, without authentication: the children
+are started without the NATS credential and TLS settings of the environment
+(``WSGATE_NATS_USER``, ``WSGATE_NATS_TLS_CA``, ...) and without the state gRPC's TLS
+settings (``WSGATE_TLS_*``, ``WSGATE_STATE_TLS_*``), which are for a deployed cluster.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from types import FrameType
 
-from wsgate.config import DevConfig
+from wsgate.config import BusConfig, DevConfig, env_variables
 from wsgate.procs import Child, ChildFailed, python_role_argv, spawn, start_nats_server
 
 log = logging.getLogger("wsgate.dev")
@@ -46,6 +48,19 @@ def plaintext_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in environ.items() if name not in GRPC_TLS_VARIABLES}
 
 
+#: The environment variables of NATS credentials and TLS, which the children must not see.
+_NATS_SECURITY_ENV = frozenset(
+    env
+    for name, env in env_variables(BusConfig).items()
+    if name.startswith("nats_") and name != "nats_url"
+)
+
+
+def _children_env() -> dict[str, str]:
+    """The environment of dev's roles: plaintext gRPC, and NATS without credentials."""
+    return {k: v for k, v in plaintext_env(os.environ).items() if k not in _NATS_SECURITY_ENV}
+
+
 class _StopRequested(BaseException):
     """Raised from the signal handler to interrupt whatever the supervisor is waiting on."""
 
@@ -61,6 +76,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
     data_dir.mkdir(parents=True, exist_ok=True)
     children: list[Child] = []
     status = 0
+    env = _children_env()
     with _stop_signals():
         try:
             nats = start_nats_server(data_dir / "nats", port=config.nats_port)
@@ -74,7 +90,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
                     "--db-path", str(data_dir / "state.sqlite3"),
                     "--nats-url", nats_url, *common,
                 ),
-                env=plaintext_env(os.environ),
+                env=env,
             )  # fmt: skip
             children.append(state)
             worker_args = ["--nats-url", nats_url, "--state-address", state.info["address"]]
@@ -82,9 +98,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
             worker_args += ["--app", config.app, *common]
             if app_dir is not None:
                 worker_args += ["--app-dir", str(app_dir)]
-            worker = spawn(
-                "worker", python_role_argv("worker", *worker_args), env=plaintext_env(os.environ)
-            )
+            worker = spawn("worker", python_role_argv("worker", *worker_args), env=env)
             children.append(worker)
             gateway_args = [
                 "--nats-url",
@@ -101,7 +115,7 @@ def run_dev(config: DevConfig, *, app_dir: Path | None = None, log_level: str = 
             ]
             if config.static_dir:
                 gateway_args += ["--static-dir", str(Path(config.static_dir).resolve())]
-            gateway = spawn("gateway", python_role_argv("gateway", *gateway_args, *common))
+            gateway = spawn("gateway", python_role_argv("gateway", *gateway_args, *common), env=env)
             children.append(gateway)
             print(f"wsgate dev: serving {config.app} at {gateway.info['url']}", flush=True)
             print(

@@ -7,6 +7,10 @@ counting up in base 36. Both are single NATS tokens (``[a-z0-9-]`` and one ``_``
 a connection id names its gateway, so anyone can address the owning gateway's command
 subject without a lookup. A worker id has the gateway id's form; it names the worker's
 own subjects, where the events of the durable objects it hosts are sent.
+
+The node part of a gateway or worker id is also the process's identity on NATS: its own
+subjects carry it as a token of its own (``wsgate.subjects``), so NATS permissions, which
+wildcard whole tokens only, can give each identity its own subjects and nobody else's.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from wsgate.errors import ConfigError, InvalidConnectionId
 
 _BOOT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _NODE_MAX = 40
+_BOOT_CHARS = 8
 _GATEWAY_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?-[a-z0-9]{8}$")
 _SERIAL = re.compile(r"[0-9a-z]+")
 
@@ -31,8 +36,9 @@ def node_name_from_host(hostname: str | None = None) -> str:
     return name or "gateway"
 
 
-def new_gateway_id(node_name: str) -> str:
-    """A fresh gateway id for ``node_name``; raises ConfigError for an unusable name."""
+def validate_node_name(node_name: str) -> str:
+    """Check a node name (a DNS label of at most 40 characters); returns it, or raises
+    ConfigError naming WSGATE_NODE_NAME."""
     if (
         not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", node_name)
         or len(node_name) > _NODE_MAX
@@ -41,7 +47,13 @@ def new_gateway_id(node_name: str) -> str:
             f"node name (WSGATE_NODE_NAME) {node_name!r} must be 1-{_NODE_MAX} characters of "
             "a-z, 0-9 and '-', not starting or ending with '-'"
         )
-    boot = "".join(secrets.choice(_BOOT_ALPHABET) for _ in range(8))
+    return node_name
+
+
+def new_gateway_id(node_name: str) -> str:
+    """A fresh gateway id for ``node_name``; raises ConfigError for an unusable name."""
+    validate_node_name(node_name)
+    boot = "".join(secrets.choice(_BOOT_ALPHABET) for _ in range(_BOOT_CHARS))
     return f"{node_name}-{boot}"
 
 
@@ -49,6 +61,13 @@ def new_worker_id(node_name: str | None = None) -> str:
     """A fresh worker id: ``<node>-<boot>`` as a gateway's (the host name by default), so a
     restarted worker is a new worker: leases it held before are never taken for its own."""
     return new_gateway_id(node_name or node_name_from_host())
+
+
+def node_of(an_id: str) -> str:
+    """The node name a gateway or worker id starts with (its NATS identity): the id
+    without its ``-<boot>`` tail. Cheap and unchecked: ``an_id`` must have the id's form
+    (check it first where it comes from outside)."""
+    return an_id[: -(_BOOT_CHARS + 1)]
 
 
 def is_worker_id(value: str) -> bool:

@@ -199,17 +199,22 @@ def start_nats_server(
     stdout: IO[Any] | int | None = None,
     stderr: IO[Any] | int | None = None,
     ready_timeout_s: float = 15.0,
+    extra_config: str = "",
+    env: Mapping[str, str] | None = None,
 ) -> Child:
     """Start nats-server listening on ``host:port`` (0: any free port) and wait for it.
 
-    Readiness is the ports file nats-server writes once its listeners are up; the URL it
-    names is in ``child.info["url"]``. Raises ChildFailed.
+    ``extra_config`` is appended to its configuration file (in ``work_dir``, so an
+    ``include`` is relative to it), and ``env`` (default: this process's) is the
+    environment its ``$VARIABLE`` references read: e.g. TLS and users for tests of NATS
+    security. Readiness is the ports file nats-server writes once its listeners are up;
+    the URL it names is in ``child.info["url"]``. Raises ChildFailed.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     ports_dir = work_dir / "ports"
     ports_dir.mkdir(exist_ok=True)
     config_file = work_dir / "nats.conf"
-    config_file.write_text(f"max_payload: {DEV_NATS_MAX_PAYLOAD_BYTES}\n")
+    config_file.write_text(f"max_payload: {DEV_NATS_MAX_PAYLOAD_BYTES}\n{extra_config}")
     argv = [
         str(find_nats_server()),
         "-c", str(config_file),
@@ -219,6 +224,7 @@ def start_nats_server(
     ]  # fmt: skip
     process = subprocess.Popen(
         argv,
+        env=env,
         stdin=subprocess.DEVNULL,
         stdout=stdout,
         stderr=stderr,

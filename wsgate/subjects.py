@@ -1,12 +1,34 @@
 """NATS subjects, and the encoding of user strings into subject tokens.
 
-Subjects (``<prefix>`` defaults to ``wsgate`` and may itself hold several tokens)::
+Subjects (``<prefix>`` defaults to ``wsgate`` and may itself hold several tokens; ``<gw>``
+stands for a gateway's two tokens ``<node>.<gateway_id>``, ``<w>`` for a worker's
+``<node>.<worker_id>``)::
 
-    <prefix>.connect.<app>      connect requests, request/reply, workers in one queue group
-    <prefix>.events.<app>       connection events, request/reply, workers in one queue group
-    <prefix>.gw.<gateway_id>    commands for one gateway
-    <prefix>.presence           gateways' membership leases, heard by state services
-    <prefix>.alarm.<namespace>  alarm events, request/reply, worker queue group
+    <prefix>.connect.<app>.<gw>          connect requests, request/reply, workers' queue group
+    <prefix>.events.<app>.<gw>           connection events (reply: the ack subject)
+    <prefix>.gw.<gw>                     commands for one gateway
+    <prefix>.ack.<gw>.<connection>.<seq> replies to one event: progress, retry, no responders
+    <prefix>.acks.<gw>                   batches of final acks for one gateway
+    <prefix>.presence.<gw>               one gateway's membership lease, heard by state services
+    <prefix>.worker.<w>.connect.<gw>     the same connect and events, for the worker that
+    <prefix>.worker.<w>.events.<gw>        hosts their durable object (no queue group)
+    <prefix>.worker.<w>.alarm            alarms for the worker that hosts their object
+    <prefix>.alarm.<namespace>           alarm events, request/reply, worker queue group
+    <prefix>.state.replicas              state replicas' announcements
+    <prefix>.inbox.<role>.<node>.>       request inboxes (replies) of one role and identity
+
+**Identities.** The node part of a gateway or worker id (``wsgate.ids``) is its identity on
+NATS, and every subject that belongs to one gateway or worker carries that node as a token
+of its own, before the id. NATS permissions wildcard whole tokens only, so this is what
+lets ``wsgate.nats_permissions`` give a gateway identity ``<prefix>.gw.<node>.*`` and no
+other gateway's commands. Subjects a gateway publishes on (connect, events, presence)
+carry the sender's tokens too, so a receiver can tell which gateway sent a message
+(:func:`sent_by`) and drop one that speaks for another gateway's connections.
+
+**Patterns.** Every function here also builds the subscription and permission patterns
+of its subjects: pass :data:`ANY` (one token: ``*``) for a name, or ``any_id_of(node)`` for
+"any gateway or worker id of this identity". Nothing else makes a :class:`Wildcard`: user
+strings are plain ``str`` and always encoded, so they can never become one.
 
 User strings (app names, room names, tags, paths) never become tokens unencoded:
 :func:`encode_token` maps every string to a non-empty token of ``[A-Za-z0-9_~-]`` with no
@@ -20,6 +42,7 @@ import hashlib
 import re
 
 from wsgate.errors import ConfigError, InvalidToken
+from wsgate.ids import node_of, validate_node_name
 
 #: Characters kept as they are; everything else is escaped as ``_XX`` per UTF-8 byte.
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
@@ -107,19 +130,63 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
-def connect_subject(prefix: str, app_name: str) -> str:
-    """Where gateways send connect requests for ``app_name``."""
-    return f"{prefix}.connect.{encode_token(app_name)}"
+class Wildcard(str):
+    """A NATS wildcard standing where a subject function takes a name or an id: in
+    subscriptions and permission patterns only. ``identity`` is the node an
+    :func:`any_id_of` pattern keeps (``*``: any)."""
+
+    identity: str = "*"
 
 
-def events_subject(prefix: str, app_name: str) -> str:
-    """Where gateways send connection events for ``app_name``."""
-    return f"{prefix}.events.{encode_token(app_name)}"
+#: One token, whatever it is: ``*``.
+ANY = Wildcard("*")
+
+
+def any_id_of(identity: str) -> Wildcard:
+    """Any gateway or worker id of one identity (node name), where a function takes an id:
+    its subjects become ``<node>.*``. Raises ConfigError for an unusable node name."""
+    pattern = Wildcard("*")
+    pattern.identity = validate_node_name(identity)
+    return pattern
+
+
+def _token(name: str) -> str:
+    return name if isinstance(name, Wildcard) else encode_token(name)
+
+
+def _owner(an_id: str) -> str:
+    """The two tokens ``<node>.<id>`` that name a gateway or worker in its own subjects."""
+    if isinstance(an_id, Wildcard):
+        return f"{an_id.identity}.*"
+    return f"{node_of(an_id)}.{an_id}"
+
+
+def under(subject_prefix: str) -> str:
+    """Every subject below ``subject_prefix``: ``<subject_prefix>.>``."""
+    return f"{subject_prefix}.>"
+
+
+def sent_by(subject: str, gateway_id: str) -> bool:
+    """Whether ``subject`` (a connect, events or presence subject, or a worker's connect or
+    events subject) is one that gateway ``gateway_id`` sends on: it ends with that
+    gateway's own tokens. NATS lets a gateway publish only under its own identity, so a
+    message whose content names another gateway than this is an impostor's."""
+    return subject.endswith(f".{_owner(gateway_id)}")
+
+
+def connect_subject(prefix: str, app_name: str, gateway_id: str) -> str:
+    """Where gateway ``gateway_id`` sends connect requests for ``app_name``."""
+    return f"{prefix}.connect.{_token(app_name)}.{_owner(gateway_id)}"
+
+
+def events_subject(prefix: str, app_name: str, gateway_id: str) -> str:
+    """Where gateway ``gateway_id`` sends connection events for ``app_name``."""
+    return f"{prefix}.events.{_token(app_name)}.{_owner(gateway_id)}"
 
 
 def gateway_subject(prefix: str, gateway_id: str) -> str:
     """Where commands for one gateway go. ``gateway_id`` is already a safe token."""
-    return f"{prefix}.gw.{gateway_id}"
+    return f"{prefix}.gw.{_owner(gateway_id)}"
 
 
 def worker_queue(app_name: str) -> str:
@@ -129,17 +196,23 @@ def worker_queue(app_name: str) -> str:
 
 def ack_prefix(prefix: str, gateway_id: str) -> str:
     """Replies to one gateway's events go to ``<this>.<connection_id>.<sequence>``."""
-    return f"{prefix}.ack.{gateway_id}"
+    return f"{prefix}.ack.{_owner(gateway_id)}"
+
+
+def ack_subject(prefix: str, gateway_id: str, connection_id: str, sequence: int | str) -> str:
+    """The reply subject of one event: its progress acks, a retry, NATS' no-responders
+    status. ``connection_id`` is already a safe token."""
+    return f"{ack_prefix(prefix, gateway_id)}.{connection_id}.{sequence}"
 
 
 def ack_batch_subject(prefix: str, gateway_id: str) -> str:
     """Where workers publish batches of final acks for one gateway."""
-    return f"{prefix}.acks.{gateway_id}"
+    return f"{prefix}.acks.{_owner(gateway_id)}"
 
 
-def presence_subject(prefix: str) -> str:
-    """Where gateways announce that they are alive (their membership leases)."""
-    return f"{prefix}.presence"
+def presence_subject(prefix: str, gateway_id: str) -> str:
+    """Where a gateway announces that it is alive (its membership lease)."""
+    return f"{prefix}.presence.{_owner(gateway_id)}"
 
 
 def replicas_subject(prefix: str) -> str:
@@ -149,7 +222,7 @@ def replicas_subject(prefix: str) -> str:
 
 def alarm_subject(prefix: str, namespace: str) -> str:
     """Where the state service sends the alarms of objects in ``namespace``."""
-    return f"{prefix}.alarm.{encode_token(namespace)}"
+    return f"{prefix}.alarm.{_token(namespace)}"
 
 
 def alarm_queue(namespace: str) -> str:
@@ -161,9 +234,28 @@ def alarm_queue(namespace: str) -> str:
 WORKER_SUBJECT_KINDS = ("connect", "events", "alarm")
 
 
-def worker_subject(prefix: str, worker_id: str, kind: str) -> str:
+def worker_subject(prefix: str, worker_id: str, kind: str, gateway_id: str | None = None) -> str:
     """Where messages of ``kind`` (connect, events, alarm) for one worker go: the events of
-    the durable objects whose activations it holds. ``worker_id`` is already a safe token."""
+    the durable objects whose activations it holds. ``worker_id`` is already a safe token.
+
+    A connect or an event names the gateway it comes from (``gateway_id``, required), as
+    on the queue subjects; an alarm comes from the state service and names none.
+    """
     if kind not in WORKER_SUBJECT_KINDS:
         raise ValueError(f"no worker subject for {kind!r}")
-    return f"{prefix}.worker.{worker_id}.{kind}"
+    if (kind == "alarm") != (gateway_id is None):
+        raise ValueError(f"a worker's {kind} subject needs a gateway id exactly when not an alarm")
+    subject = f"{prefix}.worker.{_owner(worker_id)}.{kind}"
+    return subject if gateway_id is None else f"{subject}.{_owner(gateway_id)}"
+
+
+#: The roles that make requests, each with inboxes of its own.
+INBOX_ROLES = ("gateway", "worker", "state")
+
+
+def inbox_prefix(prefix: str, role: str, identity: str) -> str:
+    """The inbox prefix (nats-py's ``inbox_prefix``) of one role's identity: the replies to
+    its requests come to ``<this>.<unique>.<n>``, which only that identity may read."""
+    if role not in INBOX_ROLES:
+        raise ValueError(f"no inbox for role {role!r}")
+    return f"{prefix}.inbox.{role}.{identity}"

@@ -8,9 +8,11 @@ what the code serves and reads: the roles of ``wsgate.cli``, the settings (and t
 and timeouts each role's config ends up with when it is built from the pod's own
 environment, exactly as ``wsgate ROLE`` builds it. A setting renamed, a port or a probe
 path changed in one place only fails here. NATS' configuration is checked the same way
-(ports, routes, payload limit, credentials), by ``nats-server -t``, and by a real
-nats-server started from the dev overlay's configuration that a client using the roles'
-NATS URL must get into.
+(ports, routes, payload limit, TLS, each role's user and permissions against
+``wsgate.nats_permissions``), by ``nats-server -t``, and by a real nats-server started
+from the dev overlay's configuration, which each role must get into with its own
+credentials and certificate, and where a gateway's identity is refused what is not its.
+The certificates come from Secrets that ``deploy/k8s/cert-manager`` makes.
 
 The state tier runs over PostgreSQL (N replicas, the default) or on a SQLite file (one
 replica, ``components/state-sqlite``): its DSN must come from a Secret, each replica must
@@ -36,6 +38,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -53,8 +56,13 @@ import yaml
 from gateway.server import ENVELOPE_MARGIN_BYTES
 from stateservice.server import StateServer
 from stateservice.storage import PostgresStorage
+from tests.certs import Pki
+from tests.harness import eventually
+from wsgate import subjects
+from wsgate.bus import connect_options, is_permission_violation
 from wsgate.cli import build_parser
 from wsgate.config import GatewayConfig, StateConfig, WorkerConfig, env_variables
+from wsgate.nats_permissions import Identity, permissions, render_authorization
 from wsgate.pgserver import postgres_available, running_postgres
 from wsgate.probes import HEALTH_PATH, METRICS_PATH, READY_PATH
 from wsgate.procs import find_nats_server
@@ -69,6 +77,20 @@ KUBERNETES_VERSION = "1.32.0"
 
 #: Every kustomization: the base and the overlays.
 TARGETS = ("base", "overlays/dev", "overlays/prod", "overlays/sqlite")
+
+#: The kustomization of the NATS certificates (cert-manager's resources, applied beside an
+#: overlay; not validated against Kubernetes' schema, which does not know them).
+CERT_MANAGER = "cert-manager"
+
+#: The keys of a kubernetes.io/tls Secret as cert-manager makes it, by what they hold.
+TLS_KEYS = {"cert": "tls.crt", "key": "tls.key", "ca": "ca.crt"}
+
+#: The settings of a role's NATS TLS files, by the key of the Secret each must come from.
+NATS_TLS_SETTINGS = {
+    "WSGATE_NATS_TLS_CA": "ca.crt",
+    "WSGATE_NATS_TLS_CERT": "tls.crt",
+    "WSGATE_NATS_TLS_KEY": "tls.key",
+}
 
 #: Secrets the manifests use but do not make, with what each key stands for in the tests:
 #: the state tier's DSN names a database outside the manifests (docs/deploy.md says how to
@@ -364,11 +386,44 @@ def _role_env_names(role: str) -> frozenset[str]:
     return frozenset(names)
 
 
+def _secret_file(c: Container, path: str) -> tuple[str, str] | None:
+    """The Secret and key that file ``path`` of the container comes from, if it is in a
+    Secret volume the container mounts (None otherwise)."""
+    file = PurePosixPath(path)
+    for volume in c.pod.get("volumes", []):
+        if "secret" in volume and c.mount_of(volume["name"]) == str(file.parent):
+            return str(volume["secret"]["secretName"]), file.name
+    return None
+
+
+@functools.cache
+def _stand_in_root() -> Path:
+    root = Path(tempfile.mkdtemp(prefix="wsgate-manifests-"))
+    import atexit
+
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
+
+
+def _with_stand_ins(c: Container, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with each path of a file mounted from a Secret (a certificate, say) moved to
+    an empty stand-in here: a role's config checks that its files exist, and this machine
+    has no /etc/wsgate."""
+    moved = dict(env)
+    for name, value in env.items():
+        if value.startswith("/") and _secret_file(c, value) is not None:
+            stand_in = _stand_in_root() / value.lstrip("/")
+            stand_in.parent.mkdir(parents=True, exist_ok=True)
+            stand_in.touch()
+            moved[name] = str(stand_in)
+    return moved
+
+
 def _role_config(m: Manifests, role: str) -> Any:
     """The role's config, built from its container's environment and arguments by the
-    same parser as ``wsgate ROLE``."""
+    same parser as ``wsgate ROLE`` (files mounted from Secrets: see _with_stand_ins)."""
     c = m.wsgate_containers()[role]
-    env = _pod_env(m, c)
+    env = _with_stand_ins(c, _pod_env(m, c))
     try:
         args = build_parser(env).parse_args(c.spec["args"])
     except SystemExit as exc:
@@ -396,8 +451,9 @@ def _nats_files(m: Manifests) -> tuple[Container, dict[str, str], str]:
 
 def _parse_nats_conf(files: Mapping[str, str], name: str) -> dict[str, Any]:
     """The subset of nats-server's config syntax that deploy/k8s uses: ``key: value``,
-    ``key { ... }`` blocks, ``key: [ ... ]`` lists one item a line, ``include FILE``, and
-    ``#`` comments."""
+    ``key { ... }`` blocks, ``key: [ ... ]`` lists one item a line (an item may be a
+    ``{ ... }`` block, its braces on lines of their own), ``include FILE``, and ``#``
+    comments."""
     lines: list[str] = []
 
     def load(file: str) -> None:
@@ -422,11 +478,11 @@ def _parse_nats_conf(files: Mapping[str, str], name: str) -> dict[str, Any]:
             if value == "{":
                 result[key] = block()
             elif value == "[":
-                items = []
+                items: list[Any] = []
                 for item in it:
                     if item == "]":
                         break
-                    items.append(item.rstrip(",").strip("'\""))
+                    items.append(block() if item == "{" else item.rstrip(",").strip("'\""))
                 result[key] = items
             else:
                 result[key] = value.rstrip(",").strip("'\"")
@@ -474,6 +530,65 @@ def _env_references(conf: Any) -> set[str]:
     if isinstance(conf, list):
         return set().union(*(_env_references(v) for v in conf))
     return {conf[1:]} if conf.startswith("$") else set()
+
+
+def _assert_tls_files_from_a_secret(c: Container, tls: Mapping[str, str]) -> None:
+    """A nats-server tls block's certificate, key and CA are the keys of one Secret that
+    the container mounts, in cert-manager's form."""
+    sources = {kind: _secret_file(c, tls[f"{kind}_file"]) for kind in ("cert", "key", "ca")}
+    assert all(sources.values()), f"{c.name}: TLS files not from a mounted Secret: {tls}"
+    assert len({source[0] for source in sources.values() if source}) == 1, sources
+    assert {kind: source[1] for kind, source in sources.items() if source} == TLS_KEYS
+
+
+def _without_comments(text: str) -> list[str]:
+    return [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+
+
+def _nats_tls_secrets(m: Manifests) -> dict[str, Container]:
+    """The Secrets NATS' TLS files come from (the servers' and each role's), each with a
+    container that mounts it."""
+    found: dict[str, Container] = {}
+    c, files, main = _nats_files(m)
+    conf = _parse_nats_conf(files, main)
+    for block in (conf["tls"], conf.get("cluster", {}).get("tls")):
+        if block:
+            source = _secret_file(c, block["cert_file"])
+            assert source is not None
+            found[source[0]] = c
+    for role, role_c in m.wsgate_containers().items():
+        env = _pod_env(m, role_c)
+        for var, key in NATS_TLS_SETTINGS.items():
+            source = _secret_file(role_c, env.get(var, ""))
+            assert source is not None, f"{role}: {var} is not a file of a mounted Secret"
+            assert source[1] == key, f"{role}: {var} is the Secret's {source[1]}, not {key}"
+            found[source[0]] = role_c
+    return found
+
+
+def _runnable_nats_files(m: Manifests, tmp_path: Path, pki: Pki) -> tuple[Container, Path]:
+    """The NATS container's config files written under ``tmp_path``, runnable here: the
+    Secrets it mounts are certificates of ``pki`` (valid for loopback) in directories of
+    their own. Returns the container and the main file."""
+    c, files, main = _nats_files(m)
+    moved: dict[str, str] = {}
+    for volume in c.pod["volumes"]:
+        mount = c.mount_of(volume["name"])
+        if "secret" not in volume or mount is None:
+            continue
+        secret = volume["secret"]["secretName"]
+        directory = tmp_path / secret
+        directory.mkdir()
+        issued = pki.server(secret)
+        shutil.copy(issued.cert, directory / TLS_KEYS["cert"])
+        shutil.copy(issued.key, directory / TLS_KEYS["key"])
+        shutil.copy(pki.ca, directory / TLS_KEYS["ca"])
+        moved[mount + "/"] = f"{directory}/"
+    for name, text in files.items():
+        for mount, directory in moved.items():
+            text = text.replace(mount, directory)
+        (tmp_path / name).write_text(text)
+    return c, tmp_path / main
 
 
 # -- the tests ----------------------------------------------------------------------------
@@ -611,18 +726,20 @@ def test_services_send_to_ports_the_pods_open(manifests: Manifests) -> None:
 
 
 def test_roles_address_nats_and_the_state_service_by_their_services(manifests: Manifests) -> None:
-    """WSGATE_NATS_URL names the NATS Service, its client port and the Secret's
-    credentials that nats.conf checks; WSGATE_STATE_ADDRESS (the workers' address of the
-    state tier until they hear its replicas on the bus) names a Service that selects the
-    state pods, or one pod of a StatefulSet by its stable name, and the gRPC port."""
+    """WSGATE_NATS_URL names the NATS Service and its client port; each role logs in as
+    the NATS user of its identity (its WSGATE_NODE_NAME), with the credentials nats.conf
+    checks for that user, whose permissions are its role's (wsgate.nats_permissions);
+    WSGATE_STATE_ADDRESS (the workers' address of the state tier until they hear its
+    replicas on the bus) names a Service that selects the state pods, or one pod of a
+    StatefulSet by its stable name, and the gRPC port."""
     m = manifests
     nats_c, files, main = _nats_files(m)
     conf = _parse_nats_conf(files, main)
     nats_client_port = _host_port(conf["listen"])[1]
     assert nats_c.port("client") == nats_client_port, "NATS' client containerPort vs listen"
-    nats_secret_env = _pod_env(m, nats_c)
-    user_var = conf["authorization"]["user"].lstrip("$")
-    password_var = conf["authorization"]["password"].lstrip("$")
+    nats_env = _pod_env(m, nats_c)
+    users = {u["user"].lstrip("$"): u for u in conf["authorization"]["users"]}
+    names = []
     for role in ROLE_CONFIGS:
         config = _role_config(m, role)
         for server in config.nats_servers:
@@ -630,9 +747,20 @@ def test_roles_address_nats_and_the_state_service_by_their_services(manifests: M
             host, port = url.hostname or "", url.port or NATS_DEFAULT_PORT
             _assert_service_reaches(m, host, port, nats_c)
             assert nats_c.port(_service_target(m, host, port)) == nats_client_port, server
-            # The credentials NATS checks are the ones the role sends.
-            assert url.username == nats_secret_env[user_var], f"{role}: NATS user"
-            assert url.password == nats_secret_env[password_var], f"{role}: NATS password"
+            assert url.username is None, f"{role}: credentials in WSGATE_NATS_URL"
+        # The credentials NATS checks for the role's identity are the ones it sends.
+        identity = Identity(role, config.node)
+        user = users.get(identity.user_variable)
+        assert user is not None, f"{role}: no NATS user for its node {config.node!r}"
+        assert config.nats_user == nats_env[identity.user_variable], f"{role}: NATS user"
+        password_var = user["password"].lstrip("$")
+        assert config.nats_password == nats_env[password_var], f"{role}: NATS password"
+        names.append(config.nats_user)
+        granted = permissions(role, config.prefix, config.node)
+        assert user["permissions"]["publish"]["allow"] == list(granted.publish), role
+        assert user["permissions"]["subscribe"]["allow"] == list(granted.subscribe), role
+    assert len(set(names)) == len(names), f"roles share a NATS user: {names}"
+    assert len(users) == len(ROLE_CONFIGS), f"NATS users no role logs in as: {sorted(users)}"
 
     worker = _role_config(m, "worker")
     state = m.wsgate_containers()["state"]
@@ -703,15 +831,17 @@ def test_grace_periods_outlast_the_drains(manifests: Manifests) -> None:
 
 def test_state_data_is_in_postgresql_or_on_the_pod_volume(manifests: Manifests) -> None:
     """Over PostgreSQL (the base, dev, prod) the state replicas keep nothing on disk: no
-    volume but /tmp, and several of them. On SQLite (overlays/sqlite) WSGATE_STATE_DB is on
-    the StatefulSet's volume claim, and there is one replica: SQLite is one file."""
+    volume but /tmp and read-only Secrets (certificates), and several of them. On SQLite
+    (overlays/sqlite) WSGATE_STATE_DB is on the StatefulSet's volume claim, and there is
+    one replica: SQLite is one file."""
     state = manifests.wsgate_containers()["state"]
     config = _role_config(manifests, "state")
     workload = state.workload
     if config.postgres:
         assert "volumeClaimTemplates" not in workload["spec"], f"{state.name}: a volume claim"
         for volume in state.pod["volumes"]:
-            assert "emptyDir" in volume, f"{state.name}: volume {volume['name']} keeps data"
+            kept = "emptyDir" not in volume and "secret" not in volume
+            assert not kept, f"{state.name}: volume {volume['name']} keeps data"
         assert workload["spec"]["replicas"] >= 2, f"{state.name}: one replica over PostgreSQL"
         return
     assert manifests.target == "overlays/sqlite", f"{manifests.target}: the state tier on SQLite"
@@ -749,6 +879,23 @@ def test_nats_config_matches_its_pods_and_the_gateway(manifests: Manifests) -> N
     env = {v["name"] for v in c.spec.get("env", [])}
     assert _env_references(conf) <= env, f"nats.conf reads {_env_references(conf) - env}"
 
+    # Clients: TLS only, started first, each with a certificate of the CA; the files from
+    # a Secret of cert-manager's form.
+    tls = conf["tls"]
+    assert tls.get("verify") == "true", "clients must show a certificate"
+    assert tls.get("handshake_first") == "true", "the roles start TLS before NATS speaks"
+    _assert_tls_files_from_a_secret(c, tls)
+
+    # The users are what `wsgate nats-auth` makes for the roles' identities and prefix
+    # (the file's header comments aside, which name the command).
+    prefix = {_role_config(manifests, role).prefix for role in ROLE_CONFIGS}
+    assert len(prefix) == 1, f"the roles use different subject prefixes: {prefix}"
+    identities = [Identity(role, _role_config(manifests, role).node) for role in ROLE_CONFIGS]
+    expected = render_authorization(prefix.pop(), identities, command="wsgate nats-auth")
+    assert _without_comments(files["authorization.conf"]) == _without_comments(expected), (
+        "authorization.conf is not what `wsgate nats-auth` makes for the roles' node names"
+    )
+
     statefulset = c.workload
     replicas = statefulset["spec"]["replicas"]
     service = statefulset["spec"]["serviceName"]
@@ -769,6 +916,9 @@ def test_nats_config_matches_its_pods_and_the_gateway(manifests: Manifests) -> N
         assert headless["spec"]["publishNotReadyAddresses"] is True
         # Clients keep to the nats Service (see cluster.conf).
         assert cluster.get("no_advertise") == "true"
+        # Routes are mutual TLS.
+        assert cluster["tls"].get("verify") == "true", "routes must verify their peers"
+        _assert_tls_files_from_a_secret(c, cluster["tls"])
 
     # JetStream's files on the volume claim, the pid file (for preStop) on a mounted volume.
     claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
@@ -780,15 +930,14 @@ def test_nats_config_matches_its_pods_and_the_gateway(manifests: Manifests) -> N
     assert limit > _nats_size(conf["jetstream"]["max_memory_store"]), "memory store over limit"
 
 
-def test_nats_server_accepts_the_config(manifests: Manifests, tmp_path: Path) -> None:
+def test_nats_server_accepts_the_config(manifests: Manifests, tmp_path: Path, pki: Pki) -> None:
     """``nats-server -t`` (the wheel's nats-server, a newer release than the image's, but
-    the keys used here are all 2.10's) refuses unknown keys and bad values."""
-    c, files, main = _nats_files(manifests)
-    for name, text in files.items():
-        (tmp_path / name).write_text(text)
+    the keys used here are all 2.10's) refuses unknown keys and bad values; it loads the
+    certificates too (stand-ins of the mounted Secrets)."""
+    c, main = _runnable_nats_files(manifests, tmp_path, pki)
     env = {**os.environ, **_pod_env(manifests, c)}
     result = subprocess.run(
-        [str(find_nats_server()), "--config", str(tmp_path / main), "-t"],
+        [str(find_nats_server()), "--config", str(main), "-t"],
         env=env,
         capture_output=True,
         text=True,
@@ -798,17 +947,21 @@ def test_nats_server_accepts_the_config(manifests: Manifests, tmp_path: Path) ->
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path) -> None:
+async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path, pki: Pki) -> None:
     """The dev overlay's NATS config, run by a real nats-server (on 127.0.0.1 and a free
-    port, its paths moved under tmp_path): the roles' WSGATE_NATS_URL gets in and finds
-    room for the gateway's largest message; a wrong password does not."""
+    port, its paths moved under tmp_path, its certificates stand-ins of the CA's): each
+    role gets in over TLS with its own user, password and client certificate, as its
+    config makes the connection (wsgate.bus), and finds room for the gateway's largest
+    message. The shipped permissions hold: the gateway's identity may not send a command,
+    an ack, an alarm or a presence of another gateway, nor take the workers' queue; the
+    worker's may not announce a gateway. A wrong password and a plaintext client do not
+    get in."""
     m = Manifests("overlays/dev", _render("overlays/dev"))
-    c, files, main = _nats_files(m)
-    for name, text in files.items():
-        text = text.replace("0.0.0.0:", "127.0.0.1:").replace(" /data", f" {tmp_path}/data")
-        (tmp_path / name).write_text(text.replace("/var/run/nats/", f"{tmp_path}/"))
+    c, main = _runnable_nats_files(m, tmp_path, pki)
+    text = main.read_text().replace("0.0.0.0:", "127.0.0.1:").replace(" /data", f" {tmp_path}/data")
+    main.write_text(text.replace("/var/run/nats/", f"{tmp_path}/"))
     proc = await asyncio.create_subprocess_exec(
-        *[str(find_nats_server()), "--config", str(tmp_path / main)],
+        *[str(find_nats_server()), "--config", str(main)],
         *["--port", "-1", "--http_port", "-1"],
         env={**os.environ, **_pod_env(m, c)},
         stdout=asyncio.subprocess.DEVNULL,
@@ -819,38 +972,153 @@ async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path) -> 
     try:
         async with asyncio.timeout(10):
             address = await _client_address(proc.stderr, log)
+        refusals: dict[str, list[str]] = {}
+        clients: dict[str, nats.NATS] = {}
+        for role in ROLE_CONFIGS:
+            issued = pki.client(f"nats-{role}")
+            config = dataclasses.replace(
+                _role_config(m, role),
+                nats_url=f"nats://{address}",
+                nats_tls_ca=str(pki.ca),
+                nats_tls_cert=str(issued.cert),
+                nats_tls_key=str(issued.key),
+            )
+            errors = refusals[role] = []
+
+            async def collect(exc: Exception, errors: list[str] = errors) -> None:
+                if is_permission_violation(exc):
+                    errors.append(str(exc))
+
+            clients[role] = nc = nats.NATS()
+            await nc.connect(
+                **connect_options(config, role), error_cb=collect, allow_reconnect=False
+            )
         gateway = _role_config(m, "gateway")
-        (server,) = gateway.nats_servers
-        configured = urlsplit(server)
-        credentials = configured.netloc.rsplit("@", 1)[0]
-        local = configured._replace(netloc=f"{credentials}@{address}")
+        prefix, other = gateway.prefix, "elsewhere-abcd1234"
+        try:
+            assert (
+                gateway.max_message_bytes + ENVELOPE_MARGIN_BYTES <= clients["gateway"].max_payload
+            )
+            own = f"{gateway.node}-abcd1234"
+            for subject in (
+                subjects.gateway_subject(prefix, own),  # commands: only workers and state
+                subjects.ack_batch_subject(prefix, own),  # acks: only workers
+                subjects.alarm_subject(prefix, "chat"),  # alarms: only the state service
+                subjects.presence_subject(prefix, other),  # another gateway's presence
+            ):
+                await clients["gateway"].publish(subject, b"forged")
+            await clients["gateway"].subscribe(
+                subjects.events_subject(prefix, gateway.app_name, subjects.ANY),
+                queue=subjects.worker_queue(gateway.app_name),
+            )
+            await clients["gateway"].publish(subjects.presence_subject(prefix, own), b"mine")
+            await clients["worker"].publish(subjects.presence_subject(prefix, own), b"forged")
+            for nc in clients.values():
+                await nc.flush()
+
+            async def all_refused() -> bool:
+                return len(refusals["gateway"]) >= 5 and len(refusals["worker"]) >= 1
+
+            await eventually(all_refused, "the refusals", timeout_s=10)
+            assert len(refusals["gateway"]) == 5, refusals
+            assert refusals["state"] == []
+        finally:
+            for nc in clients.values():
+                await nc.close()
 
         async def quiet(exc: Exception) -> None:
             pass
 
-        nc = await nats.connect(local.geturl(), allow_reconnect=False, error_cb=quiet)
-        try:
-            assert gateway.max_message_bytes + ENVELOPE_MARGIN_BYTES <= nc.max_payload
-        finally:
-            await nc.close()
-        wrong = local._replace(netloc=f"{configured.username}:wrong@{address}")
-        refused = nats.NATS()
-        try:
-            with pytest.raises(nats.errors.Error, match="Authorization Violation"):
-                await refused.connect(
-                    wrong.geturl(), allow_reconnect=False, max_reconnect_attempts=0, error_cb=quiet
-                )
-        finally:
-            # A refused client still holds its socket until closed.
-            await refused.close()
+        worker = _role_config(m, "worker")
+        issued = pki.client("nats-worker")
+        base = {"nats_url": f"nats://{address}", "node_name": worker.node}
+        for what, config in {
+            "a wrong password": dataclasses.replace(
+                worker,
+                **base,
+                nats_password=worker.nats_password + "-wrong",
+                nats_tls_ca=str(pki.ca),
+                nats_tls_cert=str(issued.cert),
+                nats_tls_key=str(issued.key),
+            ),
+            "plaintext": dataclasses.replace(
+                worker, **base, nats_tls_ca="", nats_tls_cert="", nats_tls_key=""
+            ),
+        }.items():
+            refused = nats.NATS()
+            try:
+                with pytest.raises((nats.errors.Error, OSError, TimeoutError)):
+                    await refused.connect(
+                        **connect_options(config, "worker"),
+                        allow_reconnect=False,
+                        max_reconnect_attempts=0,
+                        connect_timeout=1,
+                        error_cb=quiet,
+                    )
+                assert not refused.is_connected, what
+            finally:
+                # A refused client still holds its socket until closed.
+                await refused.close()
     finally:
         if proc.returncode is None:
             proc.terminate()
         log += (await proc.stderr.read()).decode().splitlines()
         await proc.wait()
-    # The wrong password is logged as an error; nothing else may be.
-    errors = [line for line in log if "[ERR]" in line and "authentication error" not in line]
+    # The refusals are logged as errors; nothing else may be.
+    expected = ("authentication error", "Violation", "TLS handshake")
+    errors = [line for line in log if "[ERR]" in line and not any(e in line for e in expected)]
     assert not errors, "\n".join(log)
+
+
+def test_nats_certificates_are_the_ones_cert_manager_makes(manifests: Manifests) -> None:
+    """Every NATS certificate (the servers' for clients and routes, each role's client
+    certificate) comes from a Secret that deploy/k8s/cert-manager makes, in its namespace,
+    valid for the names that are dialled (the nats Service, each route's pod) and for its
+    side of the handshake; docs/deploy.md names each Secret for those who make them by
+    hand. A role's client certificate is its own: no two roles share a Secret."""
+    certificates = {
+        o["spec"]["secretName"]: o for o in _render(CERT_MANAGER) if o["kind"] == "Certificate"
+    }
+    (namespace,) = {o["metadata"]["namespace"] for o in _render(CERT_MANAGER)}
+    used = _nats_tls_secrets(manifests)
+    missing = set(used) - set(certificates)
+    assert not missing, f"Secrets cert-manager does not make: {missing}"
+    assert not any(manifests.renders("Secret", name) for name in used), "certificates in git"
+    roles = [c for c in used.values() if c.spec.get("args", [""])[0] in ROLE_CONFIGS]
+    assert len(roles) == len(ROLE_CONFIGS), "roles share a NATS client certificate"
+    nats_c, files, main = _nats_files(manifests)
+    conf = _parse_nats_conf(files, main)
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name, c in used.items():
+        spec = certificates[name]["spec"]
+        assert f"`{name}`" in docs, f"docs/deploy.md: how to make {name}"
+        if c.name != nats_c.name:
+            assert spec["usages"] == ["client auth"], name
+            continue
+        names = spec.get("dnsNames", [])
+        if _secret_file(c, conf["tls"]["cert_file"]) == (name, TLS_KEYS["cert"]):
+            # What the roles dial: the host of their WSGATE_NATS_URL.
+            for role in ROLE_CONFIGS:
+                for server in _role_config(manifests, role).nats_servers:
+                    assert _covers(names, urlsplit(server).hostname or ""), (name, server)
+            assert "server auth" in spec["usages"], name
+        else:
+            for route in conf["cluster"]["routes"]:
+                assert _covers(names, urlsplit(route).hostname or ""), (name, route)
+            assert {"server auth", "client auth"} <= set(spec["usages"]), name
+    # The cert-manager kustomization's namespace is the base's.
+    base_namespace = next(o for o in _render("base") if o["kind"] == "Namespace")
+    assert namespace == base_namespace["metadata"]["name"]
+
+
+def _covers(dns_names: list[str], host: str) -> bool:
+    """Whether a certificate for ``dns_names`` is valid for ``host`` (one-label ``*``)."""
+    for name in dns_names:
+        if name == host:
+            return True
+        if name.startswith("*.") and host.split(".", 1)[1:] == [name[2:]]:
+            return True
+    return False
 
 
 async def _client_address(stderr: asyncio.StreamReader, log: list[str]) -> str:

@@ -358,10 +358,12 @@ async def test_a_copy_of_a_released_turn_is_acked_and_sends_nothing_again(tmp_pa
                     message=envelope.Message(text="poke"),
                     redelivered=True,
                 )
+                # As the gateway sends it: on its events subject, with its ack subject.
+                gateway_id = ids.gateway_of(poker_id)
                 await nc.publish(
-                    subjects.events_subject(DEFAULT_PREFIX, DEFAULT_APP_NAME),
+                    subjects.events_subject(DEFAULT_PREFIX, DEFAULT_APP_NAME, gateway_id),
                     copy.SerializeToString(),
-                    reply=nc.new_inbox(),
+                    reply=subjects.ack_subject(DEFAULT_PREFIX, gateway_id, poker_id, 2),
                 )
                 seen = 0
                 while seen < 2:

@@ -226,7 +226,7 @@ async def test_many_due_alarms_fire_concurrently_within_the_bound(
     all_answered = asyncio.Event()
 
     async with backend.storage() as storage:
-        nc = await connect_bus(config, "test-responder")
+        nc = await connect_bus(config, "test-responder", role="state")
         scheduler = AlarmScheduler(storage, nc, config, max_concurrent=4)
         try:
 

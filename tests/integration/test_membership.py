@@ -174,7 +174,7 @@ class FakeGateways:
 @pytest.fixture
 async def gateways(bus: NatsClient) -> FakeGateways:
     fake = FakeGateways()
-    await bus.subscribe(f"{PREFIX}.gw.*", cb=fake.on_command)
+    await bus.subscribe(subjects.gateway_subject(PREFIX, subjects.ANY), cb=fake.on_command)
     await bus.flush()
     return fake
 
@@ -420,7 +420,7 @@ async def _true(value: bool) -> bool:
 
 async def announce(bus: NatsClient, gateway_id: str, lease_ms: int, leaving: bool = False) -> None:
     presence = envelope.GatewayPresence(gateway_id=gateway_id, lease_ms=lease_ms, leaving=leaving)
-    await bus.publish(subjects.presence_subject(PREFIX), presence.SerializeToString())
+    await bus.publish(subjects.presence_subject(PREFIX, gateway_id), presence.SerializeToString())
     await bus.flush()
 
 
@@ -474,7 +474,7 @@ async def test_garbage_on_the_presence_subject_is_counted_and_dropped(
     server: StateServer, bus: NatsClient, room: ObjectMembers
 ) -> None:
     monitor = membership_of(server).presence
-    subject = subjects.presence_subject(PREFIX)
+    subject = subjects.presence_subject(PREFIX, "gw-abcdefgh")
     await bus.publish(subject, b"\xff\x00garbage")
     await bus.publish(
         subject, envelope.GatewayPresence(gateway_id="no!", lease_ms=1).SerializeToString()
@@ -487,6 +487,37 @@ async def test_garbage_on_the_presence_subject_is_counted_and_dropped(
     (a,) = new_ids(1)
     await room.accept(a)  # still serving
     assert [m.id for m in await room.connections()] == [a]
+
+
+@sqlite_only
+async def test_a_presence_for_another_gateway_is_dropped_and_counted(
+    server: StateServer, room: ObjectMembers, bus: NatsClient
+) -> None:
+    """A presence names its gateway twice, in its subject (which NATS lets only that
+    gateway's identity publish on) and in its payload: a ``leaving`` for gateway B sent on
+    gateway A's subject evicts nobody and is counted; the same sent by B works."""
+    victims, intruders = new_ids(2, "victim"), new_ids(1, "intruder")
+    victim_gw, intruder_gw = ids.gateway_of(victims[0]), ids.gateway_of(intruders[0])
+    monitor = membership_of(server).presence
+    impostors = monitor.stats.impostors
+    await asyncio.gather(*(room.accept(cid) for cid in victims + intruders))
+    forged = envelope.GatewayPresence(gateway_id=victim_gw, leaving=True)
+    await bus.publish(subjects.presence_subject(PREFIX, intruder_gw), forged.SerializeToString())
+    await bus.flush()
+    await wait_until(
+        lambda: _true(monitor.stats.impostors == impostors + 1), timeout_s=5, what="the impostor"
+    )
+    sweeps = monitor.stats.sweeps
+    await wait_until(lambda: _true(monitor.stats.sweeps >= sweeps + 2), timeout_s=5, what="sweeps")
+    assert not monitor.leases.is_leaving(victim_gw)
+    assert {m.id for m in await room.connections()} >= set(victims)
+    # The gateway itself may leave.
+    await announce(bus, victim_gw, lease_ms=0, leaving=True)
+
+    async def gone() -> bool:
+        return not {m.id for m in await room.connections()} & set(victims)
+
+    await wait_until(gone, timeout_s=5, what="the victim's own leaving")
 
 
 async def test_members_stored_before_a_restart_get_a_grace_lease(
@@ -566,7 +597,7 @@ async def test_a_gateway_announces_itself_and_says_when_it_leaves(
     async def on_presence(msg: Msg) -> None:
         heard.append(envelope.GatewayPresence.FromString(msg.data))
 
-    await bus.subscribe(subjects.presence_subject(PREFIX), cb=on_presence)
+    await bus.subscribe(subjects.presence_subject(PREFIX, subjects.ANY), cb=on_presence)
     await bus.flush()
     config = GatewayConfig(nats_url=str(nats_server.info["url"]), port=0, presence_interval_s=0.05)
     gateway = Gateway(config)
@@ -824,7 +855,7 @@ async def test_ten_thousand_websockets_one_broadcast_one_command_per_gateway(
     nc = await nats.connect(stack.nats_url)
     transports: list[WSTransport] = []
     try:
-        await nc.subscribe(f"{PREFIX}.gw.*", cb=on_command)
+        await nc.subscribe(subjects.gateway_subject(PREFIX, subjects.ANY), cb=on_command)
         await nc.flush()
         slots = asyncio.Semaphore(CONNECT_CONCURRENCY)
 

@@ -12,6 +12,7 @@ from tests.harness import Stack, stack_context
 from wsgate import subjects
 from wsgate.procs import Child, start_nats_server
 
+GATEWAY = "edge-abcd1234"
 AWKWARD = ["", "a", "a.b", "a.*", "a.>", "*", ">", "a b", " ", "ü", "a_2Eb", "~", "x" * 600]
 
 
@@ -28,13 +29,15 @@ async def test_each_name_reaches_only_its_own_subscriber(nats_server: Child) -> 
     nc = NatsClient()
     await nc.connect(nats_server.info["url"])
     try:
-        subs = {n: await nc.subscribe(subjects.events_subject("wsgate", n)) for n in AWKWARD}
+        subs = {
+            n: await nc.subscribe(subjects.events_subject("wsgate", n, GATEWAY)) for n in AWKWARD
+        }
         for name in AWKWARD:
-            await nc.publish(subjects.events_subject("wsgate", name), name.encode())
+            await nc.publish(subjects.events_subject("wsgate", name, GATEWAY), name.encode())
         # Then an end marker on every subject. NATS keeps one connection's order, so a
         # message that leaked to another subscriber would arrive there before its marker.
         for name in AWKWARD:
-            await nc.publish(subjects.events_subject("wsgate", name), b"<end>")
+            await nc.publish(subjects.events_subject("wsgate", name, GATEWAY), b"<end>")
         for name, sub in subs.items():
             first = await sub.next_msg(timeout=5)
             second = await sub.next_msg(timeout=5)

@@ -16,6 +16,10 @@ AWKWARD = ["", ".", "*", ">", " ", "a.b", "a.*", "a.>", "a b", "\t", "\n", "_", 
            "é", "日本語", "😀", "\x00", "\ud800", "a" * 500, ". * >"]  # fmt: skip
 
 
+GATEWAY = "edge-1-abcd1234"
+WORKER = "box-7-zyxw9876"
+
+
 def _assert_safe(token: str) -> None:
     assert _TOKEN.match(token), token
     assert len(token) <= subjects.MAX_TOKEN_CHARS
@@ -25,8 +29,8 @@ def _assert_safe(token: str) -> None:
 def test_awkward_names_encode_to_one_safe_token(name: str) -> None:
     token = subjects.encode_token(name)
     _assert_safe(token)
-    subject = subjects.connect_subject("wsgate", name)
-    assert subject.split(".") == ["wsgate", "connect", token]
+    subject = subjects.connect_subject("wsgate", name, GATEWAY)
+    assert subject.split(".") == ["wsgate", "connect", token, "edge-1", GATEWAY]
 
 
 @given(st.text())
@@ -84,3 +88,73 @@ def test_good_prefixes(prefix: str) -> None:
 def test_bad_prefixes_are_config_errors(prefix: str) -> None:
     with pytest.raises(ConfigError):
         subjects.validate_prefix(prefix)
+
+
+# -- identities in subjects -----------------------------------------------------------------
+
+
+def test_a_gateways_own_subjects_carry_its_node_as_a_token_of_its_own() -> None:
+    """NATS permissions wildcard whole tokens: the node must stand alone, before the id."""
+    for subject in (
+        subjects.gateway_subject("wsgate", GATEWAY),
+        subjects.ack_batch_subject("wsgate", GATEWAY),
+        subjects.presence_subject("wsgate", GATEWAY),
+        subjects.ack_prefix("wsgate", GATEWAY),
+        subjects.events_subject("wsgate", "main", GATEWAY),
+        subjects.worker_subject("wsgate", WORKER, "events", GATEWAY),
+    ):
+        assert subject.split(".")[-2:] == ["edge-1", GATEWAY], subject
+    assert subjects.worker_subject("wsgate", WORKER, "alarm").split(".") == [
+        "wsgate", "worker", "box-7", WORKER, "alarm"
+    ]  # fmt: skip
+    assert subjects.ack_subject("wsgate", GATEWAY, f"{GATEWAY}_1z", 7) == (
+        f"wsgate.ack.edge-1.{GATEWAY}.{GATEWAY}_1z.7"
+    )
+
+
+def test_patterns_put_wildcards_only_where_asked() -> None:
+    mine = subjects.any_id_of("edge-1")
+    assert subjects.gateway_subject("wsgate", mine) == "wsgate.gw.edge-1.*"
+    assert subjects.gateway_subject("wsgate", subjects.ANY) == "wsgate.gw.*.*"
+    assert subjects.events_subject("wsgate", subjects.ANY, mine) == "wsgate.events.*.edge-1.*"
+    assert (
+        subjects.ack_subject("a.b", subjects.ANY, subjects.ANY, subjects.ANY) == "a.b.ack.*.*.*.*"
+    )
+    assert subjects.alarm_subject("wsgate", subjects.ANY) == "wsgate.alarm.*"
+    assert subjects.under(subjects.inbox_prefix("wsgate", "gateway", "edge-1")) == (
+        "wsgate.inbox.gateway.edge-1.>"
+    )
+    # A user string that looks like a wildcard is only ever a name.
+    assert subjects.events_subject("wsgate", "*", GATEWAY).split(".")[2] == "_2A"
+    assert subjects.alarm_subject("wsgate", ">") == "wsgate.alarm._3E"
+
+
+@pytest.mark.parametrize("node", ["", "Edge", "a.b", "*", "-a", "a" * 41])
+def test_a_pattern_of_an_unusable_node_is_a_config_error(node: str) -> None:
+    with pytest.raises(ConfigError, match="WSGATE_NODE_NAME"):
+        subjects.any_id_of(node)
+
+
+def test_sent_by_tells_the_sender_of_a_gateways_subject() -> None:
+    other = "edge-1-zzzz0000"
+    namesake = "dge-1-abcd1234"  # a suffix of GATEWAY's id: must not pass for it
+    for subject in (
+        subjects.connect_subject("wsgate", "main", GATEWAY),
+        subjects.events_subject("wsgate", "main", GATEWAY),
+        subjects.presence_subject("wsgate", GATEWAY),
+        subjects.worker_subject("wsgate", WORKER, "connect", GATEWAY),
+    ):
+        assert subjects.sent_by(subject, GATEWAY)
+        assert not subjects.sent_by(subject, other)
+        assert not subjects.sent_by(subject, namesake)
+
+
+def test_a_worker_subject_names_a_gateway_exactly_when_not_an_alarm() -> None:
+    with pytest.raises(ValueError, match="gateway id"):
+        subjects.worker_subject("wsgate", WORKER, "events")
+    with pytest.raises(ValueError, match="gateway id"):
+        subjects.worker_subject("wsgate", WORKER, "alarm", GATEWAY)
+    with pytest.raises(ValueError, match="no worker subject"):
+        subjects.worker_subject("wsgate", WORKER, "other", GATEWAY)
+    with pytest.raises(ValueError, match="no inbox"):
+        subjects.inbox_prefix("wsgate", "intruder", "edge-1")
