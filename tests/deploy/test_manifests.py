@@ -20,6 +20,16 @@ advertise its pod IP, ``wsgate state migrate`` must create the schema before a r
 starts, and the dev overlay's own PostgreSQL, run by a real server with password
 authentication, must let the state tier's DSN in.
 
+Everything is encrypted: the gateway serves wss (and its probes HTTPS), the state service
+requires client certificates. Every certificate setting names a file of a Secret mounted
+whole and read-only, under cert-manager's key names (``tls.crt``, ``tls.key``,
+``ca.crt``); the cert-manager Certificates of ``components/cert-manager`` make those
+Secrets and agree with the settings (the name workers verify, usages, one CA for both
+sides of the mutual TLS); the base, without them, leaves them to docs/deploy.md. prod
+exposes only wss, allows a closed list of https origins and runs a named app, not the
+example. The roles' configs are built with stand-in certificate files (the test CA's) in
+place of the mounted ones.
+
 Rendering needs ``kubectl`` (its built-in kustomize); without it these tests are skipped.
 """
 
@@ -38,12 +48,12 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
+import jsonschema
 import kubernetes_validate
 import nats
 import nats.errors
@@ -106,6 +116,132 @@ EXTERNAL_SECRET_COMMAND = "kubectl -n wsgate create secret generic {name}"
 _DSN_WITH_PASSWORD = re.compile(
     r"postgres(?:ql)?://[^/@\s:]+:[^@\s]+@|\bpassword\s*=\s*\S", re.IGNORECASE
 )
+
+#: The Secrets of certificates the pods mount. The base does not make them (an overlay's
+#: cert-manager Certificates do, components/cert-manager); docs/deploy.md tells how to make
+#: them by hand, with the keys cert-manager writes.
+TLS_SECRETS = ("gateway-tls", "state-tls", "worker-state-client-tls")
+
+#: How docs/deploy.md tells to create each of them by hand, and each key's option.
+TLS_SECRET_COMMAND = "kubectl -n wsgate create secret generic {name} --type=kubernetes.io/tls"
+TLS_SECRET_KEY_OPTION = "--from-file={key}="
+
+#: The keys of a cert-manager Secret (type kubernetes.io/tls): the certificate with its
+#: chain, its private key, and the CA that signed it.
+CERT, KEY, CA = "tls.crt", "tls.key", "ca.crt"
+
+#: The settings that name certificate files, by role, and the key of the Secret each one
+#: must name. Their config fields are looked up by these names (see _setting).
+TLS_FILES: dict[str, dict[str, str]] = {
+    "gateway": {"WSGATE_TLS_CERT": CERT, "WSGATE_TLS_KEY": KEY},
+    "state": {"WSGATE_TLS_CERT": CERT, "WSGATE_TLS_KEY": KEY, "WSGATE_TLS_CLIENT_CA": CA},
+    "worker": {
+        "WSGATE_STATE_TLS_CA": CA,
+        "WSGATE_STATE_TLS_CERT": CERT,
+        "WSGATE_STATE_TLS_KEY": KEY,
+    },
+}
+
+#: cert-manager's API group. Its kinds are not in Kubernetes' schema: the objects of it
+#: that the manifests use are checked against the subset of cert-manager v1 below (the
+#: fields and enums of its CRDs, cert-manager.io_certificates.yaml and _issuers.yaml; a
+#: field the manifests do not use is refused, as a misspelt one would be).
+CERT_MANAGER = "cert-manager.io"
+
+_GO_DURATION = {"type": "string", "pattern": r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+_METADATA = {
+    "type": "object",
+    "required": ["name", "namespace"],
+    "properties": {
+        "name": {"type": "string"},
+        "namespace": {"type": "string"},
+        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+    "additionalProperties": False,
+}
+_KEY_USAGES = [
+    *("signing", "digital signature", "content commitment", "key encipherment"),
+    *("key agreement", "data encipherment", "cert sign", "crl sign", "encipher only"),
+    *("decipher only", "any", "server auth", "client auth", "code signing"),
+    *("email protection", "s/mime", "ipsec end system", "ipsec tunnel", "ipsec user"),
+    *("timestamping", "ocsp signing", "microsoft sgc", "netscape sgc"),
+]
+CERT_MANAGER_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Certificate": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": f"{CERT_MANAGER}/v1"},
+            "kind": {"const": "Certificate"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                "required": ["secretName", "issuerRef"],
+                # The webhook wants at least one name of some kind.
+                "anyOf": [{"required": [k]} for k in ("commonName", "dnsNames", "uris")],
+                "properties": {
+                    "secretName": {"type": "string"},
+                    "commonName": {"type": "string", "maxLength": 64},
+                    "dnsNames": _STRINGS,
+                    "uris": _STRINGS,
+                    "isCA": {"type": "boolean"},
+                    "duration": _GO_DURATION,
+                    "renewBefore": _GO_DURATION,
+                    "usages": {"type": "array", "items": {"enum": _KEY_USAGES}},
+                    "privateKey": {
+                        "type": "object",
+                        "properties": {
+                            "algorithm": {"enum": ["RSA", "ECDSA", "Ed25519"]},
+                            "size": {"type": "integer"},
+                            "encoding": {"enum": ["PKCS1", "PKCS8"]},
+                            "rotationPolicy": {"enum": ["Never", "Always"]},
+                        },
+                        "additionalProperties": False,
+                    },
+                    "issuerRef": {
+                        "type": "object",
+                        "required": ["name"],
+                        "properties": {
+                            "name": {"type": "string"},
+                            "kind": {"enum": ["Issuer", "ClusterIssuer"]},
+                            "group": {"const": CERT_MANAGER},
+                        },
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+    "Issuer": {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": f"{CERT_MANAGER}/v1"},
+            "kind": {"const": "Issuer"},
+            "metadata": _METADATA,
+            "spec": {
+                "type": "object",
+                # One kind of issuer each.
+                "minProperties": 1,
+                "maxProperties": 1,
+                "properties": {
+                    "selfSigned": {"type": "object", "additionalProperties": False},
+                    "ca": {
+                        "type": "object",
+                        "required": ["secretName"],
+                        "properties": {"secretName": {"type": "string"}},
+                        "additionalProperties": False,
+                    },
+                },
+                "additionalProperties": False,
+            },
+        },
+        "additionalProperties": False,
+    },
+}
 
 #: Where the state replicas find their own pod IP (the downward API).
 POD_IP_FIELDS = ("status.podIP", "status.podIPs")
@@ -240,10 +376,11 @@ class Manifests:
         ]
 
     def wsgate_containers(self) -> dict[str, Container]:
-        """The containers of the wsgate image, by role (their first argument)."""
+        """The containers of the wsgate pods, by role (their first argument). By the pods'
+        label, not the image: prod runs the user's image, built on the wsgate one."""
         by_role: dict[str, Container] = {}
         for c in self.containers():
-            if _image_name(c.spec["image"]) != "wsgate":
+            if not _is_wsgate(c):
                 continue
             role = c.spec.get("args", [None])[0]
             assert role not in by_role, f"{self.target}: two containers run {role!r}"
@@ -286,6 +423,11 @@ class Manifests:
 def manifests(request: pytest.FixtureRequest) -> Manifests:
     target = str(request.param)
     return Manifests(target, _render(target))
+
+
+def _is_wsgate(c: Container) -> bool:
+    """Whether the container is one of the wsgate pods' (the roles and the migration)."""
+    return c.pod_labels.get("app.kubernetes.io/name") == "wsgate"
 
 
 def _image_name(image: str) -> str:
@@ -396,40 +538,86 @@ def _secret_file(c: Container, path: str) -> tuple[str, str] | None:
     return None
 
 
-@functools.cache
-def _stand_in_root() -> Path:
-    root = Path(tempfile.mkdtemp(prefix="wsgate-manifests-"))
-    import atexit
-
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    return root
-
-
-def _with_stand_ins(c: Container, env: dict[str, str]) -> dict[str, str]:
-    """``env`` with each path of a file mounted from a Secret (a certificate, say) moved to
-    an empty stand-in here: a role's config checks that its files exist, and this machine
-    has no /etc/wsgate."""
-    moved = dict(env)
-    for name, value in env.items():
-        if value.startswith("/") and _secret_file(c, value) is not None:
-            stand_in = _stand_in_root() / value.lstrip("/")
-            stand_in.parent.mkdir(parents=True, exist_ok=True)
-            stand_in.touch()
-            moved[name] = str(stand_in)
-    return moved
-
-
 def _role_config(m: Manifests, role: str) -> Any:
     """The role's config, built from its container's environment and arguments by the
-    same parser as ``wsgate ROLE`` (files mounted from Secrets: see _with_stand_ins)."""
+    same parser as ``wsgate ROLE``, with the files of its mounted Secrets standing in
+    locally (a config may read the certificates it names)."""
     c = m.wsgate_containers()[role]
-    env = _with_stand_ins(c, _pod_env(m, c))
+    env = _STAND_INS.localize(c, _pod_env(m, c))
     try:
         args = build_parser(env).parse_args(c.spec["args"])
     except SystemExit as exc:
         pytest.fail(f"{m.target}: wsgate {role} rejects its environment or arguments ({exc})")
     config_type = ROLE_CONFIGS[role]
     return config_type(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config_type)})
+
+
+def _setting(config: Any, env_name: str) -> Any:
+    """The value of the config's field that ``env_name`` sets (by the variable, which the
+    manifests use, not by the field's name)."""
+    (name,) = [f for f, env in env_variables(type(config)).items() if env == env_name]
+    return getattr(config, name)
+
+
+# -- certificates ---------------------------------------------------------------------------
+
+
+def _secret_mounts(c: Container) -> dict[str, str]:
+    """The container's mounts of Secret volumes: mount path -> Secret name."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in c.pod["volumes"] if "secret" in v}
+    return {
+        m["mountPath"]: secrets[m["name"]]
+        for m in c.spec.get("volumeMounts", [])
+        if m["name"] in secrets
+    }
+
+
+def _mounted_file(c: Container, path: str) -> tuple[str, str] | None:
+    """(Secret, key) of a file path in one of the container's Secret mounts, else None."""
+    parent, key = str(PurePosixPath(path).parent), PurePosixPath(path).name
+    secret = _secret_mounts(c).get(parent)
+    return None if secret is None else (secret, key)
+
+
+class _StandInSecrets:
+    """Local files standing in for the certificate Secrets a pod mounts: a certificate
+    and key of the test CA and the CA itself, under cert-manager's key names, one
+    directory per Secret. Bound to the session's ``pki`` by a fixture."""
+
+    def __init__(self) -> None:
+        self._pki: Pki | None = None
+        self._dirs: dict[str, Path] = {}
+
+    def bind(self, pki: Pki) -> None:
+        self._pki = pki
+
+    def directory(self, secret: str) -> Path:
+        if secret not in self._dirs:
+            assert self._pki is not None, "the stand-in Secrets are not bound to a Pki"
+            issued = self._pki.server(f"stand-in-{secret}")
+            where = self._pki.root / "secrets" / secret
+            where.mkdir(parents=True)
+            for key, source in ((CERT, issued.cert), (KEY, issued.key), (CA, self._pki.ca)):
+                (where / key).write_bytes(source.read_bytes())
+            self._dirs[secret] = where
+        return self._dirs[secret]
+
+    def localize(self, c: Container, env: dict[str, str]) -> dict[str, str]:
+        """``env`` with each path to a certificate file of a mounted Secret moved here."""
+        local = dict(env)
+        for name, value in env.items():
+            found = _mounted_file(c, value) if value.startswith("/") else None
+            if found is not None and found[1] in (CERT, KEY, CA):
+                local[name] = str(self.directory(found[0]) / found[1])
+        return local
+
+
+_STAND_INS = _StandInSecrets()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stand_in_secrets(pki: Pki) -> None:
+    _STAND_INS.bind(pki)
 
 
 # -- NATS' configuration ------------------------------------------------------------------
@@ -616,12 +804,17 @@ def test_each_kustomization_renders_every_part(manifests: Manifests) -> None:
 
 
 def test_every_object_validates_against_the_kubernetes_schema(manifests: Manifests) -> None:
-    """Strict: a misspelt or misplaced field fails, as ``kubectl apply`` would refuse it."""
+    """Strict: a misspelt or misplaced field fails, as ``kubectl apply`` would refuse it
+    (cert-manager's objects: against the subset of its schema above)."""
     errors = []
     for obj in manifests.objects:
         try:
-            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-        except kubernetes_validate.ValidationError as exc:
+            if obj["apiVersion"].split("/")[0] == CERT_MANAGER:
+                assert obj["kind"] in CERT_MANAGER_SCHEMAS, f"no schema for {obj['kind']}"
+                jsonschema.validate(obj, CERT_MANAGER_SCHEMAS[obj["kind"]])
+            else:
+                kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
             where = ".".join(str(p) for p in exc.path)
             errors.append(f"{obj['kind']}/{obj['metadata']['name']} {where}: {exc.message}")
     assert not errors, f"{manifests.target} against Kubernetes {KUBERNETES_VERSION}:\n" + "\n".join(
@@ -664,29 +857,45 @@ def test_every_wsgate_variable_is_a_setting_of_its_role(manifests: Manifests) ->
 
 def test_each_role_builds_its_config_from_the_pod_environment(manifests: Manifests) -> None:
     """The values pass the config's own checks (ports, host:port, module:attribute...),
-    listen on every interface, and the worker's app is a module that exists."""
+    listen on every interface, and the worker's app is a module that exists (prod's is
+    the user's, in the user's image: test_prod_runs_a_named_app_in_its_own_image)."""
     for role in ROLE_CONFIGS:
         config = _role_config(manifests, role)
         # In a pod, 127.0.0.1 (the default) would serve neither probes nor peers.
         assert config.host == "0.0.0.0", f"{role}: WSGATE_HOST is {config.host!r}"
+    if manifests.target == "overlays/prod":
+        return
     worker = _role_config(manifests, "worker")
     module = worker.app.split(":", 1)[0]
     assert importlib.util.find_spec(module) is not None, f"WSGATE_APP {worker.app!r}: no module"
 
 
+def _serves_tls(role: str, config: Any) -> tuple[bool, bool]:
+    """Whether the role serves TLS on (its HTTP port, its gRPC port): the gateway its
+    WebSockets and probes on one port; the state service gRPC only, its probe port
+    staying plain HTTP."""
+    tls = role in ("gateway", "state") and bool(_setting(config, "WSGATE_TLS_CERT"))
+    return (tls and role == "gateway", tls and role == "state")
+
+
 def test_ports_and_probes_are_those_the_roles_serve(manifests: Manifests) -> None:
-    """Container ports, probe ports and paths, and the scrape annotations equal what the
-    role serves with the config built from the pod's environment."""
+    """Container ports, probe ports, paths and schemes, and the scrape annotations equal
+    what the role serves with the config built from the pod's environment: HTTPS where
+    it serves TLS (the kubelet does not verify the certificate), and no gRPC probe on a
+    TLS port (the kubelet's gRPC probe cannot speak TLS)."""
     for role, c in manifests.wsgate_containers().items():
         config = _role_config(manifests, role)
         http = HTTP_PORT[role](config)
         expected = {http, config.port} if role == "state" else {http}
         declared = {int(p["containerPort"]) for p in c.spec.get("ports", [])}
         assert declared == expected, f"{c.name}: ports {declared}, the {role} serves {expected}"
+        https, grpc_tls = _serves_tls(role, config)
+        scheme = "HTTPS" if https else "HTTP"
 
         ready = c.spec["readinessProbe"]["httpGet"]
         assert ready["path"] == READY_PATH, c.name
         assert c.port(ready["port"]) == http, f"{c.name}: readiness probe port {ready['port']}"
+        assert ready.get("scheme", "HTTP") == scheme, f"{c.name}: readiness probe scheme"
         for kind in ("livenessProbe", "startupProbe"):
             probe = c.spec.get(kind)
             if probe is None:
@@ -694,16 +903,21 @@ def test_ports_and_probes_are_those_the_roles_serve(manifests: Manifests) -> Non
             elif "grpc" in probe:
                 # The standard gRPC health service runs on the state service's gRPC port.
                 assert role == "state", f"{c.name}: only the state service serves gRPC health"
+                assert not grpc_tls, f"{c.name}: a gRPC {kind} on a TLS port always fails"
                 assert probe["grpc"]["port"] == config.port, f"{c.name}: {kind} gRPC port"
                 assert probe["grpc"].get("service", "") == "", c.name
             else:
-                assert probe["httpGet"]["path"] == HEALTH_PATH, f"{c.name}: {kind} path"
+                # Start-up may wait for readiness (every part started); liveness may not.
+                paths = {HEALTH_PATH, READY_PATH} if kind == "startupProbe" else {HEALTH_PATH}
+                assert probe["httpGet"]["path"] in paths, f"{c.name}: {kind} path"
                 assert c.port(probe["httpGet"]["port"]) == http, f"{c.name}: {kind} port"
+                assert probe["httpGet"].get("scheme", "HTTP") == scheme, f"{c.name}: {kind}"
 
         annotations = c.workload["spec"]["template"]["metadata"].get("annotations", {})
         if annotations.get("prometheus.io/scrape") == "true":
             assert int(annotations["prometheus.io/port"]) == http, c.name
             assert annotations.get("prometheus.io/path", METRICS_PATH) == METRICS_PATH, c.name
+            assert annotations.get("prometheus.io/scheme", "http") == scheme.lower(), c.name
 
 
 def test_services_send_to_ports_the_pods_open(manifests: Manifests) -> None:
@@ -831,16 +1045,17 @@ def test_grace_periods_outlast_the_drains(manifests: Manifests) -> None:
 
 def test_state_data_is_in_postgresql_or_on_the_pod_volume(manifests: Manifests) -> None:
     """Over PostgreSQL (the base, dev, prod) the state replicas keep nothing on disk: no
-    volume but /tmp and read-only Secrets (certificates), and several of them. On SQLite
-    (overlays/sqlite) WSGATE_STATE_DB is on the StatefulSet's volume claim, and there is
-    one replica: SQLite is one file."""
+    volume but /tmp and Secrets, and several of them. On SQLite (overlays/sqlite)
+    WSGATE_STATE_DB is on the StatefulSet's volume claim, and there is one replica: SQLite
+    is one file."""
     state = manifests.wsgate_containers()["state"]
     config = _role_config(manifests, "state")
     workload = state.workload
     if config.postgres:
         assert "volumeClaimTemplates" not in workload["spec"], f"{state.name}: a volume claim"
         for volume in state.pod["volumes"]:
-            kept = "emptyDir" not in volume and "secret" not in volume
+            # Scratch space, or read-only Secrets (its certificate).
+            kept = not {"emptyDir", "secret"} & set(volume)
             assert not kept, f"{state.name}: volume {volume['name']} keeps data"
         assert workload["spec"]["replicas"] >= 2, f"{state.name}: one replica over PostgreSQL"
         return
@@ -1159,11 +1374,7 @@ def test_pods_are_locked_down_and_sized(manifests: Manifests) -> None:
         for mount in c.spec.get("volumeMounts", []):
             assert mount["name"] in volumes, f"{c.name}: no volume {mount['name']}"
         assert c.spec.get("imagePullPolicy") == "IfNotPresent", c.name
-    wsgate = [
-        c
-        for c in manifests.containers() + manifests.init_containers()
-        if _image_name(c.spec["image"]) == "wsgate"
-    ]
+    wsgate = [c for c in manifests.containers() + manifests.init_containers() if _is_wsgate(c)]
     for c in wsgate:
         # Python and SQLite write temporary files; the root filesystem is read-only.
         tmp = [v for v in c.pod["volumes"] if c.mount_of(v["name"]) == "/tmp"]
@@ -1172,7 +1383,7 @@ def test_pods_are_locked_down_and_sized(manifests: Manifests) -> None:
     # A pinned tag (nats:2.10-alpine, postgres:16), not whatever latest is on the day of a
     # pull.
     for c in manifests.containers():
-        if _image_name(c.spec["image"]) != "wsgate":
+        if not _is_wsgate(c):
             assert ":" in c.spec["image"], c.name
             assert _image_tag(c.spec["image"]) != "latest", c.name
     if manifests.target == "overlays/prod":
@@ -1387,11 +1598,7 @@ def _env_var(c: Container, name: str) -> dict[str, Any] | None:
 def _migration(m: Manifests) -> Container:
     """The container that runs ``wsgate state migrate`` before the state replicas start."""
     state = m.wsgate_containers()["state"]
-    found = [
-        c
-        for c in m.init_containers()
-        if c.workload is state.workload and _image_name(c.spec["image"]) == "wsgate"
-    ]
+    found = [c for c in m.init_containers() if c.workload is state.workload]
     assert len(found) == 1, f"{m.target}: expected one wsgate init container, found {found}"
     return found[0]
 
@@ -1592,3 +1799,260 @@ async def test_dev_postgresql_lets_the_state_dsn_in(tmp_path: Path) -> None:
         wrong = psycopg.conninfo.make_conninfo(dsn, password=password + "-wrong")
         with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
             psycopg.connect(wrong, connect_timeout=5).close()
+
+
+# -- encryption, certificates and the hardened prod overlay -------------------------------
+
+
+def _certificate_of(m: Manifests, secret: str) -> dict[str, Any] | None:
+    """The cert-manager Certificate that makes the Secret, if the kustomization has one."""
+    found = [c for c in m.of_kind("Certificate") if c["spec"]["secretName"] == secret]
+    assert len(found) <= 1, f"{m.target}: several Certificates make {secret}: {found}"
+    return found[0] if found else None
+
+
+def _tls_files(m: Manifests) -> dict[tuple[str, str], tuple[str, str]]:
+    """(role, setting) -> (Secret, key) for every certificate setting a role sets."""
+    files = {}
+    for role, c in m.wsgate_containers().items():
+        env = _pod_env(m, c)
+        for name in TLS_FILES.get(role, {}):
+            if env.get(name):
+                found = _mounted_file(c, env[name])
+                assert found is not None, f"{c.name}: {name}={env[name]} is in no mounted Secret"
+                files[role, name] = found
+    return files
+
+
+def test_certificate_settings_name_files_of_mounted_secrets(manifests: Manifests) -> None:
+    """Every certificate setting names the file of its cert-manager key (tls.crt,
+    tls.key, ca.crt) in a Secret mounted whole (a subPath would never see a renewal),
+    read-only, not readable by others; a certificate and its key come from one Secret.
+    Any other WSGATE_*TLS*KEY setting names a file of a mounted Secret too: a private key
+    is never in a ConfigMap or the image. The migration mounts what the replica's config
+    names. Secrets the kustomization does not make are the base's, which docs/deploy.md
+    tells how to make."""
+    m = manifests
+    files = _tls_files(m)
+    for (role, name), (_, key) in files.items():
+        assert key == TLS_FILES[role][name], (
+            f"{role}: {name} names {key}, not {TLS_FILES[role][name]}"
+        )
+    for role, pairs in (
+        ("gateway", "WSGATE_TLS"),
+        ("state", "WSGATE_TLS"),
+        ("worker", "WSGATE_STATE_TLS"),
+    ):
+        cert, key = files.get((role, f"{pairs}_CERT")), files.get((role, f"{pairs}_KEY"))
+        assert (cert is None) == (key is None), f"{role}: a certificate without its key"
+        if cert is not None and key is not None:
+            assert cert[0] == key[0], (
+                f"{role}: the certificate from {cert[0]}, its key from {key[0]}"
+            )
+
+    containers = [
+        *m.wsgate_containers().values(),
+        *(c for c in m.init_containers() if _is_wsgate(c)),
+    ]
+    mounted: set[str] = set()
+    for c in containers:
+        env = _pod_env(m, c)
+        for name, value in env.items():
+            if name.startswith("WSGATE_") and "TLS" in name and name.endswith("_KEY") and value:
+                assert _mounted_file(c, value), f"{c.name}: {name}={value} is in no mounted Secret"
+            if value.startswith("/etc/wsgate/"):
+                # A path the image does not have: a volume must be mounted above it.
+                mounts = [mount["mountPath"] for mount in c.spec.get("volumeMounts", [])]
+                assert any(PurePosixPath(value).is_relative_to(d) for d in mounts), (
+                    f"{c.name}: {name}={value} is not mounted"
+                )
+        volumes = {v["name"]: v for v in c.pod["volumes"]}
+        for mount in c.spec.get("volumeMounts", []):
+            # (A volume claim template is not among the pod's volumes: no Secret.)
+            secret = volumes.get(mount["name"], {}).get("secret")
+            if secret is None:
+                continue
+            mounted.add(secret["secretName"])
+            assert mount.get("readOnly") is True, f"{c.name}: {mount['name']} is writable"
+            assert "subPath" not in mount, f"{c.name}: {mount['name']} by subPath: no renewals"
+            assert "items" not in secret, f"{c.name}: {mount['name']} renames cert-manager's keys"
+            assert secret.get("defaultMode", 0o644) & 0o007 == 0, f"{c.name}: readable by others"
+            # Group-readable files need the pod's group to own them.
+            if secret.get("defaultMode", 0o644) & 0o004 == 0:
+                assert c.pod["securityContext"].get("fsGroup") == RUN_AS_USER, c.name
+
+    made = {name for name in mounted if m.renders("Secret", name) or _certificate_of(m, name)}
+    if m.target == "base":
+        assert mounted - made <= set(TLS_SECRETS), f"unknown Secrets: {mounted - made}"
+    else:
+        assert made == mounted, f"{m.target}: Secrets nothing makes: {mounted - made}"
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for name in mounted - made:
+        assert TLS_SECRET_COMMAND.format(name=name) in docs, f"docs: how to make {name} by hand"
+        for key in (CERT, KEY, CA):
+            assert TLS_SECRET_KEY_OPTION.format(key=key) in docs, f"docs: the key {key}"
+
+
+def test_certificates_agree_with_the_settings(manifests: Manifests) -> None:
+    """Where cert-manager makes the Secrets (every overlay): each Certificate's issuer is
+    in the namespace (or a ClusterIssuer: prod's public one for the gateway); the CA
+    Issuer's key is a CA certificate from a self-signed Issuer, kept at renewal; a Secret
+    whose ca.crt a role reads comes from that CA (a public issuer writes none); the
+    servers' certificates are for server authentication, the workers' for client
+    authentication; the state certificate carries the name the workers verify; and the
+    workers and the state service are signed by the one CA each trusts the other by.
+    Each is renewed well before it ends."""
+    m = manifests
+    if not m.of_kind("Certificate"):
+        assert m.target == "base", f"{m.target}: no Certificates"
+        return
+    issuers = {i["metadata"]["name"]: i["spec"] for i in m.of_kind("Issuer")}
+    for cert in m.of_kind("Certificate"):
+        ref, name = cert["spec"]["issuerRef"], cert["metadata"]["name"]
+        assert ref.get("group", CERT_MANAGER) == CERT_MANAGER, name
+        if ref.get("kind", "Issuer") == "Issuer":
+            assert ref["name"] in issuers, f"Certificate {name}: no Issuer {ref['name']}"
+        duration = _seconds(cert["spec"].get("duration", "2160h"))
+        renew = _seconds(cert["spec"].get("renewBefore", f"{duration / 3}s"))
+        # cert-manager's own bounds: at least 1 h, renewed at least 5 min before the end.
+        assert duration >= 3600, name
+        assert 300 <= renew < duration, name
+    for name, spec in issuers.items():
+        if "ca" in spec:
+            ca = _certificate_of(m, spec["ca"]["secretName"])
+            assert ca is not None, f"Issuer {name}: no Certificate makes its key"
+            assert ca["spec"].get("isCA") is True, f"Issuer {name}: not a CA"
+            assert "selfSigned" in issuers[ca["spec"]["issuerRef"]["name"]], name
+            # A new key would leave every certificate signed before without a trusted CA.
+            assert ca["spec"]["privateKey"]["rotationPolicy"] == "Never", name
+
+    def issuer(secret: str) -> tuple[str, str]:
+        cert = _certificate_of(m, secret)
+        assert cert is not None, f"{m.target}: no Certificate makes {secret}"
+        ref = cert["spec"]["issuerRef"]
+        return ref.get("kind", "Issuer"), ref["name"]
+
+    files = _tls_files(m)
+    for secret, key in files.values():
+        kind, issued_by = issuer(secret)
+        if key == CA:
+            assert kind == "Issuer", f"{secret}: a ClusterIssuer may write no ca.crt"
+            assert "ca" in issuers[issued_by], f"{secret}: its issuer writes no ca.crt"
+    usages = {
+        ("gateway", "WSGATE_TLS_CERT"): "server auth",
+        ("state", "WSGATE_TLS_CERT"): "server auth",
+        ("worker", "WSGATE_STATE_TLS_CERT"): "client auth",
+    }
+    for (role, name), usage in usages.items():
+        cert = _certificate_of(m, files[role, name][0])
+        assert cert is not None
+        assert usage in cert["spec"]["usages"], f"{role}: {name} is not for {usage}"
+        assert "cert sign" not in cert["spec"]["usages"], f"{role}: {name} may sign"
+        assert not cert["spec"].get("isCA"), f"{role}: {name} is a CA"
+
+    state_cert = _certificate_of(m, files["state", "WSGATE_TLS_CERT"][0])
+    assert state_cert is not None
+    server_name = _setting(_role_config(m, "worker"), "WSGATE_STATE_TLS_SERVER_NAME")
+    assert server_name, "the workers dial pod IPs: they must verify a fixed name"
+    assert server_name in state_cert["spec"]["dnsNames"], f"state-tls lacks {server_name!r}"
+    # Mutual TLS: each side's ca.crt is the CA that signed the other side.
+    worker_client = issuer(files["worker", "WSGATE_STATE_TLS_CERT"][0])
+    assert issuer(files["state", "WSGATE_TLS_CLIENT_CA"][0]) == worker_client
+    assert issuer(files["worker", "WSGATE_STATE_TLS_CA"][0]) == issuer(
+        files["state", "WSGATE_TLS_CERT"][0]
+    )
+
+
+def test_clients_and_roles_talk_only_over_tls(manifests: Manifests) -> None:
+    """Every kustomization: the gateway serves wss (a certificate and key) and a Service
+    exposed outside the cluster reaches nothing else; the state service requires client
+    certificates; the workers present one, trust a CA and verify a name."""
+    m = manifests
+    gateway = _role_config(m, "gateway")
+    for name in TLS_FILES["gateway"]:
+        assert _setting(gateway, name), f"gateway: {name} is not set (wss)"
+    state = _role_config(m, "state")
+    for name in TLS_FILES["state"]:
+        assert _setting(state, name), f"state: {name} is not set (mutual TLS)"
+    worker = _role_config(m, "worker")
+    for name in [*TLS_FILES["worker"], "WSGATE_STATE_TLS_SERVER_NAME"]:
+        assert _setting(worker, name), f"worker: {name} is not set (mutual TLS)"
+    gateway_c = m.wsgate_containers()["gateway"]
+    for service in m.of_kind("Service"):
+        if not _selects(service["spec"]["selector"], gateway_c.pod_labels):
+            continue
+        for port in service["spec"]["ports"]:
+            target = gateway_c.port(port.get("targetPort", port["port"]))
+            assert target == gateway.port, f"Service {service['metadata']['name']}: {port}"
+            if service["spec"].get("type") in _EXPOSED:
+                assert port["port"] == 443, f"wss on {port['port']}: clients expect 443"
+
+
+def _open_origin(pattern: str) -> bool:
+    """Whether an allowed-origin pattern lets in any site: no scheme://host, a wildcard
+    host or one anywhere but a leading label (``https://*.example.com`` is a list of
+    one site's hosts, ``https://*`` and ``https://*.com`` are everyone)."""
+    scheme, sep, host = pattern.partition("://")
+    if not sep or "*" in scheme:
+        return True
+    host = host.split(":")[0]
+    rest = host[2:] if host.startswith("*.") else host
+    return "*" in rest or (host != rest and "." not in rest) or not rest
+
+
+def test_origins_are_an_allowlist(manifests: Manifests) -> None:
+    """The gateway allows a closed list of origins everywhere (empty would be any); prod's
+    are https pages of its own, not the port-forward address the base allows."""
+    config = _role_config(manifests, "gateway")
+    value = _setting(config, "WSGATE_ALLOWED_ORIGINS")
+    patterns = [p.strip() for p in value.split(",") if p.strip()]
+    assert patterns, f"{manifests.target}: WSGATE_ALLOWED_ORIGINS is empty: any origin"
+    for pattern in patterns:
+        assert not _open_origin(pattern), f"{manifests.target}: {pattern!r} lets in any site"
+    if manifests.target == "overlays/prod":
+        for pattern in patterns:
+            assert pattern.startswith("https://"), f"prod: {pattern!r} (a page over https only)"
+            assert urlsplit(pattern.replace("*.", "")).hostname != "localhost", pattern
+
+
+def test_open_origin_patterns_are_recognised() -> None:
+    """The check above at its edges: one site's hosts pass, everyone's do not."""
+    for closed in ("https://chat.example.com", "https://*.example.com", "https://localhost:8443"):
+        assert not _open_origin(closed), closed
+    for open_ in ("*", "https://*", "https://*.com", "*://chat.example.com", "https://a*.b.com"):
+        assert _open_origin(open_), open_
+
+
+def test_prod_runs_a_named_app_in_its_own_image() -> None:
+    """prod deploys the user's app (WSGATE_APP names it) from the user's image, pinned;
+    never the example app of the wsgate image and its demo token. Its gateway takes
+    clients straight from the load balancer (their own addresses, for the per-address
+    limits) unless it reads the PROXY protocol, and its certificate comes from an
+    issuer outside the namespace, one that browsers trust."""
+    m = Manifests("overlays/prod", _render("overlays/prod"))
+    worker = _role_config(m, "worker")
+    module = worker.app.split(":", 1)[0]
+    assert module.split(".")[0] != "examples", f"prod runs the example app ({worker.app})"
+    image = m.wsgate_containers()["worker"].spec["image"]
+    assert _image_name(image) != "wsgate", f"prod: {image} is the wsgate image, not the app's"
+    assert _image_tag(image) != "latest", image
+    assert "WSGATE_DEMO_TOKEN" not in _pod_env(m, m.wsgate_containers()["worker"])
+
+    gateway = _role_config(m, "gateway")
+    (service,) = [s for s in m.of_kind("Service") if s["spec"].get("type") in _EXPOSED]
+    if _setting(gateway, "WSGATE_PROXY_PROTOCOL") == "off":
+        assert service["spec"].get("externalTrafficPolicy") == "Local", "clients' addresses"
+        assert not _setting(gateway, "WSGATE_TRUSTED_PROXIES"), "a proxy trusted, none used"
+    cert = _certificate_of(m, _tls_files(m)["gateway", "WSGATE_TLS_CERT"][0])
+    assert cert is not None
+    assert cert["spec"]["issuerRef"]["kind"] == "ClusterIssuer", "prod: the gateway's issuer"
+
+
+def test_gateway_outbound_budget_fits_its_memory_limit(manifests: Manifests) -> None:
+    """The bytes all clients of a gateway may leave unsent stay within half its memory
+    limit: the budget must refuse before the kernel kills the pod."""
+    config = _role_config(manifests, "gateway")
+    c = manifests.wsgate_containers()["gateway"]
+    limit = _quantity(c.spec["resources"]["limits"]["memory"])
+    budget = _setting(config, "WSGATE_OUTBOUND_BUDGET_BYTES")
+    assert budget <= limit / 2, f"{manifests.target}: budget {budget} of a {limit} limit"
