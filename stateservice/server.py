@@ -84,12 +84,14 @@ class StateServer(Service):
                 self._presence_stats,
                 lambda: len(self.leases.table),
                 lambda: self.ownership,
+                self._garbage_counts,
             ),
         )
         self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"
         self.ownership: Ownership | None = None
         self._watch: ReplicaWatch | None = None
         self._membership: MembershipComponent | None = None
+        self._alarms: AlarmsComponent | None = None
         self._components: list[Component] = []
         self._started: list[Component] = []
         self._nc: NatsClient | None = None
@@ -146,7 +148,7 @@ class StateServer(Service):
                 self.config, self.storage, self.locks, self._nc, self.leases, ownership
             )
             self._membership = MembershipComponent(context)
-            alarms = AlarmsComponent(context)
+            self._alarms = alarms = AlarmsComponent(context)
             self._components = [
                 KeyValueComponent(context),
                 self._membership,
@@ -221,6 +223,15 @@ class StateServer(Service):
         if dropped:
             log.info("%d lease(s) moved to other replicas", dropped)
         ownership.changed(live)
+
+    def _garbage_counts(self) -> dict[str, int]:
+        """Messages from NATS dropped as garbage, by kind of subject (see metrics.py)."""
+        presence = self._presence_stats()
+        return {
+            "presence": 0 if presence is None else presence.garbage,
+            "replicas": 0 if self._watch is None else self._watch.garbage,
+            "alarm_reply": 0 if self._alarms is None else self._alarms.scheduler.garbage,
+        }
 
     def _presence_stats(self) -> PresenceStats | None:
         return None if self._membership is None else self._membership.presence.stats

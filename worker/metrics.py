@@ -6,6 +6,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
+#: The kinds of subject a worker takes messages on (the ``subject`` label of ``garbage``).
+GARBAGE_SUBJECTS = ("connect", "events", "alarm", "replicas")
+
 
 class WorkerMetrics:
     """Everything the worker counts. Labels are fixed sets, never user strings."""
@@ -22,7 +25,16 @@ class WorkerMetrics:
         self.handler_errors = Counter(
             "wsgate_worker_handler_errors", "Handlers that raised", registry=r
         )
-        self.garbage = Counter("wsgate_worker_garbage", "Unreadable envelopes dropped", registry=r)
+        self.garbage = Counter(
+            "wsgate_worker_garbage",
+            "Messages from NATS dropped because they are not the envelope their subject "
+            "carries or break its contract, by the kind of subject: connect, events, alarm "
+            "(the app's subjects and this worker's own alike), replicas",
+            ["subject"],
+            registry=r,
+        )
+        for subject in GARBAGE_SUBJECTS:
+            self.garbage.labels(subject)  # every kind shows, at 0, before the first
         self.gate_waits = Counter(
             "wsgate_worker_output_gate_waits",
             "Handler runs whose output had to wait at the gate for storage writes",
