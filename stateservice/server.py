@@ -39,6 +39,7 @@ from stateservice.metrics import state_registry
 from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
 from stateservice.storage import PostgresStorage, SqliteStorage, Storage
+from stateservice.undecodable import RefuseUndecodable
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
 from wsgate.errors import ConfigError
@@ -128,6 +129,9 @@ class StateServer(Service):
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the
             # same port must fail, not silently share the traffic.
             server = grpc.aio.server(
+                # A request that does not parse is the caller's fault: INVALID_ARGUMENT,
+                # not gRPC's own INTERNAL.
+                interceptors=[RefuseUndecodable()],
                 options=[
                     ("grpc.so_reuseport", 0),
                     # One put may carry 128 keys of 2 KiB and values of 128 KiB (~16.3 MiB).
@@ -135,7 +139,7 @@ class StateServer(Service):
                     # gRPC cancels calls beyond ~1,000 waiting to be picked up; a worker
                     # alone may have 1,024 events in flight, each making calls.
                     ("grpc.server.max_pending_requests", 100_000),
-                ]
+                ],
             )
             self._server = server
             target = f"{_host_for_address(self.config.host)}:{self.config.port}"
