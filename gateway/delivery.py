@@ -33,11 +33,11 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import nats.errors
-from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from wsgate import ids
+from wsgate import envelopes, ids
+from wsgate.errors import InvalidEnvelope
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -81,8 +81,10 @@ class EventDelivery:
 
     ``on_messages(connection_id, messages)`` receives what a final ack carries, before the
     delivery it completes returns. For metrics and logs: ``on_redelivery`` for each
-    resend, ``on_stale`` for a final ack that came too late, ``on_round_trip(seconds)``
-    for each acknowledged event, ``on_given_up(event)`` for each event given up. The caller
+    resend, ``on_stale`` for an ack that came too late, ``on_round_trip(seconds)``
+    for each acknowledged event, ``on_given_up(event)`` for each event given up,
+    ``on_garbage(subject)`` for each message that is no valid ack, with the kind of subject
+    it came on ("ack" or "acks"). The caller
     subscribes :meth:`on_reply` to ``ack_wildcard`` and reports NATS' connection state
     through :meth:`set_bus_connected`, and :meth:`on_batch` to ``ack_batch_subject``.
     """
@@ -102,6 +104,7 @@ class EventDelivery:
         on_stale: Callable[[], None] = lambda: None,
         on_round_trip: Callable[[float], None] = lambda seconds: None,
         on_given_up: Callable[[pb.ConnectionEvent], None] = lambda event: None,
+        on_garbage: Callable[[str], None] = lambda subject: None,
     ) -> None:
         self._nc = nc
         self._loop = asyncio.get_running_loop()
@@ -119,6 +122,7 @@ class EventDelivery:
         self._on_stale = on_stale
         self._on_round_trip = on_round_trip
         self._on_given_up = on_given_up
+        self._on_garbage = on_garbage
         self._waiting: dict[tuple[str, int], _Waiting] = {}
         self._bus_up = asyncio.Event()
         self._bus_up.set()
@@ -242,24 +246,35 @@ class EventDelivery:
         return True
 
     async def on_reply(self, msg: Msg) -> None:
-        """The subscription callback for ``ack_wildcard``."""
-        connection_id, _, sequence = msg.subject[self._ack_prefix_len :].rpartition(".")
-        try:
-            key = (connection_id, int(sequence))
-        except ValueError:
-            self._on_stale()
+        """The subscription callback for ``ack_wildcard``. What is not an ack of this
+        gateway's (an unparsable subject, a payload that is no EventAck of the subject's
+        sequence) goes to ``on_garbage("ack")``; an ack of an event no longer waited for
+        to ``on_stale``."""
+        connection_id, _, sequence_text = msg.subject[self._ack_prefix_len :].rpartition(".")
+        # Strictly digits: int() would also take "+1", " 1" and "1_0".
+        if not (sequence_text.isascii() and sequence_text.isdigit() and len(sequence_text) < 20):
+            self._on_garbage("ack")
             return
-        waiting = self._waiting.get(key)
+        sequence = int(sequence_text)
+        waiting = self._waiting.get((connection_id, sequence))
+        headers = msg.headers
+        no_responders = headers is not None and headers.get("Status") == _NO_RESPONDERS
+        if no_responders:
+            if waiting is not None and not waiting.future.done():
+                waiting.future.set_result(Reply.NO_RESPONDERS)
+            else:
+                self._on_stale()
+            return
+        try:
+            ack = envelopes.read_event_ack(msg.data, sequence)
+            if waiting is None:
+                envelopes.check_connection_id("EventAck", connection_id)
+                envelopes.check_sequence("EventAck", sequence)
+        except InvalidEnvelope:
+            self._on_garbage("ack")
+            return
         if waiting is None or waiting.future.done():
             # An ack for a copy we stopped waiting for (it was redelivered meanwhile).
-            self._on_stale()
-            return
-        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
-            waiting.future.set_result(Reply.NO_RESPONDERS)
-            return
-        try:
-            ack = pb.EventAck.FromString(msg.data)
-        except DecodeError:
             self._on_stale()
             return
         if ack.in_progress:
@@ -271,17 +286,26 @@ class EventDelivery:
         self._acknowledged(connection_id, ack, waiting)
 
     async def on_batch(self, msg: Msg) -> None:
-        """The subscription callback for ``<prefix>.acks.<gateway_id>``: final acks."""
+        """The subscription callback for ``<prefix>.acks.<gateway_id>``: final acks. A
+        payload that is no AckBatch, and an ack in it that could never have been sent (see
+        :func:`wsgate.envelopes.final_ack_problem`), go to ``on_garbage("acks")``."""
         try:
-            batch = pb.AckBatch.FromString(msg.data)
-        except DecodeError:
-            self._on_stale()
+            batch = envelopes.read_ack_batch(msg.data)
+        except InvalidEnvelope:
+            self._on_garbage("acks")
             return
         waiting_for = self._waiting
         for ack in batch.acks:
             waiting = waiting_for.get((ack.connection_id, ack.sequence))
             if waiting is None or waiting.future.done():
-                self._on_stale()  # the ack of a copy we stopped waiting for
+                # Checked only here, off the common path: garbage, or the ack of a copy we
+                # stopped waiting for.
+                if envelopes.final_ack_problem(ack) is not None:
+                    self._on_garbage("acks")
+                else:
+                    self._on_stale()
+            elif ack.in_progress or ack.retry:
+                self._on_garbage("acks")  # a batch carries final acks only
             else:
                 self._acknowledged(ack.connection_id, ack, waiting)
 

@@ -6,6 +6,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
+#: The kinds of subject the gateway takes messages on (the ``subject`` label of ``garbage``):
+#: its command subject, its per-event ack subjects, its acks subject, and the reply inbox
+#: of its connect requests.
+GARBAGE_SUBJECTS = ("command", "ack", "acks", "connect_reply")
+
 
 class GatewayMetrics:
     """Everything the gateway counts. Labels are fixed sets, never user strings."""
@@ -89,8 +94,9 @@ class GatewayMetrics:
         self.drops = Counter(
             "wsgate_gateway_drops",
             "Things dropped, by reason: unknown_connection (a command for a connection that "
-            "is gone), garbage (an unreadable envelope), write_failed, slow_consumer, stale "
-            "(sent by a late copy of an event that was acknowledged already)",
+            "is gone), write_failed, slow_consumer, stale (sent by a late copy of an event "
+            "that was acknowledged already, or an ack of an event no longer waited for); "
+            "unreadable or invalid envelopes are wsgate_gateway_garbage_total",
             ["reason"],
             registry=r,
         )
@@ -118,6 +124,16 @@ class GatewayMetrics:
             "permissions, or the process acting beyond its role)",
             registry=r,
         )
+        self.garbage = Counter(
+            "wsgate_gateway_garbage",
+            "Messages from NATS dropped because they are not the envelope their subject "
+            "carries or break its contract, by the kind of subject: command, ack, acks, "
+            "connect_reply",
+            ["subject"],
+            registry=r,
+        )
+        for subject in GARBAGE_SUBJECTS:
+            self.garbage.labels(subject)  # every kind shows, at 0, before the first
         self.closes = Counter(
             "wsgate_gateway_closes",
             "Connections ended, by who started it",

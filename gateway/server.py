@@ -36,7 +36,6 @@ from fnmatch import fnmatchcase
 import nats.errors
 from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
-from google.protobuf.message import DecodeError
 from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -50,11 +49,11 @@ from gateway.outbox import CloseFrame, Outbox
 from gateway.presence import PresenceAnnouncer
 from gateway.rate import TokenBucket
 from gateway.static import Handler, with_static_files
-from wsgate import ids, subjects
+from wsgate import envelopes, ids, subjects
 from wsgate.bus import connect_bus
-from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
+from wsgate.closecodes import CloseCode, is_sendable
 from wsgate.config import GatewayConfig
-from wsgate.errors import ConfigError
+from wsgate.errors import ConfigError, InvalidEnvelope
 from wsgate.probes import add_probe_routes
 from wsgate.service import Service, ServicePhase
 from wsgate.v1 import envelope_pb2 as pb
@@ -208,6 +207,7 @@ class Gateway(Service):
                 on_stale=self.metrics.drops.labels("stale").inc,
                 on_round_trip=self.metrics.event_round_trip.observe,
                 on_given_up=self._given_up,
+                on_garbage=self._garbage,
             )
             self._delivery.start()
             await nc.subscribe(self._command_subject, cb=self._on_command)
@@ -446,7 +446,7 @@ class Gateway(Service):
         self.metrics.connections_open.inc()
         try:
             for message in accept.messages:
-                self._push_message(conn, message)
+                self._push_message(conn, message, "connect_reply")
             # Then what came for it before it opened (the next turns' broadcasts): their
             # turns ran after the connect turn, so their output follows its messages.
             for command in early.commands:
@@ -497,11 +497,10 @@ class Gateway(Service):
             log.warning("connect request failed: %r", exc)
             return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
         try:
-            decision = pb.ConnectDecision.FromString(reply.data)
-        except DecodeError:
-            decision = pb.ConnectDecision()
-        if decision.WhichOneof("outcome") is None:
-            log.error("unreadable connect decision for %s", connection_id)
+            decision = envelopes.read_connect_decision(reply.data)
+        except InvalidEnvelope as exc:
+            self._garbage("connect_reply")
+            log.error("unreadable connect decision for %s: %s", connection_id, exc.reason)
             return _Refusal("bad_decision", 502, "Bad answer from the app")
         return decision
 
@@ -685,17 +684,18 @@ class Gateway(Service):
             self.metrics.drops.labels("unknown_connection").inc(len(messages))
             return
         for message in messages:
-            self._push_message(conn, message)
+            self._push_message(conn, message, "acks")
+
+    def _garbage(self, subject: str) -> None:
+        """A message on a subject of kind ``subject`` was not its envelope: counted, dropped."""
+        self.metrics.garbage.labels(subject).inc()
 
     async def _on_command(self, msg: Msg) -> None:
         try:
-            command = pb.GatewayCommand.FromString(msg.data)
-        except DecodeError:
-            command = pb.GatewayCommand()
-        action = command.WhichOneof("action")
-        if action is None:
-            self.metrics.drops.labels("garbage").inc()
-            log.warning("dropped an unreadable command (%d bytes)", len(msg.data))
+            command = envelopes.read_command(msg.data)
+        except InvalidEnvelope as exc:
+            self._garbage("command")
+            log.warning("dropped a command (%d bytes): %s", len(msg.data), exc.reason)
             return
         for connection_id in command.connection_ids:
             conn = self._connections.get(connection_id)
@@ -733,32 +733,31 @@ class Gateway(Service):
         if conn.lifecycle.phase is not Phase.OPEN:
             self.metrics.drops.labels("unknown_connection").inc()
             return
+        if command.in_reply_to > conn.lifecycle.last_sequence:
+            # In reply to an event this connection has not produced: no worker sent it.
+            self._garbage("command")
+            return
         if conn.lifecycle.is_stale(command.in_reply_to):
             self.metrics.drops.labels("stale").inc()
             return
         if command.WhichOneof("action") == "send":
-            self._push_message(conn, command.send)
+            self._push_message(conn, command.send, "command")
         else:
-            self._push_close(conn, command.close.code, command.close.reason)
+            # The code and reason were checked when the command was read.
+            close = command.close
+            self._request_close(conn, pb.CLOSE_INITIATOR_APP, close.code, close.reason)
 
-    def _push_message(self, conn: LiveConnection, message: pb.Message) -> None:
+    def _push_message(self, conn: LiveConnection, message: pb.Message, subject: str) -> None:
         kind = message.WhichOneof("data")
         if kind == "text":
             conn.outbox.push(message.text)
         elif kind == "binary":
             conn.outbox.push(message.binary)
         else:
-            self.metrics.drops.labels("garbage").inc()
+            self._garbage(subject)
             return
         self.metrics.messages_out.inc()
         self._keep_budget()
-
-    def _push_close(self, conn: LiveConnection, code: int, reason: str) -> None:
-        if not is_sendable(code) or len(reason.encode("utf-8")) > MAX_REASON_BYTES:
-            # The worker SDK refuses these before sending; anything else is a bug.
-            log.error("refused close code %d / reason of %d bytes", code, len(reason))
-            code, reason = CloseCode.INTERNAL_ERROR, ""
-        self._request_close(conn, pb.CLOSE_INITIATOR_APP, code, reason)
 
 
 def _release_heartbeat_callback(request: web.Request) -> None:
@@ -789,9 +788,21 @@ def _offered_subprotocols(request: web.Request) -> list[str]:
     return offered
 
 
+#: Headers of a rejection that the gateway sets itself, never the app: they frame the
+#: response on the connection (RFC 9112 6, 9.6; RFC 9110 7.6.1), and a wrong one (a
+#: Content-Length shorter than the body) would desynchronise the client or a proxy.
+FRAMING_HEADERS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
+     "trailer", "proxy-connection"}
+)  # fmt: skip
+
+
 def _reject_response(reject: pb.Reject) -> web.Response:
-    status = reject.status if 400 <= reject.status <= 599 else 500
-    headers: CIMultiDict[str] = CIMultiDict((h.name, h.value) for h in reject.headers)
+    """The HTTP response of the app's rejection (its status and headers were checked when
+    the decision was read; the framing headers are the gateway's)."""
+    headers: CIMultiDict[str] = CIMultiDict(
+        (h.name, h.value) for h in reject.headers if h.name.lower() not in FRAMING_HEADERS
+    )
     if "Content-Type" not in headers:
         headers["Content-Type"] = "text/plain; charset=utf-8"
-    return web.Response(status=status, body=reject.body, headers=headers)
+    return web.Response(status=reject.status, body=reject.body, headers=headers)

@@ -41,6 +41,7 @@ from wsgate.placement import task_key
 from wsgate.state_errors import REFUSAL_TYPES, error_info
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
+from wsgate.values import INT64_MAX
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,10 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
         released = []
         for lease in request.leases:
             obj = await _object(context, lease.object)
+            if lease.epoch > INT64_MAX:
+                # Never granted (epochs are stored as 64-bit signed integers): nothing to
+                # release, and the database could not even compare it.
+                continue
             self._table.release(obj, worker, lease.epoch)
             # Stored even when the table does not show it: a lease granted by another
             # replica (the object moved here) is released too. The row only changes if
@@ -190,6 +195,12 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
         effects: list[TurnEffects] = []
         alarms: list[int] = []
         for turn in turns.turns:
+            if turn.sequence > INT64_MAX:
+                # The records keep sequences as 64-bit signed integers; a gateway counts
+                # from 1 and never gets there.
+                raise InvalidRequest(
+                    f"turn {turn.key[:80]!r}: sequence {turn.sequence} over 2**63-1"
+                )
             ops: list[Operation[Any]] = list(object_write_ops(obj, turn.writes)[0])
             for change in turn.members:
                 ops.append(self._member_op(obj, change))

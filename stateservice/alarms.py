@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import nats.errors
-from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 
 from stateservice.component import StateContext
@@ -51,7 +50,8 @@ from stateservice.ownership import Ownership
 from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
 from stateservice.storage import DATABASE_ERRORS, ObjectId, Operation, Sql, Storage
 from wsgate.config import StateConfig
-from wsgate.errors import InvalidObjectId, ObjectActive
+from wsgate.envelopes import read_alarm_result
+from wsgate.errors import InvalidEnvelope, InvalidObjectId, ObjectActive
 from wsgate.subjects import alarm_subject
 from wsgate.v1 import envelope_pb2 as envelope_pb
 from wsgate.v1 import state_pb2 as pb
@@ -334,6 +334,8 @@ class AlarmScheduler:
         self._planned_ms: float = float("inf")
         self._reading = False
         self._task: asyncio.Task[None] | None = None
+        #: Answers to alarm events that were no AlarmResult (each failed the firing).
+        self.garbage = 0
 
     def start(self) -> None:
         """Start the loop. Call once, on the event loop."""
@@ -467,9 +469,10 @@ class AlarmScheduler:
         except nats.errors.Error as exc:  # closed, draining, reconnecting: not sent
             return Delivery.UNDELIVERED, f"not sent: {exc!r}"
         try:
-            result = envelope_pb.AlarmResult.FromString(reply.data)
-        except DecodeError:
-            return Delivery.FAILED, f"unreadable answer ({len(reply.data)} bytes)"
+            result = read_alarm_result(reply.data)
+        except InvalidEnvelope as exc:
+            self.garbage += 1
+            return Delivery.FAILED, f"unreadable answer: {exc}"
         if result.ok:
             return Delivery.OK, ""
         return Delivery.FAILED, result.error or "the handler failed"

@@ -7,7 +7,7 @@ batching, the figure that says how many writers one fsync served.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -17,6 +17,11 @@ from stateservice.locks import ObjectLocks
 from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
 from stateservice.storage import Storage
+
+#: The kinds of subject a state service takes messages on (the ``subject`` label of
+#: ``wsgate_state_garbage_total``): gateways' presence, the replicas' announcements (over
+#: PostgreSQL), and the reply inbox of its alarm events.
+GARBAGE_SUBJECTS = ("presence", "replicas", "alarm_reply")
 
 
 class _StorageCollector(Collector):
@@ -28,9 +33,11 @@ class _StorageCollector(Collector):
         leases: Callable[[], int],
         ownership: Callable[[], Ownership | None],
         permission_violations: Callable[[], int],
+        garbage: Callable[[], Mapping[str, int]],
     ) -> None:
         self._ownership = ownership
         self._permission_violations = permission_violations
+        self._garbage = garbage
         self._storage = storage
         self._locks = locks
         self._presence = presence
@@ -87,6 +94,17 @@ class _StorageCollector(Collector):
                 "Calls refused with NOT_OWNER: another replica owns their object",
                 value=ownership.refused,
             )
+        garbage = CounterMetricFamily(
+            "wsgate_state_garbage",
+            "Messages from NATS dropped because they are not the envelope their subject "
+            "carries or break its contract, by the kind of subject: presence, replicas, "
+            "alarm_reply",
+            labels=["subject"],
+        )
+        counts = self._garbage()
+        for subject in GARBAGE_SUBJECTS:
+            garbage.add_metric([subject], counts.get(subject, 0))
+        yield garbage
         presence = self._presence()
         if presence is not None:
             yield CounterMetricFamily(
@@ -129,12 +147,15 @@ def state_registry(
     leases: Callable[[], int] = lambda: 0,
     ownership: Callable[[], Ownership | None] = lambda: None,
     permission_violations: Callable[[], int] = lambda: 0,
+    garbage: Callable[[], Mapping[str, int]] = dict,
 ) -> CollectorRegistry:
-    """A registry exposing the storage's figures, the objects' leases, and the membership
+    """A registry exposing the storage's figures, the objects' leases, the membership
     leases' once ``presence()`` has them (the membership part exists only once the server
-    started)."""
+    started), and the garbage dropped, by kind of subject (``garbage()``)."""
     registry = CollectorRegistry()
     registry.register(
-        _StorageCollector(storage, locks, presence, leases, ownership, permission_violations)
+        _StorageCollector(
+            storage, locks, presence, leases, ownership, permission_violations, garbage
+        )
     )
     return registry

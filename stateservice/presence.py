@@ -40,13 +40,13 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from wsgate import ids, subjects
-from wsgate.v1 import envelope_pb2 as pb
+from wsgate import subjects
+from wsgate.envelopes import read_presence
+from wsgate.errors import InvalidEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -316,16 +316,10 @@ class PresenceMonitor:
 
     async def _on_presence(self, msg: Msg) -> None:
         try:
-            presence = pb.GatewayPresence.FromString(msg.data)
-        except DecodeError:
-            presence = None
-        if (
-            presence is None
-            or not ids.is_gateway_id(presence.gateway_id)
-            or not (presence.leaving or presence.lease_ms)
-        ):
+            presence = read_presence(msg.data)
+        except InvalidEnvelope as exc:
             self.stats.garbage += 1
-            log.warning("dropped an unreadable presence announcement (%d bytes)", len(msg.data))
+            log.warning("dropped a presence announcement (%d bytes): %s", len(msg.data), exc)
             return
         if not subjects.sent_by(msg.subject, presence.gateway_id):
             self.stats.impostors += 1

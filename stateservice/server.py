@@ -44,6 +44,7 @@ from stateservice.metrics import state_registry
 from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
 from stateservice.storage import PostgresStorage, SqliteStorage, Storage
+from stateservice.undecodable import RefuseUndecodable
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
 from wsgate.errors import ConfigError
@@ -91,12 +92,14 @@ class StateServer(Service):
                 lambda: len(self.leases.table),
                 lambda: self.ownership,
                 lambda: self.nats_permission_violations,
+                self._garbage_counts,
             ),
         )
         self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"
         self.ownership: Ownership | None = None
         self._watch: ReplicaWatch | None = None
         self._membership: MembershipComponent | None = None
+        self._alarms: AlarmsComponent | None = None
         self._components: list[Component] = []
         self._started: list[Component] = []
         self._nc: NatsClient | None = None
@@ -148,6 +151,9 @@ class StateServer(Service):
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the
             # same port must fail, not silently share the traffic.
             server = grpc.aio.server(
+                # A request that does not parse is the caller's fault: INVALID_ARGUMENT,
+                # not gRPC's own INTERNAL.
+                interceptors=[RefuseUndecodable()],
                 options=[
                     ("grpc.so_reuseport", 0),
                     # One put may carry 128 keys of 2 KiB and values of 128 KiB (~16.3 MiB).
@@ -155,7 +161,7 @@ class StateServer(Service):
                     # gRPC cancels calls beyond ~1,000 waiting to be picked up; a worker
                     # alone may have 1,024 events in flight, each making calls.
                     ("grpc.server.max_pending_requests", 100_000),
-                ]
+                ],
             )
             self._server = server
             target = f"{_host_for_address(self.config.host)}:{self.config.port}"
@@ -168,7 +174,7 @@ class StateServer(Service):
                 self.config, self.storage, self.locks, self._nc, self.leases, ownership
             )
             self._membership = MembershipComponent(context)
-            alarms = AlarmsComponent(context)
+            self._alarms = alarms = AlarmsComponent(context)
             self._components = [
                 KeyValueComponent(context),
                 self._membership,
@@ -247,6 +253,15 @@ class StateServer(Service):
 
     def _permission_violation(self) -> None:
         self.nats_permission_violations += 1
+
+    def _garbage_counts(self) -> dict[str, int]:
+        """Messages from NATS dropped as garbage, by kind of subject (see metrics.py)."""
+        presence = self._presence_stats()
+        return {
+            "presence": 0 if presence is None else presence.garbage,
+            "replicas": 0 if self._watch is None else self._watch.garbage,
+            "alarm_reply": 0 if self._alarms is None else self._alarms.scheduler.garbage,
+        }
 
     def _presence_stats(self) -> PresenceStats | None:
         return None if self._membership is None else self._membership.presence.stats

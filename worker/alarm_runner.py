@@ -22,10 +22,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import nats.errors
-from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -35,7 +35,8 @@ from worker.app import AlarmHandler, App
 from worker.env import Env
 from worker.gate import OutputGate, current_gate
 from worker.work import Work
-from wsgate import subjects
+from wsgate import envelopes, subjects
+from wsgate.errors import InvalidEnvelope
 from wsgate.v1 import envelope_pb2 as pb
 
 if TYPE_CHECKING:
@@ -54,7 +55,9 @@ class AlarmRunner:
     :meth:`start` subscribes (nothing if the app has no alarm handler); :meth:`close`
     unsubscribes, lets running handlers finish and answer for up to ``drain_timeout_s``,
     then cancels the rest (their alarms are retried by the state service). At most
-    ``max_concurrent`` handlers run at once; more alarms wait in NATS' buffer.
+    ``max_concurrent`` handlers run at once; more alarms wait in NATS' buffer. A message
+    that is no alarm of a namespace with a handler (see :func:`wsgate.envelopes.read_alarm_event`)
+    is answered as failed, if it has a reply subject, and reported to ``on_garbage``.
     """
 
     def __init__(
@@ -68,10 +71,12 @@ class AlarmRunner:
         drain_timeout_s: float,
         activations: Activations | None = None,
         worker_id: str = "",
+        on_garbage: Callable[[], None] = lambda: None,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         self._nc = nc
+        self._on_garbage = on_garbage
         self._handlers = dict(app.alarm_handlers)
         self._env = env
         self._prefix = prefix
@@ -131,12 +136,20 @@ class AlarmRunner:
         """NATS callback (one message at a time per subscription): waiting for a slot here
         is what pushes back when too many handlers run."""
         try:
-            event = pb.AlarmEvent.FromString(msg.data)
-        except DecodeError:
-            event = None
-        handler = self._handlers.get(event.namespace) if event is not None else None
-        if event is None or handler is None or not msg.reply:
-            log.warning("dropped an unreadable alarm event (%d bytes)", len(msg.data))
+            event = envelopes.read_alarm_event(msg.data)
+            handler = self._handlers.get(event.namespace)
+            if handler is None:
+                raise InvalidEnvelope("AlarmEvent", f"no handler for {event.namespace[:80]!r}")
+            if not msg.reply:
+                raise InvalidEnvelope("AlarmEvent", "no reply subject")
+        except InvalidEnvelope as exc:
+            self._on_garbage()
+            log.warning("dropped an alarm event (%d bytes): %s", len(msg.data), exc)
+            if msg.reply:
+                # The protocol's error answer: the state service retries with backoff.
+                failed = pb.AlarmResult(ok=False, error=str(exc)[:MAX_ERROR_CHARS])
+                with contextlib.suppress(nats.errors.Error):
+                    await msg.respond(failed.SerializeToString())
             return
         await self._slots.acquire()
         if self._closed:  # taken while closing: let another worker have it soon

@@ -128,6 +128,9 @@ D = TypeVar("D", bound="DurableObject")
 
 _RESOLVED_CACHE_SIZE = 4096
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+#: Longer paths are resolved every time, not cached: the cache holds at most 4096 of 1 KiB
+#: whatever paths hostile envelopes carry (up to 8 KiB each, wsgate/envelopes.py).
+_RESOLVED_MAX_PATH_CHARS = 1024
 _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -278,9 +281,10 @@ class App:
             if params is not None:
                 found = (route, MappingProxyType(params))
                 break
-        if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
-            self._resolved.clear()
-        self._resolved[path] = found
+        if len(path) <= _RESOLVED_MAX_PATH_CHARS:
+            if len(self._resolved) >= _RESOLVED_CACHE_SIZE:
+                self._resolved.clear()
+            self._resolved[path] = found
         return found
 
 

@@ -7,6 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from worker.errors import AuthFailure
 from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
+#: The kinds of subject a worker takes messages on (the ``subject`` label of ``garbage``).
+GARBAGE_SUBJECTS = ("connect", "events", "alarm", "replicas")
+
 
 class WorkerMetrics:
     """Everything the worker counts. Labels are fixed sets, never user strings."""
@@ -23,7 +26,16 @@ class WorkerMetrics:
         self.handler_errors = Counter(
             "wsgate_worker_handler_errors", "Handlers that raised", registry=r
         )
-        self.garbage = Counter("wsgate_worker_garbage", "Unreadable envelopes dropped", registry=r)
+        self.garbage = Counter(
+            "wsgate_worker_garbage",
+            "Messages from NATS dropped because they are not the envelope their subject "
+            "carries or break its contract, by the kind of subject: connect, events, alarm "
+            "(the app's subjects and this worker's own alike), replicas",
+            ["subject"],
+            registry=r,
+        )
+        for subject in GARBAGE_SUBJECTS:
+            self.garbage.labels(subject)  # every kind shows, at 0, before the first
         self.auth_failures = Counter(
             "wsgate_worker_auth_failures",
             "Connects refused with 401 by a route's authenticator or an Unauthorized that "

@@ -34,7 +34,6 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 
 import nats.errors
-from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -62,12 +61,12 @@ from worker.membership import leave_all
 from worker.metrics import WorkerMetrics
 from worker.state_client import StateClient
 from worker.work import Work
-from wsgate import ids, subjects
+from wsgate import envelopes, ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
-from wsgate.errors import InvalidConnectionId
+from wsgate.errors import InvalidEnvelope
 from wsgate.grpc_tls import client_tls
 from wsgate.placement import ANNOUNCE_FRACTION, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
@@ -82,6 +81,9 @@ PROGRESS_SWEEP_S = 0.1
 #: How often the intake is checked (at most; a shorter stall setting checks more often).
 INTAKE_CHECK_S = 0.5
 
+
+#: The answer to a connect request that is not one (the upgrade gets 400).
+_BAD_CONNECT_REQUEST = reject_decision(400, "Bad connect request").SerializeToString()
 
 #: A route and the parameters of the path it matched.
 Resolved = tuple[Route, Mapping[str, str]]
@@ -173,6 +175,7 @@ class Worker(Service):
                 ReplicaDirectory(),
                 timeout_s=REPLICA_TICK_S / ANNOUNCE_FRACTION,
                 on_change=self._state.replicas_changed,
+                on_garbage=self.metrics.garbage.labels("replicas").inc,
             )
             await self._replicas.start()
             self._state.use_replicas(self._replicas)
@@ -215,6 +218,7 @@ class Worker(Service):
                 drain_timeout_s=config.drain_timeout_s,
                 activations=self._activations,
                 worker_id=self.worker_id,
+                on_garbage=self.metrics.garbage.labels("alarm").inc,
             )
             await self._alarms.start()
             # Make sure the server has the subscriptions before we call ourselves ready.
@@ -326,12 +330,17 @@ class Worker(Service):
 
     async def _connect(self, msg: Msg) -> None:
         try:
-            request = pb.ConnectRequest.FromString(msg.data)
-            gateway_id = ids.gateway_of(request.connection_id)
-        except (DecodeError, InvalidConnectionId):
-            self.metrics.garbage.inc()
-            log.warning("dropped an unreadable connect request (%d bytes)", len(msg.data))
+            request = envelopes.read_connect_request(msg.data)
+        except InvalidEnvelope as exc:
+            self._garbage("connect", msg, exc)
+            if msg.reply:
+                # The protocol's error answer: the upgrade is refused, not left to time out.
+                await self._answer(msg, _BAD_CONNECT_REQUEST)
             return
+        if not msg.reply:
+            self._garbage("connect", msg, InvalidEnvelope("ConnectRequest", "no reply subject"))
+            return
+        gateway_id = ids.gateway_of(request.connection_id)  # read_connect_request checked it
         inbox = subjects.inbox_prefix(self.config.prefix, "gateway", ids.node_of(gateway_id))
         if not (subjects.sent_by(msg.subject, gateway_id) and msg.reply.startswith(f"{inbox}.")):
             self._impostor("connect request", request.connection_id, msg)
@@ -365,7 +374,7 @@ class Worker(Service):
             return
         decision = await self._decide(request, resolved, connect, verified)
         self.metrics.connects.labels(decision.WhichOneof("outcome")).inc()
-        await msg.respond(decision.SerializeToString())
+        await self._answer(msg, decision.SerializeToString())
 
     async def _to_activation(self, resolved: Resolved, work: Work) -> None:
         """Hand ``work`` to its object's activation; return once this worker is done."""
@@ -441,17 +450,17 @@ class Worker(Service):
             raise HandlerCancelled("the handler was cancelled") from None
 
     async def _event(self, msg: Msg) -> None:
-        gateway_id = ""
         try:
-            event = pb.ConnectionEvent.FromString(msg.data)
-            gateway_id = ids.gateway_of(event.connection_id)
-        except (DecodeError, InvalidConnectionId):
-            event = None
-        kind = event.WhichOneof("kind") if event is not None else None
-        if event is None or kind is None or not msg.reply:
-            self.metrics.garbage.inc()
-            log.warning("dropped an unreadable event (%d bytes)", len(msg.data))
+            event = envelopes.read_event(msg.data)
+            if not msg.reply:
+                raise InvalidEnvelope("ConnectionEvent", "no reply subject")
+        except InvalidEnvelope as exc:
+            # No answer: the protocol has no error ack (a retry would have the gateway send
+            # the same bytes again at once). A real gateway resends it after its ack wait.
+            self._garbage("events", msg, exc)
             return
+        kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
+        gateway_id = ids.gateway_of(event.connection_id)  # read_event checked it
         if not (
             subjects.sent_by(msg.subject, gateway_id)
             and msg.reply
@@ -497,6 +506,19 @@ class Worker(Service):
             msg.subject[:200],
             msg.reply[:200],
         )
+
+    def _garbage(self, subject: str, msg: Msg, exc: InvalidEnvelope) -> None:
+        """Count and log a message that is not its subject's envelope (``subject``: the
+        kind of subject, the metric's label)."""
+        self.metrics.garbage.labels(subject).inc()
+        log.warning("dropped a message on %s (%d bytes): %s", msg.subject, len(msg.data), exc)
+
+    async def _answer(self, msg: Msg, payload: bytes) -> None:
+        assert self._nc is not None
+        try:
+            await self._nc.publish(msg.reply, payload)
+        except nats.errors.Error as exc:
+            log.warning("an answer on %s was lost: %r", msg.subject, exc)
 
     def _queue_ack(self, gateway_id: str, ack: pb.EventAck) -> None:
         """Final acks leave in one AckBatch per gateway at the end of this turn of the event

@@ -334,9 +334,11 @@ class GatewayConfig(BusConfig):
             raise ConfigError(
                 f"static_dir (WSGATE_STATIC_DIR) must be a directory, got {self.static_dir!r}"
             )
-        _check_positive(
-            "presence_interval_s (WSGATE_PRESENCE_INTERVAL_S)", self.presence_interval_s
-        )
+        if not 0 < self.presence_interval_s <= MAX_PRESENCE_INTERVAL_S:
+            raise ConfigError(
+                "presence_interval_s (WSGATE_PRESENCE_INTERVAL_S) must be > 0 and <= "
+                f"{MAX_PRESENCE_INTERVAL_S:g}, got {self.presence_interval_s}"
+            )
         _check_positive("connect_timeout_s (WSGATE_CONNECT_TIMEOUT_S)", self.connect_timeout_s)
         _check_positive("ack_timeout_s (WSGATE_ACK_TIMEOUT_S)", self.ack_timeout_s)
         _check_positive("delivery_timeout_s (WSGATE_DELIVERY_TIMEOUT_S)", self.delivery_timeout_s)
@@ -516,7 +518,7 @@ class WorkerConfig(BusConfig):
             raise ConfigError("max_activations (WSGATE_MAX_ACTIVATIONS) must be >= 1")
         if ":" not in self.app:
             raise ConfigError(f"app (WSGATE_APP) must be module:attribute, got {self.app!r}")
-        if not _HOST_PORT.match(self.state_address):
+        if not is_host_port(self.state_address):
             raise ConfigError(
                 "state_address (WSGATE_STATE_ADDRESS) must be host:port, "
                 f"got {self.state_address!r}"
@@ -677,9 +679,20 @@ class StateConfig(BusConfig):
             self.idempotency_retention_s,
         )
         _check_positive("lease_s (WSGATE_LEASE_S)", self.lease_s)
-        _check_positive(
-            "replica_timeout_s (WSGATE_STATE_REPLICA_TIMEOUT_S)", self.replica_timeout_s
-        )
+        if not 0 < self.replica_timeout_s <= MAX_REPLICA_TIMEOUT_S:
+            raise ConfigError(
+                "replica_timeout_s (WSGATE_STATE_REPLICA_TIMEOUT_S) must be > 0 and <= "
+                f"{MAX_REPLICA_TIMEOUT_S:g}, got {self.replica_timeout_s}"
+            )
+        if self.replica_id and not is_replica_id(self.replica_id):
+            raise ConfigError(
+                "replica_id (WSGATE_STATE_REPLICA_ID) must be 1-128 letters, digits, '.', "
+                f"'_' or '-', starting with a letter or digit, got {self.replica_id!r}"
+            )
+        if self.advertise and not is_host_port(self.advertise):
+            raise ConfigError(
+                f"advertise (WSGATE_STATE_ADVERTISE) must be host:port, got {self.advertise!r}"
+            )
         if self.migrate not in ("auto", "yes", "no"):
             raise ConfigError(
                 f"migrate (WSGATE_STATE_MIGRATE) must be auto, yes or no, got {self.migrate!r}"
@@ -879,7 +892,29 @@ def from_environ(config_type: type[C], environ: Mapping[str, str]) -> C:
     return config_type(**values)
 
 
-_HOST_PORT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^:\s]+):\d{1,5}$")
+#: The longest presence interval: its lease (5 intervals) is an hour, the longest a state
+#: service takes (wsgate.envelopes.MAX_PRESENCE_LEASE_MS).
+MAX_PRESENCE_INTERVAL_S = 720.0
+#: The longest replica timeout a replica may announce (wsgate.envelopes.MAX_REPLICA_TIMEOUT_MS).
+MAX_REPLICA_TIMEOUT_S = 600.0
+
+#: Applied with fullmatch: "$" would also accept a trailing newline.
+_REPLICA_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def is_replica_id(value: str) -> bool:
+    """Whether ``value`` may name a state replica (a pod name fits)."""
+    return _REPLICA_ID.fullmatch(value) is not None
+
+
+#: Applied with fullmatch: "$" would also accept a trailing newline.
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^:\s]+):\d{1,5}")
+
+
+def is_host_port(value: str) -> bool:
+    """Whether ``value`` is ``host:port`` (an IPv6 host in brackets), the form of a gRPC
+    address that workers and replicas take."""
+    return _HOST_PORT.fullmatch(value) is not None
 
 
 def _check_edge(config: GatewayConfig) -> None:

@@ -6,6 +6,8 @@
     ├── ConfigError(ValueError)             a setting is missing or malformed
     ├── InvalidToken(ValueError)            a string is not a token wsgate produced
     ├── InvalidConnectionId(ValueError)     a connection id does not parse
+    ├── InvalidEnvelope(ValueError)         a message from NATS does not parse or breaks
+    │                                       its envelope's contract (counted, dropped)
     ├── BusUnavailable(ConnectionError)     NATS cannot be reached at start
     └── StateError                          the state service refused or failed a call
         ├── StateUnavailable(ConnectionError)   it cannot be reached
@@ -49,6 +51,18 @@ class InvalidToken(WsgateError, ValueError):
 
 class InvalidConnectionId(WsgateError, ValueError):
     """A connection id does not have the form ``<gateway_id>_<serial>``."""
+
+
+class InvalidEnvelope(WsgateError, ValueError):
+    """A message taken from NATS is not the envelope its subject carries, or breaks that
+    envelope's contract (a field out of range, a malformed id). The role that took it
+    counts it in its ``garbage`` metric and drops it. ``envelope`` names the expected
+    message type; ``reason`` says what is wrong (for logs; bounded, never the payload)."""
+
+    def __init__(self, envelope: str, reason: str) -> None:
+        self.envelope = envelope
+        self.reason = reason
+        super().__init__(f"not a valid {envelope}: {reason}")
 
 
 class BusUnavailable(WsgateError, ConnectionError):

@@ -25,7 +25,14 @@ from wsgate.errors import ConfigError, InvalidConnectionId
 _BOOT_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _NODE_MAX = 40
 _BOOT_CHARS = 8
-_GATEWAY_ID = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?-[a-z0-9]{8}$")
+#: The longest gateway or worker id: a node name, "-" and 8 characters.
+_ID_MAX = _NODE_MAX + 9
+#: The longest connection id: a gateway id, "_" and a serial of up to 13 base-36 digits
+#: (2**64 connections). Anything longer is refused before any other look at it.
+MAX_CONNECTION_ID_CHARS = _ID_MAX + 1 + 13
+# Every pattern here is applied with fullmatch: "$" would also accept a trailing newline.
+_NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
+_GATEWAY_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?-[a-z0-9]{8}")
 _SERIAL = re.compile(r"[0-9a-z]+")
 
 
@@ -39,10 +46,7 @@ def node_name_from_host(hostname: str | None = None) -> str:
 def validate_node_name(node_name: str) -> str:
     """Check a node name (a DNS label of at most 40 characters); returns it, or raises
     ConfigError naming WSGATE_NODE_NAME."""
-    if (
-        not re.fullmatch(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?", node_name)
-        or len(node_name) > _NODE_MAX
-    ):
+    if len(node_name) > _NODE_MAX or not _NODE_NAME.fullmatch(node_name):
         raise ConfigError(
             f"node name (WSGATE_NODE_NAME) {node_name!r} must be 1-{_NODE_MAX} characters of "
             "a-z, 0-9 and '-', not starting or ending with '-'"
@@ -72,12 +76,12 @@ def node_of(an_id: str) -> str:
 
 def is_worker_id(value: str) -> bool:
     """Whether ``value`` has the form of a worker id (one safe NATS token)."""
-    return bool(_GATEWAY_ID.match(value))
+    return _valid_gateway_id(value)
 
 
 def is_gateway_id(value: str) -> bool:
     """Whether ``value`` has the form of a gateway id."""
-    return bool(_GATEWAY_ID.match(value))
+    return _valid_gateway_id(value)
 
 
 class ConnectionIds:
@@ -104,15 +108,23 @@ def gateway_of(connection_id: str) -> str:
     and such a cache grew by about 250 bytes per connection ever seen, up to 16 MiB, in
     every role (the churn soak of the load tests found it).
     """
+    if len(connection_id) > MAX_CONNECTION_ID_CHARS:
+        raise InvalidConnectionId(f"not a connection id: {connection_id[:120]!r}...")
     gateway, sep, serial = connection_id.rpartition("_")
     if not sep or not _SERIAL.fullmatch(serial) or not _valid_gateway_id(gateway):
         raise InvalidConnectionId(f"not a connection id: {connection_id[:120]!r}")
     return gateway
 
 
-@functools.lru_cache(maxsize=1024)
 def _valid_gateway_id(value: str) -> bool:
-    # fullmatch: "$" would accept a trailing newline.
+    # The length first: what reaches the cache is at most an id long, so hostile input
+    # (a megabyte "id", a thousand times) cannot make the cache hold megabytes.
+    return len(value) <= _ID_MAX and _cached_valid_gateway_id(value)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_valid_gateway_id(value: str) -> bool:
+    # Cached: a cluster has few gateways and workers, and every event and ack asks.
     return _GATEWAY_ID.fullmatch(value) is not None
 
 

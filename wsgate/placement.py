@@ -28,8 +28,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from google.protobuf.message import DecodeError
-
+from wsgate.envelopes import read_replica
+from wsgate.errors import InvalidEnvelope
 from wsgate.subjects import replicas_subject
 from wsgate.v1 import envelope_pb2 as envelope_pb
 
@@ -134,6 +134,8 @@ class ReplicaWatch:
 
     ``announce`` (on a replica): also announce ``directory.own`` every
     :data:`ANNOUNCE_FRACTION` of ``timeout_s``, and announce leaving at :meth:`close`.
+    An announcement that is not valid (:func:`wsgate.envelopes.read_replica`) is dropped
+    and reported to ``on_garbage``.
     """
 
     def __init__(
@@ -145,6 +147,7 @@ class ReplicaWatch:
         timeout_s: float,
         announce: bool = False,
         on_change: Callable[[list[Replica]], None] | None = None,
+        on_garbage: Callable[[], None] = lambda: None,
     ) -> None:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -157,8 +160,10 @@ class ReplicaWatch:
         self._sub: Any = None
         self._task: asyncio.Task[None] | None = None
         self._last: list[Replica] = directory.live(time.monotonic())
-        #: Announcements heard that did not parse (counted, dropped).
+        #: Announcements heard that are not valid (counted, dropped; each also reported to
+        #: ``on_garbage``).
         self.garbage = 0
+        self._on_garbage = on_garbage
 
     async def start(self) -> None:
         """Subscribe, announce (on a replica) and start the timer."""
@@ -230,12 +235,11 @@ class ReplicaWatch:
 
     async def _on_message(self, msg: Any) -> None:
         try:
-            message = envelope_pb.StateReplica.FromString(msg.data)
-        except DecodeError:
+            message = read_replica(msg.data)
+        except InvalidEnvelope as exc:
             self.garbage += 1
-            return
-        if not message.replica_id or not message.address or not message.timeout_ms:
-            self.garbage += 1
+            self._on_garbage()
+            log.warning("dropped a replica announcement (%d bytes): %s", len(msg.data), exc)
             return
         replica = Replica(message.replica_id, message.address)
         now = time.monotonic()

@@ -56,7 +56,8 @@ _HEAD_CHARS = 64
 _DIGEST_BYTES = 20  # 160 bits: collisions are out of reach
 
 _ESCAPE = re.compile(r"_([0-9A-F]{2})")
-_PREFIX_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+#: Applied with fullmatch: "$" would also accept a trailing newline.
+_PREFIX_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def encode_token(value: str) -> str:
@@ -122,7 +123,7 @@ def validate_prefix(prefix: str) -> str:
     if not prefix:
         raise ConfigError("prefix (WSGATE_PREFIX) must not be empty")
     for token in prefix.split("."):
-        if not _PREFIX_TOKEN.match(token):
+        if not _PREFIX_TOKEN.fullmatch(token):
             raise ConfigError(
                 f"prefix (WSGATE_PREFIX) {prefix!r}: each dot-separated part must be "
                 f"letters, digits, '-' or '_', got {token!r}"

@@ -309,7 +309,7 @@ async def test_probes_and_metrics(stack: Stack, session: aiohttp.ClientSession) 
 async def test_commands_for_gone_connections_and_garbage_are_counted(stack: Stack) -> None:
     url = _gateway_metrics(stack)
     unknown = await metric(url, "wsgate_gateway_drops_total", {"reason": "unknown_connection"})
-    garbage = await metric(url, "wsgate_gateway_drops_total", {"reason": "garbage"})
+    garbage = await metric(url, "wsgate_gateway_garbage_total", {"subject": "command"})
     gateway_id = stack.gateways[0].info["gateway_id"]
     nc = NatsClient()
     await nc.connect(stack.nats_url)
@@ -322,10 +322,10 @@ async def test_commands_for_gone_connections_and_garbage_are_counted(stack: Stac
     finally:
         await nc.close()
     for _ in range(200):
-        if await metric(url, "wsgate_gateway_drops_total", {"reason": "garbage"}) > garbage:
+        if await metric(url, "wsgate_gateway_garbage_total", {"subject": "command"}) > garbage:
             break
         await asyncio.sleep(0.05)
-    assert await metric(url, "wsgate_gateway_drops_total", {"reason": "garbage"}) == garbage + 1
+    assert await metric(url, "wsgate_gateway_garbage_total", {"subject": "command"}) == garbage + 1
     assert (
         await metric(url, "wsgate_gateway_drops_total", {"reason": "unknown_connection"})
         == unknown + 1

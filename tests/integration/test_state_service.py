@@ -318,6 +318,85 @@ async def test_a_raw_put_of_garbage_is_refused_and_harms_nothing(
     assert await room.list() == {"k": "before", "other": "untouched"}
 
 
+# -- hostile requests (found by tests/integration/test_hostile_input.py's probes) ----------
+
+
+@sqlite_only
+@pytest.mark.parametrize(
+    ("method", "kind"),
+    [
+        ("/wsgate.v1.State/Get", "unary"),
+        ("/wsgate.v1.State/Write", "server stream"),
+        ("/wsgate.v1.State/Transaction", "bidi stream"),
+        ("/grpc.health.v1.Health/Check", "unary"),
+    ],
+)
+async def test_a_request_that_does_not_parse_is_invalid_argument_not_internal(
+    server: StateServer, room: ObjectStorage, method: str, kind: str
+) -> None:
+    # gRPC's own answer is INTERNAL, a server fault that clients may retry.
+    async def call(channel: grpc.aio.Channel) -> None:
+        garbage = b"\xff\xff"
+        if kind == "unary":
+            await channel.unary_unary(method)(garbage, timeout=5)
+        elif kind == "server stream":
+            _ = [r async for r in channel.unary_stream(method)(garbage, timeout=5)]
+        else:
+            _ = [r async for r in channel.stream_stream(method)(iter([garbage]), timeout=5)]
+
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(channel)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not parse" in (refused.value.details() or "")
+    await room.put("k", "still served")
+    assert await room.get("k") == "still served"
+
+
+@pytest.fixture
+async def activations(server: StateServer) -> AsyncIterator[Any]:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        yield state_pb2_grpc.ActivationsStub(channel)
+
+
+@sqlite_only
+async def test_turn_sequences_over_64_bit_signed_are_refused_not_an_error(
+    activations: Any,
+) -> None:
+    # Sequences are stored as 64-bit signed integers: 2**63 raised OverflowError in the
+    # storage thread, and the call ended UNKNOWN.
+    obj = pb.ObjectId(namespace="ns", name="seq")
+    granted = await activations.Activate(pb.ActivateRequest(object=obj, worker="w-abcdefgh"))
+
+    async def commit(key: str, sequence: int) -> Any:
+        turn = pb.Turn(key=key, sequence=sequence, record=True)
+        objects = [pb.ObjectTurns(object=obj, epoch=granted.granted.epoch, turns=[turn])]
+        response = await activations.CommitTurns(
+            pb.CommitTurnsRequest(worker="w-abcdefgh", objects=objects)
+        )
+        return response.results[0]
+
+    assert (await commit("at-limit", 2**63 - 1)).HasField("committed")
+    for over in (2**63, 2**64 - 1):
+        refused = (await commit(f"over-{over}", over)).refused
+        assert refused.info.reason == Reason.INVALID_REQUEST
+        assert not refused.fenced
+        assert not refused.duplicate
+
+
+@sqlite_only
+async def test_releasing_an_epoch_no_lease_can_have_is_a_no_op(activations: Any) -> None:
+    # Epochs over 2**63-1 cannot be stored: the release raised OverflowError (UNKNOWN).
+    obj = pb.ObjectId(namespace="ns", name="epoch")
+    granted = await activations.Activate(pb.ActivateRequest(object=obj, worker="w-abcdefgh"))
+    for epoch in (2**63, 2**64 - 1):
+        lease = pb.Lease(object=obj, epoch=epoch)
+        await activations.Release(pb.ReleaseRequest(worker="w-abcdefgh", leases=[lease]))
+    other = await activations.Activate(pb.ActivateRequest(object=obj, worker="w-bcdefghi"))
+    assert other.held.worker == "w-abcdefgh"
+    assert other.held.epoch == granted.granted.epoch
+
+
 # -- health and lifecycle ----------------------------------------------------------------
 
 

@@ -47,6 +47,30 @@ def test_routes_match_whole_paths_with_parameters() -> None:
     assert app.resolve("/other") is None
 
 
+def test_a_trailing_newline_or_junk_does_not_match_a_literal_route() -> None:
+    app = App()
+    app.route("/echo")
+    room = app.route("/chat/{room}")
+    for path in ("/echo\n", "/echo ", "/echo/", "/echo\x00"):
+        assert app.resolve(path) is None, repr(path)
+    # A parameter is one whole segment, whatever it holds (it is encoded before routing).
+    assert app.resolve("/chat/lobby\n") == (room, {"room": "lobby\n"})
+
+
+def test_only_short_paths_are_cached() -> None:
+    # Paths come from envelopes (up to 8 KiB): the cache holds 4096 of at most 1 KiB each.
+    from worker.app import _RESOLVED_MAX_PATH_CHARS
+
+    app = App()
+    room = app.route("/chat/{room}")
+    at_limit = "/chat/" + "a" * (_RESOLVED_MAX_PATH_CHARS - 6)
+    over = at_limit + "a"
+    assert app.resolve(at_limit) == (room, {"room": at_limit[6:]})
+    assert app.resolve(over) == (room, {"room": over[6:]})
+    assert at_limit in app._resolved
+    assert over not in app._resolved
+
+
 def test_literal_parts_of_patterns_are_not_regexes() -> None:
     app = App()
     app.route("/a.b")

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 
 from wsgate.cli import build_parser
-from wsgate.config import DevConfig, GatewayConfig, StateConfig, WorkerConfig, env_variables
+from wsgate.config import (
+    MAX_PRESENCE_INTERVAL_S,
+    MAX_REPLICA_TIMEOUT_S,
+    DevConfig,
+    GatewayConfig,
+    StateConfig,
+    WorkerConfig,
+    env_variables,
+)
 from wsgate.errors import ConfigError
 
 
@@ -68,6 +76,15 @@ def test_a_malformed_variable_is_reported_by_name(capsys: pytest.CaptureFixture[
         (GatewayConfig, {"max_connections": 0}),
         (WorkerConfig, {"app": "no-colon"}),
         (WorkerConfig, {"state_address": "no-port"}),
+        # fullmatch: "$" would have taken a trailing newline.
+        (WorkerConfig, {"state_address": "127.0.0.1:7070\n"}),
+        (WorkerConfig, {"state_address": "127.0.0.1:7070 "}),
+        (WorkerConfig, {"state_address": "[::1]:7070\n"}),
+        (StateConfig, {"advertise": "10.0.0.1:7070\n"}),
+        (StateConfig, {"advertise": "10.0.0.1"}),
+        (StateConfig, {"replica_id": "state-1\n"}),
+        (StateConfig, {"replica_id": "-state"}),
+        (StateConfig, {"replica_id": "a" * 129}),
         (WorkerConfig, {"max_concurrent_events": 0}),
         (DevConfig, {"nats_port": 70000}),
     ],
@@ -75,6 +92,26 @@ def test_a_malformed_variable_is_reported_by_name(capsys: pytest.CaptureFixture[
 def test_bad_settings_are_config_errors(kind: type, kwargs: dict[str, object]) -> None:
     with pytest.raises(ConfigError):
         kind(**kwargs)
+
+
+def test_addresses_and_replica_ids_that_are_taken() -> None:
+    assert WorkerConfig(state_address="[::1]:7070").state_address == "[::1]:7070"
+    assert StateConfig(advertise="10.0.0.1:7070").advertise == "10.0.0.1:7070"
+    assert StateConfig(replica_id="a" * 128).replica_id == "a" * 128
+    assert StateConfig(replica_id="state-0.web_1").replica_id == "state-0.web_1"
+
+
+def test_the_presence_interval_at_and_over_its_limit() -> None:
+    # Its lease (5 intervals) is the longest a state service takes (wsgate/envelopes.py).
+    assert GatewayConfig(presence_interval_s=MAX_PRESENCE_INTERVAL_S).presence_interval_s == 720
+    with pytest.raises(ConfigError, match="WSGATE_PRESENCE_INTERVAL_S"):
+        GatewayConfig(presence_interval_s=MAX_PRESENCE_INTERVAL_S + 0.001)
+
+
+def test_the_replica_timeout_at_and_over_its_limit() -> None:
+    assert StateConfig(replica_timeout_s=MAX_REPLICA_TIMEOUT_S).replica_timeout_s == 600
+    with pytest.raises(ConfigError, match="WSGATE_STATE_REPLICA_TIMEOUT_S"):
+        StateConfig(replica_timeout_s=MAX_REPLICA_TIMEOUT_S + 0.001)
 
 
 def test_ports_at_the_edges_of_their_range() -> None:

@@ -9,7 +9,7 @@ import pytest
 from wsgate import ids
 from wsgate.errors import ConfigError, InvalidConnectionId
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def test_connection_ids_are_unique_tokens_naming_their_gateway() -> None:
@@ -18,7 +18,7 @@ def test_connection_ids_are_unique_tokens_naming_their_gateway() -> None:
     made = [factory.next() for _ in range(5000)]
     assert len(set(made)) == len(made)
     for connection_id in made[:50] + made[-50:]:
-        assert _TOKEN.match(connection_id)
+        assert _TOKEN.fullmatch(connection_id)
         assert ids.gateway_of(connection_id) == gateway_id
 
 
@@ -74,8 +74,45 @@ def test_looking_up_a_connections_gateway_keeps_nothing_per_connection() -> None
     # by connection id grew with every connection ever seen (the churn soak found it).
     gateway_id = ids.new_gateway_id("node")
     connections = ids.ConnectionIds(gateway_id)
-    before = ids._valid_gateway_id.cache_info().currsize
+    before = ids._cached_valid_gateway_id.cache_info().currsize
     for _ in range(20_000):
         assert ids.gateway_of(connections.next()) == gateway_id
-    assert ids._valid_gateway_id.cache_info().currsize <= before + 1
+    assert ids._cached_valid_gateway_id.cache_info().currsize <= before + 1
     assert not hasattr(ids.gateway_of, "cache_info")
+
+
+#: Trailing junk that "$" (instead of fullmatch) let through, and more of its kind.
+TRAILING_JUNK = ["\n", "\r\n", " ", "\x00", "\t", "X", "."]
+
+
+@pytest.mark.parametrize("junk", TRAILING_JUNK, ids=repr)
+def test_ids_with_trailing_junk_are_refused(junk: str) -> None:
+    gateway_id = ids.new_gateway_id("node")
+    assert ids.is_gateway_id(gateway_id)
+    assert ids.is_worker_id(gateway_id)
+    assert not ids.is_gateway_id(gateway_id + junk)
+    assert not ids.is_worker_id(gateway_id + junk)
+    with pytest.raises(InvalidConnectionId):
+        ids.gateway_of(f"{gateway_id}_1{junk}")
+    with pytest.raises(ConfigError):
+        ids.new_gateway_id("node" + junk)
+
+
+def test_connection_ids_at_and_over_their_length_limit() -> None:
+    longest = f"{'a' * 40}-abcdefgh_{'z' * 13}"
+    assert len(longest) == ids.MAX_CONNECTION_ID_CHARS
+    assert ids.gateway_of(longest) == f"{'a' * 40}-abcdefgh"
+    with pytest.raises(InvalidConnectionId):
+        ids.gateway_of(f"{'a' * 40}-abcdefgh_{'z' * 14}")
+
+
+def test_overlong_ids_never_reach_the_cache() -> None:
+    # Hostile input must not make the cache of gateway ids hold megabytes.
+    before = ids._cached_valid_gateway_id.cache_info()
+    huge = "a" * 1_000_000
+    assert not ids.is_gateway_id(huge)
+    assert not ids.is_worker_id(huge + "-abcdefgh")
+    with pytest.raises(InvalidConnectionId):
+        ids.gateway_of(huge + "-abcdefgh_1")
+    after = ids._cached_valid_gateway_id.cache_info()
+    assert (after.hits, after.misses) == (before.hits, before.misses)
