@@ -7,6 +7,7 @@
     ├── InvalidToken(ValueError)            a string is not a token wsgate produced
     ├── InvalidConnectionId(ValueError)     a connection id does not parse
     ├── BusUnavailable(ConnectionError)     NATS cannot be reached at start
+    │   └── BusRefused                      NATS refused the credentials at start
     └── StateError                          the state service refused or failed a call
         ├── StateUnavailable(ConnectionError)   it cannot be reached
         ├── StateTimeout(TimeoutError)          it did not answer in time
@@ -53,6 +54,12 @@ class InvalidConnectionId(WsgateError, ValueError):
 
 class BusUnavailable(WsgateError, ConnectionError):
     """NATS cannot be reached when a role starts (later outages are reconnected)."""
+
+
+class BusRefused(BusUnavailable):
+    """NATS refused the role's credentials when it started (a wrong password or nkey, a
+    user or account its server does not know, an expired JWT); the message names the
+    setting they came from."""
 
 
 class StateError(WsgateError):
