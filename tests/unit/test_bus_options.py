@@ -97,6 +97,15 @@ def test_two_kinds_of_credentials_are_a_config_error(
         (f"# a comment\n{USER.seed}\n", "holds no NATS user nkey seed"),
         (creds(USER_JWT, USER), "holds no NATS user nkey seed"),
     ],
+    ids=[
+        "empty",
+        "a placeholder",
+        "mistyped",
+        "an account's seed",
+        "a public key",
+        "a comment first",
+        "a .creds file",
+    ],
 )
 def test_a_file_without_a_user_seed_is_a_config_error(
     content: str, error: str, tmp_path: Path
@@ -169,6 +178,17 @@ def _without(text: str, marker: str) -> str:
         ),
         # nats-py reads each part as the line after its marker, without its last character.
         (creds(USER_JWT, USER).replace("\n", "\r\n"), "is not a NATS nkey seed"),
+    ],
+    ids=[
+        "a seed alone",
+        "no JWT",
+        "no seed",
+        "a mistyped seed",
+        "an account's seed",
+        "not a JWT",
+        "an account's JWT",
+        "another user's seed",
+        "CRLF",
     ],
 )
 def test_a_creds_file_without_a_user_jwt_and_its_seed_is_a_config_error(

@@ -216,6 +216,7 @@ def test_an_identity_given_an_nkey_is_the_user_of_that_key() -> None:
         "Uxyz",
         new_nkey("user").seed,  # the secret, by mistake
     ],
+    ids=["an account's", "mistyped", "short", "a seed"],
 )
 def test_an_nkey_that_is_not_a_user_public_key_is_refused(nkey: str) -> None:
     with pytest.raises(ConfigError, match="edge-a is not a NATS user public key") as caught:
