@@ -17,7 +17,9 @@ Every NATS connection of every role is opened by :func:`connect_bus`, with the o
 
 A permission violation the server reports (a publish or a subscription the identity's
 permissions do not allow) is logged and counted by the role (``on_permission_violation``):
-it is a misconfiguration or an attack, never part of normal operation.
+it is a misconfiguration or an attack, never part of normal operation. Credentials the
+server refuses when the role starts end the start at once (BusRefused): no retry would
+change the server's answer, and the error names the setting to fix.
 """
 
 from __future__ import annotations
@@ -29,17 +31,26 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from wsgate import subjects
 from wsgate.config import BusConfig
-from wsgate.errors import BusUnavailable
+from wsgate.errors import BusRefused, BusUnavailable
 
 log = logging.getLogger(__name__)
 
 #: What nats-py puts in the error it reports for a refusal by the server's permissions
 #: (its parser lower-cases the server's ``-ERR 'Permissions Violation for ...'``).
 PERMISSION_VIOLATION = "permissions violation"
+
+#: What the server says (``-ERR '...'``, any case) when it refuses a client's credentials.
+CREDENTIALS_REFUSED = (
+    "authorization violation",
+    "user authentication expired",
+    "user authentication revoked",
+    "account authentication expired",
+)
 
 
 def tls_context(config: BusConfig) -> ssl.SSLContext | None:
@@ -83,6 +94,14 @@ def is_permission_violation(exc: BaseException) -> bool:
     return PERMISSION_VIOLATION in str(exc).lower()
 
 
+def is_credentials_refused(exc: BaseException) -> bool:
+    """Whether nats-py's error ``exc`` is the server refusing the client's credentials."""
+    text = str(exc).lower()
+    return isinstance(exc, nats.errors.AuthorizationError) or any(
+        words in text for words in CREDENTIALS_REFUSED
+    )
+
+
 async def connect_bus(
     config: BusConfig,
     name: str,
@@ -96,14 +115,16 @@ async def connect_bus(
     ``role`` (its request inboxes, see :func:`connect_options`).
 
     Keeps trying for ``wait_s`` seconds, then raises BusUnavailable, so a role that cannot
-    reach the bus fails at start, visibly, and its supervisor restarts it. Once connected
-    the client reconnects forever and buffers what is published meanwhile;
+    reach the bus fails at start, visibly, and its supervisor restarts it; raises
+    BusRefused (a BusUnavailable) as soon as a server refuses the credentials. Once
+    connected the client reconnects forever and buffers what is published meanwhile;
     ``on_connection_change(False)`` / ``(True)`` report each loss and recovery, and
     ``on_permission_violation()`` each publish or subscription the server refused.
     """
     nc = NatsClient()
     notify = on_connection_change or (lambda connected: None)
     refused = on_permission_violation or (lambda: None)
+    refusal: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(exc: Exception) -> None:
         if is_permission_violation(exc):
@@ -111,6 +132,12 @@ async def connect_bus(
             # a gap in the identity's permissions, or a process acting beyond its role.
             refused()
             log.error("nats refused this identity: %s", exc)
+        elif is_credentials_refused(exc):
+            # At start, the end of the attempt (below); later, on a reconnection, nats-py
+            # tries again, as a rotated password or JWT may yet be accepted.
+            if not refusal.done():
+                refusal.set_result(exc)
+            log.error("nats refused %s: %s", config.nats_credentials, exc)
         else:
             log.warning("nats: %s", exc)
 
@@ -125,24 +152,40 @@ async def connect_bus(
         notify(True)
         log.info("nats: reconnected to %s", nc.connected_url.netloc if nc.connected_url else "?")
 
+    connecting = asyncio.ensure_future(
+        nc.connect(
+            **connect_options(config, role),
+            name=name,
+            error_cb=on_error,
+            disconnected_cb=on_disconnected,
+            reconnected_cb=on_reconnected,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=1,
+            connect_timeout=2,
+            # wsgate builds every subject from tokens that are safe by construction
+            # (wsgate.subjects); checking each publish again costs a regex per message.
+            skip_subject_validation=True,
+        )
+    )
     try:
-        async with asyncio.timeout(wait_s):
-            await nc.connect(
-                **connect_options(config, role),
-                name=name,
-                error_cb=on_error,
-                disconnected_cb=on_disconnected,
-                reconnected_cb=on_reconnected,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                connect_timeout=2,
-                # wsgate builds every subject from tokens that are safe by construction
-                # (wsgate.subjects); checking each publish again costs a regex per message.
-                skip_subject_validation=True,
-            )
-    except TimeoutError as exc:
+        await asyncio.wait(
+            (connecting, refusal), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if not connecting.done():
+            connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await connecting
+            if refusal.done():
+                raise BusRefused(
+                    f"NATS at {config.nats_url} refused {config.nats_credentials}: "
+                    f"{refusal.result()}"
+                )
+            raise BusUnavailable(f"cannot reach NATS at {config.nats_url} within {wait_s:g} s")
+        connecting.result()  # nats-py's own errors, unchanged
+    except BaseException:
+        connecting.cancel()
         with contextlib.suppress(Exception):
             await nc.close()
-        raise BusUnavailable(f"cannot reach NATS at {config.nats_url} within {wait_s:g} s") from exc
+        raise
     return nc

@@ -139,6 +139,14 @@ def _add_nats_auth_parser(sub: Any, environ: typing.Mapping[str, str]) -> None:
             help=f"a {role} identity (its WSGATE_NODE_NAME); repeat for several (default: {role})",
         )
     p.add_argument(
+        "--nkey",
+        metavar="NODE=PUBLIC_KEY",
+        action="append",
+        default=[],
+        help="log identity NODE in by this user nkey (U..., `nk -gen user -pubout`; the role "
+        "then sets WSGATE_NATS_NKEY_SEED) instead of a user and password; repeat for several",
+    )
+    p.add_argument(
         "--output", metavar="PATH", default="", help="write the block to PATH (default: stdout)"
     )
 
@@ -146,15 +154,24 @@ def _add_nats_auth_parser(sub: Any, environ: typing.Mapping[str, str]) -> None:
 def _run_nats_auth(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from wsgate.nats_permissions import Identity, render_authorization
 
+    nkeys: dict[str, str] = {}
+    for given in args.nkey:
+        node, _, key = given.partition("=")
+        if not key:
+            parser.exit(2, f"wsgate {NATS_AUTH}: --nkey {given!r}: give NODE=PUBLIC_KEY\n")
+        nkeys[node] = key
     identities = [
-        Identity(role, node)
+        Identity(role, node, nkeys.pop(node, ""))
         for role in ("gateway", "worker", "state")
         for node in (getattr(args, role) or [role])
     ]
+    if nkeys:
+        parser.exit(2, f"wsgate {NATS_AUTH}: --nkey for no identity: {', '.join(nkeys)}\n")
     words = [f"wsgate {NATS_AUTH}"]
     if args.prefix != DEFAULT_PREFIX:
         words.append(f"--prefix {args.prefix}")
     words += [f"--{i.role} {i.node}" for i in identities if i.node != i.role]
+    words += [f"--nkey {i.node}={i.nkey}" for i in identities if i.nkey]
     command = " ".join(words)
     try:
         text = render_authorization(args.prefix, identities, command=command)

@@ -126,6 +126,15 @@ class BusConfig:
                 "WSGATE_NATS_NKEY_SEED and WSGATE_NATS_CREDS need the nkeys package, which "
                 "nats-py uses to sign the server's challenge: pip install 'nats-py[nkeys]'"
             )
+        # nats-py reads them only when connecting, where some mistakes hang or say nothing.
+        if self.nats_nkey_seed:
+            from wsgate.nats_credentials import check_seed_file
+
+            check_seed_file(self.nats_nkey_seed, "nats_nkey_seed (WSGATE_NATS_NKEY_SEED)")
+        if self.nats_creds:
+            from wsgate.nats_credentials import check_creds_file
+
+            check_creds_file(self.nats_creds, "nats_creds (WSGATE_NATS_CREDS)")
 
     def _check_nats_credentials(self) -> None:
         if bool(self.nats_user) != bool(self.nats_password):
@@ -158,6 +167,19 @@ class BusConfig:
         from wsgate.ids import node_name_from_host
 
         return self.node_name or node_name_from_host()
+
+    @property
+    def nats_credentials(self) -> str:
+        """Which credentials the NATS connection presents, for messages (no secret)."""
+        if self.nats_user:
+            return f"the user {self.nats_user!r} (WSGATE_NATS_USER/WSGATE_NATS_PASSWORD)"
+        if self.nats_nkey_seed:
+            return f"the nkey seed {self.nats_nkey_seed!r} (WSGATE_NATS_NKEY_SEED)"
+        if self.nats_creds:
+            return f"the .creds file {self.nats_creds!r} (WSGATE_NATS_CREDS)"
+        if any(urlsplit(u).username is not None for u in self.nats_servers):
+            return "the credentials in WSGATE_NATS_URL"
+        return "no credentials"
 
     @property
     def nats_tls(self) -> bool:

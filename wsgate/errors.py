@@ -9,6 +9,7 @@
     ├── InvalidEnvelope(ValueError)         a message from NATS does not parse or breaks
     │                                       its envelope's contract (counted, dropped)
     ├── BusUnavailable(ConnectionError)     NATS cannot be reached at start
+    │   └── BusRefused                      NATS refused the credentials at start
     └── StateError                          the state service refused or failed a call
         ├── StateUnavailable(ConnectionError)   it cannot be reached
         ├── StateTimeout(TimeoutError)          it did not answer in time
@@ -67,6 +68,12 @@ class InvalidEnvelope(WsgateError, ValueError):
 
 class BusUnavailable(WsgateError, ConnectionError):
     """NATS cannot be reached when a role starts (later outages are reconnected)."""
+
+
+class BusRefused(BusUnavailable):
+    """NATS refused the role's credentials when it started (a wrong password or nkey, a
+    user or account its server does not know, an expired JWT); the message names the
+    setting they came from."""
 
 
 class StateError(WsgateError):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,12 @@ from typing import Any
 import pytest
 
 from tests.certs import Pki
+from tests.nats_jwt import account_jwt, creds, mistyped, new_nkey, user_jwt
 from wsgate.bus import connect_options, is_permission_violation
 from wsgate.cli import build_parser
 from wsgate.config import BusConfig, GatewayConfig, StateConfig, WorkerConfig, nkeys_available
 from wsgate.errors import ConfigError
+from wsgate.nats_permissions import permissions
 
 FILE_SETTINGS = {
     "nats_nkey_seed": "WSGATE_NATS_NKEY_SEED",
@@ -24,14 +27,19 @@ FILE_SETTINGS = {
 }
 
 
+#: A user of an account, its JWT allowed a gateway's subjects: the parts of a .creds file.
+ACCOUNT, USER = new_nkey("account"), new_nkey("user")
+USER_JWT = user_jwt(ACCOUNT, USER, "gateway", permissions("gateway", "wsgate", "gateway"))
+
+
 @pytest.fixture
 def files(tmp_path: Path) -> dict[str, str]:
-    """Stand-ins for a seed and a .creds file (nats-py reads them only when connecting)."""
+    """A user's seed file and .creds file (test_nats_nkeys.py logs in with such files)."""
     seed = tmp_path / "gateway.nk"
-    seed.write_text("SUAPLACEHOLDERSEED\n")
-    creds = tmp_path / "gateway.creds"
-    creds.write_text("-----BEGIN NATS USER JWT-----\n")
-    return {"seed": str(seed), "creds": str(creds)}
+    seed.write_text(USER.seed + "\n")
+    creds_file = tmp_path / "gateway.creds"
+    creds_file.write_text(creds(USER_JWT, USER))
+    return {"seed": str(seed), "creds": str(creds_file)}
 
 
 def test_without_settings_nothing_is_sent_but_the_identitys_inbox() -> None:
@@ -76,6 +84,121 @@ def test_two_kinds_of_credentials_are_a_config_error(
             for k, v in settings.items()}  # fmt: skip
     with pytest.raises(ConfigError, match=rf"one kind at most.*{named}"):
         BusConfig(**real)
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("", "holds no NATS user nkey seed"),
+        ("SUAPLACEHOLDERSEED\n", "holds no NATS user nkey seed"),
+        (mistyped(USER.seed), "holds no NATS user nkey seed"),
+        (new_nkey("account").seed, r"SU\): the seed of an nkey that is not a user's"),
+        (USER.public, "holds no NATS user nkey seed"),
+        (f"# a comment\n{USER.seed}\n", "holds no NATS user nkey seed"),
+        (creds(USER_JWT, USER), "holds no NATS user nkey seed"),
+    ],
+    ids=[
+        "empty",
+        "a placeholder",
+        "mistyped",
+        "an account's seed",
+        "a public key",
+        "a comment first",
+        "a .creds file",
+    ],
+)
+def test_a_file_without_a_user_seed_is_a_config_error(
+    content: str, error: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "seed.nk"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=rf"WSGATE_NATS_NKEY_SEED.*{error}") as caught:
+        BusConfig(nats_nkey_seed=str(path))
+    assert USER.seed not in str(caught.value)
+
+
+def test_a_seed_with_spaces_around_it_is_a_seed(tmp_path: Path) -> None:
+    path = tmp_path / "seed.nk"
+    path.write_text(f"  {USER.seed}\n\n")
+    assert BusConfig(nats_nkey_seed=str(path)).nats_nkey_seed == str(path)
+
+
+@pytest.mark.parametrize("setting", ["nats_nkey_seed", "nats_creds"])
+def test_an_unreadable_file_is_a_config_error(setting: str, files: dict[str, str]) -> None:
+    path = files["seed" if setting == "nats_nkey_seed" else "creds"]
+    os.chmod(path, 0)
+    if os.access(path, os.R_OK):
+        # Root reads a file without permissions; nobody reads this one (EIO at offset 0).
+        path = "/proc/self/mem"
+    with pytest.raises(ConfigError, match=rf"{FILE_SETTINGS[setting]}\): cannot read '{path}'"):
+        BusConfig(**{setting: path})
+
+
+def test_a_file_of_binary_bytes_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "seed.nk"
+    path.write_bytes(b"\xff\xfe" + USER.seed.encode())
+    for setting in ("nats_nkey_seed", "nats_creds"):
+        with pytest.raises(ConfigError, match=rf"{FILE_SETTINGS[setting]}\): .*not a text file"):
+            BusConfig(**{setting: str(path)})
+
+
+def _without(text: str, marker: str) -> str:
+    """``text`` without the line holding ``marker`` and the one after it."""
+    lines = text.splitlines(keepends=True)
+    at = next(i for i, line in enumerate(lines) if marker in line)
+    return "".join(lines[:at] + lines[at + 2 :])
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        # nats-py would look for the JWT forever.
+        (USER.seed + "\n", r"not a \.creds file: no line -----BEGIN NATS USER JWT"),
+        (_without(creds(USER_JWT, USER), "BEGIN NATS USER JWT"), "not a .creds file"),
+        (_without(creds(USER_JWT, USER), "BEGIN USER NKEY SEED"), "has no user nkey seed"),
+        (
+            creds(USER_JWT, USER).replace(USER.seed, mistyped(USER.seed)),
+            "the line after BEGIN USER NKEY SEED is not a NATS nkey seed",
+        ),
+        (
+            creds(USER_JWT, USER).replace(USER.seed, new_nkey("account").seed),
+            "the line after BEGIN USER NKEY SEED is the seed of an nkey that is not a user",
+        ),
+        (
+            creds(USER_JWT, USER).replace(USER_JWT, "not.a.jwt"),
+            "the line after BEGIN NATS USER JWT is not a NATS user JWT",
+        ),
+        (
+            creds(account_jwt(new_nkey("operator"), ACCOUNT), USER),
+            "the line after BEGIN NATS USER JWT is not a NATS user JWT",
+        ),
+        (
+            creds(USER_JWT, new_nkey("user")),
+            "its JWT is for the user 'U.*', its seed is the user 'U.*': the server would",
+        ),
+        # nats-py reads each part as the line after its marker, without its last character.
+        (creds(USER_JWT, USER).replace("\n", "\r\n"), "is not a NATS nkey seed"),
+    ],
+    ids=[
+        "a seed alone",
+        "no JWT",
+        "no seed",
+        "a mistyped seed",
+        "an account's seed",
+        "not a JWT",
+        "an account's JWT",
+        "another user's seed",
+        "CRLF",
+    ],
+)
+def test_a_creds_file_without_a_user_jwt_and_its_seed_is_a_config_error(
+    content: str, error: str, tmp_path: Path
+) -> None:
+    path = tmp_path / "user.creds"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=rf"WSGATE_NATS_CREDS.*{error}") as caught:
+        BusConfig(nats_creds=str(path))
+    assert USER.seed not in str(caught.value)
 
 
 @pytest.mark.parametrize("given", ["nats_user", "nats_password"])

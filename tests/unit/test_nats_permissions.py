@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.nats_jwt import mistyped, new_nkey
 from wsgate import subjects
 from wsgate.cli import main
 from wsgate.errors import ConfigError
@@ -192,6 +193,57 @@ def test_each_identity_is_a_user_read_from_the_environment() -> None:
     assert text.count("user: $NATS_EDGE_A_USER") == 1
     assert text.count("password: $NATS_EDGE_B_PASSWORD") == 1
     assert '"acme.rt.gw.edge-b.*"' in text
+
+
+def test_an_identity_given_an_nkey_is_the_user_of_that_key() -> None:
+    key = new_nkey("user").public
+    text = render_authorization(
+        P, [Identity("gateway", "edge-a", key), Identity("worker", "box")], command="x"
+    )
+    edge_a = text[text.index("'edge-a'") : text.index("'box'")]
+    assert f"      nkey: {key}\n" in edge_a
+    assert "user:" not in edge_a
+    assert "password:" not in edge_a
+    assert '"acme.rt.gw.edge-a.*"' in edge_a
+    assert text.count("user: $NATS_BOX_USER") == 1
+
+
+@pytest.mark.parametrize(
+    "nkey",
+    [
+        new_nkey("account").public,
+        mistyped(new_nkey("user").public),  # its checksum wrong
+        "Uxyz",
+        new_nkey("user").seed,  # the secret, by mistake
+    ],
+    ids=["an account's", "mistyped", "short", "a seed"],
+)
+def test_an_nkey_that_is_not_a_user_public_key_is_refused(nkey: str) -> None:
+    with pytest.raises(ConfigError, match="edge-a is not a NATS user public key") as caught:
+        render_authorization(P, [Identity("gateway", "edge-a", nkey)], command="x")
+    assert nkey not in str(caught.value)
+
+
+def test_two_identities_with_one_nkey_are_refused() -> None:
+    key = new_nkey("user").public
+    with pytest.raises(ConfigError, match="edge-a and gateway:edge-b have the same nkey"):
+        render_authorization(
+            P, [Identity("gateway", "edge-a", key), Identity("gateway", "edge-b", key)], command="x"
+        )
+
+
+def test_nats_auth_takes_nkeys_by_node(capsys: pytest.CaptureFixture[str]) -> None:
+    key = new_nkey("user").public
+    assert main(["nats-auth", "--gateway", "edge-a", "--nkey", f"edge-a={key}"]) == 0
+    out = capsys.readouterr().out
+    assert f"`wsgate nats-auth --gateway edge-a --nkey edge-a={key}`" in out
+    assert f"nkey: {key}" in out
+    assert "$NATS_WORKER_USER" in out
+    for wrong in (f"nobody={key}", "edge-a"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["nats-auth", "--gateway", "edge-a", "--nkey", wrong])
+        assert exit_.value.code == 2
+    assert "--nkey for no identity: nobody" in capsys.readouterr().err
 
 
 def test_the_shipped_authorization_is_what_the_code_makes() -> None:
