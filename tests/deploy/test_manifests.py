@@ -12,7 +12,6 @@ path changed in one place only fails here. NATS' configuration is checked the sa
 ``wsgate.nats_permissions``), by ``nats-server -t``, and by a real nats-server started
 from the dev overlay's configuration, which each role must get into with its own
 credentials and certificate, and where a gateway's identity is refused what is not its.
-The certificates come from Secrets that ``deploy/k8s/cert-manager`` makes.
 
 The state tier runs over PostgreSQL (N replicas, the default) or on a SQLite file (one
 replica, ``components/state-sqlite``): its DSN must come from a Secret, each replica must
@@ -21,14 +20,17 @@ starts, and the dev overlay's own PostgreSQL, run by a real server with password
 authentication, must let the state tier's DSN in.
 
 Everything is encrypted: the gateway serves wss (and its probes HTTPS), the state service
-requires client certificates. Every certificate setting names a file of a Secret mounted
-whole and read-only, under cert-manager's key names (``tls.crt``, ``tls.key``,
-``ca.crt``); the cert-manager Certificates of ``components/cert-manager`` make those
-Secrets and agree with the settings (the name workers verify, usages, one CA for both
-sides of the mutual TLS); the base, without them, leaves them to docs/deploy.md. prod
-exposes only wss, allows a closed list of https origins and runs a named app, not the
-example. The roles' configs are built with stand-in certificate files (the test CA's) in
-place of the mounted ones.
+requires client certificates, NATS requires TLS and client certificates of its clients
+and of its routes. Every certificate setting, the roles' and nats-server's alike, names a
+file of a Secret mounted whole, read-only and 0440 at ``/etc/wsgate/certs/<Secret>``,
+under cert-manager's key names (``tls.crt``, ``tls.key``, ``ca.crt``); the cert-manager
+Certificates of ``components/cert-manager`` make every one of those Secrets and agree
+with the settings (the names that are dialled, usages, each side of a mutual TLS signed
+by the CA the other side checks, and each CA that lets clients in signing only those
+clients); the base, without them, leaves them to docs/deploy.md. prod exposes only wss,
+allows a closed list of https origins and runs a named app, not the example. Wherever a
+config or nats-server reads a mounted certificate, the test uses one stand-in per Secret
+(``_STAND_INS``: a certificate of the test CA, valid for loopback, its key and the CA).
 
 Rendering needs ``kubectl`` (its built-in kustomize); without it these tests are skipped.
 """
