@@ -322,31 +322,6 @@ class GatewayConfig(BusConfig):
         "serve this directory's files to plain GETs (/ is index.html) next to the "
         "WebSocket routes; empty: none",
     )
-    # Issue 13 (deploy branch): declared for deploy/k8s and its tests; the definitions of
-    # the branches that implement them replace these at the merge.
-    tls_cert: str = setting(
-        "", "WSGATE_TLS_CERT", "PEM certificate chain: serve wss/https (empty: plain ws)"
-    )
-    tls_key: str = setting("", "WSGATE_TLS_KEY", "PEM private key of WSGATE_TLS_CERT")
-    handshake_timeout_s: float = setting(
-        10.0, "WSGATE_HANDSHAKE_TIMEOUT_S", "a client must finish its upgrade within this time"
-    )
-    max_connections_per_ip: int = setting(
-        256, "WSGATE_MAX_CONNECTIONS_PER_IP", "open connections from one client address"
-    )
-    trusted_proxies: str = setting(
-        "", "WSGATE_TRUSTED_PROXIES", "CIDRs whose forwarded client address is believed"
-    )
-    proxy_protocol: str = setting(
-        "off", "WSGATE_PROXY_PROTOCOL", "on: read a PROXY protocol header (off|on)"
-    )
-    message_rate: float = setting(100.0, "WSGATE_MESSAGE_RATE", "messages per second per client")
-    message_burst: int = setting(200, "WSGATE_MESSAGE_BURST", "messages a client may send at once")
-    outbound_budget_bytes: int = setting(
-        256 * 1024 * 1024,
-        "WSGATE_OUTBOUND_BUDGET_BYTES",
-        "bytes waiting to be written to all clients of this gateway together",
-    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -512,20 +487,6 @@ class WorkerConfig(BusConfig):
         "",
         "WSGATE_FAILPOINTS",
         "testing only: faults to inject, e.g. kill-after-commit=<message> (worker/failpoints.py)",
-    )
-    # Issue 13 (deploy branch): declared for deploy/k8s and its tests; the definitions of
-    # the branches that implement them replace these at the merge.
-    state_tls_ca: str = setting(
-        "", "WSGATE_STATE_TLS_CA", "PEM CA that signed the state service's certificate"
-    )
-    state_tls_cert: str = setting(
-        "", "WSGATE_STATE_TLS_CERT", "PEM client certificate presented to the state service"
-    )
-    state_tls_key: str = setting("", "WSGATE_STATE_TLS_KEY", "PEM key of WSGATE_STATE_TLS_CERT")
-    state_tls_server_name: str = setting(
-        "",
-        "WSGATE_STATE_TLS_SERVER_NAME",
-        "name the state service's certificate must carry (empty: the dialled host)",
     )
 
     def __post_init__(self) -> None:

@@ -12,7 +12,6 @@ path changed in one place only fails here. NATS' configuration is checked the sa
 ``wsgate.nats_permissions``), by ``nats-server -t``, and by a real nats-server started
 from the dev overlay's configuration, which each role must get into with its own
 credentials and certificate, and where a gateway's identity is refused what is not its.
-The certificates come from Secrets that ``deploy/k8s/cert-manager`` makes.
 
 The state tier runs over PostgreSQL (N replicas, the default) or on a SQLite file (one
 replica, ``components/state-sqlite``): its DSN must come from a Secret, each replica must
@@ -21,14 +20,17 @@ starts, and the dev overlay's own PostgreSQL, run by a real server with password
 authentication, must let the state tier's DSN in.
 
 Everything is encrypted: the gateway serves wss (and its probes HTTPS), the state service
-requires client certificates. Every certificate setting names a file of a Secret mounted
-whole and read-only, under cert-manager's key names (``tls.crt``, ``tls.key``,
-``ca.crt``); the cert-manager Certificates of ``components/cert-manager`` make those
-Secrets and agree with the settings (the name workers verify, usages, one CA for both
-sides of the mutual TLS); the base, without them, leaves them to docs/deploy.md. prod
-exposes only wss, allows a closed list of https origins and runs a named app, not the
-example. The roles' configs are built with stand-in certificate files (the test CA's) in
-place of the mounted ones.
+requires client certificates, NATS requires TLS and client certificates of its clients
+and of its routes. Every certificate setting, the roles' and nats-server's alike, names a
+file of a Secret mounted whole, read-only and 0440 at ``/etc/wsgate/certs/<Secret>``,
+under cert-manager's key names (``tls.crt``, ``tls.key``, ``ca.crt``); the cert-manager
+Certificates of ``components/cert-manager`` make every one of those Secrets and agree
+with the settings (the names that are dialled, usages, each side of a mutual TLS signed
+by the CA the other side checks, and each CA that lets clients in signing only those
+clients); the base, without them, leaves them to docs/deploy.md. prod exposes only wss,
+allows a closed list of https origins and runs a named app, not the example. Wherever a
+config or nats-server reads a mounted certificate, the test uses one stand-in per Secret
+(``_STAND_INS``: a certificate of the test CA, valid for loopback, its key and the CA).
 
 Rendering needs ``kubectl`` (its built-in kustomize); without it these tests are skipped.
 """
@@ -88,20 +90,6 @@ KUBERNETES_VERSION = "1.32.0"
 #: Every kustomization: the base and the overlays.
 TARGETS = ("base", "overlays/dev", "overlays/prod", "overlays/sqlite")
 
-#: The kustomization of the NATS certificates (cert-manager's resources, applied beside an
-#: overlay; not validated against Kubernetes' schema, which does not know them).
-CERT_MANAGER = "cert-manager"
-
-#: The keys of a kubernetes.io/tls Secret as cert-manager makes it, by what they hold.
-TLS_KEYS = {"cert": "tls.crt", "key": "tls.key", "ca": "ca.crt"}
-
-#: The settings of a role's NATS TLS files, by the key of the Secret each must come from.
-NATS_TLS_SETTINGS = {
-    "WSGATE_NATS_TLS_CA": "ca.crt",
-    "WSGATE_NATS_TLS_CERT": "tls.crt",
-    "WSGATE_NATS_TLS_KEY": "tls.key",
-}
-
 #: Secrets the manifests use but do not make, with what each key stands for in the tests:
 #: the state tier's DSN names a database outside the manifests (docs/deploy.md says how to
 #: create it). Only the dev overlay makes one, for its own PostgreSQL.
@@ -117,30 +105,86 @@ _DSN_WITH_PASSWORD = re.compile(
     r"postgres(?:ql)?://[^/@\s:]+:[^@\s]+@|\bpassword\s*=\s*\S", re.IGNORECASE
 )
 
-#: The Secrets of certificates the pods mount. The base does not make them (an overlay's
-#: cert-manager Certificates do, components/cert-manager); docs/deploy.md tells how to make
-#: them by hand, with the keys cert-manager writes.
-TLS_SECRETS = ("gateway-tls", "state-tls", "worker-state-client-tls")
+#: The Secrets of certificates the pods mount, every one of the kustomizations' Secret
+#: volumes. The base does not make them (the overlays' cert-manager Certificates do,
+#: components/cert-manager); docs/deploy.md tells how to make them by hand, with the keys
+#: cert-manager writes.
+TLS_SECRETS = (
+    *("gateway-tls", "state-tls", "worker-state-client-tls"),
+    *("nats-server-tls", "nats-routes-tls"),
+    *("nats-client-gateway-tls", "nats-client-worker-tls", "nats-client-state-tls"),
+)
 
 #: How docs/deploy.md tells to create each of them by hand, and each key's option.
 TLS_SECRET_COMMAND = "kubectl -n wsgate create secret generic {name} --type=kubernetes.io/tls"
 TLS_SECRET_KEY_OPTION = "--from-file={key}="
+
+#: Where every pod mounts each certificate Secret it reads (whole, at <CERTS_DIR>/<Secret>),
+#: and the mode of its files: read-only for the pod's group (its fsGroup), no one else.
+CERTS_DIR = PurePosixPath("/etc/wsgate/certs")
+SECRET_MODE = 0o440
 
 #: The keys of a cert-manager Secret (type kubernetes.io/tls): the certificate with its
 #: chain, its private key, and the CA that signed it.
 CERT, KEY, CA = "tls.crt", "tls.key", "ca.crt"
 
 #: The settings that name certificate files, by role, and the key of the Secret each one
-#: must name. Their config fields are looked up by these names (see _setting).
+#: must name: the certificate, its key and the CA the role checks its peer by, for wss,
+#: the state service's mutual TLS and NATS. Their config fields are looked up by these
+#: names (see _setting).
+_NATS_CLIENT = {"WSGATE_NATS_TLS_CA": CA, "WSGATE_NATS_TLS_CERT": CERT, "WSGATE_NATS_TLS_KEY": KEY}
 TLS_FILES: dict[str, dict[str, str]] = {
-    "gateway": {"WSGATE_TLS_CERT": CERT, "WSGATE_TLS_KEY": KEY},
-    "state": {"WSGATE_TLS_CERT": CERT, "WSGATE_TLS_KEY": KEY, "WSGATE_TLS_CLIENT_CA": CA},
+    "gateway": {"WSGATE_TLS_CERT": CERT, "WSGATE_TLS_KEY": KEY, **_NATS_CLIENT},
+    "state": {
+        **{"WSGATE_TLS_CERT": CERT, "WSGATE_TLS_KEY": KEY, "WSGATE_TLS_CLIENT_CA": CA},
+        **_NATS_CLIENT,
+    },
     "worker": {
-        "WSGATE_STATE_TLS_CA": CA,
-        "WSGATE_STATE_TLS_CERT": CERT,
-        "WSGATE_STATE_TLS_KEY": KEY,
+        **{"WSGATE_STATE_TLS_CA": CA, "WSGATE_STATE_TLS_CERT": CERT, "WSGATE_STATE_TLS_KEY": KEY},
+        **_NATS_CLIENT,
     },
 }
+
+#: nats-server's ``tls`` blocks (for its clients, and in ``cluster`` for its routes), as
+#: the reader "nats" of TLS_FILES' kind: ``<block>.<file>`` and the key each must name.
+NATS = "nats"
+NATS_TLS_BLOCKS = ("tls", "cluster.tls")
+NATS_TLS_BLOCK_FILES = {"cert_file": CERT, "key_file": KEY, "ca_file": CA}
+
+#: What each certificate is for: of server and client authentication, exactly the usages
+#: its Certificate must have, by its reader and setting. The routes' is both: each NATS
+#: server dials its peers and is dialled by them.
+CERT_USAGES: dict[tuple[str, str], set[str]] = {
+    ("gateway", "WSGATE_TLS_CERT"): {"server auth"},
+    ("state", "WSGATE_TLS_CERT"): {"server auth"},
+    ("worker", "WSGATE_STATE_TLS_CERT"): {"client auth"},
+    **{(role, "WSGATE_NATS_TLS_CERT"): {"client auth"} for role in ("gateway", "worker", "state")},
+    (NATS, "tls.cert_file"): {"server auth"},
+    (NATS, "cluster.tls.cert_file"): {"server auth", "client auth"},
+}
+
+#: Who trusts whom: (reader, the setting naming the CA it checks its peers by) -> the
+#: certificates of the peers it must accept. Both sides of each mutual TLS are here.
+TRUSTS: dict[tuple[str, str], tuple[tuple[str, str], ...]] = {
+    ("worker", "WSGATE_STATE_TLS_CA"): (("state", "WSGATE_TLS_CERT"),),
+    ("state", "WSGATE_TLS_CLIENT_CA"): (("worker", "WSGATE_STATE_TLS_CERT"),),
+    **{
+        (role, "WSGATE_NATS_TLS_CA"): ((NATS, "tls.cert_file"),)
+        for role in ("gateway", "worker", "state")
+    },
+    (NATS, "tls.ca_file"): tuple(
+        (role, "WSGATE_NATS_TLS_CERT") for role in ("gateway", "worker", "state")
+    ),
+    (NATS, "cluster.tls.ca_file"): ((NATS, "cluster.tls.cert_file"),),
+}
+
+#: The CAs that servers let clients in by: any client certificate such a CA signed gets
+#: in, so it must sign the clients of TRUSTS and no other.
+CLIENT_CAS = (
+    ("state", "WSGATE_TLS_CLIENT_CA"),
+    (NATS, "tls.ca_file"),
+    (NATS, "cluster.tls.ca_file"),
+)
 
 #: cert-manager's API group. Its kinds are not in Kubernetes' schema: the objects of it
 #: that the manifests use are checked against the subset of cert-manager v1 below (the
@@ -528,16 +572,6 @@ def _role_env_names(role: str) -> frozenset[str]:
     return frozenset(names)
 
 
-def _secret_file(c: Container, path: str) -> tuple[str, str] | None:
-    """The Secret and key that file ``path`` of the container comes from, if it is in a
-    Secret volume the container mounts (None otherwise)."""
-    file = PurePosixPath(path)
-    for volume in c.pod.get("volumes", []):
-        if "secret" in volume and c.mount_of(volume["name"]) == str(file.parent):
-            return str(volume["secret"]["secretName"]), file.name
-    return None
-
-
 def _role_config(m: Manifests, role: str) -> Any:
     """The role's config, built from its container's environment and arguments by the
     same parser as ``wsgate ROLE``, with the files of its mounted Secrets standing in
@@ -720,58 +754,19 @@ def _env_references(conf: Any) -> set[str]:
     return {conf[1:]} if conf.startswith("$") else set()
 
 
-def _assert_tls_files_from_a_secret(c: Container, tls: Mapping[str, str]) -> None:
-    """A nats-server tls block's certificate, key and CA are the keys of one Secret that
-    the container mounts, in cert-manager's form."""
-    sources = {kind: _secret_file(c, tls[f"{kind}_file"]) for kind in ("cert", "key", "ca")}
-    assert all(sources.values()), f"{c.name}: TLS files not from a mounted Secret: {tls}"
-    assert len({source[0] for source in sources.values() if source}) == 1, sources
-    assert {kind: source[1] for kind, source in sources.items() if source} == TLS_KEYS
-
-
 def _without_comments(text: str) -> list[str]:
     return [line for line in text.splitlines() if not line.lstrip().startswith("#")]
 
 
-def _nats_tls_secrets(m: Manifests) -> dict[str, Container]:
-    """The Secrets NATS' TLS files come from (the servers' and each role's), each with a
-    container that mounts it."""
-    found: dict[str, Container] = {}
-    c, files, main = _nats_files(m)
-    conf = _parse_nats_conf(files, main)
-    for block in (conf["tls"], conf.get("cluster", {}).get("tls")):
-        if block:
-            source = _secret_file(c, block["cert_file"])
-            assert source is not None
-            found[source[0]] = c
-    for role, role_c in m.wsgate_containers().items():
-        env = _pod_env(m, role_c)
-        for var, key in NATS_TLS_SETTINGS.items():
-            source = _secret_file(role_c, env.get(var, ""))
-            assert source is not None, f"{role}: {var} is not a file of a mounted Secret"
-            assert source[1] == key, f"{role}: {var} is the Secret's {source[1]}, not {key}"
-            found[source[0]] = role_c
-    return found
-
-
-def _runnable_nats_files(m: Manifests, tmp_path: Path, pki: Pki) -> tuple[Container, Path]:
+def _runnable_nats_files(m: Manifests, tmp_path: Path) -> tuple[Container, Path]:
     """The NATS container's config files written under ``tmp_path``, runnable here: the
-    Secrets it mounts are certificates of ``pki`` (valid for loopback) in directories of
-    their own. Returns the container and the main file."""
+    Secrets it mounts are the stand-ins (_STAND_INS: certificates of the test CA, valid
+    for loopback). Returns the container and the main file."""
     c, files, main = _nats_files(m)
-    moved: dict[str, str] = {}
-    for volume in c.pod["volumes"]:
-        mount = c.mount_of(volume["name"])
-        if "secret" not in volume or mount is None:
-            continue
-        secret = volume["secret"]["secretName"]
-        directory = tmp_path / secret
-        directory.mkdir()
-        issued = pki.server(secret)
-        shutil.copy(issued.cert, directory / TLS_KEYS["cert"])
-        shutil.copy(issued.key, directory / TLS_KEYS["key"])
-        shutil.copy(pki.ca, directory / TLS_KEYS["ca"])
-        moved[mount + "/"] = f"{directory}/"
+    moved = {
+        f"{mount}/": f"{_STAND_INS.directory(secret)}/"
+        for mount, secret in _secret_mounts(c).items()
+    }
     for name, text in files.items():
         for mount, directory in moved.items():
             text = text.replace(mount, directory)
@@ -1094,12 +1089,13 @@ def test_nats_config_matches_its_pods_and_the_gateway(manifests: Manifests) -> N
     env = {v["name"] for v in c.spec.get("env", [])}
     assert _env_references(conf) <= env, f"nats.conf reads {_env_references(conf) - env}"
 
-    # Clients: TLS only, started first, each with a certificate of the CA; the files from
-    # a Secret of cert-manager's form.
+    # Clients: TLS only, started first, each with a certificate of the CA. (Its files and
+    # certificates: test_certificate_files_come_from_secrets_mounted_whole and
+    # test_certificates_agree_with_the_settings, as every other TLS setting's.)
     tls = conf["tls"]
     assert tls.get("verify") == "true", "clients must show a certificate"
     assert tls.get("handshake_first") == "true", "the roles start TLS before NATS speaks"
-    _assert_tls_files_from_a_secret(c, tls)
+    assert set(NATS_TLS_BLOCK_FILES) <= set(tls), f"tls: {tls}"
 
     # The users are what `wsgate nats-auth` makes for the roles' identities and prefix
     # (the file's header comments aside, which name the command).
@@ -1133,7 +1129,7 @@ def test_nats_config_matches_its_pods_and_the_gateway(manifests: Manifests) -> N
         assert cluster.get("no_advertise") == "true"
         # Routes are mutual TLS.
         assert cluster["tls"].get("verify") == "true", "routes must verify their peers"
-        _assert_tls_files_from_a_secret(c, cluster["tls"])
+        assert set(NATS_TLS_BLOCK_FILES) <= set(cluster["tls"]), f"cluster tls: {cluster}"
 
     # JetStream's files on the volume claim, the pid file (for preStop) on a mounted volume.
     claims = {t["metadata"]["name"] for t in statefulset["spec"]["volumeClaimTemplates"]}
@@ -1145,11 +1141,11 @@ def test_nats_config_matches_its_pods_and_the_gateway(manifests: Manifests) -> N
     assert limit > _nats_size(conf["jetstream"]["max_memory_store"]), "memory store over limit"
 
 
-def test_nats_server_accepts_the_config(manifests: Manifests, tmp_path: Path, pki: Pki) -> None:
+def test_nats_server_accepts_the_config(manifests: Manifests, tmp_path: Path) -> None:
     """``nats-server -t`` (the wheel's nats-server, a newer release than the image's, but
     the keys used here are all 2.10's) refuses unknown keys and bad values; it loads the
     certificates too (stand-ins of the mounted Secrets)."""
-    c, main = _runnable_nats_files(manifests, tmp_path, pki)
+    c, main = _runnable_nats_files(manifests, tmp_path)
     env = {**os.environ, **_pod_env(manifests, c)}
     result = subprocess.run(
         [str(find_nats_server()), "--config", str(main), "-t"],
@@ -1162,17 +1158,17 @@ def test_nats_server_accepts_the_config(manifests: Manifests, tmp_path: Path, pk
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path, pki: Pki) -> None:
+async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path) -> None:
     """The dev overlay's NATS config, run by a real nats-server (on 127.0.0.1 and a free
-    port, its paths moved under tmp_path, its certificates stand-ins of the CA's): each
-    role gets in over TLS with its own user, password and client certificate, as its
-    config makes the connection (wsgate.bus), and finds room for the gateway's largest
-    message. The shipped permissions hold: the gateway's identity may not send a command,
-    an ack, an alarm or a presence of another gateway, nor take the workers' queue; the
-    worker's may not announce a gateway. A wrong password and a plaintext client do not
-    get in."""
+    port, its paths moved under tmp_path, its certificates the stand-ins of its Secrets):
+    each role gets in over TLS with its own user, password and client certificate (the
+    stand-ins of the Secret its settings name), as its config makes the connection
+    (wsgate.bus), and finds room for the gateway's largest message. The shipped
+    permissions hold: the gateway's identity may not send a command, an ack, an alarm or
+    a presence of another gateway, nor take the workers' queue; the worker's may not
+    announce a gateway. A wrong password and a plaintext client do not get in."""
     m = Manifests("overlays/dev", _render("overlays/dev"))
-    c, main = _runnable_nats_files(m, tmp_path, pki)
+    c, main = _runnable_nats_files(m, tmp_path)
     text = main.read_text().replace("0.0.0.0:", "127.0.0.1:").replace(" /data", f" {tmp_path}/data")
     main.write_text(text.replace("/var/run/nats/", f"{tmp_path}/"))
     proc = await asyncio.create_subprocess_exec(
@@ -1190,14 +1186,7 @@ async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path, pki
         refusals: dict[str, list[str]] = {}
         clients: dict[str, nats.NATS] = {}
         for role in ROLE_CONFIGS:
-            issued = pki.client(f"nats-{role}")
-            config = dataclasses.replace(
-                _role_config(m, role),
-                nats_url=f"nats://{address}",
-                nats_tls_ca=str(pki.ca),
-                nats_tls_cert=str(issued.cert),
-                nats_tls_key=str(issued.key),
-            )
+            config = dataclasses.replace(_role_config(m, role), nats_url=f"nats://{address}")
             errors = refusals[role] = []
 
             async def collect(exc: Exception, errors: list[str] = errors) -> None:
@@ -1244,20 +1233,13 @@ async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path, pki
         async def quiet(exc: Exception) -> None:
             pass
 
-        worker = _role_config(m, "worker")
-        issued = pki.client("nats-worker")
-        base = {"nats_url": f"nats://{address}", "node_name": worker.node}
+        worker = dataclasses.replace(_role_config(m, "worker"), nats_url=f"nats://{address}")
         for what, config in {
             "a wrong password": dataclasses.replace(
-                worker,
-                **base,
-                nats_password=worker.nats_password + "-wrong",
-                nats_tls_ca=str(pki.ca),
-                nats_tls_cert=str(issued.cert),
-                nats_tls_key=str(issued.key),
+                worker, nats_password=worker.nats_password + "-wrong"
             ),
             "plaintext": dataclasses.replace(
-                worker, **base, nats_tls_ca="", nats_tls_cert="", nats_tls_key=""
+                worker, nats_tls_ca="", nats_tls_cert="", nats_tls_key=""
             ),
         }.items():
             refused = nats.NATS()
@@ -1283,57 +1265,6 @@ async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path, pki
     expected = ("authentication error", "Violation", "TLS handshake")
     errors = [line for line in log if "[ERR]" in line and not any(e in line for e in expected)]
     assert not errors, "\n".join(log)
-
-
-def test_nats_certificates_are_the_ones_cert_manager_makes(manifests: Manifests) -> None:
-    """Every NATS certificate (the servers' for clients and routes, each role's client
-    certificate) comes from a Secret that deploy/k8s/cert-manager makes, in its namespace,
-    valid for the names that are dialled (the nats Service, each route's pod) and for its
-    side of the handshake; docs/deploy.md names each Secret for those who make them by
-    hand. A role's client certificate is its own: no two roles share a Secret."""
-    certificates = {
-        o["spec"]["secretName"]: o for o in _render(CERT_MANAGER) if o["kind"] == "Certificate"
-    }
-    (namespace,) = {o["metadata"]["namespace"] for o in _render(CERT_MANAGER)}
-    used = _nats_tls_secrets(manifests)
-    missing = set(used) - set(certificates)
-    assert not missing, f"Secrets cert-manager does not make: {missing}"
-    assert not any(manifests.renders("Secret", name) for name in used), "certificates in git"
-    roles = [c for c in used.values() if c.spec.get("args", [""])[0] in ROLE_CONFIGS]
-    assert len(roles) == len(ROLE_CONFIGS), "roles share a NATS client certificate"
-    nats_c, files, main = _nats_files(manifests)
-    conf = _parse_nats_conf(files, main)
-    docs = (ROOT / "docs" / "deploy.md").read_text()
-    for name, c in used.items():
-        spec = certificates[name]["spec"]
-        assert f"`{name}`" in docs, f"docs/deploy.md: how to make {name}"
-        if c.name != nats_c.name:
-            assert spec["usages"] == ["client auth"], name
-            continue
-        names = spec.get("dnsNames", [])
-        if _secret_file(c, conf["tls"]["cert_file"]) == (name, TLS_KEYS["cert"]):
-            # What the roles dial: the host of their WSGATE_NATS_URL.
-            for role in ROLE_CONFIGS:
-                for server in _role_config(manifests, role).nats_servers:
-                    assert _covers(names, urlsplit(server).hostname or ""), (name, server)
-            assert "server auth" in spec["usages"], name
-        else:
-            for route in conf["cluster"]["routes"]:
-                assert _covers(names, urlsplit(route).hostname or ""), (name, route)
-            assert {"server auth", "client auth"} <= set(spec["usages"]), name
-    # The cert-manager kustomization's namespace is the base's.
-    base_namespace = next(o for o in _render("base") if o["kind"] == "Namespace")
-    assert namespace == base_namespace["metadata"]["name"]
-
-
-def _covers(dns_names: list[str], host: str) -> bool:
-    """Whether a certificate for ``dns_names`` is valid for ``host`` (one-label ``*``)."""
-    for name in dns_names:
-        if name == host:
-            return True
-        if name.startswith("*.") and host.split(".", 1)[1:] == [name[2:]]:
-            return True
-    return False
 
 
 async def _client_address(stderr: asyncio.StreamReader, log: list[str]) -> str:
@@ -1811,53 +1742,88 @@ def _certificate_of(m: Manifests, secret: str) -> dict[str, Any] | None:
     return found[0] if found else None
 
 
+def _nats_tls_blocks(m: Manifests) -> dict[str, dict[str, str]]:
+    """nats-server's tls blocks by NATS_TLS_BLOCKS' names (the cluster's, if it has one)."""
+    _, files, main = _nats_files(m)
+    conf = _parse_nats_conf(files, main)
+    blocks = {"tls": conf.get("tls"), "cluster.tls": conf.get("cluster", {}).get("tls")}
+    return {name: block for name, block in blocks.items() if block}
+
+
 def _tls_files(m: Manifests) -> dict[tuple[str, str], tuple[str, str]]:
-    """(role, setting) -> (Secret, key) for every certificate setting a role sets."""
+    """(reader, setting) -> (Secret, key) for every certificate file that is set: each
+    role's settings of TLS_FILES, and nats-server's (reader NATS, setting
+    ``<block>.<file>``). Each must be a file of a Secret its reader mounts."""
     files = {}
     for role, c in m.wsgate_containers().items():
         env = _pod_env(m, c)
-        for name in TLS_FILES.get(role, {}):
+        for name in TLS_FILES[role]:
             if env.get(name):
                 found = _mounted_file(c, env[name])
                 assert found is not None, f"{c.name}: {name}={env[name]} is in no mounted Secret"
                 files[role, name] = found
+    nats_c = m.nats()
+    for block, tls in _nats_tls_blocks(m).items():
+        for name in NATS_TLS_BLOCK_FILES:
+            found = _mounted_file(nats_c, tls[name])
+            assert found is not None, f"{nats_c.name}: {block} {name} is in no mounted Secret"
+            files[NATS, f"{block}.{name}"] = found
     return files
 
 
-def test_certificate_settings_name_files_of_mounted_secrets(manifests: Manifests) -> None:
-    """Every certificate setting names the file of its cert-manager key (tls.crt,
-    tls.key, ca.crt) in a Secret mounted whole (a subPath would never see a renewal),
-    read-only, not readable by others; a certificate and its key come from one Secret.
-    Any other WSGATE_*TLS*KEY setting names a file of a mounted Secret too: a private key
-    is never in a ConfigMap or the image. The migration mounts what the replica's config
-    names. Secrets the kustomization does not make are the base's, which docs/deploy.md
-    tells how to make."""
+def _expected_key(reader: str, setting: str) -> str:
+    """The key of a cert-manager Secret that the setting must name."""
+    if reader == NATS:
+        return NATS_TLS_BLOCK_FILES[setting.rsplit(".", 1)[1]]
+    return TLS_FILES[reader][setting]
+
+
+def _tls_group(reader: str, setting: str) -> str:
+    """The files that go together, a certificate, its key and the CA its reader checks the
+    other side by: WSGATE_STATE_TLS_CA/_CERT/_KEY, a nats-server tls block's files."""
+    if reader == NATS:
+        return setting.rsplit(".", 1)[0]
+    return re.sub(r"(_CLIENT)?_(CERT|KEY|CA)$", "", setting)
+
+
+def test_certificate_files_come_from_secrets_mounted_whole(manifests: Manifests) -> None:
+    """Every certificate file that a role's setting or nats-server's config names is the
+    file of its cert-manager key (tls.crt, tls.key, ca.crt) in a Secret its reader mounts;
+    a certificate, its key and the CA its reader checks the other side by come from one
+    Secret, and a Secret serves one purpose only (each role its own NATS client
+    certificate). Any other WSGATE_*TLS*KEY setting names a file of a mounted Secret too:
+    a private key is never in a ConfigMap or the image. Every Secret that any pod mounts
+    (the migration too, which builds the replica's config) is a certificate's, mounted
+    the one way: whole (a subPath would never see a renewal) at /etc/wsgate/certs/<Secret>,
+    read-only, mode 0440 for the pod's group (fsGroup) only, under cert-manager's key
+    names. None is in git: the overlays' Certificates make every one, and for the base
+    docs/deploy.md tells how to make each by hand."""
     m = manifests
     files = _tls_files(m)
-    for (role, name), (_, key) in files.items():
-        assert key == TLS_FILES[role][name], (
-            f"{role}: {name} names {key}, not {TLS_FILES[role][name]}"
-        )
-    for role, pairs in (
-        ("gateway", "WSGATE_TLS"),
-        ("state", "WSGATE_TLS"),
-        ("worker", "WSGATE_STATE_TLS"),
-    ):
-        cert, key = files.get((role, f"{pairs}_CERT")), files.get((role, f"{pairs}_KEY"))
-        assert (cert is None) == (key is None), f"{role}: a certificate without its key"
-        if cert is not None and key is not None:
-            assert cert[0] == key[0], (
-                f"{role}: the certificate from {cert[0]}, its key from {key[0]}"
-            )
+    sources: dict[tuple[str, str], set[str]] = {}
+    purposes: dict[str, set[tuple[str, str]]] = {}
+    for (reader, setting), (secret, key) in files.items():
+        expected = _expected_key(reader, setting)
+        assert key == expected, f"{reader}: {setting} names {key}, not {expected}"
+        group = (reader, _tls_group(reader, setting))
+        sources.setdefault(group, set()).add(secret)
+        purposes.setdefault(secret, set()).add(group)
+    for group, secrets in sources.items():
+        assert len(secrets) == 1, f"{m.target}: {group} from several Secrets: {secrets}"
+    for secret, used_for in purposes.items():
+        assert len(used_for) == 1, f"{m.target}: {secret} serves {sorted(used_for)}"
+    for role in ROLE_CONFIGS:
+        # A certificate and its key both set, or neither.
+        for group in {_tls_group(role, name) for name in TLS_FILES[role]}:
+            present = {(role, f"{group}{part}") in files for part in ("_CERT", "_KEY")}
+            assert len(present) == 1, f"{role}: {group}_CERT without its key, or the reverse"
 
     containers = [
         *m.wsgate_containers().values(),
         *(c for c in m.init_containers() if _is_wsgate(c)),
     ]
-    mounted: set[str] = set()
     for c in containers:
-        env = _pod_env(m, c)
-        for name, value in env.items():
+        for name, value in _pod_env(m, c).items():
             if name.startswith("WSGATE_") and "TLS" in name and name.endswith("_KEY") and value:
                 assert _mounted_file(c, value), f"{c.name}: {name}={value} is in no mounted Secret"
             if value.startswith("/etc/wsgate/"):
@@ -1866,42 +1832,68 @@ def test_certificate_settings_name_files_of_mounted_secrets(manifests: Manifests
                 assert any(PurePosixPath(value).is_relative_to(d) for d in mounts), (
                     f"{c.name}: {name}={value} is not mounted"
                 )
-        volumes = {v["name"]: v for v in c.pod["volumes"]}
+    mounted: set[str] = set()
+    for c in m.containers() + m.init_containers():
+        volumes = {v["name"]: v for v in c.pod.get("volumes", [])}
         for mount in c.spec.get("volumeMounts", []):
             # (A volume claim template is not among the pod's volumes: no Secret.)
             secret = volumes.get(mount["name"], {}).get("secret")
             if secret is None:
                 continue
-            mounted.add(secret["secretName"])
-            assert mount.get("readOnly") is True, f"{c.name}: {mount['name']} is writable"
-            assert "subPath" not in mount, f"{c.name}: {mount['name']} by subPath: no renewals"
-            assert "items" not in secret, f"{c.name}: {mount['name']} renames cert-manager's keys"
-            assert secret.get("defaultMode", 0o644) & 0o007 == 0, f"{c.name}: readable by others"
+            name = secret["secretName"]
+            mounted.add(name)
+            where = f"{c.name}: {mount['name']}"
+            assert mount["mountPath"] == str(CERTS_DIR / name), f"{where} at {mount['mountPath']}"
+            assert mount.get("readOnly") is True, f"{where} is writable"
+            assert "subPath" not in mount, f"{where} by subPath: no renewals"
+            assert "items" not in secret, f"{where} renames cert-manager's keys"
+            assert secret.get("defaultMode") == SECRET_MODE, f"{where}: mode {secret}"
             # Group-readable files need the pod's group to own them.
-            if secret.get("defaultMode", 0o644) & 0o004 == 0:
-                assert c.pod["securityContext"].get("fsGroup") == RUN_AS_USER, c.name
+            assert c.pod["securityContext"].get("fsGroup") == RUN_AS_USER, where
 
-    made = {name for name in mounted if m.renders("Secret", name) or _certificate_of(m, name)}
+    assert not {name for name in mounted if m.renders("Secret", name)}, "certificates in git"
     if m.target == "base":
-        assert mounted - made <= set(TLS_SECRETS), f"unknown Secrets: {mounted - made}"
-    else:
-        assert made == mounted, f"{m.target}: Secrets nothing makes: {mounted - made}"
-    docs = (ROOT / "docs" / "deploy.md").read_text()
-    for name in mounted - made:
-        assert TLS_SECRET_COMMAND.format(name=name) in docs, f"docs: how to make {name} by hand"
+        assert mounted == set(TLS_SECRETS), f"base: mounts {mounted}, not {TLS_SECRETS}"
+        docs = (ROOT / "docs" / "deploy.md").read_text()
+        for name in mounted:
+            assert TLS_SECRET_COMMAND.format(name=name) in docs, f"docs: how to make {name}"
         for key in (CERT, KEY, CA):
             assert TLS_SECRET_KEY_OPTION.format(key=key) in docs, f"docs: the key {key}"
+    else:
+        unmade = {name for name in mounted if _certificate_of(m, name) is None}
+        assert not unmade, f"{m.target}: Secrets no Certificate makes: {unmade}"
+
+
+def _issuer(m: Manifests, secret: str) -> tuple[str, str]:
+    """(kind, name) of the issuer of the Certificate that makes the Secret."""
+    cert = _certificate_of(m, secret)
+    assert cert is not None, f"{m.target}: no Certificate makes {secret}"
+    ref = cert["spec"]["issuerRef"]
+    return ref.get("kind", "Issuer"), ref["name"]
+
+
+def _covers(dns_names: list[str], host: str) -> bool:
+    """Whether a certificate for ``dns_names`` is valid for ``host`` (one-label ``*``)."""
+    for name in dns_names:
+        if name == host:
+            return True
+        if name.startswith("*.") and host.split(".", 1)[1:] == [name[2:]]:
+            return True
+    return False
 
 
 def test_certificates_agree_with_the_settings(manifests: Manifests) -> None:
     """Where cert-manager makes the Secrets (every overlay): each Certificate's issuer is
-    in the namespace (or a ClusterIssuer: prod's public one for the gateway); the CA
+    in the namespace (or a ClusterIssuer: prod's public one for the gateway); each CA
     Issuer's key is a CA certificate from a self-signed Issuer, kept at renewal; a Secret
-    whose ca.crt a role reads comes from that CA (a public issuer writes none); the
-    servers' certificates are for server authentication, the workers' for client
-    authentication; the state certificate carries the name the workers verify; and the
-    workers and the state service are signed by the one CA each trusts the other by.
-    Each is renewed well before it ends."""
+    whose ca.crt is read comes from a CA Issuer (a public issuer writes none). Each
+    certificate is for its side of the handshake (servers' for server authentication,
+    clients' for client authentication, the NATS routes' for both) and signs nothing; it
+    carries the names its clients verify (the state service's the fixed name the workers
+    verify, NATS' the host of every role's WSGATE_NATS_URL, the routes' every route's
+    pod); and each side of every mutual TLS (workers and state service, roles and NATS,
+    NATS and its peers) is signed by the CA the other side checks it by. Each is renewed
+    well before it ends."""
     m = manifests
     if not m.of_kind("Certificate"):
         assert m.target == "base", f"{m.target}: no Certificates"
@@ -1926,57 +1918,95 @@ def test_certificates_agree_with_the_settings(manifests: Manifests) -> None:
             # A new key would leave every certificate signed before without a trusted CA.
             assert ca["spec"]["privateKey"]["rotationPolicy"] == "Never", name
 
-    def issuer(secret: str) -> tuple[str, str]:
-        cert = _certificate_of(m, secret)
-        assert cert is not None, f"{m.target}: no Certificate makes {secret}"
-        ref = cert["spec"]["issuerRef"]
-        return ref.get("kind", "Issuer"), ref["name"]
-
     files = _tls_files(m)
     for secret, key in files.values():
-        kind, issued_by = issuer(secret)
+        kind, issued_by = _issuer(m, secret)
         if key == CA:
             assert kind == "Issuer", f"{secret}: a ClusterIssuer may write no ca.crt"
             assert "ca" in issuers[issued_by], f"{secret}: its issuer writes no ca.crt"
-    usages = {
-        ("gateway", "WSGATE_TLS_CERT"): "server auth",
-        ("state", "WSGATE_TLS_CERT"): "server auth",
-        ("worker", "WSGATE_STATE_TLS_CERT"): "client auth",
-    }
-    for (role, name), usage in usages.items():
-        cert = _certificate_of(m, files[role, name][0])
+    for (reader, setting), usages in CERT_USAGES.items():
+        if (reader, setting) not in files:
+            continue  # the routes' of a single NATS server
+        cert = _certificate_of(m, files[reader, setting][0])
         assert cert is not None
-        assert usage in cert["spec"]["usages"], f"{role}: {name} is not for {usage}"
-        assert "cert sign" not in cert["spec"]["usages"], f"{role}: {name} may sign"
-        assert not cert["spec"].get("isCA"), f"{role}: {name} is a CA"
+        authentication = set(cert["spec"]["usages"]) & {"server auth", "client auth"}
+        assert authentication == usages, f"{reader}: {setting} is for {authentication}"
+        assert "cert sign" not in cert["spec"]["usages"], f"{reader}: {setting} may sign"
+        assert not cert["spec"].get("isCA"), f"{reader}: {setting} is a CA"
 
-    state_cert = _certificate_of(m, files["state", "WSGATE_TLS_CERT"][0])
-    assert state_cert is not None
+    def dns_names(reader: str, setting: str) -> list[str]:
+        cert = _certificate_of(m, files[reader, setting][0])
+        assert cert is not None
+        return list(cert["spec"].get("dnsNames", []))
+
     server_name = _setting(_role_config(m, "worker"), "WSGATE_STATE_TLS_SERVER_NAME")
     assert server_name, "the workers dial pod IPs: they must verify a fixed name"
-    assert server_name in state_cert["spec"]["dnsNames"], f"state-tls lacks {server_name!r}"
-    # Mutual TLS: each side's ca.crt is the CA that signed the other side.
-    worker_client = issuer(files["worker", "WSGATE_STATE_TLS_CERT"][0])
-    assert issuer(files["state", "WSGATE_TLS_CLIENT_CA"][0]) == worker_client
-    assert issuer(files["worker", "WSGATE_STATE_TLS_CA"][0]) == issuer(
-        files["state", "WSGATE_TLS_CERT"][0]
-    )
+    assert server_name in dns_names("state", "WSGATE_TLS_CERT"), f"state-tls: no {server_name!r}"
+    for role in ROLE_CONFIGS:
+        for server in _role_config(m, role).nats_servers:
+            host = urlsplit(server).hostname or ""
+            assert _covers(dns_names(NATS, "tls.cert_file"), host), f"{role} dials {server}"
+    _, files_, main = _nats_files(m)
+    for route in _parse_nats_conf(files_, main).get("cluster", {}).get("routes", []):
+        host = urlsplit(route).hostname or ""
+        assert _covers(dns_names(NATS, "cluster.tls.cert_file"), host), f"route {route}"
+
+    # Mutual TLS: the CA each side checks the other by is the one that signed the other.
+    for (reader, setting), peers in TRUSTS.items():
+        if (reader, setting) not in files:
+            continue
+        trusted = _issuer(m, files[reader, setting][0])
+        for peer in peers:
+            assert _issuer(m, files[peer][0]) == trusted, f"{reader} ({setting}) vs {peer}"
+
+
+def test_each_ca_lets_in_only_the_clients_meant_for_it(manifests: Manifests) -> None:
+    """A server that requires client certificates lets in any client its CA signed: the
+    state service (the workers), NATS' client port (the three roles, which then log in as
+    their users) and NATS' routes (the other NATS servers, trusted with every subject).
+    So each of their CAs signs for client authentication exactly the certificates meant
+    for it: one CA for all would make a gateway's NATS certificate a worker's to the state
+    service, and any role's a route into NATS past every permission."""
+    m = manifests
+    if not m.of_kind("Certificate"):
+        return  # the base: the Secrets are made by hand (docs/deploy.md says with which CA)
+    files = _tls_files(m)
+    checked = 0
+    for reader, setting in CLIENT_CAS:
+        if (reader, setting) not in files:
+            continue  # the routes' of a single NATS server
+        checked += 1
+        issuer = _issuer(m, files[reader, setting][0])
+        signed = {
+            cert["spec"]["secretName"]
+            for cert in m.of_kind("Certificate")
+            if (cert["spec"]["issuerRef"].get("kind", "Issuer"), cert["spec"]["issuerRef"]["name"])
+            == issuer
+            and "client auth" in cert["spec"].get("usages", [])
+        }
+        meant = {files[peer][0] for peer in TRUSTS[reader, setting]}
+        assert signed == meant, (
+            f"{m.target}: {reader} ({setting}) lets in {sorted(signed - meant)} too"
+        )
+    assert checked >= 2, f"{m.target}: the state service's and NATS' client CAs"
 
 
 def test_clients_and_roles_talk_only_over_tls(manifests: Manifests) -> None:
     """Every kustomization: the gateway serves wss (a certificate and key) and a Service
     exposed outside the cluster reaches nothing else; the state service requires client
-    certificates; the workers present one, trust a CA and verify a name."""
+    certificates; the workers present one, trust a CA and verify a name; every role
+    dials NATS over TLS with a client certificate and a CA to check NATS by (NATS' side,
+    TLS only and client certificates required: test_nats_config_matches_its_pods_and_the_
+    gateway)."""
     m = manifests
-    gateway = _role_config(m, "gateway")
-    for name in TLS_FILES["gateway"]:
-        assert _setting(gateway, name), f"gateway: {name} is not set (wss)"
-    state = _role_config(m, "state")
-    for name in TLS_FILES["state"]:
-        assert _setting(state, name), f"state: {name} is not set (mutual TLS)"
+    for role in ROLE_CONFIGS:
+        config = _role_config(m, role)
+        for name in TLS_FILES[role]:
+            assert _setting(config, name), f"{role}: {name} is not set"
+        assert config.nats_tls, f"{role}: NATS in plaintext"
     worker = _role_config(m, "worker")
-    for name in [*TLS_FILES["worker"], "WSGATE_STATE_TLS_SERVER_NAME"]:
-        assert _setting(worker, name), f"worker: {name} is not set (mutual TLS)"
+    assert _setting(worker, "WSGATE_STATE_TLS_SERVER_NAME"), "worker: no name to verify"
+    gateway = _role_config(m, "gateway")
     gateway_c = m.wsgate_containers()["gateway"]
     for service in m.of_kind("Service"):
         if not _selects(service["spec"]["selector"], gateway_c.pod_labels):
