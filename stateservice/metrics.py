@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from stateservice.locks import ObjectLocks
 from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
+from stateservice.quotas import Quotas
 from stateservice.storage import Storage
 
 
@@ -27,8 +28,10 @@ class _StorageCollector(Collector):
         presence: Callable[[], PresenceStats | None],
         leases: Callable[[], int],
         ownership: Callable[[], Ownership | None],
+        quotas: Quotas | None,
     ) -> None:
         self._ownership = ownership
+        self._quotas = quotas
         self._storage = storage
         self._locks = locks
         self._presence = presence
@@ -62,6 +65,33 @@ class _StorageCollector(Collector):
             "PostgreSQL batches run again after a deadlock or serialization failure",
             value=stats.retries,
         )
+        quotas = self._quotas
+        if quotas is not None:
+            refusals = CounterMetricFamily(
+                "wsgate_state_quota_refusals",
+                "Calls or writes refused by a quota: object_name, keys, bytes, members, or "
+                "disk (below WSGATE_MIN_FREE_DISK_BYTES, or the database's disk full)",
+                labels=["quota"],
+            )
+            for label, count in sorted(quotas.refusals.items()):
+                refusals.add_metric([label], count)
+            yield refusals
+            if quotas.disk is not None:
+                try:
+                    free = quotas.disk.free_bytes()
+                except OSError:
+                    free = -1
+                yield GaugeMetricFamily(
+                    "wsgate_state_disk_free_bytes",
+                    "Free space on the SQLite file's filesystem (-1: cannot be measured); "
+                    "writes are refused below wsgate_state_disk_min_free_bytes",
+                    value=free,
+                )
+                yield GaugeMetricFamily(
+                    "wsgate_state_disk_min_free_bytes",
+                    "The free space threshold (WSGATE_MIN_FREE_DISK_BYTES)",
+                    value=quotas.disk.min_free_bytes,
+                )
         ownership = self._ownership()
         if ownership is not None:
             yield GaugeMetricFamily(
@@ -109,10 +139,11 @@ def state_registry(
     presence: Callable[[], PresenceStats | None] = lambda: None,
     leases: Callable[[], int] = lambda: 0,
     ownership: Callable[[], Ownership | None] = lambda: None,
+    quotas: Quotas | None = None,
 ) -> CollectorRegistry:
     """A registry exposing the storage's figures, the objects' leases, and the membership
     leases' once ``presence()`` has them (the membership part exists only once the server
     started)."""
     registry = CollectorRegistry()
-    registry.register(_StorageCollector(storage, locks, presence, leases, ownership))
+    registry.register(_StorageCollector(storage, locks, presence, leases, ownership, quotas))
     return registry

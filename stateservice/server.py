@@ -38,6 +38,7 @@ from stateservice.membership import MembershipComponent
 from stateservice.metrics import state_registry
 from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
+from stateservice.quotas import Quotas
 from stateservice.storage import PostgresStorage, SqliteStorage, Storage
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
@@ -74,6 +75,8 @@ class StateServer(Service):
         self.storage: Storage = open_storage(config)
         self.locks = ObjectLocks()
         self.leases = ObjectLeases(self.storage, config.lease_s)
+        #: Quotas on objects and the disk, shared by the parts; their refusals are counted.
+        self.quotas = Quotas(config)
         self._probes = ProbeServer(
             config.host,
             config.probe_port,
@@ -84,7 +87,10 @@ class StateServer(Service):
                 self._presence_stats,
                 lambda: len(self.leases.table),
                 lambda: self.ownership,
+                self.quotas,
             ),
+            # A low disk refuses writes: traffic is better sent to a replica with room.
+            not_ready_reason=self.quotas.not_ready_reason,
         )
         self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"
         self.ownership: Ownership | None = None
@@ -143,7 +149,13 @@ class StateServer(Service):
                 raise OSError(f"state service cannot listen on {target}: {exc}") from exc
             ownership = await self._join_replicas()
             context = StateContext(
-                self.config, self.storage, self.locks, self._nc, self.leases, ownership
+                self.config,
+                self.storage,
+                self.locks,
+                self._nc,
+                self.leases,
+                ownership,
+                quotas=self.quotas,
             )
             self._membership = MembershipComponent(context)
             alarms = AlarmsComponent(context)

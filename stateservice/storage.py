@@ -50,7 +50,8 @@ import psycopg
 import psycopg.errors
 from psycopg.pq import TransactionStatus
 
-from stateservice import schema
+from stateservice import schema, usage
+from stateservice.usage import ObjectQuotas
 from wsgate.errors import InvalidObjectId
 from wsgate.service import StartsAndCloses
 
@@ -628,13 +629,28 @@ class GetKeys:
 @dataclass(frozen=True)
 class PutKeys:
     """Set keys of one object (a key given twice takes its last value); returns how many
-    entries were written."""
+    entries were written. The object's usage follows (:mod:`stateservice.usage`); with
+    ``quotas``, a put that would take the object over one raises its exception and writes
+    nothing."""
 
     obj: ObjectId
     entries: tuple[tuple[bytes, bytes], ...]
+    quotas: ObjectQuotas | None = None
     writes = True
 
     def __call__(self, conn: Sql) -> int:
+        change = usage.lock(conn, self.obj)
+        final = dict(self.entries)
+        stored = _stored_sizes(conn, self.obj, final)
+        added = sum(1 for key in final if key not in stored)
+        grown = sum(len(key) + len(value) for key, value in final.items()) - sum(stored.values())
+        before = change.before
+        usage.check_growth(
+            before,
+            usage.Usage(before.keys + added, before.bytes + grown, before.members),
+            self.quotas,
+            _first_key(final),
+        )
         sql = (
             "INSERT INTO kv (namespace, name, key, value) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (namespace, name, key) DO UPDATE SET value = excluded.value"
@@ -646,7 +662,26 @@ class PutKeys:
             conn.execute(sql, rows[0])
         else:
             conn.executemany(sql, rows)
+        change.apply(keys=added, bytes=grown)
         return len(self.entries)
+
+
+def _stored_sizes(conn: Sql, obj: ObjectId, keys: Iterable[bytes]) -> dict[bytes, int]:
+    """``{key: length of key and value}`` of the keys that ``obj`` stores."""
+    wanted = list(keys)
+    if not wanted:
+        return {}
+    marks = ", ".join("?" * len(wanted))
+    rows = conn.execute(
+        "SELECT key, length(key) + length(value) FROM kv "
+        f"WHERE namespace = ? AND name = ? AND key IN ({marks})",
+        (obj.namespace, obj.name, *wanted),
+    ).fetchall()
+    return {bytes(key): int(size) for key, size in rows}
+
+
+def _first_key(entries: Iterable[bytes]) -> str:
+    return next((key.decode("utf-8", "replace") for key in entries), "")
 
 
 @dataclass(frozen=True)
@@ -658,13 +693,18 @@ class DeleteKeys:
     writes = True
 
     def __call__(self, conn: Sql) -> int:
-        deleted = 0
+        change = usage.lock(conn, self.obj)
+        deleted = freed = 0
         for key in dict.fromkeys(self.keys):  # a key listed twice existed at most once
-            cursor = conn.execute(
-                "DELETE FROM kv WHERE namespace = ? AND name = ? AND key = ?",
+            row = conn.execute(
+                "DELETE FROM kv WHERE namespace = ? AND name = ? AND key = ? "
+                "RETURNING length(key) + length(value)",
                 (self.obj.namespace, self.obj.name, key),
-            )
-            deleted += cursor.rowcount
+            ).fetchone()
+            if row is not None:
+                deleted += 1
+                freed += int(row[0])
+        change.apply(keys=-deleted, bytes=-freed)
         return deleted
 
 
@@ -676,10 +716,13 @@ class DeleteAll:
     writes = True
 
     def __call__(self, conn: Sql) -> int:
+        change = usage.lock(conn, self.obj)
         cursor = conn.execute(
             "DELETE FROM kv WHERE namespace = ? AND name = ?", (self.obj.namespace, self.obj.name)
         )
-        return cursor.rowcount
+        held = change.before
+        change.apply(keys=-held.keys, bytes=-held.bytes)
+        return int(cursor.rowcount)
 
 
 @dataclass(frozen=True, kw_only=True)
