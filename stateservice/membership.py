@@ -166,15 +166,17 @@ class JoinMember:
         ).fetchone():
             return False
         namespace, name = self.obj.namespace, self.obj.name
-        change = usage.lock(conn, self.obj)
         row = conn.execute(
-            "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?",
+            "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?"
+            + _locked(conn),
             (namespace, name, self.connection_id),
         ).fetchone()
         if row is not None:
             _delete_tag_rows(conn, namespace, name, self.connection_id, row[0])
         else:
-            after = change.apply(members=1)
+            # A new member (a connection's joins come one at a time, so no other
+            # transaction adds this one meanwhile).
+            after = usage.add(conn, self.obj, members=1)
             usage.check_members(after, self.quotas, self.connection_id)
         conn.execute(
             "INSERT INTO members (namespace, name, connection_id, gateway_id, tags, attachment) "

@@ -130,7 +130,7 @@ class CommitObjectTurns:
             # laxer than the activation, which checks each call as it is made, so what an
             # activation let through is never refused here (its quotas are these).
             checked = turn.first_put is not None and self.quotas is not None
-            before = usage.lock(conn, self.obj).before if checked else None
+            before = usage.read(conn, self.obj) if checked else None
             for op in turn.ops:
                 op(conn)
             if before is not None:

@@ -1,18 +1,23 @@
 """What each durable object holds (keys, bytes, members), kept in ``object_usage`` by the
 very transactions that change it, and the per-object quotas checked against it.
 
-Every operation that adds or removes an object's keys or members updates the object's row
-in the same transaction (:func:`lock` then :meth:`UsageChange.apply`), so usage is exact
-whatever is rolled back or retried, and a quota is checked by reading one row, never by
-scanning the object. ``bytes`` counts what the object stores: each key's UTF-8 plus its
+Every operation that adds or removes an object's keys or members adds what it changed to
+the object's row (:func:`add`) in the same transaction, so usage is exact whatever is
+rolled back or retried, and a quota is checked by reading one row, never by scanning the
+object. ``bytes`` counts what the object stores: each key's UTF-8 plus its
 encoded value, as ``length(key) + length(value)`` in the ``kv`` table. An object without
 a row holds nothing; a row that drops to nothing is deleted, so objects named once and
 emptied leave nothing behind.
 
-Concurrency: SQLite runs one write transaction at a time (BEGIN IMMEDIATE), so a row read
-is a row nobody changes meanwhile. On PostgreSQL, replicas may write one object at once
-(while ownership moves): :func:`lock` takes the row's lock first (creating the row if need
-be), so an operation's "was this key new?" and its update of the row see the same data.
+Concurrency: SQLite runs one write transaction at a time (BEGIN IMMEDIATE). On PostgreSQL
+replicas may write one object at once (while ownership moves), so what an operation counts
+must be what it changed: deltas are added in one statement (never read, then written);
+a put locks the rows it replaces as it reads their sizes, and learns from its insert which
+keys it really added (another replica may have inserted one meanwhile: the batch then runs
+again, :data:`~stateservice.storage.RETRY_WHOLE_BATCH`); a delete counts the rows it
+deleted; a leave counts member rows it read locked. A quota check that compares the usage
+before and after several writes (a transaction's, a turn's) may, in that rare race, count
+another replica's write as its own: the refusal can be off, the usage never is.
 
 The rule of every quota (:func:`check_growth`): a write is refused only if it leaves the
 object over the quota *and* bigger than it was. Deletes are always allowed, and so is a
@@ -57,72 +62,38 @@ def read(conn: Sql, obj: ObjectId) -> Usage:
     return Usage() if row is None else Usage(int(row[0]), int(row[1]), int(row[2]))
 
 
-def lock(conn: Sql, obj: ObjectId) -> UsageChange:
-    """Start changing the object's usage: on PostgreSQL, lock its row (made if missing)
-    until the transaction ends; then read it."""
-    if conn.dialect == "postgres":
-        # ON CONFLICT DO UPDATE locks an existing row; a new one is locked by its insert.
-        row = conn.execute(
-            "INSERT INTO object_usage (namespace, name, keys, bytes, members) "
-            "VALUES (?, ?, 0, 0, 0) ON CONFLICT (namespace, name) "
-            "DO UPDATE SET keys = object_usage.keys RETURNING keys, bytes, members",
-            (obj.namespace, obj.name),
-        ).fetchone()
-        return UsageChange(conn, obj, Usage(int(row[0]), int(row[1]), int(row[2])), row=True)
-    return UsageChange(conn, obj, read(conn, obj), row=False)
+def add(conn: Sql, obj: ObjectId, *, keys: int = 0, bytes: int = 0, members: int = 0) -> Usage:
+    """Add the deltas to the object's usage in one statement, and return the usage after
+    them; a row left with nothing is deleted. On PostgreSQL the statement locks the row
+    until the transaction ends, so replicas changing one object add in turn."""
+    return _add(conn, obj.namespace, obj.name, keys, bytes, members)
 
 
-class UsageChange:
-    """An object's usage while an operation changes it (see :func:`lock`)."""
-
-    __slots__ = ("_conn", "_row", "before", "current", "obj")
-
-    def __init__(self, conn: Sql, obj: ObjectId, before: Usage, *, row: bool) -> None:
-        self._conn = conn
-        self.obj = obj
-        #: The usage before the operation.
-        self.before = before
-        #: The usage now (after what was applied so far).
-        self.current = before
-        # Whether a row exists (made by :func:`lock`, it may be an empty one to delete).
-        self._row = row or before != Usage()
-
-    def apply(self, *, keys: int = 0, bytes: int = 0, members: int = 0) -> Usage:
-        """Add the deltas; returns the usage after them. Deletes a row left empty."""
-        before = self.current
-        after = Usage(before.keys + keys, before.bytes + bytes, before.members + members)
-        namespace, name = self.obj.namespace, self.obj.name
-        if after == Usage():
-            if self._row:
-                self._conn.execute(
-                    "DELETE FROM object_usage WHERE namespace = ? AND name = ?", (namespace, name)
-                )
-        elif after != before or not self._row:
-            self._conn.execute(
-                "INSERT INTO object_usage (namespace, name, keys, bytes, members) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (namespace, name) DO UPDATE SET "
-                "keys = excluded.keys, bytes = excluded.bytes, members = excluded.members",
-                (namespace, name, after.keys, after.bytes, after.members),
-            )
-        self.current = after
-        self._row = after != Usage()
-        return after
+def _add(conn: Sql, namespace: str, name: str, keys: int, bytes: int, members: int) -> Usage:
+    row = conn.execute(
+        "INSERT INTO object_usage (namespace, name, keys, bytes, members) "
+        "VALUES (?, ?, ?, ?, ?) ON CONFLICT (namespace, name) DO UPDATE SET "
+        "keys = object_usage.keys + excluded.keys, bytes = object_usage.bytes + excluded.bytes, "
+        "members = object_usage.members + excluded.members RETURNING keys, bytes, members",
+        (namespace, name, keys, bytes, members),
+    ).fetchone()
+    after = Usage(int(row[0]), int(row[1]), int(row[2]))
+    if after == Usage():
+        conn.execute(
+            "DELETE FROM object_usage WHERE namespace = ? AND name = ? "
+            "AND keys = 0 AND bytes = 0 AND members = 0",
+            (namespace, name),
+        )
+    return after
 
 
 def decrement_members(conn: Sql, counts: dict[tuple[str, str], int]) -> None:
     """Members left these objects (``{(namespace, name): how many}``): their rows were
-    deleted (and locked) by the caller, so the counts are exact."""
+    deleted (and on PostgreSQL locked as they were read) by the caller, so the counts are
+    exact."""
     # In one order: replicas sweeping at once lock usage rows alike (no deadlock).
     for (namespace, name), count in sorted(counts.items()):
-        conn.execute(
-            "UPDATE object_usage SET members = members - ? WHERE namespace = ? AND name = ?",
-            (count, namespace, name),
-        )
-        conn.execute(
-            "DELETE FROM object_usage WHERE namespace = ? AND name = ? "
-            "AND keys = 0 AND bytes = 0 AND members <= 0",
-            (namespace, name),
-        )
+        _add(conn, namespace, name, 0, 0, -count)
 
 
 def check_growth(before: Usage, after: Usage, quotas: ObjectQuotas | None, key: str) -> None:
@@ -167,7 +138,7 @@ class CheckedGrowth:
     writes = True
 
     def __call__(self, conn: Sql) -> int:
-        before = lock(conn, self.obj).before
+        before = read(conn, self.obj)
         count = sum(op(conn) for op in self.ops)
         check_growth(before, read(conn, self.obj), self.quotas, self.key)
         return count

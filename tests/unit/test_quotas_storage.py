@@ -76,6 +76,7 @@ async def assert_exact(storage: Storage, obj: ObjectId = OBJ) -> Usage:
 
 
 async def test_usage_follows_puts_overwrites_and_deletes(storage: Storage) -> None:
+    assert await storage.run(put(OBJ, quotas=None)) == 0  # a put of nothing writes nothing
     await storage.run(put(OBJ, ("a", "1"), ("bb", "22"), quotas=None))
     assert await assert_exact(storage) == Usage(keys=2, bytes=6)
     await storage.run(put(OBJ, ("bb", "2"), ("a", "111"), ("a", "1111"), quotas=None))
