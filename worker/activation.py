@@ -64,7 +64,7 @@ from nats.aio.msg import Msg
 
 from worker.activation_alarm import ActivationAlarm
 from worker.activation_members import ActivationMembers
-from worker.activation_quota import ObjectQuota
+from worker.activation_quota import QUOTA_LABELS, ObjectQuota
 from worker.activation_storage import ActivationStorage
 from worker.app import ConnectRequest, Reject
 from worker.decisions import accept_decision, check_accept, connect_outcome, reject_decision
@@ -84,7 +84,7 @@ from worker.work import Work, WorkKind
 from wsgate import ids
 from wsgate.closecodes import CloseCode
 from wsgate.eager import start_task
-from wsgate.errors import StateError, TooManyMembers
+from wsgate.errors import ObjectQuotaExceeded, StateError, TooManyMembers
 from wsgate.limits import MAX_BATCH_KEYS
 from wsgate.state_errors import Reason
 from wsgate.v1 import envelope_pb2 as envelope
@@ -419,6 +419,7 @@ class Activation:
         full = await self._join_refusal(turn, request_pb.connection_id)
         if full is not None:
             # Refused before the upgrade: the client never sees an open socket close.
+            self.refused(full)
             log.info("%r: connection %s refused: %s", self, request_pb.connection_id, full)
             return reject_decision(503, f"{full}\n", {"Retry-After": "5"})
         self.members.join(turn, request_pb.connection_id, decided.tags, decided.state)
@@ -447,6 +448,11 @@ class Activation:
             await self.instance.on_message(conn, payload)
 
     # -- quotas ------------------------------------------------------------------------------
+
+    def refused(self, exc: ObjectQuotaExceeded) -> ObjectQuotaExceeded:
+        """Count a refusal for a quota; returns it (to raise)."""
+        self.host.metrics.quota_refusals.labels(QUOTA_LABELS.get(type(exc), "other")).inc()
+        return exc
 
     async def _join_refusal(self, turn: Turn, connection_id: str) -> TooManyMembers | None:
         """TooManyMembers if the object is at its member quota (exactly: settled with the
@@ -496,6 +502,7 @@ class Activation:
             return result
         deadline = self._loop.time() + self.host.commit_timeout_s
         backoff_s = STORAGE_FULL_FIRST_BACKOFF_S
+        self.host.metrics.quota_refusals.labels("disk").inc()
         while (
             _storage_full(result)
             and self.phase is Phase.RUNNING

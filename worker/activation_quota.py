@@ -38,6 +38,13 @@ from wsgate.v1 import state_pb2 as pb
 #: What a write changes: key -> its new encoded value, None for a delete.
 Changes = Mapping[str, bytes | None]
 
+#: The ``quota`` label of each refusal (``wsgate_worker_quota_refusals_total``).
+QUOTA_LABELS: dict[type[ObjectQuotaExceeded], str] = {
+    TooManyObjectKeys: "keys",
+    ObjectTooLarge: "bytes",
+    TooManyMembers: "members",
+}
+
 
 def entry_size(key: str, value: bytes | None) -> int:
     """What a stored entry counts for: its key's UTF-8 plus its encoded value (0: none)."""

@@ -148,7 +148,7 @@ class ActivationStorage(ObjectStorage):
                 self._put_now(turn, encoded)
                 return self._activation.done
             if quota.decides(cache, encoded):
-                raise refused
+                raise self._activation.refused(refused)
         # The count may be above the truth: the state service decides (in order).
         return self._after_waiting(turn, self._put_settled(turn, encoded))
 
@@ -169,7 +169,7 @@ class ActivationStorage(ObjectStorage):
             refused = quota.refusal(cache, encoded)
         turn.check_open()
         if refused is not None:
-            raise refused
+            raise activation.refused(refused)
         self._put_now(turn, encoded)
 
     def _after_waiting(self, turn: Turn, write: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
@@ -178,8 +178,12 @@ class ActivationStorage(ObjectStorage):
         waiting = self._waiting
 
         async def in_order() -> T:
-            if waiting is not None:
-                await asyncio.wait([waiting])
+            try:
+                if waiting is not None:
+                    await asyncio.wait([waiting])
+            except BaseException:
+                write.close()  # cancelled before its turn came: it never runs
+                raise
             return await write
 
         task = asyncio.ensure_future(in_order())
@@ -290,7 +294,7 @@ class ActivationStorage(ObjectStorage):
             await activation.settle_quota(turn, quota.unknown(cache, changes))
             refused = quota.refusal(cache, changes, clear=clear)
         if refused is not None:
-            raise refused  # nothing of it applies
+            raise activation.refused(refused)  # nothing of it applies
         turn.check_open()
         quota.wrote(turn.number, cache, changes, clear=clear)
         txn.apply(turn)

@@ -288,6 +288,7 @@ class Activations:
         if work.kind is not WorkKind.CONNECT:
             await self._give_up(work, str(exc))
             return
+        self.metrics.quota_refusals.labels("object_name").inc()
         refusal = reject_decision(414, f"{exc}\n")
         await self.respond(work.msg, refusal.SerializeToString())
         work.finish()

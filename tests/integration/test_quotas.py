@@ -257,6 +257,8 @@ async def test_a_durable_object_that_puts_until_the_quota_sees_it_raised(stack: 
     assert int(size) > 400
     # A function route writing through the state service gets the same typed refusal.
     assert await ask(stack, "/remote/r", "10") == ["5|TooManyObjectKeys|6|5"]
+    refusals = "wsgate_worker_quota_refusals_total"
+    assert await metric(stack.worker_metrics_url(), refusals, {"quota": "bytes"}) >= 1
 
 
 async def test_a_fresh_activation_counts_exactly_near_the_quota(stack: Stack) -> None:
@@ -308,3 +310,5 @@ async def test_an_object_name_over_the_limit_is_refused_at_the_upgrade(stack: St
         await connect(stack.ws_url(f"/fill/{'n' * 65}"))
     assert refused.value.status == 414
     assert "65 bytes, over the limit of 64" in refused.value.body
+    refusals = "wsgate_worker_quota_refusals_total"
+    assert await metric(stack.worker_metrics_url(), refusals, {"quota": "object_name"}) == 1
