@@ -5,6 +5,12 @@ activation (:mod:`stateservice.leases`), and the fenced, exactly-once commits of
 A commit names its epoch; its effects are checked here (every storage and membership
 limit, as for the calls of the other services) and applied by one storage operation per
 object, so the turns of many objects and workers share one group commit.
+
+Quotas: a grant tells the worker what the object holds and the quotas, so that the
+activation refuses a handler's write or join over one as it is made; the commit checks them
+again (the service is the authority), refusing the object's turns with the quota's
+ErrorInfo. An object's turns that put or join are refused (STORAGE_FULL) while the disk is
+low; the worker retries them until space returns (or its commit timeout).
 """
 
 from __future__ import annotations
@@ -22,9 +28,10 @@ from stateservice import rpc
 from stateservice.alarms import PutAlarm, RemoveAlarm, new_firing_id
 from stateservice.component import StateContext
 from stateservice.idempotency import PRUNE_INTERVAL_S
-from stateservice.kv_service import object_write_ops
+from stateservice.kv_service import first_put, object_write_ops
 from stateservice.leases import Claim, GrantLease, ReleaseLease
 from stateservice.membership import JoinMember, LeaveMember, SetMemberAttachment, checked_attachment
+from stateservice.quotas import Quotas
 from stateservice.storage import ObjectId, Operation
 from stateservice.turns import (
     CommitObjectTurns,
@@ -34,11 +41,12 @@ from stateservice.turns import (
     TurnEffects,
     now_ms,
 )
+from stateservice.usage import ReadUsage
 from wsgate import ids
 from wsgate.errors import InvalidConnectionId, InvalidObjectId, InvalidRequest
 from wsgate.limits import check_tags
 from wsgate.placement import task_key
-from wsgate.state_errors import REFUSAL_TYPES, error_info
+from wsgate.state_errors import EXHAUSTED_TYPES, REFUSAL_TYPES, Exhausted, error_info
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import INT64_MAX
@@ -74,14 +82,16 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
     ) -> None:
         self._context = context
         self._storage = context.storage
+        self._quotas: Quotas = context.quotas
         self._table = context.leases.table
         self._lease_ms = int(self._table.lease_s * 1000)
         self._on_alarm_set = on_alarm_set
         self._on_member_joined = on_member_joined
 
     async def Activate(self, request: pb.ActivateRequest, context: Any) -> pb.ActivateResponse:
-        """Grant the lease on an object to the asker, or say who holds it."""
-        obj = await _object(context, request.object)
+        """Grant the lease on an object to the asker, or say who holds it (and, with a
+        grant, what the object holds and its quotas)."""
+        obj = await self._named(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         worker = await _worker(context, request.worker)
         if self._table.live(obj, time.monotonic()) is None:
@@ -99,7 +109,27 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
             raise
         self._table.granted(obj, worker, epoch, time.monotonic())
         log.debug("lease on %s/%s: epoch %d to %s", obj.namespace, obj.name, epoch, worker)
-        return pb.ActivateResponse(granted=pb.LeaseGranted(epoch=epoch, lease_ms=self._lease_ms))
+        # After the grant: every later write of the object is the new activation's.
+        held = await rpc.stored(context, self._storage.submit(ReadUsage(obj)))
+        quotas = self._quotas.objects
+        granted = pb.LeaseGranted(
+            epoch=epoch,
+            lease_ms=self._lease_ms,
+            usage=pb.ObjectUsage(keys=held.keys, bytes=held.bytes, members=held.members),
+            quotas=pb.ObjectQuotas(
+                max_keys=quotas.max_keys,
+                max_bytes=quotas.max_bytes,
+                max_members=quotas.max_members,
+            ),
+        )
+        return pb.ActivateResponse(granted=granted)
+
+    async def _named(self, context: Any, message: pb.ObjectId) -> ObjectId:
+        """The object a request names, its name's length checked (a refusal ends the call)."""
+        try:
+            return self._quotas.object_id(message)
+        except InvalidObjectId as exc:
+            await rpc.refuse(context, exc)
 
     async def Renew(self, request: pb.RenewRequest, context: Any) -> pb.RenewResponse:
         """Extend a worker's leases (in memory: no disk write); report the ones it lost."""
@@ -154,10 +184,22 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
                 continue
             pending.append((index, checked, self._storage.submit(checked.op)))
         # Together: if the storage fails, every future's error is collected (one aborts
-        # the call), none is left unretrieved.
-        outcomes = await rpc.stored(context, asyncio.gather(*(f for _, _, f in pending)))
+        # the call), none is left unretrieved. A quota's refusal is one object's outcome.
+        outcomes = await rpc.stored(
+            context, asyncio.gather(*(_quota_refusal(f) for _, _, f in pending))
+        )
         for (index, checked, _), outcome in zip(pending, outcomes, strict=True):
-            if outcome is None:
+            if isinstance(outcome, EXHAUSTED_TYPES):
+                self._quotas.counted(outcome)
+                log.info(
+                    "turns of %s/%s refused: %s",
+                    checked.op.obj.namespace,
+                    checked.op.obj.name,
+                    outcome,
+                )
+                refused = pb.TurnsRefused(details=str(outcome), info=error_info(outcome))
+                response.results.add(index=index, refused=refused)
+            elif outcome is None:
                 for at_ms in checked.alarms:
                     self._on_alarm_set(at_ms)
                 response.results.add(index=index, committed=pb.TurnsCommitted())
@@ -191,9 +233,10 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
     def _check(self, turns: pb.ObjectTurns, worker: str) -> _Checked:
         """The storage operation of one object's turns, every limit checked (raises the
         refusal), and the alarm times they set."""
-        obj = rpc.object_id(turns.object)
+        obj = self._quotas.object_id(turns.object)
         effects: list[TurnEffects] = []
         alarms: list[int] = []
+        grows = False
         for turn in turns.turns:
             if turn.sequence > INT64_MAX:
                 # The records keep sequences as 64-bit signed integers; a gateway counts
@@ -202,6 +245,8 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
                     f"turn {turn.key[:80]!r}: sequence {turn.sequence} over 2**63-1"
                 )
             ops: list[Operation[Any]] = list(object_write_ops(obj, turn.writes)[0])
+            putting = first_put(turn.writes)
+            grows = grows or putting is not None
             for change in turn.members:
                 ops.append(self._member_op(obj, change))
             if turn.HasField("alarm"):
@@ -217,9 +262,18 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
                     ops=tuple(ops),
                     outcome=turn.outcome.SerializeToString(),
                     record=turn.record,
+                    first_put=putting,
                 )
             )
-        return _Checked(CommitObjectTurns(obj, turns.epoch, worker, tuple(effects)), alarms)
+            grows = grows or any(
+                change.WhichOneof("change") in ("join", "attachment") for change in turn.members
+            )
+        if grows:
+            # Turns that add data wait for space (the worker retries them); the others
+            # (sends, deletes, leaves) go on, so objects keep running and can free space.
+            self._quotas.check_disk()
+        op = CommitObjectTurns(obj, turns.epoch, worker, tuple(effects), self._quotas.objects)
+        return _Checked(op, alarms)
 
     def _member_op(self, obj: ObjectId, change: pb.MemberChange) -> Operation[Any]:
         connection_id = change.connection_id
@@ -236,6 +290,7 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
                 gateway_id,
                 tuple(dict.fromkeys(tags)),
                 checked_attachment(change.join.attachment),
+                self._quotas.objects,
             )
         if kind == "attachment":
             return SetMemberAttachment(obj, connection_id, checked_attachment(change.attachment))
@@ -245,10 +300,20 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
 
 
 async def _object(context: Any, message: pb.ObjectId) -> ObjectId:
+    """The object a lease names (not checked against the name limit: a lease granted
+    before the limit was lowered must still renew and release)."""
     try:
         return rpc.object_id(message)
     except InvalidObjectId as exc:
         await rpc.refuse(context, exc)
+
+
+async def _quota_refusal(future: asyncio.Future[Refused | None]) -> Refused | Exhausted | None:
+    """The commit's outcome, or the quota's refusal it raised (nothing of it applied)."""
+    try:
+        return await future
+    except EXHAUSTED_TYPES as exc:
+        return exc
 
 
 async def _worker(context: Any, worker: str) -> str:

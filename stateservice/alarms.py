@@ -47,6 +47,7 @@ from nats.aio.client import Client as NatsClient
 from stateservice.component import StateContext
 from stateservice.leases import ObjectLeases
 from stateservice.ownership import Ownership
+from stateservice.quotas import Quotas
 from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
 from stateservice.storage import DATABASE_ERRORS, ObjectId, Operation, Sql, Storage
 from wsgate.config import StateConfig
@@ -523,15 +524,18 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
         scheduler: AlarmScheduler,
         leases: ObjectLeases,
         ownership: Ownership | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self._ownership = ownership
+        #: Object names are checked against its limit (None: not checked).
+        self._quotas = quotas
         self._storage = storage
         self._scheduler = scheduler
         self._leases = leases
 
     async def SetAlarm(self, request: pb.SetAlarmRequest, context: Any) -> pb.SetAlarmResponse:
         """Replace the object's alarm with one at ``at_ms`` (a past time fires at once)."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await require_owner(context, self._ownership, obj)
         await self._outside_write(context, obj, PutAlarm(obj, request.at_ms, new_firing_id()))
         self._scheduler.alarm_set(request.at_ms)
@@ -539,7 +543,7 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
 
     async def GetAlarm(self, request: pb.GetAlarmRequest, context: Any) -> pb.GetAlarmResponse:
         """The object's alarm time (the one set, not a retry's)."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await require_owner(context, self._ownership, obj)
         alarm = await stored(context, self._storage.run(ReadAlarm(obj)))
         if alarm is None or alarm.firing_id == self._scheduler.firing_id_in_flight(obj):
@@ -551,7 +555,7 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
     ) -> pb.DeleteAlarmResponse:
         """Delete the object's alarm. Deleted while its handler runs, a failing handler is
         not retried."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await require_owner(context, self._ownership, obj)
         deleted = await self._outside_write(context, obj, RemoveAlarm(obj))
         return pb.DeleteAlarmResponse(deleted=deleted)
@@ -566,12 +570,13 @@ class AlarmsServicer(state_pb2_grpc.AlarmsServicer):
             await refuse_active(context, exc)
         return await stored(context, self._storage.submit(op))
 
-
-async def _object(context: Any, message: pb.ObjectId) -> ObjectId:
-    try:
-        return object_id(message)
-    except InvalidObjectId as exc:
-        await refuse(context, exc)
+    async def _object(self, context: Any, message: pb.ObjectId) -> ObjectId:
+        try:
+            if self._quotas is not None:
+                return self._quotas.object_id(message)
+            return object_id(message)
+        except InvalidObjectId as exc:
+            await refuse(context, exc)
 
 
 class AlarmsComponent:
@@ -589,7 +594,7 @@ class AlarmsComponent:
         # Objects that moved here may have alarms due: look at once.
         ownership.listeners.append(lambda _live: self.scheduler.wake())
         self.servicer = AlarmsServicer(
-            context.storage, self.scheduler, context.leases, context.ownership
+            context.storage, self.scheduler, context.leases, context.ownership, context.quotas
         )
 
     def register(self, server: Any) -> None:

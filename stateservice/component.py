@@ -7,7 +7,7 @@ reach into the server itself, so each lives in its own module and is tested on i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsClient
@@ -15,6 +15,7 @@ from nats.aio.client import Client as NatsClient
 from stateservice.leases import ObjectLeases
 from stateservice.locks import ObjectLocks
 from stateservice.ownership import Ownership
+from stateservice.quotas import Quotas
 from stateservice.storage import Storage
 from wsgate.config import StateConfig
 
@@ -34,6 +35,13 @@ class StateContext:
     leases: ObjectLeases
     #: Which objects this replica serves (all of them, on SQLite).
     ownership: Ownership
+    #: The quotas on objects and the disk, with their refusal counts (default: made from
+    #: ``config``; the server passes its own, which its metrics read).
+    quotas: Quotas = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.quotas is None:
+            object.__setattr__(self, "quotas", Quotas(self.config))
 
 
 class Component(Protocol):

@@ -9,6 +9,10 @@ conflicts and never retries: under contention (many clients incrementing one cou
 the common case for a durable object) it queues instead of wasting work, and a holder
 that stalls is cut off by ``transaction_timeout_s`` (ABORTED, nothing written); one that
 dies drops its stream, which releases the object at once.
+
+Quotas (:mod:`stateservice.quotas`): a put is checked against its object's key and byte
+quotas by the storage operation that applies it (a transaction's writes together), and
+refused whole (RESOURCE_EXHAUSTED); puts are refused while the disk is low, deletes never.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import grpc
 
 from stateservice.component import StateContext
 from stateservice.idempotency import Applied, Idempotent, LookupApplied
-from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
+from stateservice.quotas import Quotas, storage_full
+from stateservice.rpc import refuse, refuse_active, require_owner, stored
 from stateservice.storage import (
     RETRY_WHOLE_BATCH,
     DeleteAll,
@@ -35,9 +40,10 @@ from stateservice.storage import (
     PutKeys,
     Sql,
 )
+from stateservice.usage import CheckedGrowth, ObjectQuotas, ReadUsage
 from wsgate.errors import InvalidRequest, NotOwner, ObjectActive
 from wsgate.limits import check_batch, check_key, check_value_size
-from wsgate.state_errors import REFUSAL_TYPES, Reason, error_info
+from wsgate.state_errors import EXHAUSTED_TYPES, REFUSAL_TYPES, Reason, error_info, refusal_code
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value
@@ -53,6 +59,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         self._storage = context.storage
         self._locks = context.locks
         self._leases = context.leases
+        self._quotas = context.quotas
 
     # -- Component -----------------------------------------------------------------------
 
@@ -70,7 +77,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
 
     async def Get(self, request: pb.GetRequest, context: Any) -> pb.GetResponse:
         try:
-            op = _get_op(object_id(request.object), request)
+            op = _get_op(self._quotas.object_id(request.object), request)
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
         await require_owner(context, self._context.ownership, op.obj)
@@ -79,12 +86,24 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
 
     async def List(self, request: pb.ListRequest, context: Any) -> pb.ListResponse:
         try:
-            op = _list_op(object_id(request.object), request)
+            op = _list_op(self._quotas.object_id(request.object), request)
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
         await require_owner(context, self._context.ownership, op.obj)
         entries = await stored(context, self._storage.submit(op))
         return pb.ListResponse(entries=[pb.Entry(key=k, value=v) for k, v in entries])
+
+    async def Usage(self, request: pb.UsageRequest, context: Any) -> pb.UsageResponse:
+        """What the object holds, as its quotas count it."""
+        try:
+            obj = self._quotas.object_id(request.object)
+        except REFUSAL_TYPES as exc:
+            await refuse(context, exc)
+        await require_owner(context, self._context.ownership, obj)
+        held = await stored(context, self._storage.submit(ReadUsage(obj)))
+        return pb.UsageResponse(
+            usage=pb.ObjectUsage(keys=held.keys, bytes=held.bytes, members=held.members)
+        )
 
     # -- writes --------------------------------------------------------------------------
 
@@ -105,20 +124,18 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         ownership = self._context.ownership
         await stored(context, self._leases.check_outside_writes(_write_objects(request)))
         now = time.monotonic()
+        quotas = self._quotas
         for index, write in enumerate(request.writes):
             try:
-                obj, op = _write_op(write, objects)
+                obj, op = _write_op(write, quotas, objects)
+                if write.WhichOneof("op") == "put":
+                    quotas.check_disk()
                 not_owner = ownership.refusal(obj)
                 if not_owner is not None:
                     raise not_owner
                 self._leases.admit_outside_write(obj, now)
             except REFUSAL_TYPES as exc:
-                failure = pb.WriteFailure(
-                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0],
-                    details=str(exc),
-                    info=error_info(exc),
-                )
-                ready.append(pb.WriteResult(failure=failure, index=index))
+                ready.append(_refused_write(exc, index))
                 continue
             except ObjectActive as exc:
                 failure = pb.WriteFailure(
@@ -158,7 +175,10 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
                 outcomes: list[Applied | Exception] = await group
             except Exception as exc:  # the batch's commit failed: none of it was stored
                 outcomes = [exc] * len(free)
-            ready.extend(map(_write_result, outcomes, free_indexes))
+            ready.extend(
+                self._write_result(outcome, index)
+                for outcome, index in zip(outcomes, free_indexes, strict=True)
+            )
             yield pb.WriteResponse(results=ready)
             ready = []
         while held:
@@ -170,10 +190,18 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
                     outcome: Applied | Exception = future.result()
                 except Exception as exc:
                     outcome = exc
-                results.append(_write_result(outcome, index))
+                results.append(self._write_result(outcome, index))
             yield pb.WriteResponse(results=results)
         if ready:
             yield pb.WriteResponse(results=ready)
+
+    def _write_result(self, outcome: Applied | Exception, index: int) -> pb.WriteResult:
+        if isinstance(outcome, Exception):
+            refusal = outcome if isinstance(outcome, EXHAUSTED_TYPES) else storage_full(outcome)
+            if refusal is not None:
+                # Over a quota, or no room on the disk: refused, nothing of it stored.
+                return _refused_write(self._quotas.counted(refusal), index)
+        return _write_result(outcome, index)
 
     async def _submit_in_turn(self, obj: ObjectId, op: Operation[Applied]) -> Applied:
         async with self._locks.holding(obj):
@@ -191,7 +219,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
             await _invalid(context, "a transaction starts with begin")
         begin = first.begin
         try:
-            obj = object_id(begin.object)
+            obj = self._quotas.object_id(begin.object)
         except REFUSAL_TYPES as exc:
             await refuse(context, exc)
         await require_owner(context, self._context.ownership, obj)
@@ -227,7 +255,9 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
                         break
                     await context.write(await self._transaction_read(context, obj, request))
                 try:
-                    op = _commit_op(obj, request.commit, key)
+                    op = _commit_op(obj, request.commit, key, self._quotas.objects)
+                    if any(w.WhichOneof("op") == "put" for w in request.commit.writes):
+                        self._quotas.check_disk()
                     # Again: an activation may have taken the object while this one ran.
                     self._leases.admit_outside_write(obj, time.monotonic())
                 except REFUSAL_TYPES as exc:
@@ -248,7 +278,7 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
             if held:
                 self._locks.release(obj)
         # Outside the deadline: once submitted, the commit is the storage's to finish.
-        await stored(context, future)
+        await stored(context, future, self._quotas)
         await context.write(pb.TransactionResponse(committed=pb.TransactionCommitted()))
 
     async def _replay(self, context: Any, key: str) -> pb.TransactionBegun | None:
@@ -276,6 +306,15 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         if step == "get":
             return pb.TransactionResponse(get=pb.GetResponse(entries=entries))
         return pb.TransactionResponse(list=pb.ListResponse(entries=entries))
+
+
+def _refused_write(exc: Exception, index: int) -> pb.WriteResult:
+    """The result of a write refused for bad input, a quota or the disk."""
+    assert isinstance(exc, REFUSAL_TYPES)
+    failure = pb.WriteFailure(
+        code=refusal_code(exc).value[0], details=str(exc), info=error_info(exc)
+    )
+    return pb.WriteResult(failure=failure, index=index)
 
 
 def _write_result(outcome: Applied | Exception, index: int) -> pb.WriteResult:
@@ -358,17 +397,17 @@ def _list_op(obj: ObjectId, request: pb.ListRequest) -> ListQuery:
 
 
 def _write_op(
-    write: pb.Write, objects: dict[tuple[str, str], ObjectId] | None = None
+    write: pb.Write, quotas: Quotas, objects: dict[tuple[str, str], ObjectId]
 ) -> tuple[ObjectId, Operation[int]]:
     kind = write.WhichOneof("op")
     if kind == "put":
-        obj = _cached_object_id(write.put.object, objects)
-        return obj, _put_op(obj, write.put.entries)
+        obj = _cached_object_id(write.put.object, quotas, objects)
+        return obj, _put_op(obj, write.put.entries, quotas.objects)
     if kind == "delete":
-        obj = _cached_object_id(write.delete.object, objects)
+        obj = _cached_object_id(write.delete.object, quotas, objects)
         return obj, _delete_op(obj, write.delete.keys)
     if kind == "delete_all":
-        obj = _cached_object_id(write.delete_all.object, objects)
+        obj = _cached_object_id(write.delete_all.object, quotas, objects)
         return obj, DeleteAll(obj)
     raise InvalidRequest("a write names no operation")
 
@@ -388,18 +427,16 @@ def _write_objects(request: pb.WriteRequest) -> list[ObjectId]:
 
 
 def _cached_object_id(
-    message: pb.ObjectId, objects: dict[tuple[str, str], ObjectId] | None
+    message: pb.ObjectId, quotas: Quotas, objects: dict[tuple[str, str], ObjectId]
 ) -> ObjectId:
-    if objects is None:
-        return object_id(message)
     pair = (message.namespace, message.name)
     obj = objects.get(pair)
     if obj is None:
-        obj = objects[pair] = object_id(message)
+        obj = objects[pair] = quotas.object_id(message)
     return obj
 
 
-def _put_op(obj: ObjectId, entries: Any) -> PutKeys:
+def _put_op(obj: ObjectId, entries: Any, quotas: ObjectQuotas | None = None) -> PutKeys:
     check_batch(len(entries), entries[0].key if entries else "")
     checked = []
     for entry in entries:
@@ -409,7 +446,7 @@ def _put_op(obj: ObjectId, entries: Any) -> PutKeys:
         # Parsed only to refuse garbage; the bytes are stored as received.
         decode_value(entry.value)
         checked.append((key, entry.value))
-    return PutKeys(obj, tuple(checked))
+    return PutKeys(obj, tuple(checked), quotas)
 
 
 def _delete_op(obj: ObjectId, keys: Any) -> DeleteKeys:
@@ -449,7 +486,8 @@ class _Atomic:
 
 def object_write_ops(obj: ObjectId, writes: Iterable[pb.Write]) -> tuple[list[Operation[int]], int]:
     """The operations of ``writes`` on ``obj`` (whatever object each write names), with
-    every limit checked, and how many keys they name in all. Raises a refusal."""
+    every limit checked, and how many keys they name in all. Raises a refusal. The quotas
+    are not checked op by op: the caller checks the writes together (CheckedGrowth)."""
     ops: list[Operation[int]] = []
     keys = 0
     for write in writes:
@@ -467,13 +505,28 @@ def object_write_ops(obj: ObjectId, writes: Iterable[pb.Write]) -> tuple[list[Op
     return ops, keys
 
 
-def _commit_op(obj: ObjectId, commit: pb.TransactionCommit, key: str) -> Operation[Applied]:
+def first_put(writes: Iterable[pb.Write]) -> str | None:
+    """The first key that ``writes`` put, or None if they put none."""
+    for write in writes:
+        if write.WhichOneof("op") == "put":
+            return write.put.entries[0].key if write.put.entries else ""
+    return None
+
+
+def _commit_op(
+    obj: ObjectId, commit: pb.TransactionCommit, key: str, quotas: ObjectQuotas
+) -> Operation[Applied]:
     # The transaction's object, whatever the writes name.
     ops, keys = object_write_ops(obj, commit.writes)
     check_batch(keys)
     if commit.result:
         decode_value(commit.result)
-    atomic = _Atomic(ops)
+    # All or none, and checked against the quotas together (a put the transaction's
+    # delete makes room for fits), as the worker's activations count a transaction.
+    putting = first_put(commit.writes)
+    atomic: Operation[int] = (
+        CheckedGrowth(obj, tuple(ops), quotas, putting) if putting is not None else _Atomic(ops)
+    )
     if key:
         return Idempotent(atomic, key, result=commit.result or None)
     return _Unkeyed(atomic)

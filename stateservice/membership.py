@@ -32,7 +32,11 @@ the cleanup of a closed connection everywhere (transactions read keys, never mem
 Limits (checked here, refused with a typed ErrorInfo): at most 10 tags a member, each 1
 to 256 characters; an attachment of at most 16 KiB encoded, which must parse as a Value.
 Members pages hold at most :data:`PAGE_SIZE` members (and about :data:`PAGE_BYTES` of
-details). The number of members of an object is not capped.
+details). The number of members of an object is capped by its quota
+(``WSGATE_MAX_MEMBERS_PER_OBJECT``, 100,000 by default): a join over it is refused with
+RESOURCE_EXHAUSTED and TOO_MANY_MEMBERS, checked against the member count kept in
+``object_usage`` by the join's own transaction (:mod:`stateservice.usage`). Joins and
+attachments are refused while the disk is low (:mod:`stateservice.quotas`); leaves never.
 """
 
 from __future__ import annotations
@@ -48,11 +52,12 @@ from typing import Any, NoReturn
 
 import grpc
 
-from stateservice import rpc
+from stateservice import rpc, usage
 from stateservice.broadcast import BusUnavailable, MessageTooLarge, fan_out
 from stateservice.component import StateContext
 from stateservice.presence import GRACE_S, PresenceMonitor
-from stateservice.storage import ObjectId, Operation, Sql
+from stateservice.storage import ObjectId, Operation, Sql, for_update
+from stateservice.usage import ObjectQuotas
 from wsgate import ids
 from wsgate.errors import (
     InvalidConnectionId,
@@ -60,6 +65,7 @@ from wsgate.errors import (
     InvalidValue,
     LimitExceeded,
     ObjectActive,
+    StorageFull,
 )
 from wsgate.limits import check_attachment_size, check_tags
 from wsgate.placement import task_key
@@ -119,10 +125,21 @@ def _delete_tag_rows(
 
 
 def _delete_members(conn: Sql, rows: list[tuple[int, str, str, str, str]]) -> None:
-    """Delete members given as (rowid, namespace, name, connection_id, tags) rows."""
+    """Delete members given as (rowid, namespace, name, connection_id, tags) rows, read
+    (and on PostgreSQL locked, :func:`_locked`) in this transaction; their objects' member
+    counts follow."""
+    counts: dict[tuple[str, str], int] = {}
     for _, namespace, name, connection_id, tags_json in rows:
         _delete_tag_rows(conn, namespace, name, connection_id, tags_json)
+        counts[(namespace, name)] = counts.get((namespace, name), 0) + 1
     conn.executemany("DELETE FROM members WHERE rowid = ?", [(row[0],) for row in rows])
+    usage.decrement_members(conn, counts)
+
+
+def _locked(conn: Sql) -> str:
+    # The rows a leave deletes are locked as it reads them: a replica sweeping the same
+    # members at once waits, then skips them, so each leave is counted once.
+    return for_update(conn)
 
 
 @dataclass(frozen=True)
@@ -130,7 +147,9 @@ class JoinMember:
     """Make a connection a member of an object, or replace its tags and attachment.
 
     Returns False (and stores nothing) if the connection has departed (closed).
-    ``tags`` must hold no duplicates.
+    ``tags`` must hold no duplicates. With ``quotas``, a join that would give the object
+    more members than its quota raises TooManyMembers (nothing stored); replacing a
+    member's tags and attachment is always allowed.
     """
 
     obj: ObjectId
@@ -138,6 +157,7 @@ class JoinMember:
     gateway_id: str
     tags: tuple[str, ...]
     attachment: bytes
+    quotas: ObjectQuotas | None = None
     writes = True
 
     def __call__(self, conn: Sql) -> bool:
@@ -147,11 +167,17 @@ class JoinMember:
             return False
         namespace, name = self.obj.namespace, self.obj.name
         row = conn.execute(
-            "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?",
+            "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?"
+            + _locked(conn),
             (namespace, name, self.connection_id),
         ).fetchone()
         if row is not None:
             _delete_tag_rows(conn, namespace, name, self.connection_id, row[0])
+        else:
+            # A new member (a connection's joins come one at a time, so no other
+            # transaction adds this one meanwhile).
+            after = usage.add(conn, self.obj, members=1)
+            usage.check_members(after, self.quotas, self.connection_id)
         conn.execute(
             "INSERT INTO members (namespace, name, connection_id, gateway_id, tags, attachment) "
             "VALUES (?, ?, ?, ?, ?, ?) "
@@ -185,7 +211,7 @@ class LeaveMember:
     def __call__(self, conn: Sql) -> bool:
         rows = conn.execute(
             "SELECT rowid, namespace, name, connection_id, tags FROM members "
-            "WHERE namespace = ? AND name = ? AND connection_id = ?",
+            "WHERE namespace = ? AND name = ? AND connection_id = ?" + _locked(conn),
             (self.obj.namespace, self.obj.name, self.connection_id),
         ).fetchall()
         _delete_members(conn, rows)
@@ -204,7 +230,7 @@ class LeaveEverything:
     def __call__(self, conn: Sql) -> int:
         rows = conn.execute(
             "SELECT rowid, namespace, name, connection_id, tags FROM members "
-            "WHERE connection_id = ?",
+            "WHERE connection_id = ? ORDER BY rowid" + _locked(conn),
             (self.connection_id,),
         ).fetchall()
         _delete_members(conn, rows)
@@ -229,7 +255,7 @@ class RemoveGatewayMembers:
         rows = conn.execute(
             # In rowid order: replicas sweeping the same gateway lock rows in one order.
             "SELECT rowid, namespace, name, connection_id, tags FROM members "
-            "WHERE gateway_id = ? ORDER BY rowid LIMIT ?",
+            "WHERE gateway_id = ? ORDER BY rowid LIMIT ?" + _locked(conn),
             (self.gateway_id, self.limit),
         ).fetchall()
         _delete_members(conn, rows)
@@ -424,13 +450,14 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         """Accept a connection into an object, replacing its tags and attachment if it
         is a member already (an upsert). A connection that has closed is not accepted
         (nothing is stored): it could never be reached."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         gateway_id = await _gateway(context, request.connection_id)
         try:
             check_tags(list(request.tags))
             attachment = checked_attachment(request.attachment)
-        except (LimitExceeded, InvalidValue) as exc:
+            self._context.quotas.check_disk()
+        except (LimitExceeded, InvalidValue, StorageFull) as exc:
             await rpc.refuse(context, exc)
         op = JoinMember(
             obj,
@@ -438,6 +465,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
             gateway_id,
             tuple(dict.fromkeys(request.tags)),  # a tag given twice is one tag
             attachment,
+            self._context.quotas.objects,
         )
         # Before the write: a sweep of the gateway running meanwhile must leave it due.
         self._presence.member_joined(gateway_id)
@@ -447,7 +475,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
 
     async def Leave(self, request: pb.LeaveRequest, context: Any) -> pb.LeaveResponse:
         """Remove a connection from one object."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         await _gateway(context, request.connection_id)
         left = await self._write(context, obj, LeaveMember(obj, request.connection_id))
@@ -463,7 +491,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
 
     async def Members(self, request: pb.MembersRequest, context: Any) -> pb.MembersResponse:
         """A page of an object's members in connection id order (see MembersRequest)."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         try:
             tag = _checked_tag(request)
@@ -487,7 +515,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         self, request: pb.GetAttachmentRequest, context: Any
     ) -> pb.GetAttachmentResponse:
         """A member's attachment (``member`` false for a non-member)."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         await _gateway(context, request.connection_id)
         found = await rpc.stored(
@@ -501,12 +529,13 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         self, request: pb.SetAttachmentRequest, context: Any
     ) -> pb.SetAttachmentResponse:
         """Replace a member's attachment; nothing is stored for a non-member."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         await _gateway(context, request.connection_id)
         try:
             attachment = checked_attachment(request.attachment)
-        except (LimitExceeded, InvalidValue) as exc:
+            self._context.quotas.check_disk()
+        except (LimitExceeded, InvalidValue, StorageFull) as exc:
             await rpc.refuse(context, exc)
         op = SetMemberAttachment(obj, request.connection_id, attachment)
         member = await self._write(context, obj, op)
@@ -515,7 +544,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
     async def Broadcast(self, request: pb.BroadcastRequest, context: Any) -> pb.BroadcastResponse:
         """Send a message to an object's members (with a tag, less the excluded): one
         command per gateway holding recipients. Returns once NATS has the commands."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         try:
             tag = _checked_tag(request)
@@ -539,7 +568,7 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         self, request: pb.RecipientsRequest, context: Any
     ) -> pb.RecipientsResponse:
         """Who a broadcast would reach, by gateway (an activation publishes it itself)."""
-        obj = await _object(context, request.object)
+        obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         try:
             tag = _checked_tag(request)
@@ -571,7 +600,13 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
                     future = self._submit_outside_write(obj, op)
         except ObjectActive as exc:
             await rpc.refuse_active(context, exc)
-        return await rpc.stored(context, future)
+        return await rpc.stored(context, future, self._context.quotas)
+
+    async def _object(self, context: Any, message: pb.ObjectId) -> ObjectId:
+        try:
+            return self._context.quotas.object_id(message)
+        except InvalidObjectId as exc:
+            await rpc.refuse(context, exc)
 
     def _submit_outside_write(self, obj: ObjectId, op: Operation[Any]) -> asyncio.Future[Any]:
         self._context.leases.admit_outside_write(obj, time.monotonic())
@@ -581,13 +616,6 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
 async def _abort(context: Any, code: grpc.StatusCode, details: str) -> NoReturn:
     await context.abort(code, details)
     raise AssertionError("unreachable: ServicerContext.abort() raises")
-
-
-async def _object(context: Any, message: pb.ObjectId) -> ObjectId:
-    try:
-        return rpc.object_id(message)
-    except InvalidObjectId as exc:
-        await rpc.refuse(context, exc)
 
 
 async def _gateway(context: Any, connection_id: str) -> str:

@@ -16,6 +16,7 @@ from prometheus_client.registry import Collector
 from stateservice.locks import ObjectLocks
 from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
+from stateservice.quotas import Quotas
 from stateservice.storage import Storage
 
 #: The kinds of subject a state service takes messages on (the ``subject`` label of
@@ -34,10 +35,12 @@ class _StorageCollector(Collector):
         ownership: Callable[[], Ownership | None],
         permission_violations: Callable[[], int],
         garbage: Callable[[], Mapping[str, int]],
+        quotas: Quotas | None,
     ) -> None:
         self._ownership = ownership
         self._permission_violations = permission_violations
         self._garbage = garbage
+        self._quotas = quotas
         self._storage = storage
         self._locks = locks
         self._presence = presence
@@ -77,6 +80,33 @@ class _StorageCollector(Collector):
             "permissions, or the process acting beyond its role)",
             value=self._permission_violations(),
         )
+        quotas = self._quotas
+        if quotas is not None:
+            refusals = CounterMetricFamily(
+                "wsgate_state_quota_refusals",
+                "Calls or writes refused by a quota: object_name, keys, bytes, members, or "
+                "disk (below WSGATE_MIN_FREE_DISK_BYTES, or the database's disk full)",
+                labels=["quota"],
+            )
+            for label, count in sorted(quotas.refusals.items()):
+                refusals.add_metric([label], count)
+            yield refusals
+            if quotas.disk is not None:
+                try:
+                    free = quotas.disk.free_bytes()
+                except OSError:
+                    free = -1
+                yield GaugeMetricFamily(
+                    "wsgate_state_disk_free_bytes",
+                    "Free space on the SQLite file's filesystem (-1: cannot be measured); "
+                    "writes are refused below wsgate_state_disk_min_free_bytes",
+                    value=free,
+                )
+                yield GaugeMetricFamily(
+                    "wsgate_state_disk_min_free_bytes",
+                    "The free space threshold (WSGATE_MIN_FREE_DISK_BYTES)",
+                    value=quotas.disk.min_free_bytes,
+                )
         ownership = self._ownership()
         if ownership is not None:
             yield GaugeMetricFamily(
@@ -148,6 +178,7 @@ def state_registry(
     ownership: Callable[[], Ownership | None] = lambda: None,
     permission_violations: Callable[[], int] = lambda: 0,
     garbage: Callable[[], Mapping[str, int]] = dict,
+    quotas: Quotas | None = None,
 ) -> CollectorRegistry:
     """A registry exposing the storage's figures, the objects' leases, the membership
     leases' once ``presence()`` has them (the membership part exists only once the server
@@ -155,7 +186,7 @@ def state_registry(
     registry = CollectorRegistry()
     registry.register(
         _StorageCollector(
-            storage, locks, presence, leases, ownership, permission_violations, garbage
+            storage, locks, presence, leases, ownership, permission_violations, garbage, quotas
         )
     )
     return registry

@@ -183,6 +183,44 @@ CREATE TABLE IF NOT EXISTS turns (
 CREATE INDEX IF NOT EXISTS turns_at ON turns (at_ms)
 """
 
+# Version 2: what each object holds, kept up to date by every write in the write's own
+# transaction, so a quota is checked without scanning the object (stateservice/quotas.py).
+# An object without a row holds nothing; a row that drops to nothing is deleted. Usage of
+# the objects already stored is computed here, once.
+_V2_SQLITE = """
+CREATE TABLE IF NOT EXISTS object_usage (
+    namespace TEXT    NOT NULL,
+    name      TEXT    NOT NULL,
+    keys      INTEGER NOT NULL,  -- rows in kv
+    bytes     INTEGER NOT NULL,  -- their keys' and values' lengths, summed
+    members   INTEGER NOT NULL,  -- rows in members
+    PRIMARY KEY (namespace, name)
+) WITHOUT ROWID;
+INSERT INTO object_usage (namespace, name, keys, bytes, members)
+    SELECT namespace, name, COUNT(*), SUM(length(key) + length(value)), 0
+    FROM kv WHERE true GROUP BY namespace, name;
+INSERT INTO object_usage (namespace, name, keys, bytes, members)
+    SELECT namespace, name, 0, 0, COUNT(*) FROM members WHERE true GROUP BY namespace, name
+    ON CONFLICT (namespace, name) DO UPDATE SET members = excluded.members
+"""
+
+_V2_POSTGRES = """
+CREATE TABLE IF NOT EXISTS object_usage (
+    namespace TEXT COLLATE "C" NOT NULL,
+    name      TEXT COLLATE "C" NOT NULL,
+    keys      BIGINT NOT NULL,
+    bytes     BIGINT NOT NULL,
+    members   BIGINT NOT NULL,
+    PRIMARY KEY (namespace, name)
+);
+INSERT INTO object_usage (namespace, name, keys, bytes, members)
+    SELECT namespace, name, COUNT(*), SUM(octet_length(key) + octet_length(value)), 0
+    FROM kv GROUP BY namespace, name;
+INSERT INTO object_usage (namespace, name, keys, bytes, members)
+    SELECT namespace, name, 0, 0, COUNT(*) FROM members GROUP BY namespace, name
+    ON CONFLICT (namespace, name) DO UPDATE SET members = excluded.members
+"""
+
 #: Every version of the schema, oldest first. Append; never edit a released one.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
@@ -190,6 +228,12 @@ MIGRATIONS: tuple[Migration, ...] = (
         "objects' keys, idempotency keys, members, alarms, leases and turn records",
         _V1_SQLITE,
         _V1_POSTGRES,
+    ),
+    Migration(
+        2,
+        "each object's usage (keys, bytes, members) for quotas",
+        _V2_SQLITE,
+        _V2_POSTGRES,
     ),
 )
 

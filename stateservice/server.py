@@ -43,6 +43,7 @@ from stateservice.membership import MembershipComponent
 from stateservice.metrics import state_registry
 from stateservice.ownership import Ownership
 from stateservice.presence import PresenceStats
+from stateservice.quotas import Quotas
 from stateservice.storage import PostgresStorage, SqliteStorage, Storage
 from stateservice.undecodable import RefuseUndecodable
 from wsgate.bus import connect_bus
@@ -81,6 +82,8 @@ class StateServer(Service):
         self.storage: Storage = open_storage(config)
         self.locks = ObjectLocks()
         self.leases = ObjectLeases(self.storage, config.lease_s)
+        #: Quotas on objects and the disk, shared by the parts; their refusals are counted.
+        self.quotas = Quotas(config)
         self._probes = ProbeServer(
             config.host,
             config.probe_port,
@@ -93,7 +96,10 @@ class StateServer(Service):
                 lambda: self.ownership,
                 lambda: self.nats_permission_violations,
                 self._garbage_counts,
+                self.quotas,
             ),
+            # A low disk refuses writes: traffic is better sent to a replica with room.
+            not_ready_reason=self.quotas.not_ready_reason,
         )
         self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"
         self.ownership: Ownership | None = None
@@ -171,7 +177,13 @@ class StateServer(Service):
                 raise OSError(f"state service cannot listen on {target}: {exc}") from exc
             ownership = await self._join_replicas()
             context = StateContext(
-                self.config, self.storage, self.locks, self._nc, self.leases, ownership
+                self.config,
+                self.storage,
+                self.locks,
+                self._nc,
+                self.leases,
+                ownership,
+                quotas=self.quotas,
             )
             self._membership = MembershipComponent(context)
             self._alarms = alarms = AlarmsComponent(context)

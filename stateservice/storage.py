@@ -50,7 +50,8 @@ import psycopg
 import psycopg.errors
 from psycopg.pq import TransactionStatus
 
-from stateservice import schema
+from stateservice import schema, usage
+from stateservice.usage import ObjectQuotas
 from wsgate.errors import InvalidObjectId
 from wsgate.service import StartsAndCloses
 
@@ -628,25 +629,70 @@ class GetKeys:
 @dataclass(frozen=True)
 class PutKeys:
     """Set keys of one object (a key given twice takes its last value); returns how many
-    entries were written."""
+    entries were written. The object's usage follows (:mod:`stateservice.usage`); with
+    ``quotas``, a put that would take the object over one raises its exception and writes
+    nothing."""
 
     obj: ObjectId
     entries: tuple[tuple[bytes, bytes], ...]
+    quotas: ObjectQuotas | None = None
     writes = True
 
     def __call__(self, conn: Sql) -> int:
+        final = dict(self.entries)  # a key given twice: its last value, written once
+        if not final:
+            return 0
+        stored = _stored_sizes(conn, self.obj, final)
+        added = sum(1 for key in final if key not in stored)
+        grown = sum(len(key) + len(value) for key, value in final.items()) - sum(stored.values())
+        namespace, name = self.obj.namespace, self.obj.name
+        rows = [(namespace, name, key, value) for key, value in final.items()]
+        # One statement for every key: one round trip on PostgreSQL.
         sql = (
-            "INSERT INTO kv (namespace, name, key, value) VALUES (?, ?, ?, ?) "
+            f"INSERT INTO kv (namespace, name, key, value) VALUES {_marks(len(rows), 4)} "
             "ON CONFLICT (namespace, name, key) DO UPDATE SET value = excluded.value"
         )
-        rows = [(self.obj.namespace, self.obj.name, key, value) for key, value in self.entries]
-        if len(rows) == 1:
-            # The common case (one put), and one round trip on PostgreSQL where
-            # executemany costs about two.
-            conn.execute(sql, rows[0])
+        params = [param for row in rows for param in row]
+        if conn.dialect == "postgres":
+            inserted = conn.execute(sql + " RETURNING (xmax = 0)", params).fetchall()
+            if sum(1 for (new,) in inserted if new) != added:
+                # Another replica inserted one of the keys since they were read: counted
+                # wrong, so run the batch again (it will see that key).
+                raise psycopg.errors.SerializationFailure(
+                    f"a key of {namespace!r}/{name!r} was inserted concurrently"
+                )
         else:
-            conn.executemany(sql, rows)
+            conn.execute(sql, params)
+        if added or grown:
+            after = usage.add(conn, self.obj, keys=added, bytes=grown)
+            before = usage.Usage(after.keys - added, after.bytes - grown, after.members)
+            usage.check_growth(before, after, self.quotas, _first_key(final))
         return len(self.entries)
+
+
+def _marks(rows: int, columns: int) -> str:
+    """``(?, ?), (?, ?)``: placeholders of ``rows`` rows of ``columns`` values."""
+    row = "(" + ", ".join("?" * columns) + ")"
+    return ", ".join([row] * rows)
+
+
+def _stored_sizes(conn: Sql, obj: ObjectId, keys: Iterable[bytes]) -> dict[bytes, int]:
+    """``{key: length of key and value}`` of the keys that ``obj`` stores (on PostgreSQL
+    their rows locked, so what is counted as replaced is what the put replaces)."""
+    wanted = list(keys)
+    if not wanted:
+        return {}
+    marks = ", ".join("?" * len(wanted))
+    rows = conn.execute(
+        "SELECT key, length(key) + length(value) FROM kv "
+        f"WHERE namespace = ? AND name = ? AND key IN ({marks})" + for_update(conn),
+        (obj.namespace, obj.name, *wanted),
+    ).fetchall()
+    return {bytes(key): int(size) for key, size in rows}
+
+
+def _first_key(entries: Iterable[bytes]) -> str:
+    return next((key.decode("utf-8", "replace") for key in entries), "")
 
 
 @dataclass(frozen=True)
@@ -658,13 +704,18 @@ class DeleteKeys:
     writes = True
 
     def __call__(self, conn: Sql) -> int:
-        deleted = 0
+        deleted = freed = 0
         for key in dict.fromkeys(self.keys):  # a key listed twice existed at most once
-            cursor = conn.execute(
-                "DELETE FROM kv WHERE namespace = ? AND name = ? AND key = ?",
+            row = conn.execute(
+                "DELETE FROM kv WHERE namespace = ? AND name = ? AND key = ? "
+                "RETURNING length(key) + length(value)",
                 (self.obj.namespace, self.obj.name, key),
-            )
-            deleted += cursor.rowcount
+            ).fetchone()
+            if row is not None:
+                deleted += 1
+                freed += int(row[0])
+        if deleted:
+            usage.add(conn, self.obj, keys=-deleted, bytes=-freed)
         return deleted
 
 
@@ -676,10 +727,22 @@ class DeleteAll:
     writes = True
 
     def __call__(self, conn: Sql) -> int:
-        cursor = conn.execute(
-            "DELETE FROM kv WHERE namespace = ? AND name = ?", (self.obj.namespace, self.obj.name)
-        )
-        return cursor.rowcount
+        where = (self.obj.namespace, self.obj.name)
+        if conn.dialect == "postgres":
+            # Counted from the rows deleted (another replica may write meanwhile).
+            count, size = conn.execute(
+                "WITH gone AS (DELETE FROM kv WHERE namespace = ? AND name = ? "
+                "RETURNING length(key) + length(value) AS size) "
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM gone",
+                where,
+            ).fetchone()
+        else:
+            # Nobody else writes during the transaction: what the object held, it held.
+            size = usage.read(conn, self.obj).bytes
+            count = conn.execute("DELETE FROM kv WHERE namespace = ? AND name = ?", where).rowcount
+        if count:
+            usage.add(conn, self.obj, keys=-int(count), bytes=-int(size))
+        return int(count)
 
 
 @dataclass(frozen=True, kw_only=True)

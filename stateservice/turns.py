@@ -11,7 +11,10 @@ database transaction that applies them, this operation:
    a recorded sequence at or above its own ran before, in another activation, and this
    activation's memory went wrong with it; nothing is applied, and the activation stops;
 3. applies every turn's effects in order and records, per key, the last sequence with its
-   outcome, so a redelivered event whose turn committed is answered from the record.
+   outcome, so a redelivered event whose turn committed is answered from the record;
+4. checks the object's quotas (:mod:`stateservice.usage`): a turn whose writes together
+   take the object over a storage quota, or a join over the member quota, raises the
+   quota's exception, and the caller's rollback leaves nothing of the commit applied.
 
 A commit is all or nothing per object. A worker that sends the same commit twice (its
 first call's answer was lost) is told it committed: the records carry the epoch, so the
@@ -28,7 +31,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from stateservice import usage
 from stateservice.storage import ObjectId, Operation, Sql, for_update
+from stateservice.usage import ObjectQuotas
 
 
 def now_ms() -> int:
@@ -46,6 +51,9 @@ class TurnEffects:
     ops: tuple[Operation[object], ...]
     outcome: bytes
     record: bool
+    #: The first key the turn puts (None if it puts none): the turn is checked against the
+    #: storage quotas as a whole, and a refusal names this key.
+    first_put: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,13 +69,15 @@ class Refused:
 class CommitObjectTurns:
     """Apply one activation's turns, fenced and deduplicated (see the module docstring).
 
-    Returns None when they are durable (or were already), or :class:`Refused`.
+    Returns None when they are durable (or were already), or :class:`Refused`. Raises a
+    quota's exception (ObjectQuotaExceeded) for a turn over one.
     """
 
     obj: ObjectId
     epoch: int
     worker: str
     turns: Sequence[TurnEffects]
+    quotas: ObjectQuotas | None = None
     writes = True
 
     @property
@@ -116,8 +126,17 @@ class CommitObjectTurns:
             )
         at_ms = now_ms()
         for turn in self.turns:
+            # A turn's writes count together (a put may need the delete after it to fit):
+            # laxer than the activation, which checks each call as it is made, so what an
+            # activation let through is never refused here (its quotas are these).
+            checked = turn.first_put is not None and self.quotas is not None
+            before = usage.read(conn, self.obj) if checked else None
             for op in turn.ops:
                 op(conn)
+            if before is not None:
+                usage.check_growth(
+                    before, usage.read(conn, self.obj), self.quotas, turn.first_put or ""
+                )
             if turn.record:
                 conn.execute(
                     "INSERT INTO turns (key, sequence, epoch, outcome, at_ms) "

@@ -30,6 +30,14 @@ the worker, which sends them where the object now lives; they carry a mark that 
 new host look their records up first (a turn that did commit is then answered from its
 record, never run twice).
 
+Quotas: the activation counts what its object holds (:mod:`worker.activation_quota`), so a
+handler's write over a quota raises as it is made, and a connection that would take the
+object over its member quota is refused at its upgrade (503, nothing joined). The state
+service checks again at the commit; a commit it refuses for a quota stops the activation
+like any refused commit (its turns run again on a fresh count, where the handler then sees
+the refusal). A commit refused because the service's disk is low (STORAGE_FULL) is tried
+again, its output held, until space returns or the commit timeout passes.
+
 A turn's output leaves at most once from the activation that committed it: a copy of its
 event that comes later (its gateway gave up waiting for the ack and resent it) gets the
 answer again (the ack and the frames riding on it, the decision, the alarm's result), never
@@ -56,6 +64,7 @@ from nats.aio.msg import Msg
 
 from worker.activation_alarm import ActivationAlarm
 from worker.activation_members import ActivationMembers
+from worker.activation_quota import QUOTA_LABELS, ObjectQuota
 from worker.activation_storage import ActivationStorage
 from worker.app import ConnectRequest, Reject
 from worker.auth import Verified, with_auth_subprotocol
@@ -82,7 +91,9 @@ from worker.work import Work, WorkKind
 from wsgate import ids
 from wsgate.closecodes import CloseCode
 from wsgate.eager import start_task
-from wsgate.errors import StateError
+from wsgate.errors import ObjectQuotaExceeded, StateError, TooManyMembers
+from wsgate.limits import MAX_BATCH_KEYS
+from wsgate.state_errors import Reason
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
 
@@ -97,6 +108,11 @@ log = logging.getLogger(__name__)
 
 #: A handler cancelled at the turn limit gets this long to unwind before it is abandoned.
 CANCEL_GRACE_S = 1.0
+
+#: A commit refused for want of disk space is tried again after this long, doubling ...
+STORAGE_FULL_FIRST_BACKOFF_S = 0.05
+#: ... up to this.
+STORAGE_FULL_MAX_BACKOFF_S = 1.0
 
 #: Replies to the event's own connection ride on its ack up to this many bytes in all;
 #: beyond, they leave as commands (NATS' payload limit, and a big ack would stall others).
@@ -113,6 +129,8 @@ class ActivationHost(Protocol):
     turn_timeout_s: float
     payload_budget: int
     failpoints: Failpoints
+    #: How long a commit is tried again while the state service cannot take it.
+    commit_timeout_s: float
 
     async def commit(self, turns: pb.ObjectTurns) -> pb.ObjectTurnsResult:
         """Commit one activation's turns (retried while the state service is away)."""
@@ -180,6 +198,9 @@ class Activation:
         name: str,
         epoch: int,
         lease_s: float,
+        *,
+        usage: pb.ObjectUsage | None = None,
+        quotas: pb.ObjectQuotas | None = None,
     ) -> None:
         self.host = host
         self.cls = cls
@@ -195,6 +216,11 @@ class Activation:
         self.env: Env = host.env
         self.payload_budget = host.payload_budget
         self.cache = StorageCache()
+        #: What the object holds, counted against the quotas of its lease's grant.
+        self.quota = ObjectQuota(usage or pb.ObjectUsage(), quotas or pb.ObjectQuotas())
+        #: The number of the last turn committed (turns commit in order).
+        self._committed_through = 0
+        self._commit_waiters: list[asyncio.Future[None]] = []
         #: Resolved at once: what a write returns (durable with its turn, not before).
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.done.set_result(None)
@@ -407,6 +433,12 @@ class Activation:
             return reject_decision(decided.status, decided.body, decided.headers)
         decided = with_auth_subprotocol(decided, verified)
         check_accept(decided, request)
+        full = await self._join_refusal(turn, request_pb.connection_id)
+        if full is not None:
+            # Refused before the upgrade: the client never sees an open socket close.
+            self.refused(full)
+            log.info("%r: connection %s refused: %s", self, request_pb.connection_id, full)
+            return reject_decision(503, f"{full}\n", {"Retry-After": "5"})
         self.members.join(turn, request_pb.connection_id, decided.tags, decided.state)
         return accept_decision(decided, turn.replies, worker=self.host.worker_id)
 
@@ -432,6 +464,73 @@ class Activation:
             payload = data.text if data.WhichOneof("data") == "text" else data.binary
             await self.instance.on_message(conn, payload)
 
+    # -- quotas ------------------------------------------------------------------------------
+
+    def refused(self, exc: ObjectQuotaExceeded) -> ObjectQuotaExceeded:
+        """Count a refusal for a quota; returns it (to raise)."""
+        self.host.metrics.quota_refusals.labels(QUOTA_LABELS.get(type(exc), "other")).inc()
+        return exc
+
+    async def _join_refusal(self, turn: Turn, connection_id: str) -> TooManyMembers | None:
+        """TooManyMembers if the object is at its member quota (exactly: settled with the
+        state service when the count says so)."""
+        refused = self.quota.join_refusal(connection_id)
+        if refused is not None:
+            await self.settle_quota(turn, [])
+            refused = self.quota.join_refusal(connection_id)
+        return refused
+
+    async def settle_quota(self, turn: Turn, unknown: list[str]) -> None:
+        """Make the quota count exact for ``turn``, the one running (see
+        :mod:`worker.activation_quota`), and teach the cache the ``unknown`` keys a write
+        of it is about to change. Waits for the turns before it to commit."""
+        await self._committed_before(turn.number)
+        response = await self.call("State", "Usage", pb.UsageRequest(object=self.object_pb))
+        held: dict[str, bytes] = {}
+        replaced = self.quota.unknown_before(turn.number)
+        for start in range(0, len(replaced), MAX_BATCH_KEYS):
+            held.update(await self.read_remote(replaced[start : start + MAX_BATCH_KEYS]))
+        for start in range(0, len(unknown), MAX_BATCH_KEYS):
+            await self.read_keys(unknown[start : start + MAX_BATCH_KEYS], [self.cache])
+        self.quota.settle(turn.number, self.cache, response.usage, held)
+
+    async def _committed_before(self, number: int) -> None:
+        """Until every turn numbered below ``number`` is committed; raises StateError if
+        the activation stops first."""
+        while self._committed_through < number - 1:
+            if self.phase is Phase.STOPPED:
+                raise StateError(f"{self!r} stopped before its turns committed")
+            waiter = self._loop.create_future()
+            self._commit_waiters.append(waiter)
+            await waiter
+
+    def _wake_commit_waiters(self) -> None:
+        waiters, self._commit_waiters = self._commit_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _commit_when_space(
+        self, request: pb.ObjectTurns, result: pb.ObjectTurnsResult
+    ) -> pb.ObjectTurnsResult:
+        """``result``, or while it is a refusal for want of disk space, the result of
+        committing ``request`` again, up to the commit timeout (the turns' output waits)."""
+        if not _storage_full(result):
+            return result
+        deadline = self._loop.time() + self.host.commit_timeout_s
+        backoff_s = STORAGE_FULL_FIRST_BACKOFF_S
+        self.host.metrics.quota_refusals.labels("disk").inc()
+        while (
+            _storage_full(result)
+            and self.phase is Phase.RUNNING
+            and self._loop.time() + backoff_s < deadline
+        ):
+            log.warning("%r: the state service's disk is low; committing again", self)
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, STORAGE_FULL_MAX_BACKOFF_S)
+            result = await self.host.commit(request)
+        return result
+
     # -- commits and releases ----------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
@@ -443,7 +542,7 @@ class Activation:
                     object=self.object_pb, epoch=self.epoch, turns=[c.turn for c in batch]
                 )
                 try:
-                    result = await self.host.commit(request)
+                    result = await self._commit_when_space(request, await self.host.commit(request))
                 except StateError as exc:
                     log.warning("%r: committing %d turn(s) failed: %s", self, len(batch), exc)
                     self.stop("commit failed")
@@ -456,6 +555,8 @@ class Activation:
                     self.stop("commit refused")
                     return
                 self.members.committed(batch[-1].number)
+                self._committed_through = batch[-1].number
+                self._wake_commit_waiters()
                 self.host.failpoints.after_commit(c.work.event for c in batch)
                 if not await self.host.lease_confirmed(self):
                     # Committed, but the lease may be another's by now: release nothing.
@@ -659,6 +760,7 @@ class Activation:
         for work in works:
             work.retried = True  # it may have committed: the next host looks it up
         self.host.handed_back(self, [w for w in works if not w.done.done()])
+        self._wake_commit_waiters()
         self._notify_if_idle()
 
     async def wait_idle(self) -> None:
@@ -679,6 +781,13 @@ class Activation:
 @dataclass
 class _Outcome:
     decision: envelope.ConnectDecision | None = None
+
+
+def _storage_full(result: pb.ObjectTurnsResult) -> bool:
+    return (
+        result.WhichOneof("outcome") == "refused"
+        and result.refused.info.reason == Reason.STORAGE_FULL
+    )
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -67,6 +67,7 @@ class ActivationMembers:
             connection_id=connection_id, join=pb.MemberJoin(tags=tags, attachment=attachment)
         )
         turn.member(change)
+        self._activation.quota.joined(turn.number)
         self._pending[connection_id] = (turn.number, change)
         self._attachments[connection_id] = attachment
 
@@ -89,6 +90,7 @@ class ActivationMembers:
         """The connection closed: it leaves the object."""
         change = pb.MemberChange(connection_id=connection_id, leave=pb.MemberLeave())
         turn.member(change)
+        self._activation.quota.left(turn.number)
         self._pending[connection_id] = (turn.number, change)
         self._attachments.pop(connection_id, None)
 

@@ -11,6 +11,11 @@ Cloudflare's semantics:
   commits, and what the turn sends leaves only then (the output gate), so a client never
   sees a value that is then lost. The next turn does not wait for that commit.
 - **Limits** are checked at the call (the state service checks again at the commit).
+- **Quotas** (keys and bytes per object) are checked at the call too, against the
+  activation's count (:mod:`worker.activation_quota`): a write over one raises
+  TooManyObjectKeys or ObjectTooLarge and applies nothing. Near a quota, a write of keys
+  this activation never read may need the state service to tell: its future then resolves
+  (or raises) once it knows, and the storage calls made after it wait for it, in order.
 - A handler that raises keeps the writes it made, as on Cloudflare; ``transaction(fn)`` is
   the way to make several writes all or none: it runs ``fn`` over an overlay, applied only
   if ``fn`` returns.
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from worker.errors import TurnOver
@@ -63,6 +68,9 @@ class ActivationStorage(ObjectStorage):
     def __init__(self, activation: Activation) -> None:
         super().__init__(activation.state, activation.namespace, activation.name)
         self._activation = activation
+        #: The last write that waits for the state service to decide on a quota; the
+        #: storage calls made after it wait for it, so they keep their order.
+        self._waiting: asyncio.Future[Any] | None = None
 
     def __repr__(self) -> str:
         return f"<ActivationStorage {self.namespace!r}/{self.name!r}>"
@@ -71,6 +79,8 @@ class ActivationStorage(ObjectStorage):
 
     async def get(self, key: str, default: Any = None) -> Any:
         """The value of ``key``, or ``default`` if it does not exist."""
+        if self._waiting is not None:
+            await self._settled()
         known = self._activation.cache.lookup(key)
         if known is UNKNOWN:
             return (await self.get_many([key])).get(key, default)
@@ -97,6 +107,7 @@ class ActivationStorage(ObjectStorage):
         """The values of the keys that exist, as the top of ``layers`` sees them."""
         keys = builtins.list(keys)
         check_batch(len(keys), keys[0] if keys else "")
+        await self._settled()
         found = await self._activation.read_keys(keys, layers)
         return {key: decode_value(value) for key, value in found.items()}
 
@@ -108,6 +119,7 @@ class ActivationStorage(ObjectStorage):
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
         if limit == 0:
             return {}
+        await self._settled()
         entries = await self._activation.list_keys(bounds, limit, reverse, layers)
         return {key: decode_value(value) for key, value in entries}
 
@@ -122,16 +134,73 @@ class ActivationStorage(ObjectStorage):
         return self.put_many({key: value})
 
     def put_many(self, entries: Mapping[str, Any]) -> asyncio.Future[None]:
-        """Set every key of ``entries`` (at most 128)."""
+        """Set every key of ``entries`` (at most 128). Raises TooManyObjectKeys or
+        ObjectTooLarge (nothing applied) if the object would go over a quota; near one,
+        the returned future may raise it instead (see the module docstring)."""
         check_batch(len(entries), next(iter(entries), ""))
         encoded = {key: _encode_entry(key, value) for key, value in entries.items()}
         turn = self._turn()
+        quota = self._activation.quota
         cache = self._activation.cache
+        if self._waiting is None:
+            refused = quota.refusal(cache, encoded)
+            if refused is None:
+                self._put_now(turn, encoded)
+                return self._activation.done
+            if quota.decides(cache, encoded):
+                raise self._activation.refused(refused)
+        # The count may be above the truth: the state service decides (in order).
+        return self._after_waiting(turn, self._put_settled(turn, encoded))
+
+    def _put_now(self, turn: Turn, encoded: dict[str, bytes]) -> None:
+        cache = self._activation.cache
+        self._activation.quota.wrote(turn.number, cache, encoded)
         for key, value in encoded.items():
             cache.set(key, value)
         written = [pb.Entry(key=key, value=value) for key, value in encoded.items()]
         turn.write(pb.Write(put=pb.PutRequest(entries=written)))
-        return self._activation.done
+
+    async def _put_settled(self, turn: Turn, encoded: dict[str, bytes]) -> None:
+        activation = self._activation
+        quota, cache = activation.quota, activation.cache
+        refused = quota.refusal(cache, encoded)
+        if refused is not None and not quota.decides(cache, encoded):
+            await activation.settle_quota(turn, quota.unknown(cache, encoded))
+            refused = quota.refusal(cache, encoded)
+        turn.check_open()
+        if refused is not None:
+            raise activation.refused(refused)
+        self._put_now(turn, encoded)
+
+    def _after_waiting(self, turn: Turn, write: Coroutine[Any, Any, T]) -> asyncio.Future[T]:
+        """Run ``write`` once the writes waiting before it are done (whatever their
+        outcome: each raises to its own caller); the turn ends only after it."""
+        waiting = self._waiting
+
+        async def in_order() -> T:
+            try:
+                if waiting is not None:
+                    await asyncio.wait([waiting])
+            except BaseException:
+                write.close()  # cancelled before its turn came: it never runs
+                raise
+            return await write
+
+        task = asyncio.ensure_future(in_order())
+        self._waiting = task
+        task.add_done_callback(self._done_waiting)
+        # The turn waits for it, but its refusal is its caller's (who may catch it).
+        turn.hold(asyncio.ensure_future(asyncio.wait([task])))
+        return task
+
+    def _done_waiting(self, task: asyncio.Future[Any]) -> None:
+        if self._waiting is task:
+            self._waiting = None
+
+    async def _settled(self) -> None:
+        """Until the writes waiting for the state service are done (reads see them)."""
+        while self._waiting is not None:
+            await asyncio.wait([self._waiting])
 
     def delete(self, key: str) -> asyncio.Future[bool]:
         """Delete ``key``; resolves to whether it existed."""
@@ -145,8 +214,14 @@ class ActivationStorage(ObjectStorage):
         for key in keys:
             check_key(key)
         turn = self._turn()
+        if self._waiting is not None:
+            return self._after_waiting(turn, _awaited(lambda: self._delete_now(turn, keys)))
+        return self._delete_now(turn, keys)
+
+    def _delete_now(self, turn: Turn, keys: builtins.list[str]) -> asyncio.Future[int]:
         cache = self._activation.cache
         before = {key: cache.lookup(key) for key in keys}
+        self._activation.quota.wrote(turn.number, cache, dict.fromkeys(keys))
         for key in keys:
             cache.set(key, None)
         turn.write(pb.Write(delete=pb.DeleteRequest(keys=keys)))
@@ -168,11 +243,17 @@ class ActivationStorage(ObjectStorage):
     def delete_all(self) -> asyncio.Future[int]:
         """Delete every key of the object; resolves to how many there were."""
         turn = self._turn()
+        if self._waiting is not None:
+            return self._after_waiting(turn, _awaited(lambda: self._delete_all_now(turn)))
+        return self._delete_all_now(turn)
+
+    def _delete_all_now(self, turn: Turn) -> asyncio.Future[int]:
         cache = self._activation.cache
         before = Layer()  # what the cache knew until now: counted below, after the clear
         before.values, before.whole = dict(cache.values), cache.whole
         counting = asyncio.ensure_future(self._count_all(before))
         turn.hold(counting)  # its read must reach the service before the turn's commit
+        self._activation.quota.wrote(turn.number, cache, {}, clear=True)
         cache.clear()
         turn.write(pb.Write(delete_all=pb.DeleteAllRequest()))
         return counting
@@ -203,6 +284,19 @@ class ActivationStorage(ObjectStorage):
             result = await fn(txn)
         finally:
             txn._finished = True
+        await self._settled()
+        # Its writes count together against the quotas, as the state service counts them.
+        activation = self._activation
+        quota, cache = activation.quota, activation.cache
+        changes, clear = txn.changes()
+        refused = quota.refusal(cache, changes, clear=clear)
+        if refused is not None and not quota.decides(cache, changes, clear=clear):
+            await activation.settle_quota(turn, quota.unknown(cache, changes))
+            refused = quota.refusal(cache, changes, clear=clear)
+        if refused is not None:
+            raise activation.refused(refused)  # nothing of it applies
+        turn.check_open()
+        quota.wrote(turn.number, cache, changes, clear=clear)
         txn.apply(turn)
         return result
 
@@ -218,6 +312,11 @@ class ActivationStorage(ObjectStorage):
 
 async def _as_bool(count: Awaitable[int]) -> bool:
     return await count > 0
+
+
+async def _awaited(call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``'s result, awaited (a write run later, in its turn)."""
+    return await call()
 
 
 class CachedTransaction(Transaction):
@@ -276,6 +375,11 @@ class CachedTransaction(Transaction):
         self._layer.clear()
         self._order.clear()
         self._cleared = True
+
+    def changes(self) -> tuple[dict[str, bytes | None], bool]:
+        """What the transaction writes: each key's new value (None: deleted), in order,
+        and whether it deletes every key first."""
+        return dict(self._order), self._cleared
 
     def apply(self, turn: Turn) -> None:
         """The function returned: its writes join the turn, and the activation's cache."""

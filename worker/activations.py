@@ -44,7 +44,7 @@ from worker.state_client import StateClient
 from worker.turn_commits import TurnCommitter
 from worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind
 from wsgate import ids, subjects
-from wsgate.errors import StateError, StateTimeout, StateUnavailable
+from wsgate.errors import ObjectNameTooLong, StateError, StateTimeout, StateUnavailable
 from wsgate.fanout import payload_budget
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
@@ -113,6 +113,7 @@ class Activations:
         self._max = max_activations
         self._idle_s = idle_s
         self._commit_timeout_s = commit_timeout_s
+        self.commit_timeout_s = commit_timeout_s
         self._drain_timeout_s = drain_timeout_s
         self._publish_command = publish_command
         self.queue_ack = queue_ack
@@ -193,6 +194,14 @@ class Activations:
         )
         try:
             response = await self._call_until_deadline("Activate", request)
+        except ObjectNameTooLong as exc:
+            # No retry can help: its connects are refused for good (414, the name came
+            # from the URL), anything else given up.
+            starting = self._starting.pop(key)
+            log.info("object %s/%s refused: %s", namespace[:64], name[:64], exc)
+            for work in starting.works:
+                await self._refuse(work, exc)
+            return
         except Exception as exc:
             starting = self._starting.pop(key)
             log.warning("activating %s/%s failed: %r", namespace, name, exc)
@@ -214,7 +223,15 @@ class Activations:
             return
         self.metrics.activations_started.labels("granted").inc()
         try:
-            activation = Activation(self, starting.cls, name, granted.epoch, self._lease_s)
+            activation = Activation(
+                self,
+                starting.cls,
+                name,
+                granted.epoch,
+                self._lease_s,
+                usage=granted.usage,
+                quotas=granted.quotas,
+            )
         except Exception:
             log.exception("%s.__init__ failed for %r", starting.cls.__qualname__, name)
             await self._release([pb.Lease(object=request.object, epoch=granted.epoch)])
@@ -264,6 +281,18 @@ class Activations:
                 await self.respond(work.msg, failed.SerializeToString())
         except nats.errors.Error as exc:
             log.warning("answering %s#%d failed: %r", work.key, work.sequence, exc)
+        work.finish()
+
+    async def _refuse(self, work: Work, exc: ObjectNameTooLong) -> None:
+        """Answer ``work`` for an object that can never exist: a connect with 414 URI Too
+        Long and the reason; anything else (which no accepted connection can send) is
+        given up."""
+        if work.kind is not WorkKind.CONNECT:
+            await self._give_up(work, str(exc))
+            return
+        self.metrics.quota_refusals.labels("object_name").inc()
+        refusal = reject_decision(414, f"{exc}\n")
+        await self.respond(work.msg, refusal.SerializeToString())
         work.finish()
 
     # -- what activations ask of the worker (ActivationHost) ------------------------------

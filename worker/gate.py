@@ -7,7 +7,10 @@ at once, awaited or not); everything that lets output leave the worker (publishi
 buffered sends, a close, ``send_many``, a broadcast, the final ack with its messages)
 first waits for :meth:`OutputGate.open`. So a client never sees a value that a crash of the
 worker or of the state service then loses: if a write fails, the output it gated is
-dropped and the handler fails.
+dropped and the handler fails. A write *refused* by a quota or for the disk (ObjectQuota-
+Exceeded, StorageFull) is not a failure of durability: it applied nothing, so it holds
+nothing back, and its exception is the handler's own (awaited, it can be caught and
+answered; not awaited, it is lost, as the write is).
 
 The gate also numbers the run's writes for their idempotency keys: the n-th write of the
 handler of event ``seq`` on connection ``id`` carries ``id:seq:n``, the same key each
@@ -21,6 +24,7 @@ import contextvars
 from typing import Any
 
 from wsgate.errors import StateError
+from wsgate.state_errors import EXHAUSTED_TYPES
 
 
 class OutputGate:
@@ -61,7 +65,7 @@ class OutputGate:
             if write.cancelled():
                 raise StateError("a storage write of this handler was cancelled")
             failure = write.exception()
-            if failure is not None:
+            if failure is not None and not isinstance(failure, EXHAUSTED_TYPES):
                 raise failure
 
     def abandon(self) -> None:

@@ -116,6 +116,14 @@ class WorkerMetrics:
         self.turns_committed = Counter(
             "wsgate_worker_turns_committed", "Turns committed", registry=r
         )
+        self.quota_refusals = Counter(
+            "wsgate_worker_quota_refusals",
+            "What activations refused for the state service's quotas, by quota: keys and "
+            "bytes (a handler's write raised), members (a connect answered 503), "
+            "object_name (414), disk (a commit tried again for want of space)",
+            ["quota"],
+            registry=r,
+        )
         self.intake_stalled = Gauge(
             "wsgate_worker_intake_stalled",
             "1 while the worker takes no requests although some wait (see /readyz)",

@@ -6,7 +6,8 @@ activations of one worker ask for in one turn of the event loop (and while up to
 each object's turns with one storage operation, all of them in one group commit.
 
 A call that fails because the service is away (UNAVAILABLE, or its deadline passed while
-waiting for it) is made again for as long as ``retry_for_s`` allows: committing the same
+waiting for it) or its database found the disk full (RESOURCE_EXHAUSTED, STORAGE_FULL) is
+made again for as long as ``retry_for_s`` allows: committing the same
 turns twice is safe (the service recognises a commit it already applied by the record of
 its first turn, and answers that it is committed).
 """
@@ -21,7 +22,7 @@ import grpc
 
 from worker.metrics import WorkerMetrics
 from worker.state_client import ReplicaGone, StateClient, copy_into
-from wsgate.errors import StateError, StateTimeout, StateUnavailable
+from wsgate.errors import StateError, StateTimeout, StateUnavailable, StorageFull
 from wsgate.v1 import state_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class _ReplicaCommits:
                         if isinstance(exc, ReplicaGone)
                         else self._client._error(exc, "CommitTurns", endpoint)
                     )
-                    retryable = isinstance(error, (StateUnavailable, StateTimeout))
+                    retryable = isinstance(error, (StateUnavailable, StateTimeout, StorageFull))
                     if retryable and loop.time() + backoff_s < deadline:
                         log.debug("CommitTurns failed (%s); trying again", error)
                         await asyncio.sleep(backoff_s)

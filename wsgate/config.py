@@ -36,6 +36,12 @@ DEFAULT_WORKER_PORT = 8081
 DEFAULT_STATE_PROBE_PORT = 8082
 #: The largest message size a gateway may be configured to accept (32 MiB).
 MAX_MESSAGE_LIMIT = 32 * 1024 * 1024
+#: Per-object quotas (see StateConfig): no cap in normal use, a bound on abuse.
+DEFAULT_MAX_KEYS_PER_OBJECT = 10_000_000
+DEFAULT_MAX_OBJECT_BYTES = 1024**3
+#: DESIGN.md: no cap on members per object below 100,000.
+DEFAULT_MAX_MEMBERS_PER_OBJECT = 100_000
+DEFAULT_MIN_FREE_DISK_BYTES = 256 * 1024 * 1024
 
 
 def nkeys_available() -> bool:
@@ -622,22 +628,38 @@ class StateConfig(BusConfig):
         "PEM CA certificate(s): set, every gRPC client must present a certificate they "
         "signed (mTLS), others are refused at the handshake; empty: any client is served",
     )
-    # Issue 13 (deploy branch): declared for deploy/k8s and its tests; the quotas branch's
-    # definitions replace these at its merge.
+    # Quotas on durable objects and the disk (docs/architecture.md, "Quotas"). Appended
+    # last: other settings merge above them.
     max_object_name_bytes: int = setting(
-        1024, "WSGATE_MAX_OBJECT_NAME_BYTES", "longest durable object name"
+        1024,
+        "WSGATE_MAX_OBJECT_NAME_BYTES",
+        "longest namespace, and longest name, of a durable object in UTF-8 bytes; calls "
+        "naming a longer one are refused (OBJECT_NAME_TOO_LONG)",
     )
     max_keys_per_object: int = setting(
-        100_000, "WSGATE_MAX_KEYS_PER_OBJECT", "keys one durable object may hold"
+        DEFAULT_MAX_KEYS_PER_OBJECT,
+        "WSGATE_MAX_KEYS_PER_OBJECT",
+        "keys one durable object may store; a write that would store more is refused "
+        "whole (TOO_MANY_OBJECT_KEYS); deletes are always allowed",
     )
     max_object_bytes: int = setting(
-        128 * 1024 * 1024, "WSGATE_MAX_OBJECT_BYTES", "bytes one durable object may hold"
+        DEFAULT_MAX_OBJECT_BYTES,
+        "WSGATE_MAX_OBJECT_BYTES",
+        "bytes (keys' UTF-8 plus encoded values) one durable object may store; a write that "
+        "would store more is refused whole (OBJECT_TOO_LARGE); deletes are always allowed",
     )
     max_members_per_object: int = setting(
-        100_000, "WSGATE_MAX_MEMBERS_PER_OBJECT", "connections one durable object may hold"
+        DEFAULT_MAX_MEMBERS_PER_OBJECT,
+        "WSGATE_MAX_MEMBERS_PER_OBJECT",
+        "connections one durable object may hold; a join over it is refused "
+        "(TOO_MANY_MEMBERS; a durable object route answers the upgrade with 503)",
     )
     min_free_disk_bytes: int = setting(
-        1024 * 1024 * 1024, "WSGATE_MIN_FREE_DISK_BYTES", "writes are refused below this"
+        DEFAULT_MIN_FREE_DISK_BYTES,
+        "WSGATE_MIN_FREE_DISK_BYTES",
+        "below this much free space on the SQLite file's filesystem, writes that grow the "
+        "data are refused (STORAGE_FULL) and /readyz answers 503 until space returns; "
+        "0: off (PostgreSQL: not applied, the disk is the database server's)",
     )
 
     @property
@@ -713,6 +735,19 @@ class StateConfig(BusConfig):
             ("tls_key (WSGATE_TLS_KEY)", self.tls_key),
             ("tls_client_ca (WSGATE_TLS_CLIENT_CA)", self.tls_client_ca),
         )
+        for name, env in (
+            ("max_object_name_bytes", "WSGATE_MAX_OBJECT_NAME_BYTES"),
+            ("max_keys_per_object", "WSGATE_MAX_KEYS_PER_OBJECT"),
+            ("max_object_bytes", "WSGATE_MAX_OBJECT_BYTES"),
+            ("max_members_per_object", "WSGATE_MAX_MEMBERS_PER_OBJECT"),
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} ({env}) must be >= 1, got {getattr(self, name)}")
+        if self.min_free_disk_bytes < 0:
+            raise ConfigError(
+                "min_free_disk_bytes (WSGATE_MIN_FREE_DISK_BYTES) must be >= 0 (0: off), "
+                f"got {self.min_free_disk_bytes}"
+            )
 
 
 def _examples_static() -> str:

@@ -23,13 +23,23 @@
         │                                       another replica owns (names the owner)
         ├── SchemaOutdated                      the database's schema is older than the code
         ├── SchemaTooNew                        ... or newer
+        ├── StorageFull                         the state service's disk is below its free
+        │                                       space threshold: writes refused, reads served
         └── LimitExceeded(ValueError)           an input is over a documented limit
             ├── KeyTooLarge                     key over 2 KiB
             ├── ValueTooLarge                   value over 128 KiB
             ├── TooManyKeys                     over 128 keys in one call
             ├── TooManyTags                     over 10 tags on a connection
             ├── TagTooLarge                     a tag over 256 characters (or empty)
-            └── AttachmentTooLarge              an attachment over 16 KiB
+            ├── AttachmentTooLarge              an attachment over 16 KiB
+            ├── ObjectNameTooLong(InvalidObjectId)  a namespace or name over the state
+            │                                       service's WSGATE_MAX_OBJECT_NAME_BYTES
+            └── ObjectQuotaExceeded             a write would take an object over a quota
+                ├── TooManyObjectKeys           keys stored (WSGATE_MAX_KEYS_PER_OBJECT)
+                ├── ObjectTooLarge              bytes of keys and values stored
+                │                               (WSGATE_MAX_OBJECT_BYTES)
+                └── TooManyMembers              connections joined
+                                                (WSGATE_MAX_MEMBERS_PER_OBJECT)
 
 The worker SDK adds its own errors under ``worker.errors``, and the client
 (:mod:`wsgate.client`) its ``ClientError`` subtree; both are rooted at WsgateError too.
@@ -209,3 +219,59 @@ class AttachmentTooLarge(LimitExceeded):
 
     def __init__(self, size: int, limit: int, key: str = "") -> None:
         super().__init__("attachment", size, limit, key)
+
+
+class ObjectNameTooLong(LimitExceeded, InvalidObjectId):
+    """An object's namespace or name is longer (in UTF-8 bytes) than the state service
+    takes (``WSGATE_MAX_OBJECT_NAME_BYTES``); ``key`` is the start of the long part."""
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("object name", size, limit, key)
+
+
+class ObjectQuotaExceeded(LimitExceeded):
+    """A write would take an object over one of the state service's per-object quotas;
+    nothing of it was applied. Deletes are always allowed (they free the quota), and so is
+    a write that does not make the object bigger. ``size`` is what the object would have
+    held, ``limit`` the quota."""
+
+
+class TooManyObjectKeys(ObjectQuotaExceeded):
+    """A write would leave an object with more keys than ``WSGATE_MAX_KEYS_PER_OBJECT``
+    (``size`` and ``limit`` count keys; ``key`` is one of the write's)."""
+
+    unit = "keys"
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("object's key count", size, limit, key)
+
+
+class ObjectTooLarge(ObjectQuotaExceeded):
+    """A write would leave an object holding more bytes (its keys' UTF-8 plus its encoded
+    values) than ``WSGATE_MAX_OBJECT_BYTES`` (``key`` is one of the write's)."""
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("object's storage", size, limit, key)
+
+
+class TooManyMembers(ObjectQuotaExceeded):
+    """A join would give an object more connections than ``WSGATE_MAX_MEMBERS_PER_OBJECT``
+    (``size`` and ``limit`` count connections; ``key`` is the connection id)."""
+
+    unit = "connections"
+
+    def __init__(self, size: int, limit: int, key: str = "") -> None:
+        super().__init__("object's connection count", size, limit, key)
+
+
+class StorageFull(StateError):
+    """The state service refused a write because its disk has less free space than its
+    threshold (``WSGATE_MIN_FREE_DISK_BYTES``), or its database reported the disk full.
+    Nothing of the write was applied; reads are still served, and writes are taken again
+    once space returns (retry later). ``free_bytes`` and ``threshold_bytes`` are 0 when
+    unknown (a database server's full disk)."""
+
+    def __init__(self, message: str, *, free_bytes: int = 0, threshold_bytes: int = 0) -> None:
+        self.free_bytes = free_bytes
+        self.threshold_bytes = threshold_bytes
+        super().__init__(message)

@@ -2,7 +2,8 @@
 
 ``/healthz`` answers 200 while the process runs its event loop (liveness). ``/readyz``
 answers 200 only while the role wants traffic: started, connected to NATS, not draining
-(readiness; it turns 503 first thing on SIGTERM). ``/metrics`` renders the role's own
+(readiness; it turns 503 first thing on SIGTERM); a role may give the reason it is not
+ready as the 503's body (the state service's low disk). ``/metrics`` renders the role's own
 registry (no global registry: two roles in one test process stay apart).
 """
 
@@ -22,17 +23,25 @@ PROBE_PATHS = frozenset({HEALTH_PATH, READY_PATH, METRICS_PATH})
 
 
 def add_probe_routes(
-    app: web.Application, *, is_ready: Callable[[], bool], registry: CollectorRegistry
+    app: web.Application,
+    *,
+    is_ready: Callable[[], bool],
+    registry: CollectorRegistry,
+    not_ready_reason: Callable[[], str | None] | None = None,
 ) -> None:
-    """Add the three routes to an aiohttp application."""
+    """Add the three routes to an aiohttp application. ``not_ready_reason``, if given, is
+    asked when ``is_ready`` holds: a reason makes ``/readyz`` 503 with it as the body."""
 
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
     async def readyz(request: web.Request) -> web.Response:
-        if is_ready():
-            return web.Response(text="ready")
-        return web.Response(status=503, text="not ready")
+        if not is_ready():
+            return web.Response(status=503, text="not ready")
+        reason = not_ready_reason() if not_ready_reason is not None else None
+        if reason is not None:
+            return web.Response(status=503, text=f"not ready: {reason}")
+        return web.Response(text="ready")
 
     async def metrics(request: web.Request) -> web.Response:
         body = generate_latest(registry)
@@ -48,13 +57,21 @@ class ProbeServer(Service):
     their own (the worker)."""
 
     def __init__(
-        self, host: str, port: int, *, is_ready: Callable[[], bool], registry: CollectorRegistry
+        self,
+        host: str,
+        port: int,
+        *,
+        is_ready: Callable[[], bool],
+        registry: CollectorRegistry,
+        not_ready_reason: Callable[[], str | None] | None = None,
     ) -> None:
         super().__init__()
         self._host = host
         self._port = port
         app = web.Application()
-        add_probe_routes(app, is_ready=is_ready, registry=registry)
+        add_probe_routes(
+            app, is_ready=is_ready, registry=registry, not_ready_reason=not_ready_reason
+        )
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
 
     async def start(self) -> None:

@@ -4,13 +4,16 @@ The server refuses bad input with INVALID_ARGUMENT, a readable details string, a
 serialized ``wsgate.v1.ErrorInfo`` in the trailing metadata key :data:`ERROR_INFO_KEY`;
 the client turns that back into the same exception, with its fields. A write to an object
 that an activation holds is refused with FAILED_PRECONDITION and the reason
-``OBJECT_ACTIVE`` (:class:`~wsgate.errors.ObjectActive`). Both sides use the
-table below, so a new refusal is added here once.
+``OBJECT_ACTIVE`` (:class:`~wsgate.errors.ObjectActive`). A write over a per-object quota
+(:class:`~wsgate.errors.ObjectQuotaExceeded`) or refused for the disk's free space
+(:class:`~wsgate.errors.StorageFull`) is RESOURCE_EXHAUSTED, with its ErrorInfo too. Both
+sides use the table below, so a new refusal is added here once.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -25,11 +28,17 @@ from wsgate.errors import (
     LimitExceeded,
     NotOwner,
     ObjectActive,
+    ObjectNameTooLong,
+    ObjectQuotaExceeded,
+    ObjectTooLarge,
     StateError,
     StateTimeout,
     StateUnavailable,
+    StorageFull,
     TagTooLarge,
     TooManyKeys,
+    TooManyMembers,
+    TooManyObjectKeys,
     TooManyTags,
     TransactionAborted,
     ValueTooLarge,
@@ -57,6 +66,11 @@ class Reason(enum.StrEnum):
     ATTACHMENT_TOO_LARGE = "ATTACHMENT_TOO_LARGE"
     OBJECT_ACTIVE = "OBJECT_ACTIVE"
     NOT_OWNER = "NOT_OWNER"
+    OBJECT_NAME_TOO_LONG = "OBJECT_NAME_TOO_LONG"
+    TOO_MANY_OBJECT_KEYS = "TOO_MANY_OBJECT_KEYS"
+    OBJECT_TOO_LARGE = "OBJECT_TOO_LARGE"
+    TOO_MANY_MEMBERS = "TOO_MANY_MEMBERS"
+    STORAGE_FULL = "STORAGE_FULL"
 
 
 #: The exceptions the server refuses calls with, and the reason each travels as.
@@ -70,26 +84,43 @@ REFUSALS: dict[type[StateError], Reason] = {
     TooManyTags: Reason.TOO_MANY_TAGS,
     TagTooLarge: Reason.TAG_TOO_LARGE,
     AttachmentTooLarge: Reason.ATTACHMENT_TOO_LARGE,
+    ObjectNameTooLong: Reason.OBJECT_NAME_TOO_LONG,
+    TooManyObjectKeys: Reason.TOO_MANY_OBJECT_KEYS,
+    ObjectTooLarge: Reason.OBJECT_TOO_LARGE,
+    TooManyMembers: Reason.TOO_MANY_MEMBERS,
+    StorageFull: Reason.STORAGE_FULL,
 }
 
 #: The limit exceptions, each rebuilt on the client from (size, limit, key).
-_LIMITS: dict[
-    str,
-    type[
-        KeyTooLarge | ValueTooLarge | TooManyKeys | TooManyTags | TagTooLarge | AttachmentTooLarge
-    ],
-] = {
+_LIMITS: dict[str, Callable[[int, int, str], LimitExceeded]] = {
     Reason.KEY_TOO_LARGE: KeyTooLarge,
     Reason.VALUE_TOO_LARGE: ValueTooLarge,
     Reason.TOO_MANY_KEYS: TooManyKeys,
     Reason.TOO_MANY_TAGS: TooManyTags,
     Reason.TAG_TOO_LARGE: TagTooLarge,
     Reason.ATTACHMENT_TOO_LARGE: AttachmentTooLarge,
+    Reason.OBJECT_NAME_TOO_LONG: ObjectNameTooLong,
+    Reason.TOO_MANY_OBJECT_KEYS: TooManyObjectKeys,
+    Reason.OBJECT_TOO_LARGE: ObjectTooLarge,
+    Reason.TOO_MANY_MEMBERS: TooManyMembers,
 }
 
 #: The exception types a server refusal can be (for ``except`` clauses): REFUSALS' keys.
-REFUSAL_TYPES = (InvalidValue, InvalidObjectId, InvalidRequest, LimitExceeded)
-Refusal = InvalidValue | InvalidObjectId | InvalidRequest | LimitExceeded
+REFUSAL_TYPES = (InvalidValue, InvalidObjectId, InvalidRequest, LimitExceeded, StorageFull)
+Refusal = InvalidValue | InvalidObjectId | InvalidRequest | LimitExceeded | StorageFull
+
+#: The refusals about resources (quotas, the disk) rather than bad input.
+EXHAUSTED_TYPES = (ObjectQuotaExceeded, StorageFull)
+Exhausted = ObjectQuotaExceeded | StorageFull
+
+
+def refusal_code(exc: Refusal) -> grpc.StatusCode:
+    """The status a refusal is sent with: RESOURCE_EXHAUSTED for a quota or the disk
+    (the request was well formed; the object or the service is full), INVALID_ARGUMENT for
+    bad input."""
+    if isinstance(exc, EXHAUSTED_TYPES):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INVALID_ARGUMENT
 
 
 def error_info(exc: Refusal) -> pb.ErrorInfo:
@@ -99,6 +130,8 @@ def error_info(exc: Refusal) -> pb.ErrorInfo:
         return pb.ErrorInfo(
             reason=reason, size=exc.size, limit=exc.limit, key=exc.key[:MAX_ERROR_KEY_CHARS]
         )
+    if isinstance(exc, StorageFull):
+        return pb.ErrorInfo(reason=reason, size=exc.free_bytes, limit=exc.threshold_bytes)
     return pb.ErrorInfo(reason=reason)
 
 
@@ -135,15 +168,18 @@ def exception_from_error_info(info: pb.ErrorInfo, details: str) -> StateError:
         return ObjectActive(details, holder=info.key)
     if info.reason == Reason.NOT_OWNER:
         return NotOwner(details, owner=info.key, address=info.owner_address)
+    if info.reason == Reason.STORAGE_FULL:
+        return StorageFull(details, free_bytes=info.size, threshold_bytes=info.limit)
     return StateError(f"state service refused the call ({info.reason}): {details}")
 
 
 def exception_from_rpc_error(err: grpc.RpcError, what: str) -> StateError:
     """Map a failed call (``what``, e.g. ``"Get"``) to the state exception tree.
 
-    UNAVAILABLE → StateUnavailable, DEADLINE_EXCEEDED → StateTimeout, INVALID_ARGUMENT or
-    FAILED_PRECONDITION with an ErrorInfo → the refusal's own exception (ObjectActive for
-    OBJECT_ACTIVE); anything else → StateError naming the code.
+    UNAVAILABLE → StateUnavailable, DEADLINE_EXCEEDED → StateTimeout, INVALID_ARGUMENT,
+    FAILED_PRECONDITION or RESOURCE_EXHAUSTED with an ErrorInfo → the refusal's own
+    exception (ObjectActive for OBJECT_ACTIVE, the quota's for a quota, StorageFull for
+    the disk); anything else → StateError naming the code.
     """
     code = _call_attr(err, "code")
     details = _call_attr(err, "details") or ""
@@ -153,12 +189,19 @@ def exception_from_rpc_error(err: grpc.RpcError, what: str) -> StateError:
         return StateTimeout(f"state service did not answer {what} in time: {details}")
     if code == grpc.StatusCode.ABORTED:
         return TransactionAborted(f"state service aborted {what}: {details}")
-    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+    if code in _WITH_ERROR_INFO:
         info = _error_info_of(err)
         if info is not None:
             return exception_from_error_info(info, details)
     name = code.name if isinstance(code, grpc.StatusCode) else str(code)
     return StateError(f"state service failed {what} with {name}: {details}")
+
+
+_WITH_ERROR_INFO = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 def _error_info_of(err: grpc.RpcError) -> pb.ErrorInfo | None:

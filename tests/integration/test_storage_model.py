@@ -6,7 +6,8 @@ Hypothesis drives a RuleBasedStateMachine through ``get``, ``get_many``, ``list`
 ``put``, ``put_many``, ``delete``, ``delete_many``, ``delete_all``, writes started in one
 go (coalesced into Write calls), and transactions that commit or raise, on three objects
 at once. The model is one dict per object, and every answer is compared
-with it, as is every object's whole content after each step that wrote.
+with it, as is every object's whole content after each step that wrote, and the usage the
+state service counts for its quotas (keys, and bytes of keys plus encoded values).
 
 When a run fails, Hypothesis prints the shrunk steps as a program that reproduces it, and a
 ``@reproduce_failure`` blob.
@@ -55,6 +56,7 @@ from tests.backends import Backend
 from tests.harness import in_process_state_config
 from tests.storage_keys import KEYS, weighted
 from worker.state_client import ObjectStorage, StateClient, Transaction
+from wsgate.v1 import state_pb2 as pb
 from wsgate.values import INT64_MAX, INT64_MIN, encode_value
 
 T = TypeVar("T")
@@ -564,13 +566,21 @@ class StorageMachine(RuleBasedStateMachine):
         return self.env.loop.run(coro)
 
     def check_object(self, obj: ObjectKey) -> None:
-        """The whole object, listed, equals the model."""
+        """The whole object, listed, equals the model; so does its counted usage."""
         whole = List()
         whole.check(
             self.run(whole.on_storage(self.storages[obj])),
             whole.expect(self.model[obj], in_txn=False),
             f"object {obj}",
         )
+        storage = self.storages[obj]
+        request = pb.UsageRequest(
+            object=pb.ObjectId(namespace=storage.namespace, name=storage.name)
+        )
+        counted = self.run(self.client.unary("State", "Usage", request)).usage
+        model = self.model[obj]
+        size = sum(len(key.encode()) + len(encode_value(value)) for key, value in model.items())
+        assert (counted.keys, counted.bytes) == (len(model), size), f"usage of object {obj}"
 
     @invariant()
     def objects_match_the_model(self) -> None:

@@ -310,6 +310,8 @@ def plan_of(db: Path, sql: str, params: tuple[object, ...]) -> str:
 class RecordingConnection:
     """Wraps a sqlite3 connection and records the SQL each operation runs."""
 
+    dialect = "sqlite"
+
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
         self.statements: list[tuple[str, tuple[object, ...]]] = []

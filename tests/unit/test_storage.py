@@ -425,20 +425,27 @@ async def test_a_failing_write_in_a_write_call_group_fails_alone(
 # -- two PostgreSQL replicas on one database -----------------------------------------------
 
 
+#: Where each replica's batch counts its runs: an object of its own, since a write locks
+#: its object's usage row on PostgreSQL (stateservice/usage.py), which would order the two
+#: batches before their crossed updates could meet.
+COUNTS = ObjectId("counter", "runs")
+
+
 @dataclass(frozen=True)
 class _Increment:
-    """Adds one to an integer key of OBJ (a run applied twice shows)."""
+    """Adds one to an integer key of an object of its own (a run applied twice shows)."""
 
     key: bytes
     writes = True
 
     def __call__(self, conn: Sql) -> None:
+        obj = ObjectId(COUNTS.namespace, self.key.decode())
         row = conn.execute(
             "SELECT value FROM kv WHERE namespace = ? AND name = ? AND key = ?",
-            (OBJ.namespace, OBJ.name, self.key),
+            (obj.namespace, obj.name, self.key),
         ).fetchone()
         count = 0 if row is None else int(bytes(row[0]))
-        PutKeys(OBJ, ((self.key, str(count + 1).encode()),))(conn)
+        PutKeys(obj, ((self.key, str(count + 1).encode()),))(conn)
 
 
 @dataclass(frozen=True)
@@ -497,7 +504,8 @@ async def test_a_batch_that_meets_a_deadlock_is_run_again_whole(pg_backend: Back
         again = "one" if runs.count("one") == 2 else "two"
         entries = dict(await one.list(OBJ))
         # Each batch's increment applied once, although one batch ran twice.
-        assert (entries["one"], entries["two"]) == (b"1", b"1")
+        counts = [await one.get(ObjectId(COUNTS.namespace, k), k) for k in ("one", "two")]
+        assert counts == [b"1", b"1"]
         # The batch run again committed last, whole: both rows carry its value.
         assert (entries["x"], entries["y"]) == (again.encode(), again.encode())
         # ... by the batch's own retry (not as one operation's failure, in a savepoint).

@@ -835,6 +835,12 @@ class ErrorInfo(_message.Message):
     worker's activation holds (key: that worker's id); "NOT_OWNER" (status
     FAILED_PRECONDITION): this replica does not own the object (key: the owner's replica id,
     owner_address: its gRPC address; both empty when no live replica is known).
+    Quotas (status RESOURCE_EXHAUSTED, nothing of the write applied): "TOO_MANY_OBJECT_KEYS"
+    and "OBJECT_TOO_LARGE" (a write would take an object over its key or byte quota; size:
+    what it would hold), "TOO_MANY_MEMBERS" (a join over the member quota; key: the
+    connection id), "STORAGE_FULL" (the disk is below its free-space threshold; size: the
+    bytes free, limit: the threshold, both 0 when unknown); and "OBJECT_NAME_TOO_LONG"
+    (status INVALID_ARGUMENT: a namespace or name over the name limit, in bytes).
     """
     size: _builtins.int
     """The size that was refused, in bytes, keys or tags (0 when not about a size)."""
@@ -860,6 +866,114 @@ class ErrorInfo(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ErrorInfo: _TypeAlias = ErrorInfo  # noqa: Y015
+
+@_typing.final
+class ObjectUsage(_message.Message):
+    """What one durable object holds, as the state service counts it for its quotas."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    BYTES_FIELD_NUMBER: _builtins.int
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    keys: _builtins.int
+    """Keys stored."""
+    bytes: _builtins.int
+    """Bytes stored: the UTF-8 of every key plus its encoded value."""
+    members: _builtins.int
+    """Connections joined (members)."""
+    def __init__(
+        self,
+        *,
+        keys: _builtins.int = ...,
+        bytes: _builtins.int = ...,
+        members: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bytes", b"bytes", "keys", b"keys", "members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectUsage: _TypeAlias = ObjectUsage  # noqa: Y015
+
+@_typing.final
+class ObjectQuotas(_message.Message):
+    """The per-object quotas a state service enforces."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_KEYS_FIELD_NUMBER: _builtins.int
+    MAX_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_MEMBERS_FIELD_NUMBER: _builtins.int
+    max_keys: _builtins.int
+    """Keys an object may store."""
+    max_bytes: _builtins.int
+    """Bytes (as ObjectUsage.bytes) an object may store."""
+    max_members: _builtins.int
+    """Connections an object may hold."""
+    def __init__(
+        self,
+        *,
+        max_keys: _builtins.int = ...,
+        max_bytes: _builtins.int = ...,
+        max_members: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_bytes", b"max_bytes", "max_keys", b"max_keys", "max_members", b"max_members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectQuotas: _TypeAlias = ObjectQuotas  # noqa: Y015
+
+@_typing.final
+class UsageRequest(_message.Message):
+    """Ask what an object holds."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def object(self) -> Global___ObjectId:
+        """The object."""
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectId | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageRequest: _TypeAlias = UsageRequest  # noqa: Y015
+
+@_typing.final
+class UsageResponse(_message.Message):
+    """What the object holds (all zero for an object that holds nothing)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def usage(self) -> Global___ObjectUsage:
+        """Its usage."""
+
+    def __init__(
+        self,
+        *,
+        usage: Global___ObjectUsage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageResponse: _TypeAlias = UsageResponse  # noqa: Y015
 
 @_typing.final
 class JoinRequest(_message.Message):
@@ -1601,19 +1715,35 @@ class LeaseGranted(_message.Message):
 
     EPOCH_FIELD_NUMBER: _builtins.int
     LEASE_MS_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    QUOTAS_FIELD_NUMBER: _builtins.int
     epoch: _builtins.int
     """The new epoch (greater than every earlier one of this object)."""
     lease_ms: _builtins.int
     """How long the lease holds without renewal, in milliseconds."""
+    @_builtins.property
+    def usage(self) -> Global___ObjectUsage:
+        """What the object holds as the lease is granted (its activation, the one writer from
+        now on, counts its own writes from here).
+        """
+
+    @_builtins.property
+    def quotas(self) -> Global___ObjectQuotas:
+        """The quotas the activation checks its handlers' writes and joins against (the service
+        checks them again at the commit).
+        """
+
     def __init__(
         self,
         *,
         epoch: _builtins.int = ...,
         lease_ms: _builtins.int = ...,
+        usage: Global___ObjectUsage | None = ...,
+        quotas: Global___ObjectQuotas | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quotas", b"quotas", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "lease_ms", b"lease_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "lease_ms", b"lease_ms", "quotas", b"quotas", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

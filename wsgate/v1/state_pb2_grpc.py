@@ -56,6 +56,11 @@ class StateStub:
                 request_serializer=wsgate_dot_v1_dot_state__pb2.TransactionRequest.SerializeToString,
                 response_deserializer=wsgate_dot_v1_dot_state__pb2.TransactionResponse.FromString,
                 _registered_method=True)
+        self.Usage = channel.unary_unary(
+                '/wsgate.v1.State/Usage',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.UsageRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.UsageResponse.FromString,
+                _registered_method=True)
 
 
 class StateServicer:
@@ -92,6 +97,13 @@ class StateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Usage(self, request, context):
+        """What an object holds, as counted for its quotas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +126,11 @@ def add_StateServicer_to_server(servicer, server):
                     servicer.Transaction,
                     request_deserializer=wsgate_dot_v1_dot_state__pb2.TransactionRequest.FromString,
                     response_serializer=wsgate_dot_v1_dot_state__pb2.TransactionResponse.SerializeToString,
+            ),
+            'Usage': grpc.unary_unary_rpc_method_handler(
+                    servicer.Usage,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.UsageRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.UsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -226,6 +243,33 @@ class State:
             '/wsgate.v1.State/Transaction',
             wsgate_dot_v1_dot_state__pb2.TransactionRequest.SerializeToString,
             wsgate_dot_v1_dot_state__pb2.TransactionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Usage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.State/Usage',
+            wsgate_dot_v1_dot_state__pb2.UsageRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.UsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
