@@ -332,6 +332,9 @@ class Cluster:
         return [
             "gateway", "--nats-url", self.nats_urls, "--port", str(ports["http"]),
             "--node-name", f"gateway-{index + 1}", "--drain-timeout-s", "5",
+            # Every load client connects from 127.0.0.1 (host networking): the per-address
+            # limit would bound the test, not a client.
+            "--max-connections-per-ip", "0",
         ]  # fmt: skip
 
     # --- after ---

@@ -114,10 +114,11 @@ def running_stack(log_dir: Path, app: str = DEFAULT_APP) -> Iterator[BenchStack]
         children.append(worker)
         out = logs.open("gateway")
         # No message rate limit: a benchmark's closed loops send as fast as the path answers,
-        # which is what it measures.
+        # which is what it measures. No per-address limit: every client is on 127.0.0.1.
         argv = python_role_argv(
-            "gateway", "--nats-url", nats_url, "--port", "0", "--message-rate", "0", *common
-        )
+            "gateway", "--nats-url", nats_url, "--port", "0", "--message-rate", "0",
+            "--max-connections-per-ip", "0", *common
+        )  # fmt: skip
         gateway = spawn("gateway", argv, stdout=out, stderr=out)
         children.append(gateway)
         log.info(
