@@ -3,14 +3,18 @@
 Routes:
 
 - ``/echo``: every message comes back as it came, text as text, binary as binary.
-- ``/private/echo``: the same, for a client with a valid JWT (``Authorization: Bearer``,
+- ``/private/echo?token=...``: the same, but the upgrade is refused with 401 unless the
+  token matches ``WSGATE_DEMO_TOKEN`` (default ``let-me-in``): a connect handler that
+  refuses, as a Worker returns ``new Response("...", {status: 401})``. A demo for ``wsgate
+  dev``: a real app verifies a signed token, as ``/jwt/echo`` does (the prod overlay of
+  deploy/k8s runs your app, never this one).
+- ``/jwt/echo``: the same, for a client with a valid JWT (``Authorization: Bearer``,
   the subprotocols ``bearer, <token>``, or ``?token=``); anyone else gets 401 with the
-  reason, before any handler runs, as a Worker returns ``new Response("...", {status:
-  401})`` before accepting. Its keys come from the environment (``WSGATE_JWT_SECRET``,
-  ``WSGATE_JWT_PUBLIC_KEY`` or ``WSGATE_JWT_JWKS``, and ``WSGATE_JWT_AUDIENCE``,
-  ``WSGATE_JWT_ISSUER``...: ``JWTVerifier.from_env``); with none set, as out of the box,
-  the route is not served (no secret is built in). The first message it sends is
-  ``hello, <sub>``: the verified claims reach the handler.
+  reason, before any handler runs. Its keys come from the environment
+  (``WSGATE_JWT_SECRET``, ``WSGATE_JWT_PUBLIC_KEY`` or ``WSGATE_JWT_JWKS``, and
+  ``WSGATE_JWT_AUDIENCE``, ``WSGATE_JWT_ISSUER``...: ``JWTVerifier.from_env``); with none
+  set, as out of the box, the route is not served (no secret is built in). The first
+  message it sends is ``hello, <sub>``: the verified claims reach the handler.
 - ``/chat/{room}?name=...``: a chat room, one durable object per room. Whoever joins gets
   the room's last 100 messages and who is there; everyone hears joins, leaves and
   messages. The browser page at ``/`` (examples/static/index.html) is its client.
@@ -27,6 +31,7 @@ The chat speaks JSON text frames from the server, one event each:
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -42,15 +47,29 @@ async def echo_message(conn: Connection, message: str | bytes) -> None:
     await conn.send(message)
 
 
+private_echo = app.route("/private/echo")
+
+
+@private_echo.on_connect
+async def check_token(conn: Connection, request: ConnectRequest) -> Accept | Reject:
+    expected = os.environ.get("WSGATE_DEMO_TOKEN", "let-me-in")
+    if request.query.get("token") != expected:
+        return Reject(401, "Missing or wrong token", headers={"WWW-Authenticate": "Bearer"})
+    return Accept()
+
+
+private_echo.on_message(echo_message)
+
+
 if JWTVerifier.configured():
     # Browsers cannot set headers on a WebSocket: the query parameter is allowed too.
-    private_echo = app.route("/private/echo", auth=JWTVerifier.from_env(query_param="token"))
+    jwt_echo = app.route("/jwt/echo", auth=JWTVerifier.from_env(query_param="token"))
 
-    @private_echo.on_connect
+    @jwt_echo.on_connect
     async def greet(conn: Connection, request: ConnectRequest) -> None:
         await conn.send(f"hello, {request.claims.get('sub', 'anonymous')}")
 
-    private_echo.on_message(echo_message)
+    jwt_echo.on_message(echo_message)
 
 
 #: How many messages a room keeps and replays to whoever joins.

@@ -28,7 +28,7 @@ _language_databases = itertools.count(1)
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A full stack as separate processes: nats-server, state, one worker, one gateway.
-    The worker's app verifies tokens of tests/tokens.py (the example's /private/echo)."""
+    The worker's app verifies tokens of tests/tokens.py (the example's /jwt/echo)."""
     yield from stack_context(tmp_path_factory.mktemp("stack"), worker_env=JWT_ENV)
 
 

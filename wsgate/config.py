@@ -231,14 +231,17 @@ class GatewayConfig(BusConfig):
         "WSGATE_MAX_OUTBOUND_BYTES); past it the clients with the most queued are closed "
         "with 1013 and, until they are gone, upgrades get 503 and /readyz 503",
     )
+    # Generous enough that no interactive client or closed-loop benchmark of one connection
+    # meets it (Autobahn's 1,000-message cases fit in the burst), low enough that one
+    # connection cannot take a worker pool's whole capacity.
     message_rate: float = setting(
-        100.0,
+        1000.0,
         "WSGATE_MESSAGE_RATE",
         "messages per second one client may send on average (a token bucket; auto-responses "
         "count); a message past it closes the connection with 1008 (0: off)",
     )
     message_burst: int = setting(
-        200,
+        1000,
         "WSGATE_MESSAGE_BURST",
         "messages one client may send at once above WSGATE_MESSAGE_RATE (the bucket's size)",
     )

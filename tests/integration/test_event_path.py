@@ -43,9 +43,7 @@ async def test_messages_come_back_in_the_order_sent(
     stack: Stack, session: aiohttp.ClientSession
 ) -> None:
     async with session.ws_connect(stack.ws_url("/echo")) as ws:
-        # As many as a client may send at once (WSGATE_MESSAGE_BURST): one more, faster
-        # than WSGATE_MESSAGE_RATE refills, would be closed with 1008.
-        sent = [f"m{i}" if i % 2 else f"m{i}".encode() for i in range(200)]
+        sent = [f"m{i}" if i % 2 else f"m{i}".encode() for i in range(300)]
         for item in sent:
             if isinstance(item, str):
                 await ws.send_str(item)
@@ -64,10 +62,9 @@ async def test_plain_get_to_a_websocket_route_is_400_expected_websocket(
             assert await resp.text() == "Expected websocket"
 
 
-async def test_connect_refusal_reaches_the_client_exactly(
+async def test_connect_handler_refusal_reaches_the_client_exactly(
     stack: Stack, session: aiohttp.ClientSession
 ) -> None:
-    # The example's /private/echo verifies JWTs (keys from WSGATE_JWT_*, tests/tokens.py).
     with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
         await session.ws_connect(stack.ws_url("/private/echo"))
     assert refused.value.status == 401
@@ -82,12 +79,36 @@ async def test_connect_refusal_reaches_the_client_exactly(
     }
     async with session.get(stack.url + "/private/echo?token=wrong", headers=headers) as resp:
         assert resp.status == 401
+        assert await resp.text() == "Missing or wrong token"
+    async with session.ws_connect(stack.ws_url("/private/echo?token=let-me-in")) as ws:
+        await ws.send_str("inside")
+        assert (await ws.receive(timeout=10)).data == "inside"
+
+
+async def test_a_route_that_verifies_jwts_refuses_with_the_reason(
+    stack: Stack, session: aiohttp.ClientSession
+) -> None:
+    # The example's /jwt/echo verifies JWTs (keys from WSGATE_JWT_*, tests/tokens.py).
+    with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+        await session.ws_connect(stack.ws_url("/jwt/echo"))
+    assert refused.value.status == 401
+    assert refused.value.headers is not None
+    assert refused.value.headers["WWW-Authenticate"] == "Bearer"
+    # The body too: the same upgrade request sent by hand shows it.
+    headers = {
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    async with session.get(stack.url + "/jwt/echo?token=wrong", headers=headers) as resp:
+        assert resp.status == 401
         assert await resp.text() == "malformed token"
         assert resp.headers["WWW-Authenticate"] == (
             'Bearer error="invalid_token", error_description="malformed token"'
         )
     token = tokens.token("tester")
-    async with session.ws_connect(stack.ws_url(f"/private/echo?token={token}")) as ws:
+    async with session.ws_connect(stack.ws_url(f"/jwt/echo?token={token}")) as ws:
         assert (await ws.receive(timeout=10)).data == "hello, tester"
         await ws.send_str("inside")
         assert (await ws.receive(timeout=10)).data == "inside"

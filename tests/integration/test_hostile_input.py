@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -52,6 +51,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from tests.harness import Stack, metric, stack_context
+from tests.loop_thread import LoopThread
 from tests.protobuf_strategies import messages, payloads
 from wsgate import subjects
 from wsgate.config import DEFAULT_APP_NAME, DEFAULT_PREFIX
@@ -224,33 +224,6 @@ class Roles:
 # -- the event loop thread and the client's traffic ---------------------------------------
 
 
-class LoopThread:
-    """One asyncio event loop on a background thread: the client's traffic, the test's
-    NATS connection and gRPC channel live on it while Hypothesis runs examples here."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, name="hostile", daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = STEP_TIMEOUT_S) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        async def cancel_the_rest() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        try:
-            self.run(cancel_the_rest())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join()
-            self.loop.close()
-
-
 @dataclass
 class Traffic:
     """A client exchanging acknowledged messages throughout: ``increment`` to a counter
@@ -338,7 +311,7 @@ def roles(hostile_stack: Stack) -> Roles:
 @pytest.fixture(scope="module")
 def loop_thread(hostile_stack: Stack) -> Iterator[LoopThread]:
     # After the stack: no gRPC channel may exist in this process while children are forked.
-    thread = LoopThread()
+    thread = LoopThread("hostile", STEP_TIMEOUT_S)
     try:
         yield thread
     finally:

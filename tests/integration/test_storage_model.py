@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias, TypeVar
@@ -54,6 +53,7 @@ from hypothesis.stateful import (
 from stateservice.server import StateServer
 from tests.backends import Backend
 from tests.harness import in_process_state_config
+from tests.loop_thread import LoopThread
 from tests.storage_keys import KEYS, weighted
 from worker.state_client import ObjectStorage, StateClient, Transaction
 from wsgate.v1 import state_pb2 as pb
@@ -485,46 +485,6 @@ _LATER = "<answered after the transaction>"
 # -- the event loop thread ------------------------------------------------------------------
 
 
-class LoopThread:
-    """One asyncio event loop running on a background thread until :meth:`close`."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="storage-model-loop", daemon=True
-        )
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float = STEP_TIMEOUT_S) -> T:
-        """Run ``coro`` on the loop and return its result (or raise its exception)."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            return future.result(timeout_s)
-        except TimeoutError:
-            if future.done():
-                raise  # the coroutine's own TimeoutError (StateTimeout, say)
-            future.cancel()
-            raise AssertionError(f"a step did not finish within {timeout_s} s") from None
-
-    def close(self) -> None:
-        """Cancel what is left on the loop, stop it, and close it."""
-
-        async def cancel_the_rest() -> None:
-            tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self.loop.shutdown_asyncgens()
-            await self.loop.shutdown_default_executor()
-
-        try:
-            self.run(cancel_the_rest())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join()
-            self.loop.close()
-
-
 @dataclass
 class Env:
     """What every machine of one test shares: the loop and the state service on it."""
@@ -730,7 +690,7 @@ class StorageMachine(RuleBasedStateMachine):
 
 @pytest.fixture
 def loop_thread() -> Iterator[LoopThread]:
-    loop = LoopThread()
+    loop = LoopThread("storage-model-loop", STEP_TIMEOUT_S)
     try:
         yield loop
     finally:

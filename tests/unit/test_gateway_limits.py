@@ -112,7 +112,7 @@ def test_connections_with_nothing_queued_are_never_shed() -> None:
 
 def test_defaults_and_flags() -> None:
     config = GatewayConfig()
-    assert (config.message_rate, config.message_burst) == (100.0, 200)
+    assert (config.message_rate, config.message_burst) == (1000.0, 1000)
     assert config.outbound_budget_bytes == 256 * 1024 * 1024
     args = build_parser(
         {"WSGATE_MESSAGE_RATE": "0.5", "WSGATE_OUTBOUND_BUDGET_BYTES": "9"}
