@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 from collections.abc import Sequence
@@ -52,7 +53,7 @@ from gateway.static import Handler, with_static_files
 from wsgate import envelopes, ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode, is_sendable
-from wsgate.config import GatewayConfig
+from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES, GatewayConfig
 from wsgate.errors import ConfigError, InvalidEnvelope
 from wsgate.probes import add_probe_routes
 from wsgate.service import Service, ServicePhase
@@ -66,6 +67,38 @@ CLOSE_TIMEOUT_S = 5.0
 CLOSE_CONCURRENCY = 256
 #: Room for the envelope around a message of max_message_bytes in one NATS payload.
 ENVELOPE_MARGIN_BYTES = 16 * 1024
+
+
+def fit_message_limit(config: GatewayConfig, max_payload: int) -> GatewayConfig:
+    """``config`` with a message limit that NATS' ``max_payload`` carries with its envelope.
+
+    A limit that fits is kept. The default (1 MiB) that does not fit, as on a stock
+    nats-server (whose max_payload is 1 MiB), is lowered to ``max_payload`` less the
+    envelope's margin, with a warning saying how to get the full default: a newcomer's
+    first run works. Any other limit that does not fit was asked for and cannot be
+    honoured: ConfigError, naming both ways out.
+    """
+    if config.max_message_bytes + ENVELOPE_MARGIN_BYTES <= max_payload:
+        return config
+    fitting = max_payload - ENVELOPE_MARGIN_BYTES
+    if config.max_message_bytes != DEFAULT_MAX_MESSAGE_BYTES or fitting < 1:
+        raise ConfigError(
+            f"NATS max_payload is {max_payload} bytes: too small for "
+            f"max_message_bytes={config.max_message_bytes} plus its envelope "
+            f"({ENVELOPE_MARGIN_BYTES} bytes); raise max_payload in the nats-server config "
+            f"or lower WSGATE_MAX_MESSAGE_BYTES to at most {fitting}"
+        )
+    log.warning(
+        "NATS max_payload is %d bytes: the largest client message is lowered from the "
+        "default %d to %d bytes (WSGATE_MAX_MESSAGE_BYTES); for the full default, set "
+        "max_payload to at least %d in the nats-server config",
+        max_payload,
+        config.max_message_bytes,
+        fitting,
+        config.max_message_bytes + ENVELOPE_MARGIN_BYTES,
+    )
+    return dataclasses.replace(config, max_message_bytes=fitting)
+
 
 _INITIATOR_LABEL = {
     pb.CLOSE_INITIATOR_UNSPECIFIED: "transport",
@@ -173,7 +206,8 @@ class Gateway(Service):
         """Connect to NATS, subscribe to this gateway's commands and acks, start listening.
 
         Raises BusUnavailable if NATS cannot be reached, ConfigError if NATS' max_payload
-        cannot carry a message of ``max_message_bytes``, OSError if the port is taken.
+        cannot carry a message of a ``max_message_bytes`` set to other than its default
+        (the default is lowered to fit: see fit_message_limit), OSError if the port is taken.
         """
         self._enter_running()
         try:
@@ -185,12 +219,7 @@ class Gateway(Service):
                 on_connection_change=self._bus_changed,
                 on_permission_violation=self.metrics.nats_permission_violations.inc,
             )
-            if self.config.max_message_bytes + ENVELOPE_MARGIN_BYTES > nc.max_payload:
-                raise ConfigError(
-                    f"NATS max_payload is {nc.max_payload} bytes: too small for "
-                    f"max_message_bytes={self.config.max_message_bytes} plus its envelope; "
-                    "raise max_payload in the nats-server config or lower WSGATE_MAX_MESSAGE_BYTES"
-                )
+            self.config = fit_message_limit(self.config, nc.max_payload)
             prefix = self.config.prefix
             self._delivery = EventDelivery(
                 nc,

@@ -34,6 +34,8 @@ DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_APP = "examples.app:app"
 DEFAULT_WORKER_PORT = 8081
 DEFAULT_STATE_PROBE_PORT = 8082
+#: The gateway's message size limit unless configured (1 MiB: DESIGN.md).
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 #: The largest message size a gateway may be configured to accept (32 MiB).
 MAX_MESSAGE_LIMIT = 32 * 1024 * 1024
 #: Per-object quotas (see StateConfig): no cap in normal use, a bound on abuse.
@@ -215,7 +217,7 @@ class GatewayConfig(BusConfig):
         "included) and close its connection with 1013",
     )
     max_message_bytes: int = setting(
-        1024 * 1024,
+        DEFAULT_MAX_MESSAGE_BYTES,
         "WSGATE_MAX_MESSAGE_BYTES",
         f"largest message a client may send (close 1009 above), at most {MAX_MESSAGE_LIMIT}",
     )
