@@ -22,6 +22,11 @@ Routes:
   Opening a connection adds one and sends the new value; the message ``"increment"`` adds
   one more, any other message reads it. Values are JSON: ``{"counter": name, "value": n}``.
 
+Text typed in a command-line client counts as what a browser sends: websocat sends each
+line with its ending (``"increment\n"``), wscat without, a browser without; the counter
+compares, and the chat keeps, the text without one trailing ``\n`` or ``\r\n``
+(``without_line_ending``). The echo sends back exactly what came.
+
 The chat speaks JSON text frames from the server, one event each:
 ``{"type": "message", "name", "text", "at"}`` (with ``"replay": true`` for history),
 ``{"type": "join", "name"}``, ``{"type": "leave", "name"}``,
@@ -38,6 +43,15 @@ from typing import Any
 from worker import Accept, App, Connection, ConnectRequest, DurableObject, JWTVerifier, Reject
 
 app = App()
+
+
+def without_line_ending(message: str | bytes) -> str | bytes:
+    """Text without one trailing ``\n`` or ``\r\n``, as a browser would have sent it (a
+    line typed in websocat arrives with its ending); binary as it came."""
+    if isinstance(message, str) and message.endswith("\n"):
+        return message[:-1].removesuffix("\r")
+    return message
+
 
 echo = app.route("/echo")
 
@@ -100,6 +114,7 @@ class ChatRoom(DurableObject):
         return Accept(tags=[name], state={"name": name})
 
     async def on_message(self, conn: Connection, message: str | bytes) -> None:
+        message = without_line_ending(message)
         if not isinstance(message, str) or not message.strip():
             return
         event = {
@@ -130,7 +145,7 @@ class Counter(DurableObject):
         await self.report(conn, await self.increment())
 
     async def on_message(self, conn: Connection, message: str | bytes) -> None:
-        if message == "increment":
+        if without_line_ending(message) == "increment":
             value = await self.increment()
         else:
             value = await self.storage.get("value", 0)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
+import sys
+import sysconfig
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
@@ -135,6 +142,10 @@ async def test_counter_is_shared_by_every_connection(
         assert json.loads((await ws.receive(timeout=10)).data) == {"counter": name, "value": 5}
         await ws.send_str("get")
         assert json.loads((await ws.receive(timeout=10)).data)["value"] == 5
+        # A line as a command-line client sends it: the command, with its line ending.
+        for line, value in [("increment\n", 6), ("increment\r\n", 7), ("get\n", 7)]:
+            await ws.send_str(line)
+            assert json.loads((await ws.receive(timeout=10)).data)["value"] == value
 
 
 async def test_counters_with_awkward_names_are_independent(
@@ -154,3 +165,67 @@ async def test_health_and_readiness(stack: Stack, session: aiohttp.ClientSession
         assert resp.status == 200
     async with session.get(stack.url + "/readyz") as resp:
         assert resp.status == 200
+
+
+def _websocat() -> str:
+    found = shutil.which("websocat", path=sysconfig.get_path("scripts")) or shutil.which(
+        "websocat", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        pytest.fail("websocat is missing: `scripts/bootstrap test` installs it (the test extra)")
+    return found
+
+
+@asynccontextmanager
+async def _websocat_session(url: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """websocat connected to ``url`` in its default mode (each line of its stdin goes as one
+    text message, ending included; each message received is a line of its stdout); stopped
+    by its PID, whatever happens."""
+    proc = await asyncio.create_subprocess_exec(
+        _websocat(),
+        url,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        yield proc
+        assert proc.stdin is not None
+        proc.stdin.close()  # EOF: websocat sends a Close frame and leaves
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def _exchange(proc: asyncio.subprocess.Process, line: bytes) -> bytes:
+    assert proc.stdin is not None
+    assert proc.stdout is not None
+    proc.stdin.write(line)
+    await proc.stdin.drain()
+    return await asyncio.wait_for(proc.stdout.readline(), 10)
+
+
+async def test_websocat_lines_count_and_echo_as_a_browser_would(stack: Stack) -> None:
+    """The README's commands: a line typed into websocat is the command a browser sends."""
+    name = f"typed-{uuid.uuid4().hex[:8]}"
+    async with _websocat_session(stack.ws_url(f"/counter/{name}")) as counter:
+        assert counter.stdout is not None
+        opened = await asyncio.wait_for(counter.stdout.readline(), 10)
+        assert json.loads(opened) == {"counter": name, "value": 1}
+        replies = [
+            json.loads(await _exchange(counter, line))["value"]
+            for line in [b"increment\n", b"increment\n", b"get\n", b"increment\r\n"]
+        ]
+        assert replies == [2, 3, 3, 4]
+    async with _websocat_session(stack.ws_url("/echo")) as echo:
+        assert await _exchange(echo, "héllo wörld\n".encode()) == "héllo wörld\n".encode()
+        assert await _exchange(echo, b"increment\n") == b"increment\n"
+    room = f"typed-{uuid.uuid4().hex[:8]}"
+    async with _websocat_session(stack.ws_url(f"/chat/{room}?name=typist")) as chat:
+        assert chat.stdout is not None
+        presence = json.loads(await asyncio.wait_for(chat.stdout.readline(), 10))
+        assert presence == {"type": "presence", "names": []}
+        said = json.loads(await _exchange(chat, b"hi there\r\n"))
+        assert (said["type"], said["name"], said["text"]) == ("message", "typist", "hi there")
