@@ -69,6 +69,15 @@ async def test_plain_get_to_a_websocket_route_is_400_expected_websocket(
             assert await resp.text() == "Expected websocket"
 
 
+#: A valid upgrade request's headers, for sending one by hand (to read a refusal's body).
+UPGRADE_HEADERS = {
+    "Upgrade": "websocket",
+    "Connection": "Upgrade",
+    "Sec-WebSocket-Version": "13",
+    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+}
+
+
 async def test_connect_handler_refusal_reaches_the_client_exactly(
     stack: Stack, session: aiohttp.ClientSession
 ) -> None:
@@ -78,13 +87,8 @@ async def test_connect_handler_refusal_reaches_the_client_exactly(
     assert refused.value.headers is not None
     assert refused.value.headers["WWW-Authenticate"] == "Bearer"
     # The body too: the same upgrade request sent by hand shows it.
-    headers = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-    }
-    async with session.get(stack.url + "/private/echo?token=wrong", headers=headers) as resp:
+    wrong = stack.url + "/private/echo?token=wrong"
+    async with session.get(wrong, headers=UPGRADE_HEADERS) as resp:
         assert resp.status == 401
         assert await resp.text() == "Missing or wrong token"
     async with session.ws_connect(stack.ws_url("/private/echo?token=let-me-in")) as ws:
@@ -102,13 +106,7 @@ async def test_a_route_that_verifies_jwts_refuses_with_the_reason(
     assert refused.value.headers is not None
     assert refused.value.headers["WWW-Authenticate"] == "Bearer"
     # The body too: the same upgrade request sent by hand shows it.
-    headers = {
-        "Upgrade": "websocket",
-        "Connection": "Upgrade",
-        "Sec-WebSocket-Version": "13",
-        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-    }
-    async with session.get(stack.url + "/jwt/echo?token=wrong", headers=headers) as resp:
+    async with session.get(stack.url + "/jwt/echo?token=wrong", headers=UPGRADE_HEADERS) as resp:
         assert resp.status == 401
         assert await resp.text() == "malformed token"
         assert resp.headers["WWW-Authenticate"] == (
