@@ -1,1 +1,1 @@
-"""Example apps for wsgate. ``examples.app:app`` is what ``wsgate dev`` serves by default."""
+"""Example apps for wsgate. ``wsgate.examples.app:app`` is what ``wsgate dev`` serves by default."""

@@ -40,7 +40,7 @@ import os
 import time
 from typing import Any
 
-from worker import Accept, App, Connection, ConnectRequest, DurableObject, JWTVerifier, Reject
+from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, JWTVerifier, Reject
 
 app = App()
 

@@ -1,6 +1,6 @@
 """The gateway's outbound memory budget, and whom it sheds when the budget is exceeded.
 
-Each connection's :class:`~gateway.outbox.Outbox` bounds what is queued for that client
+Each connection's :class:`~wsgate.gateway.outbox.Outbox` bounds what is queued for that client
 (``max_outbound_bytes``). That alone lets 10,000 connections queue 40 GiB; the budget
 bounds their sum (``outbound_budget_bytes``). Outboxes add to and subtract from
 :attr:`OutboundBudget.total` as frames are queued and written: an integer addition per

@@ -32,7 +32,7 @@ for its client; so it must stay above the balancers' idle timeouts (60 s is comm
 WebSockets are not affected (aiohttp's keep-alive timer spares a connection whose
 request is being handled).
 
-Every refusal is counted in :class:`~gateway.metrics.GatewayMetrics`.
+Every refusal is counted in :class:`~wsgate.gateway.metrics.GatewayMetrics`.
 """
 
 from __future__ import annotations
@@ -50,12 +50,12 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.client_address import ClientAddress, TrustedProxies
-from gateway.ip_limit import IpConnectionLimit
-from gateway.metrics import GatewayMetrics
-from gateway.proxy_protocol import ProxyHeader, ProxyHeaderReader, ProxyProtocolError
-from gateway.tls import ServerCertificate
 from wsgate.config import GatewayConfig
+from wsgate.gateway.client_address import ClientAddress, TrustedProxies
+from wsgate.gateway.ip_limit import IpConnectionLimit
+from wsgate.gateway.metrics import GatewayMetrics
+from wsgate.gateway.proxy_protocol import ProxyHeader, ProxyHeaderReader, ProxyProtocolError
+from wsgate.gateway.tls import ServerCertificate
 
 log = logging.getLogger(__name__)
 

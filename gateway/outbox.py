@@ -20,7 +20,7 @@ the close frame, aborting the TCP connection if the client does not take even th
 and a transport ends the TCP connection only once it has sent its buffer.)
 
 Every change of the bytes queued is also made to the gateway's
-:class:`~gateway.budget.OutboundBudget`, whose total is the sum over all outboxes.
+:class:`~wsgate.gateway.budget.OutboundBudget`, whose total is the sum over all outboxes.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.budget import OutboundBudget
 from wsgate.eager import resume
+from wsgate.gateway.budget import OutboundBudget
 
 log = logging.getLogger(__name__)
 

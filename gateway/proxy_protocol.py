@@ -18,7 +18,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from gateway.client_address import ClientAddress
+from wsgate.gateway.client_address import ClientAddress
 
 #: A version 1 header's longest form, CRLF included (spec section 2.1).
 MAX_V1_BYTES = 107

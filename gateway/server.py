@@ -17,10 +17,10 @@ Flow of one connection::
     end ─► one Closed event ─► forget the connection
 
 Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
-:class:`~gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
+:class:`~wsgate.gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
 Those for a connection still upgrading are kept until it opens (see ``_on_command``).
 The bytes queued in all outboxes together are bounded by an
-:class:`~gateway.budget.OutboundBudget`; past it the furthest behind are shed (``_shed``).
+:class:`~wsgate.gateway.budget.OutboundBudget`; past it the furthest behind are shed (``_shed``).
 """
 
 from __future__ import annotations
@@ -41,20 +41,20 @@ from multidict import CIMultiDict
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from gateway.budget import OutboundBudget, choose_victims
-from gateway.delivery import EventDelivery
-from gateway.lifecycle import ConnectionLifecycle, Phase
-from gateway.listener import Listener, mark_request_started
-from gateway.metrics import GatewayMetrics
-from gateway.outbox import CloseFrame, Outbox
-from gateway.presence import PresenceAnnouncer
-from gateway.rate import TokenBucket
-from gateway.static import Handler, with_static_files
 from wsgate import envelopes, ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode, is_sendable
 from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES, GatewayConfig
 from wsgate.errors import ConfigError, InvalidEnvelope
+from wsgate.gateway.budget import OutboundBudget, choose_victims
+from wsgate.gateway.delivery import EventDelivery
+from wsgate.gateway.lifecycle import ConnectionLifecycle, Phase
+from wsgate.gateway.listener import Listener, mark_request_started
+from wsgate.gateway.metrics import GatewayMetrics
+from wsgate.gateway.outbox import CloseFrame, Outbox
+from wsgate.gateway.presence import PresenceAnnouncer
+from wsgate.gateway.rate import TokenBucket
+from wsgate.gateway.static import Handler, with_static_files
 from wsgate.probes import add_probe_routes
 from wsgate.service import Service, ServicePhase
 from wsgate.v1 import envelope_pb2 as pb

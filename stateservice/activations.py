@@ -1,6 +1,6 @@
 """``wsgate.v1.Activations``: the leases that make one worker the host of an object's
-activation (:mod:`stateservice.leases`), and the fenced, exactly-once commits of its turns
-(:mod:`stateservice.turns`).
+activation (:mod:`wsgate.stateservice.leases`), and the fenced, exactly-once commits of its turns
+(:mod:`wsgate.stateservice.turns`).
 
 A commit names its epoch; its effects are checked here (every storage and membership
 limit, as for the calls of the other services) and applied by one storage operation per
@@ -24,16 +24,26 @@ from typing import Any
 
 import grpc
 
-from stateservice import rpc
-from stateservice.alarms import PutAlarm, RemoveAlarm, new_firing_id
-from stateservice.component import StateContext
-from stateservice.idempotency import PRUNE_INTERVAL_S
-from stateservice.kv_service import first_put, object_write_ops
-from stateservice.leases import Claim, GrantLease, ReleaseLease
-from stateservice.membership import JoinMember, LeaveMember, SetMemberAttachment, checked_attachment
-from stateservice.quotas import Quotas
-from stateservice.storage import ObjectId, Operation
-from stateservice.turns import (
+from wsgate import ids
+from wsgate.errors import InvalidConnectionId, InvalidObjectId, InvalidRequest
+from wsgate.limits import check_tags
+from wsgate.placement import task_key
+from wsgate.state_errors import EXHAUSTED_TYPES, REFUSAL_TYPES, Exhausted, error_info
+from wsgate.stateservice import rpc
+from wsgate.stateservice.alarms import PutAlarm, RemoveAlarm, new_firing_id
+from wsgate.stateservice.component import StateContext
+from wsgate.stateservice.idempotency import PRUNE_INTERVAL_S
+from wsgate.stateservice.kv_service import first_put, object_write_ops
+from wsgate.stateservice.leases import Claim, GrantLease, ReleaseLease
+from wsgate.stateservice.membership import (
+    JoinMember,
+    LeaveMember,
+    SetMemberAttachment,
+    checked_attachment,
+)
+from wsgate.stateservice.quotas import Quotas
+from wsgate.stateservice.storage import ObjectId, Operation
+from wsgate.stateservice.turns import (
     CommitObjectTurns,
     LookupTurnRecord,
     PruneTurns,
@@ -41,12 +51,7 @@ from stateservice.turns import (
     TurnEffects,
     now_ms,
 )
-from stateservice.usage import ReadUsage
-from wsgate import ids
-from wsgate.errors import InvalidConnectionId, InvalidObjectId, InvalidRequest
-from wsgate.limits import check_tags
-from wsgate.placement import task_key
-from wsgate.state_errors import EXHAUSTED_TYPES, REFUSAL_TYPES, Exhausted, error_info
+from wsgate.stateservice.usage import ReadUsage
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import INT64_MAX

@@ -9,7 +9,7 @@ itself cannot be done (a backup of PostgreSQL, a PATH that exists without ``--fo
 schema too new, not a wsgate database, in use).
 
 - :func:`migrate` creates or migrates the schema of the configured database, SQLite file
-  or PostgreSQL, to :data:`~stateservice.schema.LATEST_VERSION`. It may run while state
+  or PostgreSQL, to :data:`~wsgate.stateservice.schema.LATEST_VERSION`. It may run while state
   services serve (SQLite's write lock, PostgreSQL's advisory lock serialize it).
 - :func:`backup` writes an online snapshot of the SQLite file with SQLite's backup API,
   while the state service keeps writing: the snapshot is the database as of one commit.
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import psycopg
 
-from stateservice import schema
-from stateservice.storage import PgConnection, PostgresStorage
 from wsgate.config import StateConfig
 from wsgate.errors import SchemaTooNew, WsgateError
+from wsgate.stateservice import schema
+from wsgate.stateservice.storage import PgConnection, PostgresStorage
 
 #: Exit status of a request that cannot be done as asked (nothing was touched).
 EXIT_REFUSED = 2

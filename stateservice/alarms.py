@@ -44,15 +44,15 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
-from stateservice.component import StateContext
-from stateservice.leases import ObjectLeases
-from stateservice.ownership import Ownership
-from stateservice.quotas import Quotas
-from stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
-from stateservice.storage import DATABASE_ERRORS, ObjectId, Operation, Sql, Storage
 from wsgate.config import StateConfig
 from wsgate.envelopes import read_alarm_result
 from wsgate.errors import InvalidEnvelope, InvalidObjectId, ObjectActive
+from wsgate.stateservice.component import StateContext
+from wsgate.stateservice.leases import ObjectLeases
+from wsgate.stateservice.ownership import Ownership
+from wsgate.stateservice.quotas import Quotas
+from wsgate.stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
+from wsgate.stateservice.storage import DATABASE_ERRORS, ObjectId, Operation, Sql, Storage
 from wsgate.subjects import alarm_subject
 from wsgate.v1 import envelope_pb2 as envelope_pb
 from wsgate.v1 import state_pb2 as pb

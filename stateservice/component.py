@@ -12,12 +12,12 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsClient
 
-from stateservice.leases import ObjectLeases
-from stateservice.locks import ObjectLocks
-from stateservice.ownership import Ownership
-from stateservice.quotas import Quotas
-from stateservice.storage import Storage
 from wsgate.config import StateConfig
+from wsgate.stateservice.leases import ObjectLeases
+from wsgate.stateservice.locks import ObjectLocks
+from wsgate.stateservice.ownership import Ownership
+from wsgate.stateservice.quotas import Quotas
+from wsgate.stateservice.storage import Storage
 
 
 @dataclass(frozen=True)

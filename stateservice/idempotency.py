@@ -17,9 +17,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from stateservice.component import StateContext
-from stateservice.storage import DATABASE_ERRORS, Operation, Sql
 from wsgate.placement import task_key
+from wsgate.stateservice.component import StateContext
+from wsgate.stateservice.storage import DATABASE_ERRORS, Operation, Sql
 
 log = logging.getLogger(__name__)
 

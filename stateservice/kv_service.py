@@ -1,16 +1,16 @@
 """``wsgate.v1.State``: per-object key/value storage and transactions over gRPC.
 
 Design (recorded in docs/architecture.md): **server-side per-object serialization**. Every
-operation goes through one storage queue (:mod:`stateservice.storage`), which already
+operation goes through one storage queue (:mod:`wsgate.stateservice.storage`), which already
 orders all operations of all objects; a transaction additionally *holds* its object
-(:class:`~stateservice.locks.ObjectLocks`) from begin to commit, so writes to that object
+(:class:`~wsgate.stateservice.locks.ObjectLocks`) from begin to commit, so writes to that object
 wait behind it while reads and other objects go on. A transaction therefore never
 conflicts and never retries: under contention (many clients incrementing one counter,
 the common case for a durable object) it queues instead of wasting work, and a holder
 that stalls is cut off by ``transaction_timeout_s`` (ABORTED, nothing written); one that
 dies drops its stream, which releases the object at once.
 
-Quotas (:mod:`stateservice.quotas`): a put is checked against its object's key and byte
+Quotas (:mod:`wsgate.stateservice.quotas`): a put is checked against its object's key and byte
 quotas by the storage operation that applies it (a transaction's writes together), and
 refused whole (RESOURCE_EXHAUSTED); puts are refused while the disk is low, deletes never.
 """
@@ -25,11 +25,14 @@ from typing import Any
 
 import grpc
 
-from stateservice.component import StateContext
-from stateservice.idempotency import Applied, Idempotent, LookupApplied
-from stateservice.quotas import Quotas, storage_full
-from stateservice.rpc import refuse, refuse_active, require_owner, stored
-from stateservice.storage import (
+from wsgate.errors import InvalidRequest, NotOwner, ObjectActive
+from wsgate.limits import check_batch, check_key, check_value_size
+from wsgate.state_errors import EXHAUSTED_TYPES, REFUSAL_TYPES, Reason, error_info, refusal_code
+from wsgate.stateservice.component import StateContext
+from wsgate.stateservice.idempotency import Applied, Idempotent, LookupApplied
+from wsgate.stateservice.quotas import Quotas, storage_full
+from wsgate.stateservice.rpc import refuse, refuse_active, require_owner, stored
+from wsgate.stateservice.storage import (
     RETRY_WHOLE_BATCH,
     DeleteAll,
     DeleteKeys,
@@ -40,10 +43,7 @@ from stateservice.storage import (
     PutKeys,
     Sql,
 )
-from stateservice.usage import CheckedGrowth, ObjectQuotas, ReadUsage
-from wsgate.errors import InvalidRequest, NotOwner, ObjectActive
-from wsgate.limits import check_batch, check_key, check_value_size
-from wsgate.state_errors import EXHAUSTED_TYPES, REFUSAL_TYPES, Reason, error_info, refusal_code
+from wsgate.stateservice.usage import CheckedGrowth, ObjectQuotas, ReadUsage
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value

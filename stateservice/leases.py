@@ -5,7 +5,7 @@ A worker asks for an object (``Activate``); the state service grants it a lease 
 holder renews all its leases in one call per interval (``Renew``), gives them up when it
 evicts an activation or drains (``Release``), and names the epoch in every commit of the
 activation's turns, which the commit refuses unless it is still the object's epoch
-(:mod:`stateservice.turns`, inside the database transaction: fencing).
+(:mod:`wsgate.stateservice.turns`, inside the database transaction: fencing).
 
 Two halves:
 
@@ -37,8 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from stateservice.storage import ObjectId, Sql, Storage
 from wsgate.errors import ObjectActive
+from wsgate.stateservice.storage import ObjectId, Sql, Storage
 
 log = logging.getLogger(__name__)
 

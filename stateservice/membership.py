@@ -1,7 +1,7 @@
 """Membership, the hibernation API: connections accepted into objects, with tags and an
 attachment, listed and broadcast to by the state service.
 
-Storage (one SQLite file with the objects' data, see :mod:`stateservice.storage`):
+Storage (one SQLite file with the objects' data, see :mod:`wsgate.stateservice.storage`):
 
 - ``members``: one row per (object, connection) with its gateway, tags (a JSON array, in
   the order given) and attachment (a serialized Value; empty: null). It is a rowid table
@@ -24,7 +24,7 @@ Storage (one SQLite file with the objects' data, see :mod:`stateservice.storage`
   not open; after the retention no copy of an event can still be running.
 
 Writes to one object (Join, Leave, SetAttachment) take their place behind a transaction
-holding the object (:class:`~stateservice.locks.ObjectLocks`), as key/value writes do.
+holding the object (:class:`~wsgate.stateservice.locks.ObjectLocks`), as key/value writes do.
 LeaveAll and gateway sweeps remove one connection's (or gateway's) rows from many objects
 at once: they go straight to storage, so that no transaction on one object can hold up
 the cleanup of a closed connection everywhere (transactions read keys, never members).
@@ -35,8 +35,8 @@ Members pages hold at most :data:`PAGE_SIZE` members (and about :data:`PAGE_BYTE
 details). The number of members of an object is capped by its quota
 (``WSGATE_MAX_MEMBERS_PER_OBJECT``, 100,000 by default): a join over it is refused with
 RESOURCE_EXHAUSTED and TOO_MANY_MEMBERS, checked against the member count kept in
-``object_usage`` by the join's own transaction (:mod:`stateservice.usage`). Joins and
-attachments are refused while the disk is low (:mod:`stateservice.quotas`); leaves never.
+``object_usage`` by the join's own transaction (:mod:`wsgate.stateservice.usage`). Joins and
+attachments are refused while the disk is low (:mod:`wsgate.stateservice.quotas`); leaves never.
 """
 
 from __future__ import annotations
@@ -52,12 +52,6 @@ from typing import Any, NoReturn
 
 import grpc
 
-from stateservice import rpc, usage
-from stateservice.broadcast import BusUnavailable, MessageTooLarge, fan_out
-from stateservice.component import StateContext
-from stateservice.presence import GRACE_S, PresenceMonitor
-from stateservice.storage import ObjectId, Operation, Sql, for_update
-from stateservice.usage import ObjectQuotas
 from wsgate import ids
 from wsgate.errors import (
     InvalidConnectionId,
@@ -70,6 +64,12 @@ from wsgate.errors import (
 from wsgate.limits import check_attachment_size, check_tags
 from wsgate.placement import task_key
 from wsgate.state_errors import ERROR_INFO_KEY, MAX_ERROR_KEY_CHARS
+from wsgate.stateservice import rpc, usage
+from wsgate.stateservice.broadcast import BusUnavailable, MessageTooLarge, fan_out
+from wsgate.stateservice.component import StateContext
+from wsgate.stateservice.presence import GRACE_S, PresenceMonitor
+from wsgate.stateservice.storage import ObjectId, Operation, Sql, for_update
+from wsgate.stateservice.usage import ObjectQuotas
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value
@@ -639,7 +639,7 @@ async def _gateway(context: Any, connection_id: str) -> str:
 
 class MembershipComponent:
     """The Membership service, broadcast, and the gateways' leases (see
-    :mod:`stateservice.presence`): members of a gateway whose lease ran out are removed
+    :mod:`wsgate.stateservice.presence`): members of a gateway whose lease ran out are removed
     from every object. ``grace_s`` is the lease of a gateway not heard from yet."""
 
     def __init__(self, context: StateContext, *, grace_s: float = GRACE_S) -> None:

@@ -1,6 +1,6 @@
 """The state service's Prometheus metrics, in a registry of its own.
 
-Storage figures are read from :class:`~stateservice.storage.CommitStats` at scrape time,
+Storage figures are read from :class:`~wsgate.stateservice.storage.CommitStats` at scrape time,
 so the storage thread never touches a metric: ``writes / commits`` is the group commit's
 batching, the figure that says how many writers one fsync served.
 """
@@ -13,11 +13,11 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from stateservice.locks import ObjectLocks
-from stateservice.ownership import Ownership
-from stateservice.presence import PresenceStats
-from stateservice.quotas import Quotas
-from stateservice.storage import Storage
+from wsgate.stateservice.locks import ObjectLocks
+from wsgate.stateservice.ownership import Ownership
+from wsgate.stateservice.presence import PresenceStats
+from wsgate.stateservice.quotas import Quotas
+from wsgate.stateservice.storage import Storage
 
 #: The kinds of subject a state service takes messages on (the ``subject`` label of
 #: ``wsgate_state_garbage_total``): gateways' presence, the replicas' announcements (over

@@ -3,7 +3,7 @@ rendezvous hashing over the live replicas gives it (PostgreSQL, N replicas; see
 :mod:`wsgate.placement`).
 
 A call about an object this replica does not own is refused with NOT_OWNER, naming the
-owner (:func:`stateservice.rpc.require_owner`). Jobs for the whole tier (removing a dead
+owner (:func:`wsgate.stateservice.rpc.require_owner`). Jobs for the whole tier (removing a dead
 gateway's members, pruning old records) run on the owner of their own key, so exactly one
 live replica runs each, and another takes over when it dies.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from stateservice.storage import ObjectId
 from wsgate.errors import NotOwner
 from wsgate.placement import Replica, ReplicaWatch, object_key
+from wsgate.stateservice.storage import ObjectId
 
 #: ``wsgate_state_objects`` counts the objects served within this many seconds.
 SERVED_WINDOW_S = 60.0

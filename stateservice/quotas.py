@@ -5,9 +5,9 @@
   wherever a call names an object to store, read, join, alarm or activate (renewals and
   releases of leases already granted are not: a lowered limit must not strand them).
 - **Keys and bytes per object**, **members per object**: checked by the storage
-  operations themselves, in the transaction that writes (:mod:`stateservice.usage`); the
+  operations themselves, in the transaction that writes (:mod:`wsgate.stateservice.usage`); the
   servicers turn what they raise into RESOURCE_EXHAUSTED refusals.
-- **The disk** (SQLite only): :class:`~stateservice.disk.DiskGuard`. Writes that grow the
+- **The disk** (SQLite only): :class:`~wsgate.stateservice.disk.DiskGuard`. Writes that grow the
   data (puts, joins, attachments, turns that do either) are refused while it is low;
   deletes, leaves, leases, alarms and turn records that write nothing else go on, so
   space can be freed and objects keep running. On PostgreSQL the disk is the database
@@ -25,9 +25,6 @@ from typing import TypeVar
 
 import psycopg.errors
 
-from stateservice.disk import DiskGuard
-from stateservice.storage import ObjectId
-from stateservice.usage import ObjectQuotas
 from wsgate.config import StateConfig
 from wsgate.errors import (
     ObjectNameTooLong,
@@ -37,6 +34,9 @@ from wsgate.errors import (
     TooManyMembers,
     TooManyObjectKeys,
 )
+from wsgate.stateservice.disk import DiskGuard
+from wsgate.stateservice.storage import ObjectId
+from wsgate.stateservice.usage import ObjectQuotas
 from wsgate.v1 import state_pb2 as pb
 
 E = TypeVar("E", bound=StateError)

@@ -11,9 +11,6 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import psycopg
 
-from stateservice.ownership import Ownership
-from stateservice.quotas import Quotas, storage_full
-from stateservice.storage import DATABASE_ERRORS, ObjectId
 from wsgate.errors import ObjectActive
 from wsgate.state_errors import (
     EXHAUSTED_TYPES,
@@ -23,6 +20,9 @@ from wsgate.state_errors import (
     refusal_code,
     refusal_metadata,
 )
+from wsgate.stateservice.ownership import Ownership
+from wsgate.stateservice.quotas import Quotas, storage_full
+from wsgate.stateservice.storage import DATABASE_ERRORS, ObjectId
 from wsgate.v1 import state_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ T = TypeVar("T")
 
 def object_id(message: pb.ObjectId) -> ObjectId:
     """The object a request names; raises InvalidObjectId (a refusal) for an empty namespace.
-    Its length is not checked: see :meth:`stateservice.quotas.Quotas.object_id`."""
+    Its length is not checked: see :meth:`wsgate.stateservice.quotas.Quotas.object_id`."""
     return ObjectId(message.namespace, message.name)
 
 

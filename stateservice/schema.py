@@ -10,7 +10,7 @@ code (:class:`~wsgate.errors.SchemaTooNew`: an older wsgate must not write a new
 The dialects differ only where they must:
 
 - SQLite keeps small tables ``WITHOUT ROWID``; ``members`` is a rowid table on purpose (its
-  rows carry attachments of up to 16 KiB, see :mod:`stateservice.membership`), and
+  rows carry attachments of up to 16 KiB, see :mod:`wsgate.stateservice.membership`), and
   PostgreSQL gives it an identity column named ``rowid`` so that the same statements work.
 - PostgreSQL has BYTEA for BLOB and BIGINT for SQLite's 64-bit INTEGER (milliseconds since
   1970 do not fit 32 bits), and every text column that is ordered or compared is

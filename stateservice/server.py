@@ -1,10 +1,10 @@
 """The state service role: durable objects over grpc.aio, on the bus, backed by SQLite (one
 replica) or PostgreSQL (N replicas, each serving the objects that rendezvous hashing over
-the live replicas gives it: :mod:`stateservice.ownership`, :mod:`wsgate.placement`).
+the live replicas gives it: :mod:`wsgate.stateservice.ownership`, :mod:`wsgate.placement`).
 
 One process serves four gRPC services (``wsgate.v1.State``, ``wsgate.v1.Membership``,
 ``wsgate.v1.Alarms``, ``wsgate.v1.Activations``), each built by its own part
-(:mod:`stateservice.component`), and the standard gRPC health service
+(:mod:`wsgate.stateservice.component`), and the standard gRPC health service
 (``grpc.health.v1.Health``), which reports SERVING for ``""`` and each service name while
 the server accepts calls, and NOT_SERVING once it is closing; ``grpc_health_probe`` reads
 it (with its TLS flags when the port speaks TLS; Kubernetes' own gRPC probes cannot).
@@ -32,20 +32,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from nats.aio.client import Client as NatsClient
 
-from stateservice.activations import ActivationsComponent
-from stateservice.alarms import AlarmsComponent
-from stateservice.component import Component, StateContext
-from stateservice.idempotency import IdempotencyPruner
-from stateservice.kv_service import KeyValueComponent
-from stateservice.leases import ObjectLeases
-from stateservice.locks import ObjectLocks
-from stateservice.membership import MembershipComponent
-from stateservice.metrics import state_registry
-from stateservice.ownership import Ownership
-from stateservice.presence import PresenceStats
-from stateservice.quotas import Quotas
-from stateservice.storage import PostgresStorage, SqliteStorage, Storage
-from stateservice.undecodable import RefuseUndecodable
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
 from wsgate.errors import ConfigError
@@ -53,6 +39,20 @@ from wsgate.grpc_tls import ServerTls, add_port, server_tls
 from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
+from wsgate.stateservice.activations import ActivationsComponent
+from wsgate.stateservice.alarms import AlarmsComponent
+from wsgate.stateservice.component import Component, StateContext
+from wsgate.stateservice.idempotency import IdempotencyPruner
+from wsgate.stateservice.kv_service import KeyValueComponent
+from wsgate.stateservice.leases import ObjectLeases
+from wsgate.stateservice.locks import ObjectLocks
+from wsgate.stateservice.membership import MembershipComponent
+from wsgate.stateservice.metrics import state_registry
+from wsgate.stateservice.ownership import Ownership
+from wsgate.stateservice.presence import PresenceStats
+from wsgate.stateservice.quotas import Quotas
+from wsgate.stateservice.storage import PostgresStorage, SqliteStorage, Storage
+from wsgate.stateservice.undecodable import RefuseUndecodable
 from wsgate.v1 import state_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -301,7 +301,8 @@ class StateServer(Service):
 
     @property
     def address(self) -> str:
-        """``host:port`` actually bound, as :class:`~worker.state_client.StateClient` takes."""
+        """``host:port`` actually bound, as
+        :class:`~wsgate.worker.state_client.StateClient` takes."""
         return f"{_host_for_address(self.config.host)}:{self.port}"
 
     async def close(self, grace_s: float = 5.0) -> None:

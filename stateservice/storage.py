@@ -1,6 +1,6 @@
 """Durable objects' data in one database, SQLite or PostgreSQL, written with group commit.
 
-Tables (:mod:`stateservice.schema`): ``kv`` holds every object's keys, keyed by (namespace,
+Tables (:mod:`wsgate.stateservice.schema`): ``kv`` holds every object's keys, keyed by (namespace,
 name, key); membership, alarms, idempotency keys, leases and turn records have theirs. Keys
 are stored as UTF-8 bytes (BLOB, BYTEA), which both compare bytewise: listing is in UTF-8
 byte order, as on Cloudflare Durable Objects, and a prefix is exactly the byte range
@@ -50,10 +50,10 @@ import psycopg
 import psycopg.errors
 from psycopg.pq import TransactionStatus
 
-from stateservice import schema, usage
-from stateservice.usage import ObjectQuotas
 from wsgate.errors import InvalidObjectId
 from wsgate.service import StartsAndCloses
+from wsgate.stateservice import schema, usage
+from wsgate.stateservice.usage import ObjectQuotas
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ class Storage(StartsAndCloses):
     batch with the database's error (one of :data:`DATABASE_ERRORS`), and nothing of it
     was stored.
 
-    ``migrate``: create or migrate the schema at start (:mod:`stateservice.schema`);
+    ``migrate``: create or migrate the schema at start (:mod:`wsgate.stateservice.schema`);
     otherwise a database whose schema is not this code's is refused with SchemaOutdated
     (or SchemaTooNew).
 
@@ -629,7 +629,7 @@ class GetKeys:
 @dataclass(frozen=True)
 class PutKeys:
     """Set keys of one object (a key given twice takes its last value); returns how many
-    entries were written. The object's usage follows (:mod:`stateservice.usage`); with
+    entries were written. The object's usage follows (:mod:`wsgate.stateservice.usage`); with
     ``quotas``, a put that would take the object over one raises its exception and writes
     nothing."""
 

@@ -12,7 +12,7 @@ database transaction that applies them, this operation:
    activation's memory went wrong with it; nothing is applied, and the activation stops;
 3. applies every turn's effects in order and records, per key, the last sequence with its
    outcome, so a redelivered event whose turn committed is answered from the record;
-4. checks the object's quotas (:mod:`stateservice.usage`): a turn whose writes together
+4. checks the object's quotas (:mod:`wsgate.stateservice.usage`): a turn whose writes together
    take the object over a storage quota, or a join over the member quota, raises the
    quota's exception, and the caller's rollback leaves nothing of the commit applied.
 
@@ -31,9 +31,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from stateservice import usage
-from stateservice.storage import ObjectId, Operation, Sql, for_update
-from stateservice.usage import ObjectQuotas
+from wsgate.stateservice import usage
+from wsgate.stateservice.storage import ObjectId, Operation, Sql, for_update
+from wsgate.stateservice.usage import ObjectQuotas
 
 
 def now_ms() -> int:

@@ -14,7 +14,7 @@ replicas may write one object at once (while ownership moves), so what an operat
 must be what it changed: deltas are added in one statement (never read, then written);
 a put locks the rows it replaces as it reads their sizes, and learns from its insert which
 keys it really added (another replica may have inserted one meanwhile: the batch then runs
-again, :data:`~stateservice.storage.RETRY_WHOLE_BATCH`); a delete counts the rows it
+again, :data:`~wsgate.stateservice.storage.RETRY_WHOLE_BATCH`); a delete counts the rows it
 deleted; a leave counts member rows it read locked. A quota check that compares the usage
 before and after several writes (a transaction's, a turn's) may, in that rare race, count
 another replica's write as its own: the refusal can be off, the usage never is.
@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 from wsgate.errors import ObjectTooLarge, TooManyMembers, TooManyObjectKeys
 
 if TYPE_CHECKING:
-    from stateservice.storage import ObjectId, Operation, Sql
+    from wsgate.stateservice.storage import ObjectId, Operation, Sql
 
 
 @dataclass(frozen=True)

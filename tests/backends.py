@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stateservice.storage import PostgresStorage, SqliteStorage, Storage
 from wsgate.pgserver import PostgresServer
+from wsgate.stateservice.storage import PostgresStorage, SqliteStorage, Storage
 
 BACKENDS = ("sqlite", "postgres")
 

@@ -124,7 +124,10 @@ class Stack:
         return child
 
     def start_worker(
-        self, app: str = "examples.app:app", *extra: str, env: Mapping[str, str] | None = None
+        self,
+        app: str = "wsgate.examples.app:app",
+        *extra: str,
+        env: Mapping[str, str] | None = None,
     ) -> Child:
         """A worker serving ``app``; ``env`` adds to its environment (the app's own
         settings, such as ``WSGATE_JWT_*``)."""
@@ -218,7 +221,7 @@ def stack_context(
     *,
     worker: bool = True,
     state: bool = True,
-    app: str = "examples.app:app",
+    app: str = "wsgate.examples.app:app",
     workers: int = 1,
     gateway: bool = True,
     gateway_args: tuple[str, ...] = (),

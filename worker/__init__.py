@@ -2,16 +2,16 @@
 
 ::
 
-    from worker import Accept, App, Connection, ConnectRequest, DurableObject, Reject
-    from worker import JWTVerifier, Unauthorized  # authentication at connect
+    from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, Reject
+    from wsgate import JWTVerifier, Unauthorized  # authentication at connect
 """
 
-from worker.app import Accept, App, ConnectRequest, Reject, Route
-from worker.auth import Authenticator
-from worker.connection import Connection
-from worker.durable import DurableObject, Peer
-from worker.env import Env
-from worker.errors import (
+from wsgate.worker.app import Accept, App, ConnectRequest, Reject, Route
+from wsgate.worker.auth import Authenticator
+from wsgate.worker.connection import Connection
+from wsgate.worker.durable import DurableObject, Peer
+from wsgate.worker.env import Env
+from wsgate.worker.errors import (
     AppLoadError,
     AuthFailure,
     ConnectionClosed,
@@ -25,8 +25,8 @@ from worker.errors import (
     Unauthorized,
     WorkerError,
 )
-from worker.jwt_verifier import JWTVerifier
-from worker.state_client import ObjectStorage, Transaction
+from wsgate.worker.jwt_verifier import JWTVerifier
+from wsgate.worker.state_client import ObjectStorage, Transaction
 
 __all__ = [
     "Accept",

@@ -1,6 +1,6 @@
 """One durable object's activation: its single point of coordination, on one worker.
 
-While this worker holds the object's lease (:mod:`worker.activations` asks for it), every
+While this worker holds the object's lease (:mod:`wsgate.worker.activations` asks for it), every
 event of the object comes here, from whichever gateway and connection, and runs as a
 *turn*: one at a time, in arrival order (so each connection's order too), each handler in
 a Task of its own, cancelled past the turn limit. Code written for Cloudflare, such as a
@@ -30,7 +30,7 @@ the worker, which sends them where the object now lives; they carry a mark that 
 new host look their records up first (a turn that did commit is then answered from its
 record, never run twice).
 
-Quotas: the activation counts what its object holds (:mod:`worker.activation_quota`), so a
+Quotas: the activation counts what its object holds (:mod:`wsgate.worker.activation_quota`), so a
 handler's write over a quota raises as it is made, and a connection that would take the
 object over its member quota is refused at its upgrade (503, nothing joined). The state
 service checks again at the commit; a commit it refuses for a quota stops the activation
@@ -62,32 +62,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nats.aio.msg import Msg
 
-from worker.activation_alarm import ActivationAlarm
-from worker.activation_members import ActivationMembers
-from worker.activation_quota import QUOTA_LABELS, ObjectQuota
-from worker.activation_storage import ActivationStorage
-from worker.app import ConnectRequest, Reject
-from worker.auth import Verified, with_auth_subprotocol
-from worker.decisions import (
-    accept_decision,
-    check_accept,
-    connect_handler_result,
-    connect_outcome,
-    reject_decision,
-)
-from worker.durable import instantiate
-from worker.object_cache import (
-    UNKNOWN,
-    KeyRange,
-    Layer,
-    StorageCache,
-    merged_listing,
-    needs_remote,
-    remote_limit,
-)
-from worker.object_connection import ObjectConnection
-from worker.turn import Turn, TurnKind, current_turn
-from worker.work import Work, WorkKind
 from wsgate import ids
 from wsgate.closecodes import CloseCode
 from wsgate.eager import start_task
@@ -96,13 +70,39 @@ from wsgate.limits import MAX_BATCH_KEYS
 from wsgate.state_errors import Reason
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.activation_alarm import ActivationAlarm
+from wsgate.worker.activation_members import ActivationMembers
+from wsgate.worker.activation_quota import QUOTA_LABELS, ObjectQuota
+from wsgate.worker.activation_storage import ActivationStorage
+from wsgate.worker.app import ConnectRequest, Reject
+from wsgate.worker.auth import Verified, with_auth_subprotocol
+from wsgate.worker.decisions import (
+    accept_decision,
+    check_accept,
+    connect_handler_result,
+    connect_outcome,
+    reject_decision,
+)
+from wsgate.worker.durable import instantiate
+from wsgate.worker.object_cache import (
+    UNKNOWN,
+    KeyRange,
+    Layer,
+    StorageCache,
+    merged_listing,
+    needs_remote,
+    remote_limit,
+)
+from wsgate.worker.object_connection import ObjectConnection
+from wsgate.worker.turn import Turn, TurnKind, current_turn
+from wsgate.worker.work import Work, WorkKind
 
 if TYPE_CHECKING:
-    from worker.durable import DurableObject
-    from worker.env import Env
-    from worker.failpoints import Failpoints
-    from worker.metrics import WorkerMetrics
-    from worker.state_client import StateClient
+    from wsgate.worker.durable import DurableObject
+    from wsgate.worker.env import Env
+    from wsgate.worker.failpoints import Failpoints
+    from wsgate.worker.metrics import WorkerMetrics
+    from wsgate.worker.state_client import StateClient
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,8 @@ MAX_ACK_MESSAGE_BYTES = 64 * 1024
 
 
 class ActivationHost(Protocol):
-    """What an activation needs from its worker (:class:`~worker.activations.Activations`)."""
+    """What an activation needs from its worker
+    (:class:`~wsgate.worker.activations.Activations`)."""
 
     worker_id: str
     state: StateClient
@@ -482,7 +483,7 @@ class Activation:
 
     async def settle_quota(self, turn: Turn, unknown: list[str]) -> None:
         """Make the quota count exact for ``turn``, the one running (see
-        :mod:`worker.activation_quota`), and teach the cache the ``unknown`` keys a write
+        :mod:`wsgate.worker.activation_quota`), and teach the cache the ``unknown`` keys a write
         of it is about to change. Waits for the turns before it to commit."""
         await self._committed_before(turn.number)
         response = await self.call("State", "Usage", pb.UsageRequest(object=self.object_pb))

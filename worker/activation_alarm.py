@@ -1,6 +1,6 @@
 """A durable object's alarm inside its activation (``self.alarm``).
 
-Same API as :class:`~worker.alarms_client.ObjectAlarm`. Setting or deleting the alarm is an
+Same API as :class:`~wsgate.worker.alarms_client.ObjectAlarm`. Setting or deleting the alarm is an
 effect of the running turn, committed with its storage writes (and fenced like them); the
 state service's scheduler fires it. Reads come from memory after the first one. As on
 Cloudflare, inside the alarm's own handler ``get()`` reports no alarm unless the handler
@@ -12,14 +12,14 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from worker.alarms_client import ObjectAlarm, from_epoch_ms, to_epoch_ms
-from worker.errors import TurnOver
-from worker.object_cache import UNKNOWN, _Unknown
-from worker.turn import Turn, TurnKind, current_turn
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.alarms_client import ObjectAlarm, from_epoch_ms, to_epoch_ms
+from wsgate.worker.errors import TurnOver
+from wsgate.worker.object_cache import UNKNOWN, _Unknown
+from wsgate.worker.turn import Turn, TurnKind, current_turn
 
 if TYPE_CHECKING:
-    from worker.activation import Activation
+    from wsgate.worker.activation import Activation
 
 
 class ActivationAlarm(ObjectAlarm):

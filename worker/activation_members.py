@@ -20,18 +20,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from worker.connection import Connection
-from worker.membership import BroadcastResult, Member
-from worker.object_connection import message_envelope
 from wsgate import ids
 from wsgate.fanout import plan
 from wsgate.limits import check_attachment_size, check_tags
 from wsgate.v1 import state_pb2 as pb
 from wsgate.values import decode_value, encode_value
+from wsgate.worker.connection import Connection
+from wsgate.worker.membership import BroadcastResult, Member
+from wsgate.worker.object_connection import message_envelope
 
 if TYPE_CHECKING:
-    from worker.activation import Activation
-    from worker.turn import Turn
+    from wsgate.worker.activation import Activation
+    from wsgate.worker.turn import Turn
 
 _SERVICE = "Membership"
 

@@ -22,7 +22,7 @@ running turn's writes replaced where it did not know it. The count is then exact
 write is let through or refused on the truth. This costs a round trip or two, only near a
 quota.
 
-The rule is the service's (:func:`stateservice.usage.check_growth`): a write is refused if
+The rule is the service's (:func:`wsgate.stateservice.usage.check_growth`): a write is refused if
 it leaves the object over a quota and bigger than it was; deletes always pass.
 """
 
@@ -31,9 +31,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from worker.object_cache import UNKNOWN, Layer
 from wsgate.errors import ObjectQuotaExceeded, ObjectTooLarge, TooManyMembers, TooManyObjectKeys
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.object_cache import UNKNOWN, Layer
 
 #: What a write changes: key -> its new encoded value, None for a delete.
 Changes = Mapping[str, bytes | None]

@@ -1,9 +1,9 @@
 """A durable object's storage inside its activation: served from memory, written by turns.
 
-The same API as :class:`~worker.state_client.ObjectStorage` (what ``self.storage`` is), with
+The same API as :class:`~wsgate.worker.state_client.ObjectStorage` (what ``self.storage`` is), with
 Cloudflare's semantics:
 
-- **Reads** are served from the activation's cache (:mod:`worker.object_cache`) and see the
+- **Reads** are served from the activation's cache (:mod:`wsgate.worker.object_cache`) and see the
   activation's own writes at once; a key the cache does not know is read from the state
   service once, then kept.
 - **Writes** apply to the cache at once and join the running turn's effects; their future
@@ -12,7 +12,7 @@ Cloudflare's semantics:
   sees a value that is then lost. The next turn does not wait for that commit.
 - **Limits** are checked at the call (the state service checks again at the commit).
 - **Quotas** (keys and bytes per object) are checked at the call too, against the
-  activation's count (:mod:`worker.activation_quota`): a write over one raises
+  activation's count (:mod:`wsgate.worker.activation_quota`): a write over one raises
   TooManyObjectKeys or ObjectTooLarge and applies nothing. Near a quota, a write of keys
   this activation never read may need the state service to tell: its future then resolves
   (or raises) once it knows, and the storage calls made after it wait for it, in order.
@@ -28,20 +28,20 @@ import builtins
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from worker.errors import TurnOver
-from worker.object_cache import (
+from wsgate.limits import check_batch, check_key, check_value_size
+from wsgate.v1 import state_pb2 as pb
+from wsgate.values import decode_value, encode_value
+from wsgate.worker.errors import TurnOver
+from wsgate.worker.object_cache import (
     UNKNOWN,
     KeyRange,
     Layer,
 )
-from worker.state_client import ObjectStorage, Transaction
-from worker.turn import Turn, current_turn
-from wsgate.limits import check_batch, check_key, check_value_size
-from wsgate.v1 import state_pb2 as pb
-from wsgate.values import decode_value, encode_value
+from wsgate.worker.state_client import ObjectStorage, Transaction
+from wsgate.worker.turn import Turn, current_turn
 
 if TYPE_CHECKING:
-    from worker.activation import Activation
+    from wsgate.worker.activation import Activation
 
 T = TypeVar("T")
 

@@ -35,23 +35,23 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from worker.activation import Activation, Phase
-from worker.decisions import reject_decision
-from worker.failpoints import Failpoints
-from worker.membership import leave_all
-from worker.metrics import WorkerMetrics
-from worker.state_client import StateClient
-from worker.turn_commits import TurnCommitter
-from worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind
 from wsgate import ids, subjects
 from wsgate.errors import ObjectNameTooLong, StateError, StateTimeout, StateUnavailable
 from wsgate.fanout import payload_budget
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.activation import Activation, Phase
+from wsgate.worker.decisions import reject_decision
+from wsgate.worker.failpoints import Failpoints
+from wsgate.worker.membership import leave_all
+from wsgate.worker.metrics import WorkerMetrics
+from wsgate.worker.state_client import StateClient
+from wsgate.worker.turn_commits import TurnCommitter
+from wsgate.worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind
 
 if TYPE_CHECKING:
-    from worker.durable import DurableObject
-    from worker.env import Env
+    from wsgate.worker.durable import DurableObject
+    from wsgate.worker.env import Env
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class _Starting:
 
 
 class Activations:
-    """The activations of one worker (the :class:`~worker.activation.ActivationHost`).
+    """The activations of one worker (the :class:`~wsgate.worker.activation.ActivationHost`).
 
     ``publish_command(command)`` publishes a gateway command (counted by the worker);
     ``queue_ack(gateway_id, ack)`` sends a final ack in the worker's batches.

@@ -12,7 +12,7 @@ idempotency keys that a retry of the same firing reuses, and ``ok`` is answered 
 those writes are durable.
 
 The alarms of a durable object class's namespace are not run here: each is a turn of its
-object's activation (:mod:`worker.activations`), which answers once the turn committed.
+object's activation (:mod:`wsgate.worker.activations`), which answers once the turn committed.
 The runner also takes those forwarded to this worker, the holder of their object's
 activation, on ``<prefix>.worker.<worker_id>.alarm``.
 """
@@ -30,18 +30,18 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from worker.alarms_client import AlarmInfo
-from worker.app import AlarmHandler, App
-from worker.env import Env
-from worker.gate import OutputGate, current_gate
-from worker.work import Work
 from wsgate import envelopes, subjects
 from wsgate.errors import InvalidEnvelope
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.alarms_client import AlarmInfo
+from wsgate.worker.app import AlarmHandler, App
+from wsgate.worker.env import Env
+from wsgate.worker.gate import OutputGate, current_gate
+from wsgate.worker.work import Work
 
 if TYPE_CHECKING:
-    from worker.activations import Activations
-    from worker.durable import DurableObject
+    from wsgate.worker.activations import Activations
+    from wsgate.worker.durable import DurableObject
 
 log = logging.getLogger(__name__)
 

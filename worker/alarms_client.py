@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 from wsgate.v1 import state_pb2 as pb
 
 if TYPE_CHECKING:
-    from worker.env import Env
-    from worker.state_client import ObjectStorage, StateClient
+    from wsgate.worker.env import Env
+    from wsgate.worker.state_client import ObjectStorage, StateClient
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)

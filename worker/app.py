@@ -2,7 +2,7 @@
 
 ::
 
-    from worker import Accept, App, Connection, ConnectRequest, Reject
+    from wsgate import Accept, App, Connection, ConnectRequest, Reject
 
     app = App()
     echo = app.route("/echo")
@@ -13,7 +13,7 @@
 
 A route's ``on_connect(conn, request)`` decides the upgrade: return :class:`Accept`
 (or ``None``, which accepts) or :class:`Reject`. A route declared with ``auth=`` (a
-``JWTVerifier``, say: :mod:`worker.auth`) has every connect verified first: a refusal is a
+``JWTVerifier``, say: :mod:`wsgate.worker.auth`) has every connect verified first: a refusal is a
 401 that never reaches ``on_connect``, and ``request.claims`` holds the verified claims.
 ``on_message(conn, message)`` gets each message, text as ``str`` and binary as ``bytes``,
 in the order the client sent them.
@@ -32,14 +32,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
-from worker.errors import InvalidResponse, InvalidRoute
+from wsgate.worker.errors import InvalidResponse, InvalidRoute
 
 if TYPE_CHECKING:
-    from worker.alarms_client import AlarmInfo
-    from worker.auth import Authenticator
-    from worker.connection import Connection
-    from worker.durable import DurableObject
     from wsgate.v1 import envelope_pb2 as pb
+    from wsgate.worker.alarms_client import AlarmInfo
+    from wsgate.worker.auth import Authenticator
+    from wsgate.worker.connection import Connection
+    from wsgate.worker.durable import DurableObject
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ class App:
         name: str | None = None,
         auth: Authenticator | None = None,
     ) -> Any:
-        """Serve ``pattern`` with a :class:`~worker.durable.DurableObject` class, named by
+        """Serve ``pattern`` with a :class:`~wsgate.worker.durable.DurableObject` class, named by
         the path parameter ``name`` (by default the pattern's only one)::
 
             @app.durable("/chat/{room}")
@@ -236,7 +236,7 @@ class App:
         never activates it). Raises InvalidRoute for a class that is not a DurableObject
         or a pattern with no parameter to name the object.
         """
-        from worker.durable import durable_route
+        from wsgate.worker.durable import durable_route
 
         if cls is not None:
             return durable_route(self, pattern, cls, name=name, auth=auth)

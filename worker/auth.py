@@ -6,7 +6,7 @@ A route declared with an authenticator (``app.route("/chat", auth=verifier)``,
 ``on_connect`` runs: a refusal answers the upgrade with 401 and never reaches user code
 (nor, on a durable object route, the object: no activation starts for it); the verified
 claims are ``request.claims`` in ``on_connect``. An app may instead call
-``verifier.verify(request)`` in ``on_connect`` itself: :class:`~worker.errors.Unauthorized`
+``verifier.verify(request)`` in ``on_connect`` itself: :class:`~wsgate.worker.errors.Unauthorized`
 left uncaught there is the same 401.
 
 Where a client puts its token (:func:`find_token`, in this order):
@@ -30,10 +30,10 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-from worker.errors import AuthFailure, Unauthorized
+from wsgate.worker.errors import AuthFailure, Unauthorized
 
 if TYPE_CHECKING:
-    from worker.app import Accept, ConnectRequest
+    from wsgate.worker.app import Accept, ConnectRequest
 
 
 @runtime_checkable

@@ -20,21 +20,21 @@ import enum
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from worker.errors import (
+from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
+from wsgate.v1 import envelope_pb2 as pb
+from wsgate.values import encode_value
+from wsgate.worker.errors import (
     ConnectionClosed,
     InvalidCloseCode,
     InvalidMessage,
     NoConnectionState,
     NotAccepted,
 )
-from worker.gate import OutputGate
-from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
-from wsgate.v1 import envelope_pb2 as pb
-from wsgate.values import encode_value
+from wsgate.worker.gate import OutputGate
 
 if TYPE_CHECKING:
-    from worker.env import Env
-    from worker.membership import ObjectMembers
+    from wsgate.worker.env import Env
+    from wsgate.worker.membership import ObjectMembers
 
 
 class CommandSink(Protocol):

@@ -7,12 +7,12 @@ import logging
 from collections.abc import Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
-from worker.app import Accept, ConnectRequest, Reject
-from worker.errors import InvalidResponse, Unauthorized
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.app import Accept, ConnectRequest, Reject
+from wsgate.worker.errors import InvalidResponse, Unauthorized
 
 if TYPE_CHECKING:
-    from worker.metrics import WorkerMetrics
+    from wsgate.worker.metrics import WorkerMetrics
 
 log = logging.getLogger(__name__)
 

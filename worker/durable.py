@@ -2,7 +2,7 @@
 
 ::
 
-    from worker import Accept, App, Connection, ConnectRequest, DurableObject
+    from wsgate import Accept, App, Connection, ConnectRequest, DurableObject
 
     app = App()
 
@@ -18,7 +18,7 @@
 
 Every connection to ``/chat/lobby`` reaches the same object, ``("ChatRoom", "lobby")``,
 whichever gateway and worker serve it: the object lives in one *activation* at a time, on
-one worker (:mod:`worker.activation`), which runs its events one at a time, in arrival
+one worker (:mod:`wsgate.worker.activation`), which runs its events one at a time, in arrival
 order. An instance of the class is made once per activation, so its attributes are
 in-memory state that lasts between events, until the activation is evicted (hibernation)
 or moves to another worker; what must outlive that goes in storage.
@@ -46,19 +46,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from worker.app import Accept, ConnectRequest, Reject, Route
-from worker.errors import InvalidResponse, InvalidRoute, TurnOver
-from worker.membership import BroadcastResult
-from worker.turn import current_turn
+from wsgate.worker.app import Accept, ConnectRequest, Reject, Route
+from wsgate.worker.errors import InvalidResponse, InvalidRoute, TurnOver
+from wsgate.worker.membership import BroadcastResult
+from wsgate.worker.turn import current_turn
 
 if TYPE_CHECKING:
-    from worker.activation import Activation
-    from worker.alarms_client import AlarmInfo, ObjectAlarm
-    from worker.app import App
-    from worker.auth import Authenticator
-    from worker.connection import Connection
-    from worker.env import Env
-    from worker.state_client import ObjectStorage
+    from wsgate.worker.activation import Activation
+    from wsgate.worker.alarms_client import AlarmInfo, ObjectAlarm
+    from wsgate.worker.app import App
+    from wsgate.worker.auth import Authenticator
+    from wsgate.worker.connection import Connection
+    from wsgate.worker.env import Env
+    from wsgate.worker.state_client import ObjectStorage
 
 D = TypeVar("D", bound="DurableObject")
 

@@ -6,19 +6,19 @@ from collections import defaultdict
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from worker.alarms_client import ObjectAlarm
-from worker.connection import current_connection
-from worker.errors import InvalidMessage
-from worker.gate import open_current_gate
-from worker.membership import ObjectMembers
-from worker.state_client import ObjectStorage, StateClient
-from worker.turn import current_turn
 from wsgate import ids
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.alarms_client import ObjectAlarm
+from wsgate.worker.connection import current_connection
+from wsgate.worker.errors import InvalidMessage
+from wsgate.worker.gate import open_current_gate
+from wsgate.worker.membership import ObjectMembers
+from wsgate.worker.state_client import ObjectStorage, StateClient
+from wsgate.worker.turn import current_turn
 
 if TYPE_CHECKING:
-    from worker.activation import Activation
-    from worker.connection import CommandSink
+    from wsgate.worker.activation import Activation
+    from wsgate.worker.connection import CommandSink
 
 
 class Env:
@@ -48,12 +48,12 @@ class Env:
 
     def members(self, namespace: str, name: str) -> ObjectMembers:
         """The connections accepted into the object ``name`` in ``namespace`` (membership,
-        tags, attachments, broadcast): see :mod:`worker.membership`."""
+        tags, attachments, broadcast): see :mod:`wsgate.worker.membership`."""
         return ObjectMembers(self._state, namespace, name)
 
     def alarm(self, namespace: str, name: str) -> ObjectAlarm:
-        """The alarm of the object ``name`` in ``namespace`` (see :mod:`worker.alarms_client`;
-        in the object's own handler, its activation's)."""
+        """The alarm of the object ``name`` in ``namespace`` (see
+        :mod:`wsgate.worker.alarms_client`; in the object's own handler, its activation's)."""
         activation = _own_activation(namespace, name)
         if activation is not None:
             return activation.alarm

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 from wsgate.errors import WsgateError
 
 if TYPE_CHECKING:
-    from worker.app import Reject
+    from wsgate.worker.app import Reject
 
 
 class WorkerError(WsgateError):
@@ -121,7 +121,7 @@ _AUTH_DESCRIPTIONS = {
 
 class Unauthorized(WorkerError):
     """A connect's credentials were refused, for ``reason``. Raised by
-    ``JWTVerifier.verify`` (and any :class:`~worker.auth.Authenticator`); left uncaught in
+    ``JWTVerifier.verify`` (and any :class:`~wsgate.worker.auth.Authenticator`); left uncaught in
     ``on_connect``, it answers the upgrade as :meth:`reject` does, like returning it.
 
     ``description`` is what the client reads (the reason's, or a more precise one such as
@@ -137,7 +137,7 @@ class Unauthorized(WorkerError):
         """The answer: 401, the description as the body, and ``WWW-Authenticate: Bearer``
         with ``error="invalid_token"`` and the description (RFC 6750 3.1; a request with
         no token gets the bare challenge, as the RFC asks)."""
-        from worker.app import Reject
+        from wsgate.worker.app import Reject
 
         if self.reason is AuthFailure.MISSING_TOKEN:
             challenge = "Bearer"

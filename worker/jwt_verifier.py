@@ -2,7 +2,7 @@
 
 ::
 
-    from worker import App, JWTVerifier
+    from wsgate import App, JWTVerifier
 
     verifier = JWTVerifier(algorithms=["RS256"], public_keys=PEM, audience="chat",
                            issuer="https://id.example.com")
@@ -13,7 +13,7 @@
     async def on_connect(conn, request):
         claims = verifier.verify(request)            # raises Unauthorized (uncaught: 401)
 
-What is checked, in order: a token is present (:func:`worker.auth.find_token`); it parses;
+What is checked, in order: a token is present (:func:`wsgate.worker.auth.find_token`); it parses;
 its ``alg`` is one the verifier allows (never ``none``: only HS256, RS256 and ES256 exist
 here); a key of that algorithm (named by the token's ``kid`` if it names a known one)
 verifies its signature; the required claims are there (``exp`` by default); ``aud`` names
@@ -35,14 +35,14 @@ from typing import TYPE_CHECKING, Any
 import jwt
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
-from worker.auth import find_token
-from worker.errors import AuthFailure, Unauthorized
-from worker.jwt_keys import KeyRing, VerifyKey, pem_keys, secret_key
 from wsgate.config import JWT_ALGORITHMS, MAX_JWT_LEEWAY_S, JWTConfig, from_environ
 from wsgate.errors import ConfigError
+from wsgate.worker.auth import find_token
+from wsgate.worker.errors import AuthFailure, Unauthorized
+from wsgate.worker.jwt_keys import KeyRing, VerifyKey, pem_keys, secret_key
 
 if TYPE_CHECKING:
-    from worker.app import ConnectRequest
+    from wsgate.worker.app import ConnectRequest
 
 #: The claims checked here against the clock (PyJWT checks the others).
 _TIMED = ("exp", "nbf", "iat")
@@ -64,7 +64,7 @@ class JWTVerifier:
     - ``leeway_s``: clock skew forgiven on ``exp``, ``nbf`` and ``iat`` (0..300 s).
     - ``required_claims``: claims every token must carry (``exp`` by default).
     - ``subprotocol``, ``query_param``: where else a token may be (see
-      :mod:`worker.auth`); the header ``Authorization: Bearer`` is always looked at.
+      :mod:`wsgate.worker.auth`); the header ``Authorization: Bearer`` is always looked at.
     - ``clock``: seconds since the epoch (tests give their own).
 
     Raises ConfigError for an algorithm outside the three, no key, a key that no allowed

@@ -6,8 +6,8 @@ import importlib
 import sys
 from pathlib import Path
 
-from worker.app import App
-from worker.errors import AppLoadError
+from wsgate.worker.app import App
+from wsgate.worker.errors import AppLoadError
 
 
 def load_app(spec: str, *, app_dir: Path | None = None) -> App:

@@ -28,17 +28,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from worker.connection import current_connection
-from worker.errors import InvalidMessage
-from worker.gate import open_current_gate
 from wsgate import ids
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
 from wsgate.values import decode_value, encode_value
+from wsgate.worker.connection import current_connection
+from wsgate.worker.errors import InvalidMessage
+from wsgate.worker.gate import open_current_gate
 
 if TYPE_CHECKING:
-    from worker.connection import Connection
-    from worker.state_client import StateClient
+    from wsgate.worker.connection import Connection
+    from wsgate.worker.state_client import StateClient
 
 _SERVICE = "Membership"
 

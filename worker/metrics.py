@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from worker.errors import AuthFailure
 from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
+from wsgate.worker.errors import AuthFailure
 
 #: The kinds of subject a worker takes messages on (the ``subject`` label of ``garbage``).
 GARBAGE_SUBJECTS = ("connect", "events", "alarm", "replicas")

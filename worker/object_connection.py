@@ -1,6 +1,6 @@
 """A connection as a durable object's handler sees it: what it sends joins the turn.
 
-Same API as :class:`~worker.connection.Connection` (it is one). Nothing leaves the worker
+Same API as :class:`~wsgate.worker.connection.Connection` (it is one). Nothing leaves the worker
 while the handler runs: messages and the close are the turn's output, released in order
 once the turn has committed (the output gate), riding on the event's ack when they can.
 ``conn.state`` is the connection's attachment in the object, from the activation's memory.
@@ -11,14 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from worker.connection import Connection, _Phase
-from worker.errors import ConnectionClosed, InvalidMessage, NoConnectionState
 from wsgate.closecodes import CloseCode
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.connection import Connection, _Phase
+from wsgate.worker.errors import ConnectionClosed, InvalidMessage, NoConnectionState
 
 if TYPE_CHECKING:
-    from worker.activation import Activation
-    from worker.turn import Turn
+    from wsgate.worker.activation import Activation
+    from wsgate.worker.turn import Turn
 
 
 class _NoSink:

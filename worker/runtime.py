@@ -6,7 +6,7 @@ Workers of one app share a queue group, so each request goes to one of them.
 - **Function routes** are stateless: any worker serves any event; everything a handler
   needs arrives in the envelope or lives in the state service.
 - **Durable object routes** run in their object's one activation
-  (:mod:`worker.activations`): a request for an object hosted elsewhere is forwarded to the
+  (:mod:`wsgate.worker.activations`): a request for an object hosted elsewhere is forwarded to the
   host, on its own subjects (``<prefix>.worker.<node>.<worker_id>.connect|events|alarm``),
   which gateways also use directly once an ack named the host.
 
@@ -38,29 +38,6 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from worker.activations import Activations
-from worker.alarm_runner import AlarmRunner
-from worker.app import App, ConnectRequest, Reject, Route
-from worker.auth import Verified, authenticate, with_auth_subprotocol
-from worker.connection import Connection, current_connection
-from worker.decisions import (
-    accept_decision,
-    check_accept,
-    connect_handler_result,
-    connect_outcome,
-    refused,
-    reject_decision,
-)
-from worker.durable import check_plain_accept
-from worker.env import Env
-from worker.errors import Unauthorized
-from worker.failpoints import Failpoints
-from worker.gate import OutputGate, current_gate
-from worker.intake import IntakeWatchdog
-from worker.membership import leave_all
-from worker.metrics import WorkerMetrics
-from worker.state_client import StateClient
-from worker.work import Work
 from wsgate import envelopes, ids, subjects
 from wsgate.bus import connect_bus
 from wsgate.closecodes import CloseCode
@@ -72,6 +49,29 @@ from wsgate.placement import ANNOUNCE_FRACTION, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.activations import Activations
+from wsgate.worker.alarm_runner import AlarmRunner
+from wsgate.worker.app import App, ConnectRequest, Reject, Route
+from wsgate.worker.auth import Verified, authenticate, with_auth_subprotocol
+from wsgate.worker.connection import Connection, current_connection
+from wsgate.worker.decisions import (
+    accept_decision,
+    check_accept,
+    connect_handler_result,
+    connect_outcome,
+    refused,
+    reject_decision,
+)
+from wsgate.worker.durable import check_plain_accept
+from wsgate.worker.env import Env
+from wsgate.worker.errors import Unauthorized
+from wsgate.worker.failpoints import Failpoints
+from wsgate.worker.gate import OutputGate, current_gate
+from wsgate.worker.intake import IntakeWatchdog
+from wsgate.worker.membership import leave_all
+from wsgate.worker.metrics import WorkerMetrics
+from wsgate.worker.state_client import StateClient
+from wsgate.worker.work import Work
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@
 Writes start when they are called, as in Cloudflare Durable Objects: ``put``, ``delete``
 and the rest return a future that resolves once the write is durable, and a handler may
 await it or not. Either way the handler's output waits for it (the output gate,
-:mod:`worker.gate`), and inside a handler every write carries an idempotency key, so a
+:mod:`wsgate.worker.gate`), and inside a handler every write carries an idempotency key, so a
 redelivered event's writes are applied once.
 
 Writes from concurrent callers are coalesced: what is called in one turn of the event loop
@@ -44,7 +44,6 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from worker.gate import current_gate
 from wsgate.errors import InvalidRequest, NotOwner, StateError, StateUnavailable
 from wsgate.grpc_tls import ClientTls, explain_connect_failure, open_channel
 from wsgate.placement import Replica, ReplicaWatch, object_key
@@ -53,6 +52,7 @@ from wsgate.state_errors import exception_from_error_info, exception_from_rpc_er
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value, encode_value
+from wsgate.worker.gate import current_gate
 
 log = logging.getLogger(__name__)
 

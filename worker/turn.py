@@ -7,7 +7,7 @@ sends, in order. When the handler is done the turn is *ended*; the activation co
 (fenced by its lease's epoch) and only then releases what it sends: the output gate.
 
 A task the handler started and did not await keeps the turn in its context; once the turn
-has ended, writes and sends from it raise :class:`~worker.errors.TurnOver`.
+has ended, writes and sends from it raise :class:`~wsgate.worker.errors.TurnOver`.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import contextvars
 import enum
 from typing import TYPE_CHECKING, Any
 
-from worker.errors import TurnOver
 from wsgate import ids
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.errors import TurnOver
 
 if TYPE_CHECKING:
-    from worker.activation import Activation
+    from wsgate.worker.activation import Activation
 
 
 class TurnKind(enum.Enum):

@@ -20,10 +20,10 @@ import logging
 
 import grpc
 
-from worker.metrics import WorkerMetrics
-from worker.state_client import ReplicaGone, StateClient, copy_into
 from wsgate.errors import StateError, StateTimeout, StateUnavailable, StorageFull
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.metrics import WorkerMetrics
+from wsgate.worker.state_client import ReplicaGone, StateClient, copy_into
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
-from worker.auth import Verified
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.auth import Verified
 
 #: The NATS header counting how often a message was forwarded between workers.
 HOPS_HEADER = "Wsgate-Hops"

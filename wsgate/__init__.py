@@ -1,7 +1,185 @@
 """wsgate: Cloudflare-Workers-style WebSockets with Durable Objects, self-hosted.
 
-This package holds what every role shares: generated protobuf code (``wsgate.v1``),
-subject and id encoding, configuration, the value codec, the CLI.
+User code imports everything from here::
+
+    from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, Reject
+    from wsgate import JWTVerifier, Unauthorized  # authentication at connect
+    from wsgate import ObjectQuotaExceeded, StateError  # typed refusals of the state service
+
+``wsgate`` is the only top-level import name the distribution installs. The roles live in
+the repository's top-level folders (the layout is fixed) and are installed inside this
+package by ``pyproject.toml``'s ``package-dir``: ``gateway/`` is ``wsgate.gateway``,
+``worker/`` is ``wsgate.worker``, ``stateservice/`` is ``wsgate.stateservice`` and
+``examples/`` is ``wsgate.examples``. The rest of ``wsgate/`` is the kernel all roles share
+(generated protobuf code, subjects, ids, configuration, the value codec, errors) and, at
+the top, the CLI, ``wsgate dev`` and ``wsgate bench`` (docs/architecture.md, "Packages and
+layers").
+
+The names below are loaded on first use (PEP 562), so a gateway or a state service that
+imports ``wsgate.config`` does not load the handler SDK with it.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    # The handler SDK.
+    "Accept": "wsgate.worker.app",
+    "App": "wsgate.worker.app",
+    "ConnectRequest": "wsgate.worker.app",
+    "Reject": "wsgate.worker.app",
+    "Route": "wsgate.worker.app",
+    "Authenticator": "wsgate.worker.auth",
+    "Connection": "wsgate.worker.connection",
+    "DurableObject": "wsgate.worker.durable",
+    "Peer": "wsgate.worker.durable",
+    "Env": "wsgate.worker.env",
+    "JWTVerifier": "wsgate.worker.jwt_verifier",
+    "ObjectStorage": "wsgate.worker.state_client",
+    "Transaction": "wsgate.worker.state_client",
+    # Errors raised to handler code.
+    "AppLoadError": "wsgate.worker.errors",
+    "AuthFailure": "wsgate.worker.errors",
+    "ConnectionClosed": "wsgate.worker.errors",
+    "InvalidCloseCode": "wsgate.worker.errors",
+    "InvalidMessage": "wsgate.worker.errors",
+    "InvalidResponse": "wsgate.worker.errors",
+    "InvalidRoute": "wsgate.worker.errors",
+    "NoConnectionState": "wsgate.worker.errors",
+    "NotAccepted": "wsgate.worker.errors",
+    "TurnOver": "wsgate.worker.errors",
+    "Unauthorized": "wsgate.worker.errors",
+    "WorkerError": "wsgate.worker.errors",
+    "WsgateError": "wsgate.errors",
+    "StateError": "wsgate.errors",
+    "StateUnavailable": "wsgate.errors",
+    "StateTimeout": "wsgate.errors",
+    "InvalidValue": "wsgate.errors",
+    "InvalidObjectId": "wsgate.errors",
+    "TransactionAborted": "wsgate.errors",
+    "LimitExceeded": "wsgate.errors",
+    "KeyTooLarge": "wsgate.errors",
+    "ValueTooLarge": "wsgate.errors",
+    "TooManyKeys": "wsgate.errors",
+    "TooManyTags": "wsgate.errors",
+    "TagTooLarge": "wsgate.errors",
+    "AttachmentTooLarge": "wsgate.errors",
+    "ObjectNameTooLong": "wsgate.errors",
+    "ObjectQuotaExceeded": "wsgate.errors",
+    "TooManyObjectKeys": "wsgate.errors",
+    "ObjectTooLarge": "wsgate.errors",
+    "TooManyMembers": "wsgate.errors",
+    "StorageFull": "wsgate.errors",
+}
+
+__all__ = [
+    "Accept",
+    "App",
+    "AppLoadError",
+    "AttachmentTooLarge",
+    "AuthFailure",
+    "Authenticator",
+    "ConnectRequest",
+    "Connection",
+    "ConnectionClosed",
+    "DurableObject",
+    "Env",
+    "InvalidCloseCode",
+    "InvalidMessage",
+    "InvalidObjectId",
+    "InvalidResponse",
+    "InvalidRoute",
+    "InvalidValue",
+    "JWTVerifier",
+    "KeyTooLarge",
+    "LimitExceeded",
+    "NoConnectionState",
+    "NotAccepted",
+    "ObjectNameTooLong",
+    "ObjectQuotaExceeded",
+    "ObjectStorage",
+    "ObjectTooLarge",
+    "Peer",
+    "Reject",
+    "Route",
+    "StateError",
+    "StateTimeout",
+    "StateUnavailable",
+    "StorageFull",
+    "TagTooLarge",
+    "TooManyKeys",
+    "TooManyMembers",
+    "TooManyObjectKeys",
+    "TooManyTags",
+    "Transaction",
+    "TransactionAborted",
+    "TurnOver",
+    "Unauthorized",
+    "ValueTooLarge",
+    "WorkerError",
+    "WsgateError",
+]
+
+if TYPE_CHECKING:
+    from wsgate.errors import (
+        AttachmentTooLarge,
+        InvalidObjectId,
+        InvalidValue,
+        KeyTooLarge,
+        LimitExceeded,
+        ObjectNameTooLong,
+        ObjectQuotaExceeded,
+        ObjectTooLarge,
+        StateError,
+        StateTimeout,
+        StateUnavailable,
+        StorageFull,
+        TagTooLarge,
+        TooManyKeys,
+        TooManyMembers,
+        TooManyObjectKeys,
+        TooManyTags,
+        TransactionAborted,
+        ValueTooLarge,
+        WsgateError,
+    )
+    from wsgate.worker.app import Accept, App, ConnectRequest, Reject, Route
+    from wsgate.worker.auth import Authenticator
+    from wsgate.worker.connection import Connection
+    from wsgate.worker.durable import DurableObject, Peer
+    from wsgate.worker.env import Env
+    from wsgate.worker.errors import (
+        AppLoadError,
+        AuthFailure,
+        ConnectionClosed,
+        InvalidCloseCode,
+        InvalidMessage,
+        InvalidResponse,
+        InvalidRoute,
+        NoConnectionState,
+        NotAccepted,
+        TurnOver,
+        Unauthorized,
+        WorkerError,
+    )
+    from wsgate.worker.jwt_verifier import JWTVerifier
+    from wsgate.worker.state_client import ObjectStorage, Transaction
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name from its module on first use, then keep it here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wsgate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -3,7 +3,7 @@ see :mod:`wsgate.bench`; ``nats-auth``, which writes the NATS users and permissi
 the roles, see :mod:`wsgate.nats_permissions`).
 
 ``wsgate state`` serves; ``wsgate state migrate``, ``backup PATH`` and ``restore PATH`` are
-administrative actions on its database, done by :mod:`stateservice.admin` (dispatched here).
+administrative actions on its database, done by :mod:`wsgate.stateservice.admin` (dispatched here).
 
 Each role's flags come from its config dataclass (:mod:`wsgate.config`): ``--nats-url``
 for ``nats_url`` and so on, each defaulting to its ``WSGATE_*`` environment variable,
@@ -231,7 +231,7 @@ def _add_state_actions(parser: argparse.ArgumentParser, environ: typing.Mapping[
 def _run_state_action(action: str, config: StateConfig, args: argparse.Namespace) -> int:
     """Run an administrative action of ``wsgate state``: its report on stdout, exit 0; or
     one line on stderr and the action's exit status."""
-    from stateservice import admin
+    from wsgate.stateservice import admin
 
     try:
         if action == "migrate":
@@ -310,17 +310,17 @@ async def _serve(role: str, config: Any, ready_fd: int | None, app_dir: Path) ->
         loop.add_signal_handler(signum, stop.set)
     server: Any
     if role == "gateway":
-        from gateway.server import Gateway
+        from wsgate.gateway.server import Gateway
 
         _raise_open_files_limit()  # one descriptor per client: 1024 is far too few
         server = Gateway(config)
     elif role == "worker":
-        from worker.loader import load_app
-        from worker.runtime import Worker
+        from wsgate.worker.loader import load_app
+        from wsgate.worker.runtime import Worker
 
         server = Worker(config, load_app(config.app, app_dir=app_dir))
     else:
-        from stateservice.server import StateServer
+        from wsgate.stateservice.server import StateServer
 
         server = StateServer(config)
     async with server:

@@ -31,7 +31,7 @@ DEFAULT_APP_NAME = "main"
 DEFAULT_GATEWAY_PORT = 8080
 DEFAULT_STATE_PORT = 7070
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-DEFAULT_APP = "examples.app:app"
+DEFAULT_APP = "wsgate.examples.app:app"
 DEFAULT_WORKER_PORT = 8081
 DEFAULT_STATE_PROBE_PORT = 8082
 #: The gateway's message size limit unless configured (1 MiB: DESIGN.md).
@@ -756,9 +756,9 @@ class StateConfig(BusConfig):
 
 
 def _examples_static() -> str:
-    """The example app's page (examples/static, next to this package in a checkout and in
-    an install), or "" when it is not there."""
-    found = Path(__file__).resolve().parent.parent / "examples" / "static"
+    """The example app's page (``wsgate/examples/static``, in a checkout and in an
+    install), or "" when it is not there."""
+    found = Path(__file__).resolve().parent / "examples" / "static"
     return str(found) if (found / "index.html").is_file() else ""
 
 

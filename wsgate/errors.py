@@ -41,7 +41,7 @@
                 └── TooManyMembers              connections joined
                                                 (WSGATE_MAX_MEMBERS_PER_OBJECT)
 
-The worker SDK adds its own errors under ``worker.errors``, and the client
+The worker SDK adds its own errors under ``wsgate.worker.errors``, and the client
 (:mod:`wsgate.client`) its ``ClientError`` subtree; both are rooted at WsgateError too.
 """
 

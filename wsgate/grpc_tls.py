@@ -12,7 +12,7 @@ Server (:class:`~wsgate.config.StateConfig`):
   about at start, because then anyone who reaches the port is served.
 
 Clients (:class:`~wsgate.config.WorkerConfig`, and whoever else makes a
-:class:`~worker.state_client.StateClient`):
+:class:`~wsgate.worker.state_client.StateClient`):
 
 - ``WSGATE_STATE_TLS_CA``: speak TLS, and trust only a server certificate this CA signed.
   Empty: plaintext.

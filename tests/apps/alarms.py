@@ -17,9 +17,9 @@ import os
 import time
 from typing import Any
 
-from worker import App
-from worker.alarms_client import AlarmInfo
-from worker.gate import current_gate
+from wsgate import App
+from wsgate.worker.alarms_client import AlarmInfo
+from wsgate.worker.gate import current_gate
 
 app = App()
 late_app = App()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 
-from worker import Accept, App, Connection, ConnectRequest, DurableObject, JWTVerifier
+from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, JWTVerifier
 
 verifier = JWTVerifier.from_env(query_param="token")
 app = App()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from worker import App, Connection, Transaction
+from wsgate import App, Connection, Transaction
 
 app = App()
 

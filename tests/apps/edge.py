@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker import Accept, App, Connection, ConnectRequest
+from wsgate import Accept, App, Connection, ConnectRequest
 
 app = App()
 

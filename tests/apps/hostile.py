@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 
-from worker import App, Connection, ConnectRequest, DurableObject, Reject
-from worker.alarms_client import AlarmInfo
+from wsgate import App, Connection, ConnectRequest, DurableObject, Reject
+from wsgate.worker.alarms_client import AlarmInfo
 
 app = App()
 

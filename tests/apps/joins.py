@@ -13,7 +13,7 @@ import asyncio
 import json
 from typing import Any
 
-from worker import Accept, App, Connection, ConnectRequest, DurableObject
+from wsgate import Accept, App, Connection, ConnectRequest, DurableObject
 
 app = App()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 
-from worker import App, Connection, ConnectRequest
+from wsgate import App, Connection, ConnectRequest
 
 app = App()
 

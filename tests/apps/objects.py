@@ -7,7 +7,7 @@ import asyncio
 import os
 import time
 
-from worker import App, Connection, DurableObject
+from wsgate import App, Connection, DurableObject
 from wsgate.errors import StateError
 
 app = App()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 
-from worker import Accept, App, Connection, ConnectRequest
+from wsgate import Accept, App, Connection, ConnectRequest
 
 app = App()
 

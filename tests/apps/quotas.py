@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker import App, Connection, DurableObject
+from wsgate import App, Connection, DurableObject
 from wsgate.errors import ObjectQuotaExceeded
 
 app = App()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from worker import Accept, App, Connection, ConnectRequest, DurableObject, Reject
+from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, Reject
 
 app = App()
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from worker import Accept, App, Connection, ConnectRequest, DurableObject
-from worker.alarms_client import AlarmInfo
+from wsgate import Accept, App, Connection, ConnectRequest, DurableObject
+from wsgate.worker.alarms_client import AlarmInfo
 
 app = App()
 

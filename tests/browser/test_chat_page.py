@@ -25,7 +25,7 @@ from tests.harness import Stack, stack_context
 #: Debian's chromium (WSGATE_CHROMIUM names another binary).
 CHROMIUM = os.environ.get("WSGATE_CHROMIUM") or shutil.which("chromium")
 STATIC = Path(__file__).resolve().parents[2] / "examples" / "static"
-APP = "examples.app:app"
+APP = "wsgate.examples.app:app"
 #: The name a page without ?name= picks.
 GUEST = re.compile(r"^guest-\d+$")
 

@@ -29,9 +29,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stateservice.server import STATE_SERVICE_NAME
-from worker.state_client import StateClient
 from wsgate.procs import start_nats_server
+from wsgate.stateservice.server import STATE_SERVICE_NAME
+from wsgate.worker.state_client import StateClient
 
 ROOT = Path(__file__).resolve().parents[2]
 #: Tried in order when WSGATE_BASE_IMAGE is not set: the Dockerfile's default, then the one

@@ -65,19 +65,19 @@ import psycopg.sql
 import pytest
 import yaml
 
-from gateway.server import ENVELOPE_MARGIN_BYTES
-from stateservice.server import StateServer
-from stateservice.storage import PostgresStorage
 from tests.certs import Pki
 from tests.harness import eventually
 from wsgate import subjects
 from wsgate.bus import connect_options, is_permission_violation
 from wsgate.cli import build_parser
 from wsgate.config import GatewayConfig, StateConfig, WorkerConfig, env_variables
+from wsgate.gateway.server import ENVELOPE_MARGIN_BYTES
 from wsgate.nats_permissions import Identity, permissions, render_authorization
 from wsgate.pgserver import postgres_available, running_postgres
 from wsgate.probes import HEALTH_PATH, METRICS_PATH, READY_PATH
 from wsgate.procs import find_nats_server
+from wsgate.stateservice.server import StateServer
+from wsgate.stateservice.storage import PostgresStorage
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy" / "k8s"

@@ -207,8 +207,8 @@ async def test_an_alarm_and_increments_do_not_lose_each_other(cluster: Stack) ->
 
 
 async def test_writes_from_outside_an_active_object_are_refused(cluster: Stack) -> None:
-    from worker.state_client import StateClient
     from wsgate.errors import ObjectActive
+    from wsgate.worker.state_client import StateClient
 
     run = Run()
     await increments(cluster.ws_url("/naive/outside"), 3, run)
@@ -435,7 +435,7 @@ async def test_reads_see_the_turns_own_writes(cluster: Stack) -> None:
 
 
 async def test_delete_all_counts_what_the_object_held(cluster: Stack) -> None:
-    from worker.state_client import StateClient
+    from wsgate.worker.state_client import StateClient
 
     async with StateClient(str(cluster.state_info("address"))) as state:
         # Written before any activation: its cache knows none of these.

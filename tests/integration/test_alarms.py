@@ -22,16 +22,16 @@ from typing import Any, TypeVar
 
 import pytest
 
-from stateservice.alarms import AlarmScheduler, PutAlarm, ReadAlarm
-from stateservice.storage import ObjectId
 from tests.backends import Backend
 from tests.harness import Stack, eventually, stack_context
-from worker.alarms_client import ObjectAlarm, from_epoch_ms
-from worker.state_client import StateClient
 from wsgate.bus import connect_bus
 from wsgate.config import StateConfig
 from wsgate.errors import InvalidObjectId
+from wsgate.stateservice.alarms import AlarmScheduler, PutAlarm, ReadAlarm
+from wsgate.stateservice.storage import ObjectId
 from wsgate.v1 import envelope_pb2 as envelope_pb
+from wsgate.worker.alarms_client import ObjectAlarm, from_epoch_ms
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.harness import Stack, metric, stack_context
-from worker.state_client import StateClient
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(120)
 

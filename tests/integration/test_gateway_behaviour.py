@@ -15,13 +15,13 @@ import aiohttp
 import pytest
 from nats.aio.client import Client as NatsClient
 
-from gateway.server import Gateway, LiveConnection
 from tests.harness import Stack, eventually, metric, stack_context
 from tests.wsraw import OP_BINARY, OP_TEXT, RawWebSocket
-from worker.state_client import StateClient
 from wsgate import subjects
 from wsgate.config import GatewayConfig
+from wsgate.gateway.server import Gateway, LiveConnection
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -554,7 +554,7 @@ async def test_a_client_that_takes_not_even_the_close_frame_is_cut_after_the_clo
     drain cancelled: the close failed at once, nothing cut the connection, and it stayed
     open for ever.
     """
-    monkeypatch.setattr("gateway.server.CLOSE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr("wsgate.gateway.server.CLOSE_TIMEOUT_S", 1.0)
     config = _config(
         stack,
         message_rate=0,

@@ -28,17 +28,17 @@ import pytest
 import pytest_asyncio
 from cryptography import x509
 
-from gateway.server import Gateway
-from stateservice.server import StateServer
 from tests.certs import CertFiles, Pki
 from tests.harness import eventually, in_process_state_config
 from tests.unit.test_gateway_edge import v2_header
 from tests.wsraw import OP_TEXT, RawWebSocket
-from worker.loader import load_app
-from worker.runtime import Worker
 from wsgate.config import GatewayConfig, WorkerConfig
 from wsgate.errors import ConfigError
+from wsgate.gateway.server import Gateway
 from wsgate.procs import Child, python_role_argv, spawn
+from wsgate.stateservice.server import StateServer
+from wsgate.worker.loader import load_app
+from wsgate.worker.runtime import Worker
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.asyncio(loop_scope="module")]
 

@@ -17,9 +17,9 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from gateway.server import Gateway
 from tests.harness import Stack, stack_context
 from wsgate.config import GatewayConfig
+from wsgate.gateway.server import Gateway
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.timeout(60)
 CONNECTIONS = 20
 #: Per-connection types of the gateway and of aiohttp's server side.
 _PER_CONNECTION_TYPES = {
-    "gateway.server.LiveConnection",
-    "gateway.outbox.Outbox",
-    "gateway.lifecycle.ConnectionLifecycle",
+    "wsgate.gateway.server.LiveConnection",
+    "wsgate.gateway.outbox.Outbox",
+    "wsgate.gateway.lifecycle.ConnectionLifecycle",
     "aiohttp.web_ws.WebSocketResponse",
     "aiohttp.web_request.Request",
     "aiohttp.web_protocol.RequestHandler",
-    "gateway.listener.GuardedRequestHandler",
-    "gateway.listener.ConnectionTicket",
+    "wsgate.gateway.listener.GuardedRequestHandler",
+    "wsgate.gateway.listener.ConnectionTicket",
 }
 
 

@@ -25,12 +25,12 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 
-from gateway.server import CLOSE_TIMEOUT_S
 from tests.apps.tasks import ALARM_NAMESPACE, ALL_OK, OBJECT_NAMESPACE, RESULTS_NAMESPACE, probe
 from tests.harness import Stack, eventually, stack_context
-from worker.alarms_client import ObjectAlarm
-from worker.state_client import StateClient
 from wsgate.client import Client, ClientClosed, connect
+from wsgate.gateway.server import CLOSE_TIMEOUT_S
+from wsgate.worker.alarms_client import ObjectAlarm
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -26,14 +26,8 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
-from gateway.server import Gateway
-from stateservice.membership import INVALID_CONNECTION_ID, PAGE_SIZE, MembershipComponent
-from stateservice.server import StateServer
-from stateservice.storage import ObjectId
 from tests.backends import Backend
 from tests.harness import Stack, in_process_state_config, metric, stack_context, wait_until
-from worker.membership import Member, ObjectMembers, leave_all
-from worker.state_client import StateClient
 from wsgate import ids, subjects
 from wsgate.bench.loadgen import raise_nofile_limit
 from wsgate.config import GatewayConfig, StateConfig
@@ -46,13 +40,19 @@ from wsgate.errors import (
     TagTooLarge,
     TooManyTags,
 )
+from wsgate.gateway.server import Gateway
 from wsgate.limits import MAX_ATTACHMENT_BYTES, MAX_TAG_CHARS, MAX_TAGS
 from wsgate.procs import Child, start_nats_server
 from wsgate.state_errors import ERROR_INFO_KEY
+from wsgate.stateservice.membership import INVALID_CONNECTION_ID, PAGE_SIZE, MembershipComponent
+from wsgate.stateservice.server import StateServer
+from wsgate.stateservice.storage import ObjectId
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
+from wsgate.worker.membership import Member, ObjectMembers, leave_all
+from wsgate.worker.state_client import StateClient
 
 PREFIX = "wsgate"
 

@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 from nats.aio.msg import Msg
 
-from gateway.server import Gateway
 from tests.harness import wait_until
 from tests.nats_jwt import NKey, account_jwt, creds, new_nkey, operator_mode_config, user_jwt
 from wsgate import subjects
 from wsgate.bus import connect_bus
 from wsgate.config import BusConfig, GatewayConfig, from_environ
 from wsgate.errors import BusRefused, BusUnavailable
+from wsgate.gateway.server import Gateway
 from wsgate.nats_permissions import Identity, permissions, render_authorization
 from wsgate.procs import start_nats_server
 from wsgate.v1 import envelope_pb2 as pb

@@ -28,19 +28,19 @@ import pytest
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from gateway.server import Gateway
-from stateservice.server import StateServer
 from tests.apps.sdk import app as sdk_app
 from tests.certs import Pki
 from tests.harness import in_process_state_config, metric, wait_until
-from worker.runtime import Worker
 from wsgate import subjects
 from wsgate.bus import connect_bus, connect_options, is_permission_violation
 from wsgate.client import connect
 from wsgate.config import BusConfig, GatewayConfig, WorkerConfig
+from wsgate.gateway.server import Gateway
 from wsgate.nats_permissions import Identity, render_authorization
 from wsgate.procs import Child, start_nats_server
+from wsgate.stateservice.server import StateServer
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.runtime import Worker
 
 P = "wsgate"
 GW_A, GW_B = "gw-a-aaaa1111", "gw-b-bbbb2222"

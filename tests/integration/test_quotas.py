@@ -18,11 +18,7 @@ import aiohttp
 import grpc
 import pytest
 
-from stateservice.disk import DiskGuard
-from stateservice.server import StateServer
 from tests.harness import Stack, eventually, in_process_state_config, metric, stack_context
-from worker.membership import ObjectMembers
-from worker.state_client import StateClient
 from wsgate.client import UpgradeRefused, connect
 from wsgate.errors import (
     ObjectNameTooLong,
@@ -32,8 +28,12 @@ from wsgate.errors import (
     TooManyObjectKeys,
 )
 from wsgate.state_errors import ERROR_INFO_KEY, Reason
+from wsgate.stateservice.disk import DiskGuard
+from wsgate.stateservice.server import StateServer
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
+from wsgate.worker.membership import ObjectMembers
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(90)
 

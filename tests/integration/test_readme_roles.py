@@ -22,9 +22,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.server import ENVELOPE_MARGIN_BYTES
 from tests.harness import eventually
 from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES
+from wsgate.gateway.server import ENVELOPE_MARGIN_BYTES
 from wsgate.procs import find_nats_server
 
 pytestmark = pytest.mark.timeout(60)

@@ -50,7 +50,7 @@ async def test_each_name_reaches_only_its_own_subscriber(nats_server: Child) -> 
 def awkward_app_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """A worker and a gateway serving an app whose name is full of subject syntax."""
     for stack in stack_context(tmp_path_factory.mktemp("awkward"), worker=False):
-        stack.start_worker("examples.app:app", "--app-name", "my.app *>")
+        stack.start_worker("wsgate.examples.app:app", "--app-name", "my.app *>")
         stack.start_gateway("--app-name", "my.app *>")
         yield stack
 

@@ -18,16 +18,16 @@ from typing import Any
 
 import pytest
 
-from stateservice import schema
-from stateservice.schema import LATEST_VERSION
-from stateservice.storage import ObjectId, Sql, SqliteStorage
 from tests.backends import Backend
 from tests.harness import Stack, eventually, stack_context
-from worker.state_client import StateClient
 from wsgate.errors import SchemaOutdated
 from wsgate.pgserver import PostgresServer
 from wsgate.procs import ChildFailed
+from wsgate.stateservice import schema
+from wsgate.stateservice.schema import LATEST_VERSION
+from wsgate.stateservice.storage import ObjectId, Sql, SqliteStorage
 from wsgate.values import decode_value, encode_value
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(120)
 

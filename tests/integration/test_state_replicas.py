@@ -24,18 +24,18 @@ import grpc
 import psycopg
 import pytest
 
-from stateservice.server import StateServer
-from stateservice.storage import PG_IDLE_IN_TRANSACTION_MS
 from tests.harness import Stack, in_process_state_config, metric, wait_until
-from worker.state_client import StateClient
 from wsgate.client import ClientClosed, connect
 from wsgate.errors import ConfigError, NotOwner, ObjectActive
 from wsgate.pgserver import PostgresServer, start_postgres
 from wsgate.placement import Replica, object_key, owner_of
 from wsgate.procs import Child
 from wsgate.state_errors import exception_from_rpc_error
+from wsgate.stateservice.server import StateServer
+from wsgate.stateservice.storage import PG_IDLE_IN_TRANSACTION_MS
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(180)
 

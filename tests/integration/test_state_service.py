@@ -15,10 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from stateservice.server import STATE_SERVICE_NAME, StateServer
 from tests.backends import Backend
 from tests.harness import in_process_state_config, write_results
-from worker.state_client import ObjectStorage, StateClient
 from wsgate.config import StateConfig
 from wsgate.errors import (
     InvalidObjectId,
@@ -31,9 +29,11 @@ from wsgate.errors import (
 from wsgate.limits import MAX_KEY_BYTES, MAX_VALUE_BYTES
 from wsgate.service import ServicePhase
 from wsgate.state_errors import ERROR_INFO_KEY, Reason
+from wsgate.stateservice.server import STATE_SERVICE_NAME, StateServer
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
+from wsgate.worker.state_client import ObjectStorage, StateClient
 
 #: For a test whose calls never reach the database (refused before it, or not about it):
 #: the state service on one backend is enough.

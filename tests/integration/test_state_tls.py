@@ -16,15 +16,15 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from stateservice.server import StateServer
 from tests.certs import CertFiles, Pki
 from tests.harness import Stack, in_process_state_config, metric, stack_context, wait_until
-from worker.state_client import StateClient
 from wsgate.config import WorkerConfig
 from wsgate.errors import StateUnavailable
 from wsgate.grpc_tls import ClientTls, client_tls
 from wsgate.pgserver import PostgresServer
 from wsgate.placement import Replica, object_key, owner_of
+from wsgate.stateservice.server import StateServer
+from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -110,7 +110,7 @@ async def test_clients_without_a_trusted_certificate_are_refused(
 
     # At once: each waits out its deadline.
     outcomes = await asyncio.gather(*(try_to_write(tls) for tls, _ in refused.values()))
-    logged = [r.getMessage() for r in caplog.records if r.name == "worker.state_client"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "wsgate.worker.state_client"]
     for (who, (_, hint)), (error, failures) in zip(refused.items(), outcomes, strict=True):
         assert error is not None, f"{who}: served"
         assert "unreachable" in str(error), (who, str(error))
@@ -238,7 +238,9 @@ async def test_a_worker_process_writes_through_a_state_process_over_mtls(
     stack = mtls_stack
     # A worker whose certificate the state service does not trust: it takes the request,
     # is refused at the handshake, and says so in its log and its metrics.
-    intruder = stack.start_worker("examples.app:app", *worker_args(pki, pki.untrusted_client()))
+    intruder = stack.start_worker(
+        "wsgate.examples.app:app", *worker_args(pki, pki.untrusted_client())
+    )
     metrics_url = stack.worker_metrics_url(0)
     async with aiohttp.ClientSession() as session:
         attempt = asyncio.ensure_future(session.ws_connect(stack.ws_url("/counter/tls")))
@@ -256,7 +258,7 @@ async def test_a_worker_process_writes_through_a_state_process_over_mtls(
     assert "has one it refused (WSGATE_STATE_TLS_CERT)" in log
 
     # The trusted worker: the counter's increments are written and read back.
-    stack.start_worker("examples.app:app", *worker_args(pki, worker_cert))
+    stack.start_worker("wsgate.examples.app:app", *worker_args(pki, worker_cert))
     async with (
         aiohttp.ClientSession() as session,
         session.ws_connect(stack.ws_url("/counter/tls")) as ws,

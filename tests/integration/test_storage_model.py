@@ -50,14 +50,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from stateservice.server import StateServer
 from tests.backends import Backend
 from tests.harness import in_process_state_config
 from tests.loop_thread import LoopThread
 from tests.storage_keys import KEYS, weighted
-from worker.state_client import ObjectStorage, StateClient, Transaction
+from wsgate.stateservice.server import StateServer
 from wsgate.v1 import state_pb2 as pb
 from wsgate.values import INT64_MAX, INT64_MIN, encode_value
+from wsgate.worker.state_client import ObjectStorage, StateClient, Transaction
 
 T = TypeVar("T")
 

@@ -11,19 +11,19 @@ from typing import Any
 import grpc
 import pytest
 
-from stateservice.component import StateContext
-from stateservice.idempotency import IdempotencyPruner
-from stateservice.server import StateServer
 from tests.backends import Backend
 from tests.harness import in_process_state_config, write_results
-from worker.gate import OutputGate, current_gate
-from worker.state_client import ObjectStorage, StateClient, Transaction
 from wsgate.config import StateConfig
 from wsgate.errors import InvalidValue, TooManyKeys, TransactionAborted
 from wsgate.limits import MAX_BATCH_KEYS
+from wsgate.stateservice.component import StateContext
+from wsgate.stateservice.idempotency import IdempotencyPruner
+from wsgate.stateservice.server import StateServer
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
+from wsgate.worker.gate import OutputGate, current_gate
+from wsgate.worker.state_client import ObjectStorage, StateClient, Transaction
 
 #: The transaction timeout of this module's state service (short: some tests wait it out).
 TRANSACTION_TIMEOUT_S = 1.0

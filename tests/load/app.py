@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from worker import Accept, App, Connection, ConnectRequest, DurableObject
+from wsgate import Accept, App, Connection, ConnectRequest, DurableObject
 
 app = App()
 

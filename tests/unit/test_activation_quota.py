@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 
 from tests.unit.test_activation_release import Host, Poster, event
-from worker.activation import Activation
-from worker.activation_quota import ObjectQuota
-from worker.object_cache import StorageCache
-from worker.work import Work
 from wsgate.errors import ObjectTooLarge, TooManyMembers, TooManyObjectKeys
 from wsgate.state_errors import Reason
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.activation import Activation
+from wsgate.worker.activation_quota import ObjectQuota
+from wsgate.worker.object_cache import StorageCache
+from wsgate.worker.work import Work
 
 QUOTAS = pb.ObjectQuotas(max_keys=3, max_bytes=40, max_members=2)
 

@@ -9,15 +9,15 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
-from worker.activation import Activation
-from worker.durable import DurableObject
-from worker.failpoints import Failpoints
-from worker.metrics import WorkerMetrics
-from worker.turn import current_turn
-from worker.work import Work, WorkKind
 from wsgate import ids
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker.activation import Activation
+from wsgate.worker.durable import DurableObject
+from wsgate.worker.failpoints import Failpoints
+from wsgate.worker.metrics import WorkerMetrics
+from wsgate.worker.turn import current_turn
+from wsgate.worker.work import Work, WorkKind
 
 GATEWAY = ids.new_gateway_id("test")
 POSTER = f"{GATEWAY}_1"

@@ -11,7 +11,10 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from stateservice.alarms import (
+from tests.backends import Backend
+from wsgate.config import StateConfig
+from wsgate.errors import ConfigError
+from wsgate.stateservice.alarms import (
     EarliestAlarms,
     FinishAlarm,
     PutAlarm,
@@ -22,12 +25,9 @@ from stateservice.alarms import (
     RetryPolicy,
     new_firing_id,
 )
-from stateservice.storage import ObjectId, PostgresStorage, Storage
-from tests.backends import Backend
-from worker.alarms_client import AlarmInfo, from_epoch_ms, to_epoch_ms
-from worker.app import App
-from wsgate.config import StateConfig
-from wsgate.errors import ConfigError
+from wsgate.stateservice.storage import ObjectId, PostgresStorage, Storage
+from wsgate.worker.alarms_client import AlarmInfo, from_epoch_ms, to_epoch_ms
+from wsgate.worker.app import App
 
 OBJ = ObjectId("room", "lobby")
 POLICY = RetryPolicy(first_ms=1000, max_ms=8000, max_retries=3)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker import (
+from wsgate import (
     Accept,
     App,
     ConnectionClosed,
@@ -17,9 +17,9 @@ from worker import (
     NotAccepted,
     Reject,
 )
-from worker.connection import Connection, current_connection
-from worker.env import Env
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.connection import Connection, current_connection
+from wsgate.worker.env import Env
 
 
 class RecordingSink:
@@ -59,7 +59,7 @@ def test_a_trailing_newline_or_junk_does_not_match_a_literal_route() -> None:
 
 def test_only_short_paths_are_cached() -> None:
     # Paths come from envelopes (up to 8 KiB): the cache holds 4096 of at most 1 KiB each.
-    from worker.app import _RESOLVED_MAX_PATH_CHARS
+    from wsgate.worker.app import _RESOLVED_MAX_PATH_CHARS
 
     app = App()
     room = app.route("/chat/{room}")

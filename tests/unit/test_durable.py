@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from worker import Accept, App, DurableObject
-from worker.errors import InvalidResponse, InvalidRoute
+from wsgate import Accept, App, DurableObject
+from wsgate.worker.errors import InvalidResponse, InvalidRoute
 
 
 class Plain(DurableObject):

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.presence import lease_ms
 from wsgate import envelopes
 from wsgate.config import MAX_PRESENCE_INTERVAL_S
 from wsgate.errors import InvalidEnvelope
+from wsgate.gateway.presence import lease_ms
 from wsgate.v1 import envelope_pb2 as pb
 
 GW = "node-abcdefgh"

@@ -8,10 +8,10 @@ import signal
 
 import pytest
 
-from worker import failpoints
-from worker.failpoints import KILL_AFTER_COMMIT, Failpoints
 from wsgate.errors import ConfigError
 from wsgate.v1 import envelope_pb2 as envelope
+from wsgate.worker import failpoints
+from wsgate.worker.failpoints import KILL_AFTER_COMMIT, Failpoints
 
 
 @pytest.fixture

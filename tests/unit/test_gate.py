@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.gate import OutputGate
+from wsgate.worker.gate import OutputGate
 
 
 def test_keys_number_the_writes_of_a_run() -> None:

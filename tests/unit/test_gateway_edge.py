@@ -11,9 +11,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.client_address import ClientAddress, TrustedProxies
-from gateway.ip_limit import IpConnectionLimit
-from gateway.proxy_protocol import (
+from wsgate.config import GatewayConfig
+from wsgate.errors import ConfigError
+from wsgate.gateway.client_address import ClientAddress, TrustedProxies
+from wsgate.gateway.ip_limit import IpConnectionLimit
+from wsgate.gateway.proxy_protocol import (
     MAX_V1_BYTES,
     MAX_V2_BYTES,
     V2_SIGNATURE,
@@ -21,8 +23,6 @@ from gateway.proxy_protocol import (
     ProxyHeaderReader,
     ProxyProtocolError,
 )
-from wsgate.config import GatewayConfig
-from wsgate.errors import ConfigError
 
 # -- PROXY protocol -------------------------------------------------------------------------
 

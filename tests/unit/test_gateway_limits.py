@@ -7,11 +7,11 @@ import math
 
 import pytest
 
-from gateway.budget import OutboundBudget, choose_victims
-from gateway.rate import TokenBucket
 from wsgate.cli import build_parser
 from wsgate.config import GatewayConfig
 from wsgate.errors import ConfigError
+from wsgate.gateway.budget import OutboundBudget, choose_victims
+from wsgate.gateway.rate import TokenBucket
 
 # -- the token bucket --------------------------------------------------------------------
 

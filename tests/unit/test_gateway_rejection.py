@@ -3,7 +3,7 @@ headers that frame the response, which are the gateway's."""
 
 from __future__ import annotations
 
-from gateway.server import FRAMING_HEADERS, _reject_response
+from wsgate.gateway.server import FRAMING_HEADERS, _reject_response
 from wsgate.v1 import envelope_pb2 as pb
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.intake import IntakeWatchdog
+from wsgate.worker.intake import IntakeWatchdog
 
 STALL_S = 5.0
 START = 100.0

@@ -24,12 +24,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.certs import Pki
-from worker import App, AuthFailure, ConnectRequest, DurableObject, JWTVerifier, Unauthorized
-from worker.app import Accept
-from worker.auth import Verified, authenticate, find_token, with_auth_subprotocol
-from worker.jwt_keys import KeyRing
+from wsgate import App, AuthFailure, ConnectRequest, DurableObject, JWTVerifier, Unauthorized
 from wsgate.errors import ConfigError
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.app import Accept
+from wsgate.worker.auth import Verified, authenticate, find_token, with_auth_subprotocol
+from wsgate.worker.jwt_keys import KeyRing
 
 SECRET = "0123456789abcdef0123456789abcdef"  # 32 bytes: the shortest allowed
 NOW = 1_700_000_000.0

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from stateservice.leases import Claim, Lease, LeaseTable
-from stateservice.storage import ObjectId
+from wsgate.stateservice.leases import Claim, Lease, LeaseTable
+from wsgate.stateservice.storage import ObjectId
 
 OBJ = ObjectId("room", "lobby")
 OTHER_OBJ = ObjectId("room", "other")

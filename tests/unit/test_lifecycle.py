@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.lifecycle import ConnectionLifecycle, Phase
 from wsgate.closecodes import CloseCode
+from wsgate.gateway.lifecycle import ConnectionLifecycle, Phase
 from wsgate.v1 import envelope_pb2 as pb
 
 

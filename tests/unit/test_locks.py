@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from stateservice.locks import ObjectLocks
+from wsgate.stateservice.locks import ObjectLocks
 
 
 async def test_holds_are_granted_in_arrival_order() -> None:

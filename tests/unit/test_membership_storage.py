@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from stateservice.membership import (
+from tests.backends import Backend
+from wsgate import ids
+from wsgate.stateservice.membership import (
     PAGE_SIZE,
     SWEEP_BATCH,
     BroadcastRecipients,
@@ -27,9 +29,7 @@ from stateservice.membership import (
     SetMemberAttachment,
     StoredMember,
 )
-from stateservice.storage import ObjectId, PostgresStorage, Sql, SqliteStorage, Storage
-from tests.backends import Backend
-from wsgate import ids
+from wsgate.stateservice.storage import ObjectId, PostgresStorage, Sql, SqliteStorage, Storage
 from wsgate.values import encode_value
 
 ROOM = ObjectId("room", "lobby")

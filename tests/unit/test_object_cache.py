@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.storage_keys import KEY_UNIVERSE, KEYS, weighted
-from worker.object_cache import (
+from wsgate.worker.object_cache import (
     UNKNOWN,
     KeyRange,
     Layer,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.presence import LEASE_INTERVALS, lease_ms
-from stateservice.presence import (
+from wsgate.gateway.presence import LEASE_INTERVALS, lease_ms
+from wsgate.stateservice.presence import (
     MAX_SWEEP_INTERVAL_S,
     MIN_SWEEP_INTERVAL_S,
     GatewayLeases,

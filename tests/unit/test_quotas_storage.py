@@ -12,14 +12,26 @@ from typing import Any
 import psycopg
 import pytest
 
-from stateservice import schema
-from stateservice.leases import GrantLease
-from stateservice.membership import JoinMember, LeaveEverything, LeaveMember, RemoveGatewayMembers
-from stateservice.storage import DeleteAll, DeleteKeys, ObjectId, PgConnection, PutKeys, Storage
-from stateservice.turns import CommitObjectTurns, LookupTurnRecord, TurnEffects
-from stateservice.usage import CheckedGrowth, ObjectQuotas, ReadUsage, Usage
 from tests.backends import Backend
 from wsgate.errors import ObjectTooLarge, TooManyMembers, TooManyObjectKeys
+from wsgate.stateservice import schema
+from wsgate.stateservice.leases import GrantLease
+from wsgate.stateservice.membership import (
+    JoinMember,
+    LeaveEverything,
+    LeaveMember,
+    RemoveGatewayMembers,
+)
+from wsgate.stateservice.storage import (
+    DeleteAll,
+    DeleteKeys,
+    ObjectId,
+    PgConnection,
+    PutKeys,
+    Storage,
+)
+from wsgate.stateservice.turns import CommitObjectTurns, LookupTurnRecord, TurnEffects
+from wsgate.stateservice.usage import CheckedGrowth, ObjectQuotas, ReadUsage, Usage
 
 OBJ = ObjectId("quota", "room")
 OTHER = ObjectId("quota", "other")

@@ -1,5 +1,5 @@
 """``wsgate state``'s actions: how the command line parses, and the edges of
-:mod:`stateservice.admin` that need no running service (tests/integration/test_state_admin.py
+:mod:`wsgate.stateservice.admin` that need no running service (tests/integration/test_state_admin.py
 runs them as commands, under a real state service)."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from stateservice import admin
-from stateservice.schema import LATEST_VERSION
 from wsgate.cli import build_parser
 from wsgate.config import StateConfig
+from wsgate.stateservice import admin
+from wsgate.stateservice.schema import LATEST_VERSION
 
 # -- the command line ---------------------------------------------------------------------
 

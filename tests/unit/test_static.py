@@ -1,4 +1,4 @@
-"""gateway.static: which request paths name which files, and which never resolve."""
+"""wsgate.gateway.static: which request paths name which files, and which never resolve."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.static import resolve_static, with_static_files
+from wsgate.gateway.static import resolve_static, with_static_files
 
 
 @pytest.fixture

@@ -17,7 +17,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from stateservice.storage import (
+from tests.backends import Backend
+from wsgate.errors import InvalidObjectId
+from wsgate.pgserver import PostgresServer
+from wsgate.stateservice.storage import (
     DATABASE_ERRORS,
     GetKeys,
     ObjectId,
@@ -29,9 +32,6 @@ from stateservice.storage import (
     StoragePhase,
     prefix_successor,
 )
-from tests.backends import Backend
-from wsgate.errors import InvalidObjectId
-from wsgate.pgserver import PostgresServer
 
 OBJ = ObjectId("counter", "room-1")
 
@@ -403,8 +403,8 @@ async def test_without_group_commit_every_write_commits_alone(backend: Backend) 
 async def test_a_failing_write_in_a_write_call_group_fails_alone(
     storage: Storage, failing: Any, raises: tuple[type[Exception], ...]
 ) -> None:
-    from stateservice.idempotency import Applied
-    from stateservice.kv_service import _Unkeyed, _WriteGroup
+    from wsgate.stateservice.idempotency import Applied
+    from wsgate.stateservice.kv_service import _Unkeyed, _WriteGroup
 
     group = _WriteGroup(
         [

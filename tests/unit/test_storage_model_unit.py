@@ -31,7 +31,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from stateservice.storage import (
+from tests.backends import Backend
+from tests.storage_keys import KEYS, weighted
+from wsgate.stateservice.storage import (
     DeleteAll,
     DeleteKeys,
     Entries,
@@ -41,8 +43,6 @@ from stateservice.storage import (
     PutKeys,
     Sql,
 )
-from tests.backends import Backend
-from tests.storage_keys import KEYS, weighted
 
 T = TypeVar("T")
 

@@ -18,24 +18,24 @@ from typing import Any, TypeVar
 import psycopg
 import pytest
 
-from stateservice import turns as turns_module
-from stateservice.leases import (
+from tests.backends import Backend
+from tests.harness import eventually
+from wsgate.pgserver import PostgresServer
+from wsgate.stateservice import turns as turns_module
+from wsgate.stateservice.leases import (
     GrantLease,
     HeldLeases,
     ReleaseLease,
     RevokeLease,
 )
-from stateservice.storage import GetKeys, ObjectId, Operation, PutKeys, Sql, Storage
-from stateservice.turns import (
+from wsgate.stateservice.storage import GetKeys, ObjectId, Operation, PutKeys, Sql, Storage
+from wsgate.stateservice.turns import (
     CommitObjectTurns,
     LookupTurnRecord,
     PruneTurns,
     Refused,
     TurnEffects,
 )
-from tests.backends import Backend
-from tests.harness import eventually
-from wsgate.pgserver import PostgresServer
 from wsgate.values import decode_value, encode_value
 
 T = TypeVar("T")

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 from nats.aio.msg import Msg
 
-from worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind, hops_of
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind, hops_of
 
 CONNECTION = "gw-abcdefgh.c1"
 PARAMS = {"room": "lobby"}

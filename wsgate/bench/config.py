@@ -9,7 +9,7 @@ from wsgate.errors import ConfigError
 
 #: The example app's echo route, served by both the full stack and the baseline.
 ECHO_PATH = "/echo"
-DEFAULT_APP = "examples.app:app"
+DEFAULT_APP = "wsgate.examples.app:app"
 #: The gateway's default message size limit; larger messages would be refused (1009).
 MAX_MESSAGE_BYTES = 1024 * 1024
 

@@ -223,7 +223,7 @@ def _measure_counters(
 
 async def _read_counters(address: str, names: list[str]) -> int:
     """The sum of the counters ``names``, as the state service holds them (committed)."""
-    from worker.state_client import StateClient
+    from wsgate.worker.state_client import StateClient
 
     slots = asyncio.Semaphore(READ_CONCURRENCY)
     async with StateClient(address, timeout_s=30) as client:

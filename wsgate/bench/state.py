@@ -6,7 +6,7 @@ times one count of concurrent clients, measured twice, the same way:
 
 - **wsgate**: a state service started as its own process (``wsgate state``, with a
   nats-server it needs), on a SQLite file in a directory on disk. The clients are
-  coroutines of this process on uvloop, sharing one :class:`~worker.state_client.StateClient`
+  coroutines of this process on uvloop, sharing one :class:`~wsgate.worker.state_client.StateClient`
   as a worker's handlers do; each is a closed loop of ``await storage.put(key, value)``.
   A put resolves once the write is durable (its batch's COMMIT, hence the WAL's fsync,
   returned), and concurrent puts travel and commit together: that is what is measured.
@@ -59,8 +59,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from stateservice.storage import ObjectId, PutKeys, SqliteConnection
-from worker.state_client import StateClient
 from wsgate.bench.histogram import LatencyHistogram
 from wsgate.bench.processes import ROLE_LOG_LEVEL, BenchError
 from wsgate.bench.state_command import StateBenchConfig
@@ -69,7 +67,9 @@ from wsgate.errors import StateError, WsgateError
 from wsgate.pgserver import PostgresServer, postgres_available, start_postgres
 from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
+from wsgate.stateservice.storage import ObjectId, PutKeys, SqliteConnection
 from wsgate.values import encode_value
+from wsgate.worker.state_client import StateClient
 
 log = logging.getLogger("wsgate.bench")
 
