@@ -39,6 +39,9 @@ _EXPORTS: dict[str, str] = {
     "DurableObject": "wsgate.worker.durable",
     "Peer": "wsgate.worker.durable",
     "Env": "wsgate.worker.env",
+    "AlarmInfo": "wsgate.worker.alarms_client",
+    "ObjectAlarm": "wsgate.worker.alarms_client",
+    "BroadcastResult": "wsgate.worker.membership",
     "JWTVerifier": "wsgate.worker.jwt_verifier",
     "ObjectStorage": "wsgate.worker.state_client",
     "Transaction": "wsgate.worker.state_client",
@@ -79,11 +82,13 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = [
     "Accept",
+    "AlarmInfo",
     "App",
     "AppLoadError",
     "AttachmentTooLarge",
     "AuthFailure",
     "Authenticator",
+    "BroadcastResult",
     "ConnectRequest",
     "Connection",
     "ConnectionClosed",
@@ -100,6 +105,7 @@ __all__ = [
     "LimitExceeded",
     "NoConnectionState",
     "NotAccepted",
+    "ObjectAlarm",
     "ObjectNameTooLong",
     "ObjectQuotaExceeded",
     "ObjectStorage",
@@ -148,6 +154,7 @@ if TYPE_CHECKING:
         ValueTooLarge,
         WsgateError,
     )
+    from wsgate.worker.alarms_client import AlarmInfo, ObjectAlarm
     from wsgate.worker.app import Accept, App, ConnectRequest, Reject, Route
     from wsgate.worker.auth import Authenticator
     from wsgate.worker.connection import Connection
@@ -168,6 +175,7 @@ if TYPE_CHECKING:
         WorkerError,
     )
     from wsgate.worker.jwt_verifier import JWTVerifier
+    from wsgate.worker.membership import BroadcastResult
     from wsgate.worker.state_client import ObjectStorage, Transaction
 
 

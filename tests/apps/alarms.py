@@ -17,8 +17,7 @@ import os
 import time
 from typing import Any
 
-from wsgate import App
-from wsgate.worker.alarms_client import AlarmInfo
+from wsgate import AlarmInfo, App
 from wsgate.worker.gate import current_gate
 
 app = App()

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import asyncio
 
-from wsgate import App, Connection, ConnectRequest, DurableObject, Reject
-from wsgate.worker.alarms_client import AlarmInfo
+from wsgate import AlarmInfo, App, Connection, ConnectRequest, DurableObject, Reject
 
 app = App()
 

@@ -7,8 +7,7 @@ import asyncio
 import os
 import time
 
-from wsgate import App, Connection, DurableObject
-from wsgate.errors import StateError
+from wsgate import App, Connection, DurableObject, StateError
 
 app = App()
 

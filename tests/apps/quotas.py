@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from wsgate import App, Connection, DurableObject
-from wsgate.errors import ObjectQuotaExceeded
+from wsgate import App, Connection, DurableObject, ObjectQuotaExceeded
 
 app = App()
 

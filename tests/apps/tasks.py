@@ -19,8 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from wsgate import Accept, App, Connection, ConnectRequest, DurableObject
-from wsgate.worker.alarms_client import AlarmInfo
+from wsgate import Accept, AlarmInfo, App, Connection, ConnectRequest, DurableObject
 
 app = App()
 
