@@ -153,7 +153,7 @@ async def test_state_close_stops_grpc_and_drains_nats_after_a_step_that_fails(
     messages = [r.getMessage() for r in caplog.records if "undoing" in r.getMessage()]
     assert messages == ["state service: undoing health failed"]
     # The gRPC server stopped: a call finds no one.
-    async with StateClient(address, timeout_s=1) as client:
+    async with StateClient(address, timeout_s=0.3) as client:
         with pytest.raises((StateUnavailable, StateTimeout)):
             await client.storage("lifecycles", "x").get("k")
 
