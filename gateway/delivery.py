@@ -26,7 +26,6 @@ timer per event: at thousands of events a second the timers cost more than the s
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import logging
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids
 from wsgate.errors import InvalidEnvelope
+from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -136,18 +136,16 @@ class EventDelivery:
         allow it to read)."""
         return f"{self._ack_prefix}.*.*"
 
-    def start(self) -> None:
-        """Start the timeout sweep."""
-        self._sweeper = self._loop.create_task(self._sweep())
+    def start(self, spawn: Spawn = unsupervised) -> None:
+        """Start the timeout sweep (with ``spawn``: the gateway supervises it)."""
+        self._sweeper = spawn("delivery_sweep", self._sweep())
 
     async def close(self) -> None:
-        """Stop the sweep, and give up every delivery still waiting (no ack can come any
-        more: NATS is drained by then). Idempotent."""
+        """Stop the sweep, and give up every delivery still waiting (the gateway calls it
+        once its connections have drained: an ack that has not come by then will not).
+        Idempotent."""
         self._closed = True
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        await stop_task(self._sweeper)
         for waiting in list(self._waiting.values()):
             if not waiting.future.done():
                 waiting.future.set_result(Reply.TIMEOUT)

@@ -56,6 +56,7 @@ from wsgate.gateway.ip_limit import IpConnectionLimit
 from wsgate.gateway.metrics import GatewayMetrics
 from wsgate.gateway.proxy_protocol import ProxyHeader, ProxyHeaderReader, ProxyProtocolError
 from wsgate.gateway.tls import ServerCertificate
+from wsgate.supervision import Spawn, unsupervised
 
 log = logging.getLogger(__name__)
 
@@ -200,16 +201,16 @@ class Listener:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self, server: web.Server) -> None:
-        """Bind and start accepting. Raises OSError if the address cannot be bound."""
+    async def start(self, server: web.Server, spawn: Spawn = unsupervised) -> None:
+        """Bind and start accepting (the certificate's watch started with ``spawn``).
+        Raises OSError if the address cannot be bound."""
         self._loop = loop = asyncio.get_running_loop()
         self._server = server
         self._sockets = await _bind(loop, self._config.host, self._config.port)
         self._accept_on()
         if self.certificate is not None:
-            self._watch = asyncio.create_task(
-                self.certificate.watch(self._config.tls_watch_interval_s),
-                name="tls certificate watch",
+            self._watch = spawn(
+                "tls_watch", self.certificate.watch(self._config.tls_watch_interval_s)
             )
 
     async def close(self) -> None:

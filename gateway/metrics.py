@@ -11,6 +11,9 @@ from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 #: of its connect requests.
 GARBAGE_SUBJECTS = ("command", "ack", "acks", "connect_reply")
 
+#: The gateway's supervised background tasks (the ``task`` label of ``background_crashes``).
+BACKGROUND_TASKS = ("delivery_sweep", "presence", "tls_watch")
+
 
 class GatewayMetrics:
     """Everything the gateway counts. Labels are fixed sets, never user strings."""
@@ -134,6 +137,15 @@ class GatewayMetrics:
         )
         for subject in GARBAGE_SUBJECTS:
             self.garbage.labels(subject)  # every kind shows, at 0, before the first
+        self.background_crashes = Counter(
+            "wsgate_gateway_background_crashes",
+            "Background tasks that ended with an error, by task (each turns /readyz to 503 "
+            "for good: restart the gateway)",
+            ["task"],
+            registry=r,
+        )
+        for task in BACKGROUND_TASKS:
+            self.background_crashes.labels(task)
         self.closes = Counter(
             "wsgate_gateway_closes",
             "Connections ended, by who started it",

@@ -17,13 +17,13 @@ again. A lease of several intervals lets announcements be lost or late now and t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from wsgate import subjects
+from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -67,10 +67,10 @@ class PresenceAnnouncer:
         #: Announcements published so far (the leaving one included).
         self.announcements = 0
 
-    def start(self) -> None:
-        """Start announcing (the first announcement goes at once)."""
+    def start(self, spawn: Spawn = unsupervised) -> None:
+        """Start announcing (the first announcement goes at once), with ``spawn``."""
         if self._task is None and not self._closed:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = spawn("presence", self._run())
 
     async def close(self) -> None:
         """Stop announcing and say that this gateway is leaving. Idempotent."""
@@ -78,10 +78,7 @@ class PresenceAnnouncer:
             return
         self._closed = True
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         if not self._nc.is_connected:
             # Not now: the lease runs out on its own, and the drain is not held up.
             log.info("NATS is away: not announcing leaving; the lease will run out")

@@ -42,7 +42,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids, subjects
-from wsgate.bus import connect_bus
+from wsgate.bus import connect_bus, drain_bus
 from wsgate.closecodes import CloseCode, is_sendable
 from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES, GatewayConfig
 from wsgate.errors import ConfigError, InvalidEnvelope
@@ -57,6 +57,7 @@ from wsgate.gateway.rate import TokenBucket
 from wsgate.gateway.static import Handler, with_static_files
 from wsgate.probes import add_probe_routes
 from wsgate.service import Service, ServicePhase
+from wsgate.supervision import Supervisor, Teardown
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -199,6 +200,14 @@ class Gateway(Service):
         self._runner: web.AppRunner | None = None
         #: The socket, TLS, PROXY protocol, handshake deadline, connections per address.
         self._listener: Listener | None = None
+        #: What start() did, undone by close() (newest first).
+        self._teardown = Teardown("gateway", log)
+        #: The background loops; a crash turns /readyz to 503.
+        self._supervisor = Supervisor(
+            "gateway",
+            on_crash=lambda task: self.metrics.background_crashes.labels(task).inc(),
+            logger=log,
+        )
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -210,8 +219,17 @@ class Gateway(Service):
         (the default is lowered to fit: see fit_message_limit), OSError if the port is taken.
         """
         self._enter_running()
+        # Each step registers its undo once done: close() undoes exactly what was started,
+        # newest first. The listener and the HTTP server are registered first so as to be
+        # undone last: the listener stays open while the connections drain (a load
+        # balancer sees 503s, not refused connections), and the HTTP server's cleanup
+        # waits for handlers that the event delivery's close lets go.
+        undo = self._teardown.push
+        spawn = self._supervisor.spawn
         try:
             self._listener = Listener(self.config, self.metrics)  # loads the certificate
+            undo("http server", self._stop_http_server)
+            undo("listener", self._listener.close)  # safe before start, or halfway through
             self._nc = nc = await connect_bus(
                 self.config,
                 f"wsgate-gateway {self.gateway_id}",
@@ -219,6 +237,7 @@ class Gateway(Service):
                 on_connection_change=self._bus_changed,
                 on_permission_violation=self.metrics.nats_permission_violations.inc,
             )
+            undo("nats", functools.partial(drain_bus, nc))
             self.config = fit_message_limit(self.config, nc.max_payload)
             prefix = self.config.prefix
             self._delivery = EventDelivery(
@@ -238,7 +257,8 @@ class Gateway(Service):
                 on_given_up=self._given_up,
                 on_garbage=self._garbage,
             )
-            self._delivery.start()
+            self._delivery.start(spawn)
+            undo("event delivery", self._delivery.close)
             await nc.subscribe(self._command_subject, cb=self._on_command)
             await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
             await nc.subscribe(self._delivery.ack_batch_subject, cb=self._delivery.on_batch)
@@ -247,9 +267,16 @@ class Gateway(Service):
             self._presence = PresenceAnnouncer(
                 nc, self.config.prefix, self.gateway_id, self.config.presence_interval_s
             )
-            self._presence.start()
+            self._presence.start(spawn)
+            # Connections closed, close events delivered: the members may go then.
+            undo("presence", self._presence.close)
             app = web.Application(middlewares=[mark_request_started])
-            add_probe_routes(app, is_ready=self._is_ready, registry=self.metrics.registry)
+            add_probe_routes(
+                app,
+                is_ready=self._is_ready,
+                registry=self.metrics.registry,
+                not_ready_reason=self._supervisor.not_ready_reason,
+            )
             handler: Handler = self._handle
             if self.config.static_path is not None:
                 # Plain GETs of files in static_dir; upgrades and the rest still reach _handle.
@@ -258,7 +285,8 @@ class Gateway(Service):
             self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
             await self._runner.setup()
             assert self._runner.server is not None
-            await self._listener.start(self._runner.server)
+            await self._listener.start(self._runner.server, spawn)
+            undo("connections", self._close_connections)
         except BaseException:
             await self.close()
             raise
@@ -290,49 +318,52 @@ class Gateway(Service):
     async def close(self) -> None:
         """Drain, in this order, within ``drain_timeout_s``: readiness turns 503 and new
         upgrades are refused; each connection's event in flight finishes; every socket is
-        closed with 1001 (at most CLOSE_CONCURRENCY at once); their ``close`` events reach
-        the app; sockets still open at the deadline are cut; NATS is drained; the listener
-        stops. Idempotent; a second caller waits for the first.
+        closed with 1001 (at most CLOSE_CONCURRENCY at once), and so is one whose upgrade
+        was under way; their ``close`` events reach the app; sockets still open at the
+        deadline are cut. Then the presence lease is given up, the event delivery stops
+        (what still waits for an ack is given up), NATS is drained, and the listener and
+        the HTTP server stop.
+
+        Each of those steps runs even if one before it failed (the failure is logged with
+        the step's name); only the steps start() got to are undone. Idempotent; a second
+        caller waits for the first.
         """
         if not await self._enter_closing():
             return
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_timeout_s
         try:
-            slots = asyncio.Semaphore(CLOSE_CONCURRENCY)
-
-            async def close_one(conn: LiveConnection) -> None:
-                async with slots:
-                    await conn.wait_settled(deadline)
-                    self._request_close(
-                        conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
-                    )
-
-            await asyncio.gather(*(close_one(c) for c in list(self._connections.values())))
-            if self._handlers:
-                # Handlers finish by reporting each close to the app, so NATS stays up.
-                _, pending = await asyncio.wait(
-                    self._handlers, timeout=max(deadline - loop.time(), 0.01)
-                )
-                if pending:
-                    log.warning("%d connection(s) still open at the deadline; cut", len(pending))
-                    for conn in list(self._connections.values()):
-                        conn.outbox.force_close(CloseCode.GOING_AWAY, "going away")
-                    await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
-            if self._presence is not None:
-                # Connections closed, close events delivered: the members may go now.
-                await self._presence.close()
-            if self._nc is not None and not self._nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await self._nc.drain()
-            if self._delivery is not None:
-                await self._delivery.close()
-            if self._listener is not None:
-                await self._listener.close()
-            if self._runner is not None:
-                await self._runner.cleanup()
+            await self._teardown.unwind()
         finally:
             self._mark_closed()
+
+    async def _stop_http_server(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _close_connections(self) -> None:
+        """The first step of close(): every connection closed with 1001, bounded."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        slots = asyncio.Semaphore(CLOSE_CONCURRENCY)
+
+        async def close_one(conn: LiveConnection) -> None:
+            async with slots:
+                await conn.wait_settled(deadline)
+                self._request_close(
+                    conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
+                )
+
+        await asyncio.gather(*(close_one(c) for c in list(self._connections.values())))
+        if self._handlers:
+            # Handlers finish by reporting each close to the app, so NATS stays up. Those
+            # whose upgrade was under way close their sockets themselves (see _open).
+            _, pending = await asyncio.wait(
+                self._handlers, timeout=max(deadline - loop.time(), 0.01)
+            )
+            if pending:
+                log.warning("%d connection(s) still open at the deadline; cut", len(pending))
+                for conn in list(self._connections.values()):
+                    conn.outbox.force_close(CloseCode.GOING_AWAY, "going away")
+                await asyncio.wait(pending, timeout=CLOSE_TIMEOUT_S)
 
     def _is_ready(self) -> bool:
         nc = self._nc
@@ -482,6 +513,13 @@ class Gateway(Service):
                 self._apply_command(conn, command)
             if early.overflowed:
                 self._slow_consumer(connection_id)
+            if self.phase is not ServicePhase.RUNNING:
+                # close() began while this upgrade was in prepare(), so its drain did not
+                # see the connection: it goes as the others did, with 1001 after what the
+                # app sent, and its close event reaches the app once (from the finally).
+                self._request_close(
+                    conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
+                )
             await self._read_loop(conn)
         finally:
             await conn.outbox.flush()

@@ -16,7 +16,6 @@ low; the worker retries them until space returns (or its commit timeout).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from wsgate.stateservice.turns import (
     now_ms,
 )
 from wsgate.stateservice.usage import ReadUsage
+from wsgate.supervision import stop_task
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import INT64_MAX
@@ -350,15 +350,12 @@ class ActivationsComponent:
 
     async def start(self) -> None:
         """Start pruning (the server loads the stored leases before it listens)."""
-        self._pruner = asyncio.get_running_loop().create_task(self._prune_loop())
+        self._pruner = self.context.spawn("turn_pruner", self._prune_loop())
 
     async def close(self) -> None:
         """Stop pruning. Idempotent."""
         pruner, self._pruner = self._pruner, None
-        if pruner is not None:
-            pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pruner
+        await stop_task(pruner)
 
     async def prune_once(self) -> int:
         """Forget turn records past the retention; returns how many."""

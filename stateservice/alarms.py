@@ -54,6 +54,7 @@ from wsgate.stateservice.quotas import Quotas
 from wsgate.stateservice.rpc import object_id, refuse, refuse_active, require_owner, stored
 from wsgate.stateservice.storage import DATABASE_ERRORS, ObjectId, Operation, Sql, Storage
 from wsgate.subjects import alarm_subject
+from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as envelope_pb
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
@@ -338,10 +339,10 @@ class AlarmScheduler:
         #: Answers to alarm events that were no AlarmResult (each failed the firing).
         self.garbage = 0
 
-    def start(self) -> None:
-        """Start the loop. Call once, on the event loop."""
+    def start(self, spawn: Spawn = unsupervised) -> None:
+        """Start the loop (with ``spawn``). Call once, on the event loop."""
         if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = spawn("alarm_scheduler", self._run())
 
     async def close(self) -> None:
         """Stop the loop and the firings in flight (their alarms stay stored). Idempotent."""
@@ -349,8 +350,7 @@ class AlarmScheduler:
         for task in tasks:
             task.cancel()
         for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task)
 
     def alarm_set(self, at_ms: int) -> None:
         """A SetAlarm for ``at_ms`` is durable: look again if it is due before the plan."""
@@ -603,7 +603,7 @@ class AlarmsComponent:
 
     async def start(self) -> None:
         """Start firing alarms; those already due (after a restart) fire at once."""
-        self.scheduler.start()
+        self.scheduler.start(self.context.spawn)
 
     async def close(self) -> None:
         """Stop firing; alarms in flight stay stored and fire again after a restart."""

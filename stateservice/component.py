@@ -18,6 +18,7 @@ from wsgate.stateservice.locks import ObjectLocks
 from wsgate.stateservice.ownership import Ownership
 from wsgate.stateservice.quotas import Quotas
 from wsgate.stateservice.storage import Storage
+from wsgate.supervision import Spawn, unsupervised
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class StateContext:
     #: The quotas on objects and the disk, with their refusal counts (default: made from
     #: ``config``; the server passes its own, which its metrics read).
     quotas: Quotas = field(default=None)  # type: ignore[assignment]
+    #: Starts the parts' background loops (the server's supervisor: a crash turns /readyz
+    #: to 503 and is counted).
+    spawn: Spawn = unsupervised
 
     def __post_init__(self) -> None:
         if self.quotas is None:

@@ -11,7 +11,6 @@ redelivery window), then pruned.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 from wsgate.placement import task_key
 from wsgate.stateservice.component import StateContext
 from wsgate.stateservice.storage import DATABASE_ERRORS, Operation, Sql
+from wsgate.supervision import stop_task
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +112,12 @@ class IdempotencyPruner:
 
     async def start(self) -> None:
         """Start pruning every ``interval_s`` seconds."""
-        self._task = asyncio.get_running_loop().create_task(self._prune_forever())
+        self._task = self._context.spawn("idempotency_pruner", self._prune_forever())
 
     async def close(self) -> None:
         """Stop pruning."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        task, self._task = self._task, None
+        await stop_task(task)
 
     async def prune_once(self) -> int:
         """Prune now; returns how many keys were forgotten."""

@@ -42,7 +42,6 @@ attachments are refused while the disk is low (:mod:`wsgate.stateservice.quotas`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -70,6 +69,7 @@ from wsgate.stateservice.component import StateContext
 from wsgate.stateservice.presence import GRACE_S, PresenceMonitor
 from wsgate.stateservice.storage import ObjectId, Operation, Sql, for_update
 from wsgate.stateservice.usage import ObjectQuotas
+from wsgate.supervision import stop_task
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value
@@ -658,17 +658,14 @@ class MembershipComponent:
         """Give the gateways of stored members a grace lease, listen to presence, sweep,
         and prune departed connections past their retention."""
         gateways = await self.context.storage.run(GatewaysWithMembers())
-        await self.presence.start(gateways)
-        self._pruner = asyncio.get_running_loop().create_task(self._prune_loop())
+        await self.presence.start(gateways, self.context.spawn)
+        self._pruner = self.context.spawn("departed_pruner", self._prune_loop())
 
     async def close(self) -> None:
         """Stop the background work. Idempotent."""
         await self.presence.close()
         pruner, self._pruner = self._pruner, None
-        if pruner is not None:
-            pruner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await pruner
+        await stop_task(pruner)
 
     async def remove_gateway_members(self, gateway_id: str) -> int:
         """Remove every member of ``gateway_id`` from every object, in batches; returns

@@ -24,6 +24,17 @@ from wsgate.stateservice.storage import Storage
 #: PostgreSQL), and the reply inbox of its alarm events.
 GARBAGE_SUBJECTS = ("presence", "replicas", "alarm_reply")
 
+#: The state service's supervised background tasks (the ``task`` label of
+#: ``wsgate_state_background_crashes_total``).
+BACKGROUND_TASKS = (
+    "alarm_scheduler",
+    "presence_sweep",
+    "departed_pruner",
+    "turn_pruner",
+    "idempotency_pruner",
+    "replica_watch",
+)
+
 
 class _StorageCollector(Collector):
     def __init__(

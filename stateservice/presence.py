@@ -47,6 +47,7 @@ from nats.aio.subscription import Subscription
 from wsgate import subjects
 from wsgate.envelopes import read_presence
 from wsgate.errors import InvalidEnvelope
+from wsgate.supervision import Spawn, stop_task, unsupervised
 
 log = logging.getLogger(__name__)
 
@@ -231,27 +232,28 @@ class PresenceMonitor:
         self._reconnects = 0
         self._cut_off = False
 
-    async def start(self, gateways_with_members: Iterable[str]) -> None:
+    async def start(
+        self, gateways_with_members: Iterable[str], spawn: Spawn = unsupervised
+    ) -> None:
         """Give the gateways that hold stored members a grace lease from now, subscribe,
-        and start sweeping."""
+        and start sweeping (with ``spawn``)."""
         now = self._clock()
         for gateway_id in gateways_with_members:
             self.leases.member_joined(gateway_id, now)
         self._reconnects = self._nc.stats["reconnects"]
         self._subscription = await self._nc.subscribe(self._subject, cb=self._on_presence)
-        self._task = asyncio.get_running_loop().create_task(self._sweep_loop())
+        self._task = spawn("presence_sweep", self._sweep_loop())
 
     async def close(self) -> None:
         """Stop sweeping and listening. Idempotent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await subscription.unsubscribe()
+            except Exception as exc:  # NATS' drain ends it all the same
+                log.warning("unsubscribing from gateways' presence failed: %r", exc)
 
     def member_joined(self, gateway_id: str) -> None:
         """Note that a connection of ``gateway_id`` is joining an object. Call it before

@@ -22,6 +22,7 @@ writes, but the service is the authority).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -31,8 +32,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from nats.aio.client import Client as NatsClient
+from prometheus_client import Counter
 
-from wsgate.bus import connect_bus
+from wsgate.bus import connect_bus, drain_bus
 from wsgate.config import StateConfig
 from wsgate.errors import ConfigError
 from wsgate.grpc_tls import ServerTls, add_port, server_tls
@@ -47,12 +49,13 @@ from wsgate.stateservice.kv_service import KeyValueComponent
 from wsgate.stateservice.leases import ObjectLeases
 from wsgate.stateservice.locks import ObjectLocks
 from wsgate.stateservice.membership import MembershipComponent
-from wsgate.stateservice.metrics import state_registry
+from wsgate.stateservice.metrics import BACKGROUND_TASKS, state_registry
 from wsgate.stateservice.ownership import Ownership
 from wsgate.stateservice.presence import PresenceStats
 from wsgate.stateservice.quotas import Quotas
 from wsgate.stateservice.storage import PostgresStorage, SqliteStorage, Storage
 from wsgate.stateservice.undecodable import RefuseUndecodable
+from wsgate.supervision import Supervisor, Teardown
 from wsgate.v1 import state_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -84,22 +87,37 @@ class StateServer(Service):
         self.leases = ObjectLeases(self.storage, config.lease_s)
         #: Quotas on objects and the disk, shared by the parts; their refusals are counted.
         self.quotas = Quotas(config)
+        registry = state_registry(
+            self.storage,
+            self.locks,
+            self._presence_stats,
+            lambda: len(self.leases.table),
+            lambda: self.ownership,
+            lambda: self.nats_permission_violations,
+            self._garbage_counts,
+            self.quotas,
+        )
+        crashes = Counter(
+            "wsgate_state_background_crashes",
+            "Background tasks that ended with an error, by task (each turns /readyz to 503 "
+            "for good: restart the replica)",
+            ["task"],
+            registry=registry,
+        )
+        for task in BACKGROUND_TASKS:
+            crashes.labels(task)
+        #: The background loops; a crash turns /readyz to 503.
+        self._supervisor = Supervisor(
+            "state", on_crash=lambda task: crashes.labels(task).inc(), logger=log
+        )
+        #: What start() did, undone by close() (newest first).
+        self._teardown = Teardown("state service", log)
         self._probes = ProbeServer(
             config.host,
             config.probe_port,
             is_ready=self._is_ready,
-            registry=state_registry(
-                self.storage,
-                self.locks,
-                self._presence_stats,
-                lambda: len(self.leases.table),
-                lambda: self.ownership,
-                lambda: self.nats_permission_violations,
-                self._garbage_counts,
-                self.quotas,
-            ),
-            # A low disk refuses writes: traffic is better sent to a replica with room.
-            not_ready_reason=self.quotas.not_ready_reason,
+            registry=registry,
+            not_ready_reason=self._not_ready_reason,
         )
         self.replica_id = config.replica_id or f"state-{uuid.uuid4().hex[:12]}"
         self.ownership: Ownership | None = None
@@ -113,6 +131,8 @@ class StateServer(Service):
         self._health: health_aio.HealthServicer | None = None
         self._port: int | None = None
         self._tls: ServerTls | None = None
+        #: How long calls in flight may finish at close (close()'s ``grace_s``).
+        self._grace_s = 5.0
         #: Publishes and subscriptions NATS refused this replica's identity.
         self.nats_permission_violations = 0
 
@@ -140,9 +160,16 @@ class StateServer(Service):
                 "pod's IP and the state port"
             )
         self._enter_running()
+        # Each step registers its undo once done: close() undoes exactly what was started,
+        # newest first; where a step's undo must come later than the start order gives,
+        # it is registered earlier (the parts' close, after the gRPC server stopped).
+        undo = self._teardown.push
         try:
+            undo("probes", self._probes.close)  # also undoes a start that failed halfway
             await self._probes.start()
             await self.storage.start()
+            # After the server: every handler has returned, so no write is left queued.
+            undo("storage", self.storage.close)
             if not self.config.postgres:
                 # Before listening: a holder that renews right after a restart keeps its
                 # objects. (Over PostgreSQL leases are adopted from the table on demand:
@@ -154,6 +181,8 @@ class StateServer(Service):
                 role="state",
                 on_permission_violation=self._permission_violation,
             )
+            undo("nats", functools.partial(drain_bus, self._nc))
+            undo("parts", self._close_components)
             # No SO_REUSEPORT (gRPC's default is on): a second state service started on the
             # same port must fail, not silently share the traffic.
             server = grpc.aio.server(
@@ -170,6 +199,8 @@ class StateServer(Service):
                 ],
             )
             self._server = server
+            # Calls in flight finish for up to close()'s grace (then they are cancelled).
+            undo("grpc server", lambda: server.stop(self._grace_s))
             target = f"{_host_for_address(self.config.host)}:{self.config.port}"
             try:
                 self._port = add_port(server, target, self._tls)
@@ -184,6 +215,7 @@ class StateServer(Service):
                 self.leases,
                 ownership,
                 quotas=self.quotas,
+                spawn=self._supervisor.spawn,
             )
             self._membership = MembershipComponent(context)
             self._alarms = alarms = AlarmsComponent(context)
@@ -200,6 +232,9 @@ class StateServer(Service):
             ]
             health = health_aio.HealthServicer()
             self._health = health
+            # First undone: NOT_SERVING, and the other replicas take this one's objects
+            # over (the watch's undo, registered in _join_replicas).
+            undo("health", health.enter_graceful_shutdown)
             for service in ("", *SERVICE_NAMES):
                 await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             for component in self._components:
@@ -245,7 +280,10 @@ class StateServer(Service):
         self.ownership = ownership
         self.leases.verify = True
         self._watch = watch
-        await watch.start()
+        await watch.start(self._supervisor.spawn)
+        # Undone before the gRPC server stops: workers stop sending it new calls while
+        # those in flight finish.
+        self._teardown.push("replica watch", watch.close)
         assert self._nc is not None
         await self._nc.flush()
         await watch.settled(JOIN_SETTLE_S)
@@ -315,31 +353,25 @@ class StateServer(Service):
         """
         if not await self._enter_closing():
             return
+        self._grace_s = grace_s
         try:
-            if self._health is not None:
-                await self._health.enter_graceful_shutdown()
-            if self._watch is not None:
-                # First: the others take this replica's objects over at once, and workers
-                # stop sending it new calls while those in flight finish.
-                await self._watch.close()
-            if self._server is not None:
-                await self._server.stop(grace_s)
-            for component in reversed(self._started):
-                try:
-                    await component.close()
-                except Exception:
-                    log.exception("closing %s failed", type(component).__name__)
-            if self._nc is not None and not self._nc.is_closed:
-                try:
-                    await self._nc.drain()
-                except Exception:
-                    log.warning("nats did not drain cleanly", exc_info=True)
-            # After the server: every handler has returned, so no write is left queued.
-            await self.storage.close()
-            await self._probes.close()
+            await self._teardown.unwind()
         finally:
             self._mark_closed()
             log.info("state service closed")
+
+    async def _close_components(self) -> None:
+        """Stop the parts' background work, newest first, each even if one failed."""
+        for component in reversed(self._started):
+            try:
+                await component.close()
+            except Exception:
+                log.exception("closing %s failed", type(component).__name__)
+        self._started.clear()
+
+    def _not_ready_reason(self) -> str | None:
+        # A low disk refuses writes: traffic is better sent to a replica with room.
+        return self._supervisor.not_ready_reason() or self.quotas.not_ready_reason()
 
 
 def open_storage(config: StateConfig) -> Storage:

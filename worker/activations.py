@@ -38,6 +38,7 @@ from nats.aio.msg import Msg
 from wsgate import ids, subjects
 from wsgate.errors import ObjectNameTooLong, StateError, StateTimeout, StateUnavailable
 from wsgate.fanout import payload_budget
+from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
 from wsgate.worker.activation import Activation, Phase
@@ -132,10 +133,13 @@ class Activations:
     def __len__(self) -> int:
         return len(self._active)
 
-    async def start(self) -> None:
-        """Start renewing leases and evicting idle activations."""
-        loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._renew_loop()), loop.create_task(self._evict_loop())]
+    async def start(self, spawn: Spawn = unsupervised) -> None:
+        """Start renewing leases and evicting idle activations (loops started with
+        ``spawn``: the worker supervises them)."""
+        self._loops = [
+            spawn("activation_renew", self._renew_loop()),
+            spawn("activation_evict", self._evict_loop()),
+        ]
 
     async def close(self) -> None:
         """Drain: new requests are handed back (to other workers); the activations finish
@@ -145,7 +149,7 @@ class Activations:
             return
         self._closing = True
         for task in self._loops:
-            task.cancel()
+            await stop_task(task)
         active = list(self._active.values())
         if active:
             waits = [asyncio.ensure_future(a.wait_idle()) for a in active]

@@ -32,6 +32,7 @@ from nats.aio.subscription import Subscription
 
 from wsgate import envelopes, subjects
 from wsgate.errors import InvalidEnvelope
+from wsgate.supervision import OVERDUE_TASK_WAIT_S, cancel_and_wait
 from wsgate.v1 import envelope_pb2 as pb
 from wsgate.worker.alarms_client import AlarmInfo
 from wsgate.worker.app import AlarmHandler, App
@@ -127,10 +128,9 @@ class AlarmRunner:
         self._subscriptions.clear()
         if self._tasks:
             _, pending = await asyncio.wait(self._tasks, timeout=self._drain_timeout_s)
-            for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending)
+            # Awaited once cancelled (each answers "cancelled"), bounded: one that ignores
+            # its cancellation is logged and left.
+            await cancel_and_wait(pending, OVERDUE_TASK_WAIT_S, "alarm handler task", log)
 
     async def _take(self, msg: Msg) -> None:
         """NATS callback (one message at a time per subscription): waiting for a slot here

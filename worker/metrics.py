@@ -10,6 +10,9 @@ from wsgate.worker.errors import AuthFailure
 #: The kinds of subject a worker takes messages on (the ``subject`` label of ``garbage``).
 GARBAGE_SUBJECTS = ("connect", "events", "alarm", "replicas")
 
+#: The worker's supervised background tasks (the ``task`` label of ``background_crashes``).
+BACKGROUND_TASKS = ("progress_sweep", "activation_renew", "activation_evict", "replica_watch")
+
 
 class WorkerMetrics:
     """Everything the worker counts. Labels are fixed sets, never user strings."""
@@ -129,6 +132,15 @@ class WorkerMetrics:
             "1 while the worker takes no requests although some wait (see /readyz)",
             registry=r,
         )
+        self.background_crashes = Counter(
+            "wsgate_worker_background_crashes",
+            "Background tasks that ended with an error, by task (each turns /readyz to 503 "
+            "for good: restart the worker)",
+            ["task"],
+            registry=r,
+        )
+        for task in BACKGROUND_TASKS:
+            self.background_crashes.labels(task)
         fast = FastMetrics(r)  # updated per event: no locks
         self.message_events = fast.counter("wsgate_worker_message_events", "Message events handled")
         self.closed_events = fast.counter("wsgate_worker_closed_events", "Close events handled")

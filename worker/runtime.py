@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -39,7 +40,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from wsgate import envelopes, ids, subjects
-from wsgate.bus import connect_bus
+from wsgate.bus import connect_bus, drain_bus
 from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
@@ -48,6 +49,13 @@ from wsgate.grpc_tls import client_tls
 from wsgate.placement import ANNOUNCE_FRACTION, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
 from wsgate.service import Service, ServicePhase
+from wsgate.supervision import (
+    OVERDUE_TASK_WAIT_S,
+    Supervisor,
+    Teardown,
+    cancel_and_wait,
+    stop_task,
+)
 from wsgate.v1 import envelope_pb2 as pb
 from wsgate.worker.activations import Activations
 from wsgate.worker.alarm_runner import AlarmRunner
@@ -80,6 +88,9 @@ log = logging.getLogger(__name__)
 PROGRESS_SWEEP_S = 0.1
 #: How often the intake is checked (at most; a shorter stall setting checks more often).
 INTAKE_CHECK_S = 0.5
+#: How long handler tasks cancelled at the drain deadline get to finish (their ``finally``
+#: and ``except CancelledError`` blocks) before close() goes on without them, logging them.
+CANCELLED_HANDLER_WAIT_S = OVERDUE_TASK_WAIT_S
 
 
 #: The answer to a connect request that is not one (the upgrade gets 400).
@@ -131,8 +142,20 @@ class Worker(Service):
             on_connect_failure=self.metrics.state_connect_failures.inc,
         )
         self._env = Env(self._state, self)
+        #: What start() did, undone by close() (newest first).
+        self._teardown = Teardown("worker", log)
+        #: The background loops; a crash turns /readyz to 503.
+        self._supervisor = Supervisor(
+            "worker",
+            on_crash=lambda task: self.metrics.background_crashes.labels(task).inc(),
+            logger=log,
+        )
         self._probes = ProbeServer(
-            config.host, config.port, is_ready=self._is_ready, registry=self.metrics.registry
+            config.host,
+            config.port,
+            is_ready=self._is_ready,
+            registry=self.metrics.registry,
+            not_ready_reason=self._supervisor.not_ready_reason,
         )
         self._slots = asyncio.Semaphore(config.max_concurrent_events)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -158,15 +181,22 @@ class Worker(Service):
         # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
         self._loop = asyncio.get_running_loop()
         config = self.config
+        # Each step registers its undo once done: close() undoes exactly what was started,
+        # newest first. The order of the drain follows from it (see close()).
+        undo = self._teardown.push
+        spawn = self._supervisor.spawn
         try:
+            undo("probes", self._probes.close)  # also undoes a start that failed halfway
             await self._probes.start()
             await self._state.start()
+            undo("state client", self._state.close)
             self._nc = nc = await connect_bus(
                 config,
                 f"wsgate-worker {self.worker_id}",
                 role="worker",
                 on_permission_violation=self.metrics.nats_permission_violations.inc,
             )
+            undo("nats", functools.partial(drain_bus, nc))
             # State replicas announce themselves on the bus: route each call to the owner
             # of its object (until one is heard, to config.state_address).
             self._replicas = ReplicaWatch(
@@ -177,7 +207,8 @@ class Worker(Service):
                 on_change=self._state.replicas_changed,
                 on_garbage=self.metrics.garbage.labels("replicas").inc,
             )
-            await self._replicas.start()
+            await self._replicas.start(spawn)
+            undo("replica watch", self._replicas.close)
             self._state.use_replicas(self._replicas)
             self._activations = Activations(
                 worker_id=self.worker_id,
@@ -195,7 +226,12 @@ class Worker(Service):
                 queue_ack=self._queue_ack,
                 failpoints=self._failpoints,
             )
-            await self._activations.start()
+            await self._activations.start(spawn)
+            # Progress acks go on while the handlers drain: stopped after them.
+            self._sweeper = spawn("progress_sweep", self._sweep())
+            undo("progress sweep", functools.partial(stop_task, self._sweeper))
+            undo("handler tasks", self._finish_handlers)
+            undo("activations", self._activations.close)
             queue = subjects.worker_queue(config.app_name)
             own = subjects.worker_subject
             prefix, app, anyone = config.prefix, config.app_name, subjects.ANY
@@ -220,10 +256,13 @@ class Worker(Service):
                 worker_id=self.worker_id,
                 on_garbage=self.metrics.garbage.labels("alarm").inc,
             )
+            undo("alarm runner", self._alarms.close)
             await self._alarms.start()
+            # First undone: no new requests while the rest drains (until here, NATS' drain
+            # ends the subscriptions).
+            undo("subscriptions", self._unsubscribe)
             # Make sure the server has the subscriptions before we call ourselves ready.
             await nc.flush()
-            self._sweeper = self._loop.create_task(self._sweep())
         except BaseException:
             await self.close()
             raise
@@ -249,37 +288,46 @@ class Worker(Service):
         )
 
     async def close(self) -> None:
-        """Drain: readiness turns 503, no new requests are taken, running handlers finish
-        and are acknowledged (up to ``drain_timeout_s``; then they are cancelled and their
-        events redelivered elsewhere), activations finish and release their objects, then
-        NATS, the state client and the probes close. Idempotent."""
+        """Drain: readiness turns 503, no new requests are taken, running alarm handlers
+        finish, activations finish and release their objects, running handlers finish and
+        are acknowledged (up to ``drain_timeout_s``; then they are cancelled, awaited up to
+        CANCELLED_HANDLER_WAIT_S, and their events redelivered elsewhere), then the
+        progress sweep stops and the replica watch, NATS, the state client and the probes
+        close.
+
+        Each of those steps runs even if one before it failed (the failure is logged with
+        the step's name); only the steps start() got to are undone. Idempotent."""
         if not await self._enter_closing():
             return
         try:
-            for sub in self._subscriptions:
-                with contextlib.suppress(nats.errors.Error):
-                    await sub.unsubscribe()
-            if self._alarms is not None:
-                # Stops taking alarms now; running alarm handlers finish (they answer on
-                # NATS, so before it drains) while event handlers go on beside them.
-                await self._alarms.close()
-            if self._activations is not None:
-                await self._activations.close()
-            if self._tasks:
-                _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
-                for task in pending:
-                    task.cancel()
-            if self._sweeper is not None:
-                self._sweeper.cancel()
-            if self._replicas is not None:
-                await self._replicas.close()
-            if self._nc is not None and not self._nc.is_closed:
-                with contextlib.suppress(Exception):
-                    await self._nc.drain()
-            await self._state.close()
-            await self._probes.close()
+            await self._teardown.unwind()
         finally:
             self._mark_closed()
+
+    async def _unsubscribe(self) -> None:
+        """Take no new requests (the first step of close())."""
+        for sub in self._subscriptions:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                # NATS' drain ends it all the same, later.
+                log.warning("unsubscribing from %s failed: %r", sub.subject, exc)
+
+    async def _finish_handlers(self) -> None:
+        """Handlers still running get until ``drain_timeout_s``; then they are cancelled
+        and awaited (bounded: one that ignores its cancellation is logged and left)."""
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
+            if pending:
+                log.warning(
+                    "%d handler(s) still running at the drain deadline: cancelled; their "
+                    "events go to another worker",
+                    len(pending),
+                )
+                await cancel_and_wait(pending, CANCELLED_HANDLER_WAIT_S, "handler task", log)
+        if self._background:
+            # The final acks of the last handlers, on their way out before NATS drains.
+            await asyncio.wait(self._background, timeout=CANCELLED_HANDLER_WAIT_S)
 
     # -- dispatch ------------------------------------------------------------------------
 

@@ -189,3 +189,17 @@ async def connect_bus(
             await nc.close()
         raise
     return nc
+
+
+async def drain_bus(nc: NatsClient) -> None:
+    """Drain ``nc`` (its subscriptions' pending messages handled, its publishes flushed),
+    then close it. If the drain fails, the connection is closed all the same and the
+    drain's error raised (a role's :class:`~wsgate.supervision.Teardown` logs it)."""
+    if nc.is_closed:
+        return
+    try:
+        await nc.drain()
+    except BaseException:
+        if not nc.is_closed:
+            await nc.close()
+        raise

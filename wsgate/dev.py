@@ -170,8 +170,13 @@ def _wait_for_exit(children: list[Child]) -> int:
 
 
 def _stop_all(children: list[Child]) -> None:
-    """Stop children newest first: the gateway closes sockets while workers still run."""
+    """Stop children newest first: the gateway closes sockets while workers still run.
+    Every child is stopped even if stopping one before it failed (logged by name)."""
     for child in reversed(children):
-        status = child.stop()
+        try:
+            status = child.stop()
+        except Exception:
+            log.exception("stopping %s failed", child.name)
+            continue
         if status not in (0, -signal.SIGTERM):
             print(f"wsgate dev: {child.name} exited with status {status}", file=sys.stderr)

@@ -31,6 +31,7 @@ from typing import Any
 from wsgate.envelopes import read_replica
 from wsgate.errors import InvalidEnvelope
 from wsgate.subjects import replicas_subject
+from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as envelope_pb
 
 log = logging.getLogger(__name__)
@@ -165,23 +166,23 @@ class ReplicaWatch:
         self.garbage = 0
         self._on_garbage = on_garbage
 
-    async def start(self) -> None:
-        """Subscribe, announce (on a replica) and start the timer."""
+    async def start(self, spawn: Spawn = unsupervised) -> None:
+        """Subscribe, announce (on a replica) and start the timer (with ``spawn``: the
+        role supervises it)."""
         self._sub = await self._nc.subscribe(self._subject, cb=self._on_message)
         if self._announce:
             await self._publish(leaving=False, hello=True)
-        self._task = asyncio.get_running_loop().create_task(self._tick())
+        self._task = spawn("replica_watch", self._tick())
 
     async def close(self) -> None:
         """Stop; a replica announces that it leaves, so the others move its objects at once."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await stop_task(task)
         if self._sub is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await self._sub.unsubscribe()
+            except Exception as exc:  # NATS' drain ends it all the same
+                log.warning("unsubscribing from replica announcements failed: %r", exc)
             self._sub = None
         if self._announce and self._nc.is_connected:
             try:
