@@ -21,6 +21,11 @@ the reconnection. Every sign of a worker (a progress ack) restarts the clock; af
 
 Timeouts are found by one sweep over the waiting events every ``sweep_s``, not by a
 timer per event: at thousands of events a second the timers cost more than the sweep.
+
+The policy above (deadlines, backoff, the hint, giving up) is each connection's
+:class:`~wsgate.gateway.session.Session`'s, on an injected clock: this module is its I/O.
+It publishes what the session says, matches the replies to the event in flight, and hands
+each outcome (or the sweep's timeout at the session's ack deadline) back to it.
 """
 
 from __future__ import annotations

@@ -16,9 +16,13 @@ Flow of one connection::
                      ─► ConnectionEvent, delivered at least once, awaited (window 1)
     end ─► one Closed event ─► forget the connection
 
+Every decision about one connection (window, redelivery timing, limits, close codes) is
+its :class:`~wsgate.gateway.session.Session`'s, a sans-I/O class: this module feeds it what
+happens on the socket and the bus, and performs the actions it returns (``_perform``).
+
 Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
 :class:`~wsgate.gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
-Those for a connection still upgrading are kept until it opens (see ``_on_command``).
+Those for a connection still upgrading are kept until it opens (see ``Session.command``).
 The bytes queued in all outboxes together are bounded by an
 :class:`~wsgate.gateway.budget.OutboundBudget`; past it the furthest behind are shed (``_shed``).
 """
