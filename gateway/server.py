@@ -550,8 +550,12 @@ class Gateway(Service):
         ws, session = conn.ws, conn.session
         now = asyncio.get_running_loop().time
         while True:
+            timeout = session.read_timeout(now())
             try:
-                msg = await ws.receive(timeout=session.read_timeout(now()))
+                if timeout is not None and timeout <= 0:
+                    # aiohttp takes a timeout of 0 for none: the idle deadline is now.
+                    raise TimeoutError
+                msg = await ws.receive(timeout=timeout)
             except TimeoutError:
                 self._perform(conn, session.tick(now()))  # the idle limit, if it is time
                 continue

@@ -341,7 +341,8 @@ class Session:
         if self.state is not State.CONNECTING:
             raise RuntimeError(f"{self.connection_id} is {self.state.value}, not connecting")
         self._request_close(pb.CLOSE_INITIATOR_GATEWAY, code, "")
-        return self.transport_closed(now)
+        # Not counted among the closes (wsgate_gateway_closes_total): it never opened.
+        return [a for a in self.transport_closed(now) if not isinstance(a, Count)]
 
     def client_frame(self, data: str | bytes, now: float) -> list[Action]:
         """A text (str) or binary (bytes) message from the client."""

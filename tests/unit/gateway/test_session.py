@@ -105,7 +105,9 @@ def test_the_closed_event_comes_once_and_last_behind_the_event_in_flight() -> No
 
 def test_a_connection_that_never_opened_still_reports_its_close() -> None:
     session = Session("node-abcdefgh_2", "/p", LIMITS)
-    event = _publish(session.abort(CloseCode.GOING_AWAY, 3.0))
+    actions = session.abort(CloseCode.GOING_AWAY, 3.0)
+    assert len(actions) == 1  # and not counted among the closes of open connections
+    event = _publish(actions)
     assert event.sequence == 1
     assert (event.closed.code, event.closed.initiator) == (
         CloseCode.GOING_AWAY,
