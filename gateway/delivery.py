@@ -21,15 +21,18 @@ the reconnection. Every sign of a worker (a progress ack) restarts the clock; af
 
 Timeouts are found by one sweep over the waiting events every ``sweep_s``, not by a
 timer per event: at thousands of events a second the timers cost more than the sweep.
+
+The policy above (deadlines, backoff, the hint, giving up) is each connection's
+:class:`~wsgate.gateway.session.Session`'s, on an injected clock: this module is its I/O.
+It publishes what the session says, matches the replies to the event in flight, and hands
+each outcome (or the sweep's timeout at the session's ack deadline) back to it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -37,30 +40,15 @@ from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids
 from wsgate.errors import InvalidEnvelope
+from wsgate.gateway.session import Action, Delivered, GaveUp, Publish, Reply, Session
 from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 _NO_RESPONDERS = "503"
-_MAX_BACKOFF_S = 1.0
 
-
-class Reply(enum.Enum):
-    """What came back for one published copy of an event."""
-
-    ACKED = "acked"
-    PROGRESS = "progress"
-    NO_RESPONDERS = "no_responders"
-    TIMEOUT = "timeout"
-    RETRY = "retry"
-
-
-class Routed(Protocol):
-    """Where a connection's events go: ``worker`` is the id of the worker that holds its
-    object's activation ("" for the queue). Delivery updates it from the acks."""
-
-    worker: str
+__all__ = ["EventDelivery", "Reply"]
 
 
 class _Waiting:
@@ -113,9 +101,9 @@ class EventDelivery:
         self._ack_prefix = ack_prefix
         self._ack_prefix_len = len(ack_prefix) + 1
         self.ack_batch_subject = ack_batch_subject
-        self._ack_timeout_s = ack_timeout_s
-        self._ack_wait_ms = int(ack_timeout_s * 1000)
-        self._delivery_timeout_s = delivery_timeout_s
+        # The timeouts themselves are the sessions' (SessionLimits): the sweep only needs
+        # to look often enough for an ack deadline to be found late by at most a fifth.
+        del delivery_timeout_s
         self._sweep_s = min(0.1, ack_timeout_s / 5)
         self._on_messages = on_messages
         self._on_redelivery = on_redelivery
@@ -157,72 +145,80 @@ class EventDelivery:
         else:
             self._bus_up.clear()
 
-    async def deliver(self, event: pb.ConnectionEvent, route: Routed | None = None) -> bool:
-        """Publish ``event`` until a worker acknowledges it. True once acknowledged; False
-        after ``delivery_timeout_s`` without any sign of a worker. ``route``, if given, says
-        which worker to try first, and learns it from the ack."""
+    async def deliver(
+        self,
+        session: Session,
+        publish: Publish,
+        perform: Callable[[Sequence[Action]], Publish | None],
+    ) -> None:
+        """Publish ``publish`` and feed what comes back (or the lack of it) to ``session``,
+        until it has no event in flight. Every decision (redeliver, back off, drop the
+        worker hint, give up) is the session's (:meth:`Session.reply`); this performs its
+        publishes and hands the rest of its actions to ``perform``, which returns the next
+        Publish among them, if any."""
         loop = self._loop
-        key = (event.connection_id, event.sequence)
+        next_publish: Publish | None = publish
+        while True:
+            if next_publish is not None:
+                actions = await self._publish(session, next_publish)
+            elif (retry_at := session.retry_at) is not None:
+                delay = retry_at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                actions = session.tick(loop.time())
+            elif session.busy:
+                # A progress ack came: the same copy, a fresh deadline.
+                actions = await self._await_reply(session, session.ack_deadline)
+            else:
+                return
+            for action in actions:
+                if type(action) is Delivered:
+                    self._on_round_trip(action.round_trip_s)
+                elif type(action) is GaveUp:
+                    self._on_given_up(action.event)
+            next_publish = perform(actions)
+
+    async def _publish(self, session: Session, publish: Publish) -> list[Action]:
+        event = publish.event
+        if self._closed or (
+            not self._bus_up.is_set() and not await self._wait_bus(session.give_up_at)
+        ):
+            return session.give_up(self._loop.time())
+        if event.redelivered:
+            self._on_redelivery()
+        subject = (
+            self._worker_events_subject(publish.worker) if publish.worker else self._events_subject
+        )
         reply_subject = f"{self._ack_prefix}.{event.connection_id}.{event.sequence}"
-        event.ack_wait_ms = self._ack_wait_ms
-        started = loop.time()
-        give_up_at = started + self._delivery_timeout_s
-        backoff_s = 0.05
-        attempt = 0
+        deadline = session.ack_deadline
         try:
-            while True:
-                if self._closed:
-                    self._on_given_up(event)
-                    return False
-                if not self._bus_up.is_set() and not await self._wait_bus(give_up_at):
-                    self._on_given_up(event)
-                    return False
-                if attempt:
-                    event.redelivered = True
-                    self._on_redelivery()
-                attempt += 1
-                hinted = route is not None and bool(route.worker)
-                subject = (
-                    self._worker_events_subject(route.worker)
-                    if route is not None and route.worker
-                    else self._events_subject
-                )
-                waiting = _Waiting(loop.create_future(), loop.time() + self._ack_timeout_s)
-                self._waiting[key] = waiting
-                try:
-                    await self._nc.publish(subject, event.SerializeToString(), reply=reply_subject)
-                except nats.errors.Error as exc:
-                    # Closed or over the reconnect buffer: treated like no worker for now.
-                    log.debug("publishing %s#%d failed: %r", *key, exc)
-                    outcome = Reply.NO_RESPONDERS
-                else:
-                    outcome = await waiting.future
-                    while outcome is Reply.PROGRESS:
-                        # The worker is alive and busy: a fresh wait, and a fresh deadline.
-                        give_up_at = loop.time() + self._delivery_timeout_s
-                        waiting = _Waiting(loop.create_future(), loop.time() + self._ack_timeout_s)
-                        self._waiting[key] = waiting
-                        outcome = await waiting.future
-                if outcome is Reply.ACKED:
-                    if route is not None:
-                        route.worker = waiting.worker
-                    self._on_round_trip(loop.time() - started)
-                    return True
-                if self._closed or loop.time() >= give_up_at:
-                    self._on_given_up(event)
-                    return False
-                if hinted and route is not None:
-                    # The activation's host did not take it: back to the queue, at once.
-                    route.worker = ""
-                    if outcome is not Reply.TIMEOUT:
-                        continue
-                if outcome in (Reply.NO_RESPONDERS, Reply.RETRY):
-                    # No worker subscribed right now (all restarting), or the object is
-                    # moving: retry soon, not at once.
-                    await asyncio.sleep(min(backoff_s, max(0.0, give_up_at - loop.time())))
-                    backoff_s = min(backoff_s * 2, _MAX_BACKOFF_S)
+            await self._nc.publish(subject, event.SerializeToString(), reply=reply_subject)
+        except nats.errors.Error as exc:
+            # Closed or over the reconnect buffer: treated like no worker for now.
+            log.debug("publishing %s#%d failed: %r", event.connection_id, event.sequence, exc)
+            if self._closed:
+                return session.give_up(self._loop.time())
+            return session.reply(Reply.NO_RESPONDERS, self._loop.time())
+        return await self._await_reply(session, deadline)
+
+    async def _await_reply(self, session: Session, deadline: float | None) -> list[Action]:
+        """Wait for the reply to the event in flight (TIMEOUT at ``deadline``, by the
+        sweep) and hand it to the session."""
+        flight = session.in_flight
+        assert flight is not None
+        assert deadline is not None
+        key = (flight.connection_id, flight.sequence)
+        waiting = _Waiting(self._loop.create_future(), deadline)
+        self._waiting[key] = waiting
+        try:
+            outcome = await waiting.future
         finally:
-            self._waiting.pop(key, None)
+            if self._waiting.get(key) is waiting:
+                del self._waiting[key]
+        now = self._loop.time()
+        if outcome is not Reply.ACKED and self._closed:
+            return session.give_up(now)
+        return session.reply(outcome, now, worker=waiting.worker)
 
     async def _sweep(self) -> None:
         while True:

@@ -16,9 +16,13 @@ Flow of one connection::
                      ─► ConnectionEvent, delivered at least once, awaited (window 1)
     end ─► one Closed event ─► forget the connection
 
+Every decision about one connection (window, redelivery timing, limits, close codes) is
+its :class:`~wsgate.gateway.session.Session`'s, a sans-I/O class: this module feeds it what
+happens on the socket and the bus, and performs the actions it returns (``_perform``).
+
 Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
 :class:`~wsgate.gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
-Those for a connection still upgrading are kept until it opens (see ``_on_command``).
+Those for a connection still upgrading are kept until it opens (see ``Session.command``).
 The bytes queued in all outboxes together are bounded by an
 :class:`~wsgate.gateway.budget.OutboundBudget`; past it the furthest behind are shed (``_shed``).
 """
@@ -30,7 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -43,17 +47,26 @@ from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids, subjects
 from wsgate.bus import connect_bus, drain_bus
-from wsgate.closecodes import CloseCode, is_sendable
+from wsgate.closecodes import CloseCode
 from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES, GatewayConfig
 from wsgate.errors import ConfigError, InvalidEnvelope
 from wsgate.gateway.budget import OutboundBudget, choose_victims
 from wsgate.gateway.delivery import EventDelivery
-from wsgate.gateway.lifecycle import ConnectionLifecycle, Phase
 from wsgate.gateway.listener import Listener, mark_request_started
 from wsgate.gateway.metrics import GatewayMetrics
 from wsgate.gateway.outbox import CloseFrame, Outbox
 from wsgate.gateway.presence import PresenceAnnouncer
-from wsgate.gateway.rate import TokenBucket
+from wsgate.gateway.session import (
+    RATE_LIMITED,
+    Action,
+    Close,
+    Count,
+    Publish,
+    Session,
+    SessionLimits,
+    State,
+    Write,
+)
 from wsgate.gateway.static import Handler, with_static_files
 from wsgate.probes import add_probe_routes
 from wsgate.service import Service, ServicePhase
@@ -101,60 +114,52 @@ def fit_message_limit(config: GatewayConfig, max_payload: int) -> GatewayConfig:
     return dataclasses.replace(config, max_message_bytes=fitting)
 
 
-_INITIATOR_LABEL = {
-    pb.CLOSE_INITIATOR_UNSPECIFIED: "transport",
-    pb.CLOSE_INITIATOR_CLIENT: "client",
-    pb.CLOSE_INITIATOR_APP: "app",
-    pb.CLOSE_INITIATOR_GATEWAY: "gateway",
-}
+def session_limits(config: GatewayConfig) -> SessionLimits:
+    """The limits every session of a gateway with ``config`` shares."""
+    return SessionLimits(
+        max_message_bytes=config.max_message_bytes,
+        max_outbound_bytes=config.max_outbound_bytes,
+        message_rate=config.message_rate,
+        message_burst=config.message_burst,
+        idle_timeout_s=config.idle_timeout_s,
+        ack_timeout_s=config.ack_timeout_s,
+        delivery_timeout_s=config.delivery_timeout_s,
+        auto_responses=config.auto_response_map,
+    )
 
 
-@dataclass(eq=False)
 class LiveConnection:
-    """An accepted connection: its socket, its bookkeeping, its outbound queue."""
+    """An accepted connection: its policy (:class:`Session`), its socket, its outbound
+    queue. The wiring between them is the Gateway's."""
 
-    lifecycle: ConnectionLifecycle
-    ws: web.WebSocketResponse
-    outbox: Outbox
-    #: The worker holding the activation of the connection's durable object (from the
-    #: connect decision and the acks): its events go there first. "" for the queue.
-    worker: str = ""
-    #: True while an event of this connection is on its way to a worker.
-    busy: bool = False
-    #: Made only when a drain waits for ``busy`` to end (an Event each would cost memory).
-    settled: asyncio.Future[None] | None = None
-    #: The client's message rate limit; None when WSGATE_MESSAGE_RATE is 0.
-    rate: TokenBucket | None = None
-    #: Closed to keep the outbound budget (counted in OutboundBudget.closing until gone).
-    shed: bool = False
+    __slots__ = ("outbox", "session", "settled", "shed", "ws")
+
+    def __init__(self, session: Session, ws: web.WebSocketResponse, outbox: Outbox) -> None:
+        self.session = session
+        self.ws = ws
+        self.outbox = outbox
+        #: Made only when a drain waits for the event in flight (an Event each would cost
+        #: memory).
+        self.settled: asyncio.Future[None] | None = None
+        #: Closed to keep the outbound budget (counted in OutboundBudget.closing until gone).
+        self.shed = False
 
     def done_with_event(self) -> None:
-        self.busy = False
-        if self.settled is not None:
-            if not self.settled.done():
-                self.settled.set_result(None)
+        settled = self.settled
+        if settled is not None:
+            if not settled.done():
+                settled.set_result(None)
             self.settled = None
 
     async def wait_settled(self, deadline: float) -> None:
         """Until no event is in flight, or ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
-        while self.busy and loop.time() < deadline:
+        while self.session.busy and loop.time() < deadline:
             if self.settled is None:
                 self.settled = loop.create_future()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
                     await asyncio.shield(self.settled)
-
-
-@dataclass(eq=False)
-class _Early:
-    """Commands for a connection whose upgrade is under way (ConnectRequest sent, socket
-    not open yet): handed to its outbox, in order, once it opens."""
-
-    commands: list[pb.GatewayCommand] = field(default_factory=list)
-    size: int = 0
-    #: More than max_outbound_bytes came: the connection is closed as a slow consumer.
-    overflowed: bool = False
 
 
 @dataclass
@@ -192,7 +197,9 @@ class Gateway(Service):
         self._connections: dict[str, LiveConnection] = {}
         self._connecting = 0
         #: Connections between their ConnectRequest and their registration (see _on_command).
-        self._early: dict[str, _Early] = {}
+        self._early: dict[str, Session] = {}
+        #: Bound metrics by (metric, label), for the sessions' Count actions.
+        self._counters: dict[tuple[str, str], Callable[[float], None]] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._nc: NatsClient | None = None
         self._delivery: EventDelivery | None = None
@@ -297,6 +304,11 @@ class Gateway(Service):
         """The port actually bound (useful with port 0)."""
         assert self._listener is not None, "start() first"
         return self._listener.port
+
+    @functools.cached_property
+    def _limits(self) -> SessionLimits:
+        # Made at the first upgrade, after start() fitted the message limit to NATS.
+        return session_limits(self.config)
 
     @property
     def url(self) -> str:
@@ -429,7 +441,7 @@ class Gateway(Service):
             text = "Too many connections from your address"
             return self._refuse(_Refusal("ip_limit", 429, text, {"Retry-After": "1"}))
         connection_id = self._ids.next()
-        self._early[connection_id] = _Early()
+        self._early[connection_id] = Session(connection_id, request.path, self._limits)
         try:
             return await self._open(request, connection_id)
         finally:
@@ -437,6 +449,7 @@ class Gateway(Service):
             self._listener.release(client)
 
     async def _open(self, request: web.Request, connection_id: str) -> web.StreamResponse:
+        session = self._early[connection_id]
         offered = _offered_subprotocols(request)
         self._connecting += 1
         try:
@@ -451,12 +464,12 @@ class Gateway(Service):
         accept = decision.accept
         if accept.subprotocol and accept.subprotocol not in offered:
             log.error("app chose subprotocol %r the client did not offer", accept.subprotocol)
-            await self._report_unopened(connection_id, request.path, CloseCode.ABNORMAL)
+            await self._report_unopened(session, CloseCode.ABNORMAL)
             return self._refuse(
                 _Refusal("bad_subprotocol", 502, "The app chose a subprotocol not offered")
             )
         if self.phase is not ServicePhase.RUNNING:
-            await self._report_unopened(connection_id, request.path, CloseCode.GOING_AWAY)
+            await self._report_unopened(session, CloseCode.GOING_AWAY)
             return self._refuse(_Refusal("draining", 503, "Shutting down", {"Retry-After": "1"}))
 
         ws = web.WebSocketResponse(
@@ -471,10 +484,9 @@ class Gateway(Service):
             timeout=CLOSE_TIMEOUT_S,
         )
         conn = LiveConnection(
-            lifecycle=ConnectionLifecycle(connection_id, request.path),
-            ws=ws,
-            worker=accept.worker if ids.is_worker_id(accept.worker) else "",
-            outbox=Outbox(
+            session,
+            ws,
+            Outbox(
                 ws,
                 max_bytes=self.config.max_outbound_bytes,
                 budget=self._budget,
@@ -488,31 +500,28 @@ class Gateway(Service):
                 transport=request.transport,
             ),
         )
-        if self.config.message_rate > 0:
-            conn.rate = TokenBucket(
-                self.config.message_rate,
-                self.config.message_burst,
-                asyncio.get_running_loop().time(),
-            )
         try:
             await ws.prepare(request)
         except (ConnectionError, RuntimeError) as exc:
             log.info("client left during the handshake of %s: %s", connection_id, exc)
-            await self._report_unopened(connection_id, request.path, CloseCode.ABNORMAL)
+            await self._report_unopened(session, CloseCode.ABNORMAL)
             return ws
         self._connections[connection_id] = conn
-        early = self._early.pop(connection_id)
+        del self._early[connection_id]
         self.metrics.connections.inc()
         self.metrics.connections_open.inc()
+        loop = asyncio.get_running_loop()
         try:
-            for message in accept.messages:
-                self._push_message(conn, message, "connect_reply")
-            # Then what came for it before it opened (the next turns' broadcasts): their
-            # turns ran after the connect turn, so their output follows its messages.
-            for command in early.commands:
-                self._apply_command(conn, command)
-            if early.overflowed:
-                self._slow_consumer(connection_id)
+            # The decision's messages, then what came for it before it opened (the next
+            # turns' broadcasts: their turns ran after the connect turn).
+            self._perform(
+                conn,
+                session.opened(
+                    loop.time(),
+                    worker=accept.worker if ids.is_worker_id(accept.worker) else "",
+                    messages=accept.messages,
+                ),
+            )
             if self.phase is not ServicePhase.RUNNING:
                 # close() began while this upgrade was in prepare(), so its drain did not
                 # see the connection: it goes as the others did, with 1001 after what the
@@ -526,10 +535,9 @@ class Gateway(Service):
             if conn.shed:
                 # Its close frame is written or its TCP connection cut: its memory is free.
                 self._budget.shed_finished()
-            event = conn.lifecycle.closed_event()
-            if event is not None:
-                self.metrics.closes.labels(_INITIATOR_LABEL[event.closed.initiator]).inc()
-                await self._deliver(event, conn)
+            publish = self._perform(conn, session.transport_closed(loop.time()))
+            if publish is not None:
+                await self._drive(conn, publish)
             del self._connections[connection_id]
             self.metrics.connections_open.dec()
         return ws
@@ -574,109 +582,91 @@ class Gateway(Service):
     # -- the read loop -------------------------------------------------------------------
 
     async def _read_loop(self, conn: LiveConnection) -> None:
-        """Forward the client's messages one at a time until the socket closes."""
-        ws, lifecycle = conn.ws, conn.lifecycle
-        idle_timeout = self.config.idle_timeout_s or None
-        delivery = self._delivery
-        assert delivery is not None
-        rate = conn.rate
+        """Feed the client's frames to the session one at a time until the socket closes;
+        the window is free again before the next frame is read (window 1: a slow app
+        pushes back on the client through TCP)."""
+        ws, session = conn.ws, conn.session
         now = asyncio.get_running_loop().time
         while True:
+            timeout = session.read_timeout(now())
             try:
-                msg = await ws.receive(timeout=idle_timeout)
+                if timeout is not None and timeout <= 0:
+                    # aiohttp takes a timeout of 0 for none: the idle deadline is now.
+                    raise TimeoutError
+                msg = await ws.receive(timeout=timeout)
             except TimeoutError:
-                self._request_close(
-                    conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "idle timeout"
-                )
+                self._perform(conn, session.tick(now()))  # the idle limit, if it is time
                 continue
-            if msg.type is WSMsgType.TEXT:
-                if rate is not None and not rate.take(now()):
-                    self._rate_limited(conn)
-                    continue
-                response = self._auto_responses.get(msg.data)
-                if response is not None:
-                    self.metrics.auto_responses.inc()
-                    conn.outbox.push(response)
-                    self._keep_budget()
-                    continue
-                message = pb.Message(text=msg.data)
-            elif msg.type is WSMsgType.BINARY:
-                if rate is not None and not rate.take(now()):
-                    self._rate_limited(conn)
-                    continue
-                message = pb.Message(binary=msg.data)
-            elif msg.type is WSMsgType.CLOSE:
-                self._client_closed(conn, int(msg.data), msg.extra or "")
-                continue
-            elif msg.type is WSMsgType.ERROR:
+            kind = msg.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                actions = session.client_frame(msg.data, now())
+            elif kind is WSMsgType.CLOSE:
+                actions = session.client_close(int(msg.data), msg.extra or "", now())
+            elif kind is WSMsgType.ERROR:
                 if isinstance(msg.data, WebSocketError):
                     # A protocol violation (RFC 6455 7.4.1): aiohttp already closed the
                     # socket with the matching code (1002, 1007, 1009).
-                    lifecycle.request_close(
-                        pb.CLOSE_INITIATOR_GATEWAY, msg.data.code, str(msg.data)
-                    )
+                    session.transport_error(msg.data.code, str(msg.data))
                 elif isinstance(msg.data, TimeoutError):
-                    lifecycle.request_close(
-                        pb.CLOSE_INITIATOR_GATEWAY, CloseCode.ABNORMAL, "no pong to heartbeat"
-                    )
+                    session.transport_error(CloseCode.ABNORMAL, "no pong to heartbeat")
                 return
             else:  # CLOSING (we are closing it) or CLOSED
                 return
-            if lifecycle.phase is not Phase.OPEN:
-                continue  # closing: what the client sends meanwhile is not the app's anymore
-            self.metrics.messages_in.inc()
-            conn.busy = True
-            event = lifecycle.message_event(message)
-            try:
-                delivered = await delivery.deliver(event, conn)
-            finally:
-                conn.done_with_event()
-            if delivered:
-                lifecycle.acknowledged(event.sequence)
-            else:
-                self._request_close(
-                    conn,
-                    pb.CLOSE_INITIATOR_GATEWAY,
-                    CloseCode.TRY_AGAIN_LATER,
-                    "no worker acknowledged the message",
-                )
+            publish = self._perform(conn, actions)
+            if publish is not None:
+                await self._drive(conn, publish)
 
-    def _client_closed(self, conn: LiveConnection, code: int, reason: str) -> None:
-        """The client sent a close frame; answer it (autoclose is off so codes are checked)."""
-        reply: int
-        if code == 0:  # an empty close frame: no status code (RFC 6455 7.1.5)
-            code, reply = CloseCode.NO_STATUS, CloseCode.NORMAL
-        elif _valid_received_code(code):
-            reply = code
-        else:
-            # RFC 6455 7.4.1: a code that may not be sent is a protocol error.
-            self._request_close(
-                conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.PROTOCOL_ERROR, "invalid close code"
+    async def _drive(self, conn: LiveConnection, publish: Publish) -> None:
+        """Deliver ``publish``'s event at least once, and whatever the session has in
+        flight after it, performing what the session answers on the way."""
+        assert self._delivery is not None
+        try:
+            await self._delivery.deliver(
+                conn.session, publish, functools.partial(self._perform, conn)
             )
-            return
-        if conn.lifecycle.request_close(pb.CLOSE_INITIATOR_CLIENT, code, reason):
-            conn.outbox.push(CloseFrame(reply, ""))
+        finally:
+            conn.done_with_event()
+
+    def _perform(self, conn: LiveConnection | None, actions: Sequence[Action]) -> Publish | None:
+        """Do what a session asked, in order; return the Publish among it, if any (it is
+        the delivery's to perform). ``conn`` None: a session that never opened."""
+        publish = None
+        for action in actions:
+            if isinstance(action, Write):
+                assert conn is not None
+                conn.outbox.push(action.frame)
+                self._keep_budget()
+            elif isinstance(action, Count):
+                self._count(action)
+                if action is RATE_LIMITED:
+                    assert conn is not None
+                    reason = self._limits.rate_reason
+                    log.info("closing %s: %s", conn.session.connection_id, reason)
+            elif isinstance(action, Publish):
+                publish = action
+            elif isinstance(action, Close):
+                assert conn is not None
+                if action.force:
+                    if action.code == CloseCode.POLICY_VIOLATION:
+                        log.info("closing slow consumer %s", conn.session.connection_id)
+                    conn.outbox.force_close(action.code, action.reason)
+                else:
+                    conn.outbox.push(CloseFrame(action.code, action.reason))
+            # Delivered and GaveUp: counted by the delivery (on_round_trip, on_given_up).
+        return publish
+
+    def _count(self, count: Count) -> None:
+        key = (count.metric, count.label)
+        inc = self._counters.get(key)
+        if inc is None:
+            metric = getattr(self.metrics, count.metric)
+            inc = self._counters[key] = (metric.labels(count.label) if count.label else metric).inc
+        inc(count.n)
 
     def _request_close(
         self, conn: LiveConnection, initiator: pb.CloseInitiator.ValueType, code: int, reason: str
     ) -> None:
-        if conn.lifecycle.request_close(initiator, code, reason):
-            conn.outbox.push(CloseFrame(code, reason))
-
-    def _rate_limited(self, conn: LiveConnection) -> None:
-        """A message found the client's token bucket empty: it is dropped, and the
-        connection closed with 1008 after what is queued for it (once; later messages are
-        dropped as the connection is closing)."""
-        reason = (
-            f"message rate exceeded ({self.config.message_rate:g}/s, "
-            f"burst {self.config.message_burst})"
-        )
-        if conn.lifecycle.request_close(
-            pb.CLOSE_INITIATOR_GATEWAY, CloseCode.POLICY_VIOLATION, reason
-        ):
-            self.metrics.rate_limited.inc()
-            log.info("closing %s: %s", conn.lifecycle.connection_id, reason)
-            conn.outbox.push(CloseFrame(CloseCode.POLICY_VIOLATION, reason))
+        self._perform(conn, conn.session.close(code, reason, initiator))
 
     def _keep_budget(self) -> None:
         """After a frame was queued: shed if the outbound budget is exceeded."""
@@ -695,10 +685,7 @@ class Gateway(Service):
         for conn in victims:
             # A connection closing already (its close frame queued behind data it does not
             # take) is shed all the same: its queue is what holds the memory.
-            conn.lifecycle.request_close(
-                pb.CLOSE_INITIATOR_GATEWAY, CloseCode.TRY_AGAIN_LATER, reason
-            )
-            conn.outbox.force_close(CloseCode.TRY_AGAIN_LATER, reason)
+            self._perform(conn, conn.session.shed(reason))
             conn.shed = True
             budget.shed_started()
         self.metrics.budget_shed.inc(len(victims))
@@ -713,45 +700,34 @@ class Gateway(Service):
         )
 
     def _slow_consumer(self, connection_id: str) -> None:
-        self.metrics.drops.labels("slow_consumer").inc()
+        """The outbox refused a frame over max_outbound_bytes."""
         conn = self._connections.get(connection_id)
         if conn is None:
+            self.metrics.drops.labels("slow_consumer").inc()
             return
-        reason = "slow consumer"
-        if conn.lifecycle.request_close(
-            pb.CLOSE_INITIATOR_GATEWAY, CloseCode.POLICY_VIOLATION, reason
-        ):
-            log.info("closing slow consumer %s", conn.lifecycle.connection_id)
-            conn.outbox.force_close(CloseCode.POLICY_VIOLATION, reason)
-
-    async def _deliver(self, event: pb.ConnectionEvent, conn: LiveConnection | None = None) -> bool:
-        """Deliver one event at least once (to ``conn``'s worker first, if it has one);
-        False if it was given up."""
-        assert self._delivery is not None
-        return await self._delivery.deliver(event, conn)
+        self._perform(conn, conn.session.slow_consumer())
 
     def _given_up(self, event: pb.ConnectionEvent) -> None:
         self.metrics.undeliverable.inc()
         log.warning("event %s#%d given up", event.connection_id, event.sequence)
 
-    async def _report_unopened(self, connection_id: str, path: str, code: int) -> None:
+    async def _report_unopened(self, session: Session, code: int) -> None:
         """The app accepted a connection that never opened: tell it that it closed."""
-        lifecycle = ConnectionLifecycle(connection_id, path)
-        lifecycle.request_close(pb.CLOSE_INITIATOR_GATEWAY, code, "")
-        event = lifecycle.closed_event()
-        assert event is not None
-        await self._deliver(event)
+        assert self._delivery is not None
+        loop = asyncio.get_running_loop()
+        publish = self._perform(None, session.abort(code, loop.time()))
+        assert publish is not None
+        await self._delivery.deliver(session, publish, functools.partial(self._perform, None))
 
     # -- commands ------------------------------------------------------------------------
 
     def _on_ack_messages(self, connection_id: str, messages: Sequence[pb.Message]) -> None:
         """Messages that came with a final ack, for the event's own connection."""
         conn = self._connections.get(connection_id)
-        if conn is None or conn.lifecycle.phase is not Phase.OPEN:
+        if conn is None:
             self.metrics.drops.labels("unknown_connection").inc(len(messages))
             return
-        for message in messages:
-            self._push_message(conn, message, "acks")
+        self._perform(conn, conn.session.ack_messages(messages))
 
     def _garbage(self, subject: str) -> None:
         """A message on a subject of kind ``subject`` was not its envelope: counted, dropped."""
@@ -765,66 +741,20 @@ class Gateway(Service):
             log.warning("dropped a command (%d bytes): %s", len(msg.data), exc.reason)
             return
         for connection_id in command.connection_ids:
-            conn = self._connections.get(connection_id)
-            if conn is None:
-                early = self._early.get(connection_id)
-                if early is not None:
-                    # The upgrade is under way. The object may have committed the join and
-                    # run its next turn already: that turn's broadcast can be handled here
-                    # before the task of the upgrade sees the decision (another NATS
-                    # subscription, another task), and a member that joined would miss a
-                    # post that is neither in its replay nor sent to it live. Kept for it.
-                    self._keep_early(early, command)
-                    continue
-            if conn is None or conn.lifecycle.phase is not Phase.OPEN:
-                # The connection is gone, closing, or never was here: count it, never loop.
-                self.metrics.drops.labels("unknown_connection").inc()
-                continue
-            self._apply_command(conn, command)
+            self._command(connection_id, command)
 
-    def _keep_early(self, early: _Early, command: pb.GatewayCommand) -> None:
-        if early.overflowed:
-            self.metrics.drops.labels("slow_consumer").inc()
+    def _command(self, connection_id: str, command: pb.GatewayCommand) -> None:
+        """One command for one connection: to its session, open or still upgrading (see
+        Session.command); a connection this gateway does not hold: counted, never looped."""
+        conn = self._connections.get(connection_id)
+        if conn is not None:
+            self._perform(conn, conn.session.command(command))
             return
-        size = command.ByteSize()
-        if early.size + size > self.config.max_outbound_bytes:
-            early.overflowed = True
-            early.commands.clear()
-            self.metrics.drops.labels("slow_consumer").inc()
+        session = self._early.get(connection_id)
+        if session is not None and session.state is State.CONNECTING:
+            self._perform(None, session.command(command))  # kept: no action to perform
             return
-        early.size += size
-        early.commands.append(command)
-
-    def _apply_command(self, conn: LiveConnection, command: pb.GatewayCommand) -> None:
-        """One command for one open connection (``_on_command`` checked the rest)."""
-        if conn.lifecycle.phase is not Phase.OPEN:
-            self.metrics.drops.labels("unknown_connection").inc()
-            return
-        if command.in_reply_to > conn.lifecycle.last_sequence:
-            # In reply to an event this connection has not produced: no worker sent it.
-            self._garbage("command")
-            return
-        if conn.lifecycle.is_stale(command.in_reply_to):
-            self.metrics.drops.labels("stale").inc()
-            return
-        if command.WhichOneof("action") == "send":
-            self._push_message(conn, command.send, "command")
-        else:
-            # The code and reason were checked when the command was read.
-            close = command.close
-            self._request_close(conn, pb.CLOSE_INITIATOR_APP, close.code, close.reason)
-
-    def _push_message(self, conn: LiveConnection, message: pb.Message, subject: str) -> None:
-        kind = message.WhichOneof("data")
-        if kind == "text":
-            conn.outbox.push(message.text)
-        elif kind == "binary":
-            conn.outbox.push(message.binary)
-        else:
-            self._garbage(subject)
-            return
-        self.metrics.messages_out.inc()
-        self._keep_budget()
+        self.metrics.drops.labels("unknown_connection").inc()
 
 
 def _release_heartbeat_callback(request: web.Request) -> None:
@@ -841,11 +771,6 @@ def _release_heartbeat_callback(request: web.Request) -> None:
     protocol = request.protocol
     if getattr(protocol, "_data_received_cb", None) is not None:
         protocol._data_received_cb = None
-
-
-def _valid_received_code(code: int) -> bool:
-    """Close codes a peer may send (RFC 6455 7.4.1-2 and the IANA registry)."""
-    return is_sendable(code)
 
 
 def _offered_subprotocols(request: web.Request) -> list[str]:

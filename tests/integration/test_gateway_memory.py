@@ -29,7 +29,8 @@ CONNECTIONS = 20
 _PER_CONNECTION_TYPES = {
     "wsgate.gateway.server.LiveConnection",
     "wsgate.gateway.outbox.Outbox",
-    "wsgate.gateway.lifecycle.ConnectionLifecycle",
+    "wsgate.gateway.session.Session",
+    "wsgate.gateway.session._Flight",
     "aiohttp.web_ws.WebSocketResponse",
     "aiohttp.web_request.Request",
     "aiohttp.web_protocol.RequestHandler",

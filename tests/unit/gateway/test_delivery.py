@@ -1,0 +1,163 @@
+"""The delivery's I/O (gateway/delivery.py) over an in-memory publisher: it performs what
+the Session decides, matches replies to the event in flight, and times out by its sweep.
+The decisions themselves are tested in test_session.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import nats.errors
+import pytest
+from nats.aio.msg import Msg
+
+from wsgate.gateway.delivery import EventDelivery
+from wsgate.gateway.session import Action, Publish, Session, SessionLimits, Write
+from wsgate.v1 import envelope_pb2 as pb
+
+pytestmark = pytest.mark.timeout(10)
+
+ACK_PREFIX = "wsgate.ack.gw1"
+CONNECTION = "node-abcdefgh_1"
+
+
+class MemoryBus:
+    """What EventDelivery needs of a NATS client: ``publish``, recorded; ``failing`` raises."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, pb.ConnectionEvent, str]] = []
+        self.arrived = asyncio.Event()
+        self.failing = False
+
+    async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
+        if self.failing:
+            raise nats.errors.ConnectionClosedError
+        self.published.append((subject, pb.ConnectionEvent.FromString(payload), reply))
+        self.arrived.set()
+
+    async def next_publish(self) -> tuple[str, pb.ConnectionEvent, str]:
+        count = len(self.published)
+        while len(self.published) == count:
+            self.arrived.clear()
+            await self.arrived.wait()
+        return self.published[-1]
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, list[pb.Message]]] = []
+        self.redeliveries = 0
+        self.round_trips: list[float] = []
+        self.given_up: list[pb.ConnectionEvent] = []
+        self.performed: list[Action] = []
+
+
+def _delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float) -> EventDelivery:
+    def on_redelivery() -> None:
+        rec.redeliveries += 1
+
+    return EventDelivery(
+        bus,  # type: ignore[arg-type]
+        events_subject="wsgate.events.app.gw1",
+        worker_events_subject=lambda worker: f"wsgate.worker.{worker}.events.gw1",
+        ack_prefix=ACK_PREFIX,
+        ack_batch_subject="wsgate.acks.gw1",
+        ack_timeout_s=ack_timeout_s,
+        delivery_timeout_s=30.0,
+        on_messages=lambda cid, messages: rec.messages.append((cid, list(messages))),
+        on_redelivery=on_redelivery,
+        on_round_trip=rec.round_trips.append,
+        on_given_up=rec.given_up.append,
+    )
+
+
+def _perform(rec: Recorder) -> object:
+    def perform(actions: Sequence[Action]) -> Publish | None:
+        rec.performed.extend(actions)
+        return next((a for a in actions if isinstance(a, Publish)), None)
+
+    return perform
+
+
+def _batch(*acks: pb.EventAck) -> Msg:
+    payload = pb.AckBatch(acks=list(acks)).SerializeToString()
+    return Msg(None, subject="wsgate.acks.gw1", data=payload)  # type: ignore[arg-type]
+
+
+def _session(limits: SessionLimits, worker: str = "") -> Session:
+    session = Session(CONNECTION, "/room/a", limits)
+    session.opened(asyncio.get_running_loop().time(), worker=worker)
+    return session
+
+
+async def test_a_final_ack_settles_the_event_and_its_messages_come_first() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _delivery(bus, rec, ack_timeout_s=5.0)
+    delivery.start()
+    session = _session(SessionLimits(ack_timeout_s=5.0), worker="w-abcdefgh")
+    loop = asyncio.get_running_loop()
+    publish = session.client_frame("hi", loop.time())[-1]
+    assert isinstance(publish, Publish)
+    task = asyncio.create_task(delivery.deliver(session, publish, _perform(rec)))  # type: ignore[arg-type]
+    subject, event, reply = await bus.next_publish()
+    assert subject == "wsgate.worker.w-abcdefgh.events.gw1"  # the object's host first
+    assert reply == f"{ACK_PREFIX}.{CONNECTION}.1"
+    assert (event.sequence, event.message.text, event.ack_wait_ms) == (1, "hi", 5000)
+    ack = pb.EventAck(
+        connection_id=CONNECTION, sequence=1, worker="w-ijklmnop", messages=[pb.Message(text="yo")]
+    )
+    await delivery.on_batch(_batch(ack))
+    assert rec.messages == [(CONNECTION, [pb.Message(text="yo")])]
+    await task
+    assert not session.busy
+    assert session.worker == "w-ijklmnop"
+    assert session.acked_through == 1
+    assert len(rec.round_trips) == 1
+    await delivery.close()
+
+
+async def test_no_ack_in_time_publishes_the_same_event_again_marked() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _delivery(bus, rec, ack_timeout_s=0.05)
+    delivery.start()
+    session = _session(SessionLimits(ack_timeout_s=0.05))
+    loop = asyncio.get_running_loop()
+    took_off = loop.time()
+    publish = session.client_frame("hi", took_off)[-1]
+    assert isinstance(publish, Publish)
+    task = asyncio.create_task(delivery.deliver(session, publish, _perform(rec)))  # type: ignore[arg-type]
+    _, first, _ = await bus.next_publish()
+    _, again, _ = await bus.next_publish()
+    assert loop.time() >= took_off + 0.05  # not before the session's ack deadline
+    assert (again.sequence, again.redelivered, first.redelivered) == (1, True, False)
+    assert rec.redeliveries == 1
+    # A progress ack on the copy, then its final ack.
+    progress = pb.EventAck(sequence=1, in_progress=True).SerializeToString()
+    reply_subject = f"{ACK_PREFIX}.{CONNECTION}.1"
+    await delivery.on_reply(Msg(None, subject=reply_subject, data=progress))  # type: ignore[arg-type]
+    await asyncio.sleep(0)
+    await delivery.on_batch(_batch(pb.EventAck(connection_id=CONNECTION, sequence=1)))
+    await task
+    assert not session.busy
+    await delivery.close()
+
+
+async def test_a_closed_delivery_gives_up_and_the_session_closes_with_1013() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _delivery(bus, rec, ack_timeout_s=5.0)
+    session = _session(SessionLimits(ack_timeout_s=5.0))
+    publish = session.client_frame(b"\x00", asyncio.get_running_loop().time())[-1]
+    assert isinstance(publish, Publish)
+    bus.failing = True  # publishing fails: treated as no responders, retried after a backoff
+    task = asyncio.create_task(delivery.deliver(session, publish, _perform(rec)))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    assert session.busy
+    assert session.retry_at is not None
+    await delivery.close()
+    await task
+    assert [e.sequence for e in rec.given_up] == [1]
+    assert not session.busy
+    closed = session.close_requested
+    assert closed is not None
+    assert closed[1:] == (1013, "no worker acknowledged the message")
+    assert not any(isinstance(a, Write) for a in rec.performed)

@@ -1,0 +1,168 @@
+"""The per-socket outbound queue (gateway/outbox.py) over an in-memory socket: order, the
+slow-consumer bound at the limit and one byte over, close frames, the budget's sum."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from wsgate.gateway.budget import OutboundBudget
+from wsgate.gateway.outbox import CloseFrame, Outbox
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class MemorySocket:
+    """What Outbox needs of a WebSocketResponse; ``stall()`` holds writes until ``flow()``."""
+
+    def __init__(self) -> None:
+        self.written: list[object] = []
+        self._open = asyncio.Event()
+        self._open.set()
+        self.fail = False
+
+    def stall(self) -> None:
+        self._open.clear()
+
+    def flow(self) -> None:
+        self._open.set()
+
+    async def _send(self, frame: object) -> None:
+        if not self._open.is_set():
+            await self._open.wait()
+        if self.fail:
+            raise ConnectionResetError("gone")
+        self.written.append(frame)
+
+    async def send_str(self, data: str) -> None:
+        await self._send(data)
+
+    async def send_bytes(self, data: bytes) -> None:
+        await self._send(data)
+
+    async def close(self, *, code: int, message: bytes) -> bool:
+        self.written.append(("close", code, message.decode()))
+        return True
+
+
+class Counters:
+    def __init__(self) -> None:
+        self.dropped = 0
+        self.overflows = 0
+
+    def on_dropped(self, n: int) -> None:
+        self.dropped += n
+
+    def on_overflow(self) -> None:
+        self.overflows += 1
+
+
+def _outbox(
+    socket: MemorySocket, counters: Counters, budget: OutboundBudget, max_bytes: int = 10
+) -> Outbox:
+    return Outbox(
+        socket,  # type: ignore[arg-type]
+        max_bytes=max_bytes,
+        budget=budget,
+        close_timeout_s=1.0,
+        on_dropped=counters.on_dropped,
+        on_overflow=counters.on_overflow,
+        transport=None,
+    )
+
+
+async def test_an_idle_socket_is_written_at_once_without_a_task() -> None:
+    socket, counters, budget = MemorySocket(), Counters(), OutboundBudget(100)
+    outbox = _outbox(socket, counters, budget)
+    outbox.push("a")
+    outbox.push(b"b")
+    assert socket.written == ["a", b"b"]  # before any await: no writer task
+    assert outbox._writer is None
+    assert (outbox.queued_bytes, budget.total) == (0, 0)
+
+
+async def test_frames_queue_in_order_behind_a_stalled_write() -> None:
+    socket, counters, budget = MemorySocket(), Counters(), OutboundBudget(100)
+    outbox = _outbox(socket, counters, budget)
+    socket.stall()
+    frames: list[str | bytes] = ["1", b"22", "333"]
+    for frame in frames:
+        outbox.push(frame)
+    assert (outbox.queued_bytes, budget.total) == (6, 6)
+    socket.flow()
+    await outbox.flush()
+    assert socket.written == ["1", b"22", "333"]
+    assert (outbox.queued_bytes, budget.total, counters.dropped) == (0, 0, 0)
+
+
+async def test_the_slow_consumer_bound_at_the_limit_and_one_byte_over() -> None:
+    socket, counters, budget = MemorySocket(), Counters(), OutboundBudget(100)
+    outbox = _outbox(socket, counters, budget, max_bytes=10)
+    socket.stall()
+    outbox.push("x" * 4)
+    outbox.push(b"y" * 6)  # 10 bytes: at the limit, kept
+    assert (outbox.queued_bytes, counters.overflows) == (10, 0)
+    outbox.push("z")  # one over: refused, the owner told
+    assert (outbox.queued_bytes, counters.overflows, counters.dropped) == (10, 1, 1)
+    socket.flow()
+    await outbox.flush()
+    assert socket.written == ["x" * 4, b"y" * 6]
+
+
+async def test_nothing_goes_after_a_close_frame() -> None:
+    socket, counters, budget = MemorySocket(), Counters(), OutboundBudget(100)
+    outbox = _outbox(socket, counters, budget)
+    outbox.push("last")
+    outbox.push(CloseFrame(1000, "bye"))
+    outbox.push("too late")
+    await outbox.flush()
+    assert socket.written == ["last", ("close", 1000, "bye")]
+    assert counters.dropped == 1
+
+
+async def test_force_close_drops_the_queue_and_closes_ahead_of_it() -> None:
+    socket, counters, budget = MemorySocket(), Counters(), OutboundBudget(100)
+    outbox = _outbox(socket, counters, budget)
+    socket.stall()
+    for frame in ["a", "b", "c"]:
+        outbox.push(frame)
+    outbox.force_close(1008, "slow consumer")
+    assert (outbox.queued_bytes, budget.total) == (0, 0)
+    assert counters.dropped == 2  # "b" and "c"; "a" was being written
+    socket.flow()
+    await outbox.flush()
+    assert socket.written[-1] == ("close", 1008, "slow consumer")
+    assert "b" not in socket.written
+    assert "c" not in socket.written
+
+
+async def test_a_failed_write_drops_the_rest_and_frees_the_budget() -> None:
+    socket, counters, budget = MemorySocket(), Counters(), OutboundBudget(100)
+    outbox = _outbox(socket, counters, budget)
+    socket.stall()
+    outbox.push("a")
+    outbox.push("b")
+    socket.fail = True
+    socket.flow()
+    await outbox.flush()
+    assert (counters.dropped, outbox.queued_bytes, budget.total) == (2, 0, 0)
+    outbox.push("after")
+    assert counters.dropped == 3
+
+
+async def test_the_budget_is_the_sum_over_outboxes() -> None:
+    budget = OutboundBudget(5)
+    sockets = [MemorySocket(), MemorySocket()]
+    outboxes = [_outbox(s, Counters(), budget) for s in sockets]
+    for socket in sockets:
+        socket.stall()
+    outboxes[0].push("abc")
+    outboxes[1].push(b"defg")
+    assert budget.total == 7
+    assert budget.over
+    for socket in sockets:
+        socket.flow()
+    await asyncio.gather(*(o.flush() for o in outboxes))
+    assert budget.total == 0
+    assert not budget.over
