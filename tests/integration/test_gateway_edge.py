@@ -30,7 +30,7 @@ from cryptography import x509
 
 from tests.certs import CertFiles, Pki
 from tests.harness import eventually, in_process_state_config
-from tests.unit.test_gateway_edge import v2_header
+from tests.unit.gateway.test_gateway_edge import v2_header
 from tests.wsraw import OP_TEXT, RawWebSocket
 from wsgate.config import GatewayConfig, WorkerConfig
 from wsgate.errors import ConfigError
