@@ -5,6 +5,7 @@ ports chosen by the kernel, each waited for by its readiness signal, each stoppe
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import re
 import select
@@ -15,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any, TypeVar, overload
 
 from wsgate.config import StateConfig
 from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
@@ -280,24 +281,41 @@ def wait_for_dev_url(
     return m.group(1).decode(), int(m.group(2)), output
 
 
-async def eventually(probe: Callable[[], Awaitable[T]], what: str, *, timeout_s: float = 20.0) -> T:
+@overload
+async def eventually(
+    probe: Callable[[], Awaitable[T]], what: str, *, timeout_s: float = ..., interval_s: float = ...
+) -> T: ...
+@overload
+async def eventually(
+    probe: Callable[[], T], what: str, *, timeout_s: float = ..., interval_s: float = ...
+) -> T: ...
+async def eventually(
+    probe: Callable[[], Any],
+    what: str,
+    *,
+    timeout_s: float = 20.0,
+    interval_s: float = 0.02,
+) -> Any:
     """Poll ``probe`` until it returns something truthy, and return that; fail after
-    ``timeout_s`` (a bound on a condition that is polled, not a wait standing in for it)."""
+    ``timeout_s`` with an AssertionError naming ``what`` was awaited and the last value seen.
+
+    The tests' one waiting helper. ``probe`` is sync (``lambda: len(seen) >= 2``) or async
+    (a coroutine function that asks a /metrics page or a server). The bound is on a
+    condition that is polled, not a wait standing in for it: where the code under test
+    offers an event (a future, an ``asyncio.Event``, a readiness line), await that instead.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
-        value = await probe()
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def wait_until(
-    condition: Callable[[], Awaitable[bool]], *, timeout_s: float, what: str
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout_s``."""
-    await eventually(condition, what, timeout_s=timeout_s)
+            raise AssertionError(
+                f"timed out after {timeout_s} s waiting for {what} (last seen: {value!r:.200})"
+            )
+        await asyncio.sleep(interval_s)  # the poll's interval, bounded by the deadline above
 
 
 async def metric(url: str, name: str, labels: dict[str, str] | None = None) -> float:

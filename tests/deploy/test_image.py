@@ -156,6 +156,9 @@ def _wait_http_ok(container: str, url: str, timeout_s: float = 60) -> None:
             pytest.fail(f"the container exited before {url} answered:\n{_logs(container)}")
         if time.monotonic() > deadline:
             pytest.fail(f"{url} did not answer 200 within {timeout_s:g} s:\n{_logs(container)}")
+        # A synchronous test driving the docker CLI, with no event loop to await on and no
+        # event to subscribe to from outside the container: the HTTP answer is the event,
+        # polled within the deadline above (and cut short if the container exits).
         time.sleep(0.2)
 
 

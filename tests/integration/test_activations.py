@@ -21,7 +21,7 @@ from pathlib import Path
 import nats
 import pytest
 
-from tests.harness import Stack, metric, stack_context, wait_until
+from tests.harness import Stack, eventually, metric, stack_context
 from wsgate import ids, subjects
 from wsgate.client import ClientClosed, connect
 from wsgate.config import DEFAULT_APP_NAME, DEFAULT_PREFIX
@@ -79,7 +79,7 @@ async def answered(run: Run, at_least: int, timeout_s: float = 60) -> None:
     async def enough() -> bool:
         return len(run.answers) >= at_least
 
-    await wait_until(enough, timeout_s=timeout_s, what=f"{at_least} answers")
+    await eventually(enough, f"{at_least} answers", timeout_s=timeout_s)
 
 
 async def read_counter(stack: Stack, path: str) -> int:
@@ -186,7 +186,7 @@ async def test_an_alarm_is_a_turn_between_the_increments(cluster: Stack) -> None
             await ws.send("get alarm-ran")
             return await ws.receive() == "True"
 
-        await wait_until(ran, timeout_s=20, what="the alarm's turn")
+        await eventually(ran, "the alarm's turn", timeout_s=20)
 
 
 async def test_an_alarm_and_increments_do_not_lose_each_other(cluster: Stack) -> None:
@@ -203,7 +203,7 @@ async def test_an_alarm_and_increments_do_not_lose_each_other(cluster: Stack) ->
     async def counted() -> bool:
         return await read_counter(cluster, "/naive/alarm-race") == 401
 
-    await wait_until(counted, timeout_s=20, what="400 increments and the alarm's")
+    await eventually(counted, "400 increments and the alarm's", timeout_s=20)
 
 
 async def test_writes_from_outside_an_active_object_are_refused(cluster: Stack) -> None:
@@ -254,7 +254,7 @@ async def test_a_stopped_worker_is_fenced_and_none_of_its_frames_arrive(tmp_path
             "wsgate_worker_activations_fenced_total",
             1,
         )
-        await wait_until(fenced, timeout_s=20, what="the stopped worker to learn it was fenced")
+        await eventually(fenced, "the stopped worker to learn it was fenced", timeout_s=20)
         await asyncio.gather(*tasks)
         # Woken up, it committed nothing (its epoch is stale) and released nothing: a frame
         # of its would carry a value another turn also computed (answered twice), or one
@@ -324,7 +324,7 @@ async def running_turn(stack: Stack) -> Child:
                 found.append(child)
         return len(found) == 1
 
-    await wait_until(one_runs, timeout_s=10, what="a worker running the turn")
+    await eventually(one_runs, "a worker running the turn", timeout_s=10)
     return found[0]
 
 
@@ -517,7 +517,7 @@ async def test_frames_wait_for_the_commit_but_the_next_turn_does_not(cluster: St
 
             # Both turns ran (the reader's saw the writer's write, in memory), though the
             # writer's commit cannot reach the stopped state service ...
-            await wait_until(both_ran, timeout_s=10, what="both turns to run")
+            await eventually(both_ran, "both turns to run", timeout_s=10)
             # ... and neither frame left: they wait for their turns' commits.
             for ws in (writer, reader):
                 with pytest.raises(TimeoutError):
@@ -547,7 +547,7 @@ async def test_activations_are_bounded_and_evicted_when_idle(tmp_path: Path) -> 
             assert await metric(url, "wsgate_worker_activations_evicted_total", evicted) >= 8
 
             all_evicted = at_most(url, "wsgate_worker_activations", 0)
-            await wait_until(all_evicted, timeout_s=15, what="idle activations to be evicted")
+            await eventually(all_evicted, "idle activations to be evicted", timeout_s=15)
             # Their connections stayed open; the next event activates each object again.
             for ws in sockets:
                 await ws.send("inc")

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from tests.harness import Stack, metric, stack_context
+from tests.harness import Stack, eventually, metric, stack_context
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,12 +56,10 @@ async def test_a_stalled_worker_events_go_elsewhere_and_its_late_work_is_fenced(
                 os.kill(stalled.pid, signal.SIGCONT)
                 # The stalled worker now runs its copies of events that were acknowledged
                 # meanwhile; what they send must be dropped, not interleaved.
-                for _ in range(200):
-                    if await metric(metrics_url, "wsgate_gateway_drops_total", {"reason": "stale"}):
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    raise AssertionError("no stale command was fenced")
+                await eventually(
+                    lambda: metric(metrics_url, "wsgate_gateway_drops_total", {"reason": "stale"}),
+                    "a stale command to be fenced",
+                )
                 for i in range(20, 25):
                     await ws.send_str(f"m{i}")
                 later = [(await ws.receive(timeout=30)).data.split("|")[2] for _ in range(5)]

@@ -13,7 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import Stack, metric, stack_context
+from tests.harness import Stack, eventually, metric, stack_context
 from wsgate.worker.state_client import StateClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -66,7 +66,7 @@ async def test_a_redelivered_event_increments_the_counter_once(one_worker: Stack
         counter = state.storage("counter", "replayed")
         await ws.send_str("inc-then-hang")
         # The first delivery commits its increment, then hangs before its ack ...
-        await _until(lambda: counter.get("n"), 1)
+        assert await eventually(lambda: counter.get("n"), "the first delivery's increment") == 1
         first = stack.workers[0]
         stack.kill(first)  # ... and its worker dies: the gateway resends the event
         second = stack.start_worker(APP)
@@ -128,9 +128,11 @@ async def test_the_output_gate_holds_frames_until_the_write_is_durable(one_worke
         try:
             await ws.send_str("v1")
             # The handler has returned; its frame waits at the gate for the write.
-            await _until(
-                lambda: metric(gate_waits_url, "wsgate_worker_output_gate_waits_total"), 1.0
+            waits = await eventually(
+                lambda: metric(gate_waits_url, "wsgate_worker_output_gate_waits_total"),
+                "the frame to wait at the output gate",
             )
+            assert waits == 1.0
             # Both crash: the write dies in the stopped service, the frame in the worker.
             stack.kill(first)
             stack.kill(state_child)
@@ -149,15 +151,3 @@ async def test_the_output_gate_holds_frames_until_the_write_is_durable(one_worke
             message = (await ws.receive(timeout=30)).data
             assert message == f"{second.pid}|saw v2"
             assert await gated.get("last") == "v2"
-
-
-async def _until(probe: object, expected: object, timeout_s: float = 20.0) -> None:
-    """Poll ``await probe()`` until it equals ``expected`` (bounded)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        value = await probe()  # type: ignore[operator]
-        if value == expected:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"still {value!r}, expected {expected!r}")
-        await asyncio.sleep(0.02)

@@ -87,12 +87,8 @@ async def _close_record(stack: Stack, connection_id: str) -> dict[str, object]:
     """Wait (bounded) until the app's on_close has stored what it saw."""
     async with StateClient(stack.state.info["address"]) as state:  # type: ignore[union-attr]
         record = state.storage("closes", connection_id)
-        for _ in range(200):
-            seen = await record.get("close")
-            if seen is not None:
-                return {"close": seen, "calls": await record.get("calls")}
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"on_close never ran for {connection_id}")
+        seen = await eventually(lambda: record.get("close"), f"on_close to run for {connection_id}")
+        return {"close": seen, "calls": await record.get("calls")}
 
 
 async def test_client_close_code_and_reason_reach_the_app_once(
@@ -181,16 +177,13 @@ async def test_a_slow_consumer_is_closed_with_1008(stack: Stack) -> None:
     try:
         await raw.read_frame()
         await raw.send_frame(OP_TEXT, b"flood 256 65536")
+
+        async def declared_slow() -> bool:
+            drops = await metric(url, "wsgate_gateway_drops_total", {"reason": "slow_consumer"})
+            return drops > before
+
         # Not reading: wait (bounded) for the gateway to give up on us.
-        for _ in range(400):
-            if (
-                await metric(url, "wsgate_gateway_drops_total", {"reason": "slow_consumer"})
-                > before
-            ):
-                break
-            await asyncio.sleep(0.05)
-        else:
-            raise AssertionError("the gateway never declared the client slow")
+        await eventually(declared_slow, "the gateway to declare the client slow", timeout_s=30)
         # Now read: some data frames, then the close frame with 1008.
         assert (await raw.read_until_close()).close_code == 1008
     finally:
@@ -218,6 +211,8 @@ async def test_a_client_that_answers_pings_outlives_several_heartbeats(
 ) -> None:
     ws, _ = await _control(session, stack, gateway=HEARTBEAT)
     for i in range(4):  # 4 x 0.3 s: more than two heartbeat periods of 0.4 s
+        # Time passing is the condition under test (the pings it brings are answered by
+        # aiohttp unseen), so a fixed wait is the event here.
         await asyncio.sleep(0.3)
         await ws.send_str(f"alive {i}")
         assert (await ws.receive(timeout=10)).data == f"alive {i}"
@@ -241,10 +236,11 @@ async def test_max_connections_at_and_over_the_limit(
     assert refused.value.status == 503
     await open_.pop().close()
     url = _gateway_metrics(stack, SMALL)
-    for _ in range(200):  # the slot frees once the close is reported to the app
-        if await metric(url, "wsgate_gateway_connections_open") < 3:
-            break
-        await asyncio.sleep(0.05)
+
+    async def slot_free() -> bool:  # once the close is reported to the app
+        return await metric(url, "wsgate_gateway_connections_open") < 3
+
+    await eventually(slot_free, "the closed connection's slot to free")
     ws, _ = await _control(session, stack, gateway=SMALL)
     for w in [ws, *open_]:
         await w.close()
@@ -321,10 +317,11 @@ async def test_commands_for_gone_connections_and_garbage_are_counted(stack: Stac
         await nc.flush()
     finally:
         await nc.close()
-    for _ in range(200):
-        if await metric(url, "wsgate_gateway_garbage_total", {"subject": "command"}) > garbage:
-            break
-        await asyncio.sleep(0.05)
+
+    async def counted() -> bool:
+        return await metric(url, "wsgate_gateway_garbage_total", {"subject": "command"}) > garbage
+
+    await eventually(counted, "the garbage command to be counted")
     assert await metric(url, "wsgate_gateway_garbage_total", {"subject": "command"}) == garbage + 1
     assert (
         await metric(url, "wsgate_gateway_drops_total", {"reason": "unknown_connection"})

@@ -30,7 +30,7 @@ from cryptography import x509
 
 from tests.certs import CertFiles, Pki
 from tests.harness import eventually, in_process_state_config
-from tests.unit.test_gateway_edge import v2_header
+from tests.unit.gateway.test_gateway_edge import v2_header
 from tests.wsraw import OP_TEXT, RawWebSocket
 from wsgate.config import GatewayConfig, WorkerConfig
 from wsgate.errors import ConfigError
@@ -309,7 +309,7 @@ async def test_wss_with_certificate_reloads_when_the_files_change(
             # A reload that fails keeps the certificate in use, and is counted.
             cert_files.key.write_text("not a key\n")
             await eventually(
-                lambda: _true(sample(gw, "wsgate_gateway_tls_reloads_total", result="failed") == 1),
+                lambda: sample(gw, "wsgate_gateway_tls_reloads_total", result="failed") == 1,
                 "the failed reload",
                 timeout_s=10,
             )
@@ -317,10 +317,6 @@ async def test_wss_with_certificate_reloads_when_the_files_change(
             assert not gw.reload_tls()  # SIGHUP's reload fails the same way
             assert sample(gw, "wsgate_gateway_tls_reloads_total", result="failed") == 2
             await ws.close()
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_slow_tls_handshakes_are_cut_at_the_deadline(
@@ -349,7 +345,7 @@ async def test_slow_tls_handshakes_are_cut_at_the_deadline(
         with pytest.raises(ssl.SSLError):
             await asyncio.open_connection(HOST, gw.port, ssl=stranger)
         await eventually(
-            lambda: _true(sample(gw, "wsgate_gateway_tls_handshake_errors_total") == 1),
+            lambda: sample(gw, "wsgate_gateway_tls_handshake_errors_total") == 1,
             "the failed handshake counted",
             timeout_s=10,
         )

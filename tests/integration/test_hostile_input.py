@@ -50,7 +50,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from tests.harness import Stack, metric, stack_context
+from tests.harness import Stack, eventually, metric, stack_context
 from tests.loop_thread import LoopThread
 from tests.protobuf_strategies import messages, payloads
 from wsgate import subjects
@@ -268,7 +268,7 @@ class Traffic:
                 self.echoes_sent.append(text)
                 await ws.send_str(text)
                 self.echoes.append(await self._answer(ws))
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # a steady rate, not a flood
 
     async def _answer(self, ws: aiohttp.ClientWebSocketResponse) -> str:
         msg = await ws.receive(timeout=ANSWER_TIMEOUT_S)
@@ -328,7 +328,13 @@ def traffic(hostile_stack: Stack, loop_thread: LoopThread) -> Iterator[Traffic]:
         return traffic
 
     traffic = loop_thread.run(start())
-    wait_for(loop_thread, lambda: traffic.exchanges >= 10 or bool(traffic.problems), "traffic")
+    loop_thread.run(
+        eventually(
+            lambda: traffic.exchanges >= 10 or bool(traffic.problems),
+            "traffic",
+            timeout_s=SETTLE_TIMEOUT_S,
+        )
+    )
     try:
         yield traffic
     finally:
@@ -406,18 +412,6 @@ def hostility(
         loop_thread.run(stop(hostility))
 
 
-def wait_for(loop_thread: LoopThread, condition: Any, what: str) -> None:
-    """Poll ``condition`` (on the loop thread) until it holds, for SETTLE_TIMEOUT_S."""
-
-    async def poll() -> None:
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        while not condition():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            await asyncio.sleep(0.02)
-
-    loop_thread.run(poll())
-
-
 async def all_alive_and_ready(stack: Stack, roles: Roles) -> None:
     for child in stack.children():
         assert child.process.poll() is None, f"{child.name} exited: {child.process.returncode}"
@@ -473,13 +467,9 @@ def test_requests_without_a_reply_subject_are_counted_and_dropped(
         assert all(n <= 1 for n in grown), grown
         return all(n == 1 for n in grown)
 
-    async def wait() -> None:
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        while not await each_counted_once():
-            assert time.monotonic() < deadline, "not counted"
-            await asyncio.sleep(0.05)
-
-    loop_thread.run(wait())
+    loop_thread.run(
+        eventually(each_counted_once, "each kind counted once", timeout_s=SETTLE_TIMEOUT_S)
+    )
 
 
 def test_requests_that_are_not_their_envelope_get_the_protocols_error_answer(
@@ -532,10 +522,11 @@ def test_a_command_in_reply_to_an_event_not_yet_sent_is_garbage(
             subject = subjects.gateway_subject(DEFAULT_PREFIX, roles.gateway_id)
             await hostility.nc.publish(subject, forged.SerializeToString())
             await hostility.nc.flush()
-            deadline = time.monotonic() + SETTLE_TIMEOUT_S
-            while await roles.garbage("gateway", "command") == before:
-                assert time.monotonic() < deadline, "not counted"
-                await asyncio.sleep(0.05)
+
+            async def counted() -> bool:
+                return await roles.garbage("gateway", "command") != before
+
+            await eventually(counted, "the forged command counted", timeout_s=SETTLE_TIMEOUT_S)
             # Frames leave in order: had the forged one been taken, it would come first.
             await ws.send_str("after")
             after = (await ws.receive(timeout=ANSWER_TIMEOUT_S)).data
@@ -609,7 +600,11 @@ def test_garbage_on_every_subject_is_counted_and_no_role_falls_over(
     def settled() -> bool:
         return len(hostility.alarms_answered) == len(hostility.alarm_answers)
 
-    wait_for(loop_thread, settled, "the state service's alarm events, all answered")
+    loop_thread.run(
+        eventually(
+            settled, "the state service's alarm events, all answered", timeout_s=SETTLE_TIMEOUT_S
+        )
+    )
 
     # The connect decisions that reached the gateway are those it answered 502 (the app
     # answers 409, a second later, when it was first).
@@ -625,18 +620,18 @@ def test_garbage_on_every_subject_is_counted_and_no_role_falls_over(
                 return False
         return True
 
-    async def wait_counted() -> None:
-        deadline = time.monotonic() + SETTLE_TIMEOUT_S
-        while not await counted():
-            if time.monotonic() > deadline:
-                report = {
-                    key: (await roles.garbage(*key) - before[key], sent.undecodable[key])
-                    for key in sorted(kinds)
-                }
-                raise AssertionError(f"garbage counted (grown, undecodable sent): {report}")
-            await asyncio.sleep(0.05)
+    async def report() -> dict[tuple[str, str], tuple[float, int]]:
+        return {
+            key: (await roles.garbage(*key) - before[key], sent.undecodable[key])
+            for key in sorted(kinds)
+        }
 
-    loop_thread.run(wait_counted())
+    try:
+        loop_thread.run(eventually(counted, "the garbage counted", timeout_s=SETTLE_TIMEOUT_S))
+    except AssertionError as timed_out:
+        raise AssertionError(
+            f"garbage counted (grown, undecodable sent): {loop_thread.run(report())}"
+        ) from timed_out
     # The state's alarm inbox: exactly the answers protobuf cannot parse.
     assert (
         loop_thread.run(roles.garbage("state", "alarm_reply")) - before["state", "alarm_reply"]
@@ -668,10 +663,12 @@ def test_garbage_on_every_subject_is_counted_and_no_role_falls_over(
         if undecodable("connect_reply", payload):
             assert status in (502, 409), (payload, status)
     loop_thread.run(all_alive_and_ready(hostile_stack, roles))
-    wait_for(
-        loop_thread,
-        lambda: traffic.exchanges >= exchanges_before + 20 or bool(traffic.problems),
-        "the client's traffic to go on",
+    loop_thread.run(
+        eventually(
+            lambda: traffic.exchanges >= exchanges_before + 20 or bool(traffic.problems),
+            "the client's traffic to go on",
+            timeout_s=SETTLE_TIMEOUT_S,
+        )
     )
     assert not traffic.problems
 
@@ -820,10 +817,12 @@ def test_hostile_calls_to_every_grpc_method_end_with_a_clean_status(
         call_cleanly()
     # Still serving: a read, the probes, and the client's traffic.
     loop_thread.run(all_alive_and_ready(hostile_stack, roles))
-    wait_for(
-        loop_thread,
-        lambda: traffic.exchanges >= exchanges_before + 20 or bool(traffic.problems),
-        "the client's traffic to go on",
+    loop_thread.run(
+        eventually(
+            lambda: traffic.exchanges >= exchanges_before + 20 or bool(traffic.problems),
+            "the client's traffic to go on",
+            timeout_s=SETTLE_TIMEOUT_S,
+        )
     )
     assert not traffic.problems
 
@@ -833,10 +832,12 @@ def test_the_client_lost_nothing_and_the_stored_count_is_exact(
 ) -> None:
     """Run last in the module: every answer came back, in order, and the object stored
     exactly as many increments as were acknowledged."""
-    wait_for(
-        loop_thread,
-        lambda: len(traffic.counts) >= 20 or bool(traffic.problems),
-        "the client's traffic",
+    loop_thread.run(
+        eventually(
+            lambda: len(traffic.counts) >= 20 or bool(traffic.problems),
+            "the client's traffic",
+            timeout_s=SETTLE_TIMEOUT_S,
+        )
     )
     loop_thread.run(traffic.finish())
     assert not traffic.problems

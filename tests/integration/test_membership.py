@@ -27,7 +27,7 @@ from nats.aio.msg import Msg
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
 
 from tests.backends import Backend
-from tests.harness import Stack, in_process_state_config, metric, stack_context, wait_until
+from tests.harness import Stack, eventually, in_process_state_config, metric, stack_context
 from wsgate import ids, subjects
 from wsgate.bench.loadgen import raise_nofile_limit
 from wsgate.config import GatewayConfig, StateConfig
@@ -267,7 +267,7 @@ async def test_a_write_waits_for_a_transaction_holding_the_object(
             queue = server.locks._queues.get(obj)
             return queue is not None and len(queue.waiters) == 1
 
-        await wait_until(waiting, timeout_s=5, what="the join to queue behind the hold")
+        await eventually(waiting, "the join to queue behind the hold", timeout_s=5)
         assert await room.connections() == []  # reads do not wait; the join did not happen
     finally:
         server.locks.release(obj)
@@ -359,9 +359,7 @@ async def test_broadcast_sends_one_command_per_gateway(
     result = await room.broadcast("hello")
     assert (result.recipients, result.commands) == (500, 2)
     # Broadcast returns once NATS has the commands; the subscriber gets them right after.
-    await wait_until(
-        lambda: _true(len(gateways.commands) >= 2), timeout_s=5, what="the two commands"
-    )
+    await eventually(lambda: len(gateways.commands) >= 2, "the two commands", timeout_s=5)
     assert gateways.addressed() == {ids.gateway_of(one[0]): one, ids.gateway_of(two[0]): two}
     assert len(gateways.commands) == 2
     assert all(c.send == envelope.Message(text="hello") for _, c in gateways.commands)
@@ -378,7 +376,7 @@ async def test_broadcast_by_tag_and_with_exclusions(
     await room.accept(d, tags=["red"])
     red = await room.broadcast(b"\x00bin", tag="red", exclude=[b])
     assert (red.recipients, red.commands) == (2, 2)
-    await wait_until(lambda: _true(len(gateways.commands) == 2), timeout_s=5, what="commands")
+    await eventually(lambda: len(gateways.commands) == 2, "commands", timeout_s=5)
     assert sorted(cid for _, cmd in gateways.commands for cid in cmd.connection_ids) == [a, d]
     assert {cmd.send.binary for _, cmd in gateways.commands} == {b"\x00bin"}
     nobody = await room.broadcast("x", tag="green")
@@ -406,13 +404,9 @@ async def test_broadcast_splits_a_gateway_list_only_over_the_payload_limit(
         fits += 1
     assert (await room.broadcast(b"x" * fits)).commands == 1
     assert (await room.broadcast(b"x" * (fits + 1))).commands == 2
-    await wait_until(lambda: _true(len(gateways.commands) == 3), timeout_s=10, what="commands")
+    await eventually(lambda: len(gateways.commands) == 3, "commands", timeout_s=10)
     assert all(c.ByteSize() <= budget for _, c in gateways.commands)
     assert [cid for _, c in gateways.commands[1:] for cid in c.connection_ids] == cids
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 # -- leases -------------------------------------------------------------------------------
@@ -432,9 +426,7 @@ async def test_a_gateway_whose_lease_runs_out_loses_its_members(
     monitor = membership_of(server).presence
     await announce(bus, dead_gw, lease_ms=300)
     await announce(bus, alive_gw, lease_ms=300)
-    await wait_until(
-        lambda: _true(monitor.stats.announcements >= 2), timeout_s=5, what="announcements"
-    )
+    await eventually(lambda: monitor.stats.announcements >= 2, "announcements", timeout_s=5)
     other_room = ObjectMembers(room._state, "room", "other")
     await asyncio.gather(*(room.accept(cid) for cid in dead + alive + unheard))
     await other_room.accept(dead[0], tags=["t"])
@@ -445,7 +437,7 @@ async def test_a_gateway_whose_lease_runs_out_loses_its_members(
         listed = {m.id for m in await room.connections()}
         return not listed & set(dead)
 
-    await wait_until(dead_gone, timeout_s=10, what="the dead gateway's members to go")
+    await eventually(dead_gone, "the dead gateway's members to go", timeout_s=10)
     assert time.monotonic() - started < 5
     assert [m.id for m in await room.connections()] == sorted(alive + unheard)
     assert await other_room.connections() == []
@@ -466,7 +458,7 @@ async def test_a_leaving_gateway_loses_its_members_at_once(
         return [m.id for m in await room.connections()] == staying
 
     # Well inside the 60 s lease, and the 30 s grace of the gateway never heard from.
-    await wait_until(gone, timeout_s=5, what="the leaving gateway's members to go")
+    await eventually(gone, "the leaving gateway's members to go", timeout_s=5)
 
 
 @sqlite_only
@@ -483,7 +475,7 @@ async def test_garbage_on_the_presence_subject_is_counted_and_dropped(
         subject, envelope.GatewayPresence(gateway_id="gw-abcdefgh").SerializeToString()
     )
     await bus.flush()
-    await wait_until(lambda: _true(monitor.stats.garbage == 3), timeout_s=5, what="garbage")
+    await eventually(lambda: monitor.stats.garbage == 3, "garbage", timeout_s=5)
     (a,) = new_ids(1)
     await room.accept(a)  # still serving
     assert [m.id for m in await room.connections()] == [a]
@@ -504,11 +496,9 @@ async def test_a_presence_for_another_gateway_is_dropped_and_counted(
     forged = envelope.GatewayPresence(gateway_id=victim_gw, leaving=True)
     await bus.publish(subjects.presence_subject(PREFIX, intruder_gw), forged.SerializeToString())
     await bus.flush()
-    await wait_until(
-        lambda: _true(monitor.stats.impostors == impostors + 1), timeout_s=5, what="the impostor"
-    )
+    await eventually(lambda: monitor.stats.impostors == impostors + 1, "the impostor", timeout_s=5)
     sweeps = monitor.stats.sweeps
-    await wait_until(lambda: _true(monitor.stats.sweeps >= sweeps + 2), timeout_s=5, what="sweeps")
+    await eventually(lambda: monitor.stats.sweeps >= sweeps + 2, "sweeps", timeout_s=5)
     assert not monitor.leases.is_leaving(victim_gw)
     assert {m.id for m in await room.connections()} >= set(victims)
     # The gateway itself may leave.
@@ -517,7 +507,7 @@ async def test_a_presence_for_another_gateway_is_dropped_and_counted(
     async def gone() -> bool:
         return not {m.id for m in await room.connections()} & set(victims)
 
-    await wait_until(gone, timeout_s=5, what="the victim's own leaving")
+    await eventually(gone, "the victim's own leaving", timeout_s=5)
 
 
 async def test_members_stored_before_a_restart_get_a_grace_lease(
@@ -559,25 +549,17 @@ async def test_leases_hold_while_the_state_service_is_cut_off_from_nats(
             first.stop()  # the bus goes away
             nc = server._nc
             assert nc is not None
-            await wait_until(
-                lambda: _true(not nc.is_connected), timeout_s=10, what="the disconnection"
-            )
-            await wait_until(
-                lambda: _true(time.monotonic() > lease_end), timeout_s=5, what="the lease end"
-            )
+            await eventually(lambda: not nc.is_connected, "the disconnection", timeout_s=10)
+            await eventually(lambda: time.monotonic() > lease_end, "the lease end", timeout_s=5)
             sweeps = monitor.stats.sweeps
-            await wait_until(
-                lambda: _true(monitor.stats.sweeps >= sweeps + 2), timeout_s=5, what="sweeps"
-            )
+            await eventually(lambda: monitor.stats.sweeps >= sweeps + 2, "sweeps", timeout_s=5)
             assert [m.id for m in await room.connections()] == cids  # held, not swept
 
             port = int(url.rsplit(":", 1)[1])
             second = start_nats_server(tmp_path / "nats2", port=port)
-            await wait_until(lambda: _true(nc.is_connected), timeout_s=10, what="reconnection")
+            await eventually(lambda: nc.is_connected, "reconnection", timeout_s=10)
             sweeps = monitor.stats.sweeps
-            await wait_until(
-                lambda: _true(monitor.stats.sweeps >= sweeps + 2), timeout_s=5, what="sweeps"
-            )
+            await eventually(lambda: monitor.stats.sweeps >= sweeps + 2, "sweeps", timeout_s=5)
             expires = monitor.leases.expires_at(gateway_id)
             assert expires is not None
             assert expires > time.monotonic() + 20  # the grace period, from the reconnection
@@ -602,8 +584,8 @@ async def test_a_gateway_announces_itself_and_says_when_it_leaves(
     config = GatewayConfig(nats_url=str(nats_server.info["url"]), port=0, presence_interval_s=0.05)
     gateway = Gateway(config)
     async with gateway:
-        await wait_until(lambda: _true(len(heard) >= 3), timeout_s=5, what="announcements")
-    await wait_until(lambda: _true(heard[-1].leaving), timeout_s=5, what="the leaving one")
+        await eventually(lambda: len(heard) >= 3, "announcements", timeout_s=5)
+    await eventually(lambda: heard[-1].leaving, "the leaving one", timeout_s=5)
     assert {p.gateway_id for p in heard} == {gateway.gateway_id}
     assert all(p.lease_ms == 250 for p in heard[:-1])
     assert [p.leaving for p in heard].count(True) == 1
@@ -675,7 +657,7 @@ async def test_a_closed_connection_leaves_every_object(
                 await r2.connections() == []
             )
 
-        await wait_until(left, timeout_s=10, what="the closed connection to leave")
+        await eventually(left, "the closed connection to leave", timeout_s=10)
         await other.close()
 
 
@@ -760,7 +742,7 @@ async def test_members_of_a_killed_gateway_leave(
         async def swept() -> bool:
             return [m.id for m in await r.connections()] == [survivor_id]
 
-        await wait_until(swept, timeout_s=10, what="the killed gateway's members to go")
+        await eventually(swept, "the killed gateway's members to go", timeout_s=10)
         assert await ObjectMembers(state_of, "room", "k2").connections() == []
         metrics_url = f"http://127.0.0.1:{two_gateways.state_info('probe_port')}/metrics"
         # Three connections, each in two objects: six memberships swept, and counted.
@@ -887,7 +869,7 @@ async def test_ten_thousand_websockets_one_broadcast_one_command_per_gateway(
             async def replied() -> bool:
                 return bool(tally.replies)
 
-            await wait_until(replied, timeout_s=10, what="the sender's reply")
+            await eventually(replied, "the sender's reply", timeout_s=10)
             assert tally.replies == [f"sent {SCALE} 2"]
             assert tally.total == SCALE  # each client exactly once
             assert len(commands) == 2
@@ -910,7 +892,7 @@ async def test_ten_thousand_websockets_one_broadcast_one_command_per_gateway(
                 )
                 return not page.members
 
-            await wait_until(all_left, timeout_s=60, what="all 10,000 to leave on close")
+            await eventually(all_left, "all 10,000 to leave on close", timeout_s=60)
             left_s = time.monotonic() - closing_at
         print(
             f"\n{SCALE} websockets: opened and joined in {connected_s:.1f} s, broadcast "

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from nats.aio.msg import Msg
 
-from tests.harness import wait_until
+from tests.harness import eventually
 from tests.nats_jwt import NKey, account_jwt, creds, new_nkey, operator_mode_config, user_jwt
 from wsgate import subjects
 from wsgate.bus import connect_bus
@@ -99,7 +99,7 @@ class Refusals:
         async def enough() -> bool:
             return self.count >= count
 
-        await wait_until(enough, timeout_s=10, what=f"{count} refusals")
+        await eventually(enough, f"{count} refusals", timeout_s=10)
 
 
 async def test_roles_log_in_by_nkey_and_are_held_to_their_permissions(

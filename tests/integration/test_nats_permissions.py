@@ -30,7 +30,7 @@ from nats.aio.msg import Msg
 
 from tests.apps.sdk import app as sdk_app
 from tests.certs import Pki
-from tests.harness import in_process_state_config, metric, wait_until
+from tests.harness import eventually, in_process_state_config, metric
 from wsgate import subjects
 from wsgate.bus import connect_bus, connect_options, is_permission_violation
 from wsgate.client import connect
@@ -131,7 +131,7 @@ class Bus:
         async def enough() -> bool:
             return len(self.refusals) >= count
 
-        await wait_until(enough, timeout_s=10, what=f"{count} refusals")
+        await eventually(enough, f"{count} refusals", timeout_s=10)
         return self.refusals
 
 
@@ -188,7 +188,7 @@ async def test_each_identity_uses_its_own_subjects(secured: Secured) -> None:
         async def all_heard() -> bool:
             return len(commands.heard) == 2 and len(acks.heard) == 1 and len(presence.heard) == 1
 
-        await wait_until(all_heard, timeout_s=10, what="the messages")
+        await eventually(all_heard, "the messages", timeout_s=10)
         for bus in (gw, worker, state):
             await bus.nc.flush()
             assert bus.errors == []
@@ -388,14 +388,14 @@ async def test_the_roles_serve_over_tls_with_their_own_credentials(
             async def dropped() -> bool:
                 return worker.metrics.registry.get_sample_value(impostors) == 3
 
-            await wait_until(dropped, timeout_s=10, what="the impostors dropped")
+            await eventually(dropped, "the impostors dropped", timeout_s=10)
 
             state_metrics = f"http://127.0.0.1:{state.probe_port}/metrics"
 
             async def heard() -> bool:
                 return await metric(state_metrics, "wsgate_state_presence_announcements_total") >= 2
 
-            await wait_until(heard, timeout_s=10, what="the gateway's presence")
+            await eventually(heard, "the gateway's presence", timeout_s=10)
             counted = {
                 "gateway violations": gateway.metrics.registry.get_sample_value(
                     "wsgate_gateway_nats_permission_violations_total"

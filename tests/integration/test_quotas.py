@@ -3,8 +3,8 @@ every service that names an object, quota refusals typed at the client and count
 /metrics, the free-disk threshold measured on the real filesystem, and, through a whole
 stack, the refusals reaching handler code (tests/apps/quotas.py).
 
-Storage at each quota on both databases is tests/unit/test_quotas_storage.py; here the
-state service runs on SQLite.
+Storage at each quota on both databases is tests/unit/stateservice/test_quotas_storage.py;
+here the state service runs on SQLite.
 """
 
 from __future__ import annotations

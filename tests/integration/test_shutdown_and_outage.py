@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness import Stack, stack_context
+from tests.harness import Stack, eventually, stack_context
 from wsgate.procs import start_nats_server
 
 pytestmark = pytest.mark.timeout(90)
@@ -35,12 +34,11 @@ async def test_sigterm_drains_the_gateway(stack: Stack) -> None:
         assert (await ws.receive(timeout=10)).data.startswith("id ")
         await ws.send_str("sleep 1.5")  # in flight when SIGTERM arrives
         gateway.process.send_signal(signal.SIGTERM)
-        for _ in range(200):
-            if await _status(session, base + "/readyz") == 503:
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("/readyz never turned 503")
+
+        async def not_ready() -> bool:
+            return await _status(session, base + "/readyz") == 503
+
+        await eventually(not_ready, "/readyz to turn 503", timeout_s=10)
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(stack.ws_url("/control", index))
         assert refused.value.status == 503

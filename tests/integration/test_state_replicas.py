@@ -24,7 +24,7 @@ import grpc
 import psycopg
 import pytest
 
-from tests.harness import Stack, in_process_state_config, metric, wait_until
+from tests.harness import Stack, eventually, in_process_state_config, metric
 from wsgate.client import ClientClosed, connect
 from wsgate.errors import ConfigError, NotOwner, ObjectActive
 from wsgate.pgserver import PostgresServer, start_postgres
@@ -95,7 +95,7 @@ async def answered(clients: list[Client], at_least: int) -> None:
     async def enough() -> bool:
         return sum(len(c.values) for c in clients) >= at_least
 
-    await wait_until(enough, timeout_s=90, what=f"{at_least} answers")
+    await eventually(enough, f"{at_least} answers", timeout_s=90)
 
 
 def assert_exact(clients: list[Client], each: int) -> None:
@@ -132,7 +132,7 @@ async def replicas_see(stack: Stack, count: int, among: list[Child] | None = Non
                 return False
         return True
 
-    await wait_until(agreed, timeout_s=20, what=f"every replica to see {count}")
+    await eventually(agreed, f"every replica to see {count}", timeout_s=20)
 
 
 def paths_owned(stack: Stack, by: Replica | None, want: int, prefix: str) -> list[str]:
@@ -246,7 +246,7 @@ async def test_kill_9_of_a_replica_under_load_loses_nothing_and_its_alarms_fire_
     async def alarms_ran() -> bool:
         return db_rows(dsn, "SELECT count(*) FROM alarms")[0][0] == 0
 
-    await wait_until(alarms_ran, timeout_s=30, what="the moved objects' alarms to run")
+    await eventually(alarms_ran, "the moved objects' alarms to run", timeout_s=30)
     for path in alarmed:
         async with connect(stack.ws_url(path)) as ws:
             await ws.send("read")
@@ -270,10 +270,10 @@ async def test_replicas_joining_and_leaving_under_load_move_leases_never_data(
         newcomer = replica_of(joined)
         its_objects = [c.path for c in clients if owner(stack, c.path) == newcomer]
         assert its_objects, "no object moved to the new replica (choose more objects)"
-        await wait_until(
+        await eventually(
             _positive(metrics_url(joined), "wsgate_state_leases"),
+            "the new replica to hold leases",
             timeout_s=30,
-            what="the new replica to hold leases",
         )
         await answered(clients, len(clients) * each // 2)
         # The first replica leaves (SIGTERM: it announces it and its objects move at once).
@@ -368,10 +368,10 @@ async def test_a_paused_replica_writes_nothing_after_the_others_took_its_objects
         await replicas_see(stack, 2, among=others)
         # The others serve its objects now: its clients go on while it sleeps.
         before = sum(len(c.values) for c in clients[: len(moved)])
-        await wait_until(
+        await eventually(
             _moved_on(clients[: len(moved)], before + 20),
+            "the paused replica's objects to be served by the others",
             timeout_s=30,
-            what="the paused replica's objects to be served by the others",
         )
     finally:
         os.kill(victim.pid, signal.SIGCONT)

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.certs import CertFiles, Pki
-from tests.harness import Stack, in_process_state_config, metric, stack_context, wait_until
+from tests.harness import Stack, eventually, in_process_state_config, metric, stack_context
 from wsgate.config import WorkerConfig
 from wsgate.errors import StateUnavailable
 from wsgate.grpc_tls import ClientTls, client_tls
@@ -177,7 +177,7 @@ async def test_the_server_name_is_checked_whatever_address_a_redirect_dials(
     async with StateServer(configs[0]) as first, StateServer(configs[1]) as second:
         replicas = [Replica(s.replica_id, s.address) for s in (first, second)]
         for s in (first, second):
-            await wait_until(_sees(s, 2), timeout_s=20, what=f"{s.replica_id} to see both replicas")
+            await eventually(_sees(s, 2), f"{s.replica_id} to see both replicas", timeout_s=20)
         # An object the second replica owns, asked of the first.
         name = next(
             f"room{i}"
@@ -245,9 +245,7 @@ async def test_a_worker_process_writes_through_a_state_process_over_mtls(
     async with aiohttp.ClientSession() as session:
         attempt = asyncio.ensure_future(session.ws_connect(stack.ws_url("/counter/tls")))
         try:
-            await wait_until(
-                _refused(metrics_url), timeout_s=20, what="the worker's refused connection"
-            )
+            await eventually(_refused(metrics_url), "the worker's refused connection", timeout_s=20)
         finally:
             attempt.cancel()
             # The upgrade was refused (the object could not be reached) or cancelled here.

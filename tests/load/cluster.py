@@ -136,7 +136,7 @@ class Node:
                 raise NotReady(f"{self.name} exited ({self.docker.status}):\n{self.log_tail()}")
             if time.monotonic() > deadline:
                 raise NotReady(f"{self.name} not ready in {timeout_s:g} s:\n{self.log_tail()}")
-            time.sleep(0.1)
+            time.sleep(0.1)  # synchronous (docker SDK): the poll's interval, within the deadline
 
     def kill(self, signal: str = "SIGKILL") -> None:
         self.docker.kill(signal=signal)

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import pytest
-
-from wsgate.gateway.presence import LEASE_INTERVALS, lease_ms
 from wsgate.stateservice.presence import (
     MAX_SWEEP_INTERVAL_S,
     MIN_SWEEP_INTERVAL_S,
@@ -111,13 +108,3 @@ def test_sweeps_come_every_quarter_of_the_shortest_lease_within_bounds() -> None
     assert sweep_interval(1.0) == 0.25
     assert sweep_interval(10.0) == MAX_SWEEP_INTERVAL_S
     assert sweep_interval(0.001) == MIN_SWEEP_INTERVAL_S
-
-
-@pytest.mark.parametrize(("interval_s", "expected"), [(2.0, 10_000), (0.1, 500), (1e-9, 1)])
-def test_a_gateway_lease_is_five_intervals(interval_s: float, expected: int) -> None:
-    assert LEASE_INTERVALS == 5
-    assert lease_ms(interval_s) == expected
-
-
-def test_the_lease_fits_the_wire() -> None:
-    assert lease_ms(1e9) == 2**32 - 1

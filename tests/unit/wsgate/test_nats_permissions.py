@@ -16,7 +16,7 @@ from wsgate.cli import main
 from wsgate.errors import ConfigError
 from wsgate.nats_permissions import Identity, Permissions, permissions, render_authorization
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "deploy" / "k8s" / "base" / "nats" / "authorization.conf"
 
 P = "acme.rt"

@@ -171,7 +171,7 @@ def test_dev_keeps_the_grpc_tls_settings_from_its_roles() -> None:
     environ = {"WSGATE_TLS_CERT": "/x.crt", "WSGATE_STATE_TLS_CA": "/ca.pem", "PATH": "/bin"}
     assert plaintext_env(environ) == {"PATH": "/bin"}
     # Every TLS setting of the state service and of its clients is in the list (NATS' own,
-    # on BusConfig, are dev's other filter: tests/unit/test_bus_options.py).
+    # on BusConfig, are dev's other filter: tests/unit/wsgate/test_bus_options.py).
     nats_fields = {f.name for f in dataclasses.fields(BusConfig)}
     tls_fields = [
         f.metadata["env"]

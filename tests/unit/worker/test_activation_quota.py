@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.unit.test_activation_release import Host, Poster, event
+from tests.unit.worker.test_activation_release import Host, Poster, event
 from wsgate.errors import ObjectTooLarge, TooManyMembers, TooManyObjectKeys
 from wsgate.state_errors import Reason
 from wsgate.v1 import state_pb2 as pb
