@@ -13,7 +13,10 @@ heartbeat". So the semantics are aiohttp's with the period rounded to half of it
 
 The timer runs only while a socket is watched. ``forget`` must follow every ``watch``
 (the handler's ``finally``): it also breaks the reference cycle protocol → hook →
-socket → request → protocol, so a closed connection is freed by reference counting.
+socket → request → protocol, so a closed connection is freed by reference counting
+(aiohttp's own heartbeat left the same cycle behind, and under connection churn the
+gateway's RSS grew by about 0.25 KB per connection until a full collection, which the
+collector's thresholds set at start-up make rare: tests/integration/test_gateway_memory.py).
 """
 
 from __future__ import annotations
