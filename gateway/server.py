@@ -52,6 +52,8 @@ from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES, GatewayConfig
 from wsgate.errors import ConfigError, InvalidEnvelope
 from wsgate.gateway.budget import OutboundBudget, choose_victims
 from wsgate.gateway.delivery import EventDelivery
+from wsgate.gateway.handshake import is_websocket_handshake
+from wsgate.gateway.heartbeat import HeartbeatSweep
 from wsgate.gateway.listener import Listener, mark_request_started
 from wsgate.gateway.metrics import GatewayMetrics
 from wsgate.gateway.outbox import CloseFrame, Outbox
@@ -201,6 +203,7 @@ class Gateway(Service):
         #: Bound metrics by (metric, label), for the sessions' Count actions.
         self._counters: dict[tuple[str, str], Callable[[float], None]] = {}
         self._handlers: set[asyncio.Task[object]] = set()
+        self._heartbeats = HeartbeatSweep(config.heartbeat_s)
         self._nc: NatsClient | None = None
         self._delivery: EventDelivery | None = None
         self._presence: PresenceAnnouncer | None = None
@@ -266,6 +269,7 @@ class Gateway(Service):
             )
             self._delivery.start(spawn)
             undo("event delivery", self._delivery.close)
+            undo("heartbeats", self._heartbeats.close)
             await nc.subscribe(self._command_subject, cb=self._on_command)
             await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
             await nc.subscribe(self._delivery.ack_batch_subject, cb=self._delivery.on_batch)
@@ -401,7 +405,7 @@ class Gateway(Service):
             return await self._upgrade(request)
         finally:
             self._handlers.discard(task)
-            _release_heartbeat_callback(request)
+            self._heartbeats.forget(request)
 
     def _refuse(self, refusal: _Refusal) -> web.Response:
         self.metrics.upgrades_refused.labels(refusal.reason).inc()
@@ -409,7 +413,7 @@ class Gateway(Service):
 
     def _precheck(self, request: web.Request) -> _Refusal | None:
         """What stops an upgrade before the app is asked."""
-        if not web.WebSocketResponse().can_prepare(request).ok:
+        if not is_websocket_handshake(request.headers):
             # The Cloudflare guide's check: a WebSocket route answers a plain request so.
             if request.headers.get("Upgrade", "").lower() != "websocket":
                 return _Refusal("not_websocket", 400, "Expected websocket")
@@ -476,7 +480,7 @@ class Gateway(Service):
             protocols=(accept.subprotocol,) if accept.subprotocol else (),
             # aiohttp refuses a message of exactly max_msg_size; ours is the largest allowed.
             max_msg_size=self.config.max_message_bytes + 1,
-            heartbeat=self.config.heartbeat_s or None,
+            heartbeat=None,  # one sweep for all sockets: self._heartbeats
             autoclose=False,  # we answer close frames ourselves, checking their codes
             # No permessage-deflate: a compressor per socket costs far more memory than an
             # idle connection should, and messages cross NATS uncompressed anyway.
@@ -506,6 +510,7 @@ class Gateway(Service):
             log.info("client left during the handshake of %s: %s", connection_id, exc)
             await self._report_unopened(session, CloseCode.ABNORMAL)
             return ws
+        self._heartbeats.watch(request, ws)
         self._connections[connection_id] = conn
         del self._early[connection_id]
         self.metrics.connections.inc()
@@ -755,22 +760,6 @@ class Gateway(Service):
             self._perform(None, session.command(command))  # kept: no action to perform
             return
         self.metrics.drops.labels("unknown_connection").inc()
-
-
-def _release_heartbeat_callback(request: web.Request) -> None:
-    """Break aiohttp's reference cycle of a WebSocket with a heartbeat, once it is over.
-
-    aiohttp (3.14) gives the request's protocol the socket's ``_on_data_received`` (to
-    reset the heartbeat on any data) and never takes it back, even at connection loss:
-    protocol -> ws -> request -> protocol is a cycle, so every connection's socket,
-    request, parser and buffers outlived it until a full collection of the cyclic garbage
-    collector, which the thresholds set at start-up make rare. Under connection churn
-    RSS grew by about 0.25 KB per connection. Nothing needs the callback once the handler
-    has returned: the socket is closed, its heartbeat cancelled.
-    """
-    protocol = request.protocol
-    if getattr(protocol, "_data_received_cb", None) is not None:
-        protocol._data_received_cb = None
 
 
 def _offered_subprotocols(request: web.Request) -> list[str]:

@@ -499,7 +499,7 @@ class Worker(Service):
 
     async def _event(self, msg: Msg) -> None:
         try:
-            event = envelopes.read_event(msg.data)
+            event, gateway_id = envelopes.read_event_and_gateway(msg.data)
             if not msg.reply:
                 raise InvalidEnvelope("ConnectionEvent", "no reply subject")
         except InvalidEnvelope as exc:
@@ -508,13 +508,11 @@ class Worker(Service):
             self._garbage("events", msg, exc)
             return
         kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
-        gateway_id = ids.gateway_of(event.connection_id)  # read_event checked it
+        # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
+        subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
         if not (
-            subjects.sent_by(msg.subject, gateway_id)
-            and msg.reply
-            == subjects.ack_subject(
-                self.config.prefix, gateway_id, event.connection_id, event.sequence
-            )
+            msg.subject.endswith(subject_end)
+            and msg.reply == f"{reply_start}{event.connection_id}.{event.sequence}"
         ):
             self._impostor("event", event.connection_id, msg)
             return

@@ -110,8 +110,14 @@ def read_connect_request(data: bytes) -> pb.ConnectRequest:
 
 def read_event(data: bytes) -> pb.ConnectionEvent:
     """A gateway's ConnectionEvent (worker: events subjects)."""
+    return read_event_and_gateway(data)[0]
+
+
+def read_event_and_gateway(data: bytes) -> tuple[pb.ConnectionEvent, str]:
+    """:func:`read_event`, and the id of the gateway its connection id names (checked
+    here already: the worker needs it for every event, and need not parse it again)."""
     event = parse(pb.ConnectionEvent, data)
-    check_connection_id("ConnectionEvent", event.connection_id)
+    gateway_id = check_connection_id("ConnectionEvent", event.connection_id)
     check_sequence("ConnectionEvent", event.sequence)
     _check_path("ConnectionEvent", event.path)
     kind = event.WhichOneof("kind")
@@ -122,7 +128,7 @@ def read_event(data: bytes) -> pb.ConnectionEvent:
             raise InvalidEnvelope("ConnectionEvent", f"close code {event.closed.code}")
     else:
         raise InvalidEnvelope("ConnectionEvent", "neither a message nor a close")
-    return event
+    return event, gateway_id
 
 
 def read_alarm_event(data: bytes) -> pb.AlarmEvent:

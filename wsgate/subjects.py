@@ -38,6 +38,7 @@ collide with another. Everything here is pure.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -204,6 +205,18 @@ def ack_subject(prefix: str, gateway_id: str, connection_id: str, sequence: int 
     """The reply subject of one event: its progress acks, a retry, NATS' no-responders
     status. ``connection_id`` is already a safe token."""
     return f"{ack_prefix(prefix, gateway_id)}.{connection_id}.{sequence}"
+
+
+@functools.lru_cache(maxsize=1024)
+def event_origin(prefix: str, gateway_id: str) -> tuple[str, str]:
+    """What a real event of gateway ``gateway_id`` comes with, as two strings: the end of
+    its subject (``subject.endswith(end)`` is :func:`sent_by`) and the start of its reply
+    subject (``start + f"{connection_id}.{sequence}"`` is :func:`ack_subject`).
+
+    Cached: a worker checks every event against them, and a cluster has few gateways
+    (``gateway_id`` must be checked first: at most an id long, so the cache stays small).
+    """
+    return f".{_owner(gateway_id)}", f"{ack_prefix(prefix, gateway_id)}."
 
 
 def ack_batch_subject(prefix: str, gateway_id: str) -> str:

@@ -16,8 +16,11 @@ from typing import Any
 import psutil
 import pytest
 
+from wsgate.bench.config import EchoBenchConfig
+from wsgate.bench.echo import EchoFigures, EchoReport, EchoRound
 from wsgate.bench.histogram import LatencyHistogram
 from wsgate.bench.loadgen import EchoWindow
+from wsgate.bench.machine import BUSY_SHARE, OtherLoad, own_tree_cpu_s
 from wsgate.bench.processes import split
 from wsgate.cli import main
 
@@ -53,13 +56,25 @@ def test_echo_reports_full_path_and_baseline() -> None:
         "--json",
         timeout_s=120,
     )  # fmt: skip
-    assert set(report) == {"full", "baseline", "ratio"}
+    assert set(report) == {
+        "full", "baseline", "ratio", "p99_ratio", "round_ratio", "round_p99_ratio", "rounds",
+        "other_cpu_share",
+    }  # fmt: skip
     for target in ("full", "baseline"):
         figures = report[target]
         assert set(figures) == {"msgs_per_s", "p50_ms", "p99_ms"}
         assert all(_positive(v) for v in figures.values()), figures
         assert figures["p50_ms"] <= figures["p99_ms"]
-    assert _positive(report["ratio"])
+    assert all(_positive(report[k]) for k in ("ratio", "p99_ratio", "round_ratio"))
+    assert report["p99_ratio"] == pytest.approx(
+        report["full"]["p99_ms"] / report["baseline"]["p99_ms"], rel=0.01
+    )
+    assert len(report["rounds"]) == 2
+    for one in report["rounds"]:
+        assert set(one) == {"ratio", "p99_ratio", "other_cpu_share"}
+        assert _positive(one["ratio"])
+        assert _positive(one["p99_ratio"])
+        assert 0 <= one["other_cpu_share"] <= report["other_cpu_share"] <= 1
 
 
 @pytest.mark.timeout(150)
@@ -70,11 +85,21 @@ def test_idle_reports_memory_per_connection() -> None:
         "gateway_rss_before_kib",
         "gateway_rss_after_kib",
         "kib_per_connection",
+        "baseline_rss_before_kib",
+        "baseline_rss_after_kib",
+        "baseline_kib_per_connection",
+        "ratio",
+        "other_cpu_share",
     }
     assert report["connections"] == 200
-    assert _positive(report["gateway_rss_before_kib"])
-    assert _positive(report["gateway_rss_after_kib"])
+    for target in ("gateway", "baseline"):
+        assert _positive(report[f"{target}_rss_before_kib"])
+        assert _positive(report[f"{target}_rss_after_kib"])
     assert _positive(report["kib_per_connection"])
+    assert report["ratio"] == pytest.approx(
+        report["kib_per_connection"] / report["baseline_kib_per_connection"], rel=0.01
+    )
+    assert 0 <= report["other_cpu_share"] <= 1
 
 
 @pytest.mark.timeout(200)
@@ -154,3 +179,43 @@ def test_connections_are_split_evenly_without_empty_shares() -> None:
     assert split(200, 2) == [100, 100]
     assert split(5, 3) == [2, 2, 1]
     assert split(1, 4) == [1]
+
+
+def _figures(msgs_per_s: float, p99_ms: float) -> EchoFigures:
+    return EchoFigures(msgs_per_s, p99_ms / 2, p99_ms, 1, 0, 0.1)
+
+
+def test_echo_ratios_are_taken_per_round_and_their_median_reported() -> None:
+    quiet, busy = OtherLoad(cores=0.0, share=0.0), OtherLoad(cores=0.5, share=0.25)
+    rounds = (
+        EchoRound(_figures(300, 40), _figures(1000, 10), quiet, quiet),  # 0.30, p99 4.0
+        EchoRound(_figures(500, 30), _figures(1000, 20), quiet, busy),  # 0.50, p99 1.5
+        EchoRound(_figures(400, 20), _figures(2000, 10), quiet, quiet),  # 0.20, p99 2.0
+    )
+    report = EchoReport(
+        config=EchoBenchConfig(),
+        full=rounds[2].full,  # the median rounds by msgs/s, each chosen apart
+        baseline=rounds[0].baseline,
+        rounds=rounds,
+    )
+    assert report.ratio == pytest.approx(0.4)  # 400 / 1000: today's figure, kept
+    assert report.p99_ratio == pytest.approx(2.0)  # 20 ms / 10 ms
+    assert report.round_ratio == pytest.approx(0.3)
+    assert report.round_p99_ratio == pytest.approx(2.0)
+    assert report.other_share == pytest.approx(0.25)
+    assert report.to_json()["rounds"][1] == {
+        "ratio": 0.5, "p99_ratio": 1.5, "other_cpu_share": 0.25,
+    }  # fmt: skip
+    assert "median of rounds: msgs/s 0.300 (0.300, 0.500, 0.200)" in report.render()
+    assert OtherLoad(cores=0.0, share=BUSY_SHARE + 0.01).busy
+    assert not OtherLoad(cores=0.0, share=BUSY_SHARE).busy
+
+
+def test_own_cpu_counts_children_that_ended() -> None:
+    """A load generator that exits during a window is the benchmark's CPU, not another
+    process': its time moves into this process' children time when it is waited for."""
+    before = own_tree_cpu_s()
+    spin = "import time\nend = time.process_time() + 0.3\nwhile time.process_time() < end: pass"
+    subprocess.run([sys.executable, "-c", spin], check=True, timeout=60)
+    # At least the 0.3 s of CPU the child spun for, less a clock tick or two of rounding.
+    assert own_tree_cpu_s() - before >= 0.28

@@ -70,15 +70,16 @@ def add_bench_parser(subparsers: Any) -> None:
     _add_loop_options(
         echo,
         echo_defaults,
-        "rounds, each measuring both targets afresh; the median round of each is reported",
+        "rounds, each measuring both targets afresh; the median round of each is reported, "
+        "and the median of the rounds' ratios",
     )
 
     idle_defaults = IdleBenchConfig()
     idle = kinds.add_parser(
         "idle",
-        help="the gateway's resident memory per idle connection",
+        help="the gateway's resident memory per idle connection, beside plain aiohttp's",
         description="Open N idle connections to a stack it starts and report the "
-        "gateway's RSS growth per connection.",
+        "gateway's RSS growth per connection; then the same for a plain aiohttp echo server.",
     )
     idle.add_argument(
         "--connections",

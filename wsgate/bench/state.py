@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from wsgate.bench.histogram import LatencyHistogram
+from wsgate.bench.machine import machine_cpu_s
 from wsgate.bench.processes import ROLE_LOG_LEVEL, BenchError
 from wsgate.bench.state_command import StateBenchConfig
 from wsgate.config import DEFAULT_PREFIX
@@ -994,16 +995,6 @@ def _usage(
         write_calls=0 if counter is None else counter.calls,
         writes_sent=0 if counter is None else counter.writes,
     )
-
-
-def machine_cpu_s() -> float:
-    """CPU time all processes of the machine have used (every state but idle and
-    iowait), from the first line of ``/proc/stat``."""
-    with open("/proc/stat") as stat:
-        fields = stat.readline().split()
-    # cpu user nice system idle iowait irq softirq steal ...; guest time is in user.
-    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def process_cpu_s(pid: int) -> float:

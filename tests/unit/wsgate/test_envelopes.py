@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsgate import envelopes
+from wsgate import envelopes, ids
 from wsgate.config import MAX_PRESENCE_INTERVAL_S
 from wsgate.errors import InvalidEnvelope
 from wsgate.gateway.presence import lease_ms
@@ -87,6 +87,10 @@ def test_a_genuine_event_is_taken() -> None:
     assert envelopes.read_event(event.SerializeToString()) == event
     closed = _event(closed=pb.Closed(code=1006))
     assert envelopes.read_event(closed.SerializeToString()) == closed
+    assert envelopes.read_event_and_gateway(closed.SerializeToString()) == (
+        closed,
+        ids.gateway_of(closed.connection_id),
+    )
 
 
 @pytest.mark.parametrize("sequence", [1, envelopes.MAX_SEQUENCE])

@@ -153,6 +153,16 @@ def test_sent_by_tells_the_sender_of_a_gateways_subject() -> None:
         assert not subjects.sent_by(subject, namesake)
 
 
+def test_an_events_origin_is_sent_by_and_ack_subject_made_once() -> None:
+    end, start = subjects.event_origin("wsgate", GATEWAY)
+    subject = subjects.events_subject("wsgate", "main", GATEWAY)
+    assert subject.endswith(end) == subjects.sent_by(subject, GATEWAY) is True
+    assert not subjects.events_subject("wsgate", "main", "dge-1-abcd1234").endswith(end)
+    connection_id = f"{GATEWAY}_1z"
+    assert f"{start}{connection_id}.7" == subjects.ack_subject("wsgate", GATEWAY, connection_id, 7)
+    assert subjects.event_origin("wsgate", GATEWAY) is subjects.event_origin("wsgate", GATEWAY)
+
+
 def test_a_worker_subject_names_a_gateway_exactly_when_not_an_alarm() -> None:
     with pytest.raises(ValueError, match="gateway id"):
         subjects.worker_subject("wsgate", WORKER, "events")
