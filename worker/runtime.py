@@ -433,7 +433,7 @@ class Worker(Service):
             return reject_decision(500, "Internal Server Error")
         finally:
             current_gate.set(None)
-        return accept_decision(outcome, conn._take_pending())
+        return accept_decision(outcome, conn.end_connect())
 
     async def _guarded(self, call: Awaitable[object] | None) -> object:
         """Await a handler; a handler that cancelled itself has failed (as an exception),
@@ -631,11 +631,11 @@ class Worker(Service):
         except Exception:
             # Its output was gated by what failed (or by writes still running): dropped.
             gate.abandon()
-            conn._discard()
+            conn.abandon_output()
             self.metrics.handler_errors.inc()
             log.exception("handler failed for %s#%d", event.connection_id, event.sequence)
             if not conn.closed:
                 # As in Cloudflare Workers: an exception in a handler ends the connection.
                 with contextlib.suppress(Exception):
                     await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-        return await conn._finish()
+        return await conn.end_event()
