@@ -98,7 +98,7 @@ class Connection:
         self._gate = gate
         self._phase = Phase.CLOSED if closed else Phase.CONNECTING if connecting else Phase.OPEN
         # Passed the loop where known: asyncio.get_running_loop() costs a getpid() on 3.11.
-        self._buffer = SendBuffer(sink, connection_id, sequence=sequence, gate=gate, loop=loop)
+        self._buffer = SendBuffer(sink, connection_id, sequence, gate=gate, loop=loop)
         # The object this connection is a member of, on a durable object route.
         self._members: ObjectMembers | None = None
         self._state: Any = None
