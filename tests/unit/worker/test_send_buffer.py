@@ -9,6 +9,8 @@ import pytest
 
 from wsgate.errors import StateError
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.connection import Connection
+from wsgate.worker.env import Env
 from wsgate.worker.gate import OutputGate
 from wsgate.worker.send_buffer import MAX_BUFFERED_BYTES, SendBuffer
 
@@ -136,3 +138,29 @@ async def test_flush_of_an_empty_buffer_publishes_nothing() -> None:
     sink = RecordingSink()
     await SendBuffer(sink, CONN).flush()
     assert sink.commands == []
+
+
+# -- as its Connection uses it ---------------------------------------------------------------
+
+
+def _handle(sink: RecordingSink, *, connecting: bool = False) -> Connection:
+    return Connection(CONN, "/echo", {}, sink=sink, env=Env.__new__(Env), connecting=connecting)
+
+
+async def test_a_handle_publishes_at_once_just_over_the_limit_not_at_it() -> None:
+    sink = RecordingSink()
+    conn = _handle(sink)
+    await conn.send("x" * MAX_BUFFERED_BYTES)  # at the limit: it waits for the ack
+    assert sink.commands == []
+    await conn.send("y")  # just over: everything leaves now, in order
+    assert [len(text) for text in sink.texts] == [MAX_BUFFERED_BYTES, 1]
+    assert await conn.end_event() == []
+
+
+async def test_in_on_connect_everything_waits_for_the_accept_whatever_its_size() -> None:
+    sink = RecordingSink()
+    conn = _handle(sink, connecting=True)
+    await conn.send(b"x" * (MAX_BUFFERED_BYTES + 1))
+    assert sink.commands == []
+    assert [len(m.binary) for m in conn.end_connect()] == [MAX_BUFFERED_BYTES + 1]
+    assert not conn.closed  # open from now on
