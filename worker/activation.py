@@ -74,7 +74,7 @@ from wsgate.worker.activation_alarm import ActivationAlarm
 from wsgate.worker.activation_members import ActivationMembers
 from wsgate.worker.activation_quota import QUOTA_LABELS, ObjectQuota
 from wsgate.worker.activation_storage import ActivationStorage
-from wsgate.worker.app import ConnectRequest, Reject
+from wsgate.worker.app import ConnectRequest, ObjectClass, Reject
 from wsgate.worker.auth import Verified, with_auth_subprotocol
 from wsgate.worker.decisions import (
     accept_decision,
@@ -195,7 +195,7 @@ class Activation:
     def __init__(
         self,
         host: ActivationHost,
-        cls: type[DurableObject],
+        cls: type[ObjectClass],
         name: str,
         epoch: int,
         lease_s: float,

@@ -51,7 +51,7 @@ from wsgate.worker.turn_commits import TurnCommitter
 from wsgate.worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind
 
 if TYPE_CHECKING:
-    from wsgate.worker.durable import DurableObject
+    from wsgate.worker.app import ObjectClass
     from wsgate.worker.env import Env
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class _Starting:
 
     __slots__ = ("cls", "works")
 
-    def __init__(self, cls: type[DurableObject], work: Work) -> None:
+    def __init__(self, cls: type[ObjectClass], work: Work) -> None:
         self.cls = cls
         self.works = [work]
 
@@ -171,7 +171,7 @@ class Activations:
 
     # -- routing -------------------------------------------------------------------------
 
-    def submit(self, cls: type[DurableObject], name: str, work: Work) -> None:
+    def submit(self, cls: type[ObjectClass], name: str, work: Work) -> None:
         """Route ``work`` to the activation of the object (``cls``'s namespace, ``name``):
         here, once activated, or to the worker holding it. ``work.done`` resolves when this
         worker is done with it."""

@@ -28,7 +28,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
     from wsgate.worker.alarms_client import AlarmInfo
     from wsgate.worker.auth import Authenticator
     from wsgate.worker.connection import Connection
-    from wsgate.worker.durable import DurableObject
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,27 @@ MessageHandler = Callable[["Connection", Message], Awaitable[None]]
 CloseHandler = Callable[["Connection", int, str], Awaitable[None]]
 AlarmHandler = Callable[["AlarmInfo"], Awaitable[None]]
 H = TypeVar("H")
-D = TypeVar("D", bound="DurableObject")
+
+
+@runtime_checkable
+class ObjectClass(Protocol):
+    """A class whose objects serve durable object routes, as App and Route know it:
+    :class:`~wsgate.worker.durable.DurableObject` and its subclasses.
+
+    Named by this protocol so that this module never imports ``wsgate.worker.durable``:
+    durable objects build on the app, not the reverse.
+    """
+
+    #: The kind of object; one class serves a namespace.
+    namespace: ClassVar[str]
+
+    @classmethod
+    def object_alarm_handler(cls) -> AlarmHandler | None:
+        """The alarm handler to register for the class's namespace (None: no alarms)."""
+        ...
+
+
+D = TypeVar("D", bound=ObjectClass)
 
 _RESOLVED_CACHE_SIZE = 4096
 _NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
@@ -148,7 +167,7 @@ class Route:
         #: Served by a durable object class (App.durable): its connections join the object.
         self.durable = False
         #: The class whose objects serve the route, and the parameter naming the object.
-        self.object_class: type[DurableObject] | None = None
+        self.object_class: type[ObjectClass] | None = None
         self.object_param = ""
 
     def on_connect(self, handler: ConnectHandler) -> ConnectHandler:
@@ -166,7 +185,7 @@ class Route:
         self.close_handler = handler
         return handler
 
-    def serve_object(self, cls: type[DurableObject], param: str) -> None:
+    def serve_object(self, cls: type[ObjectClass], param: str) -> None:
         """Make the route a durable object route: each event runs as a turn of the object
         of class ``cls`` named by the path parameter ``param``, in its activation."""
         self.durable = True
@@ -196,7 +215,7 @@ class App:
         self._resolved: dict[str, tuple[Route, Mapping[str, str]] | None] = {}
         self._alarm_handlers: dict[str, AlarmHandler] = {}
         #: Namespace -> the durable object class that serves it (App.durable).
-        self.durable_classes: dict[str, type[DurableObject]] = {}
+        self.durable_classes: dict[str, type[ObjectClass]] = {}
 
     @property
     def routes(self) -> tuple[Route, ...]:
@@ -233,18 +252,49 @@ class App:
 
         or ``app.durable("/chat/{room}", ChatRoom)``. With ``auth``, as for
         :meth:`route`: connects are verified before they reach the object (a refused one
-        never activates it). Raises InvalidRoute for a class that is not a DurableObject
-        or a pattern with no parameter to name the object.
-        """
-        from wsgate.worker.durable import durable_route
+        never activates it). The class's ``on_alarm``, if it overrides it, becomes its
+        namespace's alarm handler. Returns the class (a decorator's result).
 
+        Raises InvalidRoute for a class that is not a DurableObject, a namespace another
+        class serves already, or a pattern with no parameter to name the object (or
+        several and no ``name``, or a ``name`` that is not one of them).
+        """
         if cls is not None:
-            return durable_route(self, pattern, cls, name=name, auth=auth)
+            return self._serve_objects(pattern, cls, name=name, auth=auth)
 
         def register(decorated: type[D]) -> type[D]:
-            return durable_route(self, pattern, decorated, name=name, auth=auth)
+            return self._serve_objects(pattern, decorated, name=name, auth=auth)
 
         return register
+
+    def _serve_objects(
+        self, pattern: str, cls: type[D], *, name: str | None, auth: Authenticator | None
+    ) -> type[D]:
+        if not (isinstance(cls, type) and isinstance(cls, ObjectClass)):
+            raise InvalidRoute(f"{cls!r} is not a DurableObject subclass")
+        serving = self.durable_classes.get(cls.namespace)
+        if serving is not None and serving is not cls:
+            raise InvalidRoute(
+                f"namespace {cls.namespace!r} is served by {serving.__qualname__} already: "
+                "an object runs in one activation, of one class"
+            )
+        params = _compile(pattern)[1]
+        if name is None:
+            if len(params) != 1:
+                raise InvalidRoute(
+                    f"route {pattern!r} has {len(params)} parameters; say which names the "
+                    f"object: app.durable({pattern!r}, name=...)"
+                )
+            name = params[0]
+        elif name not in params:
+            raise InvalidRoute(f"route {pattern!r} has no parameter {name!r} to name the object")
+        route = self.route(pattern, auth=auth)
+        route.serve_object(cls, name)
+        self.durable_classes[cls.namespace] = cls
+        alarm_handler = cls.object_alarm_handler() if serving is None else None
+        if alarm_handler is not None:
+            self.on_alarm(cls.namespace)(alarm_handler)
+        return cls
 
     def on_alarm(self, namespace: str) -> Callable[[AlarmHandler], AlarmHandler]:
         """Decorator: ``async def handler(alarm: AlarmInfo) -> None`` runs when an alarm of

@@ -1,8 +1,8 @@
 """A handle on one client connection, usable from any worker.
 
 A worker holds no sockets: what a handler sends goes to the gateway that owns the
-connection (its id names it). Sends are buffered and leave in order, by the cheapest way
-that keeps that order:
+connection (its id names it). Sends are buffered (a :class:`~wsgate.worker.send_buffer.SendBuffer`
+per handle) and leave in order, by the cheapest way that keeps that order:
 
 - in ``on_connect`` the socket does not exist yet, so they travel inside the Accept and
   are written right after the 101;
@@ -10,6 +10,11 @@ that keeps that order:
   without waiting on anything else (the common case: one NATS message instead of two);
 - when the handler waits on something after sending (a storage call, a sleep), what is
   buffered is published as commands at once, so a long handler streams as it goes.
+
+The worker drives a handle through its public methods only: :meth:`Connection.end_connect`
+after ``on_connect``, :meth:`Connection.end_event` or :meth:`Connection.abandon_output`
+after an event handler, and :meth:`Connection.flush` before another way of sending
+(``env.send_many``, a broadcast), so that what the handler sent first leaves first.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import asyncio
 import contextvars
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
 from wsgate.v1 import envelope_pb2 as pb
@@ -31,23 +36,11 @@ from wsgate.worker.errors import (
     NotAccepted,
 )
 from wsgate.worker.gate import OutputGate
+from wsgate.worker.send_buffer import CommandSink, SendBuffer
 
 if TYPE_CHECKING:
     from wsgate.worker.env import Env
     from wsgate.worker.membership import ObjectMembers
-
-
-class CommandSink(Protocol):
-    """Where commands for gateways go (NATS in a worker)."""
-
-    async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
-        """Deliver ``command`` to the gateway that holds ``connection_id``."""
-        ...
-
-
-#: Buffered bytes beyond which sends are published as commands at once, so an ack stays
-#: small (NATS' payload limit) and a handler that sends a lot streams it.
-MAX_BUFFERED_BYTES = 64 * 1024
 
 
 #: The connection whose event handler is running in this context, so that other ways of
@@ -57,7 +50,9 @@ current_connection: contextvars.ContextVar[Connection | None] = contextvars.Cont
 )
 
 
-class _Phase(enum.Enum):
+class Phase(enum.Enum):
+    """Where a handle is in its handler call: what it may still do."""
+
     CONNECTING = "connecting"  # in on_connect: sends are buffered into the Accept
     OPEN = "open"
     CLOSED = "closed"  # closed by this handler, or the close event is being handled
@@ -101,13 +96,9 @@ class Connection:
         self._sink = sink
         # Output waits for the storage writes of the same handler run (the output gate).
         self._gate = gate
-        # Passed in where known: asyncio.get_running_loop() costs a getpid() on Python 3.11.
-        self._loop = loop
-        self._phase = _Phase.CLOSED if closed else _Phase.CONNECTING if connecting else _Phase.OPEN
-        self._buffer: list[pb.Message] = []
-        self._buffered_bytes = 0
-        self._flush_scheduled = False
-        self._flushing: asyncio.Task[None] | None = None
+        self._phase = Phase.CLOSED if closed else Phase.CONNECTING if connecting else Phase.OPEN
+        # Passed the loop where known: asyncio.get_running_loop() costs a getpid() on 3.11.
+        self._buffer = SendBuffer(sink, connection_id, sequence, gate=gate, loop=loop)
         # The object this connection is a member of, on a durable object route.
         self._members: ObjectMembers | None = None
         self._state: Any = None
@@ -115,7 +106,7 @@ class Connection:
     @property
     def closed(self) -> bool:
         """Whether this handle can no longer send."""
-        return self._phase is _Phase.CLOSED
+        return self._phase is Phase.CLOSED
 
     @property
     def state(self) -> Any:
@@ -168,18 +159,15 @@ class Connection:
             raise InvalidMessage(
                 f"send() takes str (text) or bytes (binary), not {type(message).__name__}"
             )
-        if self._phase is _Phase.CLOSED:
+        if self._phase is Phase.CLOSED:
             raise ConnectionClosed(self.id)
-        self._buffer.append(envelope)
-        self._buffered_bytes += len(message)
-        if self._phase is _Phase.OPEN and self._buffered_bytes > MAX_BUFFERED_BYTES:
-            if self._flushing is not None:
-                await self._flushing
-            await self._publish_buffered()
-        elif self._phase is _Phase.OPEN and not self._flush_scheduled:
-            # Runs only if the handler yields to the loop before finishing.
-            self._flush_scheduled = True
-            (self._loop or asyncio.get_running_loop()).call_soon(self._flush_soon)
+        full = self._buffer.append(envelope, len(message))
+        if self._phase is Phase.OPEN:  # in on_connect, everything waits for the Accept
+            if full:
+                await self._buffer.flush()
+            else:
+                # Runs only if the handler yields to the loop before finishing.
+                self._buffer.flush_soon()
 
     async def close(self, code: int = CloseCode.NORMAL, reason: str = "") -> None:
         """Close the connection with ``code`` (1000, or 3000-4999 for the app's own) and
@@ -191,7 +179,7 @@ class Connection:
         self._start_closing(code, reason)
         if self._gate is not None:
             await self._gate.open()
-        for envelope in await self._finish():  # what was sent before goes first
+        for envelope in await self._buffer.finish():  # what was sent before goes first
             await self._sink.send_command(
                 self.id,
                 pb.GatewayCommand(
@@ -219,69 +207,36 @@ class Connection:
             raise InvalidCloseCode(
                 code, reason_bytes, f"close reason is {reason_bytes} bytes, over {MAX_REASON_BYTES}"
             )
-        if self._phase is _Phase.CONNECTING:
+        if self._phase is Phase.CONNECTING:
             raise NotAccepted(self.id, "cannot close before accepting: return Reject(...) instead")
-        if self._phase is _Phase.CLOSED:
+        if self._phase is Phase.CLOSED:
             raise ConnectionClosed(self.id)
-        self._phase = _Phase.CLOSED
+        self._phase = Phase.CLOSED
 
-    # -- for the runtime -----------------------------------------------------------------
+    # -- for the worker (handlers never call these) -------------------------------------
 
-    def _take_pending(self) -> list[pb.Message]:
-        """After on_connect: what it sent (for the Accept); the handle is open from now on."""
-        pending, self._buffer = self._buffer, []
-        self._buffered_bytes = 0
-        self._phase = _Phase.OPEN
-        return pending
+    def end_connect(self) -> list[pb.Message]:
+        """After ``on_connect`` accepted: return what it sent (it travels in the Accept);
+        the handle is open from now on."""
+        self._phase = Phase.OPEN
+        return self._buffer.take()
 
-    async def _finish(self) -> list[pb.Message]:
+    async def end_event(self) -> list[pb.Message]:
         """After an event handler: wait for sends already being published, and return
         what is still buffered, to go with the final ack."""
-        if self._flushing is not None:
-            await self._flushing
-        remaining, self._buffer = self._buffer, []
-        self._buffered_bytes = 0
-        return remaining
+        return await self._buffer.finish()
 
-    async def _flush_now(self) -> None:
-        """Publish what is buffered as commands now (before another way of sending)."""
-        if self._flushing is not None:
-            await self._flushing
-        await self._publish_buffered()
-
-    def _flush_soon(self) -> None:
-        self._flush_scheduled = False
-        if self._buffer and self._flushing is None:
-            loop = self._loop or asyncio.get_running_loop()
-            self._flushing = loop.create_task(self._publish_buffered())
-
-    def _discard(self) -> None:
+    def abandon_output(self) -> None:
         """Drop what is buffered or still being published: the handler failed, and the
         output its gate held goes with it."""
-        self._buffer = []
-        self._buffered_bytes = 0
-        flushing, self._flushing = self._flushing, None
-        if flushing is not None and not flushing.done():
-            flushing.cancel()
+        self._buffer.discard()
 
-    async def _publish_buffered(self) -> None:
-        # One task at a time publishes, in order; what arrives meanwhile is taken next round.
-        try:
-            if self._gate is not None:
-                await self._gate.open()
-            while self._buffer:
-                batch, self._buffer = self._buffer, []
-                self._buffered_bytes = 0
-                for envelope in batch:
-                    await self._sink.send_command(
-                        self.id,
-                        pb.GatewayCommand(
-                            connection_ids=[self.id], send=envelope, in_reply_to=self.sequence
-                        ),
-                    )
-        finally:
-            if self._flushing is asyncio.current_task():
-                self._flushing = None
+    async def flush(self) -> None:
+        """Publish what this handle has buffered now, as commands, after what is already
+        being published. Called before another way of sending (``env.send_many``, a
+        broadcast), so that what the running handler sent first arrives first. Returns at
+        once when nothing is buffered."""
+        await self._buffer.flush()
 
     def __repr__(self) -> str:
         return f"<Connection {self.id} {self.path} {self._phase.value}>"

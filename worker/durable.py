@@ -44,24 +44,19 @@ import contextvars
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from wsgate.worker.app import Accept, ConnectRequest, Reject, Route
-from wsgate.worker.errors import InvalidResponse, InvalidRoute, TurnOver
+from wsgate.worker.app import Accept, AlarmHandler, ConnectRequest, ObjectClass, Reject
+from wsgate.worker.errors import InvalidResponse, TurnOver
 from wsgate.worker.membership import BroadcastResult
 from wsgate.worker.turn import current_turn
 
 if TYPE_CHECKING:
     from wsgate.worker.activation import Activation
     from wsgate.worker.alarms_client import AlarmInfo, ObjectAlarm
-    from wsgate.worker.app import App
-    from wsgate.worker.auth import Authenticator
     from wsgate.worker.connection import Connection
     from wsgate.worker.env import Env
     from wsgate.worker.state_client import ObjectStorage
-
-D = TypeVar("D", bound="DurableObject")
-
 
 #: The activation an instance is being made for (set around the class's constructor).
 _binding: contextvars.ContextVar[Activation | None] = contextvars.ContextVar(
@@ -99,6 +94,13 @@ class DurableObject:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.namespace!r}/{self.name!r}>"
+
+    @classmethod
+    def object_alarm_handler(cls) -> AlarmHandler | None:
+        """For ``App.durable``: the alarm handler of the class's namespace, which runs
+        ``on_alarm`` as a turn of the object's activation; None unless the class
+        overrides ``on_alarm``."""
+        return DurableAlarm(cls) if _overrides(cls, "on_alarm") else None
 
     # -- what a subclass overrides ---------------------------------------------------------
 
@@ -169,53 +171,6 @@ class Peer:
         await self.env.send_many([self.id], message)
 
 
-def durable_route(
-    app: App,
-    pattern: str,
-    cls: type[D],
-    *,
-    name: str | None = None,
-    auth: Authenticator | None = None,
-) -> type[D]:
-    """Serve ``pattern`` with the durable object class ``cls``: the object is named by the
-    path parameter ``name`` (by default the pattern's only parameter), its connects
-    verified by ``auth`` first if given. Registers ``cls``'s ``on_alarm`` for its
-    namespace if it overrides it. Returns ``cls`` (a decorator's result).
-
-    Raises InvalidRoute when ``cls`` is not a DurableObject, another class already serves
-    its namespace, or the pattern has no parameter to name the object (or several and
-    ``name`` is not given, or ``name`` is not one of them).
-    """
-    if not (isinstance(cls, type) and issubclass(cls, DurableObject)):
-        raise InvalidRoute(f"{cls!r} is not a DurableObject subclass")
-    serving = app.durable_classes.get(cls.namespace)
-    if serving is not None and serving is not cls:
-        raise InvalidRoute(
-            f"namespace {cls.namespace!r} is served by {serving.__qualname__} already: "
-            "an object runs in one activation, of one class"
-        )
-    params = _compile_params(pattern)
-    if name is None:
-        if len(params) != 1:
-            raise InvalidRoute(
-                f"route {pattern!r} has {len(params)} parameters; say which names the "
-                f"object: app.durable({pattern!r}, name=...)"
-            )
-        name = params[0]
-    elif name not in params:
-        raise InvalidRoute(f"route {pattern!r} has no parameter {name!r} to name the object")
-    route = app.route(pattern, auth=auth)
-    route.serve_object(cls, name)
-    app.durable_classes[cls.namespace] = cls
-    if serving is None and _overrides(cls, "on_alarm"):
-        app.on_alarm(cls.namespace)(DurableAlarm(cls))
-    return cls
-
-
-def _compile_params(pattern: str) -> tuple[str, ...]:
-    return Route(pattern).param_names
-
-
 class DurableAlarm:
     """The alarm handler of a durable class's namespace, as ``App.alarm_handlers`` lists
     it: the worker runs it as a turn of the object's activation, not as a plain call."""
@@ -234,8 +189,14 @@ def _overrides(cls: type[DurableObject], method: str) -> bool:
     return inspect.getattr_static(cls, method) is not inspect.getattr_static(DurableObject, method)
 
 
-def instantiate(cls: type[DurableObject], activation: Activation) -> DurableObject:
-    """The instance of ``cls`` an activation runs (its constructor sees the activation)."""
+def instantiate(cls: type[ObjectClass], activation: Activation) -> DurableObject:
+    """The instance of ``cls`` an activation runs (its constructor sees the activation).
+
+    Raises TypeError if ``cls`` is not a DurableObject subclass (``App.durable`` checks
+    only the :class:`~wsgate.worker.app.ObjectClass` protocol).
+    """
+    if not issubclass(cls, DurableObject):
+        raise TypeError(f"{cls!r} is not a DurableObject subclass")
     token = _binding.set(activation)
     try:
         return cls(activation.env, activation.name)

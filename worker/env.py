@@ -18,7 +18,7 @@ from wsgate.worker.turn import current_turn
 
 if TYPE_CHECKING:
     from wsgate.worker.activation import Activation
-    from wsgate.worker.connection import CommandSink
+    from wsgate.worker.send_buffer import CommandSink
 
 
 class Env:
@@ -82,9 +82,9 @@ class Env:
         # Output: only once the running handler's writes are durable (the output gate).
         await open_current_gate()
         sender = current_connection.get()
-        if sender is not None and sender._buffer:
+        if sender is not None:
             # What the running handler sent to its own connection goes first.
-            await sender._flush_now()
+            await sender.flush()
         by_gateway: defaultdict[str, list[str]] = defaultdict(list)
         for connection_id in connection_ids:
             by_gateway[ids.gateway_of(connection_id)].append(connection_id)

@@ -204,9 +204,9 @@ class ObjectMembers:
             request.tag = tag
         await open_current_gate()
         sender = current_connection.get()
-        if sender is not None and sender._buffer:
+        if sender is not None:
             # What the running handler sent to its own connection goes first.
-            await sender._flush_now()
+            await sender.flush()
         response = await self._state.unary(_SERVICE, "Broadcast", request)
         return BroadcastResult(recipients=response.recipients, commands=response.commands)
 

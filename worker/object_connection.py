@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from wsgate.closecodes import CloseCode
 from wsgate.v1 import envelope_pb2 as pb
-from wsgate.worker.connection import Connection, _Phase
+from wsgate.worker.connection import Connection, Phase
 from wsgate.worker.errors import ConnectionClosed, InvalidMessage, NoConnectionState
 
 if TYPE_CHECKING:
@@ -73,7 +73,7 @@ class ObjectConnection(Connection):
     @property
     def state(self) -> Any:
         """This connection's attachment in the object (see :attr:`Connection.state`)."""
-        if self._phase is _Phase.CONNECTING:
+        if self._phase is Phase.CONNECTING:
             raise NoConnectionState(
                 "in on_connect the connection is not accepted yet: return Accept(state=...)"
             )
@@ -81,7 +81,7 @@ class ObjectConnection(Connection):
 
     @state.setter
     def state(self, value: Any) -> None:
-        if self._phase is _Phase.CONNECTING:
+        if self._phase is Phase.CONNECTING:
             raise NoConnectionState(
                 "in on_connect the connection is not accepted yet: return Accept(state=...)"
             )
@@ -90,7 +90,7 @@ class ObjectConnection(Connection):
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send a message to the client; it leaves once the turn has committed."""
         envelope = message_envelope(message, "send()")
-        if self._phase is _Phase.CLOSED:
+        if self._phase is Phase.CLOSED:
             raise ConnectionClosed(self.id)
         self._turn.reply(envelope)
 

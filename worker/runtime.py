@@ -41,7 +41,6 @@ from nats.aio.subscription import Subscription
 
 from wsgate import envelopes, ids, subjects
 from wsgate.bus import connect_bus, drain_bus
-from wsgate.closecodes import CloseCode
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
 from wsgate.errors import InvalidEnvelope
@@ -73,6 +72,14 @@ from wsgate.worker.decisions import (
 from wsgate.worker.durable import check_plain_accept
 from wsgate.worker.env import Env
 from wsgate.worker.errors import Unauthorized
+from wsgate.worker.event_policy import (
+    EVENT_KINDS,
+    EventKind,
+    HandlerOutcome,
+    Settlement,
+    final_ack,
+    settle,
+)
 from wsgate.worker.failpoints import Failpoints
 from wsgate.worker.gate import OutputGate, current_gate
 from wsgate.worker.intake import IntakeWatchdog
@@ -481,7 +488,7 @@ class Worker(Service):
             return reject_decision(500, "Internal Server Error")
         finally:
             current_gate.set(None)
-        return accept_decision(outcome, conn._take_pending())
+        return accept_decision(outcome, conn.end_connect())
 
     async def _guarded(self, call: Awaitable[object] | None) -> object:
         """Await a handler; a handler that cancelled itself has failed (as an exception),
@@ -532,9 +539,9 @@ class Worker(Service):
                 # Acked by the activation (here, or where it was forwarded).
                 await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
                 return
-            ack = pb.EventAck(sequence=event.sequence, connection_id=event.connection_id)
-            ack.messages.extend(await self._run_event(event, kind, resolved))
-            if kind == "closed":
+            messages, settlement = await self._run_event(event, EVENT_KINDS[kind], resolved)
+            ack = final_ack(event, messages)
+            if settlement.leave_objects:
                 # After the app's close handler: the connection leaves every object. A
                 # failure propagates, so the event is not acked and is delivered again.
                 await leave_all(self._state, event.connection_id)
@@ -632,10 +639,11 @@ class Worker(Service):
             self.metrics.intake_stalled.set(0 if reason is None else 1)
 
     async def _run_event(
-        self, event: pb.ConnectionEvent, kind: str, resolved: Resolved | None
-    ) -> list[pb.Message]:
-        """Run a function route's handler; returns what it sent that is still buffered
-        (for the ack)."""
+        self, event: pb.ConnectionEvent, kind: EventKind, resolved: Resolved | None
+    ) -> tuple[list[pb.Message], Settlement]:
+        """Run a function route's handler and carry out what :func:`settle` decides for
+        its outcome; returns what it sent that is still buffered (for the ack), and the
+        settlement. Raises what a close that is not best-effort raised."""
         conn_params: Mapping[str, str] = resolved[1] if resolved else {}
         # Idempotency keys of this run's writes: the same for every delivery of the event.
         gate = OutputGate(f"{event.connection_id}:{event.sequence}")
@@ -645,26 +653,38 @@ class Worker(Service):
             conn_params,
             sink=self,
             env=self._env,
-            closed=kind == "closed",
+            closed=kind is EventKind.CLOSED,
             sequence=event.sequence,
             redelivered=event.redelivered,
             gate=gate,
             loop=self._loop,
         )
+        if resolved is None:
+            # The app was redeployed without this route while the connection lived.
+            outcome = HandlerOutcome.NO_ROUTE
+        else:
+            outcome = await self._call_handler(resolved[0], conn, gate, event, kind)
+        settlement = settle(kind, outcome, closed=conn.closed)
+        return await carry_out(settlement, conn, gate), settlement
+
+    async def _call_handler(
+        self,
+        route: Route,
+        conn: Connection,
+        gate: OutputGate,
+        event: pb.ConnectionEvent,
+        kind: EventKind,
+    ) -> HandlerOutcome:
+        """Run the route's handler for ``event`` and wait until its writes are durable;
+        an exception (the handler's, or a failed write's) is logged and counted."""
+        current_connection.set(conn)
+        current_gate.set(gate)
         try:
-            if resolved is None:
-                # The app was redeployed without this route while the connection lived.
-                if kind == "message":
-                    await conn.close(CloseCode.INTERNAL_ERROR, "route no longer served")
-                return []
-            route = resolved[0]
-            current_connection.set(conn)
-            current_gate.set(gate)
-            if kind == "message" and route.message_handler is not None:
+            if kind is EventKind.MESSAGE and route.message_handler is not None:
                 data = event.message
                 payload = data.text if data.WhichOneof("data") == "text" else data.binary
                 await self._guarded(route.message_handler(conn, payload))
-            elif kind == "closed" and route.close_handler is not None:
+            elif kind is EventKind.CLOSED and route.close_handler is not None:
                 await self._guarded(
                     route.close_handler(conn, event.closed.code, event.closed.reason)
                 )
@@ -675,13 +695,25 @@ class Worker(Service):
                     self.metrics.gate_waits.inc()
                 await gate.open()
         except Exception:
-            # Its output was gated by what failed (or by writes still running): dropped.
-            gate.abandon()
-            conn._discard()
             self.metrics.handler_errors.inc()
             log.exception("handler failed for %s#%d", event.connection_id, event.sequence)
-            if not conn.closed:
-                # As in Cloudflare Workers: an exception in a handler ends the connection.
-                with contextlib.suppress(Exception):
-                    await conn.close(CloseCode.INTERNAL_ERROR, "internal error")
-        return await conn._finish()
+            return HandlerOutcome.FAILED
+        return HandlerOutcome.RETURNED
+
+
+async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[pb.Message]:
+    """Do what ``settlement`` says to the output of ``conn``'s handler run (gated by
+    ``gate``): drop it or let it go, send the close; returns the frames still buffered, for
+    the final ack. Raises what a close that is not best-effort raised."""
+    if not settlement.release_output:
+        # Its output was gated by what failed (or by writes still running): dropped.
+        gate.abandon()
+        conn.abandon_output()
+    close = settlement.close
+    if close is not None:
+        if close.best_effort:
+            with contextlib.suppress(Exception):
+                await conn.close(close.code, close.reason)
+        else:
+            await conn.close(close.code, close.reason)
+    return await conn.end_event()

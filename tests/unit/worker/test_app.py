@@ -106,7 +106,7 @@ async def test_sends_during_connect_wait_for_the_accept() -> None:
     await conn.send("welcome")
     await conn.send(b"\x01")
     assert sink.commands == []
-    pending = conn._take_pending()
+    pending = conn.end_connect()
     assert [m.WhichOneof("data") for m in pending] == ["text", "binary"]
 
 
@@ -115,7 +115,7 @@ async def test_sends_of_a_handler_that_finishes_at_once_go_with_the_ack() -> Non
     conn = _conn(sink, sequence=7)
     await conn.send("a")
     await conn.send(b"b")
-    assert [m.WhichOneof("data") for m in await conn._finish()] == ["text", "binary"]
+    assert [m.WhichOneof("data") for m in await conn.end_event()] == ["text", "binary"]
     assert sink.commands == []
 
 
@@ -126,7 +126,7 @@ async def test_sends_of_a_handler_that_waits_go_out_as_commands_in_order() -> No
     await asyncio.sleep(0)  # the handler waits on something: what it sent goes now
     await asyncio.sleep(0)
     await conn.send("second")
-    assert await conn._finish() == [pb.Message(text="second")]
+    assert await conn.end_event() == [pb.Message(text="second")]
     assert [(c.send.text, c.in_reply_to) for _, c in sink.commands] == [("first", 7)]
 
 
@@ -192,4 +192,4 @@ async def test_send_many_after_send_keeps_the_senders_order() -> None:
         current_connection.reset(token)
     texts = [c.send.text for _, c in sink.commands]
     assert texts == ["mine first", "to all", "to all"]
-    assert await conn._finish() == []
+    assert await conn.end_event() == []

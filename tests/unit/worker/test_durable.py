@@ -77,3 +77,11 @@ def test_tags_must_be_a_sequence_not_one_string() -> None:
     with pytest.raises(InvalidResponse, match="tags=\\[tag\\]"):
         Accept(tags="lobby")  # a str is a Sequence[str]: refused at run time
     assert Accept(tags=["a", "b"]).tags == ("a", "b")
+
+
+def test_a_class_with_only_a_namespace_is_refused() -> None:
+    class LooksLikeOne:
+        namespace = "rooms"
+
+    with pytest.raises(InvalidRoute, match="not a DurableObject"):
+        App().durable("/x/{y}", LooksLikeOne)  # type: ignore[type-var]
