@@ -33,10 +33,10 @@ from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import nats.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids
+from wsgate.bus import Bus
 from wsgate.errors import InvalidEnvelope
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -91,7 +91,7 @@ class EventDelivery:
 
     def __init__(
         self,
-        nc: NatsClient,
+        nc: Bus,
         *,
         events_subject: str,
         worker_events_subject: Callable[[str], str],

@@ -38,11 +38,10 @@ import nats.errors
 from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 from multidict import CIMultiDict
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids, subjects
-from wsgate.bus import connect_bus
+from wsgate.bus import Bus, BusConnector, connect_bus
 from wsgate.closecodes import CloseCode, is_sendable
 from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES, GatewayConfig
 from wsgate.errors import ConfigError, InvalidEnvelope
@@ -168,12 +167,14 @@ class Gateway(Service):
     """One gateway process's server.
 
     Use ``async with Gateway(config) as gw`` or call :meth:`start` then :meth:`close`.
-    ``close`` drains (see :meth:`close`); it is idempotent.
+    ``close`` drains (see :meth:`close`); it is idempotent. ``connect`` opens the bus
+    (NATS, by default; a unit test's in-memory bus).
     """
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, connect: BusConnector = connect_bus) -> None:
         super().__init__()
         self.config = config
+        self._connect_bus = connect
         self.gateway_id = ids.new_gateway_id(config.node)
         self.metrics = GatewayMetrics()
         self._ids = ids.ConnectionIds(self.gateway_id)
@@ -193,7 +194,7 @@ class Gateway(Service):
         #: Connections between their ConnectRequest and their registration (see _on_command).
         self._early: dict[str, _Early] = {}
         self._handlers: set[asyncio.Task[object]] = set()
-        self._nc: NatsClient | None = None
+        self._nc: Bus | None = None
         self._delivery: EventDelivery | None = None
         self._presence: PresenceAnnouncer | None = None
         self._runner: web.AppRunner | None = None
@@ -212,7 +213,7 @@ class Gateway(Service):
         self._enter_running()
         try:
             self._listener = Listener(self.config, self.metrics)  # loads the certificate
-            self._nc = nc = await connect_bus(
+            self._nc = nc = await self._connect_bus(
                 self.config,
                 f"wsgate-gateway {self.gateway_id}",
                 role="gateway",
