@@ -2,10 +2,14 @@
 
 An event is published on the app's events subject with a reply subject of its own,
 ``<prefix>.ack.<gateway_id>.<connection_id>.<sequence>``, which this gateway subscribes to
-with a wildcard. A worker answers there with progress acks while its handler runs; the
-final ack (which may carry the messages the handler sent to the connection) comes in an
-``AckBatch`` on ``<prefix>.acks.<gateway_id>``, with the other acks for this gateway that
-the worker gathered in the same turn of its event loop.
+with a wildcard. A worker answers there with progress acks while its handler runs (or a
+retry). The final ack (which may carry the messages the handler sent to the connection)
+comes as an item of a ``GatewayBatch`` on the gateway's command subject
+``<prefix>.gw.<gateway_id>``, after the commands the handler sent and beside the other
+items the worker had for this gateway in the same turn of its event loop; the gateway's one
+subscription there hands each ack to :meth:`EventDelivery.on_final_ack`, in order. Nothing
+on the reply subject carries frames or moves a connection forward, so its order against
+the command subject does not matter (docs/architecture.md, "Ordering").
 When neither comes within ``ack_timeout_s`` (the worker died or stalled, or the message
 was lost), the same event is published again, marked ``redelivered``.
 
@@ -50,7 +54,6 @@ class Reply(enum.Enum):
     """What came back for one published copy of an event."""
 
     ACKED = "acked"
-    PROGRESS = "progress"
     NO_RESPONDERS = "no_responders"
     TIMEOUT = "timeout"
     RETRY = "retry"
@@ -66,11 +69,13 @@ class Routed(Protocol):
 class _Waiting:
     """One event waiting for its reply."""
 
-    __slots__ = ("expires_at", "future", "worker")
+    __slots__ = ("expires_at", "future", "progressed_at", "worker")
 
     def __init__(self, future: asyncio.Future[Reply], expires_at: float) -> None:
         self.future = future
         self.expires_at = expires_at
+        #: When the last progress ack came (loop time; 0.0: none yet).
+        self.progressed_at = 0.0
         #: The activation's host, as the final ack named it.
         self.worker = ""
 
@@ -84,9 +89,10 @@ class EventDelivery:
     resend, ``on_stale`` for an ack that came too late, ``on_round_trip(seconds)``
     for each acknowledged event, ``on_given_up(event)`` for each event given up,
     ``on_garbage(subject)`` for each message that is no valid ack, with the kind of subject
-    it came on ("ack" or "acks"). The caller
-    subscribes :meth:`on_reply` to ``ack_wildcard`` and reports NATS' connection state
-    through :meth:`set_bus_connected`, and :meth:`on_batch` to ``ack_batch_subject``.
+    it came on ("ack", or "command" for a final ack). The caller subscribes :meth:`on_reply`
+    to ``ack_wildcard``, hands each final ack of its command subject to
+    :meth:`on_final_ack`, and reports NATS' connection state through
+    :meth:`set_bus_connected`.
     """
 
     def __init__(
@@ -96,7 +102,6 @@ class EventDelivery:
         events_subject: str,
         worker_events_subject: Callable[[str], str],
         ack_prefix: str,
-        ack_batch_subject: str,
         ack_timeout_s: float,
         delivery_timeout_s: float,
         on_messages: Callable[[str, Sequence[pb.Message]], None],
@@ -112,7 +117,6 @@ class EventDelivery:
         self._worker_events_subject = worker_events_subject
         self._ack_prefix = ack_prefix
         self._ack_prefix_len = len(ack_prefix) + 1
-        self.ack_batch_subject = ack_batch_subject
         self._ack_timeout_s = ack_timeout_s
         self._ack_wait_ms = int(ack_timeout_s * 1000)
         self._delivery_timeout_s = delivery_timeout_s
@@ -199,12 +203,11 @@ class EventDelivery:
                     outcome = Reply.NO_RESPONDERS
                 else:
                     outcome = await waiting.future
-                    while outcome is Reply.PROGRESS:
-                        # The worker is alive and busy: a fresh wait, and a fresh deadline.
-                        give_up_at = loop.time() + self._delivery_timeout_s
-                        waiting = _Waiting(loop.create_future(), loop.time() + self._ack_timeout_s)
-                        self._waiting[key] = waiting
-                        outcome = await waiting.future
+                    if waiting.progressed_at:
+                        # The worker was alive and busy: the deadline counts from then.
+                        give_up_at = max(
+                            give_up_at, waiting.progressed_at + self._delivery_timeout_s
+                        )
                 if outcome is Reply.ACKED:
                     if route is not None:
                         route.worker = waiting.worker
@@ -278,36 +281,34 @@ class EventDelivery:
             self._on_stale()
             return
         if ack.in_progress:
-            waiting.future.set_result(Reply.PROGRESS)
+            # The worker is alive and busy: a fresh ack wait, on the same waiting entry. (Not
+            # a reply that ends the wait: the final ack, on the command subject, can be
+            # handled before the delivery resumes, and must find the wait still open.)
+            waiting.progressed_at = now = self._loop.time()
+            waiting.expires_at = now + self._ack_timeout_s
             return
         if ack.retry:
             waiting.future.set_result(Reply.RETRY)
             return
         self._acknowledged(connection_id, ack, waiting)
 
-    async def on_batch(self, msg: Msg) -> None:
-        """The subscription callback for ``<prefix>.acks.<gateway_id>``: final acks. A
-        payload that is no AckBatch, and an ack in it that could never have been sent (see
-        :func:`wsgate.envelopes.final_ack_problem`), go to ``on_garbage("acks")``."""
-        try:
-            batch = envelopes.read_ack_batch(msg.data)
-        except InvalidEnvelope:
-            self._on_garbage("acks")
-            return
-        waiting_for = self._waiting
-        for ack in batch.acks:
-            waiting = waiting_for.get((ack.connection_id, ack.sequence))
-            if waiting is None or waiting.future.done():
-                # Checked only here, off the common path: garbage, or the ack of a copy we
-                # stopped waiting for.
-                if envelopes.final_ack_problem(ack) is not None:
-                    self._on_garbage("acks")
-                else:
-                    self._on_stale()
-            elif ack.in_progress or ack.retry:
-                self._on_garbage("acks")  # a batch carries final acks only
+    def on_final_ack(self, ack: pb.EventAck) -> None:
+        """A final ack, an item of a GatewayBatch on the command subject (the caller calls
+        this for each, in the batch's order). One that could never have been sent (see
+        :func:`wsgate.envelopes.final_ack_problem`) goes to ``on_garbage("command")``; one
+        of an event no longer waited for to ``on_stale``."""
+        waiting = self._waiting.get((ack.connection_id, ack.sequence))
+        if waiting is None or waiting.future.done():
+            # Checked only here, off the common path: garbage, or the ack of a copy we
+            # stopped waiting for.
+            if envelopes.final_ack_problem(ack) is not None:
+                self._on_garbage("command")
             else:
-                self._acknowledged(ack.connection_id, ack, waiting)
+                self._on_stale()
+        elif ack.in_progress or ack.retry:
+            self._on_garbage("command")  # progress and retry come on the reply subject
+        else:
+            self._acknowledged(ack.connection_id, ack, waiting)
 
     def _acknowledged(self, connection_id: str, ack: pb.EventAck, waiting: _Waiting) -> None:
         # A worker id becomes a subject token: anything else is not taken as one.

@@ -16,9 +16,12 @@ Flow of one connection::
                      ─► ConnectionEvent, delivered at least once, awaited (window 1)
     end ─► one Closed event ─► forget the connection
 
-Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
-:class:`~wsgate.gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
-Those for a connection still upgrading are kept until it opens (see ``_on_command``).
+Final acks and commands for this gateway arrive together, in GatewayBatch envelopes on
+<prefix>.gw.<gateway_id>, read by one subscription that takes their items strictly in
+order (``_on_command``): so a handler's commands are applied before its final ack, and
+per-connection order rests on nothing but NATS' per-publisher order. Commands go to
+per-connection :class:`~wsgate.gateway.outbox.Outbox` queues, so one slow socket never
+stalls the others. Those for a connection still upgrading are kept until it opens.
 The bytes queued in all outboxes together are bounded by an
 :class:`~wsgate.gateway.budget.OutboundBudget`; past it the furthest behind are shed (``_shed``).
 """
@@ -204,7 +207,8 @@ class Gateway(Service):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect to NATS, subscribe to this gateway's commands and acks, start listening.
+        """Connect to NATS, subscribe to this gateway's commands (with its final acks) and
+        the replies to its events, start listening.
 
         Raises BusUnavailable if NATS cannot be reached, ConfigError if NATS' max_payload
         cannot carry a message of a ``max_message_bytes`` set to other than its default
@@ -229,7 +233,6 @@ class Gateway(Service):
                     prefix, worker, "events", self.gateway_id
                 ),
                 ack_prefix=subjects.ack_prefix(self.config.prefix, self.gateway_id),
-                ack_batch_subject=subjects.ack_batch_subject(self.config.prefix, self.gateway_id),
                 ack_timeout_s=self.config.ack_timeout_s,
                 delivery_timeout_s=self.config.delivery_timeout_s,
                 on_messages=self._on_ack_messages,
@@ -240,9 +243,10 @@ class Gateway(Service):
                 on_garbage=self._garbage,
             )
             self._delivery.start()
+            # Final acks and commands: one subject, one subscription, taken in order.
             await nc.subscribe(self._command_subject, cb=self._on_command)
+            # Progress, retry, no responders: nothing whose order against the above counts.
             await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
-            await nc.subscribe(self._delivery.ack_batch_subject, cb=self._delivery.on_batch)
             await nc.flush()
             # The lease on this gateway's members (stateservice/presence.py).
             self._presence = PresenceAnnouncer(
@@ -714,18 +718,42 @@ class Gateway(Service):
             self.metrics.drops.labels("unknown_connection").inc(len(messages))
             return
         for message in messages:
-            self._push_message(conn, message, "acks")
+            self._push_message(conn, message, "command")
 
     def _garbage(self, subject: str) -> None:
         """A message on a subject of kind ``subject`` was not its envelope: counted, dropped."""
         self.metrics.garbage.labels(subject).inc()
 
     async def _on_command(self, msg: Msg) -> None:
+        """The one callback of the command subject: a GatewayBatch's items, each taken
+        completely before the next (nothing here awaits), in the order the publisher
+        produced them. A final ack goes to the delivery (its frames queued, its event
+        done); a command to its connections. A payload that is no GatewayBatch, and an item
+        that is neither an ack nor a command that can be carried out, count as garbage
+        ("command"); the other items still count."""
         try:
-            command = envelopes.read_command(msg.data)
+            batch = envelopes.read_gateway_batch(msg.data)
         except InvalidEnvelope as exc:
             self._garbage("command")
-            log.warning("dropped a command (%d bytes): %s", len(msg.data), exc.reason)
+            log.warning("dropped a batch (%d bytes): %s", len(msg.data), exc.reason)
+            return
+        delivery = self._delivery
+        assert delivery is not None
+        for item in batch.items:
+            kind = item.WhichOneof("item")
+            if kind == "ack":
+                delivery.on_final_ack(item.ack)
+            elif kind == "command":
+                self._on_one_command(item.command)
+            else:
+                self._garbage("command")
+
+    def _on_one_command(self, command: pb.GatewayCommand) -> None:
+        try:
+            envelopes.check_command(command)
+        except InvalidEnvelope as exc:
+            self._garbage("command")
+            log.warning("dropped a command: %s", exc.reason)
             return
         for connection_id in command.connection_ids:
             conn = self._connections.get(connection_id)
@@ -734,9 +762,10 @@ class Gateway(Service):
                 if early is not None:
                     # The upgrade is under way. The object may have committed the join and
                     # run its next turn already: that turn's broadcast can be handled here
-                    # before the task of the upgrade sees the decision (another NATS
-                    # subscription, another task), and a member that joined would miss a
-                    # post that is neither in its replay nor sent to it live. Kept for it.
+                    # before the task of the upgrade sees the decision (it comes on the
+                    # request's inbox, another subscription, to another task), and a member
+                    # that joined would miss a post that is neither in its replay nor sent
+                    # to it live. Kept for it.
                     self._keep_early(early, command)
                     continue
             if conn is None or conn.lifecycle.phase is not Phase.OPEN:
@@ -759,7 +788,7 @@ class Gateway(Service):
         early.commands.append(command)
 
     def _apply_command(self, conn: LiveConnection, command: pb.GatewayCommand) -> None:
-        """One command for one open connection (``_on_command`` checked the rest)."""
+        """One command for one open connection (``_on_one_command`` checked the rest)."""
         if conn.lifecycle.phase is not Phase.OPEN:
             self.metrics.drops.labels("unknown_connection").inc()
             return

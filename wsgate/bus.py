@@ -97,12 +97,13 @@ class Bus(Protocol):
         order they arrived."""
         ...
 
-    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5) -> Msg:
-        """Publish with a reply inbox and return the first answer."""
+    # The names are nats-py's (the Protocol describes its client), so: noqa ASYNC109.
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5) -> Msg:  # noqa: ASYNC109
+        """Publish with a reply inbox and return the first answer within ``timeout`` s."""
         ...
 
-    async def flush(self, timeout: int = 10) -> None:
-        """Until the server has everything published so far."""
+    async def flush(self, timeout: int = 10) -> None:  # noqa: ASYNC109
+        """Until the server has everything published so far (at most ``timeout`` s)."""
         ...
 
     async def drain(self) -> None:
