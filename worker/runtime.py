@@ -142,6 +142,7 @@ class Worker(Service):
         self._running: dict[int, _Running] = {}
         #: What goes to each gateway at the end of this turn of the event loop, in order.
         self._outgoing: dict[str, BatchWriter] = {}
+        self._outgoing_bytes = 0
         self._publishing: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -337,6 +338,13 @@ class Worker(Service):
             raise nats.errors.MaxPayloadError
         self._queue(ids.gateway_of(connection_id), entry)
         self.metrics.commands.inc()
+        if self._outgoing_bytes >= nc.max_payload:
+            # A handler that sends a lot: out now, and it waits while NATS' buffer is full,
+            # as it did when each command was published at once.
+            self._flush_outgoing()
+            publishing = self._publishing
+            if publishing is not None:
+                await asyncio.wait((publishing,))  # not cancelled with the handler
 
     async def _publish_command(self, command: pb.GatewayCommand) -> None:
         await self.send_command(command.connection_ids[0], command)
@@ -553,9 +561,13 @@ class Worker(Service):
                 assert self._loop is not None
                 self._loop.call_soon(self._flush_outgoing)
         writer.add(entry)
+        self._outgoing_bytes += len(entry)
 
     def _flush_outgoing(self) -> None:
         outgoing, self._outgoing = self._outgoing, {}
+        self._outgoing_bytes = 0
+        if not outgoing:
+            return  # flushed already (a large send)
         prefix = self.config.prefix
         batches = [
             (subjects.gateway_subject(prefix, gateway_id), payload)
