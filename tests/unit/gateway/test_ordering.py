@@ -9,6 +9,12 @@ ack, and closes the connection with a command; the state service broadcasts to e
 connection now and then. For every seed, each client must see its handler frames exactly
 in the order the handlers produced them (none dropped as stale, none overtaking another),
 then the app's close code; broadcasts in their own order.
+
+Run against the former design (final acks in an AckBatch on ``<prefix>.acks.<gw>``, a
+second subscription beside the commands'), every seed failed: frames of an ack written
+before the commands that preceded it, commands dropped as stale, the close lost. Seed 1
+also found a race on the reply subject, now fixed (tests/unit/gateway/
+test_delivery_replies.py).
 """
 
 from __future__ import annotations
