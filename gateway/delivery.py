@@ -2,10 +2,14 @@
 
 An event is published on the app's events subject with a reply subject of its own,
 ``<prefix>.ack.<gateway_id>.<connection_id>.<sequence>``, which this gateway subscribes to
-with a wildcard. A worker answers there with progress acks while its handler runs; the
-final ack (which may carry the messages the handler sent to the connection) comes in an
-``AckBatch`` on ``<prefix>.acks.<gateway_id>``, with the other acks for this gateway that
-the worker gathered in the same turn of its event loop.
+with a wildcard. A worker answers there with progress acks while its handler runs (or a
+retry). The final ack (which may carry the messages the handler sent to the connection)
+comes as an item of a ``GatewayBatch`` on the gateway's command subject
+``<prefix>.gw.<gateway_id>``, after the commands the handler sent and beside the other
+items the worker had for this gateway in the same turn of its event loop; the gateway's one
+subscription there hands each ack to :meth:`EventDelivery.on_final_ack`, in order. Nothing
+on the reply subject carries frames or moves a connection forward, so its order against
+the command subject does not matter (docs/architecture.md, "Ordering").
 When neither comes within ``ack_timeout_s`` (the worker died or stalled, or the message
 was lost), the same event is published again, marked ``redelivered``.
 
@@ -35,10 +39,10 @@ import logging
 from collections.abc import Callable, Sequence
 
 import nats.errors
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids
+from wsgate.bus import Bus
 from wsgate.errors import InvalidEnvelope
 from wsgate.gateway.session import Action, Delivered, GaveUp, Publish, Reply, Session
 from wsgate.supervision import Spawn, stop_task, unsupervised
@@ -54,11 +58,13 @@ __all__ = ["EventDelivery", "Reply"]
 class _Waiting:
     """One event waiting for its reply."""
 
-    __slots__ = ("expires_at", "future", "worker")
+    __slots__ = ("expires_at", "future", "session", "worker")
 
-    def __init__(self, future: asyncio.Future[Reply], expires_at: float) -> None:
+    def __init__(self, future: asyncio.Future[Reply], expires_at: float, session: Session) -> None:
         self.future = future
         self.expires_at = expires_at
+        #: The connection's session: a progress ack is handed to it in place.
+        self.session = session
         #: The activation's host, as the final ack named it.
         self.worker = ""
 
@@ -72,19 +78,19 @@ class EventDelivery:
     resend, ``on_stale`` for an ack that came too late, ``on_round_trip(seconds)``
     for each acknowledged event, ``on_given_up(event)`` for each event given up,
     ``on_garbage(subject)`` for each message that is no valid ack, with the kind of subject
-    it came on ("ack" or "acks"). The caller
-    subscribes :meth:`on_reply` to ``ack_wildcard`` and reports NATS' connection state
-    through :meth:`set_bus_connected`, and :meth:`on_batch` to ``ack_batch_subject``.
+    it came on ("ack", or "command" for a final ack). The caller subscribes :meth:`on_reply`
+    to ``ack_wildcard``, hands each final ack of its command subject to
+    :meth:`on_final_ack`, and reports NATS' connection state through
+    :meth:`set_bus_connected`.
     """
 
     def __init__(
         self,
-        nc: NatsClient,
+        nc: Bus,
         *,
         events_subject: str,
         worker_events_subject: Callable[[str], str],
         ack_prefix: str,
-        ack_batch_subject: str,
         ack_timeout_s: float,
         delivery_timeout_s: float,
         on_messages: Callable[[str, Sequence[pb.Message]], None],
@@ -100,7 +106,6 @@ class EventDelivery:
         self._worker_events_subject = worker_events_subject
         self._ack_prefix = ack_prefix
         self._ack_prefix_len = len(ack_prefix) + 1
-        self.ack_batch_subject = ack_batch_subject
         # The timeouts themselves are the sessions' (SessionLimits): the sweep only needs
         # to look often enough for an ack deadline to be found late by at most a fifth.
         del delivery_timeout_s
@@ -167,7 +172,8 @@ class EventDelivery:
                     await asyncio.sleep(delay)
                 actions = session.tick(loop.time())
             elif session.busy:
-                # A progress ack came: the same copy, a fresh deadline.
+                # Still in flight with nothing to publish (a progress ack now extends the
+                # wait in place, in on_reply): wait for the same copy again.
                 actions = await self._await_reply(session, session.ack_deadline)
             else:
                 return
@@ -208,7 +214,7 @@ class EventDelivery:
         assert flight is not None
         assert deadline is not None
         key = (flight.connection_id, flight.sequence)
-        waiting = _Waiting(self._loop.create_future(), deadline)
+        waiting = _Waiting(self._loop.create_future(), deadline, session)
         self._waiting[key] = waiting
         try:
             outcome = await waiting.future
@@ -272,36 +278,37 @@ class EventDelivery:
             self._on_stale()
             return
         if ack.in_progress:
-            waiting.future.set_result(Reply.PROGRESS)
+            # The worker is alive and busy: a fresh ack wait, on the same waiting entry. (Not
+            # a reply that ends the wait: the final ack, on the command subject, can be
+            # handled before the delivery resumes, and must find the wait still open.)
+            session = waiting.session
+            session.reply(Reply.PROGRESS, self._loop.time())  # fresh deadlines; no actions
+            deadline = session.ack_deadline
+            if deadline is not None:
+                waiting.expires_at = deadline
             return
         if ack.retry:
             waiting.future.set_result(Reply.RETRY)
             return
         self._acknowledged(connection_id, ack, waiting)
 
-    async def on_batch(self, msg: Msg) -> None:
-        """The subscription callback for ``<prefix>.acks.<gateway_id>``: final acks. A
-        payload that is no AckBatch, and an ack in it that could never have been sent (see
-        :func:`wsgate.envelopes.final_ack_problem`), go to ``on_garbage("acks")``."""
-        try:
-            batch = envelopes.read_ack_batch(msg.data)
-        except InvalidEnvelope:
-            self._on_garbage("acks")
-            return
-        waiting_for = self._waiting
-        for ack in batch.acks:
-            waiting = waiting_for.get((ack.connection_id, ack.sequence))
-            if waiting is None or waiting.future.done():
-                # Checked only here, off the common path: garbage, or the ack of a copy we
-                # stopped waiting for.
-                if envelopes.final_ack_problem(ack) is not None:
-                    self._on_garbage("acks")
-                else:
-                    self._on_stale()
-            elif ack.in_progress or ack.retry:
-                self._on_garbage("acks")  # a batch carries final acks only
+    def on_final_ack(self, ack: pb.EventAck) -> None:
+        """A final ack, an item of a GatewayBatch on the command subject (the caller calls
+        this for each, in the batch's order). One that could never have been sent (see
+        :func:`wsgate.envelopes.final_ack_problem`) goes to ``on_garbage("command")``; one
+        of an event no longer waited for to ``on_stale``."""
+        waiting = self._waiting.get((ack.connection_id, ack.sequence))
+        if waiting is None or waiting.future.done():
+            # Checked only here, off the common path: garbage, or the ack of a copy we
+            # stopped waiting for.
+            if envelopes.final_ack_problem(ack) is not None:
+                self._on_garbage("command")
             else:
-                self._acknowledged(ack.connection_id, ack, waiting)
+                self._on_stale()
+        elif ack.in_progress or ack.retry:
+            self._on_garbage("command")  # progress and retry come on the reply subject
+        else:
+            self._acknowledged(ack.connection_id, ack, waiting)
 
     def _acknowledged(self, connection_id: str, ack: pb.EventAck, waiting: _Waiting) -> None:
         # A worker id becomes a subject token: anything else is not taken as one.

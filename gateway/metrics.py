@@ -7,9 +7,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from wsgate.fastmetrics import LATENCY_BUCKETS, FastMetrics
 
 #: The kinds of subject the gateway takes messages on (the ``subject`` label of ``garbage``):
-#: its command subject, its per-event ack subjects, its acks subject, and the reply inbox
-#: of its connect requests.
-GARBAGE_SUBJECTS = ("command", "ack", "acks", "connect_reply")
+#: its command subject (final acks and commands), its per-event ack subjects (progress,
+#: retry), and the reply inbox of its connect requests.
+GARBAGE_SUBJECTS = ("command", "ack", "connect_reply")
 
 #: The gateway's supervised background tasks (the ``task`` label of ``background_crashes``).
 BACKGROUND_TASKS = ("delivery_sweep", "presence", "tls_watch")
@@ -130,8 +130,8 @@ class GatewayMetrics:
         self.garbage = Counter(
             "wsgate_gateway_garbage",
             "Messages from NATS dropped because they are not the envelope their subject "
-            "carries or break its contract, by the kind of subject: command, ack, acks, "
-            "connect_reply",
+            "carries or break its contract, by the kind of subject: command (final acks and "
+            "commands), ack (progress and retry), connect_reply",
             ["subject"],
             registry=r,
         )

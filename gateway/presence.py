@@ -20,9 +20,9 @@ import asyncio
 import logging
 
 import nats.errors
-from nats.aio.client import Client as NatsClient
 
 from wsgate import subjects
+from wsgate.bus import Bus
 from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -52,7 +52,7 @@ class PresenceAnnouncer:
     away) are logged and skipped; the next one renews the lease.
     """
 
-    def __init__(self, nc: NatsClient, prefix: str, gateway_id: str, interval_s: float) -> None:
+    def __init__(self, nc: Bus, prefix: str, gateway_id: str, interval_s: float) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be > 0, got {interval_s}")
         self._nc = nc

@@ -20,9 +20,13 @@ Every decision about one connection (window, redelivery timing, limits, close co
 its :class:`~wsgate.gateway.session.Session`'s, a sans-I/O class: this module feeds it what
 happens on the socket and the bus, and performs the actions it returns (``_perform``).
 
-Commands for this gateway arrive on <prefix>.gw.<gateway_id> and go to per-connection
-:class:`~wsgate.gateway.outbox.Outbox` queues, so one slow socket never stalls the others.
-Those for a connection still upgrading are kept until it opens (see ``Session.command``).
+Final acks and commands for this gateway arrive together, in GatewayBatch envelopes on
+<prefix>.gw.<gateway_id>, read by one subscription that takes their items strictly in
+order (``_on_command``): so a handler's commands are applied before its final ack, and
+per-connection order rests on nothing but NATS' per-publisher order. Commands go to
+per-connection :class:`~wsgate.gateway.outbox.Outbox` queues, so one slow socket never
+stalls the others. Those for a connection still upgrading are kept until it opens (see
+``Session.command``).
 The bytes queued in all outboxes together are bounded by an
 :class:`~wsgate.gateway.budget.OutboundBudget`; past it the furthest behind are shed (``_shed``).
 """
@@ -42,11 +46,10 @@ import nats.errors
 from aiohttp import WSMsgType, web
 from aiohttp.http_websocket import WebSocketError
 from multidict import CIMultiDict
-from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids, subjects
-from wsgate.bus import connect_bus, drain_bus
+from wsgate.bus import Bus, BusConnector, connect_bus, drain_bus
 from wsgate.closecodes import CloseCode
 from wsgate.config import DEFAULT_MAX_MESSAGE_BYTES, GatewayConfig
 from wsgate.errors import ConfigError, InvalidEnvelope
@@ -176,12 +179,14 @@ class Gateway(Service):
     """One gateway process's server.
 
     Use ``async with Gateway(config) as gw`` or call :meth:`start` then :meth:`close`.
-    ``close`` drains (see :meth:`close`); it is idempotent.
+    ``close`` drains (see :meth:`close`); it is idempotent. ``connect`` opens the bus
+    (NATS, by default; a unit test's in-memory bus).
     """
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, *, connect: BusConnector = connect_bus) -> None:
         super().__init__()
         self.config = config
+        self._connect_bus = connect
         self.gateway_id = ids.new_gateway_id(config.node)
         self.metrics = GatewayMetrics()
         self._ids = ids.ConnectionIds(self.gateway_id)
@@ -204,7 +209,7 @@ class Gateway(Service):
         self._counters: dict[tuple[str, str], Callable[[float], None]] = {}
         self._handlers: set[asyncio.Task[object]] = set()
         self._heartbeats = HeartbeatSweep(config.heartbeat_s)
-        self._nc: NatsClient | None = None
+        self._nc: Bus | None = None
         self._delivery: EventDelivery | None = None
         self._presence: PresenceAnnouncer | None = None
         self._runner: web.AppRunner | None = None
@@ -222,7 +227,8 @@ class Gateway(Service):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Connect to NATS, subscribe to this gateway's commands and acks, start listening.
+        """Connect to NATS, subscribe to this gateway's commands (with its final acks) and
+        the replies to its events, start listening.
 
         Raises BusUnavailable if NATS cannot be reached, ConfigError if NATS' max_payload
         cannot carry a message of a ``max_message_bytes`` set to other than its default
@@ -240,7 +246,7 @@ class Gateway(Service):
             self._listener = Listener(self.config, self.metrics)  # loads the certificate
             undo("http server", self._stop_http_server)
             undo("listener", self._listener.close)  # safe before start, or halfway through
-            self._nc = nc = await connect_bus(
+            self._nc = nc = await self._connect_bus(
                 self.config,
                 f"wsgate-gateway {self.gateway_id}",
                 role="gateway",
@@ -257,7 +263,6 @@ class Gateway(Service):
                     prefix, worker, "events", self.gateway_id
                 ),
                 ack_prefix=subjects.ack_prefix(self.config.prefix, self.gateway_id),
-                ack_batch_subject=subjects.ack_batch_subject(self.config.prefix, self.gateway_id),
                 ack_timeout_s=self.config.ack_timeout_s,
                 delivery_timeout_s=self.config.delivery_timeout_s,
                 on_messages=self._on_ack_messages,
@@ -270,9 +275,10 @@ class Gateway(Service):
             self._delivery.start(spawn)
             undo("event delivery", self._delivery.close)
             undo("heartbeats", self._heartbeats.close)
+            # Final acks and commands: one subject, one subscription, taken in order.
             await nc.subscribe(self._command_subject, cb=self._on_command)
+            # Progress, retry, no responders: nothing whose order against the above counts.
             await nc.subscribe(self._delivery.ack_wildcard, cb=self._delivery.on_reply)
-            await nc.subscribe(self._delivery.ack_batch_subject, cb=self._delivery.on_batch)
             await nc.flush()
             # The lease on this gateway's members (stateservice/presence.py).
             self._presence = PresenceAnnouncer(
@@ -739,11 +745,35 @@ class Gateway(Service):
         self.metrics.garbage.labels(subject).inc()
 
     async def _on_command(self, msg: Msg) -> None:
+        """The one callback of the command subject: a GatewayBatch's items, each taken
+        completely before the next (nothing here awaits), in the order the publisher
+        produced them. A final ack goes to the delivery (its frames queued, its event
+        done); a command to its connections. A payload that is no GatewayBatch, and an item
+        that is neither an ack nor a command that can be carried out, count as garbage
+        ("command"); the other items still count."""
         try:
-            command = envelopes.read_command(msg.data)
+            batch = envelopes.read_gateway_batch(msg.data)
         except InvalidEnvelope as exc:
             self._garbage("command")
-            log.warning("dropped a command (%d bytes): %s", len(msg.data), exc.reason)
+            log.warning("dropped a batch (%d bytes): %s", len(msg.data), exc.reason)
+            return
+        delivery = self._delivery
+        assert delivery is not None
+        for item in batch.items:
+            kind = item.WhichOneof("item")
+            if kind == "ack":
+                delivery.on_final_ack(item.ack)
+            elif kind == "command":
+                self._on_one_command(item.command)
+            else:
+                self._garbage("command")
+
+    def _on_one_command(self, command: pb.GatewayCommand) -> None:
+        try:
+            envelopes.check_command(command)
+        except InvalidEnvelope as exc:
+            self._garbage("command")
+            log.warning("dropped a command: %s", exc.reason)
             return
         for connection_id in command.connection_ids:
             self._command(connection_id, command)

@@ -1,5 +1,6 @@
 """Broadcast fan-out from the state service: one GatewayCommand per gateway that holds
-recipients (planned by :mod:`wsgate.fanout`), published on that gateway's subject.
+recipients (planned by :mod:`wsgate.fanout`), published on that gateway's command subject
+as a GatewayBatch of that one command (:func:`wsgate.batches.single_command`).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 
 from wsgate import subjects
+from wsgate.batches import single_command
 from wsgate.fanout import MessageTooLarge, payload_budget, plan
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -48,9 +50,7 @@ async def fan_out(
     commands = plan(recipients, message, payload_budget(nc))
     try:
         for gateway_id, command in commands:
-            await nc.publish(
-                subjects.gateway_subject(prefix, gateway_id), command.SerializeToString()
-            )
+            await nc.publish(subjects.gateway_subject(prefix, gateway_id), single_command(command))
         if commands:
             await nc.flush(timeout=FLUSH_TIMEOUT_S)
     except nats.errors.Error as exc:

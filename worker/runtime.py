@@ -40,6 +40,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from wsgate import envelopes, ids, subjects
+from wsgate.batches import BatchWriter, ack_entry, command_entry
 from wsgate.bus import connect_bus, drain_bus
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
@@ -169,7 +170,10 @@ class Worker(Service):
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
         self._running: dict[int, _Running] = {}
-        self._acks: dict[str, pb.AckBatch] = {}
+        #: What goes to each gateway at the end of this turn of the event loop, in order.
+        self._outgoing: dict[str, BatchWriter] = {}
+        self._outgoing_bytes = 0
+        self._publishing: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._alarms: AlarmRunner | None = None
@@ -373,12 +377,29 @@ class Worker(Service):
             log.error("request handling failed", exc_info=task.exception())
 
     async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
-        """Publish ``command`` to the gateway that holds ``connection_id`` (CommandSink)."""
-        assert self._nc is not None
-        gateway_id = ids.gateway_of(connection_id)
-        subject = subjects.gateway_subject(self.config.prefix, gateway_id)
-        await self._nc.publish(subject, command.SerializeToString())
+        """Send ``command`` to the gateway that holds ``connection_id`` (CommandSink): it
+        leaves at the end of this turn of the event loop, in this gateway's GatewayBatch,
+        after everything queued for that gateway before it (see :meth:`_queue_ack`).
+
+        Raises nats' ConnectionClosedError once NATS is closed, MaxPayloadError for a
+        command that no NATS message can carry (as publishing it would have).
+        """
+        nc = self._nc
+        assert nc is not None
+        if nc.is_closed:
+            raise nats.errors.ConnectionClosedError
+        entry = command_entry(command)
+        if len(entry) > nc.max_payload:
+            raise nats.errors.MaxPayloadError
+        self._queue(ids.gateway_of(connection_id), entry)
         self.metrics.commands.inc()
+        if self._outgoing_bytes >= nc.max_payload:
+            # A handler that sends a lot: out now, and it waits while NATS' buffer is full,
+            # as it did when each command was published at once.
+            self._flush_outgoing()
+            publishing = self._publishing
+            if publishing is not None:
+                await asyncio.wait((publishing,))  # not cancelled with the handler
 
     async def _publish_command(self, command: pb.GatewayCommand) -> None:
         await self.send_command(command.connection_ids[0], command)
@@ -574,38 +595,64 @@ class Worker(Service):
             log.warning("an answer on %s was lost: %r", msg.subject, exc)
 
     def _queue_ack(self, gateway_id: str, ack: pb.EventAck) -> None:
-        """Final acks leave in one AckBatch per gateway at the end of this turn of the event
-        loop: under load many handlers finish in one turn, and one NATS message for all of
-        them costs both sides far less than one each. Commands the handlers published
-        went out before, on the same NATS connection, so they still arrive first."""
-        batch = self._acks.get(gateway_id)
-        if batch is None:
-            batch = self._acks[gateway_id] = pb.AckBatch()
-            if len(self._acks) == 1:
+        """Send a final ack to its gateway, after everything queued for it before (the
+        commands the handler sent)."""
+        self._queue(gateway_id, ack_entry(ack))
+
+    def _queue(self, gateway_id: str, entry: bytes) -> None:
+        """Final acks and commands leave in one GatewayBatch per gateway at the end of this
+        turn of the event loop, on the gateway's command subject, in the order queued.
+        Under load many handlers finish in one turn, and one NATS message for all of them
+        costs both sides far less than one each; and the gateway, which reads that subject
+        with one subscription in order, sees a handler's commands before its ack (NATS
+        keeps one publisher's order, and that is all the order relied on)."""
+        writer = self._outgoing.get(gateway_id)
+        if writer is None:
+            assert self._nc is not None
+            writer = self._outgoing[gateway_id] = BatchWriter(self._nc.max_payload)
+            if len(self._outgoing) == 1:
                 assert self._loop is not None
-                self._loop.call_soon(self._flush_acks)
-        batch.acks.append(ack)
+                self._loop.call_soon(self._flush_outgoing)
+        writer.add(entry)
+        self._outgoing_bytes += len(entry)
 
-    def _flush_acks(self) -> None:
-        batches, self._acks = self._acks, {}
+    def _flush_outgoing(self) -> None:
+        outgoing, self._outgoing = self._outgoing, {}
+        self._outgoing_bytes = 0
+        if not outgoing:
+            return  # flushed already (a large send)
+        prefix = self.config.prefix
+        batches = [
+            (subjects.gateway_subject(prefix, gateway_id), payload)
+            for gateway_id, writer in outgoing.items()
+            for payload in writer.payloads()
+        ]
         assert self._loop is not None
-        for gateway_id, batch in batches.items():
-            subject = subjects.ack_batch_subject(self.config.prefix, gateway_id)
-            # nats-py's publish only appends to its buffer unless that is full.
-            task = start_eagerly(
-                self._loop, self._publish_quietly(subject, batch.SerializeToString())
-            )
-            if task is not None:  # asyncio holds tasks weakly: keep it until it is done
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+        # nats-py's publish only appends to its buffer unless that is full: then it waits,
+        # and the next turn's batches wait for these, to keep each gateway's order.
+        task = start_eagerly(self._loop, self._publish_quietly(batches, self._publishing))
+        if task is not None:  # asyncio holds tasks weakly: keep it until it is done
+            self._publishing = task
+            self._background.add(task)
+            task.add_done_callback(self._published)
 
-    async def _publish_quietly(self, subject: str, payload: bytes) -> None:
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if self._publishing is task:
+            self._publishing = None
+
+    async def _publish_quietly(
+        self, batches: list[tuple[str, bytes]], before: asyncio.Task[None] | None
+    ) -> None:
         assert self._nc is not None
-        try:
-            await self._nc.publish(subject, payload)
-        except nats.errors.Error as exc:
-            # The gateway will resend the events; their handlers may run again.
-            log.warning("acks to %s lost: %r", subject, exc)
+        if before is not None and not before.done():
+            await asyncio.wait((before,))
+        for subject, payload in batches:
+            try:
+                await self._nc.publish(subject, payload)
+            except nats.errors.Error as exc:
+                # The gateway will resend the events; their handlers may run again.
+                log.warning("acks and commands to %s lost: %r", subject, exc)
 
     async def _sweep(self) -> None:
         """Every PROGRESS_SWEEP_S, a progress ack for each request that has waited long

@@ -28,11 +28,12 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 
 from wsgate import subjects
 from wsgate.config import BusConfig
@@ -51,6 +52,81 @@ CREDENTIALS_REFUSED = (
     "user authentication revoked",
     "account authentication expired",
 )
+
+
+class Bus(Protocol):
+    """The part of a NATS client a gateway uses: the seam between its logic and the bus.
+
+    :func:`connect_bus` gives the real one (nats-py's client). A unit test may pass an
+    in-memory one (tests/unit/gateway/reordering_bus.py) that keeps what NATS guarantees,
+    each publisher's order, and nothing more.
+    """
+
+    @property
+    def max_payload(self) -> int:
+        """The largest message the server takes, in bytes."""
+        ...
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the client is connected now (draining counts as connected)."""
+        ...
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether the client was closed for good."""
+        ...
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        reply: str = "",
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Publish ``payload`` on ``subject`` (with a reply subject: a request's)."""
+        ...
+
+    async def subscribe(
+        self,
+        subject: str,
+        queue: str = "",
+        cb: Callable[[Msg], Awaitable[None]] | None = None,
+    ) -> object:
+        """Call ``cb`` for each message on ``subject`` (a pattern), one at a time, in the
+        order they arrived."""
+        ...
+
+    # The names are nats-py's (the Protocol describes its client), so: noqa ASYNC109.
+    async def request(self, subject: str, payload: bytes = b"", timeout: float = 0.5) -> Msg:  # noqa: ASYNC109
+        """Publish with a reply inbox and return the first answer within ``timeout`` s."""
+        ...
+
+    async def flush(self, timeout: int = 10) -> None:  # noqa: ASYNC109
+        """Until the server has everything published so far (at most ``timeout`` s)."""
+        ...
+
+    async def drain(self) -> None:
+        """Stop subscriptions after what they hold, publish what is buffered, close."""
+        ...
+
+    async def close(self) -> None:
+        """Close at once: what is buffered is dropped."""
+        ...
+
+
+class BusConnector(Protocol):
+    """How a role connects to the bus: :func:`connect_bus`, or a test's in-memory bus."""
+
+    def __call__(
+        self,
+        config: BusConfig,
+        name: str,
+        *,
+        role: str,
+        on_connection_change: Callable[[bool], None] | None = None,
+        on_permission_violation: Callable[[], None] | None = None,
+    ) -> Awaitable[Bus]: ...
 
 
 def tls_context(config: BusConfig) -> ssl.SSLContext | None:
@@ -191,7 +267,7 @@ async def connect_bus(
     return nc
 
 
-async def drain_bus(nc: NatsClient) -> None:
+async def drain_bus(nc: Bus) -> None:
     """Drain ``nc`` (its subscriptions' pending messages handled, its publishes flushed),
     then close it. If the drain fails, the connection is closed all the same and the
     drain's error raised (a role's :class:`~wsgate.supervision.Teardown` logs it)."""

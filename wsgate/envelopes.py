@@ -179,7 +179,8 @@ def read_connect_decision(data: bytes) -> pb.ConnectDecision:
 
 def read_event_ack(data: bytes, sequence: int) -> pb.EventAck:
     """A worker's EventAck on the reply subject of event ``sequence`` (gateway: its ack
-    subjects): a progress ack, a retry, or (from older workers) a final ack."""
+    subjects): a progress ack or a retry. (A final ack comes in a GatewayBatch; one found
+    here, from no current worker, is taken as one all the same.)"""
     ack = parse(pb.EventAck, data)
     if ack.sequence != sequence:
         raise InvalidEnvelope("EventAck", f"sequence {ack.sequence} on the subject of {sequence}")
@@ -188,20 +189,22 @@ def read_event_ack(data: bytes, sequence: int) -> pb.EventAck:
     return ack
 
 
-def read_ack_batch(data: bytes) -> pb.AckBatch:
-    """A worker's AckBatch (gateway: its acks subject). Each ack is checked by the gateway
-    only if it matches no event it waits for (:func:`final_ack_problem`): the common case
-    costs a dictionary lookup and no more."""
-    batch = parse(pb.AckBatch, data)
-    if not batch.acks:
-        raise InvalidEnvelope("AckBatch", "no acks")
+def read_gateway_batch(data: bytes) -> pb.GatewayBatch:
+    """A GatewayBatch of final acks and commands (gateway: its command subject). Its items
+    are checked one by one as the gateway takes them, so that one bad item costs only
+    itself: a command by :func:`check_command`; a final ack only if it matches no event the
+    gateway waits for (:func:`final_ack_problem`), so the common case costs a dictionary
+    lookup and no more."""
+    batch = parse(pb.GatewayBatch, data)
+    if not batch.items:
+        raise InvalidEnvelope("GatewayBatch", "no items")
     return batch
 
 
 def final_ack_problem(ack: pb.EventAck) -> str | None:
-    """What makes ``ack`` (from an AckBatch) garbage rather than merely late, or None."""
+    """What makes ``ack`` (a GatewayBatch's) garbage rather than merely late, or None."""
     if ack.in_progress or ack.retry:
-        return "a progress or retry ack in a batch of final acks"
+        return "a progress or retry ack among final acks"
     if not 1 <= ack.sequence <= MAX_SEQUENCE:
         return f"sequence {ack.sequence}"
     try:
@@ -211,9 +214,8 @@ def final_ack_problem(ack: pb.EventAck) -> str | None:
     return None
 
 
-def read_command(data: bytes) -> pb.GatewayCommand:
-    """A GatewayCommand (gateway: its command subject)."""
-    command = parse(pb.GatewayCommand, data)
+def check_command(command: pb.GatewayCommand) -> pb.GatewayCommand:
+    """``command`` (a GatewayBatch's item) if it can be carried out; raises InvalidEnvelope."""
     if not command.connection_ids:
         raise InvalidEnvelope("GatewayCommand", "no connection ids")
     action = command.WhichOneof("action")

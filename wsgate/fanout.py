@@ -16,8 +16,9 @@ from nats.aio.client import Client as NatsClient
 
 from wsgate.v1 import envelope_pb2 as pb
 
-#: Room kept below NATS' max_payload for what is not the command itself (headers, which
-#: count against the same limit if anything ever adds them).
+#: Room kept below NATS' max_payload for what is not the command itself: the GatewayBatch
+#: around it (at most :data:`wsgate.batches.ENTRY_OVERHEAD_BYTES`), and headers, which
+#: count against the same limit if anything ever adds them.
 PAYLOAD_MARGIN_BYTES = 4096
 
 

@@ -13,8 +13,9 @@ nats-server):
 
 - A **gateway** publishes only its own connect requests, events, presence and events for a
   durable object's host, each on a subject that names its identity; it reads only its own
-  commands, acks and inbox. It cannot send a command, an ack, an alarm or a presence for
-  another gateway, nor take requests from the workers' queues.
+  command subject (final acks and commands), event replies and inbox. It cannot send a
+  command, an ack, an alarm or a presence for another gateway, nor take requests from the
+  workers' queues.
 - A **worker** takes the queues' requests and alarms and its own subjects; it answers any
   gateway and the state service, and sends commands to any gateway (it serves them all).
   It cannot announce a gateway's presence, send connect requests or events as a gateway,
@@ -67,7 +68,6 @@ def gateway_permissions(prefix: str, node: str) -> Permissions:
         subscribe=(
             subjects.gateway_subject(prefix, own),
             subjects.ack_subject(prefix, own, ANY, ANY),
-            subjects.ack_batch_subject(prefix, own),
             subjects.under(subjects.inbox_prefix(prefix, "gateway", node)),
         ),
     )
@@ -80,7 +80,6 @@ def worker_permissions(prefix: str, node: str) -> Permissions:
         publish=(
             subjects.gateway_subject(prefix, ANY),
             subjects.ack_subject(prefix, ANY, ANY, ANY),
-            subjects.ack_batch_subject(prefix, ANY),
             # Requests forwarded to the worker that hosts their durable object.
             subjects.worker_subject(prefix, ANY, "connect", ANY),
             subjects.worker_subject(prefix, ANY, "events", ANY),

@@ -6,9 +6,8 @@ stands for a gateway's two tokens ``<node>.<gateway_id>``, ``<w>`` for a worker'
 
     <prefix>.connect.<app>.<gw>          connect requests, request/reply, workers' queue group
     <prefix>.events.<app>.<gw>           connection events (reply: the ack subject)
-    <prefix>.gw.<gw>                     commands for one gateway
+    <prefix>.gw.<gw>                     final acks and commands for one gateway, in order
     <prefix>.ack.<gw>.<connection>.<seq> replies to one event: progress, retry, no responders
-    <prefix>.acks.<gw>                   batches of final acks for one gateway
     <prefix>.presence.<gw>               one gateway's membership lease, heard by state services
     <prefix>.worker.<w>.connect.<gw>     the same connect and events, for the worker that
     <prefix>.worker.<w>.events.<gw>        hosts their durable object (no queue group)
@@ -187,7 +186,8 @@ def events_subject(prefix: str, app_name: str, gateway_id: str) -> str:
 
 
 def gateway_subject(prefix: str, gateway_id: str) -> str:
-    """Where commands for one gateway go. ``gateway_id`` is already a safe token."""
+    """Where final acks and commands for one gateway go (GatewayBatch envelopes, read by
+    one subscription, in order). ``gateway_id`` is already a safe token."""
     return f"{prefix}.gw.{_owner(gateway_id)}"
 
 
@@ -217,11 +217,6 @@ def event_origin(prefix: str, gateway_id: str) -> tuple[str, str]:
     (``gateway_id`` must be checked first: at most an id long, so the cache stays small).
     """
     return f".{_owner(gateway_id)}", f"{ack_prefix(prefix, gateway_id)}."
-
-
-def ack_batch_subject(prefix: str, gateway_id: str) -> str:
-    """Where workers publish batches of final acks for one gateway."""
-    return f"{prefix}.acks.{_owner(gateway_id)}"
 
 
 def presence_subject(prefix: str, gateway_id: str) -> str:

@@ -1205,8 +1205,8 @@ async def test_nats_lets_in_the_roles_with_their_credentials(tmp_path: Path) -> 
             )
             own = f"{gateway.node}-abcd1234"
             for subject in (
-                subjects.gateway_subject(prefix, own),  # commands: only workers and state
-                subjects.ack_batch_subject(prefix, own),  # acks: only workers
+                subjects.gateway_subject(prefix, own),  # acks, commands: workers and state
+                subjects.ack_subject(prefix, own, f"{own}_1", 1),  # progress: only workers
                 subjects.alarm_subject(prefix, "chat"),  # alarms: only the state service
                 subjects.presence_subject(prefix, other),  # another gateway's presence
             ):

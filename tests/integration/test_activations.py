@@ -345,7 +345,7 @@ async def test_a_copy_of_a_released_turn_is_acked_and_sends_nothing_again(tmp_pa
                 peer_id = json.loads(await peer.receive())["joined"]
                 # Every final ack of the gateway, the first poke's and its copy's.
                 acks = await nc.subscribe(
-                    subjects.ack_batch_subject(DEFAULT_PREFIX, ids.gateway_of(poker_id))
+                    subjects.gateway_subject(DEFAULT_PREFIX, ids.gateway_of(poker_id))
                 )
                 await nc.flush()
                 await poker.send("poke")  # the poker's event #2
@@ -367,9 +367,11 @@ async def test_a_copy_of_a_released_turn_is_acked_and_sends_nothing_again(tmp_pa
                 )
                 seen = 0
                 while seen < 2:
-                    batch = envelope.AckBatch.FromString((await acks.next_msg(timeout=20)).data)
+                    batch = envelope.GatewayBatch.FromString((await acks.next_msg(timeout=20)).data)
                     seen += sum(
-                        1 for a in batch.acks if (a.connection_id, a.sequence) == (poker_id, 2)
+                        1
+                        for item in batch.items
+                        if (item.ack.connection_id, item.ack.sequence) == (poker_id, 2)
                     )
                 # A second "poked by" would have left before the copy's ack, so it would
                 # come before the answer to this.

@@ -18,6 +18,7 @@ from nats.aio.client import Client as NatsClient
 from tests.harness import Stack, eventually, metric, stack_context
 from tests.wsraw import OP_BINARY, OP_TEXT, RawWebSocket
 from wsgate import subjects
+from wsgate.batches import single_command
 from wsgate.config import GatewayConfig
 from wsgate.gateway.server import Gateway, LiveConnection
 from wsgate.v1 import envelope_pb2 as pb
@@ -312,7 +313,7 @@ async def test_commands_for_gone_connections_and_garbage_are_counted(stack: Stac
     try:
         subject = subjects.gateway_subject("wsgate", gateway_id)
         gone = pb.GatewayCommand(connection_ids=[f"{gateway_id}_zzzz"], send=pb.Message(text="x"))
-        await nc.publish(subject, gone.SerializeToString())
+        await nc.publish(subject, single_command(gone))
         await nc.publish(subject, b"\xff\x00 not a command")
         await nc.flush()
     finally:

@@ -24,7 +24,7 @@ Hypothesis settings, for CI (the module's tests take about 10 s on the 2-core ma
 of it the stack's start, up to 20 s when the machine is loaded): ``derandomize=True`` (the
 same examples every run; the ids in them are the running roles'), ``deadline=None`` (every
 example is I/O on real processes), ``max_examples`` 60 for the bus (each example goes to
-every subject, 11 of them, and answers a connect request and an alarm event) and 15 per
+every subject, 10 of them, and answers a connect request and an alarm event) and 15 per
 gRPC method (one call each, 300 in all).
 """
 
@@ -54,6 +54,7 @@ from tests.harness import Stack, eventually, metric, stack_context
 from tests.loop_thread import LoopThread
 from tests.protobuf_strategies import messages, payloads
 from wsgate import subjects
+from wsgate.batches import single_command
 from wsgate.config import DEFAULT_APP_NAME, DEFAULT_PREFIX
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
@@ -82,9 +83,8 @@ GRPC_SETTINGS = settings(BUS_SETTINGS, max_examples=15)
 #: The envelope each kind of subject carries (the ``subject`` label of the roles' garbage
 #: metrics): a payload protobuf cannot parse as it must be counted as garbage there.
 ENVELOPE_OF_KIND: dict[str, type[ProtoMessage]] = {
-    "command": envelope.GatewayCommand,
+    "command": envelope.GatewayBatch,
     "ack": envelope.EventAck,
-    "acks": envelope.AckBatch,
     "connect": envelope.ConnectRequest,
     "events": envelope.ConnectionEvent,
     "alarm": envelope.AlarmEvent,
@@ -142,7 +142,6 @@ def listened_subjects(
     return [
         Listener("gateway", "command", subjects.gateway_subject(prefix, gateway_id)),
         Listener("gateway", "ack", subjects.ack_prefix(prefix, gateway_id)),
-        Listener("gateway", "acks", subjects.ack_batch_subject(prefix, gateway_id)),
         Listener("worker", "connect", subjects.connect_subject(prefix, app_name, gateway_id)),
         Listener("worker", "connect", own(prefix, worker_id, "connect", gateway_id)),
         Listener("worker", "events", subjects.events_subject(prefix, app_name, gateway_id)),
@@ -520,7 +519,7 @@ def test_a_command_in_reply_to_an_event_not_yet_sent_is_garbage(
                 in_reply_to=2**40,
             )
             subject = subjects.gateway_subject(DEFAULT_PREFIX, roles.gateway_id)
-            await hostility.nc.publish(subject, forged.SerializeToString())
+            await hostility.nc.publish(subject, single_command(forged))
             await hostility.nc.flush()
 
             async def counted() -> bool:
@@ -676,7 +675,7 @@ def test_garbage_on_every_subject_is_counted_and_no_role_falls_over(
 async def gateway_refusals(roles: Roles) -> float:
     url = roles.metrics_url("gateway")
     total = 0.0
-    for kind in ("command", "ack", "acks"):
+    for kind in ("command", "ack"):
         total += await roles.garbage("gateway", kind)
     for reason in ("stale", "unknown_connection"):
         total += await metric(url, "wsgate_gateway_drops_total", {"reason": reason})

@@ -162,7 +162,8 @@ class FakeGateways:
 
     async def on_command(self, msg: Msg) -> None:
         gateway_id = msg.subject.rsplit(".", 1)[1]
-        self.commands.append((gateway_id, envelope.GatewayCommand.FromString(msg.data)))
+        for item in envelope.GatewayBatch.FromString(msg.data).items:
+            self.commands.append((gateway_id, item.command))
 
     def addressed(self) -> dict[str, list[str]]:
         by_gateway: dict[str, list[str]] = {}
@@ -833,9 +834,10 @@ async def test_ten_thousand_websockets_one_broadcast_one_command_per_gateway(
     commands: list[tuple[str, envelope.GatewayCommand]] = []
 
     async def on_command(msg: Msg) -> None:
-        command = envelope.GatewayCommand.FromString(msg.data)
-        if command.send.text == "boom":
-            commands.append((msg.subject.rsplit(".", 1)[1], command))
+        # The gateways' command subjects also carry the workers' final acks.
+        for item in envelope.GatewayBatch.FromString(msg.data).items:
+            if item.command.send.text == "boom":
+                commands.append((msg.subject.rsplit(".", 1)[1], item.command))
 
     nc = await nats.connect(stack.nats_url)
     transports: list[WSTransport] = []

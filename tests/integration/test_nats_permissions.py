@@ -202,7 +202,6 @@ async def test_a_gateway_cannot_speak_for_another_gateway(secured: Secured) -> N
         for subject in (
             subjects.gateway_subject(P, GW_B),
             subjects.ack_subject(P, GW_B, subjects.ANY, subjects.ANY),
-            subjects.ack_batch_subject(P, GW_B),
         ):
             await victim.nc.subscribe(subject, cb=victims_ears.hear)
         workers_ears = Inbox()
@@ -220,9 +219,8 @@ async def test_a_gateway_cannot_speak_for_another_gateway(secured: Secured) -> N
 
         leaving = pb.GatewayPresence(gateway_id=GW_B, leaving=True).SerializeToString()
         forged = [
-            subjects.gateway_subject(P, GW_B),  # a command: frames to B's connections
+            subjects.gateway_subject(P, GW_B),  # commands and final acks for B
             subjects.ack_subject(P, GW_B, f"{GW_B}_1", 1),  # a fake progress ack
-            subjects.ack_batch_subject(P, GW_B),  # fake final acks
             subjects.alarm_subject(P, "chat"),  # fire an alarm
             subjects.worker_subject(P, WORKER_ID, "alarm"),
             subjects.presence_subject(P, GW_B),  # B is leaving: evict its members
@@ -250,7 +248,7 @@ async def test_a_gateway_cannot_take_the_workers_requests_or_read_another_gatewa
             (subjects.events_subject(P, "main", subjects.ANY), subjects.worker_queue("main")),
             (subjects.alarm_subject(P, "chat"), subjects.alarm_queue("chat")),
             (subjects.gateway_subject(P, GW_B), ""),
-            (subjects.ack_batch_subject(P, GW_B), ""),
+            (subjects.ack_subject(P, GW_B, subjects.ANY, subjects.ANY), ""),
             (subjects.under(subjects.inbox_prefix(P, "gateway", "gw-b")), ""),
             (subjects.presence_subject(P, subjects.ANY), ""),
         ]

@@ -8,9 +8,9 @@ Subjects (see wsgate/subjects.py; every user string is encoded into one safe tok
   <prefix>.events.<app>      ConnectionEvent                     publish, worker queue group, with
                                                                  reply subject
   <prefix>.ack.<gateway_id>.<connection_id>.<sequence>
-                             EventAck (progress)                 the event's reply subject
-  <prefix>.acks.<gateway_id> AckBatch (final acks)               publish, one gateway subscribes
-  <prefix>.gw.<gateway_id>   GatewayCommand                      publish, one gateway subscribes
+                             EventAck (progress, retry)          the event's reply subject
+  <prefix>.gw.<gateway_id>   GatewayBatch (final acks and        publish, one gateway subscribes
+                             commands, in order)
   <prefix>.presence          GatewayPresence                     publish, state services subscribe
   <prefix>.alarm.<namespace> AlarmEvent -> AlarmResult           request/reply, worker queue group
   <prefix>.state.replicas    StateReplica                        publish, state replicas and
@@ -374,7 +374,9 @@ Global___ConnectionEvent: _TypeAlias = ConnectionEvent  # noqa: Y015
 
 @_typing.final
 class EventAck(_message.Message):
-    """A worker's reply to a ConnectionEvent, on the event's reply subject."""
+    """A worker's reply to a ConnectionEvent: a progress ack or a retry on the event's reply
+    subject; the final ack as an item of a GatewayBatch on the gateway's command subject.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -388,10 +390,11 @@ class EventAck(_message.Message):
     """The sequence of the event acknowledged."""
     in_progress: _builtins.bool
     """True: the handler is still running (resets the gateway's ack wait); false: the
-    handler has finished, and the commands it published were published before this.
+    handler has finished, and the commands it sent come before this ack in the worker's
+    GatewayBatch items (the same subject, the same publisher: NATS keeps that order).
     """
     connection_id: _builtins.str
-    """The connection the acknowledged event belongs to (set in an AckBatch, where the
+    """The connection the acknowledged event belongs to (set in a final ack, where the
     subject does not say it).
     """
     worker: _builtins.str
@@ -429,32 +432,6 @@ class EventAck(_message.Message):
 Global___EventAck: _TypeAlias = EventAck  # noqa: Y015
 
 @_typing.final
-class AckBatch(_message.Message):
-    """Final acks for one gateway, gathered by a worker over one turn of its event loop and
-    published together on <prefix>.acks.<gateway_id>: one NATS message for many events.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    ACKS_FIELD_NUMBER: _builtins.int
-    @_builtins.property
-    def acks(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventAck]:
-        """The final acks, each with its connection_id; in the order the handlers finished."""
-
-    def __init__(
-        self,
-        *,
-        acks: _abc.Iterable[Global___EventAck] | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___AckBatch: _TypeAlias = AckBatch  # noqa: Y015
-
-@_typing.final
 class CloseConnection(_message.Message):
     """Close a connection with a close frame."""
 
@@ -482,9 +459,9 @@ Global___CloseConnection: _TypeAlias = CloseConnection  # noqa: Y015
 
 @_typing.final
 class GatewayCommand(_message.Message):
-    """An instruction from a worker (or the state service) to one gateway, published on that
-    gateway's command subject. It applies to every listed connection the gateway holds;
-    ids of connections that are gone are counted and skipped.
+    """An instruction from a worker (or the state service) to one gateway, as an item of a
+    GatewayBatch on that gateway's command subject. It applies to every listed connection
+    the gateway holds; ids of connections that are gone are counted and skipped.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -528,6 +505,74 @@ class GatewayCommand(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
 
 Global___GatewayCommand: _TypeAlias = GatewayCommand  # noqa: Y015
+
+@_typing.final
+class GatewayBatch(_message.Message):
+    """Everything for one gateway, published on its command subject <prefix>.gw.<gateway_id>:
+    the final acks of its events and the commands for its connections, as one publisher
+    produced them. A worker gathers what it has for one gateway over one turn of its event
+    loop into one batch (one NATS message for many events); the state service publishes a
+    broadcast as a batch of one command. The gateway reads the subject with one
+    subscription and applies the items in order, so the only order it relies on is the one
+    NATS keeps: each publisher's. (This replaces the AckBatch of final acks that came on a
+    subject of their own, <prefix>.acks.<gateway_id>, beside the commands.)
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ITEMS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___GatewayItem]:
+        """In the order the publisher produced them: a handler's commands before its final ack,
+        one turn's output before the next turn's. At least one.
+        """
+
+    def __init__(
+        self,
+        *,
+        items: _abc.Iterable[Global___GatewayItem] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["items", b"items"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayBatch: _TypeAlias = GatewayBatch  # noqa: Y015
+
+@_typing.final
+class GatewayItem(_message.Message):
+    """One item of a GatewayBatch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACK_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def ack(self) -> Global___EventAck:
+        """A final ack (connection_id set, neither in_progress nor retry), with the messages
+        that ride on it.
+        """
+
+    @_builtins.property
+    def command(self) -> Global___GatewayCommand:
+        """A command for connections of this gateway."""
+
+    def __init__(
+        self,
+        *,
+        ack: Global___EventAck | None = ...,
+        command: Global___GatewayCommand | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "item", b"item"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ack", b"ack", "command", b"command", "item", b"item"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["ack", "command"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___GatewayItem: _TypeAlias = GatewayItem  # noqa: Y015
 
 @_typing.final
 class GatewayPresence(_message.Message):

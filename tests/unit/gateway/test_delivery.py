@@ -61,7 +61,6 @@ def _delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float) -> EventDeliv
         events_subject="wsgate.events.app.gw1",
         worker_events_subject=lambda worker: f"wsgate.worker.{worker}.events.gw1",
         ack_prefix=ACK_PREFIX,
-        ack_batch_subject="wsgate.acks.gw1",
         ack_timeout_s=ack_timeout_s,
         delivery_timeout_s=30.0,
         on_messages=lambda cid, messages: rec.messages.append((cid, list(messages))),
@@ -77,11 +76,6 @@ def _perform(rec: Recorder) -> object:
         return next((a for a in actions if isinstance(a, Publish)), None)
 
     return perform
-
-
-def _batch(*acks: pb.EventAck) -> Msg:
-    payload = pb.AckBatch(acks=list(acks)).SerializeToString()
-    return Msg(None, subject="wsgate.acks.gw1", data=payload)  # type: ignore[arg-type]
 
 
 def _session(limits: SessionLimits, worker: str = "") -> Session:
@@ -106,7 +100,7 @@ async def test_a_final_ack_settles_the_event_and_its_messages_come_first() -> No
     ack = pb.EventAck(
         connection_id=CONNECTION, sequence=1, worker="w-ijklmnop", messages=[pb.Message(text="yo")]
     )
-    await delivery.on_batch(_batch(ack))
+    delivery.on_final_ack(ack)
     assert rec.messages == [(CONNECTION, [pb.Message(text="yo")])]
     await task
     assert not session.busy
@@ -136,7 +130,7 @@ async def test_no_ack_in_time_publishes_the_same_event_again_marked() -> None:
     reply_subject = f"{ACK_PREFIX}.{CONNECTION}.1"
     await delivery.on_reply(Msg(None, subject=reply_subject, data=progress))  # type: ignore[arg-type]
     await asyncio.sleep(0)
-    await delivery.on_batch(_batch(pb.EventAck(connection_id=CONNECTION, sequence=1)))
+    delivery.on_final_ack(pb.EventAck(connection_id=CONNECTION, sequence=1))
     await task
     assert not session.busy
     await delivery.close()

@@ -40,8 +40,7 @@ READERS: list[tuple[Callable[..., object], tuple[Any, ...]]] = [
     (envelopes.read_replica, ()),
     (envelopes.read_connect_decision, ()),
     (envelopes.read_event_ack, (1,)),
-    (envelopes.read_ack_batch, ()),
-    (envelopes.read_command, ()),
+    (envelopes.read_gateway_batch, ()),
     (envelopes.read_presence, ()),
     (envelopes.read_alarm_result, ()),
 ]
@@ -278,11 +277,11 @@ def test_final_acks_that_no_worker_sends_are_told_from_late_ones() -> None:
 
 def test_commands_need_connections_and_an_action_that_can_be_carried_out() -> None:
     send = pb.GatewayCommand(connection_ids=[CONN], send=pb.Message(text="x"))
-    assert envelopes.read_command(send.SerializeToString()) == send
+    assert envelopes.check_command(send) == send
     close = pb.GatewayCommand(
         connection_ids=[CONN], close=pb.CloseConnection(code=4999, reason="r" * 123)
     )
-    assert envelopes.read_command(close.SerializeToString()) == close
+    assert envelopes.check_command(close) == close
     for bad in (
         pb.GatewayCommand(connection_ids=[CONN]),
         pb.GatewayCommand(send=pb.Message(text="x")),
@@ -293,4 +292,13 @@ def test_commands_need_connections_and_an_action_that_can_be_carried_out() -> No
             connection_ids=[CONN], close=pb.CloseConnection(code=1000, reason="r" * 124)
         ),
     ):
-        _refused(envelopes.read_command, bad)
+        with pytest.raises(InvalidEnvelope):
+            envelopes.check_command(bad)
+
+
+def test_a_gateway_batch_holds_at_least_one_item() -> None:
+    item = pb.GatewayItem(ack=pb.EventAck(connection_id=CONN, sequence=1))
+    batch = pb.GatewayBatch(items=[item])
+    assert envelopes.read_gateway_batch(batch.SerializeToString()) == batch
+    _refused(envelopes.read_gateway_batch, pb.GatewayBatch())
+    _refused(envelopes.read_gateway_batch, b"\xff\x00 not a batch")

@@ -57,7 +57,6 @@ def gateway_traffic(gateway_id: str) -> tuple[list[str], list[str]]:
     subscribes = [
         subjects.gateway_subject(P, gateway_id),
         subjects.ack_subject(P, gateway_id, subjects.ANY, subjects.ANY),
-        subjects.ack_batch_subject(P, gateway_id),
         f"{inbox}.Abc123.*",  # nats-py's request mux: <inbox_prefix>.<nuid>.*
     ]
     return publishes, subscribes
@@ -85,11 +84,10 @@ def test_a_gateway_may_use_its_own_subjects_and_no_other_gateways() -> None:
     theirs_pub, theirs_sub = gateway_traffic(GW_B)
     forged = [
         *theirs_pub,  # connect, events, presence in another gateway's name
-        subjects.gateway_subject(P, GW_B),  # a command for another gateway
+        subjects.gateway_subject(P, GW_B),  # acks and commands for another gateway
         subjects.gateway_subject(P, GW_A),  # ... or for itself: only workers send those
-        subjects.ack_subject(P, GW_B, CONN_B, 1),  # an ack for another gateway
-        subjects.ack_batch_subject(P, GW_B),
-        subjects.ack_batch_subject(P, GW_A),
+        subjects.ack_subject(P, GW_B, CONN_B, 1),  # a progress ack for another gateway
+        subjects.ack_subject(P, GW_A, CONN_A, 1),  # ... or for itself
         subjects.alarm_subject(P, "chat"),  # an alarm
         subjects.worker_subject(P, WORKER, "alarm"),
         subjects.worker_subject(P, WORKER, "connect", GW_A),
@@ -117,7 +115,6 @@ def test_a_worker_serves_everyone_but_cannot_pose_as_a_gateway_or_the_state() ->
         for s in (
             subjects.gateway_subject(P, GW_A),
             subjects.ack_subject(P, GW_B, CONN_B, 12),
-            subjects.ack_batch_subject(P, GW_A),
             subjects.worker_subject(P, "other-dddd4444", "events", GW_A),
             subjects.worker_subject(P, "other-dddd4444", "alarm"),
             f"{subjects.inbox_prefix(P, 'gateway', 'edge-a')}.Abc.1",
@@ -144,7 +141,7 @@ def test_a_worker_serves_everyone_but_cannot_pose_as_a_gateway_or_the_state() ->
     assert [s for s in posing if allowed(mine.publish, s)] == []
     spied = [
         subjects.gateway_subject(P, GW_A),
-        subjects.ack_batch_subject(P, GW_A),
+        subjects.ack_subject(P, GW_A, subjects.ANY, subjects.ANY),
         subjects.presence_subject(P, subjects.ANY),
         subjects.worker_subject(P, "other-dddd4444", "events", subjects.ANY),
         f"{subjects.inbox_prefix(P, 'gateway', 'edge-a')}.Abc.*",
@@ -159,7 +156,7 @@ def test_the_state_service_broadcasts_and_fires_alarms_but_takes_no_requests() -
     assert allowed(mine.subscribe, subjects.presence_subject(P, subjects.ANY))
     assert not allowed(mine.subscribe, subjects.connect_subject(P, "main", subjects.ANY))
     assert not allowed(mine.publish, subjects.presence_subject(P, GW_A))
-    assert not allowed(mine.publish, subjects.ack_batch_subject(P, GW_A))
+    assert not allowed(mine.publish, subjects.ack_subject(P, GW_A, CONN_A, 1))
 
 
 def test_every_pattern_is_under_the_prefix() -> None:

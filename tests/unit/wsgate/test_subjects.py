@@ -101,7 +101,6 @@ def test_a_gateways_own_subjects_carry_its_node_as_a_token_of_its_own() -> None:
     """NATS permissions wildcard whole tokens: the node must stand alone, before the id."""
     for subject in (
         subjects.gateway_subject("wsgate", GATEWAY),
-        subjects.ack_batch_subject("wsgate", GATEWAY),
         subjects.presence_subject("wsgate", GATEWAY),
         subjects.ack_prefix("wsgate", GATEWAY),
         subjects.events_subject("wsgate", "main", GATEWAY),

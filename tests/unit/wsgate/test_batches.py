@@ -1,0 +1,78 @@
+"""GatewayBatch payloads written by hand (wsgate/batches.py) are what protobuf parses, in
+order, and are split exactly at the size limit."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsgate.batches import (
+    ENTRY_OVERHEAD_BYTES,
+    BatchWriter,
+    ack_entry,
+    command_entry,
+    single_command,
+)
+from wsgate.v1 import envelope_pb2 as pb
+
+CONN = "edge-1-abcd1234_1"
+
+
+def _command(text: str) -> pb.GatewayCommand:
+    return pb.GatewayCommand(connection_ids=[CONN], send=pb.Message(text=text), in_reply_to=3)
+
+
+def _ack(sequence: int, *texts: str) -> pb.EventAck:
+    return pb.EventAck(
+        connection_id=CONN, sequence=sequence, messages=[pb.Message(text=t) for t in texts]
+    )
+
+
+def test_entries_parse_as_the_batch_protobuf_would_write_in_their_order() -> None:
+    items = [
+        pb.GatewayItem(command=_command("a")),
+        pb.GatewayItem(ack=_ack(3, "b", "c")),
+        pb.GatewayItem(command=_command("x" * 300)),  # a length over one varint byte
+        pb.GatewayItem(ack=_ack(4)),
+    ]
+    writer = BatchWriter(max_bytes=1 << 20)
+    for item in items:
+        writer.add(ack_entry(item.ack) if item.HasField("ack") else command_entry(item.command))
+    (payload,) = writer.payloads()
+    expected = pb.GatewayBatch(items=items)
+    assert payload == expected.SerializeToString()
+    assert pb.GatewayBatch.FromString(payload) == expected
+    assert not writer
+    assert writer.payloads() == []
+
+
+def test_a_single_command_is_a_batch_of_one() -> None:
+    command = _command("hello")
+    payload = single_command(command)
+    assert pb.GatewayBatch.FromString(payload) == pb.GatewayBatch(
+        items=[pb.GatewayItem(command=command)]
+    )
+    assert len(payload) - command.ByteSize() <= ENTRY_OVERHEAD_BYTES
+
+
+@pytest.mark.parametrize("spare", [0, -1])
+def test_a_batch_is_split_exactly_where_the_next_entry_would_not_fit(spare: int) -> None:
+    entries = [command_entry(_command(f"m{i}")) for i in range(3)]
+    limit = len(entries[0]) + len(entries[1]) + spare  # two fit exactly; or not quite
+    writer = BatchWriter(max_bytes=limit)
+    for entry in entries:
+        writer.add(entry)
+    payloads = writer.payloads()
+    assert all(len(p) <= limit for p in payloads)
+    assert len(payloads) == (2 if spare == 0 else 3)
+    texts = [
+        item.command.send.text for p in payloads for item in pb.GatewayBatch.FromString(p).items
+    ]
+    assert texts == ["m0", "m1", "m2"]
+
+
+def test_an_entry_over_the_limit_goes_alone_and_the_order_holds() -> None:
+    small, big = command_entry(_command("s")), command_entry(_command("b" * 100))
+    writer = BatchWriter(max_bytes=len(big) - 1)
+    for entry in (small, big, small):
+        writer.add(entry)
+    assert writer.payloads() == [small, big, small]
