@@ -38,9 +38,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
-from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, JWTVerifier, Reject
+from wsgate import (
+    Accept,
+    App,
+    Connection,
+    ConnectRequest,
+    DurableObject,
+    JWTVerifier,
+    Reject,
+    Value,
+)
 
 app = App()
 
@@ -105,7 +113,7 @@ class ChatRoom(DurableObject):
         if len(name) > MAX_NAME:
             return Reject(400, f"name is longer than {MAX_NAME} characters")
         # Sent in on_connect, these arrive first, right after the upgrade completes.
-        for message in await self.storage.get("history", []):
+        for message in await self.history():
             await conn.send(json.dumps({**message, "replay": True}))
         # Presence by tag: every member is tagged with its name.
         names = sorted({tag for peer in await self.connections() for tag in peer.tags})
@@ -123,7 +131,7 @@ class ChatRoom(DurableObject):
             "text": message[:MAX_TEXT],
             "at": int(time.time() * 1000),
         }
-        history: list[Any] = await self.storage.get("history", [])
+        history = await self.history()
         await self.storage.put("history", [*history, event][-HISTORY:])
         await self.broadcast(json.dumps(event))  # leaves once the history is durable
 
@@ -131,6 +139,11 @@ class ChatRoom(DurableObject):
         await self.broadcast(
             json.dumps({"type": "leave", "name": conn.state["name"]}), exclude=[conn]
         )
+
+    async def history(self) -> list[dict[str, Value]]:
+        """The stored messages (storage gives back a Value: check its shape)."""
+        stored = await self.storage.get("history", [])
+        return [m for m in stored if isinstance(m, dict)] if isinstance(stored, list) else []
 
 
 @app.durable("/counter/{name}")
@@ -148,13 +161,17 @@ class Counter(DurableObject):
         if without_line_ending(message) == "increment":
             value = await self.increment()
         else:
-            value = await self.storage.get("value", 0)
+            value = await self.value()
         await self.report(conn, value)
 
     async def increment(self) -> int:
-        value: int = await self.storage.get("value", 0) + 1
+        value = await self.value() + 1
         await self.storage.put("value", value)  # durable before the report leaves
         return value
+
+    async def value(self) -> int:
+        stored = await self.storage.get("value", 0)
+        return stored if isinstance(stored, int) else 0
 
     async def report(self, conn: Connection, value: int) -> None:
         await conn.send(json.dumps({"counter": self.name, "value": value}))

@@ -25,6 +25,7 @@ from wsgate.fanout import plan
 from wsgate.limits import check_attachment_size, check_tags
 from wsgate.v1 import state_pb2 as pb
 from wsgate.values import decode_value, encode_value
+from wsgate.worker import state_methods as methods
 from wsgate.worker.connection import Connection
 from wsgate.worker.membership import BroadcastResult, Member
 from wsgate.worker.object_connection import message_envelope
@@ -32,8 +33,6 @@ from wsgate.worker.object_connection import message_envelope
 if TYPE_CHECKING:
     from wsgate.worker.activation import Activation
     from wsgate.worker.turn import Turn
-
-_SERVICE = "Membership"
 
 
 def _encode_attachment(value: Any) -> bytes:
@@ -110,7 +109,7 @@ class ActivationMembers:
         request = pb.GetAttachmentRequest(
             object=self._activation.object_pb, connection_id=connection_id
         )
-        response = await self._activation.call(_SERVICE, "GetAttachment", request)
+        response = await self._activation.call(methods.GET_ATTACHMENT, request)
         if connection_id not in self._attachments:  # a turn may have set it meanwhile
             self._attachments[connection_id] = bytes(response.attachment)
 
@@ -130,7 +129,7 @@ class ActivationMembers:
             )
             if tag is not None:
                 request.tag = tag
-            page = await self._activation.call(_SERVICE, "Members", request)
+            page = await self._activation.call(methods.MEMBERS, request)
             for member in page.members:
                 members[member.connection_id] = Member(
                     id=member.connection_id,
@@ -176,7 +175,7 @@ class ActivationMembers:
         request = pb.RecipientsRequest(object=self._activation.object_pb, exclude=excluded)
         if tag is not None:
             request.tag = tag
-        response = await self._activation.call(_SERVICE, "Recipients", request)
+        response = await self._activation.call(methods.RECIPIENTS, request)
         recipients = {
             connection_id: gateway.gateway_id
             for gateway in response.gateways

@@ -1,6 +1,6 @@
 """A durable object's storage inside its activation: served from memory, written by turns.
 
-The same API as :class:`~wsgate.worker.state_client.ObjectStorage` (what ``self.storage`` is), with
+The same API as :class:`~wsgate.worker.object_storage.ObjectStorage` (what ``self.storage`` is), with
 Cloudflare's semantics:
 
 - **Reads** are served from the activation's cache (:mod:`wsgate.worker.object_cache`) and see the
@@ -37,7 +37,7 @@ from wsgate.worker.object_cache import (
     KeyRange,
     Layer,
 )
-from wsgate.worker.state_client import ObjectStorage, Transaction
+from wsgate.worker.object_storage import ObjectStorage, Transaction
 from wsgate.worker.turn import Turn, current_turn
 
 if TYPE_CHECKING:

@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     from wsgate.worker.auth import Authenticator
     from wsgate.worker.connection import Connection
     from wsgate.worker.env import Env
-    from wsgate.worker.state_client import ObjectStorage
+    from wsgate.worker.object_storage import ObjectStorage
 
 D = TypeVar("D", bound="DurableObject")
 

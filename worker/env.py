@@ -13,7 +13,8 @@ from wsgate.worker.connection import current_connection
 from wsgate.worker.errors import InvalidMessage
 from wsgate.worker.gate import open_current_gate
 from wsgate.worker.membership import ObjectMembers
-from wsgate.worker.state_client import ObjectStorage, StateClient
+from wsgate.worker.object_storage import ObjectStorage
+from wsgate.worker.state_client import StateClient
 from wsgate.worker.turn import current_turn
 
 if TYPE_CHECKING:

@@ -40,8 +40,6 @@ if TYPE_CHECKING:
     from wsgate.worker.connection import Connection
     from wsgate.worker.state_client import StateClient
 
-_SERVICE = "Membership"
-
 
 @dataclass(frozen=True)
 class Member:
@@ -125,12 +123,12 @@ class ObjectMembers:
             tags=list(tags),
             attachment=_encode_attachment(attachment),
         )
-        await self._state.unary(_SERVICE, "Join", request)
+        await self._state.membership.join(request)
 
     async def leave(self, conn_or_id: Connection | str) -> bool:
         """Remove a connection from this object; returns whether it was a member."""
         request = pb.LeaveRequest(object=self._object, connection_id=_connection_id(conn_or_id))
-        response = await self._state.unary(_SERVICE, "Leave", request)
+        response = await self._state.membership.leave(request)
         return bool(response.left)
 
     async def connections(self, tag: str | None = None) -> list[Member]:
@@ -146,7 +144,7 @@ class ObjectMembers:
             request = pb.MembersRequest(object=self._object, after=after, details=True)
             if tag is not None:
                 request.tag = tag
-            page = await self._state.unary(_SERVICE, "Members", request)
+            page = await self._state.membership.members(request)
             for member in page.members:
                 members.append(
                     Member(
@@ -164,7 +162,7 @@ class ObjectMembers:
         request = pb.GetAttachmentRequest(
             object=self._object, connection_id=_connection_id(conn_or_id)
         )
-        response = await self._state.unary(_SERVICE, "GetAttachment", request)
+        response = await self._state.membership.get_attachment(request)
         if not response.member or not response.attachment:
             return default
         return decode_value(response.attachment)
@@ -177,7 +175,7 @@ class ObjectMembers:
             connection_id=_connection_id(conn_or_id),
             attachment=_encode_attachment(value),
         )
-        response = await self._state.unary(_SERVICE, "SetAttachment", request)
+        response = await self._state.membership.set_attachment(request)
         return bool(response.member)
 
     async def broadcast(
@@ -207,7 +205,7 @@ class ObjectMembers:
         if sender is not None and sender._buffer:
             # What the running handler sent to its own connection goes first.
             await sender._flush_now()
-        response = await self._state.unary(_SERVICE, "Broadcast", request)
+        response = await self._state.membership.broadcast(request)
         return BroadcastResult(recipients=response.recipients, commands=response.commands)
 
 
@@ -215,7 +213,5 @@ async def leave_all(state: StateClient, connection_id: str) -> int:
     """Remove ``connection_id`` from every object (it closed); returns how many objects it
     left. The worker calls this for each close event, after the app's close handler and
     before the ack: if it raises, the event is not acknowledged and comes again."""
-    response = await state.unary(
-        _SERVICE, "LeaveAll", pb.LeaveAllRequest(connection_id=connection_id)
-    )
+    response = await state.membership.leave_all(pb.LeaveAllRequest(connection_id=connection_id))
     return int(response.left)

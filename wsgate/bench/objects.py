@@ -231,6 +231,7 @@ async def _read_counters(address: str, names: list[str]) -> int:
         async def one(name: str) -> int:
             async with slots:
                 value = await client.storage(COUNTER_NAMESPACE, name).get(COUNTER_KEY, 0)
-            return int(value)
+            assert isinstance(value, int), f"counter {name} holds {value!r}"
+            return value
 
         return sum(await asyncio.gather(*(one(name) for name in names)))

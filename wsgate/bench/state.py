@@ -68,6 +68,7 @@ from wsgate.pgserver import PostgresServer, postgres_available, start_postgres
 from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
 from wsgate.stateservice.storage import ObjectId, PutKeys, SqliteConnection
+from wsgate.v1 import state_pb2 as pb
 from wsgate.values import encode_value
 from wsgate.worker.state_client import StateClient
 
@@ -810,7 +811,7 @@ class RoutedClient:
             "client routes over %s",
             ", ".join(f"{r.replica_id} at {r.address}" for r in watch.known()),
         )
-        self.counter = WriteCallCounter(self.client, every_endpoint=True)
+        self.counter = WriteCallCounter(self.client)
         self._complete = True
 
     async def prime(self, objects: int) -> None:
@@ -923,48 +924,19 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 class WriteCallCounter:
-    """Counts the ``Write`` calls a started StateClient makes and the writes they carry
-    (how well it coalesced), by wrapping the ``Write`` method of its State stubs: whatever
-    kind of call the client makes of it, it goes through a stub. Counting is all the
-    wrapper adds.
+    """Counts the ``Write`` calls a StateClient makes and the writes they carry (how well
+    it coalesced), on every channel it uses (a routing client has one per replica), through
+    its :attr:`~wsgate.worker.state_client.StateClient.on_write_call` hook. Counting is all
+    it adds."""
 
-    ``every_endpoint``: count through the stub of every channel the client uses (a routing
-    client has one per replica, made on first use, and made anew if a replica left its
-    view and came back), by wrapping :meth:`StateClient.endpoint`; else through the stub
-    of its configured address only."""
-
-    def __init__(self, client: StateClient, *, every_endpoint: bool = False) -> None:
+    def __init__(self, client: StateClient) -> None:
         self.calls = 0
         self.writes = 0
-        if not every_endpoint:
-            self._wrap(client.stub("State"))
-            return
-        endpoint = client.endpoint
+        client.on_write_call = self._count
 
-        def counted_endpoint(address: str) -> Any:
-            # Every write goes out through an endpoint looked up here (StateClient.write).
-            made = endpoint(address)
-            stub = made.stubs["State"]
-            if not getattr(stub, COUNTED, False):
-                self._wrap(stub)
-            return made
-
-        client.endpoint = counted_endpoint  # type: ignore[method-assign]
-
-    def _wrap(self, stub: Any) -> None:
-        original = stub.Write
-
-        def counted_write(request: Any, *args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            self.writes += len(request.writes)
-            return original(request, *args, **kwargs)
-
-        stub.Write = counted_write
-        setattr(stub, COUNTED, True)
-
-
-#: Set on a stub whose Write a WriteCallCounter wrapped (never twice).
-COUNTED = "_wsgate_bench_counted"
+    def _count(self, request: pb.WriteRequest) -> None:
+        self.calls += 1
+        self.writes += len(request.writes)
 
 
 @dataclass(frozen=True)
