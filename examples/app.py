@@ -89,7 +89,8 @@ if JWTVerifier.configured():
 
     @jwt_echo.on_connect
     async def greet(conn: Connection, request: ConnectRequest) -> None:
-        await conn.send(f"hello, {request.claims.get('sub', 'anonymous')}")
+        sub = request.claims.get("sub")
+        await conn.send(f"hello, {sub if isinstance(sub, str) else 'anonymous'}")
 
     jwt_echo.on_message(echo_message)
 
@@ -99,6 +100,12 @@ HISTORY = 100
 #: Longest name and message the room takes (characters).
 MAX_NAME = 32
 MAX_TEXT = 1000
+
+
+def name_of(conn: Connection) -> str:
+    """The name a chat connection joined with (kept in its state)."""
+    state = conn.state
+    return str(state.get("name")) if isinstance(state, dict) else "anonymous"
 
 
 @app.durable("/chat/{room}")
@@ -125,9 +132,9 @@ class ChatRoom(DurableObject):
         message = without_line_ending(message)
         if not isinstance(message, str) or not message.strip():
             return
-        event = {
+        event: dict[str, Value] = {
             "type": "message",
-            "name": conn.state["name"],
+            "name": name_of(conn),
             "text": message[:MAX_TEXT],
             "at": int(time.time() * 1000),
         }
@@ -136,9 +143,7 @@ class ChatRoom(DurableObject):
         await self.broadcast(json.dumps(event))  # leaves once the history is durable
 
     async def on_close(self, conn: Connection, code: int, reason: str) -> None:
-        await self.broadcast(
-            json.dumps({"type": "leave", "name": conn.state["name"]}), exclude=[conn]
-        )
+        await self.broadcast(json.dumps({"type": "leave", "name": name_of(conn)}), exclude=[conn])
 
     async def history(self) -> list[dict[str, Value]]:
         """The stored messages (storage gives back a Value: check its shape)."""

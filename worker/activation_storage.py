@@ -1,7 +1,7 @@
 """A durable object's storage inside its activation: served from memory, written by turns.
 
-The same API as :class:`~wsgate.worker.object_storage.ObjectStorage` (what ``self.storage`` is), with
-Cloudflare's semantics:
+The same API as :class:`~wsgate.worker.object_storage.ObjectStorage` (what ``self.storage``
+is), with Cloudflare's semantics:
 
 - **Reads** are served from the activation's cache (:mod:`wsgate.worker.object_cache`) and see the
   activation's own writes at once; a key the cache does not know is read from the state

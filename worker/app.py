@@ -28,7 +28,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, NoReturn, TypeVar, overload
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
@@ -36,8 +36,9 @@ from wsgate.worker.errors import InvalidResponse, InvalidRoute
 
 if TYPE_CHECKING:
     from wsgate.v1 import envelope_pb2 as pb
+    from wsgate.values import StorableValue
     from wsgate.worker.alarms_client import AlarmInfo
-    from wsgate.worker.auth import Authenticator
+    from wsgate.worker.auth import Authenticator, Claims
     from wsgate.worker.connection import Connection
     from wsgate.worker.durable import DurableObject
 
@@ -63,14 +64,14 @@ class ConnectRequest:
     #: The claims the route's authenticator verified (``auth=``), read-only; empty on a
     #: route without one. Only ``on_connect`` sees them: what later events need, the app
     #: keeps (on a durable object route, in ``Accept(state=...)``).
-    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
+    claims: Claims = field(default_factory=lambda: _NO_CLAIMS)
 
     @classmethod
     def from_envelope(
         cls,
         envelope: pb.ConnectRequest,
         params: Mapping[str, str],
-        claims: Mapping[str, Any] | None = None,
+        claims: Claims | None = None,
     ) -> ConnectRequest:
         """Build from the NATS envelope (with the claims verified for it, if any)."""
         return cls(
@@ -97,7 +98,7 @@ class Accept:
     subprotocol: str | None = None
     #: Kept as a tuple, whatever sequence was given.
     tags: Sequence[str] = ()
-    state: Any = None
+    state: StorableValue = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tags, str):
@@ -127,7 +128,7 @@ H = TypeVar("H")
 D = TypeVar("D", bound="DurableObject")
 
 _RESOLVED_CACHE_SIZE = 4096
-_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+_NO_CLAIMS: Claims = MappingProxyType({})
 #: Longer paths are resolved every time, not cached: the cache holds at most 4096 of 1 KiB
 #: whatever paths hostile envelopes carry (up to 8 KiB each, wsgate/envelopes.py).
 _RESOLVED_MAX_PATH_CHARS = 1024
@@ -217,6 +218,26 @@ class App:
         self._resolved.clear()
         return route
 
+    @overload
+    def durable(
+        self,
+        pattern: str,
+        cls: type[D],
+        *,
+        name: str | None = None,
+        auth: Authenticator | None = None,
+    ) -> type[D]: ...
+
+    @overload
+    def durable(
+        self,
+        pattern: str,
+        cls: None = None,
+        *,
+        name: str | None = None,
+        auth: Authenticator | None = None,
+    ) -> Callable[[type[D]], type[D]]: ...
+
     def durable(
         self,
         pattern: str,
@@ -224,7 +245,7 @@ class App:
         *,
         name: str | None = None,
         auth: Authenticator | None = None,
-    ) -> Any:
+    ) -> type[D] | Callable[[type[D]], type[D]]:
         """Serve ``pattern`` with a :class:`~wsgate.worker.durable.DurableObject` class, named by
         the path parameter ``name`` (by default the pattern's only one)::
 
@@ -288,7 +309,7 @@ class App:
         return found
 
 
-async def _served_by_activation(*args: Any) -> Any:
+async def _served_by_activation(*args: object) -> NoReturn:
     raise RuntimeError("a durable object route's events run in the object's activation")
 
 

@@ -44,8 +44,9 @@ import contextvars
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+from wsgate.values import Value
 from wsgate.worker.app import Accept, ConnectRequest, Reject, Route
 from wsgate.worker.errors import InvalidResponse, InvalidRoute, TurnOver
 from wsgate.worker.membership import BroadcastResult
@@ -92,7 +93,7 @@ class DurableObject:
             # Made outside an activation (a test, a script): the remote object, unfenced.
             self.storage = env.storage(self.namespace, name)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("namespace"):
             cls.namespace = cls.__name__
@@ -162,7 +163,7 @@ class Peer:
     #: Its tags.
     tags: tuple[str, ...]
     #: Its state (attachment), as it was when listed.
-    state: Any
+    state: Value
 
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send one message to this connection (a connection that is gone is skipped)."""

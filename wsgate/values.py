@@ -90,6 +90,17 @@ def decode_value(data: bytes) -> Value:
     return _decode(message, _ROOT, 0)
 
 
+def encode_optional(obj: StorableValue) -> bytes:
+    """:func:`encode_value`, except that None is ``b""`` (an attachment's "none": it costs
+    no bytes on the wire)."""
+    return b"" if obj is None else encode_value(obj)
+
+
+def decode_optional(data: bytes) -> Value:
+    """:func:`decode_value`, except that ``b""`` is None (see :func:`encode_optional`)."""
+    return None if not data else decode_value(data)
+
+
 def _encode_into(message: pb.Value, obj: object, path: str, depth: int) -> None:
     # Order matters: bool before int (bool is an int), str before the sequence checks.
     if obj is None:
