@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, TypeVar, cast
+from typing import Literal, Protocol, TypeVar, cast
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,7 +16,7 @@ from wsgate.errors import StateUnavailable
 from wsgate.grpc_tls import ClientTls, explain_connect_failure, open_channel
 from wsgate.v1 import state_pb2 as pb
 from wsgate.worker import state_methods as methods
-from wsgate.worker.state_methods import Req, Resp, Unary
+from wsgate.worker.state_methods import Req, Resp, Stream, Unary
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,7 @@ class Endpoint:
         before it answers. gRPC failures propagate as grpc.RpcError."""
         if self.closed:
             raise ReplicaGone(f"state replica at {self.address} left")
-        multicallable = self._callables.get(method.path)
-        if multicallable is None:
-            multicallable = self._callables[method.path] = self.channel.unary_unary(
-                method.path,
-                request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString,
-            )
+        multicallable = self._multicallable(method, "unary_unary")
         call = cast("Callable[..., asyncio.Future[Resp]]", multicallable)(
             request, timeout=timeout_s, wait_for_ready=wait_for_ready
         )
@@ -126,32 +120,34 @@ class Endpoint:
         """Start a ``State.Write`` call (not tracked: iterate it with :meth:`tracked`)."""
         if self.closed:
             raise ReplicaGone(f"state replica at {self.address} left")
-        method = methods.WRITE
-        multicallable = self._callables.get(method.path)
-        if multicallable is None:
-            multicallable = self._callables[method.path] = self.channel.unary_stream(
-                method.path,
-                request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString,
-            )
+        multicallable = self._multicallable(methods.WRITE, "unary_stream")
         return cast("Callable[..., ResponseStream[pb.WriteResponse]]", multicallable)(
             request, timeout=timeout_s, wait_for_ready=wait_for_ready
         )
 
     def transaction_call(self, *, timeout_s: float, wait_for_ready: bool) -> DuplexCall:
         """Open a ``State.Transaction`` stream, tracked until :meth:`untrack`."""
-        method = methods.TRANSACTION
-        multicallable = self._callables.get(method.path)
-        if multicallable is None:
-            multicallable = self._callables[method.path] = self.channel.stream_stream(
-                method.path,
-                request_serializer=method.request.SerializeToString,
-                response_deserializer=method.response.FromString,
-            )
+        multicallable = self._multicallable(methods.TRANSACTION, "stream_stream")
         opened: Callable[..., DuplexCall] = cast("Callable[..., DuplexCall]", multicallable)
         call = opened(timeout=timeout_s, wait_for_ready=wait_for_ready)
         self.calls.add(call)
         return call
+
+    def _multicallable(
+        self,
+        method: Unary[Req, Resp] | Stream[Req, Resp],
+        kind: Literal["unary_unary", "unary_stream", "stream_stream"],
+    ) -> Callable[..., object]:
+        """The channel's multicallable of ``kind`` (``unary_unary``, ``unary_stream``,
+        ``stream_stream``) for ``method``, with its messages' serializers; made once."""
+        made = self._callables.get(method.path)
+        if made is None:
+            made = self._callables[method.path] = getattr(self.channel, kind)(
+                method.path,
+                request_serializer=method.request.SerializeToString,
+                response_deserializer=method.response.FromString,
+            )
+        return cast("Callable[..., object]", made)
 
     def untrack(self, call: Call) -> None:
         """Stop tracking ``call`` (it ended)."""
