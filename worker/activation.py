@@ -56,7 +56,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -820,7 +820,7 @@ def _lookup(layers: list[Layer], key: str) -> bytes | object | None:
     return UNKNOWN
 
 
-def _rides_on_ack(outputs: Any) -> bool:
+def _rides_on_ack(outputs: Iterable[pb.TurnOutput]) -> bool:
     size = 0
     for output in outputs:
         if not output.HasField("reply"):

@@ -70,7 +70,7 @@ class EchoReport:
         """Full path msgs/s over baseline msgs/s."""
         return self.full.msgs_per_s / self.baseline.msgs_per_s
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """``{"full": {...}, "baseline": {...}, "ratio": r}``."""
         return {
             "full": self.full.to_json(),

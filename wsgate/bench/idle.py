@@ -12,7 +12,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from wsgate.bench.config import ECHO_PATH, IdleBenchConfig
 from wsgate.bench.processes import (
@@ -43,7 +42,7 @@ class IdleReport:
         """(after - before) / connections."""
         return (self.gateway_rss_after_kib - self.gateway_rss_before_kib) / self.connections
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The object ``--json`` prints."""
         return {
             "connections": self.connections,

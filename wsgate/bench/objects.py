@@ -25,7 +25,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from wsgate.bench.config import COUNTER_PATH, ECHO_PATH, EchoBenchConfig, ObjectBenchConfig
 from wsgate.bench.echo import RESULT_GRACE_S, EchoFigures, measure, merge_results
@@ -103,7 +102,7 @@ class ObjectReport:
     #: Increments lost over all rounds (each round is checked, not only the reported one).
     lost: int
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """``{"one_object": {...}, "spread": {...}, "echo": {...}, "ratio": r}``."""
         one = self.round.one_object.to_json() | {"lost": self.lost}
         return {

@@ -202,9 +202,9 @@ class ServiceFigures:
     #: None on SQLite, which runs inside the state service.
     postgres_cores: float | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints (``postgres_cores`` only over PostgreSQL)."""
-        figures: dict[str, Any] = {
+        figures: dict[str, object] = {
             "writes_per_s": round(self.writes_per_s, 1),
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
@@ -238,7 +238,7 @@ class ReplicaWrites:
         """Its group commit's batching (None: it committed nothing)."""
         return self.writes / self.commits if self.commits else None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints."""
         return {"replica_id": self.replica_id, "writes": self.writes, "commits": self.commits}
 
@@ -264,7 +264,7 @@ class ReplicasFigures:
         """Writes the replicas committed over the whole cell, together."""
         return sum(replica.writes for replica in self.replicas)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints: the service's, then the spread."""
         return {
             **self.service.to_json(),
@@ -290,7 +290,7 @@ class NaiveFigures:
     #: service among them).
     other_cores: float
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints."""
         return {
             "writes_per_s": round(self.writes_per_s, 1),
@@ -361,7 +361,7 @@ class StateReport:
                 return cell
         return None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The object ``--json`` prints: settings, every cell with both targets' figures
         and their ratio, and the targets (null when their cell was not measured).
 
@@ -371,9 +371,9 @@ class StateReport:
         c = self.config
         best = self.best_naive_writes_per_s
         target = self.target_cell()
-        cells: list[dict[str, Any]] = []
+        cells: list[dict[str, object]] = []
         for cell in self.cells:
-            figures: dict[str, Any] = {
+            figures: dict[str, object] = {
                 "objects": cell.objects,
                 "clients": cell.clients,
                 "wsgate": cell.wsgate.to_json(),
@@ -385,7 +385,7 @@ class StateReport:
                 figures["postgres"] = cell.postgres.to_json()
                 figures["ratio_postgres_vs_sqlite"] = round(cell.postgres_ratio, 3)
             cells.append(figures)
-        backend: dict[str, Any] = {}
+        backend: dict[str, object] = {}
         if c.backend == "postgres":
             backend = {"backend": c.backend, "replicas": c.postgres_replicas}
         return {
