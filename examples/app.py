@@ -38,9 +38,17 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
 
-from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, JWTVerifier, Reject
+from wsgate import (
+    Accept,
+    App,
+    Connection,
+    ConnectRequest,
+    DurableObject,
+    JWTVerifier,
+    Reject,
+    Value,
+)
 
 app = App()
 
@@ -81,7 +89,8 @@ if JWTVerifier.configured():
 
     @jwt_echo.on_connect
     async def greet(conn: Connection, request: ConnectRequest) -> None:
-        await conn.send(f"hello, {request.claims.get('sub', 'anonymous')}")
+        sub = request.claims.get("sub")
+        await conn.send(f"hello, {sub if isinstance(sub, str) else 'anonymous'}")
 
     jwt_echo.on_message(echo_message)
 
@@ -91,6 +100,12 @@ HISTORY = 100
 #: Longest name and message the room takes (characters).
 MAX_NAME = 32
 MAX_TEXT = 1000
+
+
+def name_of(conn: Connection) -> str:
+    """The name a chat connection joined with (kept in its state)."""
+    state = conn.state
+    return str(state.get("name")) if isinstance(state, dict) else "anonymous"
 
 
 @app.durable("/chat/{room}")
@@ -105,7 +120,7 @@ class ChatRoom(DurableObject):
         if len(name) > MAX_NAME:
             return Reject(400, f"name is longer than {MAX_NAME} characters")
         # Sent in on_connect, these arrive first, right after the upgrade completes.
-        for message in await self.storage.get("history", []):
+        for message in await self.history():
             await conn.send(json.dumps({**message, "replay": True}))
         # Presence by tag: every member is tagged with its name.
         names = sorted({tag for peer in await self.connections() for tag in peer.tags})
@@ -117,20 +132,23 @@ class ChatRoom(DurableObject):
         message = without_line_ending(message)
         if not isinstance(message, str) or not message.strip():
             return
-        event = {
+        event: dict[str, Value] = {
             "type": "message",
-            "name": conn.state["name"],
+            "name": name_of(conn),
             "text": message[:MAX_TEXT],
             "at": int(time.time() * 1000),
         }
-        history: list[Any] = await self.storage.get("history", [])
+        history = await self.history()
         await self.storage.put("history", [*history, event][-HISTORY:])
         await self.broadcast(json.dumps(event))  # leaves once the history is durable
 
     async def on_close(self, conn: Connection, code: int, reason: str) -> None:
-        await self.broadcast(
-            json.dumps({"type": "leave", "name": conn.state["name"]}), exclude=[conn]
-        )
+        await self.broadcast(json.dumps({"type": "leave", "name": name_of(conn)}), exclude=[conn])
+
+    async def history(self) -> list[dict[str, Value]]:
+        """The stored messages (storage gives back a Value: check its shape)."""
+        stored = await self.storage.get("history", [])
+        return [m for m in stored if isinstance(m, dict)] if isinstance(stored, list) else []
 
 
 @app.durable("/counter/{name}")
@@ -148,13 +166,17 @@ class Counter(DurableObject):
         if without_line_ending(message) == "increment":
             value = await self.increment()
         else:
-            value = await self.storage.get("value", 0)
+            value = await self.value()
         await self.report(conn, value)
 
     async def increment(self) -> int:
-        value: int = await self.storage.get("value", 0) + 1
+        value = await self.value() + 1
         await self.storage.put("value", value)  # durable before the report leaves
         return value
+
+    async def value(self) -> int:
+        stored = await self.storage.get("value", 0)
+        return stored if isinstance(stored, int) else 0
 
     async def report(self, conn: Connection, value: int) -> None:
         await conn.send(json.dumps({"counter": self.name, "value": value}))

@@ -27,13 +27,13 @@ import errno
 import os
 import sqlite3
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
 
+from wsgate.clock import now_ms
 from wsgate.config import StateConfig
 from wsgate.errors import SchemaTooNew, WsgateError
 from wsgate.stateservice import schema
@@ -157,7 +157,7 @@ def migrate_postgres(dsn: str) -> MigrateReport:
 def _migrate_in_transaction(conn: schema.SqlRunner, dialect: str, label: str) -> MigrateReport:
     """Migrate inside the open transaction and commit it; roll back on any failure."""
     try:
-        applied = schema.migrate(conn, dialect, time.time_ns() // 1_000_000)
+        applied = schema.migrate(conn, dialect, now_ms())
         after = schema.current_version(conn)
         conn.execute("COMMIT")
     except BaseException:

@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 import nats.errors
 from nats.aio.client import Client as NatsClient
 
+from wsgate.clock import now_ms
 from wsgate.config import StateConfig
 from wsgate.envelopes import read_alarm_result
 from wsgate.errors import InvalidEnvelope, InvalidObjectId, ObjectActive
@@ -76,11 +77,6 @@ MAX_SLEEP_S = 30.0
 ERROR_PAUSE_S = 1.0
 #: An AlarmResult's error is cut to this many characters in the log.
 MAX_LOGGED_ERROR_CHARS = 2000
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds since the Unix epoch (the unit of alarm times)."""
-    return time.time_ns() // 1_000_000
 
 
 def new_firing_id() -> str:

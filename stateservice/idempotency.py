@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
+from wsgate.clock import now_ms
 from wsgate.placement import task_key
 from wsgate.stateservice.component import StateContext
 from wsgate.stateservice.storage import DATABASE_ERRORS, Operation, Sql
@@ -38,11 +38,6 @@ class Applied:
     count: int
     result: bytes | None = None
     replayed: bool = False
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds since the Unix epoch."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

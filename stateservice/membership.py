@@ -52,6 +52,7 @@ from typing import Any, NoReturn
 import grpc
 
 from wsgate import ids
+from wsgate.clock import now_ms
 from wsgate.errors import (
     InvalidConnectionId,
     InvalidObjectId,
@@ -94,11 +95,6 @@ PRUNE_INTERVAL_S = 60.0
 
 #: ``ErrorInfo.reason`` of a connection id that does not parse (named in state.proto).
 INVALID_CONNECTION_ID = "INVALID_CONNECTION_ID"
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds since the Unix epoch (departed connections' timestamps)."""
-    return time.time_ns() // 1_000_000
 
 
 # -- storage operations -------------------------------------------------------------------

@@ -50,6 +50,7 @@ import psycopg
 import psycopg.errors
 from psycopg.pq import TransactionStatus
 
+from wsgate.clock import now_ms
 from wsgate.errors import InvalidObjectId
 from wsgate.service import StartsAndCloses
 from wsgate.stateservice import schema, usage
@@ -321,7 +322,7 @@ class Storage(StartsAndCloses):
         if self.migrate:
             self._begin(conn)
             try:
-                applied = schema.migrate(conn, self.dialect, time.time_ns() // 1_000_000)
+                applied = schema.migrate(conn, self.dialect, now_ms())
                 conn.execute("COMMIT")
             except BaseException:
                 self._rollback(conn)

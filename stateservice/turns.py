@@ -27,18 +27,13 @@ older outcome can never be asked for again) and pruned after the idempotency ret
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from wsgate.clock import now_ms
 from wsgate.stateservice import usage
 from wsgate.stateservice.storage import ObjectId, Operation, Sql, for_update
 from wsgate.stateservice.usage import ObjectQuotas
-
-
-def now_ms() -> int:
-    """Wall-clock milliseconds since the Unix epoch."""
-    return time.time_ns() // 1_000_000
 
 
 @dataclass(frozen=True)

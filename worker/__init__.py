@@ -26,7 +26,7 @@ from wsgate.worker.errors import (
     WorkerError,
 )
 from wsgate.worker.jwt_verifier import JWTVerifier
-from wsgate.worker.state_client import ObjectStorage, Transaction
+from wsgate.worker.object_storage import ObjectStorage, Transaction
 
 __all__ = [
     "Accept",

@@ -56,7 +56,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -70,6 +70,7 @@ from wsgate.limits import MAX_BATCH_KEYS
 from wsgate.state_errors import Reason
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker import state_methods as methods
 from wsgate.worker.activation_alarm import ActivationAlarm
 from wsgate.worker.activation_members import ActivationMembers
 from wsgate.worker.activation_quota import QUOTA_LABELS, ObjectQuota
@@ -94,6 +95,7 @@ from wsgate.worker.object_cache import (
     remote_limit,
 )
 from wsgate.worker.object_connection import ObjectConnection
+from wsgate.worker.state_methods import Req, Resp, Unary
 from wsgate.worker.turn import Turn, TurnKind, current_turn
 from wsgate.worker.work import Work, WorkKind
 
@@ -486,7 +488,7 @@ class Activation:
         :mod:`wsgate.worker.activation_quota`), and teach the cache the ``unknown`` keys a write
         of it is about to change. Waits for the turns before it to commit."""
         await self._committed_before(turn.number)
-        response = await self.call("State", "Usage", pb.UsageRequest(object=self.object_pb))
+        response = await self.call(methods.USAGE, pb.UsageRequest(object=self.object_pb))
         held: dict[str, bytes] = {}
         replaced = self.quota.unknown_before(turn.number)
         for start in range(0, len(replaced), MAX_BATCH_KEYS):
@@ -659,22 +661,19 @@ class Activation:
         return True
 
     async def _lookup(self, key: str) -> pb.LookupTurnResponse:
-        response: pb.LookupTurnResponse = await self.call(
-            "Activations", "LookupTurn", pb.LookupTurnRequest(key=key)
-        )
-        return response
+        return await self.call(methods.LOOKUP_TURN, pb.LookupTurnRequest(key=key))
 
     # -- reads for the storage, members and alarm ------------------------------------------------
 
-    async def call(self, service: str, method: str, request: Any) -> Any:
+    async def call(self, method: Unary[Req, Resp], request: Req) -> Resp:
         """A read from the state service, waiting for it within the turn limit (a
         restarting service is waited for, not failed)."""
-        return await self.state.unary(service, method, request, timeout_s=self.host.turn_timeout_s)
+        return await self.state.call(method, request, timeout_s=self.host.turn_timeout_s)
 
     async def read_remote(self, keys: list[str]) -> dict[str, bytes]:
         """What the state service holds for ``keys`` (committed values)."""
         self._state_reads.inc(len(keys))
-        response = await self.call("State", "Get", pb.GetRequest(object=self.object_pb, keys=keys))
+        response = await self.call(methods.GET, pb.GetRequest(object=self.object_pb, keys=keys))
         return {entry.key: entry.value for entry in response.entries}
 
     async def read_keys(self, keys: list[str], layers: list[Layer]) -> dict[str, bytes]:
@@ -719,7 +718,7 @@ class Activation:
             if bounds.end is not None:
                 request.end = bounds.end
             self._state_reads.inc()
-            response = await self.call("State", "List", request)
+            response = await self.call(methods.LIST, request)
             remote = {entry.key: entry.value for entry in response.entries}
             for key, value in remote.items():
                 self.cache.fill(key, value)
@@ -821,7 +820,7 @@ def _lookup(layers: list[Layer], key: str) -> bytes | object | None:
     return UNKNOWN
 
 
-def _rides_on_ack(outputs: Any) -> bool:
+def _rides_on_ack(outputs: Iterable[pb.TurnOutput]) -> bool:
     size = 0
     for output in outputs:
         if not output.HasField("reply"):

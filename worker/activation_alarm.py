@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker import state_methods as methods
 from wsgate.worker.alarms_client import ObjectAlarm, from_epoch_ms, to_epoch_ms
 from wsgate.worker.errors import TurnOver
 from wsgate.worker.object_cache import UNKNOWN, _Unknown
@@ -71,7 +72,7 @@ class ActivationAlarm(ObjectAlarm):
     async def _load(self) -> int | None:
         if isinstance(self._known, _Unknown):
             request = pb.GetAlarmRequest(object=self._activation.object_pb)
-            response = await self._activation.call("Alarms", "GetAlarm", request)
+            response = await self._activation.call(methods.GET_ALARM, request)
             if isinstance(self._known, _Unknown):  # a turn may have set it meanwhile
                 self._known = int(response.at_ms) if response.set else None
         return self._known

@@ -18,32 +18,27 @@ has not seen committed yet, so a turn sees its own joins, leaves and ``conn.stat
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wsgate import ids
 from wsgate.fanout import plan
 from wsgate.limits import check_attachment_size, check_tags
 from wsgate.v1 import state_pb2 as pb
-from wsgate.values import decode_value, encode_value
+from wsgate.values import StorableValue, Value, decode_optional, encode_optional
+from wsgate.worker import state_methods as methods
 from wsgate.worker.connection import Connection
 from wsgate.worker.membership import BroadcastResult, Member
-from wsgate.worker.object_connection import message_envelope
+from wsgate.worker.messages import message_envelope
 
 if TYPE_CHECKING:
     from wsgate.worker.activation import Activation
     from wsgate.worker.turn import Turn
 
-_SERVICE = "Membership"
 
-
-def _encode_attachment(value: Any) -> bytes:
-    encoded = b"" if value is None else encode_value(value)
+def _encode_attachment(value: StorableValue) -> bytes:
+    encoded = encode_optional(value)
     check_attachment_size(encoded)
     return encoded
-
-
-def _decode_attachment(data: bytes) -> Any:
-    return None if not data else decode_value(data)
 
 
 class ActivationMembers:
@@ -58,7 +53,9 @@ class ActivationMembers:
 
     # -- changes, made by turns ----------------------------------------------------------
 
-    def join(self, turn: Turn, connection_id: str, tags: Iterable[str], state: Any) -> None:
+    def join(
+        self, turn: Turn, connection_id: str, tags: Iterable[str], state: StorableValue
+    ) -> None:
         """Accept a connection into the object with ``tags`` and attachment ``state``."""
         tags = list(dict.fromkeys(tags))
         check_tags(tags)
@@ -71,7 +68,7 @@ class ActivationMembers:
         self._pending[connection_id] = (turn.number, change)
         self._attachments[connection_id] = attachment
 
-    def set_attachment(self, turn: Turn, connection_id: str, value: Any) -> None:
+    def set_attachment(self, turn: Turn, connection_id: str, value: StorableValue) -> None:
         """Replace a member's attachment (``conn.state = value``)."""
         attachment = _encode_attachment(value)
         change = pb.MemberChange(connection_id=connection_id, attachment=attachment)
@@ -110,13 +107,13 @@ class ActivationMembers:
         request = pb.GetAttachmentRequest(
             object=self._activation.object_pb, connection_id=connection_id
         )
-        response = await self._activation.call(_SERVICE, "GetAttachment", request)
+        response = await self._activation.call(methods.GET_ATTACHMENT, request)
         if connection_id not in self._attachments:  # a turn may have set it meanwhile
             self._attachments[connection_id] = bytes(response.attachment)
 
-    def attachment_of(self, connection_id: str) -> Any:
+    def attachment_of(self, connection_id: str) -> Value:
         """A member's attachment (None if it has none, or is not known to be a member)."""
-        return _decode_attachment(self._attachments.get(connection_id, b""))
+        return decode_optional(self._attachments.get(connection_id, b""))
 
     async def connections(self, tag: str | None = None) -> list[Member]:
         """The object's open connections (with ``tag``, if given), in connection id order."""
@@ -130,12 +127,12 @@ class ActivationMembers:
             )
             if tag is not None:
                 request.tag = tag
-            page = await self._activation.call(_SERVICE, "Members", request)
+            page = await self._activation.call(methods.MEMBERS, request)
             for member in page.members:
                 members[member.connection_id] = Member(
                     id=member.connection_id,
                     tags=tuple(member.tags),
-                    attachment=_decode_attachment(member.attachment),
+                    attachment=decode_optional(member.attachment),
                 )
             if not page.more or not page.members:
                 break
@@ -150,12 +147,12 @@ class ActivationMembers:
                 members[connection_id] = Member(
                     id=connection_id,
                     tags=tuple(change.join.tags),
-                    attachment=_decode_attachment(change.join.attachment),
+                    attachment=decode_optional(change.join.attachment),
                 )
             elif connection_id in members:  # an attachment change
                 old = members[connection_id]
                 members[connection_id] = Member(
-                    old.id, old.tags, _decode_attachment(change.attachment)
+                    old.id, old.tags, decode_optional(change.attachment)
                 )
         return [members[connection_id] for connection_id in sorted(members)]
 
@@ -176,7 +173,7 @@ class ActivationMembers:
         request = pb.RecipientsRequest(object=self._activation.object_pb, exclude=excluded)
         if tag is not None:
             request.tag = tag
-        response = await self._activation.call(_SERVICE, "Recipients", request)
+        response = await self._activation.call(methods.RECIPIENTS, request)
         recipients = {
             connection_id: gateway.gateway_id
             for gateway in response.gateways

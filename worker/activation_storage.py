@@ -1,7 +1,7 @@
 """A durable object's storage inside its activation: served from memory, written by turns.
 
-The same API as :class:`~wsgate.worker.state_client.ObjectStorage` (what ``self.storage`` is), with
-Cloudflare's semantics:
+The same API as :class:`~wsgate.worker.object_storage.ObjectStorage` (what ``self.storage``
+is), with Cloudflare's semantics:
 
 - **Reads** are served from the activation's cache (:mod:`wsgate.worker.object_cache`) and see the
   activation's own writes at once; a key the cache does not know is read from the state
@@ -30,14 +30,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsgate.limits import check_batch, check_key, check_value_size
 from wsgate.v1 import state_pb2 as pb
-from wsgate.values import decode_value, encode_value
+from wsgate.values import StorableValue, Value, decode_value, encode_value
 from wsgate.worker.errors import TurnOver
 from wsgate.worker.object_cache import (
     UNKNOWN,
     KeyRange,
     Layer,
 )
-from wsgate.worker.state_client import ObjectStorage, Transaction
+from wsgate.worker.object_storage import ObjectStorage, Transaction
 from wsgate.worker.turn import Turn, current_turn
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def _done(value: T) -> asyncio.Future[T]:
     return future
 
 
-def _encode_entry(key: str, value: Any) -> bytes:
+def _encode_entry(key: str, value: StorableValue) -> bytes:
     check_key(key)
     encoded = encode_value(value)
     check_value_size(encoded, key)
@@ -77,7 +77,7 @@ class ActivationStorage(ObjectStorage):
 
     # -- reads ---------------------------------------------------------------------------
 
-    async def get(self, key: str, default: Any = None) -> Any:
+    async def get(self, key: str, default: Value = None) -> Value:
         """The value of ``key``, or ``default`` if it does not exist."""
         if self._waiting is not None:
             await self._settled()
@@ -87,7 +87,7 @@ class ActivationStorage(ObjectStorage):
         self._activation.memory_reads.inc()  # the common case, kept short
         return decode_value(known) if isinstance(known, bytes) else default
 
-    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Value]:
         """The values of the keys that exist (at most 128 keys)."""
         return await self._read(keys, self._layers())
 
@@ -99,11 +99,11 @@ class ActivationStorage(ObjectStorage):
         end: str | None = None,
         limit: int | None = None,
         reverse: bool = False,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Value]:
         """As :meth:`ObjectStorage.list`, including this activation's writes."""
         return await self._list(KeyRange(prefix, start, end), limit, reverse, self._layers())
 
-    async def _read(self, keys: Iterable[str], layers: builtins.list[Layer]) -> dict[str, Any]:
+    async def _read(self, keys: Iterable[str], layers: builtins.list[Layer]) -> dict[str, Value]:
         """The values of the keys that exist, as the top of ``layers`` sees them."""
         keys = builtins.list(keys)
         check_batch(len(keys), keys[0] if keys else "")
@@ -113,7 +113,7 @@ class ActivationStorage(ObjectStorage):
 
     async def _list(
         self, bounds: KeyRange, limit: int | None, reverse: bool, layers: builtins.list[Layer]
-    ) -> dict[str, Any]:
+    ) -> dict[str, Value]:
         """A listing as the top of ``layers`` sees it."""
         if limit is not None and limit < 0:
             raise ValueError(f"limit must be >= 0 or None, got {limit}")
@@ -129,11 +129,11 @@ class ActivationStorage(ObjectStorage):
 
     # -- writes --------------------------------------------------------------------------
 
-    def put(self, key: str, value: Any) -> asyncio.Future[None]:
+    def put(self, key: str, value: StorableValue) -> asyncio.Future[None]:
         """Set ``key`` to ``value`` (InvalidValue, KeyTooLarge or ValueTooLarge at once)."""
         return self.put_many({key: value})
 
-    def put_many(self, entries: Mapping[str, Any]) -> asyncio.Future[None]:
+    def put_many(self, entries: Mapping[str, StorableValue]) -> asyncio.Future[None]:
         """Set every key of ``entries`` (at most 128). Raises TooManyObjectKeys or
         ObjectTooLarge (nothing applied) if the object would go over a quota; near one,
         the returned future may raise it instead (see the module docstring)."""
@@ -333,7 +333,7 @@ class CachedTransaction(Transaction):
     def _layers(self) -> builtins.list[Layer]:
         return [*self._storage._layers(), self._layer]
 
-    async def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
+    async def get_many(self, keys: Iterable[str]) -> dict[str, Value]:
         """The values of the keys that exist, as this transaction sees them."""
         self._check_open()
         return await self._storage._read(keys, self._layers())
@@ -346,14 +346,14 @@ class CachedTransaction(Transaction):
         end: str | None = None,
         limit: int | None = None,
         reverse: bool = False,
-    ) -> dict[str, Any]:
+    ) -> dict[str, Value]:
         """As :meth:`ObjectStorage.list`, as this transaction sees the object."""
         self._check_open()
         return await self._storage._list(
             KeyRange(prefix, start, end), limit, reverse, self._layers()
         )
 
-    def put(self, key: str, value: Any) -> None:
+    def put(self, key: str, value: StorableValue) -> None:
         """Set ``key`` when the transaction's function returns."""
         self._check_open()
         encoded = _encode_entry(key, value)

@@ -197,7 +197,7 @@ class Activations:
             object=pb.ObjectId(namespace=namespace, name=name), worker=self.worker_id
         )
         try:
-            response = await self._call_until_deadline("Activate", request)
+            response = await self._activate_until_deadline(request)
         except ObjectNameTooLong as exc:
             # No retry can help: its connects are refused for good (414, the name came
             # from the URL), anything else given up.
@@ -384,8 +384,8 @@ class Activations:
         )
         sent = time.monotonic()
         try:
-            response = await self.state.unary_at(
-                address, "Activations", "Renew", request, timeout_s=max(self._lease_s / 2, 0.5)
+            response = await self.state.activations.renew_at(
+                address, request, timeout_s=max(self._lease_s / 2, 0.5)
             )
         except StateError as exc:
             log.warning("renewing %d lease(s) failed: %s", len(activations), exc)
@@ -410,11 +410,8 @@ class Activations:
             by_replica.setdefault(self.state.owner_address(lease.object), []).append(lease)
         await asyncio.gather(
             *(
-                self.state.unary_at(
-                    address,
-                    "Activations",
-                    "Release",
-                    pb.ReleaseRequest(worker=self.worker_id, leases=group),
+                self.state.activations.release_at(
+                    address, pb.ReleaseRequest(worker=self.worker_id, leases=group)
                 )
                 for address, group in by_replica.items()
             )
@@ -469,18 +466,17 @@ class Activations:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _call_until_deadline(self, method: str, request: object) -> pb.ActivateResponse:
-        """``Activations.<method>``, tried again while the service is away, up to the
+    async def _activate_until_deadline(self, request: pb.ActivateRequest) -> pb.ActivateResponse:
+        """``Activations.Activate``, tried again while the service is away, up to the
         commit timeout (a restarting state service is waited for)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._commit_timeout_s
         backoff_s = 0.05
         while True:
             try:
-                response: pb.ActivateResponse = await self.state.unary(
-                    "Activations", method, request, timeout_s=max(deadline - loop.time(), 0.001)
+                return await self.state.activations.activate(
+                    request, timeout_s=max(deadline - loop.time(), 0.001)
                 )
-                return response
             except (StateUnavailable, StateTimeout):
                 if loop.time() + backoff_s >= deadline:
                     raise

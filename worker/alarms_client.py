@@ -28,7 +28,8 @@ from wsgate.v1 import state_pb2 as pb
 
 if TYPE_CHECKING:
     from wsgate.worker.env import Env
-    from wsgate.worker.state_client import ObjectStorage, StateClient
+    from wsgate.worker.object_storage import ObjectStorage
+    from wsgate.worker.state_client import StateClient
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
@@ -82,9 +83,7 @@ class ObjectAlarm:
         Inside the object's own alarm handler this is None (the alarm is running) unless
         the handler has set a new one, as on Cloudflare.
         """
-        response = await self._client.unary(
-            "Alarms", "GetAlarm", pb.GetAlarmRequest(object=self._object)
-        )
+        response = await self._client.alarms.get(pb.GetAlarmRequest(object=self._object))
         return int(response.at_ms) if response.set else None
 
     async def get(self) -> datetime | None:
@@ -100,7 +99,7 @@ class ObjectAlarm:
         before any call.
         """
         request = pb.SetAlarmRequest(object=self._object, at_ms=to_epoch_ms(when))
-        await self._client.unary("Alarms", "SetAlarm", request)
+        await self._client.alarms.set(request)
 
     async def delete(self) -> bool:
         """Remove the alarm; returns whether there was one. Durable once this returns.
@@ -108,9 +107,7 @@ class ObjectAlarm:
         Called in the object's alarm handler, it also stops that firing from being retried
         if the handler then fails.
         """
-        response = await self._client.unary(
-            "Alarms", "DeleteAlarm", pb.DeleteAlarmRequest(object=self._object)
-        )
+        response = await self._client.alarms.delete(pb.DeleteAlarmRequest(object=self._object))
         return bool(response.deleted)
 
 

@@ -28,7 +28,15 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    ClassVar,
+    NoReturn,
+    Protocol,
+    TypeVar,
+    overload,
+    runtime_checkable,
+)
 
 from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
 
@@ -36,8 +44,9 @@ from wsgate.worker.errors import InvalidResponse, InvalidRoute
 
 if TYPE_CHECKING:
     from wsgate.v1 import envelope_pb2 as pb
+    from wsgate.values import StorableValue
     from wsgate.worker.alarms_client import AlarmInfo
-    from wsgate.worker.auth import Authenticator
+    from wsgate.worker.auth import Authenticator, Claims
     from wsgate.worker.connection import Connection
 
 
@@ -62,14 +71,14 @@ class ConnectRequest:
     #: The claims the route's authenticator verified (``auth=``), read-only; empty on a
     #: route without one. Only ``on_connect`` sees them: what later events need, the app
     #: keeps (on a durable object route, in ``Accept(state=...)``).
-    claims: Mapping[str, Any] = field(default_factory=lambda: _NO_CLAIMS)
+    claims: Claims = field(default_factory=lambda: _NO_CLAIMS)
 
     @classmethod
     def from_envelope(
         cls,
         envelope: pb.ConnectRequest,
         params: Mapping[str, str],
-        claims: Mapping[str, Any] | None = None,
+        claims: Claims | None = None,
     ) -> ConnectRequest:
         """Build from the NATS envelope (with the claims verified for it, if any)."""
         return cls(
@@ -96,7 +105,7 @@ class Accept:
     subprotocol: str | None = None
     #: Kept as a tuple, whatever sequence was given.
     tags: Sequence[str] = ()
-    state: Any = None
+    state: StorableValue = None
 
     def __post_init__(self) -> None:
         if isinstance(self.tags, str):
@@ -146,7 +155,7 @@ class ObjectClass(Protocol):
 D = TypeVar("D", bound=ObjectClass)
 
 _RESOLVED_CACHE_SIZE = 4096
-_NO_CLAIMS: Mapping[str, Any] = MappingProxyType({})
+_NO_CLAIMS: Claims = MappingProxyType({})
 #: Longer paths are resolved every time, not cached: the cache holds at most 4096 of 1 KiB
 #: whatever paths hostile envelopes carry (up to 8 KiB each, wsgate/envelopes.py).
 _RESOLVED_MAX_PATH_CHARS = 1024
@@ -236,6 +245,26 @@ class App:
         self._resolved.clear()
         return route
 
+    @overload
+    def durable(
+        self,
+        pattern: str,
+        cls: type[D],
+        *,
+        name: str | None = None,
+        auth: Authenticator | None = None,
+    ) -> type[D]: ...
+
+    @overload
+    def durable(
+        self,
+        pattern: str,
+        cls: None = None,
+        *,
+        name: str | None = None,
+        auth: Authenticator | None = None,
+    ) -> Callable[[type[D]], type[D]]: ...
+
     def durable(
         self,
         pattern: str,
@@ -243,7 +272,7 @@ class App:
         *,
         name: str | None = None,
         auth: Authenticator | None = None,
-    ) -> Any:
+    ) -> type[D] | Callable[[type[D]], type[D]]:
         """Serve ``pattern`` with a :class:`~wsgate.worker.durable.DurableObject` class, named by
         the path parameter ``name`` (by default the pattern's only one)::
 
@@ -338,7 +367,7 @@ class App:
         return found
 
 
-async def _served_by_activation(*args: Any) -> Any:
+async def _served_by_activation(*args: object) -> NoReturn:
     raise RuntimeError("a durable object route's events run in the object's activation")
 
 

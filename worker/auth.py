@@ -28,12 +28,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, TypeAlias, runtime_checkable
 
+from wsgate.values import Value
 from wsgate.worker.errors import AuthFailure, Unauthorized
 
 if TYPE_CHECKING:
     from wsgate.worker.app import Accept, ConnectRequest
+
+#: The verified claims of a connect (a JWT's payload: JSON, so a :data:`~wsgate.Value`
+#: each), read-only.
+Claims: TypeAlias = Mapping[str, Value]
 
 
 @runtime_checkable
@@ -44,7 +49,7 @@ class Authenticator(Protocol):
     when ``on_connect`` selects none (the marker its token came with).
     """
 
-    def verify(self, request: ConnectRequest) -> Mapping[str, Any]:
+    def verify(self, request: ConnectRequest) -> Claims:
         """The verified claims of ``request``; raises Unauthorized. Runs on the worker's
         event loop for every connect of the route: it must not block."""
         ...
@@ -55,7 +60,7 @@ class Verified:
     """A connect that passed its route's authenticator."""
 
     #: Read-only: the same mapping reaches ``request.claims``.
-    claims: Mapping[str, Any]
+    claims: Claims
     #: The subprotocol to select if ``on_connect`` selects none.
     subprotocol: str | None = None
 

@@ -23,19 +23,19 @@ import asyncio
 import contextvars
 import enum
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
 from wsgate.v1 import envelope_pb2 as pb
-from wsgate.values import encode_value
+from wsgate.values import StorableValue, Value, decode_value, encode_value
 from wsgate.worker.errors import (
     ConnectionClosed,
     InvalidCloseCode,
-    InvalidMessage,
     NoConnectionState,
     NotAccepted,
 )
 from wsgate.worker.gate import OutputGate
+from wsgate.worker.messages import message_envelope
 from wsgate.worker.send_buffer import CommandSink, SendBuffer
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ class Connection:
         self._buffer = SendBuffer(sink, connection_id, sequence, gate=gate, loop=loop)
         # The object this connection is a member of, on a durable object route.
         self._members: ObjectMembers | None = None
-        self._state: Any = None
+        self._state: Value = None
 
     @property
     def closed(self) -> bool:
@@ -109,7 +109,7 @@ class Connection:
         return self._phase is Phase.CLOSED
 
     @property
-    def state(self) -> Any:
+    def state(self) -> Value:
         """This connection's state in its durable object (its attachment): what
         ``Accept(state=...)`` gave, or what was assigned since.
 
@@ -126,20 +126,22 @@ class Connection:
         return self._state
 
     @state.setter
-    def state(self, value: Any) -> None:
+    def state(self, value: StorableValue) -> None:
         members = self._members
         if members is None:
             raise NoConnectionState(
                 "conn.state can be set in a durable object's handlers once the connection "
                 "is accepted; in on_connect, return Accept(state=...)"
             )
-        encode_value(value)  # refuse what cannot be stored here, at the assignment
+        # Refuse what cannot be stored here, at the assignment; read back what other
+        # handlers will read (a tuple is a list there).
+        stored = decode_value(encode_value(value))
         write = asyncio.ensure_future(members.set_attachment(self, value))
         if self._gate is not None:
             self._gate.hold(write)
-        self._state = value
+        self._state = stored
 
-    def _attach_state(self, members: ObjectMembers, state: Any) -> None:
+    def _attach_state(self, members: ObjectMembers, state: Value) -> None:
         """For the durable object adapter: this connection is a member of ``members``'
         object, with ``state``."""
         self._members = members
@@ -151,14 +153,7 @@ class Connection:
         Messages arrive in the order sent. Raises InvalidMessage for other types and
         ConnectionClosed once closed.
         """
-        if isinstance(message, str):
-            envelope = pb.Message(text=message)
-        elif isinstance(message, (bytes, bytearray, memoryview)):
-            envelope = pb.Message(binary=bytes(message))
-        else:
-            raise InvalidMessage(
-                f"send() takes str (text) or bytes (binary), not {type(message).__name__}"
-            )
+        envelope = message_envelope(message, "send()")
         if self._phase is Phase.CLOSED:
             raise ConnectionClosed(self.id)
         full = self._buffer.append(envelope, len(message))

@@ -44,8 +44,9 @@ import contextvars
 import inspect
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
+from wsgate.values import Value
 from wsgate.worker.app import Accept, AlarmHandler, ConnectRequest, ObjectClass, Reject
 from wsgate.worker.errors import InvalidResponse, TurnOver
 from wsgate.worker.membership import BroadcastResult
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from wsgate.worker.alarms_client import AlarmInfo, ObjectAlarm
     from wsgate.worker.connection import Connection
     from wsgate.worker.env import Env
-    from wsgate.worker.state_client import ObjectStorage
+    from wsgate.worker.object_storage import ObjectStorage
 
 #: The activation an instance is being made for (set around the class's constructor).
 _binding: contextvars.ContextVar[Activation | None] = contextvars.ContextVar(
@@ -87,7 +88,7 @@ class DurableObject:
             # Made outside an activation (a test, a script): the remote object, unfenced.
             self.storage = env.storage(self.namespace, name)
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if not cls.__dict__.get("namespace"):
             cls.namespace = cls.__name__
@@ -164,7 +165,7 @@ class Peer:
     #: Its tags.
     tags: tuple[str, ...]
     #: Its state (attachment), as it was when listed.
-    state: Any
+    state: Value
 
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send one message to this connection (a connection that is gone is skipped)."""

@@ -10,10 +10,11 @@ from wsgate import ids
 from wsgate.v1 import envelope_pb2 as pb
 from wsgate.worker.alarms_client import ObjectAlarm
 from wsgate.worker.connection import current_connection
-from wsgate.worker.errors import InvalidMessage
 from wsgate.worker.gate import open_current_gate
 from wsgate.worker.membership import ObjectMembers
-from wsgate.worker.state_client import ObjectStorage, StateClient
+from wsgate.worker.messages import message_envelope
+from wsgate.worker.object_storage import ObjectStorage
+from wsgate.worker.state_client import StateClient
 from wsgate.worker.turn import current_turn
 
 if TYPE_CHECKING:
@@ -69,12 +70,7 @@ class Env:
         Raises InvalidMessage for a message that is neither str nor bytes-like, and
         InvalidConnectionId for an id that is not one.
         """
-        if isinstance(message, str):
-            envelope = pb.Message(text=message)
-        elif isinstance(message, (bytes, bytearray, memoryview)):
-            envelope = pb.Message(binary=bytes(message))
-        else:
-            raise InvalidMessage(f"send_many() takes str or bytes, not {type(message).__name__}")
+        envelope = message_envelope(message, "send_many()")
         turn = current_turn.get()
         if turn is not None:
             # In a durable object's turn: output of the turn, released once it committed.

@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from numbers import Real
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeGuard
 
 import jwt
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
 from wsgate.config import JWT_ALGORITHMS, MAX_JWT_LEEWAY_S, JWTConfig, from_environ
 from wsgate.errors import ConfigError
+from wsgate.values import Value
 from wsgate.worker.auth import find_token
 from wsgate.worker.errors import AuthFailure, Unauthorized
 from wsgate.worker.jwt_keys import KeyRing, VerifyKey, pem_keys, secret_key
@@ -179,7 +180,7 @@ class JWTVerifier:
         env = os.environ if environ is None else environ
         return any(env.get(f"WSGATE_JWT_{name}") for name in ("SECRET", "PUBLIC_KEY", "JWKS"))
 
-    def verify(self, request: ConnectRequest) -> dict[str, Any]:
+    def verify(self, request: ConnectRequest) -> dict[str, Value]:
         """The claims of the token ``request`` carries; raises Unauthorized with the
         reason."""
         token = find_token(request, subprotocol=self.subprotocol, query_param=self.query_param)
@@ -192,7 +193,7 @@ class JWTVerifier:
             return self.subprotocol
         return None
 
-    def verify_token(self, token: str) -> dict[str, Any]:
+    def verify_token(self, token: str) -> dict[str, Value]:
         """The claims of ``token``; raises Unauthorized with the reason."""
         try:
             header = jwt.get_unverified_header(token)
@@ -213,7 +214,7 @@ class JWTVerifier:
         self._check_times(claims)
         return claims
 
-    def _decode(self, token: str, algorithm: str, candidates: list[VerifyKey]) -> dict[str, Any]:
+    def _decode(self, token: str, algorithm: str, candidates: list[VerifyKey]) -> dict[str, Value]:
         for key in candidates:
             try:
                 return self._jwt.decode(
@@ -229,18 +230,22 @@ class JWTVerifier:
                 raise _refusal(exc) from None
         raise Unauthorized(AuthFailure.BAD_SIGNATURE)
 
-    def _check_times(self, claims: Mapping[str, Any]) -> None:
+    def _check_times(self, claims: Mapping[str, Value]) -> None:
         now = self._clock()
         leeway = self.leeway_s
+        times: dict[str, float] = {}
         for name in _TIMED:
-            if name in claims and not _is_number(claims[name]):
-                raise Unauthorized(AuthFailure.INVALID_CLAIM, f"invalid claim: {name}")
+            if name in claims:
+                value = claims[name]
+                if not _is_number(value):
+                    raise Unauthorized(AuthFailure.INVALID_CLAIM, f"invalid claim: {name}")
+                times[name] = value
         # RFC 7519 4.1.4: valid only before exp; 4.1.5: not before nbf.
-        if "exp" in claims and now >= claims["exp"] + leeway:
+        if "exp" in times and now >= times["exp"] + leeway:
             raise Unauthorized(AuthFailure.EXPIRED)
-        if "nbf" in claims and now < claims["nbf"] - leeway:
+        if "nbf" in times and now < times["nbf"] - leeway:
             raise Unauthorized(AuthFailure.NOT_YET_VALID)
-        if "iat" in claims and now < claims["iat"] - leeway:
+        if "iat" in times and now < times["iat"] - leeway:
             raise Unauthorized(AuthFailure.NOT_YET_VALID)
 
     def __repr__(self) -> str:
@@ -263,7 +268,7 @@ def _refusal(exc: jwt.PyJWTError) -> Unauthorized:
     return Unauthorized(AuthFailure.MALFORMED)
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 

@@ -26,21 +26,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wsgate import ids
-from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
-from wsgate.values import decode_value, encode_value
+from wsgate.values import StorableValue, Value, decode_optional, decode_value, encode_optional
 from wsgate.worker.connection import current_connection
-from wsgate.worker.errors import InvalidMessage
 from wsgate.worker.gate import open_current_gate
+from wsgate.worker.messages import message_envelope
 
 if TYPE_CHECKING:
     from wsgate.worker.connection import Connection
     from wsgate.worker.state_client import StateClient
-
-_SERVICE = "Membership"
 
 
 @dataclass(frozen=True)
@@ -52,7 +49,7 @@ class Member:
     #: Its tags, in the order given to :meth:`ObjectMembers.accept` (duplicates dropped).
     tags: tuple[str, ...]
     #: Its attachment (None if it has none).
-    attachment: Any
+    attachment: Value
 
 
 @dataclass(frozen=True)
@@ -70,23 +67,6 @@ def _connection_id(conn_or_id: Connection | str) -> str:
     connection_id = conn_or_id if isinstance(conn_or_id, str) else conn_or_id.id
     ids.gateway_of(connection_id)
     return connection_id
-
-
-def _encode_attachment(value: Any) -> bytes:
-    # b"" is null on the wire, so a member without an attachment costs no bytes.
-    return b"" if value is None else encode_value(value)
-
-
-def _decode_attachment(data: bytes) -> Any:
-    return None if not data else decode_value(data)
-
-
-def _message(message: str | bytes | bytearray | memoryview) -> envelope.Message:
-    if isinstance(message, str):
-        return envelope.Message(text=message)
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        return envelope.Message(binary=bytes(message))
-    raise InvalidMessage(f"broadcast() takes str or bytes, not {type(message).__name__}")
 
 
 class ObjectMembers:
@@ -109,7 +89,7 @@ class ObjectMembers:
         conn_or_id: Connection | str,
         *,
         tags: Iterable[str] = (),
-        attachment: Any = None,
+        attachment: StorableValue = None,
     ) -> None:
         """Accept a connection into this object with ``tags`` and ``attachment``; if it
         is a member already, its tags and attachment are replaced. Accepting a connection
@@ -123,14 +103,14 @@ class ObjectMembers:
             object=self._object,
             connection_id=_connection_id(conn_or_id),
             tags=list(tags),
-            attachment=_encode_attachment(attachment),
+            attachment=encode_optional(attachment),
         )
-        await self._state.unary(_SERVICE, "Join", request)
+        await self._state.membership.join(request)
 
     async def leave(self, conn_or_id: Connection | str) -> bool:
         """Remove a connection from this object; returns whether it was a member."""
         request = pb.LeaveRequest(object=self._object, connection_id=_connection_id(conn_or_id))
-        response = await self._state.unary(_SERVICE, "Leave", request)
+        response = await self._state.membership.leave(request)
         return bool(response.left)
 
     async def connections(self, tag: str | None = None) -> list[Member]:
@@ -146,38 +126,38 @@ class ObjectMembers:
             request = pb.MembersRequest(object=self._object, after=after, details=True)
             if tag is not None:
                 request.tag = tag
-            page = await self._state.unary(_SERVICE, "Members", request)
+            page = await self._state.membership.members(request)
             for member in page.members:
                 members.append(
                     Member(
                         id=member.connection_id,
                         tags=tuple(member.tags),
-                        attachment=_decode_attachment(member.attachment),
+                        attachment=decode_optional(member.attachment),
                     )
                 )
             if not page.more or not page.members:
                 return members
             after = page.members[-1].connection_id
 
-    async def attachment(self, conn_or_id: Connection | str, default: Any = None) -> Any:
+    async def attachment(self, conn_or_id: Connection | str, default: Value = None) -> Value:
         """A member's attachment; ``default`` if it is not a member or has none."""
         request = pb.GetAttachmentRequest(
             object=self._object, connection_id=_connection_id(conn_or_id)
         )
-        response = await self._state.unary(_SERVICE, "GetAttachment", request)
+        response = await self._state.membership.get_attachment(request)
         if not response.member or not response.attachment:
             return default
         return decode_value(response.attachment)
 
-    async def set_attachment(self, conn_or_id: Connection | str, value: Any) -> bool:
+    async def set_attachment(self, conn_or_id: Connection | str, value: StorableValue) -> bool:
         """Replace a member's attachment (None removes it); returns whether the connection
         is a member (nothing is stored for a non-member)."""
         request = pb.SetAttachmentRequest(
             object=self._object,
             connection_id=_connection_id(conn_or_id),
-            attachment=_encode_attachment(value),
+            attachment=encode_optional(value),
         )
-        response = await self._state.unary(_SERVICE, "SetAttachment", request)
+        response = await self._state.membership.set_attachment(request)
         return bool(response.member)
 
     async def broadcast(
@@ -197,7 +177,7 @@ class ObjectMembers:
         """
         request = pb.BroadcastRequest(
             object=self._object,
-            message=_message(message),
+            message=message_envelope(message, "broadcast()"),
             exclude=[c if isinstance(c, str) else c.id for c in exclude],
         )
         if tag is not None:
@@ -207,7 +187,7 @@ class ObjectMembers:
         if sender is not None:
             # What the running handler sent to its own connection goes first.
             await sender.flush()
-        response = await self._state.unary(_SERVICE, "Broadcast", request)
+        response = await self._state.membership.broadcast(request)
         return BroadcastResult(recipients=response.recipients, commands=response.commands)
 
 
@@ -215,7 +195,5 @@ async def leave_all(state: StateClient, connection_id: str) -> int:
     """Remove ``connection_id`` from every object (it closed); returns how many objects it
     left. The worker calls this for each close event, after the app's close handler and
     before the ack: if it raises, the event is not acknowledged and comes again."""
-    response = await state.unary(
-        _SERVICE, "LeaveAll", pb.LeaveAllRequest(connection_id=connection_id)
-    )
+    response = await state.membership.leave_all(pb.LeaveAllRequest(connection_id=connection_id))
     return int(response.left)

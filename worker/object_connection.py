@@ -9,12 +9,14 @@ once the turn has committed (the output gate), riding on the event's ack when th
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from wsgate.closecodes import CloseCode
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.values import StorableValue, Value
 from wsgate.worker.connection import Connection, Phase
-from wsgate.worker.errors import ConnectionClosed, InvalidMessage, NoConnectionState
+from wsgate.worker.errors import ConnectionClosed, NoConnectionState
+from wsgate.worker.messages import message_envelope
 
 if TYPE_CHECKING:
     from wsgate.worker.activation import Activation
@@ -29,15 +31,6 @@ class _NoSink:
 
 
 _NO_SINK = _NoSink()
-
-
-def message_envelope(message: str | bytes | bytearray | memoryview, what: str) -> pb.Message:
-    """``message`` as an envelope: str is text, bytes-like is binary; InvalidMessage else."""
-    if isinstance(message, str):
-        return pb.Message(text=message)
-    if isinstance(message, (bytes, bytearray, memoryview)):
-        return pb.Message(binary=bytes(message))
-    raise InvalidMessage(f"{what} takes str (text) or bytes (binary), not {type(message).__name__}")
 
 
 class ObjectConnection(Connection):
@@ -71,7 +64,7 @@ class ObjectConnection(Connection):
         self._turn = turn
 
     @property
-    def state(self) -> Any:
+    def state(self) -> Value:
         """This connection's attachment in the object (see :attr:`Connection.state`)."""
         if self._phase is Phase.CONNECTING:
             raise NoConnectionState(
@@ -80,7 +73,7 @@ class ObjectConnection(Connection):
         return self._activation.members.attachment_of(self.id)
 
     @state.setter
-    def state(self, value: Any) -> None:
+    def state(self, value: StorableValue) -> None:
         if self._phase is Phase.CONNECTING:
             raise NoConnectionState(
                 "in on_connect the connection is not accepted yet: return Accept(state=...)"

@@ -18,12 +18,11 @@ import asyncio
 import functools
 import logging
 
-import grpc
-
 from wsgate.errors import StateError, StateTimeout, StateUnavailable, StorageFull
 from wsgate.v1 import state_pb2 as pb
 from wsgate.worker.metrics import WorkerMetrics
-from wsgate.worker.state_client import ReplicaGone, StateClient, copy_into
+from wsgate.worker.state_client import StateClient
+from wsgate.worker.state_writes import copy_into
 
 log = logging.getLogger(__name__)
 
@@ -161,20 +160,11 @@ class _ReplicaCommits:
         try:
             while True:
                 try:
-                    endpoint = self._client.endpoint(self._address)
-                    response = await endpoint.unary(
-                        endpoint.stubs["Activations"].CommitTurns,
-                        request,
-                        timeout=max(deadline - loop.time(), 0.001),
-                        wait_for_ready=self._client.waits_for_ready,
+                    response = await self._client.activations.commit_turns_at(
+                        self._address, request, timeout_s=max(deadline - loop.time(), 0.001)
                     )
                     break
-                except (grpc.RpcError, ReplicaGone) as exc:
-                    error = (
-                        exc
-                        if isinstance(exc, ReplicaGone)
-                        else self._client._error(exc, "CommitTurns", endpoint)
-                    )
+                except StateError as error:
                     retryable = isinstance(error, (StateUnavailable, StateTimeout, StorageFull))
                     if retryable and loop.time() + backoff_s < deadline:
                         log.debug("CommitTurns failed (%s); trying again", error)
@@ -187,7 +177,7 @@ class _ReplicaCommits:
                             worker=self._worker_id, objects=[t for t, _ in batch]
                         )
                         continue
-                    raise error from exc
+                    raise
             self._metrics.commit_calls.inc()
             for result in response.results:
                 _, future = batch[result.index]

@@ -22,7 +22,7 @@ imports ``wsgate.config`` does not load the handler SDK with it.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -43,8 +43,8 @@ _EXPORTS: dict[str, str] = {
     "ObjectAlarm": "wsgate.worker.alarms_client",
     "BroadcastResult": "wsgate.worker.membership",
     "JWTVerifier": "wsgate.worker.jwt_verifier",
-    "ObjectStorage": "wsgate.worker.state_client",
-    "Transaction": "wsgate.worker.state_client",
+    "ObjectStorage": "wsgate.worker.object_storage",
+    "Transaction": "wsgate.worker.object_storage",
     # Errors raised to handler code.
     "AppLoadError": "wsgate.worker.errors",
     "AuthFailure": "wsgate.worker.errors",
@@ -78,6 +78,8 @@ _EXPORTS: dict[str, str] = {
     "ObjectTooLarge": "wsgate.errors",
     "TooManyMembers": "wsgate.errors",
     "StorageFull": "wsgate.errors",
+    "StorableValue": "wsgate.values",
+    "Value": "wsgate.values",
 }
 
 __all__ = [
@@ -116,6 +118,7 @@ __all__ = [
     "StateError",
     "StateTimeout",
     "StateUnavailable",
+    "StorableValue",
     "StorageFull",
     "TagTooLarge",
     "TooManyKeys",
@@ -126,6 +129,7 @@ __all__ = [
     "TransactionAborted",
     "TurnOver",
     "Unauthorized",
+    "Value",
     "ValueTooLarge",
     "WorkerError",
     "WsgateError",
@@ -154,6 +158,7 @@ if TYPE_CHECKING:
         ValueTooLarge,
         WsgateError,
     )
+    from wsgate.values import StorableValue, Value
     from wsgate.worker.alarms_client import AlarmInfo, ObjectAlarm
     from wsgate.worker.app import Accept, App, ConnectRequest, Reject, Route
     from wsgate.worker.auth import Authenticator
@@ -176,10 +181,10 @@ if TYPE_CHECKING:
     )
     from wsgate.worker.jwt_verifier import JWTVerifier
     from wsgate.worker.membership import BroadcastResult
-    from wsgate.worker.state_client import ObjectStorage, Transaction
+    from wsgate.worker.object_storage import ObjectStorage, Transaction
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     """Load a public name from its module on first use, then keep it here."""
     module = _EXPORTS.get(name)
     if module is None:

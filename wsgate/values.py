@@ -23,7 +23,8 @@ imports or calls anything, unlike pickle.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TypeAlias
 
 from google.protobuf.message import DecodeError
 
@@ -41,6 +42,26 @@ INT64_MAX = 2**63 - 1
 
 _ROOT = "value"
 
+#: A stored value as it is read back (:func:`decode_value`): JSON's types plus bytes.
+Value: TypeAlias = bool | int | float | str | bytes | list["Value"] | dict[str, "Value"] | None
+
+#: What may be given to store (:func:`encode_value`): a :data:`Value`, a tuple (stored as a
+#: list), a bytes-like (stored as bytes). Sequence and Mapping (read-only, so
+#: ``list[int]`` is one) are what the type checker sees; at run time only list, tuple and
+#: dict with str keys are containers, and anything else raises InvalidValue.
+StorableValue: TypeAlias = (
+    bool
+    | int
+    | float
+    | str
+    | bytes
+    | bytearray
+    | memoryview
+    | Sequence["StorableValue"]
+    | Mapping[str, "StorableValue"]
+    | None
+)
+
 
 def encode_value(obj: object) -> bytes:
     """Encode ``obj`` as a serialized ``wsgate.v1.Value``.
@@ -55,7 +76,7 @@ def encode_value(obj: object) -> bytes:
     return message.SerializeToString(deterministic=True)
 
 
-def decode_value(data: bytes) -> Any:
+def decode_value(data: bytes) -> Value:
     """Decode a serialized ``wsgate.v1.Value`` made by :func:`encode_value`.
 
     Raises InvalidValue if ``data`` is not a Value: malformed protobuf, invalid UTF-8 in a
@@ -67,6 +88,17 @@ def decode_value(data: bytes) -> Any:
     except DecodeError as exc:
         raise InvalidValue(f"not a serialized Value: {exc}", path=_ROOT) from exc
     return _decode(message, _ROOT, 0)
+
+
+def encode_optional(obj: StorableValue) -> bytes:
+    """:func:`encode_value`, except that None is ``b""`` (an attachment's "none": it costs
+    no bytes on the wire)."""
+    return b"" if obj is None else encode_value(obj)
+
+
+def decode_optional(data: bytes) -> Value:
+    """:func:`decode_value`, except that ``b""`` is None (see :func:`encode_optional`)."""
+    return None if not data else decode_value(data)
 
 
 def _encode_into(message: pb.Value, obj: object, path: str, depth: int) -> None:
@@ -139,7 +171,7 @@ def _deeper(path: str, depth: int) -> int:
     return depth
 
 
-def _decode(message: pb.Value, path: str, depth: int) -> Any:
+def _decode(message: pb.Value, path: str, depth: int) -> Value:
     kind = message.WhichOneof("kind")
     if kind == "null":
         return None

@@ -344,7 +344,7 @@ async def test_bad_ids_and_values_are_refused_with_their_reason(
     with pytest.raises(InvalidValue):
         await ObjectMembers(client, "room", "lobby").accept(a, attachment=object())
     with pytest.raises(StateError):
-        await client.unary("Membership", "LeaveAll", pb.LeaveAllRequest(connection_id="x"))
+        await client.membership.leave_all(pb.LeaveAllRequest(connection_id="x"))
     with pytest.raises(TypeError):
         await ObjectMembers(client, "room", "lobby").accept(a, tags="admin")
 
@@ -887,10 +887,8 @@ async def test_ten_thousand_websockets_one_broadcast_one_command_per_gateway(
                 transport.disconnect()
 
             async def all_left() -> bool:
-                page = await state.unary(
-                    "Membership",
-                    "Members",
-                    pb.MembersRequest(object=pb.ObjectId(namespace="big", name="all"), limit=1),
+                page = await state.membership.members(
+                    pb.MembersRequest(object=pb.ObjectId(namespace="big", name="all"), limit=1)
                 )
                 return not page.members
 

@@ -143,8 +143,8 @@ async def test_quota_refusals_reach_the_client_typed_and_are_counted(server: Sta
         with pytest.raises(TooManyMembers) as full:
             await members.accept(f"{GATEWAY}_9")
         assert (full.value.size, full.value.limit, full.value.key) == (3, 2, f"{GATEWAY}_9")
-        usage = await client.unary(
-            "State", "Usage", pb.UsageRequest(object=pb.ObjectId(namespace="quota", name="keys"))
+        usage = await client.kv.usage(
+            pb.UsageRequest(object=pb.ObjectId(namespace="quota", name="keys"))
         )
         assert (usage.usage.keys, usage.usage.members) == (KEYS, 0)
     probe = f"http://127.0.0.1:{server.probe_port}/metrics"

@@ -33,7 +33,8 @@ from wsgate.stateservice.server import STATE_SERVICE_NAME, StateServer
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
-from wsgate.worker.state_client import ObjectStorage, StateClient
+from wsgate.worker.object_storage import ObjectStorage
+from wsgate.worker.state_client import StateClient
 
 #: For a test whose calls never reach the database (refused before it, or not about it):
 #: the state service on one backend is enough.

@@ -110,7 +110,7 @@ async def test_clients_without_a_trusted_certificate_are_refused(
 
     # At once: each waits out its deadline.
     outcomes = await asyncio.gather(*(try_to_write(tls) for tls, _ in refused.values()))
-    logged = [r.getMessage() for r in caplog.records if r.name == "wsgate.worker.state_client"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "wsgate.worker.state_endpoint"]
     for (who, (_, hint)), (error, failures) in zip(refused.items(), outcomes, strict=True):
         assert error is not None, f"{who}: served"
         assert "unreachable" in str(error), (who, str(error))

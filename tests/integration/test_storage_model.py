@@ -57,7 +57,8 @@ from tests.storage_keys import KEYS, weighted
 from wsgate.stateservice.server import StateServer
 from wsgate.v1 import state_pb2 as pb
 from wsgate.values import INT64_MAX, INT64_MIN, encode_value
-from wsgate.worker.state_client import ObjectStorage, StateClient, Transaction
+from wsgate.worker.object_storage import ObjectStorage, Transaction
+from wsgate.worker.state_client import StateClient
 
 T = TypeVar("T")
 
@@ -537,7 +538,7 @@ class StorageMachine(RuleBasedStateMachine):
         request = pb.UsageRequest(
             object=pb.ObjectId(namespace=storage.namespace, name=storage.name)
         )
-        counted = self.run(self.client.unary("State", "Usage", request)).usage
+        counted = self.run(self.client.kv.usage(request)).usage
         model = self.model[obj]
         size = sum(len(key.encode()) + len(encode_value(value)) for key, value in model.items())
         assert (counted.keys, counted.bytes) == (len(model), size), f"usage of object {obj}"

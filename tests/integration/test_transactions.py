@@ -23,7 +23,8 @@ from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import encode_value
 from wsgate.worker.gate import OutputGate, current_gate
-from wsgate.worker.state_client import ObjectStorage, StateClient, Transaction
+from wsgate.worker.object_storage import ObjectStorage, Transaction
+from wsgate.worker.state_client import StateClient
 
 #: The transaction timeout of this module's state service (short: some tests wait it out).
 TRANSACTION_TIMEOUT_S = 1.0

@@ -132,7 +132,7 @@ class EchoReport:
         loads = [load for r in self.rounds for load in (r.full_load, r.baseline_load)]
         return max((load.share for load in loads), default=0.0)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """``{"full": {...}, "baseline": {...}, "ratio", "p99_ratio", "round_ratio",
         "round_p99_ratio", "rounds": [{"ratio", "p99_ratio", "other_cpu_share"}, ...],
         "other_cpu_share"}``."""

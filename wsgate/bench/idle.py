@@ -15,7 +15,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from wsgate.bench.config import ECHO_PATH, IdleBenchConfig
 from wsgate.bench.machine import OtherLoadMeter, warn_if_busy
@@ -67,7 +66,7 @@ class IdleReport:
         """The gateway's KiB per connection over the baseline's."""
         return self.kib_per_connection / self.baseline_kib_per_connection
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The object ``--json`` prints."""
         return {
             "connections": self.connections,

@@ -25,7 +25,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from wsgate.bench.config import COUNTER_PATH, ECHO_PATH, EchoBenchConfig, ObjectBenchConfig
 from wsgate.bench.echo import RESULT_GRACE_S, EchoFigures, measure, merge_results
@@ -103,7 +102,7 @@ class ObjectReport:
     #: Increments lost over all rounds (each round is checked, not only the reported one).
     lost: int
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """``{"one_object": {...}, "spread": {...}, "echo": {...}, "ratio": r}``."""
         one = self.round.one_object.to_json() | {"lost": self.lost}
         return {
@@ -231,6 +230,7 @@ async def _read_counters(address: str, names: list[str]) -> int:
         async def one(name: str) -> int:
             async with slots:
                 value = await client.storage(COUNTER_NAMESPACE, name).get(COUNTER_KEY, 0)
-            return int(value)
+            assert isinstance(value, int), f"counter {name} holds {value!r}"
+            return value
 
         return sum(await asyncio.gather(*(one(name) for name in names)))

@@ -69,6 +69,7 @@ from wsgate.pgserver import PostgresServer, postgres_available, start_postgres
 from wsgate.placement import Replica, ReplicaDirectory, ReplicaWatch
 from wsgate.procs import Child, python_role_argv, spawn, start_nats_server
 from wsgate.stateservice.storage import ObjectId, PutKeys, SqliteConnection
+from wsgate.v1 import state_pb2 as pb
 from wsgate.values import encode_value
 from wsgate.worker.state_client import StateClient
 
@@ -202,9 +203,9 @@ class ServiceFigures:
     #: None on SQLite, which runs inside the state service.
     postgres_cores: float | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints (``postgres_cores`` only over PostgreSQL)."""
-        figures: dict[str, Any] = {
+        figures: dict[str, object] = {
             "writes_per_s": round(self.writes_per_s, 1),
             "p50_ms": round(self.p50_ms, 3),
             "p99_ms": round(self.p99_ms, 3),
@@ -238,7 +239,7 @@ class ReplicaWrites:
         """Its group commit's batching (None: it committed nothing)."""
         return self.writes / self.commits if self.commits else None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints."""
         return {"replica_id": self.replica_id, "writes": self.writes, "commits": self.commits}
 
@@ -264,7 +265,7 @@ class ReplicasFigures:
         """Writes the replicas committed over the whole cell, together."""
         return sum(replica.writes for replica in self.replicas)
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints: the service's, then the spread."""
         return {
             **self.service.to_json(),
@@ -290,7 +291,7 @@ class NaiveFigures:
     #: service among them).
     other_cores: float
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The figures ``--json`` prints."""
         return {
             "writes_per_s": round(self.writes_per_s, 1),
@@ -361,7 +362,7 @@ class StateReport:
                 return cell
         return None
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, object]:
         """The object ``--json`` prints: settings, every cell with both targets' figures
         and their ratio, and the targets (null when their cell was not measured).
 
@@ -371,9 +372,9 @@ class StateReport:
         c = self.config
         best = self.best_naive_writes_per_s
         target = self.target_cell()
-        cells: list[dict[str, Any]] = []
+        cells: list[dict[str, object]] = []
         for cell in self.cells:
-            figures: dict[str, Any] = {
+            figures: dict[str, object] = {
                 "objects": cell.objects,
                 "clients": cell.clients,
                 "wsgate": cell.wsgate.to_json(),
@@ -385,7 +386,7 @@ class StateReport:
                 figures["postgres"] = cell.postgres.to_json()
                 figures["ratio_postgres_vs_sqlite"] = round(cell.postgres_ratio, 3)
             cells.append(figures)
-        backend: dict[str, Any] = {}
+        backend: dict[str, object] = {}
         if c.backend == "postgres":
             backend = {"backend": c.backend, "replicas": c.postgres_replicas}
         return {
@@ -811,7 +812,7 @@ class RoutedClient:
             "client routes over %s",
             ", ".join(f"{r.replica_id} at {r.address}" for r in watch.known()),
         )
-        self.counter = WriteCallCounter(self.client, every_endpoint=True)
+        self.counter = WriteCallCounter(self.client)
         self._complete = True
 
     async def prime(self, objects: int) -> None:
@@ -924,48 +925,19 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 class WriteCallCounter:
-    """Counts the ``Write`` calls a started StateClient makes and the writes they carry
-    (how well it coalesced), by wrapping the ``Write`` method of its State stubs: whatever
-    kind of call the client makes of it, it goes through a stub. Counting is all the
-    wrapper adds.
+    """Counts the ``Write`` calls a StateClient makes and the writes they carry (how well
+    it coalesced), on every channel it uses (a routing client has one per replica), through
+    its :attr:`~wsgate.worker.state_client.StateClient.on_write_call` hook. Counting is all
+    it adds."""
 
-    ``every_endpoint``: count through the stub of every channel the client uses (a routing
-    client has one per replica, made on first use, and made anew if a replica left its
-    view and came back), by wrapping :meth:`StateClient.endpoint`; else through the stub
-    of its configured address only."""
-
-    def __init__(self, client: StateClient, *, every_endpoint: bool = False) -> None:
+    def __init__(self, client: StateClient) -> None:
         self.calls = 0
         self.writes = 0
-        if not every_endpoint:
-            self._wrap(client.stub("State"))
-            return
-        endpoint = client.endpoint
+        client.on_write_call = self._count
 
-        def counted_endpoint(address: str) -> Any:
-            # Every write goes out through an endpoint looked up here (StateClient.write).
-            made = endpoint(address)
-            stub = made.stubs["State"]
-            if not getattr(stub, COUNTED, False):
-                self._wrap(stub)
-            return made
-
-        client.endpoint = counted_endpoint  # type: ignore[method-assign]
-
-    def _wrap(self, stub: Any) -> None:
-        original = stub.Write
-
-        def counted_write(request: Any, *args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            self.writes += len(request.writes)
-            return original(request, *args, **kwargs)
-
-        stub.Write = counted_write
-        setattr(stub, COUNTED, True)
-
-
-#: Set on a stub whose Write a WriteCallCounter wrapped (never twice).
-COUNTED = "_wsgate_bench_counted"
+    def _count(self, request: pb.WriteRequest) -> None:
+        self.calls += 1
+        self.writes += len(request.writes)
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from google.protobuf.message import Message
 from nats.aio.msg import Msg
 
 from wsgate import ids
 from wsgate.v1 import envelope_pb2 as envelope
 from wsgate.v1 import state_pb2 as pb
+from wsgate.worker import state_methods as methods
 from wsgate.worker.activation import Activation
 from wsgate.worker.durable import DurableObject
 from wsgate.worker.failpoints import Failpoints
@@ -41,8 +43,8 @@ class Poster(DurableObject):
 
 
 class _State:
-    async def unary(self, service: str, method: str, request: Any, **_: Any) -> Any:
-        assert method == "GetAttachment", method
+    async def call(self, method: methods.Rpc, request: Message, **_: float) -> Message:
+        assert method is methods.GET_ATTACHMENT, method
         return pb.GetAttachmentResponse()
 
 
