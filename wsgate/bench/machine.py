@@ -31,17 +31,19 @@ def machine_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-def own_tree_cpu_s() -> float:
-    """CPU time this process and all its descendants have used, those that ended and were
-    waited for included (a process' ``cutime``/``cstime`` hold its waited-for children's).
+def tree_cpu_s(root_pid: int, *, ended_children: bool = False) -> float:
+    """CPU time (user + system) process ``root_pid`` and every live descendant have used.
 
-    So a load generator or server that stops during a window still counts as the
-    benchmark's: its time moves from the live tree to its parent's children time.
+    With ``ended_children``, each process's waited-for children count too (a process's
+    ``cutime``/``cstime``), so a load generator or server that stops during a window
+    still counts: its time moves from the live tree to its parent's children time.
+    Without, processes that end meanwhile are missed.
     """
-    me = os.getpid()
     parents: dict[int, int] = {}
     cpu: dict[int, float] = {}
     tick = os.sysconf("SC_CLK_TCK")
+    # Fields 14-17 of proc(5): utime, stime, cutime, cstime (indices after the command).
+    last = 15 if ended_children else 13
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -53,16 +55,22 @@ def own_tree_cpu_s() -> float:
         fields = stat[stat.rindex(")") + 2 :].split()
         pid = int(entry.name)
         parents[pid] = int(fields[1])  # field 4 of proc(5): ppid
-        # Fields 14-17 of proc(5): utime, stime, cutime, cstime.
-        cpu[pid] = sum(int(f) for f in fields[11:15]) / tick
+        cpu[pid] = sum(int(f) for f in fields[11:last]) / tick
     total = 0.0
     for pid, seconds in cpu.items():
         ancestor = pid
-        while ancestor > 1 and ancestor != me:
+        # A process belongs to the tree if root_pid is on its chain of parents.
+        while ancestor > 1 and ancestor != root_pid:
             ancestor = parents.get(ancestor, 0)
-        if ancestor == me:
+        if ancestor == root_pid:
             total += seconds
     return total
+
+
+def own_tree_cpu_s() -> float:
+    """CPU time this process and all its descendants have used, those that ended and were
+    waited for included."""
+    return tree_cpu_s(os.getpid(), ended_children=True)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from wsgate.bench.histogram import LatencyHistogram
-from wsgate.bench.machine import machine_cpu_s
+from wsgate.bench.machine import machine_cpu_s, tree_cpu_s
 from wsgate.bench.processes import ROLE_LOG_LEVEL, BenchError
 from wsgate.bench.state_command import StateBenchConfig
 from wsgate.config import DEFAULT_PREFIX
@@ -982,29 +982,7 @@ def process_tree_cpu_s(root_pid: int) -> float:
     """CPU time (user + system) process ``root_pid`` and every live descendant have used:
     PostgreSQL's postmaster, its background processes and one backend per connection.
     Processes that end meanwhile are missed (the replicas' connections last the run)."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK")
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:  # ended while listed
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        pid = int(entry.name)
-        parents[pid] = int(fields[1])  # field 4 of proc(5), ppid
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / tick
-    total = 0.0
-    for pid, seconds in cpu.items():
-        ancestor = pid
-        # A process belongs to the tree if root_pid is on its chain of parents.
-        while ancestor > 1 and ancestor != root_pid:
-            ancestor = parents.get(ancestor, 0)
-        if ancestor == root_pid:
-            total += seconds
-    return total
+    return tree_cpu_s(root_pid)
 
 
 async def _sleep_until(monotonic_ns: int) -> None:
