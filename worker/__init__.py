@@ -1,57 +1,6 @@
-"""The worker role and the handler SDK that user code imports.
+"""The worker role: runs the app's handlers and the activations of durable objects.
 
-::
-
-    from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, Reject
-    from wsgate import JWTVerifier, Unauthorized  # authentication at connect
+User code imports the handler SDK from :mod:`wsgate` (``from wsgate import App,
+DurableObject, ...``), which is the one list of public names; the modules here are the
+implementation. :class:`wsgate.worker.runtime.Worker` is the role's entry point.
 """
-
-from wsgate.worker.app import Accept, App, ConnectRequest, Reject, Route
-from wsgate.worker.auth import Authenticator
-from wsgate.worker.connection import Connection
-from wsgate.worker.durable import DurableObject, Peer
-from wsgate.worker.env import Env
-from wsgate.worker.errors import (
-    AppLoadError,
-    AuthFailure,
-    ConnectionClosed,
-    InvalidCloseCode,
-    InvalidMessage,
-    InvalidResponse,
-    InvalidRoute,
-    NoConnectionState,
-    NotAccepted,
-    TurnOver,
-    Unauthorized,
-    WorkerError,
-)
-from wsgate.worker.jwt_verifier import JWTVerifier
-from wsgate.worker.object_storage import ObjectStorage, Transaction
-
-__all__ = [
-    "Accept",
-    "App",
-    "AppLoadError",
-    "AuthFailure",
-    "Authenticator",
-    "ConnectRequest",
-    "Connection",
-    "ConnectionClosed",
-    "DurableObject",
-    "Env",
-    "InvalidCloseCode",
-    "InvalidMessage",
-    "InvalidResponse",
-    "InvalidRoute",
-    "JWTVerifier",
-    "NoConnectionState",
-    "NotAccepted",
-    "ObjectStorage",
-    "Peer",
-    "Reject",
-    "Route",
-    "Transaction",
-    "TurnOver",
-    "Unauthorized",
-    "WorkerError",
-]
