@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from wsgate.gateway.budget import OutboundBudget
-from wsgate.gateway.outbox import CloseFrame, Outbox
+from wsgate.gateway.outbox import CloseFrame, Outbox, OutboxPolicy
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -54,22 +54,22 @@ class Counters:
     def on_dropped(self, n: int) -> None:
         self.dropped += n
 
-    def on_overflow(self) -> None:
+    def on_overflow(self, key: str) -> None:
+        assert key == "c1"
         self.overflows += 1
 
 
 def _outbox(
     socket: MemorySocket, counters: Counters, budget: OutboundBudget, max_bytes: int = 10
 ) -> Outbox:
-    return Outbox(
-        socket,  # type: ignore[arg-type]
+    policy = OutboxPolicy(
         max_bytes=max_bytes,
         budget=budget,
         close_timeout_s=1.0,
         on_dropped=counters.on_dropped,
         on_overflow=counters.on_overflow,
-        transport=None,
     )
+    return Outbox(socket, policy, "c1", transport=None)  # type: ignore[arg-type]
 
 
 async def test_an_idle_socket_is_written_at_once_without_a_task() -> None:
