@@ -6,10 +6,11 @@ socket there would stall every other connection. So each frame is queued here wi
 waiting, and a per-connection writer task, started on demand and ended when the queue is
 empty, does the writing. An idle connection holds no task.
 
-The common case costs no task at all: when nothing is queued, a data frame is written at
-once. aiohttp's send is a coroutine that only suspends when the transport's buffer is full;
-it is started eagerly (see :mod:`wsgate.eager`) and handed to the writer task only if it
-does suspend.
+The common case costs no task and no coroutine: when nothing is queued and the transport
+takes data (not paused at its high-water mark), a data frame is encoded here and written
+straight to the transport, as aiohttp's writer would write it. Otherwise aiohttp's send, a
+coroutine that only suspends when the transport's buffer is full, is started eagerly (see
+:mod:`wsgate.eager`) and handed to the writer task only if it does suspend.
 
 Slow consumers: the bytes queued and not yet written (the frame being written included;
 text counted in characters) are bounded by ``max_bytes``. A frame that would pass the
@@ -29,16 +30,26 @@ import asyncio
 import collections
 import contextlib
 import logging
+import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 
 from wsgate.eager import resume
 from wsgate.gateway.budget import OutboundBudget
 
 log = logging.getLogger(__name__)
+
+#: The first byte of an unfragmented text or binary frame (RFC 6455 5.2).
+_FIN_TEXT = 0x81
+_FIN_BINARY = 0x82
+#: The header of a server's (unmasked) frame, by payload length: < 126, < 2**16, more.
+_HEADER_7 = struct.Struct("!BB").pack
+_HEADER_16 = struct.Struct("!BBH").pack
+_HEADER_64 = struct.Struct("!BBQ").pack
 
 
 @dataclass(frozen=True)
@@ -131,10 +142,13 @@ class Outbox:
                 policy.on_dropped(1)
                 policy.on_overflow(self._key)
                 return
-            self._count(size)
             if self._writer is None:
+                if self._write_now(frame):
+                    return
+                self._count(size)
                 self._write_eagerly(frame)
                 return
+            self._count(size)
         self._queue(frame)
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._drain())
@@ -144,6 +158,42 @@ class Outbox:
         if frames is None:
             frames = self._frames = collections.deque()
         frames.append(frame)
+
+    def _write_now(self, frame: str | bytes) -> bool:
+        """Write a data frame straight to the transport, if nothing stands in its way:
+        nothing queued (the caller checked), the socket open, the transport taking data
+        (not paused by its high-water mark). False, having written nothing, otherwise.
+
+        The frame is what aiohttp's writer would make of it (a server's frames are
+        unmasked, and the gateway's uncompressed), without its coroutines: this is the
+        path of nearly every frame the gateway sends.
+        """
+        transport = self._transport
+        ws = self._ws
+        if (
+            transport is None
+            or transport.is_closing()
+            or ws.closed
+            or not ws.prepared
+            or cast(BaseProtocol, transport.get_protocol()).writing_paused
+        ):
+            return False
+        if isinstance(frame, str):
+            payload = frame.encode("utf-8")
+            first = _FIN_TEXT
+        else:
+            payload = frame
+            first = _FIN_BINARY
+        size = len(payload)
+        if size < 126:
+            transport.write(_HEADER_7(first, size) + payload)
+        elif size < 65536:
+            transport.write(_HEADER_16(first, 126, size) + payload)
+        else:
+            # Not copied into one buffer with its header.
+            transport.write(_HEADER_64(first, 127, size))
+            transport.write(payload)
+        return True
 
     def _write_eagerly(self, frame: str | bytes) -> None:
         coro = self._write(frame)
