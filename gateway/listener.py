@@ -22,8 +22,8 @@ Each accepted TCP connection, in order:
 connection whose first request's headers have not all arrived by then is closed, with a
 408 if HTTP can still answer (after the PROXY header and TLS), else just closed. aiohttp
 has no such timer of its own (its keep-alive timer starts after TLS and is far longer); it
-is armed here and disarmed by :func:`mark_request_started`, a middleware that runs when a
-request reaches the app. Later requests on a kept-alive connection are bounded by
+is armed here and disarmed by :func:`marking_request_started`, the server's request
+factory, when a request has been read. Later requests on a kept-alive connection are bounded by
 aiohttp's keep-alive timeout (``WSGATE_KEEPALIVE_TIMEOUT_S``, 75 s rather than aiohttp's
 3,630): it closes a connection idle, or not done sending its next request, that long
 after the previous response. It is longer than the deadline on purpose: a load balancer
@@ -43,7 +43,6 @@ import functools
 import logging
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -137,16 +136,21 @@ class GuardedRequestHandler(web.RequestHandler):
             self.ticket.close()
 
 
-@web.middleware
-async def mark_request_started(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """The application's first middleware: a request has arrived whole (its headers, at
-    least), so its connection met the handshake deadline."""
-    protocol = request.protocol
-    if isinstance(protocol, GuardedRequestHandler):
-        protocol.ticket.request_started()
-    return await handler(request)
+def marking_request_started(factory: Any) -> Any:
+    """aiohttp's request factory (``web.Server.request_factory``), marking the handshake
+    deadline met on the request's connection as each request is made: its headers, at
+    least, have arrived whole. A synchronous hook, where a middleware would leave two
+    suspended coroutine frames (its own and aiohttp's current-app one) under every open
+    WebSocket's handler for the connection's life."""
+
+    def make_request(
+        message: Any, payload: Any, protocol: Any, writer: Any, task: Any
+    ) -> web.BaseRequest:
+        if isinstance(protocol, GuardedRequestHandler):
+            protocol.ticket.request_started()
+        return factory(message, payload, protocol, writer, task)
+
+    return make_request
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +209,8 @@ class Listener:
         """Bind and start accepting (the certificate's watch started with ``spawn``).
         Raises OSError if the address cannot be bound."""
         self._loop = loop = asyncio.get_running_loop()
+        # Read by each connection's protocol when it is made (all of them are made here).
+        server.request_factory = marking_request_started(server.request_factory)
         self._server = server
         self._sockets = await _bind(loop, self._config.host, self._config.port)
         self._accept_on()

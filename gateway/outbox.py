@@ -6,10 +6,11 @@ socket there would stall every other connection. So each frame is queued here wi
 waiting, and a per-connection writer task, started on demand and ended when the queue is
 empty, does the writing. An idle connection holds no task.
 
-The common case costs no task at all: when nothing is queued, a data frame is written at
-once. aiohttp's send is a coroutine that only suspends when the transport's buffer is full;
-it is started eagerly (see :mod:`wsgate.eager`) and handed to the writer task only if it
-does suspend.
+The common case costs no task and no coroutine: when nothing is queued and the transport
+takes data (not paused at its high-water mark), a data frame is encoded here and written
+straight to the transport, as aiohttp's writer would write it. Otherwise aiohttp's send, a
+coroutine that only suspends when the transport's buffer is full, is started eagerly (see
+:mod:`wsgate.eager`) and handed to the writer task only if it does suspend.
 
 Slow consumers: the bytes queued and not yet written (the frame being written included;
 text counted in characters) are bounded by ``max_bytes``. A frame that would pass the
@@ -29,16 +30,26 @@ import asyncio
 import collections
 import contextlib
 import logging
+import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.base_protocol import BaseProtocol
 
 from wsgate.eager import resume
 from wsgate.gateway.budget import OutboundBudget
 
 log = logging.getLogger(__name__)
+
+#: The first byte of an unfragmented text or binary frame (RFC 6455 5.2).
+_FIN_TEXT = 0x81
+_FIN_BINARY = 0x82
+#: The header of a server's (unmasked) frame, by payload length: < 126, < 2**16, more.
+_HEADER_7 = struct.Struct("!BB").pack
+_HEADER_16 = struct.Struct("!BBH").pack
+_HEADER_64 = struct.Struct("!BBQ").pack
 
 
 @dataclass(frozen=True)
@@ -52,36 +63,65 @@ class CloseFrame:
 Frame = str | bytes | CloseFrame
 
 
-class Outbox:
-    """An ordered, bounded queue of frames for one WebSocket, drained by an on-demand task.
+class OutboxPolicy:
+    """What every outbox of a gateway shares, made once: the per-socket bound, the
+    gateway's budget, the close timeout, and where drops and overflows are reported
+    (``on_overflow`` gets the outbox's ``key``: no closure or bound method per
+    connection, which would cost memory on every idle one)."""
 
-    ``push`` never blocks. Frames after a CloseFrame are dropped (and counted).
-    """
+    __slots__ = ("budget", "close_timeout_s", "max_bytes", "on_dropped", "on_overflow")
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
         *,
         max_bytes: int,
         budget: OutboundBudget,
         close_timeout_s: float,
         on_dropped: Callable[[int], None],
-        on_overflow: Callable[[], None],
+        on_overflow: Callable[[str], None],
+    ) -> None:
+        self.max_bytes = max_bytes
+        self.budget = budget
+        self.close_timeout_s = close_timeout_s
+        self.on_dropped = on_dropped
+        self.on_overflow = on_overflow
+
+
+class Outbox:
+    """An ordered, bounded queue of frames for one WebSocket, drained by an on-demand task.
+
+    ``push`` never blocks. Frames after a CloseFrame are dropped (and counted). ``key``
+    names the outbox to ``policy.on_overflow``.
+    """
+
+    # Per connection, so slotted; the deque exists only while a write has to wait (an
+    # empty one is 0.75 KiB, on every idle connection).
+    __slots__ = (
+        "_closed",
+        "_frames",
+        "_key",
+        "_policy",
+        "_queued_bytes",
+        "_transport",
+        "_writer",
+        "_ws",
+    )
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        policy: OutboxPolicy,
+        key: str,
         transport: asyncio.Transport | None,
     ) -> None:
         self._ws = ws
         self._transport = transport
-        # Kept: asyncio.get_running_loop() costs a getpid() system call on Python 3.11.
-        self._loop = asyncio.get_running_loop()
-        self._max_bytes = max_bytes
-        self._budget = budget
-        self._close_timeout_s = close_timeout_s
-        self._frames: collections.deque[Frame] = collections.deque()
+        self._policy = policy
+        self._key = key
+        self._frames: collections.deque[Frame] | None = None
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self._closed = False
-        self._on_dropped = on_dropped
-        self._on_overflow = on_overflow
 
     @property
     def queued_bytes(self) -> int:
@@ -91,23 +131,69 @@ class Outbox:
     def push(self, frame: Frame) -> None:
         """Queue a frame; starts the writer if none is running."""
         if self._closed:
-            self._on_dropped(1)
+            self._policy.on_dropped(1)
             return
         if isinstance(frame, CloseFrame):
             self._closed = True
         else:
             size = len(frame)
-            if self._queued_bytes + size > self._max_bytes:
-                self._on_dropped(1)
-                self._on_overflow()
+            if self._queued_bytes + size > self._policy.max_bytes:
+                policy = self._policy
+                policy.on_dropped(1)
+                policy.on_overflow(self._key)
                 return
-            self._count(size)
             if self._writer is None:
+                if self._write_now(frame):
+                    return
+                self._count(size)
                 self._write_eagerly(frame)
                 return
-        self._frames.append(frame)
+            self._count(size)
+        self._queue(frame)
         if self._writer is None:
-            self._writer = self._loop.create_task(self._drain())
+            self._writer = asyncio.get_running_loop().create_task(self._drain())
+
+    def _queue(self, frame: Frame) -> None:
+        frames = self._frames
+        if frames is None:
+            frames = self._frames = collections.deque()
+        frames.append(frame)
+
+    def _write_now(self, frame: str | bytes) -> bool:
+        """Write a data frame straight to the transport, if nothing stands in its way:
+        nothing queued (the caller checked), the socket open, the transport taking data
+        (not paused by its high-water mark). False, having written nothing, otherwise.
+
+        The frame is what aiohttp's writer would make of it (a server's frames are
+        unmasked, and the gateway's uncompressed), without its coroutines: this is the
+        path of nearly every frame the gateway sends.
+        """
+        transport = self._transport
+        ws = self._ws
+        if (
+            transport is None
+            or transport.is_closing()
+            or ws.closed
+            or not ws.prepared
+            or cast(BaseProtocol, transport.get_protocol()).writing_paused
+        ):
+            return False
+        if isinstance(frame, str):
+            payload = frame.encode("utf-8")
+            first = _FIN_TEXT
+        else:
+            payload = frame
+            first = _FIN_BINARY
+        size = len(payload)
+        if size < 126:
+            transport.write(_HEADER_7(first, size) + payload)
+        elif size < 65536:
+            transport.write(_HEADER_16(first, 126, size) + payload)
+        else:
+            # Not copied into one buffer with its header.
+            transport.write(_HEADER_64(first, 127, size))
+            transport.write(payload)
+        return True
 
     def _write_eagerly(self, frame: str | bytes) -> None:
         coro = self._write(frame)
@@ -120,7 +206,9 @@ class Outbox:
             self._write_failed(frame, exc)
             return
         # The socket's buffer is full: the writer task finishes this write, then the rest.
-        self._writer = self._loop.create_task(self._drain(suspended=(coro, suspended_on, frame)))
+        self._writer = asyncio.get_running_loop().create_task(
+            self._drain(suspended=(coro, suspended_on, frame))
+        )
 
     async def flush(self) -> None:
         """Wait until everything queued so far has been written (or failed)."""
@@ -131,17 +219,19 @@ class Outbox:
 
     def force_close(self, code: int, reason: str) -> None:
         """Drop what is queued and close now, ahead of it (the slow-consumer path)."""
-        dropped = sum(1 for f in self._frames if not isinstance(f, CloseFrame))
-        if dropped:
-            self._on_dropped(dropped)
-        self._frames.clear()
+        frames = self._frames
+        if frames:
+            dropped = sum(1 for f in frames if not isinstance(f, CloseFrame))
+            if dropped:
+                self._policy.on_dropped(dropped)
+            frames.clear()
         self._count(-self._queued_bytes)
         self._closed = True
         writer = self._writer
         if writer is not None:
             writer.cancel()
-        self._frames.append(CloseFrame(code, reason))
-        self._writer = self._loop.create_task(self._drain(after=writer))
+        self._queue(CloseFrame(code, reason))
+        self._writer = asyncio.get_running_loop().create_task(self._drain(after=writer))
 
     async def _drain(
         self,
@@ -160,8 +250,8 @@ class Outbox:
                     self._write_failed(frame, exc)
                 finally:
                     self._release(frame)
-            while self._frames:
-                frame = self._frames.popleft()
+            while frames := self._frames:
+                frame = frames.popleft()
                 try:
                     await self._write(frame)
                 except (ConnectionError, RuntimeError) as exc:
@@ -171,10 +261,13 @@ class Outbox:
         finally:
             if self._writer is asyncio.current_task():
                 self._writer = None
+                # Emptied: an idle connection keeps no deque.
+                if not self._frames:
+                    self._frames = None
 
     def _count(self, delta: int) -> None:
         self._queued_bytes += delta
-        self._budget.total += delta
+        self._policy.budget.total += delta
 
     def _release(self, frame: Frame) -> None:
         if not isinstance(frame, CloseFrame):
@@ -185,11 +278,14 @@ class Outbox:
     def _write_failed(self, frame: Frame, exc: BaseException) -> None:
         # The socket went away under us: the read loop sees that too and reports the
         # close; what is left here can no longer be delivered.
-        dropped = 1 + len(self._frames)
-        self._frames.clear()
+        frames = self._frames
+        dropped = 1
+        if frames:
+            dropped += len(frames)
+            frames.clear()
         self._count(-self._queued_bytes)
         self._closed = True
-        self._on_dropped(dropped)
+        self._policy.on_dropped(dropped)
         log.debug("write failed, %d frame(s) dropped: %s", dropped, exc)
 
     async def _write(self, frame: Frame) -> None:
@@ -200,7 +296,7 @@ class Outbox:
             await ws.send_bytes(frame)
         else:
             try:
-                async with asyncio.timeout(self._close_timeout_s):
+                async with asyncio.timeout(self._policy.close_timeout_s):
                     await ws.close(code=frame.code, message=frame.reason.encode("utf-8"))
             except TimeoutError:
                 # The client takes nothing, not even the close frame: cut the connection.
@@ -224,7 +320,7 @@ class Outbox:
         transport."""
         transport = self._transport
         if transport is not None and transport.get_write_buffer_size() > 0:
-            self._loop.call_later(self._close_timeout_s, transport.abort)
+            asyncio.get_running_loop().call_later(self._policy.close_timeout_s, transport.abort)
 
     def _abort(self) -> None:
         if self._transport is not None:

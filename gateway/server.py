@@ -57,9 +57,9 @@ from wsgate.gateway.budget import OutboundBudget, choose_victims
 from wsgate.gateway.delivery import EventDelivery
 from wsgate.gateway.handshake import is_websocket_handshake
 from wsgate.gateway.heartbeat import HeartbeatSweep
-from wsgate.gateway.listener import Listener, mark_request_started
+from wsgate.gateway.listener import Listener, RequestClient
 from wsgate.gateway.metrics import GatewayMetrics
-from wsgate.gateway.outbox import CloseFrame, Outbox
+from wsgate.gateway.outbox import CloseFrame, Outbox, OutboxPolicy
 from wsgate.gateway.presence import PresenceAnnouncer
 from wsgate.gateway.session import (
     RATE_LIMITED,
@@ -287,7 +287,10 @@ class Gateway(Service):
             self._presence.start(spawn)
             # Connections closed, close events delivered: the members may go then.
             undo("presence", self._presence.close)
-            app = web.Application(middlewares=[mark_request_started])
+            # No middleware: aiohttp would add a frame of its own per middleware, and one for
+            # the current app, to every open WebSocket's task (the handshake deadline is
+            # disarmed by the listener's request factory instead).
+            app = web.Application()
             add_probe_routes(
                 app,
                 is_ready=self._is_ready,
@@ -319,6 +322,17 @@ class Gateway(Service):
     def _limits(self) -> SessionLimits:
         # Made at the first upgrade, after start() fitted the message limit to NATS.
         return session_limits(self.config)
+
+    @functools.cached_property
+    def _outbox_policy(self) -> OutboxPolicy:
+        # One for all outboxes: no callback made per connection.
+        return OutboxPolicy(
+            max_bytes=self.config.max_outbound_bytes,
+            budget=self._budget,
+            close_timeout_s=CLOSE_TIMEOUT_S,
+            on_dropped=self.metrics.drops.labels("write_failed").inc,
+            on_overflow=self._slow_consumer,
+        )
 
     @property
     def url(self) -> str:
@@ -403,16 +417,6 @@ class Gateway(Service):
 
     # -- upgrades ------------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.StreamResponse:
-        task = asyncio.current_task()
-        assert task is not None
-        self._handlers.add(task)
-        try:
-            return await self._upgrade(request)
-        finally:
-            self._handlers.discard(task)
-            self._heartbeats.forget(request)
-
     def _refuse(self, refusal: _Refusal) -> web.Response:
         self.metrics.upgrades_refused.labels(refusal.reason).inc()
         return web.Response(status=refusal.status, text=refusal.text, headers=refusal.headers)
@@ -441,25 +445,112 @@ class Gateway(Service):
             )
         return None
 
-    async def _upgrade(self, request: web.Request) -> web.StreamResponse:
-        refusal = self._precheck(request)
-        if refusal is not None:
-            return self._refuse(refusal)
-        assert self._listener is not None
-        client = self._listener.client(request)
-        if not self._listener.hold(client):  # a client named by a proxy: counted only now
-            text = "Too many connections from your address"
-            return self._refuse(_Refusal("ip_limit", 429, text, {"Retry-After": "1"}))
-        connection_id = self._ids.next()
-        self._early[connection_id] = Session(connection_id, request.path, self._limits)
-        try:
-            return await self._open(request, connection_id)
-        finally:
-            self._early.pop(connection_id, None)
-            self._listener.release(client)
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """One request, from its upgrade to its socket's close, in this one coroutine.
 
-    async def _open(self, request: web.Request, connection_id: str) -> web.StreamResponse:
-        session = self._early[connection_id]
+        An idle connection's handler stays suspended in the read loop for the
+        connection's life, and every coroutine frame under it costs memory on every idle
+        connection (about 250-400 bytes each). So the read loop is here, inline, and what
+        is only needed during the upgrade is in :meth:`_accept`, whose frame (with the
+        ConnectDecision) is gone once the socket is open.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        listener = self._listener
+        assert listener is not None
+        # The client whose address slot this upgrade holds (released at the end).
+        held: RequestClient | None = None
+        try:
+            refusal = self._precheck(request)
+            if refusal is not None:
+                return self._refuse(refusal)
+            client = listener.client(request)
+            if not listener.hold(client):  # a client named by a proxy: counted only now
+                text = "Too many connections from your address"
+                return self._refuse(_Refusal("ip_limit", 429, text, {"Retry-After": "1"}))
+            held = client
+            del client
+            connection_id = self._ids.next()
+            session = Session(connection_id, request.path, self._limits)
+            self._early[connection_id] = session
+            try:
+                accepted = await self._accept(request, session)
+            finally:
+                self._early.pop(connection_id, None)
+            if isinstance(accepted, web.StreamResponse):
+                return accepted
+            conn, opening = accepted
+            ws = conn.ws
+            del accepted
+            now = asyncio.get_running_loop().time
+            try:
+                self._perform(conn, opening)
+                del opening
+                if self.phase is not ServicePhase.RUNNING:
+                    # close() began while this upgrade was in prepare(), so its drain did
+                    # not see the connection: it goes as the others did, with 1001 after
+                    # what the app sent, and its close event reaches the app once (from
+                    # the finally).
+                    self._request_close(
+                        conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
+                    )
+                # The read loop: the client's frames go to the session one at a time;
+                # the window is free again before the next frame is read (window 1: a
+                # slow app pushes back on the client through TCP).
+                while True:
+                    timeout = session.read_timeout(now())
+                    try:
+                        if timeout is not None and timeout <= 0:
+                            # aiohttp takes a timeout of 0 for none: the idle deadline is now.
+                            raise TimeoutError
+                        msg = await ws.receive(timeout=timeout)
+                    except TimeoutError:
+                        self._perform(conn, session.tick(now()))  # the idle limit, if due
+                        continue
+                    kind = msg.type
+                    if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                        actions = session.client_frame(msg.data, now())
+                    elif kind is WSMsgType.CLOSE:
+                        actions = session.client_close(int(msg.data), msg.extra or "", now())
+                    elif kind is WSMsgType.ERROR:
+                        if isinstance(msg.data, WebSocketError):
+                            # A protocol violation (RFC 6455 7.4.1): aiohttp already closed
+                            # the socket with the matching code (1002, 1007, 1009).
+                            session.transport_error(msg.data.code, str(msg.data))
+                        elif isinstance(msg.data, TimeoutError):
+                            session.transport_error(CloseCode.ABNORMAL, "no pong to heartbeat")
+                        break
+                    else:  # CLOSING (we are closing it) or CLOSED
+                        break
+                    del msg  # not kept while the next read waits
+                    publish = self._perform(conn, actions)
+                    if publish is not None:
+                        await self._drive(conn, publish)
+            finally:
+                await conn.outbox.flush()
+                if conn.shed:
+                    # Its close frame is written or its TCP connection cut: its memory is
+                    # free.
+                    self._budget.shed_finished()
+                publish = self._perform(conn, session.transport_closed(now()))
+                if publish is not None:
+                    await self._drive(conn, publish)
+                del self._connections[connection_id]
+                self.metrics.connections_open.dec()
+            return ws
+        finally:
+            if held is not None:
+                listener.release(held)
+            self._handlers.discard(task)
+            self._heartbeats.forget(request)
+
+    async def _accept(
+        self, request: web.Request, session: Session
+    ) -> web.StreamResponse | tuple[LiveConnection, list[Action]]:
+        """Ask the app; on its accept, upgrade and register the connection, and return it
+        with what the session asks for on opening. The answer to send otherwise."""
+        connection_id = session.connection_id
         offered = _offered_subprotocols(request)
         self._connecting += 1
         try:
@@ -493,22 +584,12 @@ class Gateway(Service):
             compress=False,
             timeout=CLOSE_TIMEOUT_S,
         )
+        # The outbox names its connection by id, not by a closure over conn: conn holds
+        # the outbox, so a closure would make a reference cycle, and every closed
+        # connection's socket, request and buffers would wait for the cyclic collector
+        # (rare at the thresholds set at start-up) instead of being freed at once.
         conn = LiveConnection(
-            session,
-            ws,
-            Outbox(
-                ws,
-                max_bytes=self.config.max_outbound_bytes,
-                budget=self._budget,
-                close_timeout_s=CLOSE_TIMEOUT_S,
-                on_dropped=self.metrics.drops.labels("write_failed").inc,
-                # By id, not a closure over conn: conn holds the outbox, so a closure would
-                # make a reference cycle, and every closed connection's socket, request and
-                # buffers would wait for the cyclic collector (rare at the thresholds set at
-                # start-up) instead of being freed at once: RSS grew under churn.
-                on_overflow=functools.partial(self._slow_consumer, connection_id),
-                transport=request.transport,
-            ),
+            session, ws, Outbox(ws, self._outbox_policy, connection_id, request.transport)
         )
         try:
             await ws.prepare(request)
@@ -521,37 +602,16 @@ class Gateway(Service):
         del self._early[connection_id]
         self.metrics.connections.inc()
         self.metrics.connections_open.inc()
-        loop = asyncio.get_running_loop()
-        try:
-            # The decision's messages, then what came for it before it opened (the next
-            # turns' broadcasts: their turns ran after the connect turn).
-            self._perform(
-                conn,
-                session.opened(
-                    loop.time(),
-                    worker=accept.worker if ids.is_worker_id(accept.worker) else "",
-                    messages=accept.messages,
-                ),
-            )
-            if self.phase is not ServicePhase.RUNNING:
-                # close() began while this upgrade was in prepare(), so its drain did not
-                # see the connection: it goes as the others did, with 1001 after what the
-                # app sent, and its close event reaches the app once (from the finally).
-                self._request_close(
-                    conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
-                )
-            await self._read_loop(conn)
-        finally:
-            await conn.outbox.flush()
-            if conn.shed:
-                # Its close frame is written or its TCP connection cut: its memory is free.
-                self._budget.shed_finished()
-            publish = self._perform(conn, session.transport_closed(loop.time()))
-            if publish is not None:
-                await self._drive(conn, publish)
-            del self._connections[connection_id]
-            self.metrics.connections_open.dec()
-        return ws
+        # The decision's messages, then what came for it before it opened (the next turns'
+        # broadcasts: their turns ran after the connect turn), for the caller to perform.
+        # Only plain fields of the decision outlive this call: the protobuf objects (a
+        # upb arena of about 1.2 KiB) go with this frame, not kept by the read loop.
+        opening = session.opened(
+            asyncio.get_running_loop().time(),
+            worker=accept.worker if ids.is_worker_id(accept.worker) else "",
+            messages=accept.messages,
+        )
+        return conn, opening
 
     async def _ask_app(
         self, request: web.Request, connection_id: str, offered: list[str]
@@ -589,43 +649,6 @@ class Gateway(Service):
             log.error("unreadable connect decision for %s: %s", connection_id, exc.reason)
             return _Refusal("bad_decision", 502, "Bad answer from the app")
         return decision
-
-    # -- the read loop -------------------------------------------------------------------
-
-    async def _read_loop(self, conn: LiveConnection) -> None:
-        """Feed the client's frames to the session one at a time until the socket closes;
-        the window is free again before the next frame is read (window 1: a slow app
-        pushes back on the client through TCP)."""
-        ws, session = conn.ws, conn.session
-        now = asyncio.get_running_loop().time
-        while True:
-            timeout = session.read_timeout(now())
-            try:
-                if timeout is not None and timeout <= 0:
-                    # aiohttp takes a timeout of 0 for none: the idle deadline is now.
-                    raise TimeoutError
-                msg = await ws.receive(timeout=timeout)
-            except TimeoutError:
-                self._perform(conn, session.tick(now()))  # the idle limit, if it is time
-                continue
-            kind = msg.type
-            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
-                actions = session.client_frame(msg.data, now())
-            elif kind is WSMsgType.CLOSE:
-                actions = session.client_close(int(msg.data), msg.extra or "", now())
-            elif kind is WSMsgType.ERROR:
-                if isinstance(msg.data, WebSocketError):
-                    # A protocol violation (RFC 6455 7.4.1): aiohttp already closed the
-                    # socket with the matching code (1002, 1007, 1009).
-                    session.transport_error(msg.data.code, str(msg.data))
-                elif isinstance(msg.data, TimeoutError):
-                    session.transport_error(CloseCode.ABNORMAL, "no pong to heartbeat")
-                return
-            else:  # CLOSING (we are closing it) or CLOSED
-                return
-            publish = self._perform(conn, actions)
-            if publish is not None:
-                await self._drive(conn, publish)
 
     async def _drive(self, conn: LiveConnection, publish: Publish) -> None:
         """Deliver ``publish``'s event at least once, and whatever the session has in

@@ -52,7 +52,9 @@ def with_static_files(root: Path, fallback: Handler) -> Handler:
     if not resolved.is_dir():
         raise NotADirectoryError(f"static_dir {root} is not a directory")
 
-    async def handle(request: web.Request) -> web.StreamResponse:
+    # Not a coroutine: it returns the fallback's own, so an open WebSocket's task holds
+    # no frame of this wrapper for the connection's life.
+    def handle(request: web.Request) -> Awaitable[web.StreamResponse]:
         if (
             request.method in (hdrs.METH_GET, hdrs.METH_HEAD)
             and hdrs.UPGRADE not in request.headers
@@ -61,7 +63,11 @@ def with_static_files(root: Path, fallback: Handler) -> Handler:
             if found is not None:
                 # no-cache: revalidate on every load, so an edited page shows at once;
                 # the ETag keeps that to a 304 when nothing changed.
-                return web.FileResponse(found, headers={hdrs.CACHE_CONTROL: "no-cache"})
-        return await fallback(request)
+                return _answer(web.FileResponse(found, headers={hdrs.CACHE_CONTROL: "no-cache"}))
+        return fallback(request)
 
     return handle
+
+
+async def _answer(response: web.StreamResponse) -> web.StreamResponse:
+    return response

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from wsgate.gateway.budget import OutboundBudget
-from wsgate.gateway.outbox import CloseFrame, Outbox
+from wsgate.gateway.outbox import CloseFrame, Outbox, OutboxPolicy
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -54,22 +54,22 @@ class Counters:
     def on_dropped(self, n: int) -> None:
         self.dropped += n
 
-    def on_overflow(self) -> None:
+    def on_overflow(self, key: str) -> None:
+        assert key == "c1"
         self.overflows += 1
 
 
 def _outbox(
     socket: MemorySocket, counters: Counters, budget: OutboundBudget, max_bytes: int = 10
 ) -> Outbox:
-    return Outbox(
-        socket,  # type: ignore[arg-type]
+    policy = OutboxPolicy(
         max_bytes=max_bytes,
         budget=budget,
         close_timeout_s=1.0,
         on_dropped=counters.on_dropped,
         on_overflow=counters.on_overflow,
-        transport=None,
     )
+    return Outbox(socket, policy, "c1", transport=None)  # type: ignore[arg-type]
 
 
 async def test_an_idle_socket_is_written_at_once_without_a_task() -> None:
@@ -166,3 +166,69 @@ async def test_the_budget_is_the_sum_over_outboxes() -> None:
     await asyncio.gather(*(o.flush() for o in outboxes))
     assert budget.total == 0
     assert not budget.over
+
+
+class MemoryTransport:
+    """What the direct path needs of a transport: its bytes, a pause switch."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writing_paused = False
+
+    def get_protocol(self) -> MemoryTransport:
+        return self  # the protocol's writing_paused is this transport's
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+
+class PreparedSocket(MemorySocket):
+    closed = False
+    prepared = True
+
+
+async def test_an_idle_socket_gets_its_frames_straight_on_the_transport() -> None:
+    """RFC 6455 framing for each length class: 7-bit, 16-bit and 64-bit lengths."""
+    socket, counters, budget = PreparedSocket(), Counters(), OutboundBudget(1 << 20)
+    transport = MemoryTransport()
+    policy = OutboxPolicy(
+        max_bytes=1 << 20,
+        budget=budget,
+        close_timeout_s=1.0,
+        on_dropped=counters.on_dropped,
+        on_overflow=counters.on_overflow,
+    )
+    outbox = Outbox(socket, policy, "c1", transport=transport)  # type: ignore[arg-type]
+    big = b"b" * 70_000
+    outbox.push("é")
+    outbox.push(b"x" * 200)
+    outbox.push(big)
+    assert transport.data == (
+        b"\x81\x02" + "é".encode() + b"\x82\x7e\x00\xc8" + b"x" * 200
+        + b"\x82\x7f" + (70_000).to_bytes(8, "big") + big
+    )  # fmt: skip
+    assert socket.written == []
+    assert outbox.queued_bytes == 0
+    assert budget.total == 0
+
+    # Paused at its high-water mark: aiohttp's send, queued behind as before.
+    transport.writing_paused = True
+    socket.stall()
+    outbox.push(b"1")
+    outbox.push(b"2")
+    assert outbox.queued_bytes == 2
+    transport.writing_paused = False
+    outbox.push(b"3")  # something is queued: it waits its turn, never overtakes
+    socket.flow()
+    await outbox.flush()
+    assert socket.written == [b"1", b"2", b"3"]
+    assert outbox.queued_bytes == 0
+    outbox.push(b"4")  # the queue is empty again: straight to the transport
+    assert transport.data.endswith(b"\x82\x014")
+    assert socket.written == [b"1", b"2", b"3"]
