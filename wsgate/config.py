@@ -758,7 +758,8 @@ class StateConfig(BusConfig):
 def _examples_static() -> str:
     """The example app's page (``wsgate/examples/static``, in a checkout and in an
     install), or "" when it is not there."""
-    found = Path(__file__).resolve().parent / "examples" / "static"
+    # Resolved: in a checkout wsgate/examples is a link to the top-level examples/.
+    found = (Path(__file__).resolve().parent / "examples" / "static").resolve()
     return str(found) if (found / "index.html").is_file() else ""
 
 
