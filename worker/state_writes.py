@@ -34,6 +34,7 @@ RETRY_MAX_BACKOFF_S = 1.0
 MAX_REDIRECTS = 3
 
 _Queued = tuple[pb.Write, "asyncio.Future[pb.WriteResult]"]
+_ObjectKey = tuple[str, str]
 
 
 class WritePipeline:
@@ -43,6 +44,11 @@ class WritePipeline:
     of this turn of the event loop, with every write called in the same turn; otherwise it
     waits for a call to finish, and goes with everything that queued meanwhile. So a lone
     write pays one round trip, and under load one call (and one commit) serves many.
+
+    Writes to one object apply in the order they were called. Within a call the service
+    keeps that order; across calls in flight at once it could not (each call is handled
+    on its own), so a write waits while an earlier call still has an unanswered write to
+    the same object, and goes in a later call. Writes to other objects pass it.
     """
 
     def __init__(self, client: StateClient, endpoint: Endpoint) -> None:
@@ -52,6 +58,8 @@ class WritePipeline:
         self._in_flight = 0
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Unanswered writes in calls in flight, by object: later writes to it wait.
+        self._in_flight_by_object: dict[_ObjectKey, int] = {}
 
     def submit(self, write: pb.Write) -> asyncio.Future[pb.WriteResult]:
         """Queue ``write``; the future resolves with its result (a failure included)."""
@@ -69,22 +77,57 @@ class WritePipeline:
         loop = asyncio.get_running_loop()
         while self._queue and self._in_flight < MAX_WRITE_CALLS_IN_FLIGHT:
             batch = self._take_batch()
+            if not batch:
+                return  # every queued write waits behind a call in flight to its object
             self._in_flight += 1
             task = loop.create_task(self._send(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
     def _take_batch(self) -> list[_Queued]:
+        """The next call's writes, in queue order: at most MAX_WRITES_PER_CALL and about
+        MAX_WRITE_CALL_BYTES, none to an object a call in flight still writes (those, and
+        every later write to the same object, stay queued in order)."""
+        in_flight = self._in_flight_by_object
         size = 0
-        count = 0
-        for write, _ in self._queue:
-            size += write.ByteSize()
-            if count and (count >= MAX_WRITES_PER_CALL or size > MAX_WRITE_CALL_BYTES):
+        batch: list[_Queued] = []
+        waiting: list[_Queued] = []
+        waiting_objects: set[_ObjectKey] = set()
+        queue = self._queue
+        position = 0
+        for position, queued in enumerate(queue):  # noqa: B007 (used after the loop)
+            key = _object_key(queued[0])
+            if key is not None and (key in in_flight or key in waiting_objects):
+                waiting.append(queued)
+                waiting_objects.add(key)
+                continue
+            size += queued[0].ByteSize()
+            if batch and (len(batch) >= MAX_WRITES_PER_CALL or size > MAX_WRITE_CALL_BYTES):
                 break
-            count += 1
-        batch = self._queue[:count]
-        del self._queue[:count]
+            batch.append(queued)
+        else:
+            position = len(queue)
+        self._queue = waiting + queue[position:]
+        for write, _ in batch:
+            key = _object_key(write)
+            if key is not None:
+                in_flight[key] = in_flight.get(key, 0) + 1
         return batch
+
+    def _answered(self, write: pb.Write) -> None:
+        """``write`` left its call (answered, failed or sent elsewhere): the writes queued
+        behind it to its object may go."""
+        key = _object_key(write)
+        if key is None:
+            return
+        left = self._in_flight_by_object[key] - 1
+        if left:
+            self._in_flight_by_object[key] = left
+            return
+        del self._in_flight_by_object[key]
+        if self._queue and not self._scheduled and self._in_flight < MAX_WRITE_CALLS_IN_FLIGHT:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_queued)
 
     async def _send(self, batch: list[_Queued]) -> None:
         """One Write call for ``batch``; each future resolves with its write's result.
@@ -117,6 +160,7 @@ class WritePipeline:
                     async for response in self._endpoint.tracked(call):
                         for result in response.results:
                             write, future = unanswered.pop(positions[result.index])
+                            self._answered(write)
                             if _not_owner(result):
                                 # Another replica owns its object: send it there.
                                 self._redirect(write, result, future)
@@ -141,7 +185,8 @@ class WritePipeline:
                         continue
                     raise error from exc
         except Exception as exc:
-            for _, future in unanswered.values():
+            for write, future in unanswered.values():
+                self._answered(write)
                 if not future.done():
                     future.set_exception(exc)
         finally:
@@ -155,6 +200,7 @@ class WritePipeline:
             address = self._client.owner_address(write_object(write))
             if address != self._endpoint.address:
                 del unanswered[position]
+                self._answered(write)
                 again = self._client.writes_to(address).submit(write)
                 again.add_done_callback(functools.partial(copy_into, future))
 
@@ -191,6 +237,11 @@ def write_object(write: pb.Write) -> pb.ObjectId | None:
     if kind == "delete_all":
         return write.delete_all.object
     return None
+
+
+def _object_key(write: pb.Write) -> _ObjectKey | None:
+    obj = write_object(write)
+    return None if obj is None else (obj.namespace, obj.name)
 
 
 def _not_owner(result: pb.WriteResult) -> bool:
