@@ -301,14 +301,7 @@ async def test_an_upgrade_in_prepare_when_close_starts_gets_1001_and_one_close_e
         return await prepare(self, request)
 
     monkeypatch.setattr(web.WebSocketResponse, "prepare", held_prepare)
-    draining = asyncio.Event()
-    close_connections = Gateway._close_connections
-
-    async def observed_close_connections(self: Gateway) -> None:
-        draining.set()
-        await close_connections(self)
-
-    monkeypatch.setattr(Gateway, "_close_connections", observed_close_connections)
+    draining = _observe_drain(monkeypatch)
     async with Worker(_worker_config(roles), load_app(APP)):
         # A drain deadline far away: the 1001 must not come from the cut at the deadline.
         gateway = Gateway(_gateway_config(roles, drain_timeout_s=60))
@@ -361,14 +354,7 @@ async def test_an_upgrade_whose_accept_arrives_after_close_starts_gets_503_and_o
         return decision
 
     monkeypatch.setattr(Gateway, "_ask_app", held_ask_app)
-    draining = asyncio.Event()
-    close_connections = Gateway._close_connections
-
-    async def observed_close_connections(self: Gateway) -> None:
-        draining.set()
-        await close_connections(self)
-
-    monkeypatch.setattr(Gateway, "_close_connections", observed_close_connections)
+    draining = _observe_drain(monkeypatch)
     async with Worker(_worker_config(roles), load_app(APP)):
         gateway = Gateway(_gateway_config(roles, drain_timeout_s=60))
         await gateway.start()
@@ -387,3 +373,16 @@ async def test_an_upgrade_whose_accept_arrives_after_close_starts_gets_503_and_o
             record = state.storage("closes", asked[0])
             assert await record.get("calls") == 1
             assert (await record.get("close"))["code"] == 1001
+
+
+def _observe_drain(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set when a gateway's close() begins to close its connections."""
+    draining = asyncio.Event()
+    close_connections = Gateway._close_connections
+
+    async def observed_close_connections(self: Gateway) -> None:
+        draining.set()
+        await close_connections(self)
+
+    monkeypatch.setattr(Gateway, "_close_connections", observed_close_connections)
+    return draining
