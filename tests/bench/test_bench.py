@@ -7,10 +7,14 @@ measurement window, connection split) are checked exactly.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -23,6 +27,7 @@ from wsgate.bench.loadgen import EchoWindow
 from wsgate.bench.machine import BUSY_SHARE, OtherLoad, own_tree_cpu_s
 from wsgate.bench.processes import split
 from wsgate.cli import main
+from wsgate.config import DEFAULT_WORKER_PORT
 
 
 def _bench(*args: str, timeout_s: float) -> dict[str, Any]:
@@ -77,9 +82,25 @@ def test_echo_reports_full_path_and_baseline() -> None:
         assert 0 <= one["other_cpu_share"] <= report["other_cpu_share"] <= 1
 
 
+@contextlib.contextmanager
+def _port_taken(port: int) -> Iterator[None]:
+    """``port`` on 127.0.0.1 is held by someone else meanwhile (by this, if it was free)."""
+    with socket.socket() as held:
+        try:
+            held.bind(("127.0.0.1", port))
+            held.listen()
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        yield
+
+
 @pytest.mark.timeout(150)
 def test_idle_reports_memory_per_connection() -> None:
-    report = _bench("idle", "--connections", "200", "--json", timeout_s=120)
+    # A bench runs beside anything else on the machine (a dev stack, another bench): its
+    # roles take free ports, never their defaults.
+    with _port_taken(DEFAULT_WORKER_PORT):
+        report = _bench("idle", "--connections", "200", "--json", timeout_s=120)
     assert set(report) == {
         "connections",
         "gateway_rss_before_kib",

@@ -108,7 +108,7 @@ def running_stack(log_dir: Path, app: str = DEFAULT_APP) -> Iterator[BenchStack]
         out = logs.open("worker")
         argv = python_role_argv(
             "worker", "--nats-url", nats_url, "--state-address", str(state.info["address"]),
-            "--app", app, *common,
+            "--port", "0", "--app", app, *common,
         )  # fmt: skip
         worker = spawn("worker", argv, stdout=out, stderr=out)
         children.append(worker)
