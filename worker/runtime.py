@@ -561,7 +561,7 @@ class Worker(Service):
                 await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
                 return
             messages, settlement = await self._run_event(event, EVENT_KINDS[kind], resolved)
-            ack = final_ack(event, messages)
+            ack = final_ack(event, messages)  # a GatewayBatch entry
             if settlement.leave_objects:
                 # After the app's close handler: the connection leaves every object. A
                 # failure propagates, so the event is not acked and is delivered again.
@@ -569,7 +569,7 @@ class Worker(Service):
         finally:
             self._running.pop(key, None)
             self.metrics.handler_seconds.observe(time.perf_counter() - started)
-        self._queue_ack(gateway_id, ack)
+        self._queue(gateway_id, ack)
 
     def _impostor(self, what: str, connection_id: str, msg: Msg) -> None:
         self.metrics.impostors.inc()
@@ -687,7 +687,7 @@ class Worker(Service):
 
     async def _run_event(
         self, event: pb.ConnectionEvent, kind: EventKind, resolved: Resolved | None
-    ) -> tuple[list[pb.Message], Settlement]:
+    ) -> tuple[list[bytes], Settlement]:
         """Run a function route's handler and carry out what :func:`settle` decides for
         its outcome; returns what it sent that is still buffered (for the ack), and the
         settlement. Raises what a close that is not best-effort raised."""
@@ -748,10 +748,10 @@ class Worker(Service):
         return HandlerOutcome.RETURNED
 
 
-async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[pb.Message]:
+async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[bytes]:
     """Do what ``settlement`` says to the output of ``conn``'s handler run (gated by
     ``gate``): drop it or let it go, send the close; returns the frames still buffered, for
-    the final ack. Raises what a close that is not best-effort raised."""
+    the final ack (serialized). Raises what a close that is not best-effort raised."""
     if not settlement.release_output:
         # Its output was gated by what failed (or by writes still running): dropped.
         gate.abandon()
