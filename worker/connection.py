@@ -224,6 +224,11 @@ class Connection:
         ack."""
         return await self._buffer.finish()
 
+    def take_event_output(self) -> list[bytes] | None:
+        """:meth:`end_event` without waiting, when there is nothing to wait for (no flush
+        in flight): what is still buffered; None otherwise (then ``await end_event()``)."""
+        return self._buffer.finish_nowait()
+
     def abandon_output(self) -> None:
         """Drop what is buffered or still being published: the handler failed, and the
         output its gate held goes with it."""

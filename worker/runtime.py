@@ -27,11 +27,13 @@ ack wait, so a slow handler, or a durable object's busy queue, is not redelivere
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
 import logging
 import time
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 
 import nats.errors
@@ -104,6 +106,9 @@ CANCELLED_HANDLER_WAIT_S = OVERDUE_TASK_WAIT_S
 #: The answer to a connect request that is not one (the upgrade gets 400).
 _BAD_CONNECT_REQUEST = reject_decision(400, "Bad connect request").SerializeToString()
 
+#: The parameters of an event's path when no route matches it any more.
+_NO_PARAMS: Mapping[str, str] = types.MappingProxyType({})
+
 #: A route and the parameters of the path it matched.
 Resolved = tuple[Route, Mapping[str, str]]
 
@@ -165,7 +170,10 @@ class Worker(Service):
             registry=self.metrics.registry,
             not_ready_reason=self._supervisor.not_ready_reason,
         )
-        self._slots = asyncio.Semaphore(config.max_concurrent_events)
+        #: Handler slots: how many are free, and the requests waiting for one, in order
+        #: (a semaphore of its own: asyncio's costs two generator expressions per acquire).
+        self._free_slots = config.max_concurrent_events
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
@@ -352,14 +360,10 @@ class Worker(Service):
         """
 
         async def spawn(msg: Msg) -> None:
-            if self._slots.locked():
-                self._intake.waiting(+1)
-                try:
-                    await self._slots.acquire()
-                finally:
-                    self._intake.waiting(-1)
+            if self._free_slots:
+                self._free_slots -= 1
             else:
-                await self._slots.acquire()
+                await self._wait_for_slot()
             self._intake.taken(time.monotonic())
             self.metrics.in_flight.inc()
             assert self._loop is not None
@@ -369,9 +373,36 @@ class Worker(Service):
 
         return spawn
 
+    async def _wait_for_slot(self) -> None:
+        """Wait until a handler slot is handed to this request (first come, first served)."""
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        self._intake.waiting(+1)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over as it was cancelled: to the next one
+            else:
+                self._slot_waiters.remove(waiter)
+            raise
+        finally:
+            self._intake.waiting(-1)
+
+    def _release_slot(self) -> None:
+        """A slot is free: to the first request waiting for one, if any."""
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free_slots += 1
+
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
-        self._slots.release()
+        self._release_slot()
         self.metrics.in_flight.dec()
         if not task.cancelled() and task.exception() is not None:
             log.error("request handling failed", exc_info=task.exception())
@@ -519,11 +550,19 @@ class Worker(Service):
         try:
             return await call
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self.phase is not ServicePhase.RUNNING or task is None or not task.cancelling():
+            if not self._cancelled_itself():
                 raise
-            task.uncancel()
             raise HandlerCancelled("the handler was cancelled") from None
+
+    def _cancelled_itself(self) -> bool:
+        """In a handler's Task that met a CancelledError: whether the handler cancelled
+        itself (it has then failed, and the cancellation is taken back: True), rather than
+        being cancelled from outside (the worker shutting down: False, it goes on)."""
+        task = asyncio.current_task()
+        if self.phase is not ServicePhase.RUNNING or task is None or not task.cancelling():
+            return False
+        task.uncancel()
+        return True
 
     async def _event(self, msg: Msg) -> None:
         try:
@@ -535,40 +574,71 @@ class Worker(Service):
             # the same bytes again at once). A real gateway resends it after its ack wait.
             self._garbage("events", msg, exc)
             return
-        kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
+        # Each field read once: every read of a protobuf field makes a new Python object.
+        connection_id = event.connection_id
+        sequence = event.sequence
         # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
         subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
         if not (
             msg.subject.endswith(subject_end)
-            and msg.reply == f"{reply_start}{event.connection_id}.{event.sequence}"
+            and msg.reply == f"{reply_start}{connection_id}.{sequence}"
         ):
-            self._impostor("event", event.connection_id, msg)
+            self._impostor("event", connection_id, msg)
             return
-        (self.metrics.message_events if kind == "message" else self.metrics.closed_events).inc()
+        kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
+        metrics = self.metrics
+        (metrics.message_events if kind == "message" else metrics.closed_events).inc()
         if event.redelivered:
-            self.metrics.redelivered.inc()
+            metrics.redelivered.inc()
         started = time.perf_counter()
         key = id(msg)
-        if event.ack_wait_ms:
+        ack_wait_ms = event.ack_wait_ms
+        if ack_wait_ms:
             # Progress acks come from one sweep over all running handlers, not a timer each.
-            self._running[key] = _Running(
-                msg.reply, event.sequence, event.ack_wait_ms / 3000, started
-            )
-        resolved = self.app.resolve(event.path)
+            self._running[key] = _Running(msg.reply, sequence, ack_wait_ms / 3000, started)
+        path = event.path
+        resolved = self.app.resolve(path)
         try:
             if resolved is not None and resolved[0].object_class is not None:
                 # Acked by the activation (here, or where it was forwarded).
                 await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
                 return
-            messages, settlement = await self._run_event(event, EVENT_KINDS[kind], resolved)
+            # A function route's handler, in this coroutine (one fewer per event).
+            event_kind = EVENT_KINDS[kind]
+            # Idempotency keys of this run's writes: the same for every delivery of the event.
+            gate = OutputGate(f"{connection_id}:{sequence}")
+            conn = Connection(
+                connection_id,
+                path,
+                resolved[1] if resolved else _NO_PARAMS,
+                sink=self,
+                env=self._env,
+                closed=event_kind is EventKind.CLOSED,
+                sequence=sequence,
+                redelivered=event.redelivered,
+                gate=gate,
+                loop=self._loop,
+            )
+            if resolved is None:
+                # The app was redeployed without this route while the connection lived.
+                outcome = HandlerOutcome.NO_ROUTE
+            else:
+                outcome = await self._call_handler(resolved[0], conn, gate, event, event_kind)
+            settlement = settle(event_kind, outcome, closed=conn.closed)
+            messages = None
+            if settlement.release_output and settlement.close is None:
+                # The common case: carry_out's, without a coroutine (None: wait for it).
+                messages = conn.take_event_output()
+            if messages is None:
+                messages = await carry_out(settlement, conn, gate)
             ack = final_ack(event, messages)  # a GatewayBatch entry
             if settlement.leave_objects:
                 # After the app's close handler: the connection leaves every object. A
                 # failure propagates, so the event is not acked and is delivered again.
-                await leave_all(self._state, event.connection_id)
+                await leave_all(self._state, connection_id)
         finally:
             self._running.pop(key, None)
-            self.metrics.handler_seconds.observe(time.perf_counter() - started)
+            metrics.handler_seconds.observe(time.perf_counter() - started)
         self._queue(gateway_id, ack)
 
     def _impostor(self, what: str, connection_id: str, msg: Msg) -> None:
@@ -685,35 +755,6 @@ class Worker(Service):
             self._intake_stopped = reason
             self.metrics.intake_stalled.set(0 if reason is None else 1)
 
-    async def _run_event(
-        self, event: pb.ConnectionEvent, kind: EventKind, resolved: Resolved | None
-    ) -> tuple[list[bytes], Settlement]:
-        """Run a function route's handler and carry out what :func:`settle` decides for
-        its outcome; returns what it sent that is still buffered (for the ack), and the
-        settlement. Raises what a close that is not best-effort raised."""
-        conn_params: Mapping[str, str] = resolved[1] if resolved else {}
-        # Idempotency keys of this run's writes: the same for every delivery of the event.
-        gate = OutputGate(f"{event.connection_id}:{event.sequence}")
-        conn = Connection(
-            event.connection_id,
-            event.path,
-            conn_params,
-            sink=self,
-            env=self._env,
-            closed=kind is EventKind.CLOSED,
-            sequence=event.sequence,
-            redelivered=event.redelivered,
-            gate=gate,
-            loop=self._loop,
-        )
-        if resolved is None:
-            # The app was redeployed without this route while the connection lived.
-            outcome = HandlerOutcome.NO_ROUTE
-        else:
-            outcome = await self._call_handler(resolved[0], conn, gate, event, kind)
-        settlement = settle(kind, outcome, closed=conn.closed)
-        return await carry_out(settlement, conn, gate), settlement
-
     async def _call_handler(
         self,
         route: Route,
@@ -727,14 +768,19 @@ class Worker(Service):
         current_connection.set(conn)
         current_gate.set(gate)
         try:
-            if kind is EventKind.MESSAGE and route.message_handler is not None:
-                data = event.message
-                payload = data.text if data.WhichOneof("data") == "text" else data.binary
-                await self._guarded(route.message_handler(conn, payload))
-            elif kind is EventKind.CLOSED and route.close_handler is not None:
-                await self._guarded(
-                    route.close_handler(conn, event.closed.code, event.closed.reason)
-                )
+            try:
+                # Awaited here, not through _guarded: one coroutine fewer per event.
+                if kind is EventKind.MESSAGE and route.message_handler is not None:
+                    data = event.message
+                    payload = data.text if data.WhichOneof("data") == "text" else data.binary
+                    await route.message_handler(conn, payload)
+                elif kind is EventKind.CLOSED and route.close_handler is not None:
+                    closed = event.closed
+                    await route.close_handler(conn, closed.code, closed.reason)
+            except asyncio.CancelledError:
+                if not self._cancelled_itself():
+                    raise
+                raise HandlerCancelled("the handler was cancelled") from None
             # What the handler sent leaves with the ack: only once its writes are durable.
             # Most handlers write nothing: then there is nothing to wait for (no await).
             if gate.holds_writes:

@@ -118,6 +118,15 @@ class SendBuffer:
         self._bytes = 0
         return taken
 
+    def finish_nowait(self) -> list[bytes] | None:
+        """:meth:`finish` when no flush is in progress (what is buffered, removed); None
+        while one is (then await :meth:`finish`)."""
+        if self._flushing is not None:
+            return None
+        taken, self._messages = self._messages, []
+        self._bytes = 0
+        return taken
+
     async def flush(self) -> None:
         """Publish everything buffered now, after a flush in progress. Returns at once when
         nothing is buffered or being published."""
