@@ -118,16 +118,10 @@ Resolved = tuple[Route, Mapping[str, str]]
 REPLICA_TICK_S = 0.25
 
 
-class _Running:
-    """An event being handled: where and when to send its next progress ack."""
-
-    __slots__ = ("due", "interval_s", "reply", "sequence")
-
-    def __init__(self, reply: str, sequence: int, interval_s: float, now: float) -> None:
-        self.reply = reply
-        self.sequence = sequence
-        self.interval_s = interval_s
-        self.due = now + interval_s
+#: An event being handled: where and when to send its next progress ack (reply subject,
+#: sequence, interval, when due). A tuple, not an object: one is made for every event,
+#: and the sweep replaces it when it sends.
+_Running = tuple[str, int, float, float]
 
 
 class HandlerCancelled(Exception):
@@ -595,7 +589,8 @@ class Worker(Service):
         ack_wait_ms = event.ack_wait_ms
         if ack_wait_ms:
             # Progress acks come from one sweep over all running handlers, not a timer each.
-            self._running[key] = _Running(msg.reply, sequence, ack_wait_ms / 3000, started)
+            interval_s = ack_wait_ms / 3000
+            self._running[key] = (msg.reply, sequence, interval_s, started + interval_s)
         path = event.path
         resolved = self.app.resolve(path)
         try:
@@ -606,7 +601,7 @@ class Worker(Service):
             # A function route's handler, in this coroutine (one fewer per event).
             event_kind = EVENT_KINDS[kind]
             # Idempotency keys of this run's writes: the same for every delivery of the event.
-            gate = OutputGate(f"{connection_id}:{sequence}")
+            gate = OutputGate(connection_id, sequence)
             conn = Connection(
                 connection_id,
                 path,
@@ -733,12 +728,15 @@ class Worker(Service):
         while True:
             await asyncio.sleep(PROGRESS_SWEEP_S)
             now = time.perf_counter()
-            for running in list(self._running.values()):
-                if running.due <= now:
-                    running.due = now + running.interval_s
-                    progress = pb.EventAck(sequence=running.sequence, in_progress=True)
+            running = self._running
+            for key, entry in list(running.items()):
+                reply, sequence, interval_s, due = entry
+                # Not if the event was settled while an earlier progress ack was published.
+                if due <= now and running.get(key) is entry:
+                    running[key] = (reply, sequence, interval_s, now + interval_s)
+                    progress = pb.EventAck(sequence=sequence, in_progress=True)
                     with contextlib.suppress(nats.errors.Error):
-                        await self._nc.publish(running.reply, progress.SerializeToString())
+                        await self._nc.publish(reply, progress.SerializeToString())
             if time.monotonic() >= next_intake_check:
                 next_intake_check = time.monotonic() + intake_every
                 self._check_intake()

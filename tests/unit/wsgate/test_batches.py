@@ -15,6 +15,7 @@ from wsgate.batches import (
     command_entry,
     final_ack_entry,
     single_command,
+    varint,
 )
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -93,7 +94,7 @@ _final_acks = st.one_of(
     messages(pb.EventAck.DESCRIPTOR, st.text(max_size=40)),
     st.builds(
         pb.EventAck,
-        sequence=st.integers(0, 2**64 - 1),
+        sequence=st.integers(0, 2**15) | st.integers(0, 2**64 - 1),
         connection_id=st.text(max_size=200),
         messages=st.lists(_long_messages, max_size=4),
     ),
@@ -110,3 +111,10 @@ def test_a_final_ack_written_from_its_parts_is_protobufs_own_entry(drawn: pb.Eve
     entry = final_ack_entry(ack.connection_id, ack.sequence, encoded)
     assert entry == ack_entry(ack)
     assert pb.GatewayBatch.FromString(entry) == pb.GatewayBatch(items=[pb.GatewayItem(ack=ack)])
+
+
+@given(st.integers(0, 2**15) | st.integers(0, 2**64 - 1))
+def test_varints_are_protobufs(value: int) -> None:
+    # A uint64 field alone is its tag byte, then its value's varint (0 is left out).
+    expected = pb.EventAck(sequence=value).SerializeToString()[1:] if value else b"\x00"
+    assert varint(value) == expected
