@@ -598,7 +598,7 @@ class Worker(Service):
                 # Acked by the activation (here, or where it was forwarded).
                 await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
                 return
-            # A function route's handler, in this coroutine (one fewer per event).
+            # A function route's handler, in this coroutine (no coroutines of its own).
             event_kind = EVENT_KINDS[kind]
             # Idempotency keys of this run's writes: the same for every delivery of the event.
             gate = OutputGate(connection_id, sequence)
@@ -618,7 +618,37 @@ class Worker(Service):
                 # The app was redeployed without this route while the connection lived.
                 outcome = HandlerOutcome.NO_ROUTE
             else:
-                outcome = await self._call_handler(resolved[0], conn, gate, event, event_kind)
+                # The route's handler, then the wait until its writes are durable, here
+                # rather than in a coroutine of its own: one fewer per event. An exception
+                # (the handler's, or a failed write's) is logged and counted.
+                route = resolved[0]
+                current_connection.set(conn)
+                current_gate.set(gate)
+                try:
+                    try:
+                        if event_kind is EventKind.MESSAGE and route.message_handler is not None:
+                            data = event.message
+                            text = data.WhichOneof("data") == "text"
+                            await route.message_handler(conn, data.text if text else data.binary)
+                        elif event_kind is EventKind.CLOSED and route.close_handler is not None:
+                            closed = event.closed
+                            await route.close_handler(conn, closed.code, closed.reason)
+                    except asyncio.CancelledError:
+                        if not self._cancelled_itself():
+                            raise
+                        raise HandlerCancelled("the handler was cancelled") from None
+                    # What the handler sent leaves with the ack: only once its writes are
+                    # durable. Most handlers write nothing: nothing to wait for (no await).
+                    if gate.holds_writes:
+                        if gate.closed:
+                            metrics.gate_waits.inc()
+                        await gate.open()
+                except Exception:
+                    metrics.handler_errors.inc()
+                    log.exception("handler failed for %s#%d", connection_id, sequence)
+                    outcome = HandlerOutcome.FAILED
+                else:
+                    outcome = HandlerOutcome.RETURNED
             settlement = settle(event_kind, outcome, closed=conn.closed)
             messages = None
             if settlement.release_output and settlement.close is None:
@@ -752,44 +782,6 @@ class Worker(Service):
                 log.warning("worker %s takes requests again; /readyz is 200", self.worker_id)
             self._intake_stopped = reason
             self.metrics.intake_stalled.set(0 if reason is None else 1)
-
-    async def _call_handler(
-        self,
-        route: Route,
-        conn: Connection,
-        gate: OutputGate,
-        event: pb.ConnectionEvent,
-        kind: EventKind,
-    ) -> HandlerOutcome:
-        """Run the route's handler for ``event`` and wait until its writes are durable;
-        an exception (the handler's, or a failed write's) is logged and counted."""
-        current_connection.set(conn)
-        current_gate.set(gate)
-        try:
-            try:
-                # Awaited here, not through _guarded: one coroutine fewer per event.
-                if kind is EventKind.MESSAGE and route.message_handler is not None:
-                    data = event.message
-                    payload = data.text if data.WhichOneof("data") == "text" else data.binary
-                    await route.message_handler(conn, payload)
-                elif kind is EventKind.CLOSED and route.close_handler is not None:
-                    closed = event.closed
-                    await route.close_handler(conn, closed.code, closed.reason)
-            except asyncio.CancelledError:
-                if not self._cancelled_itself():
-                    raise
-                raise HandlerCancelled("the handler was cancelled") from None
-            # What the handler sent leaves with the ack: only once its writes are durable.
-            # Most handlers write nothing: then there is nothing to wait for (no await).
-            if gate.holds_writes:
-                if gate.closed:
-                    self.metrics.gate_waits.inc()
-                await gate.open()
-        except Exception:
-            self.metrics.handler_errors.inc()
-            log.exception("handler failed for %s#%d", event.connection_id, event.sequence)
-            return HandlerOutcome.FAILED
-        return HandlerOutcome.RETURNED
 
 
 async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[bytes]:
