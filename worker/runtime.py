@@ -35,6 +35,7 @@ import logging
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -338,6 +339,7 @@ class Worker(Service):
                     len(pending),
                 )
                 await cancel_and_wait(pending, CANCELLED_HANDLER_WAIT_S, "handler task", log)
+                self._settle_unstarted()
         if self._background:
             # The final acks of the last handlers, on their way out before NATS drains.
             await asyncio.wait(self._background, timeout=CANCELLED_HANDLER_WAIT_S)
@@ -361,9 +363,7 @@ class Worker(Service):
             self._intake.taken(time.monotonic())
             self.metrics.in_flight.inc()
             assert self._loop is not None
-            task = start_task(self._loop, handler(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            self._tasks.add(start_task(self._loop, self._handled(handler, msg)))
 
         return spawn
 
@@ -394,12 +394,31 @@ class Worker(Service):
                 return
         self._free_slots += 1
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
+    async def _handled(
+        self, handler: Callable[[Msg], Coroutine[None, None, None]], msg: Msg
+    ) -> None:
+        """A request's Task: ``handler(msg)``, then its slot back. In the Task's own ``finally``
+        rather than a done callback, which costs a callback scheduled on the loop per
+        request. (A Task cancelled before its first step never gets here: the drain
+        settles those, :meth:`_settle_unstarted`.)"""
+        try:
+            await handler(msg)
+        except Exception:
+            log.exception("request handling failed")
+        finally:
+            self._request_done(asyncio.current_task())
+
+    def _request_done(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
         self._release_slot()
         self.metrics.in_flight.dec()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request handling failed", exc_info=task.exception())
+
+    def _settle_unstarted(self) -> None:
+        """Handler Tasks that are done but still listed were cancelled before their first
+        step (their ``finally`` never ran): their slots back."""
+        for task in [task for task in self._tasks if task.done()]:
+            self._request_done(task)
 
     async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
         """Send ``command`` to the gateway that holds ``connection_id`` (CommandSink): it
