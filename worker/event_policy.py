@@ -32,6 +32,10 @@ class EventKind(enum.Enum):
     MESSAGE = "message"
     CLOSED = "closed"
 
+    # Hashed by identity (members are singletons, compared by identity): Enum's own hash
+    # is a Python call, and settle() hashes a kind and an outcome for every event.
+    __hash__ = object.__hash__
+
 
 class HandlerOutcome(enum.Enum):
     """How the handler of an event ended."""
@@ -43,6 +47,8 @@ class HandlerOutcome(enum.Enum):
     #: No route serves the event's path any more (the app was redeployed without it):
     #: no handler ran.
     NO_ROUTE = "no route"
+
+    __hash__ = object.__hash__  # as EventKind's
 
 
 @dataclass(frozen=True, slots=True)

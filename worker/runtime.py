@@ -406,7 +406,13 @@ class Worker(Service):
         except Exception:
             log.exception("request handling failed")
         finally:
-            self._request_done(asyncio.current_task())
+            self._tasks.discard(asyncio.current_task())
+            # _request_done, inlined: this runs for every request.
+            if self._slot_waiters:
+                self._release_slot()
+            else:
+                self._free_slots += 1
+            self.metrics.in_flight.value -= 1
 
     def _request_done(self, task: asyncio.Task[Any] | None) -> None:
         if task is not None:
