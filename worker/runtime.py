@@ -379,7 +379,9 @@ class Worker(Service):
             if waiter.done() and not waiter.cancelled():
                 self._release_slot()  # handed over as it was cancelled: to the next one
             else:
-                self._slot_waiters.remove(waiter)
+                # Still queued, unless a release already skipped it (it was cancelled).
+                with contextlib.suppress(ValueError):
+                    self._slot_waiters.remove(waiter)
             raise
         finally:
             self._intake.waiting(-1)

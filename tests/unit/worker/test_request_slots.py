@@ -71,3 +71,28 @@ async def test_a_request_cancelled_before_its_first_step_gives_its_slot_back() -
     while worker._tasks:
         await asyncio.wait(set(worker._tasks))
     assert ran == ["next"]
+
+
+async def test_a_request_cancelled_while_it_waits_for_a_slot_takes_none() -> None:
+    worker = _worker(1)
+    release = asyncio.Event()
+    ran: list[str] = []
+
+    async def handler(msg: Any) -> None:
+        ran.append(msg)
+        await release.wait()
+
+    spawn = worker._spawner(handler)
+    await spawn("running")
+    given_up = asyncio.ensure_future(spawn("given up"))
+    later = asyncio.ensure_future(spawn("later"))
+    await asyncio.sleep(0)
+    release.set()  # the running handler ends first: its slot passes the cancelled wait by
+    given_up.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await given_up
+    await asyncio.wait_for(later, 5)
+    while worker._tasks:
+        await asyncio.wait(set(worker._tasks))
+    assert ran == ["running", "later"]
+    assert (worker._free_slots, worker.metrics.in_flight.value) == (1, 0)
