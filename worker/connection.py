@@ -35,7 +35,7 @@ from wsgate.worker.errors import (
     NotAccepted,
 )
 from wsgate.worker.gate import OutputGate
-from wsgate.worker.messages import message_envelope
+from wsgate.worker.messages import encoded_message
 from wsgate.worker.send_buffer import CommandSink, SendBuffer
 
 if TYPE_CHECKING:
@@ -153,7 +153,7 @@ class Connection:
         Messages arrive in the order sent. Raises InvalidMessage for other types and
         ConnectionClosed once closed.
         """
-        envelope = message_envelope(message, "send()")
+        envelope = encoded_message(message, "send()")
         if self._phase is Phase.CLOSED:
             raise ConnectionClosed(self.id)
         full = self._buffer.append(envelope, len(message))
@@ -178,7 +178,9 @@ class Connection:
             await self._sink.send_command(
                 self.id,
                 pb.GatewayCommand(
-                    connection_ids=[self.id], send=envelope, in_reply_to=self.sequence
+                    connection_ids=[self.id],
+                    send=pb.Message.FromString(envelope),
+                    in_reply_to=self.sequence,
                 ),
             )
         await self._sink.send_command(
@@ -216,10 +218,16 @@ class Connection:
         self._phase = Phase.OPEN
         return self._buffer.take()
 
-    async def end_event(self) -> list[pb.Message]:
+    async def end_event(self) -> list[bytes]:
         """After an event handler: wait for sends already being published, and return
-        what is still buffered, to go with the final ack."""
+        what is still buffered, serialized (``Message`` envelopes), to go with the final
+        ack."""
         return await self._buffer.finish()
+
+    def take_event_output(self) -> list[bytes] | None:
+        """:meth:`end_event` without waiting, when there is nothing to wait for (no flush
+        in flight): what is still buffered; None otherwise (then ``await end_event()``)."""
+        return self._buffer.finish_nowait()
 
     def abandon_output(self) -> None:
         """Drop what is buffered or still being published: the handler failed, and the

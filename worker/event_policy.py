@@ -9,7 +9,7 @@ ended, :func:`settle` decides
 - the close, if any, that the worker sends for the connection, after released frames;
 - whether the connection leaves every durable object before the ack (a close event);
 
-and :func:`final_ack` builds the ack, which carries the frames still buffered. An event
+and :func:`final_ack` writes the ack, which carries the frames still buffered. An event
 is acknowledged whatever its handler did (an exception in a handler ends the
 connection, as in Cloudflare Workers, and is not retried); only a failure of the
 worker's own steps (the close of a route no longer served, leaving the objects) leaves
@@ -19,9 +19,9 @@ it unacknowledged, so that the gateway delivers it again.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
 from dataclasses import dataclass
 
+from wsgate.batches import final_ack_entry
 from wsgate.closecodes import CloseCode
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -31,6 +31,10 @@ class EventKind(enum.Enum):
 
     MESSAGE = "message"
     CLOSED = "closed"
+
+    # Hashed by identity (members are singletons, compared by identity): Enum's own hash
+    # is a Python call, and settle() hashes a kind and an outcome for every event.
+    __hash__ = object.__hash__
 
 
 class HandlerOutcome(enum.Enum):
@@ -43,6 +47,8 @@ class HandlerOutcome(enum.Enum):
     #: No route serves the event's path any more (the app was redeployed without it):
     #: no handler ran.
     NO_ROUTE = "no route"
+
+    __hash__ = object.__hash__  # as EventKind's
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +111,8 @@ _SETTLEMENTS = {
 EVENT_KINDS = {kind.value: kind for kind in EventKind}
 
 
-def final_ack(event: pb.ConnectionEvent, messages: Iterable[pb.Message]) -> pb.EventAck:
-    """The final ack of ``event``, carrying ``messages`` (what the handler sent that is
-    still buffered: the gateway writes them before it takes the connection's next event)."""
-    ack = pb.EventAck(sequence=event.sequence, connection_id=event.connection_id)
-    ack.messages.extend(messages)
-    return ack
+def final_ack(event: pb.ConnectionEvent, messages: list[bytes]) -> bytes:
+    """The final ack of ``event`` as a GatewayBatch entry, carrying ``messages`` (what the
+    handler sent that is still buffered, serialized ``Message`` envelopes: the gateway
+    writes them before it takes the connection's next event)."""
+    return final_ack_entry(event.connection_id, event.sequence, messages)

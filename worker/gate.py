@@ -30,26 +30,37 @@ from wsgate.state_errors import EXHAUSTED_TYPES
 class OutputGate:
     """The writes of one handler run, and the numbering of their idempotency keys.
 
-    ``key_prefix`` is None where writes need no key (outside any event).
+    ``key_prefix`` is None where writes need no key (outside any event). With
+    ``sequence``, the keys' prefix is ``f"{key_prefix}:{sequence}"`` (an event's
+    connection id and sequence), made at the first write: most handler runs write nothing,
+    and a gate is made for every event.
     """
 
-    __slots__ = ("_key_prefix", "_next", "_writes")
+    __slots__ = ("_key_prefix", "_next", "_sequence", "_writes")
 
-    def __init__(self, key_prefix: str | None) -> None:
+    def __init__(self, key_prefix: str | None, sequence: int | None = None) -> None:
         self._key_prefix = key_prefix
+        self._sequence = sequence
         self._next = 0
-        self._writes: list[asyncio.Future[Any]] = []
+        # A list once something is held (most runs hold nothing: no list made for them).
+        self._writes: list[asyncio.Future[Any]] | tuple[()] = ()
 
     def next_key(self) -> str:
         """The idempotency key of the next write of this run ("" when there is none)."""
         if self._key_prefix is None:
             return ""
+        if self._sequence is not None:
+            self._key_prefix = f"{self._key_prefix}:{self._sequence}"
+            self._sequence = None
         self._next += 1
         return f"{self._key_prefix}:{self._next}"
 
     def hold(self, write: asyncio.Future[Any]) -> None:
         """Keep output behind ``write`` until it completes."""
-        self._writes.append(write)
+        if self._writes:
+            self._writes.append(write)
+        else:
+            self._writes = [write]
 
     async def open(self) -> None:
         """Wait for every write registered so far (and any registered meanwhile); raise the
@@ -71,7 +82,7 @@ class OutputGate:
     def abandon(self) -> None:
         """Stop gating: the handler failed and its output is dropped. The writes go on;
         their outcome no longer matters to anyone (failures are only logged)."""
-        writes, self._writes = self._writes, []
+        writes, self._writes = self._writes, ()
         for write in writes:
             write.add_done_callback(_retrieve)
 

@@ -27,12 +27,15 @@ ack wait, so a slow handler, or a durable object's busy queue, is not redelivere
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
 import logging
 import time
+import types
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -104,6 +107,9 @@ CANCELLED_HANDLER_WAIT_S = OVERDUE_TASK_WAIT_S
 #: The answer to a connect request that is not one (the upgrade gets 400).
 _BAD_CONNECT_REQUEST = reject_decision(400, "Bad connect request").SerializeToString()
 
+#: The parameters of an event's path when no route matches it any more.
+_NO_PARAMS: Mapping[str, str] = types.MappingProxyType({})
+
 #: A route and the parameters of the path it matched.
 Resolved = tuple[Route, Mapping[str, str]]
 
@@ -113,16 +119,10 @@ Resolved = tuple[Route, Mapping[str, str]]
 REPLICA_TICK_S = 0.25
 
 
-class _Running:
-    """An event being handled: where and when to send its next progress ack."""
-
-    __slots__ = ("due", "interval_s", "reply", "sequence")
-
-    def __init__(self, reply: str, sequence: int, interval_s: float, now: float) -> None:
-        self.reply = reply
-        self.sequence = sequence
-        self.interval_s = interval_s
-        self.due = now + interval_s
+#: An event being handled: where and when to send its next progress ack (reply subject,
+#: sequence, interval, when due). A tuple, not an object: one is made for every event,
+#: and the sweep replaces it when it sends.
+_Running = tuple[str, int, float, float]
 
 
 class HandlerCancelled(Exception):
@@ -165,7 +165,10 @@ class Worker(Service):
             registry=self.metrics.registry,
             not_ready_reason=self._supervisor.not_ready_reason,
         )
-        self._slots = asyncio.Semaphore(config.max_concurrent_events)
+        #: Handler slots: how many are free, and the requests waiting for one, in order
+        #: (a semaphore of its own: asyncio's costs two generator expressions per acquire).
+        self._free_slots = config.max_concurrent_events
+        self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
@@ -336,6 +339,7 @@ class Worker(Service):
                     len(pending),
                 )
                 await cancel_and_wait(pending, CANCELLED_HANDLER_WAIT_S, "handler task", log)
+                self._settle_unstarted()
         if self._background:
             # The final acks of the last handlers, on their way out before NATS drains.
             await asyncio.wait(self._background, timeout=CANCELLED_HANDLER_WAIT_S)
@@ -352,29 +356,77 @@ class Worker(Service):
         """
 
         async def spawn(msg: Msg) -> None:
-            if self._slots.locked():
-                self._intake.waiting(+1)
-                try:
-                    await self._slots.acquire()
-                finally:
-                    self._intake.waiting(-1)
+            if self._free_slots:
+                self._free_slots -= 1
             else:
-                await self._slots.acquire()
+                await self._wait_for_slot()
             self._intake.taken(time.monotonic())
             self.metrics.in_flight.inc()
             assert self._loop is not None
-            task = start_task(self._loop, handler(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._task_done)
+            self._tasks.add(start_task(self._loop, self._handled(handler, msg)))
 
         return spawn
 
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        self._slots.release()
+    async def _wait_for_slot(self) -> None:
+        """Wait until a handler slot is handed to this request (first come, first served)."""
+        assert self._loop is not None
+        waiter = self._loop.create_future()
+        self._slot_waiters.append(waiter)
+        self._intake.waiting(+1)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed over as it was cancelled: to the next one
+            else:
+                # Still queued, unless a release already skipped it (it was cancelled).
+                with contextlib.suppress(ValueError):
+                    self._slot_waiters.remove(waiter)
+            raise
+        finally:
+            self._intake.waiting(-1)
+
+    def _release_slot(self) -> None:
+        """A slot is free: to the first request waiting for one, if any."""
+        waiters = self._slot_waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free_slots += 1
+
+    async def _handled(
+        self, handler: Callable[[Msg], Coroutine[None, None, None]], msg: Msg
+    ) -> None:
+        """A request's Task: ``handler(msg)``, then its slot back. In the Task's own ``finally``
+        rather than a done callback, which costs a callback scheduled on the loop per
+        request. (A Task cancelled before its first step never gets here: the drain
+        settles those, :meth:`_settle_unstarted`.)"""
+        try:
+            await handler(msg)
+        except Exception:
+            log.exception("request handling failed")
+        finally:
+            self._tasks.discard(asyncio.current_task())
+            # _request_done, inlined: this runs for every request.
+            if self._slot_waiters:
+                self._release_slot()
+            else:
+                self._free_slots += 1
+            self.metrics.in_flight.value -= 1
+
+    def _request_done(self, task: asyncio.Task[Any] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
+        self._release_slot()
         self.metrics.in_flight.dec()
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request handling failed", exc_info=task.exception())
+
+    def _settle_unstarted(self) -> None:
+        """Handler Tasks that are done but still listed were cancelled before their first
+        step (their ``finally`` never ran): their slots back."""
+        for task in [task for task in self._tasks if task.done()]:
+            self._request_done(task)
 
     async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
         """Send ``command`` to the gateway that holds ``connection_id`` (CommandSink): it
@@ -519,11 +571,19 @@ class Worker(Service):
         try:
             return await call
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self.phase is not ServicePhase.RUNNING or task is None or not task.cancelling():
+            if not self._cancelled_itself():
                 raise
-            task.uncancel()
             raise HandlerCancelled("the handler was cancelled") from None
+
+    def _cancelled_itself(self) -> bool:
+        """In a handler's Task that met a CancelledError: whether the handler cancelled
+        itself (it has then failed, and the cancellation is taken back: True), rather than
+        being cancelled from outside (the worker shutting down: False, it goes on)."""
+        task = asyncio.current_task()
+        if self.phase is not ServicePhase.RUNNING or task is None or not task.cancelling():
+            return False
+        task.uncancel()
+        return True
 
     async def _event(self, msg: Msg) -> None:
         try:
@@ -535,41 +595,103 @@ class Worker(Service):
             # the same bytes again at once). A real gateway resends it after its ack wait.
             self._garbage("events", msg, exc)
             return
-        kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
+        # Each field read once: every read of a protobuf field makes a new Python object.
+        connection_id = event.connection_id
+        sequence = event.sequence
         # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
         subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
         if not (
             msg.subject.endswith(subject_end)
-            and msg.reply == f"{reply_start}{event.connection_id}.{event.sequence}"
+            and msg.reply == f"{reply_start}{connection_id}.{sequence}"
         ):
-            self._impostor("event", event.connection_id, msg)
+            self._impostor("event", connection_id, msg)
             return
-        (self.metrics.message_events if kind == "message" else self.metrics.closed_events).inc()
+        kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
+        metrics = self.metrics
+        (metrics.message_events if kind == "message" else metrics.closed_events).inc()
         if event.redelivered:
-            self.metrics.redelivered.inc()
+            metrics.redelivered.inc()
         started = time.perf_counter()
         key = id(msg)
-        if event.ack_wait_ms:
+        ack_wait_ms = event.ack_wait_ms
+        if ack_wait_ms:
             # Progress acks come from one sweep over all running handlers, not a timer each.
-            self._running[key] = _Running(
-                msg.reply, event.sequence, event.ack_wait_ms / 3000, started
-            )
-        resolved = self.app.resolve(event.path)
+            interval_s = ack_wait_ms / 3000
+            self._running[key] = (msg.reply, sequence, interval_s, started + interval_s)
+        path = event.path
+        resolved = self.app.resolve(path)
         try:
             if resolved is not None and resolved[0].object_class is not None:
                 # Acked by the activation (here, or where it was forwarded).
                 await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
                 return
-            messages, settlement = await self._run_event(event, EVENT_KINDS[kind], resolved)
-            ack = final_ack(event, messages)
+            # A function route's handler, in this coroutine (no coroutines of its own).
+            event_kind = EVENT_KINDS[kind]
+            # Idempotency keys of this run's writes: the same for every delivery of the event.
+            gate = OutputGate(connection_id, sequence)
+            conn = Connection(
+                connection_id,
+                path,
+                resolved[1] if resolved else _NO_PARAMS,
+                sink=self,
+                env=self._env,
+                closed=event_kind is EventKind.CLOSED,
+                sequence=sequence,
+                redelivered=event.redelivered,
+                gate=gate,
+                loop=self._loop,
+            )
+            if resolved is None:
+                # The app was redeployed without this route while the connection lived.
+                outcome = HandlerOutcome.NO_ROUTE
+            else:
+                # The route's handler, then the wait until its writes are durable, here
+                # rather than in a coroutine of its own: one fewer per event. An exception
+                # (the handler's, or a failed write's) is logged and counted.
+                route = resolved[0]
+                current_connection.set(conn)
+                current_gate.set(gate)
+                try:
+                    try:
+                        if event_kind is EventKind.MESSAGE and route.message_handler is not None:
+                            data = event.message
+                            text = data.WhichOneof("data") == "text"
+                            await route.message_handler(conn, data.text if text else data.binary)
+                        elif event_kind is EventKind.CLOSED and route.close_handler is not None:
+                            closed = event.closed
+                            await route.close_handler(conn, closed.code, closed.reason)
+                    except asyncio.CancelledError:
+                        if not self._cancelled_itself():
+                            raise
+                        raise HandlerCancelled("the handler was cancelled") from None
+                    # What the handler sent leaves with the ack: only once its writes are
+                    # durable. Most handlers write nothing: nothing to wait for (no await).
+                    if gate.holds_writes:
+                        if gate.closed:
+                            metrics.gate_waits.inc()
+                        await gate.open()
+                except Exception:
+                    metrics.handler_errors.inc()
+                    log.exception("handler failed for %s#%d", connection_id, sequence)
+                    outcome = HandlerOutcome.FAILED
+                else:
+                    outcome = HandlerOutcome.RETURNED
+            settlement = settle(event_kind, outcome, closed=conn.closed)
+            messages = None
+            if settlement.release_output and settlement.close is None:
+                # The common case: carry_out's, without a coroutine (None: wait for it).
+                messages = conn.take_event_output()
+            if messages is None:
+                messages = await carry_out(settlement, conn, gate)
+            ack = final_ack(event, messages)  # a GatewayBatch entry
             if settlement.leave_objects:
                 # After the app's close handler: the connection leaves every object. A
                 # failure propagates, so the event is not acked and is delivered again.
-                await leave_all(self._state, event.connection_id)
+                await leave_all(self._state, connection_id)
         finally:
             self._running.pop(key, None)
-            self.metrics.handler_seconds.observe(time.perf_counter() - started)
-        self._queue_ack(gateway_id, ack)
+            metrics.handler_seconds.observe(time.perf_counter() - started)
+        self._queue(gateway_id, ack)
 
     def _impostor(self, what: str, connection_id: str, msg: Msg) -> None:
         self.metrics.impostors.inc()
@@ -663,12 +785,15 @@ class Worker(Service):
         while True:
             await asyncio.sleep(PROGRESS_SWEEP_S)
             now = time.perf_counter()
-            for running in list(self._running.values()):
-                if running.due <= now:
-                    running.due = now + running.interval_s
-                    progress = pb.EventAck(sequence=running.sequence, in_progress=True)
+            running = self._running
+            for key, entry in list(running.items()):
+                reply, sequence, interval_s, due = entry
+                # Not if the event was settled while an earlier progress ack was published.
+                if due <= now and running.get(key) is entry:
+                    running[key] = (reply, sequence, interval_s, now + interval_s)
+                    progress = pb.EventAck(sequence=sequence, in_progress=True)
                     with contextlib.suppress(nats.errors.Error):
-                        await self._nc.publish(running.reply, progress.SerializeToString())
+                        await self._nc.publish(reply, progress.SerializeToString())
             if time.monotonic() >= next_intake_check:
                 next_intake_check = time.monotonic() + intake_every
                 self._check_intake()
@@ -685,73 +810,11 @@ class Worker(Service):
             self._intake_stopped = reason
             self.metrics.intake_stalled.set(0 if reason is None else 1)
 
-    async def _run_event(
-        self, event: pb.ConnectionEvent, kind: EventKind, resolved: Resolved | None
-    ) -> tuple[list[pb.Message], Settlement]:
-        """Run a function route's handler and carry out what :func:`settle` decides for
-        its outcome; returns what it sent that is still buffered (for the ack), and the
-        settlement. Raises what a close that is not best-effort raised."""
-        conn_params: Mapping[str, str] = resolved[1] if resolved else {}
-        # Idempotency keys of this run's writes: the same for every delivery of the event.
-        gate = OutputGate(f"{event.connection_id}:{event.sequence}")
-        conn = Connection(
-            event.connection_id,
-            event.path,
-            conn_params,
-            sink=self,
-            env=self._env,
-            closed=kind is EventKind.CLOSED,
-            sequence=event.sequence,
-            redelivered=event.redelivered,
-            gate=gate,
-            loop=self._loop,
-        )
-        if resolved is None:
-            # The app was redeployed without this route while the connection lived.
-            outcome = HandlerOutcome.NO_ROUTE
-        else:
-            outcome = await self._call_handler(resolved[0], conn, gate, event, kind)
-        settlement = settle(kind, outcome, closed=conn.closed)
-        return await carry_out(settlement, conn, gate), settlement
 
-    async def _call_handler(
-        self,
-        route: Route,
-        conn: Connection,
-        gate: OutputGate,
-        event: pb.ConnectionEvent,
-        kind: EventKind,
-    ) -> HandlerOutcome:
-        """Run the route's handler for ``event`` and wait until its writes are durable;
-        an exception (the handler's, or a failed write's) is logged and counted."""
-        current_connection.set(conn)
-        current_gate.set(gate)
-        try:
-            if kind is EventKind.MESSAGE and route.message_handler is not None:
-                data = event.message
-                payload = data.text if data.WhichOneof("data") == "text" else data.binary
-                await self._guarded(route.message_handler(conn, payload))
-            elif kind is EventKind.CLOSED and route.close_handler is not None:
-                await self._guarded(
-                    route.close_handler(conn, event.closed.code, event.closed.reason)
-                )
-            # What the handler sent leaves with the ack: only once its writes are durable.
-            # Most handlers write nothing: then there is nothing to wait for (no await).
-            if gate.holds_writes:
-                if gate.closed:
-                    self.metrics.gate_waits.inc()
-                await gate.open()
-        except Exception:
-            self.metrics.handler_errors.inc()
-            log.exception("handler failed for %s#%d", event.connection_id, event.sequence)
-            return HandlerOutcome.FAILED
-        return HandlerOutcome.RETURNED
-
-
-async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[pb.Message]:
+async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[bytes]:
     """Do what ``settlement`` says to the output of ``conn``'s handler run (gated by
     ``gate``): drop it or let it go, send the close; returns the frames still buffered, for
-    the final ack. Raises what a close that is not best-effort raised."""
+    the final ack (serialized). Raises what a close that is not best-effort raised."""
     if not settlement.release_output:
         # Its output was gated by what failed (or by writes still running): dropped.
         gate.abandon()

@@ -4,11 +4,16 @@
 it by one of three ways, whichever keeps the order at the least cost:
 
 - :meth:`SendBuffer.take`: all of it at once, into the Accept (sends of ``on_connect``);
-- :meth:`SendBuffer.finish`: what is left when the handler returns, with the final ack;
+- :meth:`SendBuffer.finish`: what is left when the handler returns, with the final ack
+  (written by hand from the buffered bytes: :func:`wsgate.batches.final_ack_entry`);
 - :meth:`SendBuffer.flush` (now) or :meth:`SendBuffer.flush_soon` (at the event loop's
   next turn, so only if the handler waits on something): published as one
   ``GatewayCommand`` each, through the injected :class:`CommandSink`, once the handler's
   writes are durable (its :class:`~wsgate.worker.gate.OutputGate`).
+
+Messages are buffered serialized (``Message`` envelopes, from
+:func:`~wsgate.worker.messages.encoded_message`): most leave inside a final ack, and
+those need no ``pb.Message`` object at all; the other ways out parse them back.
 
 One flush runs at a time; a flush waits for the one before it, and whatever is appended
 while one runs goes in its next round, so messages leave in the order appended.
@@ -74,7 +79,7 @@ class SendBuffer:
         self._sequence = sequence
         self._gate = gate
         self._loop = loop
-        self._messages: list[pb.Message] = []
+        self._messages: list[bytes] = []
         self._bytes = 0
         self._flush_scheduled = False
         self._flushing: asyncio.Task[None] | None = None
@@ -89,26 +94,35 @@ class SendBuffer:
         """The payload bytes of the buffered messages."""
         return self._bytes
 
-    def append(self, message: pb.Message, size: int) -> bool:
-        """Buffer ``message`` (``size``: its payload's bytes). Returns whether the buffer
+    def append(self, message: bytes, size: int) -> bool:
+        """Buffer ``message``, a serialized ``Message`` envelope (``size``: its payload's
+        bytes). Returns whether the buffer
         now holds more than MAX_BUFFERED_BYTES: the owner should then ``await flush()``."""
         self._messages.append(message)
         self._bytes += size
         return self._bytes > MAX_BUFFERED_BYTES
 
     def take(self) -> list[pb.Message]:
-        """Remove and return everything buffered (in ``on_connect``, where nothing is
-        flushed: it all travels in the Accept)."""
+        """Remove and return everything buffered, as envelopes (in ``on_connect``, where
+        nothing is flushed: it all travels in the Accept)."""
+        taken, self._messages = self._messages, []
+        self._bytes = 0
+        return [pb.Message.FromString(message) for message in taken]
+
+    async def finish(self) -> list[bytes]:
+        """Wait for a flush in progress, then remove and return what is still buffered,
+        serialized (it goes with the final ack)."""
+        if self._flushing is not None:
+            await self._flushing
         taken, self._messages = self._messages, []
         self._bytes = 0
         return taken
 
-    async def finish(self) -> list[pb.Message]:
-        """Wait for a flush in progress, then remove and return what is still buffered
-        (it goes with the final ack)."""
+    def finish_nowait(self) -> list[bytes] | None:
+        """:meth:`finish` when no flush is in progress (what is buffered, removed); None
+        while one is (then await :meth:`finish`)."""
         if self._flushing is not None:
-            await self._flushing
-        # take(), inlined: this runs once per event.
+            return None
         taken, self._messages = self._messages, []
         self._bytes = 0
         return taken
@@ -149,12 +163,14 @@ class SendBuffer:
             if self._gate is not None:
                 await self._gate.open()
             while self._messages:
-                for message in self.take():
+                taken, self._messages = self._messages, []
+                self._bytes = 0
+                for message in taken:
                     await self._sink.send_command(
                         self._connection_id,
                         pb.GatewayCommand(
                             connection_ids=[self._connection_id],
-                            send=message,
+                            send=pb.Message.FromString(message),
                             in_reply_to=self._sequence,
                         ),
                     )

@@ -24,7 +24,13 @@ _ACK = 0x0A  # GatewayItem.ack = 1
 _COMMAND = 0x12  # GatewayItem.command = 2
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """``value`` (0 or more) as a protobuf varint."""
+    # One and two bytes without a loop: lengths and sequences are mostly that small.
+    if value < 0x80:
+        return b"%c" % value
+    if value < 0x4000:
+        return b"%c%c" % ((value & 0x7F) | 0x80, value >> 7)
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -34,12 +40,48 @@ def _varint(value: int) -> bytes:
 
 
 def _field(tag: int, payload: bytes) -> bytes:
-    return b"%c%s%s" % (tag, _varint(len(payload)), payload)
+    return b"%c%s%s" % (tag, varint(len(payload)), payload)
 
 
 def ack_entry(ack: pb.EventAck) -> bytes:
     """``ack`` as one item of a GatewayBatch, ready to be joined with others."""
     return _field(_ITEMS, _field(_ACK, ack.SerializeToString()))
+
+
+def final_ack_entry(connection_id: str, sequence: int, messages: list[bytes]) -> bytes:
+    """The entry :func:`ack_entry` makes of ``EventAck(sequence=sequence,
+    connection_id=connection_id, messages=...)``, written straight from its parts: a
+    worker's final ack, once per event, with no EventAck made and serialized.
+    ``messages`` are serialized ``Message`` envelopes
+    (:func:`wsgate.worker.messages.encoded_message`). Fields go in field-number order and
+    proto3's defaults (0, "") are left out, as protobuf writes them;
+    tests/unit/wsgate/test_batches.py checks the bytes against protobuf's."""
+    # EventAck: sequence = 1 (varint), messages = 3 and connection_id = 4 (length-delimited).
+    cid = connection_id.encode()
+    if sequence and cid and len(messages) <= 1:
+        # The common case (one message or none), in one formatting.
+        if not messages:
+            ack = b'\x08%s"%s%s' % (varint(sequence), varint(len(cid)), cid)
+        else:
+            message = messages[0]
+            ack = b'\x08%s\x1a%s%s"%s%s' % (
+                varint(sequence),
+                varint(len(message)),
+                message,
+                varint(len(cid)),
+                cid,
+            )
+    else:
+        parts = [b"\x08%s" % varint(sequence)] if sequence else []
+        for message in messages:
+            parts.append(_field(0x1A, message))
+        if cid:
+            parts.append(_field(0x22, cid))
+        ack = b"".join(parts)
+    size = len(ack)
+    if size < 0x7E:  # the item (its tag, one length byte, the ack) fits one length byte
+        return b"\x0a%c\x0a%c%s" % (size + 2, size, ack)
+    return _field(_ITEMS, _field(_ACK, ack))
 
 
 def command_entry(command: pb.GatewayCommand) -> bytes:

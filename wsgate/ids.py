@@ -33,7 +33,10 @@ MAX_CONNECTION_ID_CHARS = _ID_MAX + 1 + 13
 # Every pattern here is applied with fullmatch: "$" would also accept a trailing newline.
 _NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?")
 _GATEWAY_ID = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?-[a-z0-9]{8}")
-_SERIAL = re.compile(r"[0-9a-z]+")
+#: The characters of a serial ([0-9a-z]+): a non-empty serial is one if
+#: ``serial.strip(_SERIAL_CHARS)`` is empty (strip stops at the first other character from
+#: either end). Half the cost of a regular expression's fullmatch, for every event and ack.
+_SERIAL_CHARS = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def node_name_from_host(hostname: str | None = None) -> str:
@@ -111,7 +114,7 @@ def gateway_of(connection_id: str) -> str:
     if len(connection_id) > MAX_CONNECTION_ID_CHARS:
         raise InvalidConnectionId(f"not a connection id: {connection_id[:120]!r}...")
     gateway, sep, serial = connection_id.rpartition("_")
-    if not sep or not _SERIAL.fullmatch(serial) or not _valid_gateway_id(gateway):
+    if not sep or not serial or serial.strip(_SERIAL_CHARS) or not _valid_gateway_id(gateway):
         raise InvalidConnectionId(f"not a connection id: {connection_id[:120]!r}")
     return gateway
 

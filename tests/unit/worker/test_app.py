@@ -115,7 +115,8 @@ async def test_sends_of_a_handler_that_finishes_at_once_go_with_the_ack() -> Non
     conn = _conn(sink, sequence=7)
     await conn.send("a")
     await conn.send(b"b")
-    assert [m.WhichOneof("data") for m in await conn.end_event()] == ["text", "binary"]
+    sent = [pb.Message.FromString(m) for m in await conn.end_event()]
+    assert [m.WhichOneof("data") for m in sent] == ["text", "binary"]
     assert sink.commands == []
 
 
@@ -126,7 +127,7 @@ async def test_sends_of_a_handler_that_waits_go_out_as_commands_in_order() -> No
     await asyncio.sleep(0)  # the handler waits on something: what it sent goes now
     await asyncio.sleep(0)
     await conn.send("second")
-    assert await conn.end_event() == [pb.Message(text="second")]
+    assert await conn.end_event() == [pb.Message(text="second").SerializeToString()]
     assert [(c.send.text, c.in_reply_to) for _, c in sink.commands] == [("first", 7)]
 
 

@@ -82,7 +82,9 @@ def test_every_kind_of_connection_event_has_a_policy() -> None:
 
 def test_the_final_ack_names_the_event_and_carries_the_frames() -> None:
     event = pb.ConnectionEvent(connection_id=CONN, sequence=12, message=pb.Message(text="x"))
-    ack = final_ack(event, [pb.Message(text="a"), pb.Message(binary=b"b")])
+    entry = final_ack(event, [pb.Message(text="a").SerializeToString(), b"\x12\x01b"])
+    (item,) = pb.GatewayBatch.FromString(entry).items
+    ack = item.ack
     assert (ack.connection_id, ack.sequence, ack.in_progress) == (CONN, 12, False)
     assert [m.WhichOneof("data") for m in ack.messages] == ["text", "binary"]
 
@@ -113,7 +115,10 @@ async def test_released_frames_ride_the_ack_once_the_writes_are_durable() -> Non
     await conn.send("one")
     await conn.send(b"two")
     messages = await carry_out(settle(MESSAGE, RETURNED, closed=False), conn, gate)
-    assert messages == [pb.Message(text="one"), pb.Message(binary=b"two")]
+    assert [pb.Message.FromString(m) for m in messages] == [
+        pb.Message(text="one"),
+        pb.Message(binary=b"two"),
+    ]
     assert sink.commands == []
 
 

@@ -13,6 +13,8 @@ def test_keys_number_the_writes_of_a_run() -> None:
     gate = OutputGate("c_1:7")
     assert [gate.next_key(), gate.next_key()] == ["c_1:7:1", "c_1:7:2"]
     assert OutputGate(None).next_key() == ""
+    event_gate = OutputGate("c_1", 7)  # an event's: its prefix made at the first write
+    assert [event_gate.next_key(), event_gate.next_key()] == ["c_1:7:1", "c_1:7:2"]
 
 
 async def test_open_waits_for_writes_registered_before_and_during_the_wait() -> None:

@@ -34,14 +34,15 @@ class RecordingSink:
         return [command.send.text for _, command in self.commands]
 
 
-def _text(s: str) -> pb.Message:
-    return pb.Message(text=s)
+def _text(s: str) -> bytes:
+    """A text message as it is buffered: its serialized envelope."""
+    return pb.Message(text=s).SerializeToString()
 
 
 async def test_take_returns_everything_in_order_and_empties_it() -> None:
     buffer = SendBuffer(RecordingSink(), CONN)
     buffer.append(_text("a"), 1)
-    buffer.append(pb.Message(binary=b"bb"), 2)
+    buffer.append(pb.Message(binary=b"bb").SerializeToString(), 2)
     assert (buffer.pending, buffer.buffered_bytes) == (2, 3)
     assert [m.WhichOneof("data") for m in buffer.take()] == ["text", "binary"]
     assert (buffer.pending, buffer.buffered_bytes) == (0, 0)

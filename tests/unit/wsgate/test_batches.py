@@ -4,13 +4,18 @@ order, and are split exactly at the size limit."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from tests.protobuf_strategies import messages
 from wsgate.batches import (
     ENTRY_OVERHEAD_BYTES,
     BatchWriter,
     ack_entry,
     command_entry,
+    final_ack_entry,
     single_command,
+    varint,
 )
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -76,3 +81,40 @@ def test_an_entry_over_the_limit_goes_alone_and_the_order_holds() -> None:
     for entry in (small, big, small):
         writer.add(entry)
     assert writer.payloads() == [small, big, small]
+
+
+#: Final acks as a worker writes them: any sequence, connection id and messages, with
+#: texts, binaries and ids long enough to need lengths of two varint bytes and more.
+_long_messages = st.one_of(
+    st.text(max_size=300).map(lambda t: pb.Message(text=t)),
+    st.binary(max_size=20_000).map(lambda b: pb.Message(binary=b)),
+    st.just(pb.Message()),
+)
+_final_acks = st.one_of(
+    messages(pb.EventAck.DESCRIPTOR, st.text(max_size=40)),
+    st.builds(
+        pb.EventAck,
+        sequence=st.integers(0, 2**15) | st.integers(0, 2**64 - 1),
+        connection_id=st.text(max_size=200),
+        messages=st.lists(_long_messages, max_size=4),
+    ),
+)
+
+
+@given(_final_acks)
+def test_a_final_ack_written_from_its_parts_is_protobufs_own_entry(drawn: pb.EventAck) -> None:
+    # What a final ack holds: the fields of progress acks, retries and activations cleared.
+    ack = pb.EventAck(
+        sequence=drawn.sequence, connection_id=drawn.connection_id, messages=drawn.messages
+    )
+    encoded = [message.SerializeToString() for message in ack.messages]
+    entry = final_ack_entry(ack.connection_id, ack.sequence, encoded)
+    assert entry == ack_entry(ack)
+    assert pb.GatewayBatch.FromString(entry) == pb.GatewayBatch(items=[pb.GatewayItem(ack=ack)])
+
+
+@given(st.integers(0, 2**15) | st.integers(0, 2**64 - 1))
+def test_varints_are_protobufs(value: int) -> None:
+    # A uint64 field alone is its tag byte, then its value's varint (0 is left out).
+    expected = pb.EventAck(sequence=value).SerializeToString()[1:] if value else b"\x00"
+    assert varint(value) == expected

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wsgate import ids
 from wsgate.errors import ConfigError, InvalidConnectionId
@@ -116,3 +118,15 @@ def test_overlong_ids_never_reach_the_cache() -> None:
         ids.gateway_of(huge + "-abcdefgh_1")
     after = ids._cached_valid_gateway_id.cache_info()
     assert (after.hits, after.misses) == (before.hits, before.misses)
+
+
+@given(st.text(max_size=12) | st.text("0123456789abcdefghijklmnopqrstuvwxyzA_-\n", max_size=12))
+def test_a_serial_is_what_its_pattern_says(serial: str) -> None:
+    gateway = "edge-abcd1234"
+    try:
+        ids.gateway_of(f"{gateway}_{serial}")
+    except InvalidConnectionId:
+        taken = False
+    else:
+        taken = True
+    assert taken == (re.fullmatch(r"[0-9a-z]+", serial) is not None)
