@@ -13,7 +13,8 @@ Flow of one connection::
          ▼ accept
     101 (with the app's subprotocol) ─► Accept.messages sent ─► read loop:
         each message ─► over the message rate? close 1008
-                     ─► ConnectionEvent, delivered at least once, awaited (window 1)
+                     ─► ConnectionEvent, delivered at least once (window 1: the next
+                        message is taken only once its final ack came)
     end ─► one Closed event ─► forget the connection
 
 Every decision about one connection (window, redelivery timing, limits, close codes) is
@@ -156,6 +157,14 @@ class LiveConnection:
                 settled.set_result(None)
             self.settled = None
 
+    async def until_settled(self) -> None:
+        """Until no event is in flight."""
+        while self.session.busy:
+            if self.settled is None:
+                self.settled = asyncio.get_running_loop().create_future()
+            # Shielded: the drain may wait on the same future.
+            await asyncio.shield(self.settled)
+
     async def wait_settled(self, deadline: float) -> None:
         """Until no event is in flight, or ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
@@ -210,7 +219,7 @@ class Gateway(Service):
         self._handlers: set[asyncio.Task[object]] = set()
         self._heartbeats = HeartbeatSweep(config.heartbeat_s)
         self._nc: Bus | None = None
-        self._delivery: EventDelivery | None = None
+        self._delivery: EventDelivery[LiveConnection | None] | None = None
         self._presence: PresenceAnnouncer | None = None
         self._runner: web.AppRunner | None = None
         #: The socket, TLS, PROXY protocol, handshake deadline, connections per address.
@@ -271,6 +280,8 @@ class Gateway(Service):
                 on_round_trip=self.metrics.event_round_trip.observe,
                 on_given_up=self._given_up,
                 on_garbage=self._garbage,
+                perform=self._perform,
+                on_settled=_settled,
             )
             self._delivery.start(spawn)
             undo("event delivery", self._delivery.close)
@@ -495,9 +506,13 @@ class Gateway(Service):
                     self._request_close(
                         conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
                     )
-                # The read loop: the client's frames go to the session one at a time;
-                # the window is free again before the next frame is read (window 1: a
-                # slow app pushes back on the client through TCP).
+                # The read loop: the client's frames go to the session one at a time, each
+                # only once the event before it is settled (window 1: a slow app pushes
+                # back on the client through TCP). An event is sent, not awaited: its
+                # final ack moves the session on (EventDelivery.send), and the loop waits
+                # for that only if the next frame comes first.
+                delivery = self._delivery
+                assert delivery is not None
                 while True:
                     timeout = session.read_timeout(now())
                     try:
@@ -506,8 +521,18 @@ class Gateway(Service):
                             raise TimeoutError
                         msg = await ws.receive(timeout=timeout)
                     except TimeoutError:
-                        self._perform(conn, session.tick(now()))  # the idle limit, if due
+                        if session.busy:
+                            # The idle clock runs from the settling: nothing is due yet.
+                            await conn.until_settled()
+                        else:
+                            self._perform(conn, session.tick(now()))  # the idle limit, if due
                         continue
+                    if session.busy:
+                        # Read while the event before it is in flight (a client that does
+                        # not wait for its answers, or its close): held, and handed to the
+                        # session as if read after the settling, behind the ack's frames.
+                        # (At most this one frame is held: the loop reads no further.)
+                        await conn.until_settled()
                     kind = msg.type
                     if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                         actions = session.client_frame(msg.data, now())
@@ -526,16 +551,22 @@ class Gateway(Service):
                     del msg  # not kept while the next read waits
                     publish = self._perform(conn, actions)
                     if publish is not None:
-                        await self._drive(conn, publish)
+                        delivery.send(conn, session, publish)
             finally:
                 await conn.outbox.flush()
                 if conn.shed:
                     # Its close frame is written or its TCP connection cut: its memory is
                     # free.
                     self._budget.shed_finished()
-                publish = self._perform(conn, session.transport_closed(now()))
-                if publish is not None:
-                    await self._drive(conn, publish)
+                if session.busy:
+                    # Left the loop by an exception while an event was in flight: the Closed
+                    # event follows it (EventDelivery.send carries on the queue).
+                    self._perform(conn, session.transport_closed(now()))
+                    await conn.until_settled()
+                else:
+                    publish = self._perform(conn, session.transport_closed(now()))
+                    if publish is not None:
+                        await self._drive(conn, publish)
                 del self._connections[connection_id]
                 self.metrics.connections_open.dec()
             return ws
@@ -813,6 +844,12 @@ class Gateway(Service):
             self._perform(None, session.command(command))  # kept: no action to perform
             return
         self.metrics.drops.labels("unknown_connection").inc()
+
+
+def _settled(conn: LiveConnection | None) -> None:
+    """A connection's session has nothing in flight any more (EventDelivery.send)."""
+    if conn is not None:
+        conn.done_with_event()
 
 
 def _offered_subprotocols(request: web.Request) -> list[str]:
