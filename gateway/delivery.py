@@ -57,7 +57,7 @@ from wsgate import envelopes, ids
 from wsgate.bus import Bus
 from wsgate.eager import start_eagerly
 from wsgate.errors import InvalidEnvelope
-from wsgate.gateway.session import Action, Delivered, GaveUp, Publish, Reply, Session
+from wsgate.gateway.session import Action, Delivered, Event, GaveUp, Publish, Reply, Session
 from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -132,7 +132,7 @@ class EventDelivery(Generic[OwnerT]):
         on_redelivery: Callable[[], None] = lambda: None,
         on_stale: Callable[[], None] = lambda: None,
         on_round_trip: Callable[[float], None] = lambda seconds: None,
-        on_given_up: Callable[[pb.ConnectionEvent], None] = lambda event: None,
+        on_given_up: Callable[[Event], None] = lambda event: None,
         on_garbage: Callable[[str], None] = lambda subject: None,
         perform: Callable[[OwnerT, Sequence[Action]], Publish | None] = lambda owner, actions: None,
         on_settled: Callable[[OwnerT], None] = lambda owner: None,
@@ -263,7 +263,7 @@ class EventDelivery(Generic[OwnerT]):
                 self._loop,
                 self._nc.publish(
                     subject,
-                    event.SerializeToString(),
+                    event.encode(),
                     reply=f"{self._ack_prefix}.{connection_id}.{sequence}",
                 ),
             )
@@ -324,7 +324,7 @@ class EventDelivery(Generic[OwnerT]):
         reply_subject = f"{self._ack_prefix}.{event.connection_id}.{event.sequence}"
         deadline = session.ack_deadline
         try:
-            await self._nc.publish(subject, event.SerializeToString(), reply=reply_subject)
+            await self._nc.publish(subject, event.encode(), reply=reply_subject)
         except nats.errors.Error as exc:
             # Closed or over the reconnect buffer: treated like no worker for now.
             log.debug("publishing %s#%d failed: %r", event.connection_id, event.sequence, exc)

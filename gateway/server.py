@@ -67,6 +67,7 @@ from wsgate.gateway.session import (
     Action,
     Close,
     Count,
+    Event,
     Publish,
     Session,
     SessionLimits,
@@ -772,7 +773,7 @@ class Gateway(Service):
             return
         self._perform(conn, conn.session.slow_consumer())
 
-    def _given_up(self, event: pb.ConnectionEvent) -> None:
+    def _given_up(self, event: Event) -> None:
         self.metrics.undeliverable.inc()
         log.warning("event %s#%d given up", event.connection_id, event.sequence)
 
