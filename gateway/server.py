@@ -63,6 +63,8 @@ from wsgate.gateway.metrics import GatewayMetrics
 from wsgate.gateway.outbox import CloseFrame, Outbox, OutboxPolicy
 from wsgate.gateway.presence import PresenceAnnouncer
 from wsgate.gateway.session import (
+    MESSAGE_IN,
+    MESSAGE_OUT,
     RATE_LIMITED,
     Action,
     Close,
@@ -215,8 +217,11 @@ class Gateway(Service):
         self._connecting = 0
         #: Connections between their ConnectRequest and their registration (see _on_command).
         self._early: dict[str, Session] = {}
-        #: Bound metrics by (metric, label), for the sessions' Count actions.
+        #: Bound metrics by (metric, label), for the sessions' Count actions ...
         self._counters: dict[tuple[str, str], Callable[[float], None]] = {}
+        #: ... but for the two of every message, bound here.
+        self._messages_in = self.metrics.messages_in.inc
+        self._messages_out = self.metrics.messages_out.inc
         self._handlers: set[asyncio.Task[object]] = set()
         self._heartbeats = HeartbeatSweep(config.heartbeat_s)
         self._nc: Bus | None = None
@@ -514,8 +519,9 @@ class Gateway(Service):
                 # for that only if the next frame comes first.
                 delivery = self._delivery
                 assert delivery is not None
+                idle_limit = self._limits.idle_timeout_s
                 while True:
-                    timeout = session.read_timeout(now())
+                    timeout = session.read_timeout(now()) if idle_limit else None
                     try:
                         if timeout is not None and timeout <= 0:
                             # aiohttp takes a timeout of 0 for none: the idle deadline is now.
@@ -697,21 +703,31 @@ class Gateway(Service):
         """Do what a session asked, in order; return the Publish among it, if any (it is
         the delivery's to perform). ``conn`` None: a session that never opened."""
         publish = None
+        budget = self._budget
+        # By exact type, the common ones first: this runs for every message, both ways.
         for action in actions:
-            if isinstance(action, Write):
+            kind = type(action)
+            if kind is Write:
                 assert conn is not None
-                conn.outbox.push(action.frame)
-                self._keep_budget()
-            elif isinstance(action, Count):
-                self._count(action)
+                conn.outbox.push(action.frame)  # type: ignore[union-attr]
+                if budget.total > budget.limit_bytes:  # after each frame queued
+                    self._shed()
+            elif kind is Count:
+                if action is MESSAGE_OUT:
+                    self._messages_out()
+                elif action is MESSAGE_IN:
+                    self._messages_in()
+                else:
+                    self._count(action)  # type: ignore[arg-type]
                 if action is RATE_LIMITED:
                     assert conn is not None
                     reason = self._limits.rate_reason
                     log.info("closing %s: %s", conn.session.connection_id, reason)
-            elif isinstance(action, Publish):
+            elif kind is Publish:
                 publish = action
-            elif isinstance(action, Close):
+            elif kind is Close:
                 assert conn is not None
+                assert isinstance(action, Close)
                 if action.force:
                     if action.code == CloseCode.POLICY_VIOLATION:
                         log.info("closing slow consumer %s", conn.session.connection_id)
@@ -719,7 +735,7 @@ class Gateway(Service):
                 else:
                     conn.outbox.push(CloseFrame(action.code, action.reason))
             # Delivered and GaveUp: counted by the delivery (on_round_trip, on_given_up).
-        return publish
+        return publish  # type: ignore[return-value]
 
     def _count(self, count: Count) -> None:
         key = (count.metric, count.label)
@@ -733,11 +749,6 @@ class Gateway(Service):
         self, conn: LiveConnection, initiator: pb.CloseInitiator.ValueType, code: int, reason: str
     ) -> None:
         self._perform(conn, conn.session.close(code, reason, initiator))
-
-    def _keep_budget(self) -> None:
-        """After a frame was queued: shed if the outbound budget is exceeded."""
-        if self._budget.total > self._budget.limit_bytes:
-            self._shed()
 
     def _shed(self) -> None:
         """Close the connections with the most bytes queued, their queues dropped, until
