@@ -55,7 +55,7 @@ from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids
 from wsgate.bus import Bus
-from wsgate.eager import start_eagerly
+from wsgate.eager import resume
 from wsgate.errors import InvalidEnvelope
 from wsgate.gateway.session import Action, Delivered, Event, GaveUp, Publish, Reply, Session
 from wsgate.supervision import Spawn, stop_task, unsupervised
@@ -256,22 +256,23 @@ class EventDelivery(Generic[OwnerT]):
         )
         deadline = session.ack_deadline
         assert deadline is not None
+        # Run eagerly (as wsgate.eager.start_eagerly, inline): nats-py's publish only
+        # appends to its buffer, unless that is full; then a task finishes the flush it
+        # waits for (the message is in the buffer already).
+        publishing = self._nc.publish(
+            subject, event.encode(), reply=f"{self._ack_prefix}.{connection_id}.{sequence}"
+        )
         try:
-            # nats-py's publish only appends to its buffer, unless that is full: then a
-            # task finishes the flush it waits for (the message is in the buffer already).
-            start_eagerly(
-                self._loop,
-                self._nc.publish(
-                    subject,
-                    event.encode(),
-                    reply=f"{self._ack_prefix}.{connection_id}.{sequence}",
-                ),
-            )
+            suspended_on = publishing.send(None)
+        except StopIteration:
+            pass
         except nats.errors.Error as exc:
             # Closed or over the reconnect buffer: treated like no worker for now.
             log.debug("publishing %s#%d failed: %r", connection_id, sequence, exc)
             self._spawn(self._recover(owner, session, Reply.NO_RESPONDERS, ""))
             return
+        else:
+            self._loop.create_task(resume(publishing, suspended_on))
         self._waiting[connection_id, sequence] = _Waiting(None, deadline, session, owner)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -424,8 +425,9 @@ class EventDelivery(Generic[OwnerT]):
         this for each, in the batch's order). One that could never have been sent (see
         :func:`wsgate.envelopes.final_ack_problem`) goes to ``on_garbage("command")``; one
         of an event no longer waited for to ``on_stale``."""
-        waiting = self._waiting.get((ack.connection_id, ack.sequence))
-        if waiting is None or not waiting.open:
+        connection_id = ack.connection_id
+        waiting = self._waiting.get((connection_id, ack.sequence))
+        if waiting is None or (waiting.future is not None and waiting.future.done()):
             # Checked only here, off the common path: garbage, or the ack of a copy we
             # stopped waiting for.
             if envelopes.final_ack_problem(ack) is not None:
@@ -435,7 +437,7 @@ class EventDelivery(Generic[OwnerT]):
         elif ack.in_progress or ack.retry:
             self._on_garbage("command")  # progress and retry come on the reply subject
         else:
-            self._acknowledged(ack.connection_id, ack, waiting)
+            self._acknowledged(connection_id, ack, waiting)
 
     def _acknowledged(
         self, connection_id: str, ack: pb.EventAck, waiting: _Waiting[OwnerT]
