@@ -26,6 +26,16 @@ the reconnection. Every sign of a worker (a progress ack) restarts the clock; af
 Timeouts are found by one sweep over the waiting events every ``sweep_s``, not by a
 timer per event: at thousands of events a second the timers cost more than the sweep.
 
+Two ways to deliver. :meth:`EventDelivery.send` is the common one, and costs no task, no
+future and no wake of the caller per event: it publishes at once and returns; the final
+ack, in :meth:`EventDelivery.on_final_ack`, hands ACKED to the session there and then and
+has the owner perform the session's actions (the ack's frames queued, then the next
+queued event, if any, published the same way), and tells the owner once the session has
+nothing in flight (``on_settled``). Only an outcome that needs waiting (a timeout, no
+responders, a retry, NATS down) starts a task, which carries on as :meth:`deliver` does
+until the session settles. :meth:`EventDelivery.deliver` is a coroutine that returns once
+the session has nothing in flight (the ``Closed`` event, whose handler waits for it).
+
 The policy above (deadlines, backoff, the hint, giving up) is each connection's
 :class:`~wsgate.gateway.session.Session`'s, on an injected clock: this module is its I/O.
 It publishes what the session says, matches the replies to the event in flight, and hands
@@ -35,16 +45,19 @@ each outcome (or the sweep's timeout at the session's ack deadline) back to it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
 
 import nats.errors
 from nats.aio.msg import Msg
 
 from wsgate import envelopes, ids
 from wsgate.bus import Bus
+from wsgate.eager import resume
 from wsgate.errors import InvalidEnvelope
-from wsgate.gateway.session import Action, Delivered, GaveUp, Publish, Reply, Session
+from wsgate.gateway.session import Action, Delivered, Event, GaveUp, Publish, Reply, Session
 from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -54,33 +67,55 @@ _NO_RESPONDERS = "503"
 
 __all__ = ["EventDelivery", "Reply"]
 
+#: Whoever owns the sessions delivered for (the gateway's connection): handed back to the
+#: owner's ``perform`` and ``on_settled``.
+OwnerT = TypeVar("OwnerT")
 
-class _Waiting:
-    """One event waiting for its reply."""
 
-    __slots__ = ("expires_at", "future", "session", "worker")
+class _Waiting(Generic[OwnerT]):
+    """One event waiting for its reply: a coroutine's (``future``), or, sent by
+    :meth:`EventDelivery.send`, its owner's (``owner``; ``future`` None)."""
 
-    def __init__(self, future: asyncio.Future[Reply], expires_at: float, session: Session) -> None:
+    __slots__ = ("expires_at", "future", "owner", "session", "worker")
+
+    def __init__(
+        self,
+        future: asyncio.Future[Reply] | None,
+        expires_at: float,
+        session: Session,
+        owner: OwnerT | None = None,
+    ) -> None:
         self.future = future
         self.expires_at = expires_at
         #: The connection's session: a progress ack is handed to it in place.
         self.session = session
+        self.owner = owner
         #: The activation's host, as the final ack named it.
         self.worker = ""
 
+    @property
+    def open(self) -> bool:
+        """Still waiting: a reply is taken. (An owner's entry leaves the table when its
+        wait ends; a coroutine's when the coroutine resumes.)"""
+        future = self.future
+        return future is None or not future.done()
 
-class EventDelivery:
+
+class EventDelivery(Generic[OwnerT]):
     """Delivers events and matches the replies. One per gateway; create it in a running
     event loop, then :meth:`start` the sweep.
 
-    ``on_messages(connection_id, messages)`` receives what a final ack carries, before the
-    delivery it completes returns. For metrics and logs: ``on_redelivery`` for each
-    resend, ``on_stale`` for an ack that came too late, ``on_round_trip(seconds)``
-    for each acknowledged event, ``on_given_up(event)`` for each event given up,
-    ``on_garbage(subject)`` for each message that is no valid ack, with the kind of subject
-    it came on ("ack", or "command" for a final ack). The caller subscribes :meth:`on_reply`
-    to ``ack_wildcard``, hands each final ack of its command subject to
-    :meth:`on_final_ack`, and reports NATS' connection state through
+    ``on_messages(connection_id, messages)`` receives what a final ack of :meth:`deliver`
+    carries, before the delivery it completes returns. Events sent with :meth:`send` are
+    their owner's: ``perform(owner, actions)`` performs a session's actions and returns the
+    Publish among them, if any (which this then sends); ``on_settled(owner)`` is called each
+    time the owner's session is left with nothing in flight. For metrics and logs:
+    ``on_redelivery`` for each resend, ``on_stale`` for an ack that came too late,
+    ``on_round_trip(seconds)`` for each acknowledged event, ``on_given_up(event)`` for
+    each event given up, ``on_garbage(subject)`` for each message that is no valid ack,
+    with the kind of subject it came on ("ack", or "command" for a final ack). The caller
+    subscribes :meth:`on_reply` to ``ack_wildcard``, hands each final ack of its command
+    subject to :meth:`on_final_ack`, and reports NATS' connection state through
     :meth:`set_bus_connected`.
     """
 
@@ -97,8 +132,10 @@ class EventDelivery:
         on_redelivery: Callable[[], None] = lambda: None,
         on_stale: Callable[[], None] = lambda: None,
         on_round_trip: Callable[[float], None] = lambda seconds: None,
-        on_given_up: Callable[[pb.ConnectionEvent], None] = lambda event: None,
+        on_given_up: Callable[[Event], None] = lambda event: None,
         on_garbage: Callable[[str], None] = lambda subject: None,
+        perform: Callable[[OwnerT, Sequence[Action]], Publish | None] = lambda owner, actions: None,
+        on_settled: Callable[[OwnerT], None] = lambda owner: None,
     ) -> None:
         self._nc = nc
         self._loop = asyncio.get_running_loop()
@@ -116,7 +153,11 @@ class EventDelivery:
         self._on_round_trip = on_round_trip
         self._on_given_up = on_given_up
         self._on_garbage = on_garbage
-        self._waiting: dict[tuple[str, int], _Waiting] = {}
+        self._perform = perform
+        self._on_settled = on_settled
+        self._waiting: dict[tuple[str, int], _Waiting[OwnerT]] = {}
+        #: The tasks that carry on an owner's delivery after an outcome other than its ack.
+        self._recovering: set[asyncio.Task[None]] = set()
         self._bus_up = asyncio.Event()
         self._bus_up.set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -140,8 +181,7 @@ class EventDelivery:
         self._closed = True
         await stop_task(self._sweeper)
         for waiting in list(self._waiting.values()):
-            if not waiting.future.done():
-                waiting.future.set_result(Reply.TIMEOUT)
+            self._resolve(waiting, Reply.TIMEOUT)
 
     def set_bus_connected(self, connected: bool) -> None:
         """Called on NATS disconnects and reconnects."""
@@ -161,9 +201,20 @@ class EventDelivery:
         worker hint, give up) is the session's (:meth:`Session.reply`); this performs its
         publishes and hands the rest of its actions to ``perform``, which returns the next
         Publish among them, if any."""
+        await self._carry_on(session, await self._publish(session, publish), perform)
+
+    async def _carry_on(
+        self,
+        session: Session,
+        actions: list[Action],
+        perform: Callable[[Sequence[Action]], Publish | None],
+    ) -> None:
+        """Perform ``actions`` (the session's answer to the last outcome), and go on
+        delivering until the session has nothing in flight."""
         loop = self._loop
-        next_publish: Publish | None = publish
         while True:
+            self._note(actions)
+            next_publish = perform(actions)
             if next_publish is not None:
                 actions = await self._publish(session, next_publish)
             elif (retry_at := session.retry_at) is not None:
@@ -177,12 +228,88 @@ class EventDelivery:
                 actions = await self._await_reply(session, session.ack_deadline)
             else:
                 return
-            for action in actions:
-                if type(action) is Delivered:
-                    self._on_round_trip(action.round_trip_s)
-                elif type(action) is GaveUp:
-                    self._on_given_up(action.event)
-            next_publish = perform(actions)
+
+    def _note(self, actions: Sequence[Action]) -> None:
+        for action in actions:
+            if type(action) is Delivered:
+                self._on_round_trip(action.round_trip_s)
+            elif type(action) is GaveUp:
+                self._on_given_up(action.event)
+
+    def send(self, owner: OwnerT, session: Session, publish: Publish) -> None:
+        """Publish ``publish`` (of ``owner``'s ``session``) and return at once; what comes
+        back is handled as :meth:`deliver` does, the session's actions performed by
+        ``perform(owner, ...)``, until the session has nothing in flight; then
+        ``on_settled(owner)``. Never raises for the bus: a failed publish is handled as
+        no responders (by a task, as every outcome other than the final ack)."""
+        event = publish.event
+        if self._closed or not self._bus_up.is_set():
+            # Giving up, or waiting for NATS: the coroutine's way.
+            self._spawn(self._deliver_for(owner, session, publish))
+            return
+        if event.redelivered:
+            self._on_redelivery()
+        connection_id = event.connection_id
+        sequence = event.sequence
+        subject = (
+            self._worker_events_subject(publish.worker) if publish.worker else self._events_subject
+        )
+        deadline = session.ack_deadline
+        assert deadline is not None
+        # Run eagerly (as wsgate.eager.start_eagerly, inline): nats-py's publish only
+        # appends to its buffer, unless that is full; then a task finishes the flush it
+        # waits for (the message is in the buffer already).
+        publishing = self._nc.publish(
+            subject, event.encode(), reply=f"{self._ack_prefix}.{connection_id}.{sequence}"
+        )
+        try:
+            suspended_on = publishing.send(None)
+        except StopIteration:
+            pass
+        except nats.errors.Error as exc:
+            # Closed or over the reconnect buffer: treated like no worker for now.
+            log.debug("publishing %s#%d failed: %r", connection_id, sequence, exc)
+            self._spawn(self._recover(owner, session, Reply.NO_RESPONDERS, ""))
+            return
+        else:
+            self._loop.create_task(resume(publishing, suspended_on))
+        self._waiting[connection_id, sequence] = _Waiting(None, deadline, session, owner)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self._loop.create_task(coro)
+        self._recovering.add(task)
+        task.add_done_callback(self._recovering.discard)
+
+    async def _deliver_for(self, owner: OwnerT, session: Session, publish: Publish) -> None:
+        await self.deliver(session, publish, functools.partial(self._perform, owner))
+        self._on_settled(owner)
+
+    async def _recover(self, owner: OwnerT, session: Session, outcome: Reply, worker: str) -> None:
+        """An owner's event got ``outcome`` (not its final ack): carry on as deliver."""
+        now = self._loop.time()
+        if self._closed:
+            actions = session.give_up(now)
+        else:
+            actions = session.reply(outcome, now, worker=worker)
+        await self._carry_on(session, actions, functools.partial(self._perform, owner))
+        self._on_settled(owner)
+
+    def _resolve(self, waiting: _Waiting[OwnerT], outcome: Reply) -> None:
+        """``outcome`` (not a final ack) for an open wait: the coroutine's future is set,
+        an owner's wait ends and a task carries on."""
+        future = waiting.future
+        if future is not None:
+            if not future.done():
+                future.set_result(outcome)
+            return
+        flight = waiting.session.in_flight
+        assert flight is not None
+        key = (flight.connection_id, flight.sequence)
+        if self._waiting.get(key) is waiting:
+            del self._waiting[key]
+            owner = waiting.owner
+            assert owner is not None
+            self._spawn(self._recover(owner, waiting.session, outcome, waiting.worker))
 
     async def _publish(self, session: Session, publish: Publish) -> list[Action]:
         event = publish.event
@@ -198,7 +325,7 @@ class EventDelivery:
         reply_subject = f"{self._ack_prefix}.{event.connection_id}.{event.sequence}"
         deadline = session.ack_deadline
         try:
-            await self._nc.publish(subject, event.SerializeToString(), reply=reply_subject)
+            await self._nc.publish(subject, event.encode(), reply=reply_subject)
         except nats.errors.Error as exc:
             # Closed or over the reconnect buffer: treated like no worker for now.
             log.debug("publishing %s#%d failed: %r", event.connection_id, event.sequence, exc)
@@ -214,8 +341,9 @@ class EventDelivery:
         assert flight is not None
         assert deadline is not None
         key = (flight.connection_id, flight.sequence)
-        waiting = _Waiting(self._loop.create_future(), deadline, session)
+        waiting: _Waiting[OwnerT] = _Waiting(self._loop.create_future(), deadline, session)
         self._waiting[key] = waiting
+        assert waiting.future is not None
         try:
             outcome = await waiting.future
         finally:
@@ -230,9 +358,9 @@ class EventDelivery:
         while True:
             await asyncio.sleep(self._sweep_s)
             now = self._loop.time()
-            for waiting in self._waiting.values():
-                if waiting.expires_at <= now and not waiting.future.done():
-                    waiting.future.set_result(Reply.TIMEOUT)
+            expired = [w for w in self._waiting.values() if w.expires_at <= now and w.open]
+            for waiting in expired:
+                self._resolve(waiting, Reply.TIMEOUT)
 
     async def _wait_bus(self, until: float) -> bool:
         remaining = until - self._loop.time()
@@ -260,8 +388,8 @@ class EventDelivery:
         headers = msg.headers
         no_responders = headers is not None and headers.get("Status") == _NO_RESPONDERS
         if no_responders:
-            if waiting is not None and not waiting.future.done():
-                waiting.future.set_result(Reply.NO_RESPONDERS)
+            if waiting is not None and waiting.open:
+                self._resolve(waiting, Reply.NO_RESPONDERS)
             else:
                 self._on_stale()
             return
@@ -273,7 +401,7 @@ class EventDelivery:
         except InvalidEnvelope:
             self._on_garbage("ack")
             return
-        if waiting is None or waiting.future.done():
+        if waiting is None or not waiting.open:
             # An ack for a copy we stopped waiting for (it was redelivered meanwhile).
             self._on_stale()
             return
@@ -288,7 +416,7 @@ class EventDelivery:
                 waiting.expires_at = deadline
             return
         if ack.retry:
-            waiting.future.set_result(Reply.RETRY)
+            self._resolve(waiting, Reply.RETRY)
             return
         self._acknowledged(connection_id, ack, waiting)
 
@@ -297,8 +425,9 @@ class EventDelivery:
         this for each, in the batch's order). One that could never have been sent (see
         :func:`wsgate.envelopes.final_ack_problem`) goes to ``on_garbage("command")``; one
         of an event no longer waited for to ``on_stale``."""
-        waiting = self._waiting.get((ack.connection_id, ack.sequence))
-        if waiting is None or waiting.future.done():
+        connection_id = ack.connection_id
+        waiting = self._waiting.get((connection_id, ack.sequence))
+        if waiting is None or (waiting.future is not None and waiting.future.done()):
             # Checked only here, off the common path: garbage, or the ack of a copy we
             # stopped waiting for.
             if envelopes.final_ack_problem(ack) is not None:
@@ -308,12 +437,36 @@ class EventDelivery:
         elif ack.in_progress or ack.retry:
             self._on_garbage("command")  # progress and retry come on the reply subject
         else:
-            self._acknowledged(ack.connection_id, ack, waiting)
+            self._acknowledged(connection_id, ack, waiting)
 
-    def _acknowledged(self, connection_id: str, ack: pb.EventAck, waiting: _Waiting) -> None:
+    def _acknowledged(
+        self, connection_id: str, ack: pb.EventAck, waiting: _Waiting[OwnerT]
+    ) -> None:
         # A worker id becomes a subject token: anything else is not taken as one.
-        waiting.worker = ack.worker if ids.is_worker_id(ack.worker) else ""
+        worker = ack.worker
+        if worker and not ids.is_worker_id(worker):
+            worker = ""
+        future = waiting.future
+        if future is not None:
+            waiting.worker = worker
+            if ack.messages:
+                # Queued before the delivery resumes, so before the next event goes.
+                self._on_messages(connection_id, ack.messages)
+            future.set_result(Reply.ACKED)
+            return
+        # An owner's event: its session moves on here and now.
+        del self._waiting[connection_id, ack.sequence]
+        owner = waiting.owner
+        assert owner is not None
+        session = waiting.session
+        perform = self._perform
         if ack.messages:
-            # Queued before the read loop resumes, so before the next event is dispatched.
-            self._on_messages(connection_id, ack.messages)
-        waiting.future.set_result(Reply.ACKED)
+            # Queued before the session settles, so before anything the next event makes.
+            perform(owner, session.ack_messages(ack.messages))
+        actions = session.reply(Reply.ACKED, self._loop.time(), worker=worker)
+        self._note(actions)
+        publish = perform(owner, actions)
+        if publish is not None:
+            self.send(owner, session, publish)
+        elif not session.busy:
+            self._on_settled(owner)

@@ -33,7 +33,7 @@ import logging
 import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from aiohttp import web
 from aiohttp.base_protocol import BaseProtocol
@@ -170,13 +170,10 @@ class Outbox:
         """
         transport = self._transport
         ws = self._ws
-        if (
-            transport is None
-            or transport.is_closing()
-            or ws.closed
-            or not ws.prepared
-            or cast(BaseProtocol, transport.get_protocol()).writing_paused
-        ):
+        if transport is None or transport.is_closing() or ws.closed or not ws.prepared:
+            return False
+        protocol: BaseProtocol = transport.get_protocol()  # type: ignore[assignment]
+        if protocol.writing_paused:
             return False
         if isinstance(frame, str):
             payload = frame.encode("utf-8")

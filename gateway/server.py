@@ -13,7 +13,8 @@ Flow of one connection::
          ▼ accept
     101 (with the app's subprotocol) ─► Accept.messages sent ─► read loop:
         each message ─► over the message rate? close 1008
-                     ─► ConnectionEvent, delivered at least once, awaited (window 1)
+                     ─► ConnectionEvent, delivered at least once (window 1: the next
+                        message is taken only once its final ack came)
     end ─► one Closed event ─► forget the connection
 
 Every decision about one connection (window, redelivery timing, limits, close codes) is
@@ -62,10 +63,13 @@ from wsgate.gateway.metrics import GatewayMetrics
 from wsgate.gateway.outbox import CloseFrame, Outbox, OutboxPolicy
 from wsgate.gateway.presence import PresenceAnnouncer
 from wsgate.gateway.session import (
+    MESSAGE_IN,
+    MESSAGE_OUT,
     RATE_LIMITED,
     Action,
     Close,
     Count,
+    Event,
     Publish,
     Session,
     SessionLimits,
@@ -156,6 +160,14 @@ class LiveConnection:
                 settled.set_result(None)
             self.settled = None
 
+    async def until_settled(self) -> None:
+        """Until no event is in flight."""
+        while self.session.busy:
+            if self.settled is None:
+                self.settled = asyncio.get_running_loop().create_future()
+            # Shielded: the drain may wait on the same future.
+            await asyncio.shield(self.settled)
+
     async def wait_settled(self, deadline: float) -> None:
         """Until no event is in flight, or ``deadline`` (loop time)."""
         loop = asyncio.get_running_loop()
@@ -205,12 +217,15 @@ class Gateway(Service):
         self._connecting = 0
         #: Connections between their ConnectRequest and their registration (see _on_command).
         self._early: dict[str, Session] = {}
-        #: Bound metrics by (metric, label), for the sessions' Count actions.
+        #: Bound metrics by (metric, label), for the sessions' Count actions ...
         self._counters: dict[tuple[str, str], Callable[[float], None]] = {}
+        #: ... but for the two of every message, bound here.
+        self._messages_in = self.metrics.messages_in.inc
+        self._messages_out = self.metrics.messages_out.inc
         self._handlers: set[asyncio.Task[object]] = set()
         self._heartbeats = HeartbeatSweep(config.heartbeat_s)
         self._nc: Bus | None = None
-        self._delivery: EventDelivery | None = None
+        self._delivery: EventDelivery[LiveConnection | None] | None = None
         self._presence: PresenceAnnouncer | None = None
         self._runner: web.AppRunner | None = None
         #: The socket, TLS, PROXY protocol, handshake deadline, connections per address.
@@ -271,6 +286,8 @@ class Gateway(Service):
                 on_round_trip=self.metrics.event_round_trip.observe,
                 on_given_up=self._given_up,
                 on_garbage=self._garbage,
+                perform=self._perform,
+                on_settled=_settled,
             )
             self._delivery.start(spawn)
             undo("event delivery", self._delivery.close)
@@ -495,19 +512,34 @@ class Gateway(Service):
                     self._request_close(
                         conn, pb.CLOSE_INITIATOR_GATEWAY, CloseCode.GOING_AWAY, "going away"
                     )
-                # The read loop: the client's frames go to the session one at a time;
-                # the window is free again before the next frame is read (window 1: a
-                # slow app pushes back on the client through TCP).
+                # The read loop: the client's frames go to the session one at a time, each
+                # only once the event before it is settled (window 1: a slow app pushes
+                # back on the client through TCP). An event is sent, not awaited: its
+                # final ack moves the session on (EventDelivery.send), and the loop waits
+                # for that only if the next frame comes first.
+                delivery = self._delivery
+                assert delivery is not None
+                idle_limit = self._limits.idle_timeout_s
                 while True:
-                    timeout = session.read_timeout(now())
+                    timeout = session.read_timeout(now()) if idle_limit else None
                     try:
                         if timeout is not None and timeout <= 0:
                             # aiohttp takes a timeout of 0 for none: the idle deadline is now.
                             raise TimeoutError
                         msg = await ws.receive(timeout=timeout)
                     except TimeoutError:
-                        self._perform(conn, session.tick(now()))  # the idle limit, if due
+                        if session.busy:
+                            # The idle clock runs from the settling: nothing is due yet.
+                            await conn.until_settled()
+                        else:
+                            self._perform(conn, session.tick(now()))  # the idle limit, if due
                         continue
+                    if session.busy:
+                        # Read while the event before it is in flight (a client that does
+                        # not wait for its answers, or its close): held, and handed to the
+                        # session as if read after the settling, behind the ack's frames.
+                        # (At most this one frame is held: the loop reads no further.)
+                        await conn.until_settled()
                     kind = msg.type
                     if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
                         actions = session.client_frame(msg.data, now())
@@ -526,16 +558,22 @@ class Gateway(Service):
                     del msg  # not kept while the next read waits
                     publish = self._perform(conn, actions)
                     if publish is not None:
-                        await self._drive(conn, publish)
+                        delivery.send(conn, session, publish)
             finally:
                 await conn.outbox.flush()
                 if conn.shed:
                     # Its close frame is written or its TCP connection cut: its memory is
                     # free.
                     self._budget.shed_finished()
-                publish = self._perform(conn, session.transport_closed(now()))
-                if publish is not None:
-                    await self._drive(conn, publish)
+                if session.busy:
+                    # Left the loop by an exception while an event was in flight: the Closed
+                    # event follows it (EventDelivery.send carries on the queue).
+                    self._perform(conn, session.transport_closed(now()))
+                    await conn.until_settled()
+                else:
+                    publish = self._perform(conn, session.transport_closed(now()))
+                    if publish is not None:
+                        await self._drive(conn, publish)
                 del self._connections[connection_id]
                 self.metrics.connections_open.dec()
             return ws
@@ -665,21 +703,31 @@ class Gateway(Service):
         """Do what a session asked, in order; return the Publish among it, if any (it is
         the delivery's to perform). ``conn`` None: a session that never opened."""
         publish = None
+        budget = self._budget
+        # By exact type, the common ones first: this runs for every message, both ways.
         for action in actions:
-            if isinstance(action, Write):
+            kind = type(action)
+            if kind is Write:
                 assert conn is not None
-                conn.outbox.push(action.frame)
-                self._keep_budget()
-            elif isinstance(action, Count):
-                self._count(action)
+                conn.outbox.push(action.frame)  # type: ignore[union-attr]
+                if budget.total > budget.limit_bytes:  # after each frame queued
+                    self._shed()
+            elif kind is Count:
+                if action is MESSAGE_OUT:
+                    self._messages_out()
+                elif action is MESSAGE_IN:
+                    self._messages_in()
+                else:
+                    self._count(action)  # type: ignore[arg-type]
                 if action is RATE_LIMITED:
                     assert conn is not None
                     reason = self._limits.rate_reason
                     log.info("closing %s: %s", conn.session.connection_id, reason)
-            elif isinstance(action, Publish):
+            elif kind is Publish:
                 publish = action
-            elif isinstance(action, Close):
+            elif kind is Close:
                 assert conn is not None
+                assert isinstance(action, Close)
                 if action.force:
                     if action.code == CloseCode.POLICY_VIOLATION:
                         log.info("closing slow consumer %s", conn.session.connection_id)
@@ -687,7 +735,7 @@ class Gateway(Service):
                 else:
                     conn.outbox.push(CloseFrame(action.code, action.reason))
             # Delivered and GaveUp: counted by the delivery (on_round_trip, on_given_up).
-        return publish
+        return publish  # type: ignore[return-value]
 
     def _count(self, count: Count) -> None:
         key = (count.metric, count.label)
@@ -701,11 +749,6 @@ class Gateway(Service):
         self, conn: LiveConnection, initiator: pb.CloseInitiator.ValueType, code: int, reason: str
     ) -> None:
         self._perform(conn, conn.session.close(code, reason, initiator))
-
-    def _keep_budget(self) -> None:
-        """After a frame was queued: shed if the outbound budget is exceeded."""
-        if self._budget.total > self._budget.limit_bytes:
-            self._shed()
 
     def _shed(self) -> None:
         """Close the connections with the most bytes queued, their queues dropped, until
@@ -741,7 +784,7 @@ class Gateway(Service):
             return
         self._perform(conn, conn.session.slow_consumer())
 
-    def _given_up(self, event: pb.ConnectionEvent) -> None:
+    def _given_up(self, event: Event) -> None:
         self.metrics.undeliverable.inc()
         log.warning("event %s#%d given up", event.connection_id, event.sequence)
 
@@ -813,6 +856,12 @@ class Gateway(Service):
             self._perform(None, session.command(command))  # kept: no action to perform
             return
         self.metrics.drops.labels("unknown_connection").inc()
+
+
+def _settled(conn: LiveConnection | None) -> None:
+    """A connection's session has nothing in flight any more (EventDelivery.send)."""
+    if conn is not None:
+        conn.done_with_event()
 
 
 def _offered_subprotocols(request: web.Request) -> list[str]:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -74,13 +75,157 @@ class Reply(enum.Enum):
     RETRY = "retry"
 
 
+# -- events ----------------------------------------------------------------------------
+
+#: Varints of 0..127: one byte each, made once.
+_SMALL = [bytes((n,)) for n in range(128)]
+
+
+def _varint(value: int) -> bytes:
+    """``value`` (0 or more) as a protobuf varint."""
+    if value < 128:
+        return _SMALL[value]
+    if value < 16384:
+        return bytes(((value & 0x7F) | 0x80, value >> 7))
+    out = bytearray()
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+@functools.cache
+def _ack_wait_field(ack_wait_ms: int) -> bytes:
+    # One value per gateway (its ack timeout): made once.
+    return b"\x38" + _varint(ack_wait_ms)
+
+
+def string_field(tag: int, value: str) -> bytes:
+    """A length-delimited protobuf field ``tag`` holding ``value``'s UTF-8 (none if empty,
+    as proto3 writes a plain string field)."""
+    if not value:
+        return b""
+    data = value.encode("utf-8")
+    return _SMALL[tag << 3 | 2] + _varint(len(data)) + data
+
+
+class Event:
+    """One ``ConnectionEvent`` as the session keeps it: its fields, not a protobuf object
+    (which costs more to build than the whole encoding). :meth:`encode` gives exactly the
+    bytes protobuf's ``SerializeToString`` gives for :meth:`to_proto` (tested against it).
+
+    ``data`` is the client's message (str: text, bytes: binary) or ``closed`` is set:
+    exactly one of the two. ``head`` is the connection's encoded ``connection_id`` field
+    and ``path_field`` its ``path`` field, made once per connection (see
+    :func:`string_field`).
+    """
+
+    __slots__ = (
+        "ack_wait_ms",
+        "closed",
+        "connection_id",
+        "data",
+        "head",
+        "path",
+        "path_field",
+        "redelivered",
+        "sequence",
+    )
+
+    def __init__(
+        self,
+        connection_id: str,
+        sequence: int,
+        path: str,
+        *,
+        data: str | bytes | None = None,
+        closed: pb.Closed | None = None,
+        head: bytes | None = None,
+        path_field: bytes | None = None,
+    ) -> None:
+        self.connection_id = connection_id
+        self.sequence = sequence
+        self.path = path
+        self.data = data
+        self.closed = closed
+        self.redelivered = False
+        self.ack_wait_ms = 0
+        self.head = string_field(1, connection_id) if head is None else head
+        self.path_field = string_field(4, path) if path_field is None else path_field
+
+    @property
+    def kind(self) -> str:
+        """ "message" or "closed" (the ``kind`` oneof)."""
+        return "message" if self.closed is None else "closed"
+
+    @property
+    def message(self) -> pb.Message:
+        """The client's message as a protobuf (made on each call: for tests and logs)."""
+        data = self.data
+        if isinstance(data, str):
+            return pb.Message(text=data)
+        return pb.Message(binary=data or b"")
+
+    def to_proto(self) -> pb.ConnectionEvent:
+        """The same event as a protobuf object."""
+        event = pb.ConnectionEvent(
+            connection_id=self.connection_id,
+            sequence=self.sequence,
+            redelivered=self.redelivered,
+            path=self.path,
+            ack_wait_ms=self.ack_wait_ms,
+        )
+        if self.closed is None:
+            event.message.CopyFrom(self.message)
+        else:
+            event.closed.CopyFrom(self.closed)
+        return event
+
+    def encode(self) -> bytes:
+        """The serialized ``ConnectionEvent``, fields in number order as protobuf writes
+        them, defaults left out (proto3), the oneof member always written."""
+        closed = self.closed
+        if closed is None:
+            data = self.data
+            if data.__class__ is str:
+                payload = data.encode("utf-8")
+                tag = 0x0A  # Message.text
+            else:
+                payload = data  # type: ignore[assignment]
+                tag = 0x12  # Message.binary
+            size = len(payload)
+            # ConnectionEvent.message (5), holding the one field of Message, then its bytes.
+            if size < 126:
+                kind = bytes((0x2A, size + 2, tag, size))
+            else:
+                length = _varint(size)
+                kind = b"\x2a" + _varint(1 + len(length) + size) + bytes((tag,)) + length
+        else:
+            payload = closed.SerializeToString()
+            kind = b"\x32" + _varint(len(payload))  # ConnectionEvent.closed (6)
+        sequence = self.sequence
+        ack_wait_ms = self.ack_wait_ms
+        return b"".join(
+            (
+                self.head,
+                (b"\x10" + _varint(sequence)) if sequence else b"",
+                b"\x18\x01" if self.redelivered else b"",
+                self.path_field,
+                kind,
+                payload,
+                _ack_wait_field(ack_wait_ms) if ack_wait_ms else b"",
+            )
+        )
+
+
 # -- actions ---------------------------------------------------------------------------
 
 
 class Publish(NamedTuple):
     """Publish ``event`` to ``worker``'s own subject ("": the app's queue)."""
 
-    event: pb.ConnectionEvent
+    event: Event
     worker: str
 
 
@@ -102,14 +247,14 @@ class Close(NamedTuple):
 class Delivered(NamedTuple):
     """The event in flight was acknowledged, ``round_trip_s`` after its first publish."""
 
-    event: pb.ConnectionEvent
+    event: Event
     round_trip_s: float
 
 
 class GaveUp(NamedTuple):
     """The event in flight was given up (no sign of a worker for the delivery timeout)."""
 
-    event: pb.ConnectionEvent
+    event: Event
 
 
 class Count(NamedTuple):
@@ -180,7 +325,7 @@ class _Flight:
         "worker",
     )
 
-    def __init__(self, event: pb.ConnectionEvent, now: float, limits: SessionLimits) -> None:
+    def __init__(self, event: Event, now: float, limits: SessionLimits) -> None:
         self.event = event
         self.started = now
         self.give_up_at = now + limits.delivery_timeout_s
@@ -217,6 +362,7 @@ class Session:
         "_close_code",
         "_close_reason",
         "_early",
+        "_fields",
         "_flight",
         "_initiator",
         "_last_read",
@@ -248,7 +394,9 @@ class Session:
         self._rate: TokenBucket | None = None
         self._last_read = 0.0
         self._flight: _Flight | None = None
-        self._queue: collections.deque[pb.ConnectionEvent] | None = None
+        self._queue: collections.deque[Event] | None = None
+        #: The encoded connection_id and path fields of its events (made at the first).
+        self._fields: tuple[bytes, bytes] | None = None
         self._early: _Early | None = None
 
     # -- what the wiring reads -----------------------------------------------------------
@@ -264,7 +412,7 @@ class Session:
         return self._flight is not None
 
     @property
-    def in_flight(self) -> pb.ConnectionEvent | None:
+    def in_flight(self) -> Event | None:
         """The event in flight (None when the window is free)."""
         flight = self._flight
         return None if flight is None else flight.event
@@ -374,11 +522,8 @@ class Session:
             response = self.limits.auto_responses.get(data)
             if response is not None:
                 return [AUTO_RESPONSE, Write(response)]
-            message = pb.Message(text=data)
-        else:
-            message = pb.Message(binary=data)
         actions: list[Action] = [MESSAGE_IN]
-        self._enqueue(actions, self._event(message=message), now)
+        self._enqueue(actions, self._event(data=data), now)
         return actions
 
     def client_close(self, code: int, reason: str, now: float) -> list[Action]:
@@ -511,7 +656,7 @@ class Session:
         if outcome is Reply.ACKED:
             self.worker = worker
             event = flight.event
-            if event.HasField("message"):
+            if event.closed is None:
                 self.acked_through = max(self.acked_through, event.sequence)
             actions: list[Action] = [Delivered(event, now - flight.started)]
             self._settled(actions, now)
@@ -538,7 +683,7 @@ class Session:
             raise RuntimeError(f"nothing in flight for {self.connection_id} to give up")
         event = flight.event
         actions: list[Action] = [GaveUp(event)]
-        if event.HasField("message") and self._request_close(
+        if event.closed is None and self._request_close(
             pb.CLOSE_INITIATOR_GATEWAY, CloseCode.TRY_AGAIN_LATER, NO_WORKER_REASON
         ):
             actions.append(Close(CloseCode.TRY_AGAIN_LATER, NO_WORKER_REASON))
@@ -583,19 +728,26 @@ class Session:
             return [Close(code, reason)]
         return []
 
-    def _event(
-        self, *, message: pb.Message | None = None, closed: pb.Closed | None = None
-    ) -> pb.ConnectionEvent:
+    def _event(self, *, data: str | bytes | None = None, closed: pb.Closed | None = None) -> Event:
         self._sequence += 1
-        return pb.ConnectionEvent(
-            connection_id=self.connection_id,
-            sequence=self._sequence,
-            path=self.path,
-            message=message,
+        fields = self._fields
+        if fields is None:
+            # Kept from the first event on: an idle connection that never sent holds none.
+            fields = self._fields = (
+                string_field(1, self.connection_id),
+                string_field(4, self.path),
+            )
+        return Event(
+            self.connection_id,
+            self._sequence,
+            self.path,
+            data=data,
             closed=closed,
+            head=fields[0],
+            path_field=fields[1],
         )
 
-    def _enqueue(self, actions: list[Action], event: pb.ConnectionEvent, now: float) -> None:
+    def _enqueue(self, actions: list[Action], event: Event, now: float) -> None:
         if self._flight is None:
             actions.append(self._take_off(event, now))
         else:
@@ -603,7 +755,7 @@ class Session:
                 self._queue = collections.deque()
             self._queue.append(event)
 
-    def _take_off(self, event: pb.ConnectionEvent, now: float) -> Publish:
+    def _take_off(self, event: Event, now: float) -> Publish:
         limits = self.limits
         event.ack_wait_ms = int(limits.ack_timeout_s * 1000)
         flight = self._flight = _Flight(event, now, limits)

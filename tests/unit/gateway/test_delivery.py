@@ -12,7 +12,7 @@ import pytest
 from nats.aio.msg import Msg
 
 from wsgate.gateway.delivery import EventDelivery
-from wsgate.gateway.session import Action, Publish, Session, SessionLimits, Write
+from wsgate.gateway.session import Action, Count, Publish, Session, SessionLimits, Write
 from wsgate.v1 import envelope_pb2 as pb
 
 pytestmark = pytest.mark.timeout(10)
@@ -155,3 +155,121 @@ async def test_a_closed_delivery_gives_up_and_the_session_closes_with_1013() -> 
     assert closed is not None
     assert closed[1:] == (1013, "no worker acknowledged the message")
     assert not any(isinstance(a, Write) for a in rec.performed)
+
+
+# -- send: the owner's events, moved on by their final ack --------------------------------
+
+
+class Owner:
+    """An owner of sessions: what ``perform`` and ``on_settled`` were handed, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[object] = []
+        self.settled = asyncio.Event()
+
+    def on_settled(self) -> None:
+        self.log.append("settled")
+        self.settled.set()
+
+
+def _owned_delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float) -> EventDelivery:
+    def perform(owner: Owner, actions: Sequence[Action]) -> Publish | None:
+        owner.log.extend(actions)
+        rec.performed.extend(actions)
+        return next((a for a in actions if isinstance(a, Publish)), None)
+
+    def on_redelivery() -> None:
+        rec.redeliveries += 1
+
+    return EventDelivery(
+        bus,  # type: ignore[arg-type]
+        events_subject="wsgate.events.app.gw1",
+        worker_events_subject=lambda worker: f"wsgate.worker.{worker}.events.gw1",
+        ack_prefix=ACK_PREFIX,
+        ack_timeout_s=ack_timeout_s,
+        delivery_timeout_s=30.0,
+        on_messages=lambda cid, messages: rec.messages.append((cid, list(messages))),
+        on_redelivery=on_redelivery,
+        on_round_trip=rec.round_trips.append,
+        on_given_up=rec.given_up.append,
+        perform=perform,
+        on_settled=Owner.on_settled,
+    )
+
+
+async def test_send_publishes_at_once_and_the_final_ack_settles_the_session_in_place() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
+    delivery.start()
+    session, owner = _session(SessionLimits(ack_timeout_s=5.0)), Owner()
+    loop = asyncio.get_running_loop()
+    publish = session.client_frame("hi", loop.time())[-1]
+    assert isinstance(publish, Publish)
+    delivery.send(owner, session, publish)
+    # Published in this very step: no task in between.
+    assert [(e.sequence, e.message.text) for _, e, _ in bus.published] == [(1, "hi")]
+    # The Closed event of a socket gone meanwhile waits behind it, in the session's queue.
+    assert session.transport_closed(loop.time()) == [Count("closes", "transport")]
+    ack = pb.EventAck(
+        connection_id=CONNECTION, sequence=1, worker="w-ijklmnop", messages=[pb.Message(text="yo")]
+    )
+    delivery.on_final_ack(ack)
+    # In the ack's callback: its frames (dropped: the socket is gone), then the settling,
+    # whose actions publish the Closed event at once; not settled yet.
+    assert [type(a).__name__ for a in owner.log] == ["Count", "Delivered", "Publish"]
+    assert session.acked_through == 1
+    assert session.worker == "w-ijklmnop"
+    assert [e.WhichOneof("kind") for _, e, _ in bus.published] == ["message", "closed"]
+    assert bus.published[-1][0] == "wsgate.worker.w-ijklmnop.events.gw1"
+    delivery.on_final_ack(pb.EventAck(connection_id=CONNECTION, sequence=2))
+    assert owner.log[-2:] == [owner.log[-2], "settled"]
+    assert not session.busy
+    assert len(rec.round_trips) == 2
+    # A second copy of the ack is stale, and changes nothing.
+    delivery.on_final_ack(pb.EventAck(connection_id=CONNECTION, sequence=2))
+    assert owner.log[-1] == "settled"
+    assert len(rec.round_trips) == 2
+    await delivery.close()
+
+
+async def test_a_sent_event_without_an_ack_in_time_is_redelivered_by_a_task_then_settles() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=0.05)
+    delivery.start()
+    session, owner = _session(SessionLimits(ack_timeout_s=0.05)), Owner()
+    loop = asyncio.get_running_loop()
+    took_off = loop.time()
+    publish = session.client_frame("hi", took_off)[-1]
+    assert isinstance(publish, Publish)
+    delivery.send(owner, session, publish)
+    _, again, _ = await bus.next_publish()
+    assert loop.time() >= took_off + 0.05
+    assert (again.sequence, again.redelivered) == (1, True)
+    assert rec.redeliveries == 1
+    # The first copy's ack, late: still taken (it acknowledges the same event).
+    delivery.on_final_ack(pb.EventAck(connection_id=CONNECTION, sequence=1))
+    async with asyncio.timeout(5):
+        await owner.settled.wait()
+    assert not session.busy
+    assert session.acked_through == 1
+    await delivery.close()
+
+
+async def test_a_sent_event_whose_publish_fails_is_retried_and_given_up_on_close() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
+    session, owner = _session(SessionLimits(ack_timeout_s=5.0)), Owner()
+    publish = session.client_frame(b"\x00", asyncio.get_running_loop().time())[-1]
+    assert isinstance(publish, Publish)
+    bus.failing = True  # no responders, for the session: retried after a backoff
+    delivery.send(owner, session, publish)
+    await asyncio.sleep(0.01)
+    assert session.busy
+    assert session.retry_at is not None
+    await delivery.close()
+    async with asyncio.timeout(5):
+        await owner.settled.wait()
+    assert [e.sequence for e in rec.given_up] == [1]
+    closed = session.close_requested
+    assert closed is not None
+    assert closed[1:] == (1013, "no worker acknowledged the message")

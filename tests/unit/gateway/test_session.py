@@ -18,6 +18,7 @@ from wsgate.gateway.session import (
     Close,
     Count,
     Delivered,
+    Event,
     GaveUp,
     Publish,
     Reply,
@@ -44,7 +45,7 @@ def _session(limits: SessionLimits = LIMITS, now: float = 0.0, worker: str = "")
     return session
 
 
-def _publish(actions: list[Action]) -> pb.ConnectionEvent:
+def _publish(actions: list[Action]) -> Event:
     published = [a for a in actions if isinstance(a, Publish)]
     assert len(published) == 1, actions
     return published[0].event
@@ -59,7 +60,7 @@ def _closed_event(session: Session, now: float = 0.0) -> pb.Closed:
     if session.busy and not any(isinstance(a, Publish) for a in actions):
         pytest.fail("the Closed event waits behind an event in flight")
     event = _publish(actions)
-    assert event.WhichOneof("kind") == "closed"
+    assert event.kind == "closed"
     return event.closed
 
 

@@ -31,6 +31,7 @@ from wsgate.gateway.session import (
     Action,
     Close,
     Delivered,
+    Event,
     GaveUp,
     Publish,
     Reply,
@@ -67,7 +68,7 @@ class SessionModel(RuleBasedStateMachine):
         self.session = Session("node-abcdefgh_1", "/room/x", LIMITS)
         for i in range(early):
             self.feed(self.session.command(_send(f"early {i}")))
-        self.in_flight: pb.ConnectionEvent | None = None
+        self.in_flight: Event | None = None
         #: When a copy of the event in flight may be published again (None: at once is
         #: allowed only on a reply, see ``ack``).
         self.earliest_again: float | None = None
@@ -201,7 +202,7 @@ class SessionModel(RuleBasedStateMachine):
         self.last_sequence = event.sequence
         self.in_flight = event
         self.earliest_again = self.now + LIMITS.ack_timeout_s
-        if event.HasField("closed"):
+        if event.kind == "closed":
             self.closed_events += 1
             closed = event.closed
             assert is_sendable(closed.code) or closed.code in REPORTABLE, closed
