@@ -8,6 +8,7 @@ a signal (``wait``).
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
 
@@ -16,6 +17,11 @@ from tests.load.images import NATS_IMAGE
 
 
 def main(mode: str) -> None:
+    # Ctrl-C raises KeyboardInterrupt, as in a run started from a terminal, even when this
+    # process was started with SIGINT ignored (by a shell's background job, `cmd &`, and so
+    # by everything under it): Python then leaves SIGINT ignored, and the probe would never
+    # see the interrupt the test sends.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with ContainerSession() as session:
         for _ in range(2):
             # A client port of 0: the server picks one; nothing else listens.
