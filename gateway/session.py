@@ -518,8 +518,11 @@ class Session:
             return self._close_now(
                 pb.CLOSE_INITIATOR_GATEWAY, CloseCode.MESSAGE_TOO_BIG, "message too big"
             )
-        if isinstance(data, str):
-            response = self.limits.auto_responses.get(data)
+        auto_responses = self.limits.auto_responses
+        # Looked up only when there are any: a message's str is new, and its hash is
+        # computed over all of it.
+        if auto_responses and isinstance(data, str):
+            response = auto_responses.get(data)
             if response is not None:
                 return [AUTO_RESPONSE, Write(response)]
         actions: list[Action] = [MESSAGE_IN]
@@ -821,9 +824,15 @@ class Session:
                 actions.append(Close(close.code, close.reason))
 
     def _push_message(self, actions: list[Action], message: pb.Message, subject: str) -> None:
+        text = message.text
+        if text:
+            # Set, as a oneof's unset member reads empty: no WhichOneof (a lookup by name).
+            actions.append(Write(text))
+            actions.append(MESSAGE_OUT)
+            return
         kind = message.WhichOneof("data")
         if kind == "text":
-            actions.append(Write(message.text))
+            actions.append(Write(text))
         elif kind == "binary":
             actions.append(Write(message.binary))
         else:
