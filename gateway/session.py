@@ -268,6 +268,10 @@ class Count(NamedTuple):
 
 Action = Publish | Write | Close | Delivered | GaveUp | Count
 
+#: Builds a NamedTuple from a tuple of its fields, without the Python-level ``__new__``
+#: that calling the class runs (a frame per action): for the actions of every message.
+_new = tuple.__new__
+
 MESSAGE_IN = Count("messages_in")
 MESSAGE_OUT = Count("messages_out")
 AUTO_RESPONSE = Count("auto_responses")
@@ -661,7 +665,7 @@ class Session:
             event = flight.event
             if event.closed is None:
                 self.acked_through = max(self.acked_through, event.sequence)
-            actions: list[Action] = [Delivered(event, now - flight.started)]
+            actions: list[Action] = [_new(Delivered, (event, now - flight.started))]
             self._settled(actions, now)
             return actions
         if now >= flight.give_up_at:
@@ -764,7 +768,7 @@ class Session:
         flight = self._flight = _Flight(event, now, limits)
         flight.worker = self.worker
         flight.ack_deadline = now + limits.ack_timeout_s
-        return Publish(event, flight.worker)
+        return _new(Publish, (event, flight.worker))
 
     def _republish(self, flight: _Flight, now: float) -> Publish:
         flight.retry_at = None
@@ -827,7 +831,7 @@ class Session:
         text = message.text
         if text:
             # Set, as a oneof's unset member reads empty: no WhichOneof (a lookup by name).
-            actions.append(Write(text))
+            actions.append(_new(Write, (text,)))
             actions.append(MESSAGE_OUT)
             return
         kind = message.WhichOneof("data")
