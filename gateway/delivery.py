@@ -160,6 +160,8 @@ class EventDelivery(Generic[OwnerT]):
         self._recovering: set[asyncio.Task[None]] = set()
         self._bus_up = asyncio.Event()
         self._bus_up.set()
+        #: ``_bus_up.is_set()`` as a plain attribute, for send's check on every event.
+        self._bus_connected = True
         self._sweeper: asyncio.Task[None] | None = None
         self._closed = False
 
@@ -185,6 +187,7 @@ class EventDelivery(Generic[OwnerT]):
 
     def set_bus_connected(self, connected: bool) -> None:
         """Called on NATS disconnects and reconnects."""
+        self._bus_connected = connected
         if connected:
             self._bus_up.set()
         else:
@@ -243,7 +246,7 @@ class EventDelivery(Generic[OwnerT]):
         ``on_settled(owner)``. Never raises for the bus: a failed publish is handled as
         no responders (by a task, as every outcome other than the final ack)."""
         event = publish.event
-        if self._closed or not self._bus_up.is_set():
+        if self._closed or not self._bus_connected:
             # Giving up, or waiting for NATS: the coroutine's way.
             self._spawn(self._deliver_for(owner, session, publish))
             return
@@ -418,15 +421,18 @@ class EventDelivery(Generic[OwnerT]):
         if ack.retry:
             self._resolve(waiting, Reply.RETRY)
             return
-        self._acknowledged(connection_id, ack, waiting)
+        self._acknowledged(connection_id, ack, waiting, sequence)
 
-    def on_final_ack(self, ack: pb.EventAck) -> None:
+    def on_final_ack(self, ack: pb.EventAck, connection_id: str | None = None) -> None:
         """A final ack, an item of a GatewayBatch on the command subject (the caller calls
-        this for each, in the batch's order). One that could never have been sent (see
+        this for each, in the batch's order; ``connection_id``: the ack's, if the caller
+        read it already). One that could never have been sent (see
         :func:`wsgate.envelopes.final_ack_problem`) goes to ``on_garbage("command")``; one
         of an event no longer waited for to ``on_stale``."""
-        connection_id = ack.connection_id
-        waiting = self._waiting.get((connection_id, ack.sequence))
+        if connection_id is None:
+            connection_id = ack.connection_id
+        sequence = ack.sequence
+        waiting = self._waiting.get((connection_id, sequence))
         if waiting is None or (waiting.future is not None and waiting.future.done()):
             # Checked only here, off the common path: garbage, or the ack of a copy we
             # stopped waiting for.
@@ -437,35 +443,43 @@ class EventDelivery(Generic[OwnerT]):
         elif ack.in_progress or ack.retry:
             self._on_garbage("command")  # progress and retry come on the reply subject
         else:
-            self._acknowledged(connection_id, ack, waiting)
+            self._acknowledged(connection_id, ack, waiting, sequence)
 
     def _acknowledged(
-        self, connection_id: str, ack: pb.EventAck, waiting: _Waiting[OwnerT]
+        self,
+        connection_id: str,
+        ack: pb.EventAck,
+        waiting: _Waiting[OwnerT],
+        sequence: int,
     ) -> None:
         # A worker id becomes a subject token: anything else is not taken as one.
         worker = ack.worker
         if worker and not ids.is_worker_id(worker):
             worker = ""
+        # Read once: each read of a repeated field makes a new container object.
+        messages = ack.messages
         future = waiting.future
         if future is not None:
             waiting.worker = worker
-            if ack.messages:
+            if messages:
                 # Queued before the delivery resumes, so before the next event goes.
-                self._on_messages(connection_id, ack.messages)
+                self._on_messages(connection_id, messages)
             future.set_result(Reply.ACKED)
             return
         # An owner's event: its session moves on here and now.
-        del self._waiting[connection_id, ack.sequence]
+        del self._waiting[connection_id, sequence]
         owner = waiting.owner
         assert owner is not None
         session = waiting.session
-        perform = self._perform
-        if ack.messages:
-            # Queued before the session settles, so before anything the next event makes.
-            perform(owner, session.ack_messages(ack.messages))
         actions = session.reply(Reply.ACKED, self._loop.time(), worker=worker)
         self._note(actions)
-        publish = perform(owner, actions)
+        if messages:
+            # Queued before the session settles, so before anything the next event makes:
+            # the ack's frames go first in the one list performed. (The session's answer
+            # to ACKED does not depend on its state, which performing the frames can
+            # change: a slow consumer, a shed.)
+            actions = session.ack_messages(messages) + actions
+        publish = self._perform(owner, actions)
         if publish is not None:
             self.send(owner, session, publish)
         elif not session.busy:

@@ -826,9 +826,16 @@ class Gateway(Service):
         delivery = self._delivery
         assert delivery is not None
         for item in batch.items:
+            # The common item first, without WhichOneof (a lookup by name): only a set ack
+            # reads with a connection id (an unset member of a oneof reads as defaults).
+            ack = item.ack
+            connection_id = ack.connection_id
+            if connection_id:
+                delivery.on_final_ack(ack, connection_id)
+                continue
             kind = item.WhichOneof("item")
             if kind == "ack":
-                delivery.on_final_ack(item.ack)
+                delivery.on_final_ack(ack)
             elif kind == "command":
                 self._on_one_command(item.command)
             else:

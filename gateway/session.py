@@ -268,6 +268,10 @@ class Count(NamedTuple):
 
 Action = Publish | Write | Close | Delivered | GaveUp | Count
 
+#: Builds a NamedTuple from a tuple of its fields, without the Python-level ``__new__``
+#: that calling the class runs (a frame per action): for the actions of every message.
+_new = tuple.__new__
+
 MESSAGE_IN = Count("messages_in")
 MESSAGE_OUT = Count("messages_out")
 AUTO_RESPONSE = Count("auto_responses")
@@ -518,8 +522,11 @@ class Session:
             return self._close_now(
                 pb.CLOSE_INITIATOR_GATEWAY, CloseCode.MESSAGE_TOO_BIG, "message too big"
             )
-        if isinstance(data, str):
-            response = self.limits.auto_responses.get(data)
+        auto_responses = self.limits.auto_responses
+        # Looked up only when there are any: a message's str is new, and its hash is
+        # computed over all of it.
+        if auto_responses and isinstance(data, str):
+            response = auto_responses.get(data)
             if response is not None:
                 return [AUTO_RESPONSE, Write(response)]
         actions: list[Action] = [MESSAGE_IN]
@@ -658,7 +665,7 @@ class Session:
             event = flight.event
             if event.closed is None:
                 self.acked_through = max(self.acked_through, event.sequence)
-            actions: list[Action] = [Delivered(event, now - flight.started)]
+            actions: list[Action] = [_new(Delivered, (event, now - flight.started))]
             self._settled(actions, now)
             return actions
         if now >= flight.give_up_at:
@@ -761,7 +768,7 @@ class Session:
         flight = self._flight = _Flight(event, now, limits)
         flight.worker = self.worker
         flight.ack_deadline = now + limits.ack_timeout_s
-        return Publish(event, flight.worker)
+        return _new(Publish, (event, flight.worker))
 
     def _republish(self, flight: _Flight, now: float) -> Publish:
         flight.retry_at = None
@@ -821,9 +828,15 @@ class Session:
                 actions.append(Close(close.code, close.reason))
 
     def _push_message(self, actions: list[Action], message: pb.Message, subject: str) -> None:
+        text = message.text
+        if text:
+            # Set, as a oneof's unset member reads empty: no WhichOneof (a lookup by name).
+            actions.append(_new(Write, (text,)))
+            actions.append(MESSAGE_OUT)
+            return
         kind = message.WhichOneof("data")
         if kind == "text":
-            actions.append(Write(message.text))
+            actions.append(Write(text))
         elif kind == "binary":
             actions.append(Write(message.binary))
         else:

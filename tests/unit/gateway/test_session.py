@@ -285,6 +285,27 @@ def test_messages_riding_an_ack_are_written_while_open_only() -> None:
     assert session.ack_messages(messages) == [Count("drops", "unknown_connection", 2)]
 
 
+def test_empty_messages_keep_their_kind_and_a_message_of_no_kind_is_garbage() -> None:
+    # A non-empty text is taken without asking the oneof; an empty one must still be a
+    # text frame, an empty binary a binary one, and neither set no frame at all.
+    session = _session()
+    messages = [pb.Message(text=""), pb.Message(binary=b""), pb.Message(), pb.Message(text="t")]
+    assert session.ack_messages(messages) == [
+        Write(""),
+        MESSAGE_OUT,
+        Write(b""),
+        MESSAGE_OUT,
+        Count("garbage", "acks"),
+        Write("t"),
+        MESSAGE_OUT,
+    ]
+    assert [type(a.frame) for a in session.ack_messages(messages) if isinstance(a, Write)] == [
+        str,
+        bytes,
+        str,
+    ]
+
+
 def test_commands_for_a_connection_still_upgrading_follow_the_decisions_messages() -> None:
     session = Session("node-abcdefgh_4", "/p", LIMITS)
     assert session.command(_send("broadcast 1")) == []
