@@ -35,7 +35,6 @@ import logging
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -43,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from wsgate import envelopes, ids, subjects
-from wsgate.batches import BatchWriter, ack_entry, command_entry
+from wsgate.batches import BatchWriter, ack_entry, command_entry, final_ack_entry
 from wsgate.bus import connect_bus, drain_bus
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
@@ -81,7 +80,6 @@ from wsgate.worker.event_policy import (
     EventKind,
     HandlerOutcome,
     Settlement,
-    final_ack,
     settle,
 )
 from wsgate.worker.failpoints import Failpoints
@@ -123,6 +121,12 @@ REPLICA_TICK_S = 0.25
 #: sequence, interval, when due). A tuple, not an object: one is made for every event,
 #: and the sweep replaces it when it sends.
 _Running = tuple[str, int, float, float]
+
+# The members bound once: on Python 3.11 reading an Enum member off its class costs about
+# four times a plain attribute, and an event reads several.
+_MESSAGE = EventKind.MESSAGE
+_CLOSED = EventKind.CLOSED
+_RETURNED = HandlerOutcome.RETURNED
 
 
 class HandlerCancelled(Exception):
@@ -169,7 +173,11 @@ class Worker(Service):
         #: (a semaphore of its own: asyncio's costs two generator expressions per acquire).
         self._free_slots = config.max_concurrent_events
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: The Tasks of the requests being handled, by a serial number: a Task's coroutine
+        #: removes its own by the key it was given, as it does not know its Task without
+        #: asyncio.current_task(), which costs a getpid() on Python 3.11.
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._task_serial = 0
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
         self._running: dict[int, _Running] = {}
@@ -331,7 +339,9 @@ class Worker(Service):
         """Handlers still running get until ``drain_timeout_s``; then they are cancelled
         and awaited (bounded: one that ignores its cancellation is logged and left)."""
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
+            _, pending = await asyncio.wait(
+                self._tasks.values(), timeout=self.config.drain_timeout_s
+            )
             if pending:
                 log.warning(
                     "%d handler(s) still running at the drain deadline: cancelled; their "
@@ -361,9 +371,12 @@ class Worker(Service):
             else:
                 await self._wait_for_slot()
             self._intake.taken(time.monotonic())
-            self.metrics.in_flight.inc()
+            self.metrics.in_flight.value += 1
             assert self._loop is not None
-            self._tasks.add(start_task(self._loop, self._handled(handler, msg)))
+            key = self._task_serial = self._task_serial + 1
+            task = start_task(self._loop, self._handled(handler, msg, key))
+            if not task.done():  # (an eager Task of Python 3.12 may have finished already)
+                self._tasks[key] = task
 
         return spawn
 
@@ -397,18 +410,18 @@ class Worker(Service):
         self._free_slots += 1
 
     async def _handled(
-        self, handler: Callable[[Msg], Coroutine[None, None, None]], msg: Msg
+        self, handler: Callable[[Msg], Coroutine[None, None, None]], msg: Msg, key: int
     ) -> None:
-        """A request's Task: ``handler(msg)``, then its slot back. In the Task's own ``finally``
-        rather than a done callback, which costs a callback scheduled on the loop per
-        request. (A Task cancelled before its first step never gets here: the drain
-        settles those, :meth:`_settle_unstarted`.)"""
+        """A request's Task (listed in ``_tasks`` under ``key``): ``handler(msg)``, then its
+        slot back. In the Task's own ``finally`` rather than a done callback, which costs a
+        callback scheduled on the loop per request. (A Task cancelled before its first step
+        never gets here: the drain settles those, :meth:`_settle_unstarted`.)"""
         try:
             await handler(msg)
         except Exception:
             log.exception("request handling failed")
         finally:
-            self._tasks.discard(asyncio.current_task())
+            self._tasks.pop(key, None)
             # _request_done, inlined: this runs for every request.
             if self._slot_waiters:
                 self._release_slot()
@@ -416,17 +429,14 @@ class Worker(Service):
                 self._free_slots += 1
             self.metrics.in_flight.value -= 1
 
-    def _request_done(self, task: asyncio.Task[Any] | None) -> None:
-        if task is not None:
-            self._tasks.discard(task)
-        self._release_slot()
-        self.metrics.in_flight.dec()
-
     def _settle_unstarted(self) -> None:
         """Handler Tasks that are done but still listed were cancelled before their first
         step (their ``finally`` never ran): their slots back."""
-        for task in [task for task in self._tasks if task.done()]:
-            self._request_done(task)
+        for key, task in list(self._tasks.items()):
+            if task.done():
+                del self._tasks[key]
+                self._release_slot()
+                self.metrics.in_flight.dec()
 
     async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
         """Send ``command`` to the gateway that holds ``connection_id`` (CommandSink): it
@@ -635,7 +645,7 @@ class Worker(Service):
                 resolved[1] if resolved else _NO_PARAMS,
                 sink=self,
                 env=self._env,
-                closed=event_kind is EventKind.CLOSED,
+                closed=event_kind is _CLOSED,
                 sequence=sequence,
                 redelivered=event.redelivered,
                 gate=gate,
@@ -653,11 +663,11 @@ class Worker(Service):
                 current_gate.set(gate)
                 try:
                     try:
-                        if event_kind is EventKind.MESSAGE and route.message_handler is not None:
+                        if event_kind is _MESSAGE and route.message_handler is not None:
                             data = event.message
                             text = data.WhichOneof("data") == "text"
                             await route.message_handler(conn, data.text if text else data.binary)
-                        elif event_kind is EventKind.CLOSED and route.close_handler is not None:
+                        elif event_kind is _CLOSED and route.close_handler is not None:
                             closed = event.closed
                             await route.close_handler(conn, closed.code, closed.reason)
                     except asyncio.CancelledError:
@@ -675,7 +685,7 @@ class Worker(Service):
                     log.exception("handler failed for %s#%d", connection_id, sequence)
                     outcome = HandlerOutcome.FAILED
                 else:
-                    outcome = HandlerOutcome.RETURNED
+                    outcome = _RETURNED
             settlement = settle(event_kind, outcome, closed=conn.closed)
             messages = None
             if settlement.release_output and settlement.close is None:
@@ -683,7 +693,7 @@ class Worker(Service):
                 messages = conn.take_event_output()
             if messages is None:
                 messages = await carry_out(settlement, conn, gate)
-            ack = final_ack(event, messages)  # a GatewayBatch entry
+            ack = final_ack_entry(connection_id, sequence, messages)  # a GatewayBatch entry
             if settlement.leave_objects:
                 # After the app's close handler: the connection leaves every object. A
                 # failure propagates, so the event is not acked and is delivered again.
