@@ -596,31 +596,22 @@ class Worker(Service):
         return True
 
     async def _event(self, msg: Msg) -> None:
-        try:
-            event, gateway_id = envelopes.read_event_and_gateway(msg.data)
-            if not msg.reply:
-                raise InvalidEnvelope("ConnectionEvent", "no reply subject")
-        except InvalidEnvelope as exc:
-            # No answer: the protocol has no error ack (a retry would have the gateway send
-            # the same bytes again at once). A real gateway resends it after its ack wait.
-            self._garbage("events", msg, exc)
+        """One connection event, in its request's Task (one coroutine per event: what is
+        synchronous is done in plain calls).
+
+        The event is checked (:meth:`_admit_event`: dropped unanswered if it fails); while
+        it is handled, the sweep sends progress acks. A durable object's event goes to its
+        activation, which acks it. A function route's handler (:func:`_handler_call`) runs
+        here; then its settlement (:func:`settle`) decides what becomes of its output, and
+        its final ack, with what it sent, is queued for its gateway. A handler that fails is
+        logged and counted, and settled as failed; a failure after it (a close that is not
+        best-effort, leaving the objects) propagates: the event is not acked, and the
+        gateway sends it again.
+        """
+        admitted = self._admit_event(msg)
+        if admitted is None:
             return
-        # Each field read once: every read of a protobuf field makes a new Python object.
-        connection_id = event.connection_id
-        sequence = event.sequence
-        # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
-        subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
-        if not (
-            msg.subject.endswith(subject_end)
-            and msg.reply == f"{reply_start}{connection_id}.{sequence}"
-        ):
-            self._impostor("event", connection_id, msg)
-            return
-        kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
-        metrics = self.metrics
-        (metrics.message_events if kind == "message" else metrics.closed_events).inc()
-        if event.redelivered:
-            metrics.redelivered.inc()
+        event, event_kind, gateway_id, connection_id, sequence = admitted
         started = time.perf_counter()
         key = id(msg)
         ack_wait_ms = event.ack_wait_ms
@@ -635,8 +626,6 @@ class Worker(Service):
                 # Acked by the activation (here, or where it was forwarded).
                 await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
                 return
-            # A function route's handler, in this coroutine (no coroutines of its own).
-            event_kind = EVENT_KINDS[kind]
             # Idempotency keys of this run's writes: the same for every delivery of the event.
             gate = OutputGate(connection_id, sequence)
             conn = Connection(
@@ -655,21 +644,15 @@ class Worker(Service):
                 # The app was redeployed without this route while the connection lived.
                 outcome = HandlerOutcome.NO_ROUTE
             else:
-                # The route's handler, then the wait until its writes are durable, here
-                # rather than in a coroutine of its own: one fewer per event. An exception
-                # (the handler's, or a failed write's) is logged and counted.
-                route = resolved[0]
+                # The handler, then the wait until its writes are durable: here rather than
+                # in coroutines of their own, one fewer each per event.
                 current_connection.set(conn)
                 current_gate.set(gate)
                 try:
                     try:
-                        if event_kind is _MESSAGE and route.message_handler is not None:
-                            data = event.message
-                            text = data.WhichOneof("data") == "text"
-                            await route.message_handler(conn, data.text if text else data.binary)
-                        elif event_kind is _CLOSED and route.close_handler is not None:
-                            closed = event.closed
-                            await route.close_handler(conn, closed.code, closed.reason)
+                        call = _handler_call(resolved[0], event_kind, event, conn)
+                        if call is not None:
+                            await call
                     except asyncio.CancelledError:
                         if not self._cancelled_itself():
                             raise
@@ -678,12 +661,10 @@ class Worker(Service):
                     # durable. Most handlers write nothing: nothing to wait for (no await).
                     if gate.holds_writes:
                         if gate.closed:
-                            metrics.gate_waits.inc()
+                            self.metrics.gate_waits.inc()
                         await gate.open()
                 except Exception:
-                    metrics.handler_errors.inc()
-                    log.exception("handler failed for %s#%d", connection_id, sequence)
-                    outcome = HandlerOutcome.FAILED
+                    outcome = self._handler_failed(connection_id, sequence)
                 else:
                     outcome = _RETURNED
             settlement = settle(event_kind, outcome, closed=conn.closed)
@@ -700,8 +681,46 @@ class Worker(Service):
                 await leave_all(self._state, connection_id)
         finally:
             self._running.pop(key, None)
-            metrics.handler_seconds.observe(time.perf_counter() - started)
+            self.metrics.handler_seconds.observe(time.perf_counter() - started)
         self._queue(gateway_id, ack)
+
+    def _admit_event(self, msg: Msg) -> tuple[pb.ConnectionEvent, EventKind, str, str, int] | None:
+        """The event ``msg`` carries, its kind, the gateway that sent it, its connection id
+        and its sequence (each field read once: every read of a protobuf field makes a new
+        Python object); counted. None, logged and counted, for what is dropped unanswered:
+        garbage (the protocol has no error ack, and a retry would have the gateway send the
+        same bytes again at once: a real gateway resends after its ack wait), and an event
+        whose subject, connection id and reply subject do not all name one gateway.
+        """
+        try:
+            event, gateway_id = envelopes.read_event_and_gateway(msg.data)
+            if not msg.reply:
+                raise InvalidEnvelope("ConnectionEvent", "no reply subject")
+        except InvalidEnvelope as exc:
+            self._garbage("events", msg, exc)
+            return None
+        connection_id = event.connection_id
+        sequence = event.sequence
+        # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
+        subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
+        if not (
+            msg.subject.endswith(subject_end)
+            and msg.reply == f"{reply_start}{connection_id}.{sequence}"
+        ):
+            self._impostor("event", connection_id, msg)
+            return None
+        kind = EVENT_KINDS[event.WhichOneof("kind") or ""]  # read_event made sure it is one
+        metrics = self.metrics
+        (metrics.message_events if kind is _MESSAGE else metrics.closed_events).inc()
+        if event.redelivered:
+            metrics.redelivered.inc()
+        return event, kind, gateway_id, connection_id, sequence
+
+    def _handler_failed(self, connection_id: str, sequence: int) -> HandlerOutcome:
+        """In ``except``: a handler (or a write it made) failed. Logged and counted."""
+        self.metrics.handler_errors.inc()
+        log.exception("handler failed for %s#%d", connection_id, sequence)
+        return HandlerOutcome.FAILED
 
     def _impostor(self, what: str, connection_id: str, msg: Msg) -> None:
         self.metrics.impostors.inc()
@@ -819,6 +838,24 @@ class Worker(Service):
                 log.warning("worker %s takes requests again; /readyz is 200", self.worker_id)
             self._intake_stopped = reason
             self.metrics.intake_stalled.set(0 if reason is None else 1)
+
+
+def _handler_call(
+    route: Route, kind: EventKind, event: pb.ConnectionEvent, conn: Connection
+) -> Awaitable[None] | None:
+    """The call of ``route``'s handler for ``event`` of ``kind`` on ``conn`` (not awaited
+    yet), or None when the route has no handler for that kind."""
+    if kind is _MESSAGE:
+        on_message = route.message_handler
+        if on_message is not None:
+            data = event.message
+            return on_message(conn, data.text if data.WhichOneof("data") == "text" else data.binary)
+    elif kind is _CLOSED:
+        on_close = route.close_handler
+        if on_close is not None:
+            closed = event.closed
+            return on_close(conn, closed.code, closed.reason)
+    return None
 
 
 async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[bytes]:
