@@ -35,7 +35,6 @@ import logging
 import time
 import types
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import Any
 
 import nats.errors
 from nats.aio.client import Client as NatsClient
@@ -43,7 +42,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from wsgate import envelopes, ids, subjects
-from wsgate.batches import BatchWriter, ack_entry, command_entry
+from wsgate.batches import BatchWriter, ack_entry, command_entry, final_ack_entry
 from wsgate.bus import connect_bus, drain_bus
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
@@ -81,7 +80,6 @@ from wsgate.worker.event_policy import (
     EventKind,
     HandlerOutcome,
     Settlement,
-    final_ack,
     settle,
 )
 from wsgate.worker.failpoints import Failpoints
@@ -123,6 +121,12 @@ REPLICA_TICK_S = 0.25
 #: sequence, interval, when due). A tuple, not an object: one is made for every event,
 #: and the sweep replaces it when it sends.
 _Running = tuple[str, int, float, float]
+
+# The members bound once: on Python 3.11 reading an Enum member off its class costs about
+# four times a plain attribute, and an event reads several.
+_MESSAGE = EventKind.MESSAGE
+_CLOSED = EventKind.CLOSED
+_RETURNED = HandlerOutcome.RETURNED
 
 
 class HandlerCancelled(Exception):
@@ -169,7 +173,11 @@ class Worker(Service):
         #: (a semaphore of its own: asyncio's costs two generator expressions per acquire).
         self._free_slots = config.max_concurrent_events
         self._slot_waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: The Tasks of the requests being handled, by a serial number: a Task's coroutine
+        #: removes its own by the key it was given, as it does not know its Task without
+        #: asyncio.current_task(), which costs a getpid() on Python 3.11.
+        self._tasks: dict[int, asyncio.Task[None]] = {}
+        self._task_serial = 0
         self._subscriptions: list[Subscription] = []
         self._nc: NatsClient | None = None
         self._running: dict[int, _Running] = {}
@@ -331,7 +339,9 @@ class Worker(Service):
         """Handlers still running get until ``drain_timeout_s``; then they are cancelled
         and awaited (bounded: one that ignores its cancellation is logged and left)."""
         if self._tasks:
-            _, pending = await asyncio.wait(self._tasks, timeout=self.config.drain_timeout_s)
+            _, pending = await asyncio.wait(
+                self._tasks.values(), timeout=self.config.drain_timeout_s
+            )
             if pending:
                 log.warning(
                     "%d handler(s) still running at the drain deadline: cancelled; their "
@@ -361,9 +371,12 @@ class Worker(Service):
             else:
                 await self._wait_for_slot()
             self._intake.taken(time.monotonic())
-            self.metrics.in_flight.inc()
+            self.metrics.in_flight.value += 1
             assert self._loop is not None
-            self._tasks.add(start_task(self._loop, self._handled(handler, msg)))
+            key = self._task_serial = self._task_serial + 1
+            task = start_task(self._loop, self._handled(handler, msg, key))
+            if not task.done():  # (an eager Task of Python 3.12 may have finished already)
+                self._tasks[key] = task
 
         return spawn
 
@@ -397,18 +410,18 @@ class Worker(Service):
         self._free_slots += 1
 
     async def _handled(
-        self, handler: Callable[[Msg], Coroutine[None, None, None]], msg: Msg
+        self, handler: Callable[[Msg], Coroutine[None, None, None]], msg: Msg, key: int
     ) -> None:
-        """A request's Task: ``handler(msg)``, then its slot back. In the Task's own ``finally``
-        rather than a done callback, which costs a callback scheduled on the loop per
-        request. (A Task cancelled before its first step never gets here: the drain
-        settles those, :meth:`_settle_unstarted`.)"""
+        """A request's Task (listed in ``_tasks`` under ``key``): ``handler(msg)``, then its
+        slot back. In the Task's own ``finally`` rather than a done callback, which costs a
+        callback scheduled on the loop per request. (A Task cancelled before its first step
+        never gets here: the drain settles those, :meth:`_settle_unstarted`.)"""
         try:
             await handler(msg)
         except Exception:
             log.exception("request handling failed")
         finally:
-            self._tasks.discard(asyncio.current_task())
+            self._tasks.pop(key, None)
             # _request_done, inlined: this runs for every request.
             if self._slot_waiters:
                 self._release_slot()
@@ -416,17 +429,14 @@ class Worker(Service):
                 self._free_slots += 1
             self.metrics.in_flight.value -= 1
 
-    def _request_done(self, task: asyncio.Task[Any] | None) -> None:
-        if task is not None:
-            self._tasks.discard(task)
-        self._release_slot()
-        self.metrics.in_flight.dec()
-
     def _settle_unstarted(self) -> None:
         """Handler Tasks that are done but still listed were cancelled before their first
         step (their ``finally`` never ran): their slots back."""
-        for task in [task for task in self._tasks if task.done()]:
-            self._request_done(task)
+        for key, task in list(self._tasks.items()):
+            if task.done():
+                del self._tasks[key]
+                self._release_slot()
+                self.metrics.in_flight.dec()
 
     async def send_command(self, connection_id: str, command: pb.GatewayCommand) -> None:
         """Send ``command`` to the gateway that holds ``connection_id`` (CommandSink): it
@@ -586,31 +596,22 @@ class Worker(Service):
         return True
 
     async def _event(self, msg: Msg) -> None:
-        try:
-            event, gateway_id = envelopes.read_event_and_gateway(msg.data)
-            if not msg.reply:
-                raise InvalidEnvelope("ConnectionEvent", "no reply subject")
-        except InvalidEnvelope as exc:
-            # No answer: the protocol has no error ack (a retry would have the gateway send
-            # the same bytes again at once). A real gateway resends it after its ack wait.
-            self._garbage("events", msg, exc)
+        """One connection event, in its request's Task (one coroutine per event: what is
+        synchronous is done in plain calls).
+
+        The event is checked (:meth:`_admit_event`: dropped unanswered if it fails); while
+        it is handled, the sweep sends progress acks. A durable object's event goes to its
+        activation, which acks it. A function route's handler (:func:`_handler_call`) runs
+        here; then its settlement (:func:`settle`) decides what becomes of its output, and
+        its final ack, with what it sent, is queued for its gateway. A handler that fails is
+        logged and counted, and settled as failed; a failure after it (a close that is not
+        best-effort, leaving the objects) propagates: the event is not acked, and the
+        gateway sends it again.
+        """
+        admitted = self._admit_event(msg)
+        if admitted is None:
             return
-        # Each field read once: every read of a protobuf field makes a new Python object.
-        connection_id = event.connection_id
-        sequence = event.sequence
-        # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
-        subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
-        if not (
-            msg.subject.endswith(subject_end)
-            and msg.reply == f"{reply_start}{connection_id}.{sequence}"
-        ):
-            self._impostor("event", connection_id, msg)
-            return
-        kind = event.WhichOneof("kind") or ""  # read_event made sure it is one
-        metrics = self.metrics
-        (metrics.message_events if kind == "message" else metrics.closed_events).inc()
-        if event.redelivered:
-            metrics.redelivered.inc()
+        event, event_kind, gateway_id, connection_id, sequence = admitted
         started = time.perf_counter()
         key = id(msg)
         ack_wait_ms = event.ack_wait_ms
@@ -625,8 +626,6 @@ class Worker(Service):
                 # Acked by the activation (here, or where it was forwarded).
                 await self._to_activation(resolved, Work.for_event(msg, event, resolved[1]))
                 return
-            # A function route's handler, in this coroutine (no coroutines of its own).
-            event_kind = EVENT_KINDS[kind]
             # Idempotency keys of this run's writes: the same for every delivery of the event.
             gate = OutputGate(connection_id, sequence)
             conn = Connection(
@@ -635,7 +634,7 @@ class Worker(Service):
                 resolved[1] if resolved else _NO_PARAMS,
                 sink=self,
                 env=self._env,
-                closed=event_kind is EventKind.CLOSED,
+                closed=event_kind is _CLOSED,
                 sequence=sequence,
                 redelivered=event.redelivered,
                 gate=gate,
@@ -645,21 +644,15 @@ class Worker(Service):
                 # The app was redeployed without this route while the connection lived.
                 outcome = HandlerOutcome.NO_ROUTE
             else:
-                # The route's handler, then the wait until its writes are durable, here
-                # rather than in a coroutine of its own: one fewer per event. An exception
-                # (the handler's, or a failed write's) is logged and counted.
-                route = resolved[0]
+                # The handler, then the wait until its writes are durable: here rather than
+                # in coroutines of their own, one fewer each per event.
                 current_connection.set(conn)
                 current_gate.set(gate)
                 try:
                     try:
-                        if event_kind is EventKind.MESSAGE and route.message_handler is not None:
-                            data = event.message
-                            text = data.WhichOneof("data") == "text"
-                            await route.message_handler(conn, data.text if text else data.binary)
-                        elif event_kind is EventKind.CLOSED and route.close_handler is not None:
-                            closed = event.closed
-                            await route.close_handler(conn, closed.code, closed.reason)
+                        call = _handler_call(resolved[0], event_kind, event, conn)
+                        if call is not None:
+                            await call
                     except asyncio.CancelledError:
                         if not self._cancelled_itself():
                             raise
@@ -668,14 +661,12 @@ class Worker(Service):
                     # durable. Most handlers write nothing: nothing to wait for (no await).
                     if gate.holds_writes:
                         if gate.closed:
-                            metrics.gate_waits.inc()
+                            self.metrics.gate_waits.inc()
                         await gate.open()
                 except Exception:
-                    metrics.handler_errors.inc()
-                    log.exception("handler failed for %s#%d", connection_id, sequence)
-                    outcome = HandlerOutcome.FAILED
+                    outcome = self._handler_failed(connection_id, sequence)
                 else:
-                    outcome = HandlerOutcome.RETURNED
+                    outcome = _RETURNED
             settlement = settle(event_kind, outcome, closed=conn.closed)
             messages = None
             if settlement.release_output and settlement.close is None:
@@ -683,15 +674,53 @@ class Worker(Service):
                 messages = conn.take_event_output()
             if messages is None:
                 messages = await carry_out(settlement, conn, gate)
-            ack = final_ack(event, messages)  # a GatewayBatch entry
+            ack = final_ack_entry(connection_id, sequence, messages)  # a GatewayBatch entry
             if settlement.leave_objects:
                 # After the app's close handler: the connection leaves every object. A
                 # failure propagates, so the event is not acked and is delivered again.
                 await leave_all(self._state, connection_id)
         finally:
             self._running.pop(key, None)
-            metrics.handler_seconds.observe(time.perf_counter() - started)
+            self.metrics.handler_seconds.observe(time.perf_counter() - started)
         self._queue(gateway_id, ack)
+
+    def _admit_event(self, msg: Msg) -> tuple[pb.ConnectionEvent, EventKind, str, str, int] | None:
+        """The event ``msg`` carries, its kind, the gateway that sent it, its connection id
+        and its sequence (each field read once: every read of a protobuf field makes a new
+        Python object); counted. None, logged and counted, for what is dropped unanswered:
+        garbage (the protocol has no error ack, and a retry would have the gateway send the
+        same bytes again at once: a real gateway resends after its ack wait), and an event
+        whose subject, connection id and reply subject do not all name one gateway.
+        """
+        try:
+            event, gateway_id = envelopes.read_event_and_gateway(msg.data)
+            if not msg.reply:
+                raise InvalidEnvelope("ConnectionEvent", "no reply subject")
+        except InvalidEnvelope as exc:
+            self._garbage("events", msg, exc)
+            return None
+        connection_id = event.connection_id
+        sequence = event.sequence
+        # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
+        subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
+        if not (
+            msg.subject.endswith(subject_end)
+            and msg.reply == f"{reply_start}{connection_id}.{sequence}"
+        ):
+            self._impostor("event", connection_id, msg)
+            return None
+        kind = EVENT_KINDS[event.WhichOneof("kind") or ""]  # read_event made sure it is one
+        metrics = self.metrics
+        (metrics.message_events if kind is _MESSAGE else metrics.closed_events).inc()
+        if event.redelivered:
+            metrics.redelivered.inc()
+        return event, kind, gateway_id, connection_id, sequence
+
+    def _handler_failed(self, connection_id: str, sequence: int) -> HandlerOutcome:
+        """In ``except``: a handler (or a write it made) failed. Logged and counted."""
+        self.metrics.handler_errors.inc()
+        log.exception("handler failed for %s#%d", connection_id, sequence)
+        return HandlerOutcome.FAILED
 
     def _impostor(self, what: str, connection_id: str, msg: Msg) -> None:
         self.metrics.impostors.inc()
@@ -809,6 +838,24 @@ class Worker(Service):
                 log.warning("worker %s takes requests again; /readyz is 200", self.worker_id)
             self._intake_stopped = reason
             self.metrics.intake_stalled.set(0 if reason is None else 1)
+
+
+def _handler_call(
+    route: Route, kind: EventKind, event: pb.ConnectionEvent, conn: Connection
+) -> Awaitable[None] | None:
+    """The call of ``route``'s handler for ``event`` of ``kind`` on ``conn`` (not awaited
+    yet), or None when the route has no handler for that kind."""
+    if kind is _MESSAGE:
+        on_message = route.message_handler
+        if on_message is not None:
+            data = event.message
+            return on_message(conn, data.text if data.WhichOneof("data") == "text" else data.binary)
+    elif kind is _CLOSED:
+        on_close = route.close_handler
+        if on_close is not None:
+            closed = event.closed
+            return on_close(conn, closed.code, closed.reason)
+    return None
 
 
 async def carry_out(settlement: Settlement, conn: Connection, gate: OutputGate) -> list[bytes]:

@@ -70,7 +70,6 @@ class SendBuffer:
         sink: CommandSink,
         connection_id: str,
         sequence: int = 0,
-        *,
         gate: OutputGate | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:

@@ -43,7 +43,7 @@ async def test_requests_wait_for_a_slot_in_order_and_a_failure_gives_it_back(
     release.set()
     await asyncio.wait_for(asyncio.gather(*waiting), 5)
     while worker._tasks:
-        await asyncio.wait(set(worker._tasks))
+        await asyncio.wait(set(worker._tasks.values()))
     assert ran == ["first", "second", "third"]
     assert "request handling failed" in caplog.text
     assert (worker._free_slots, worker.metrics.in_flight.value) == (1, 0)
@@ -58,7 +58,7 @@ async def test_a_request_cancelled_before_its_first_step_gives_its_slot_back() -
 
     spawn = worker._spawner(handler)
     await spawn("cancelled")
-    (task,) = worker._tasks
+    (task,) = worker._tasks.values()
     if task.done():  # pragma: no cover - eager tasks (Python 3.12+) start at once
         pytest.skip("the Task ran its first step when it was made")
     task.cancel()
@@ -66,10 +66,10 @@ async def test_a_request_cancelled_before_its_first_step_gives_its_slot_back() -
     assert ran == []
     assert task.cancelled()
     worker._settle_unstarted()  # what the drain does after cancelling
-    assert (worker._tasks, worker._free_slots, worker.metrics.in_flight.value) == (set(), 1, 0)
+    assert (worker._tasks, worker._free_slots, worker.metrics.in_flight.value) == ({}, 1, 0)
     await asyncio.wait_for(spawn("next"), 5)  # the slot is free: taken at once
     while worker._tasks:
-        await asyncio.wait(set(worker._tasks))
+        await asyncio.wait(set(worker._tasks.values()))
     assert ran == ["next"]
 
 
@@ -93,6 +93,6 @@ async def test_a_request_cancelled_while_it_waits_for_a_slot_takes_none() -> Non
         await given_up
     await asyncio.wait_for(later, 5)
     while worker._tasks:
-        await asyncio.wait(set(worker._tasks))
+        await asyncio.wait(set(worker._tasks.values()))
     assert ran == ["running", "later"]
     assert (worker._free_slots, worker.metrics.in_flight.value) == (1, 0)
