@@ -702,32 +702,30 @@ class Gateway(Service):
     def _perform(self, conn: LiveConnection | None, actions: Sequence[Action]) -> Publish | None:
         """Do what a session asked, in order; return the Publish among it, if any (it is
         the delivery's to perform). ``conn`` None: a session that never opened."""
-        publish = None
+        publish: Publish | None = None
         budget = self._budget
         # By exact type, the common ones first: this runs for every message, both ways.
         for action in actions:
-            kind = type(action)
-            if kind is Write:
+            if type(action) is Write:
                 assert conn is not None
-                conn.outbox.push(action.frame)  # type: ignore[union-attr]
+                conn.outbox.push(action.frame)
                 if budget.total > budget.limit_bytes:  # after each frame queued
                     self._shed()
-            elif kind is Count:
+            elif type(action) is Count:
                 if action is MESSAGE_OUT:
                     self._messages_out()
                 elif action is MESSAGE_IN:
                     self._messages_in()
                 else:
-                    self._count(action)  # type: ignore[arg-type]
+                    self._count(action)
                 if action is RATE_LIMITED:
                     assert conn is not None
                     reason = self._limits.rate_reason
                     log.info("closing %s: %s", conn.session.connection_id, reason)
-            elif kind is Publish:
+            elif type(action) is Publish:
                 publish = action
-            elif kind is Close:
+            elif type(action) is Close:
                 assert conn is not None
-                assert isinstance(action, Close)
                 if action.force:
                     if action.code == CloseCode.POLICY_VIOLATION:
                         log.info("closing slow consumer %s", conn.session.connection_id)
@@ -735,7 +733,7 @@ class Gateway(Service):
                 else:
                     conn.outbox.push(CloseFrame(action.code, action.reason))
             # Delivered and GaveUp: counted by the delivery (on_round_trip, on_given_up).
-        return publish  # type: ignore[return-value]
+        return publish
 
     def _count(self, count: Count) -> None:
         key = (count.metric, count.label)

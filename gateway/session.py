@@ -49,6 +49,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from wsgate.batches import varint
 from wsgate.closecodes import CloseCode, is_sendable
 from wsgate.gateway.rate import TokenBucket
 from wsgate.v1 import envelope_pb2 as pb
@@ -77,28 +78,11 @@ class Reply(enum.Enum):
 
 # -- events ----------------------------------------------------------------------------
 
-#: Varints of 0..127: one byte each, made once.
-_SMALL = [bytes((n,)) for n in range(128)]
-
-
-def _varint(value: int) -> bytes:
-    """``value`` (0 or more) as a protobuf varint."""
-    if value < 128:
-        return _SMALL[value]
-    if value < 16384:
-        return bytes(((value & 0x7F) | 0x80, value >> 7))
-    out = bytearray()
-    while value >= 128:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
 
 @functools.cache
 def _ack_wait_field(ack_wait_ms: int) -> bytes:
     # One value per gateway (its ack timeout): made once.
-    return b"\x38" + _varint(ack_wait_ms)
+    return b"\x38" + varint(ack_wait_ms)
 
 
 def string_field(tag: int, value: str) -> bytes:
@@ -107,7 +91,7 @@ def string_field(tag: int, value: str) -> bytes:
     if not value:
         return b""
     data = value.encode("utf-8")
-    return _SMALL[tag << 3 | 2] + _varint(len(data)) + data
+    return bytes((tag << 3 | 2,)) + varint(len(data)) + data
 
 
 class Event:
@@ -199,17 +183,17 @@ class Event:
             if size < 126:
                 kind = bytes((0x2A, size + 2, tag, size))
             else:
-                length = _varint(size)
-                kind = b"\x2a" + _varint(1 + len(length) + size) + bytes((tag,)) + length
+                length = varint(size)
+                kind = b"\x2a" + varint(1 + len(length) + size) + bytes((tag,)) + length
         else:
             payload = closed.SerializeToString()
-            kind = b"\x32" + _varint(len(payload))  # ConnectionEvent.closed (6)
+            kind = b"\x32" + varint(len(payload))  # ConnectionEvent.closed (6)
         sequence = self.sequence
         ack_wait_ms = self.ack_wait_ms
         return b"".join(
             (
                 self.head,
-                (b"\x10" + _varint(sequence)) if sequence else b"",
+                (b"\x10" + varint(sequence)) if sequence else b"",
                 b"\x18\x01" if self.redelivered else b"",
                 self.path_field,
                 kind,
