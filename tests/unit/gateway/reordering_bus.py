@@ -32,6 +32,8 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from wsgate.config import GatewayConfig
+
 
 def matches(pattern: str, subject: str) -> bool:
     """NATS subject matching: ``*`` is one token, a final ``>`` one or more."""
@@ -203,3 +205,18 @@ def connect_to(bus: ReorderingBus) -> Callable[..., Awaitable[ReorderingBus]]:
         return bus
 
     return connect
+
+
+def gateway_config(prefix: str, timeout_s: float) -> GatewayConfig:
+    """A loopback gateway's settings for tests on this bus: nothing is lost here, so its
+    ack wait (three times ``timeout_s``, the tests' own bound) is long enough that a
+    redelivery would only mean a slow machine."""
+    return GatewayConfig(
+        host="127.0.0.1",
+        port=0,
+        prefix=prefix,
+        ack_timeout_s=timeout_s * 3,
+        delivery_timeout_s=timeout_s * 6,
+        presence_interval_s=60,
+        drain_timeout_s=2,
+    )

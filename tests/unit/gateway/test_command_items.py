@@ -14,9 +14,8 @@ import random
 
 import aiohttp
 
-from tests.unit.gateway.reordering_bus import ReorderingBus, connect_to
+from tests.unit.gateway.reordering_bus import ReorderingBus, connect_to, gateway_config
 from wsgate import ids, subjects
-from wsgate.config import GatewayConfig
 from wsgate.gateway.server import Gateway
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -56,15 +55,7 @@ async def test_items_that_are_no_final_ack_are_garbage_and_the_ack_behind_them_c
         bus.publish_as("worker-1", subject, batch.SerializeToString())
 
     bus = ReorderingBus(random.Random(0), on_publish=on_publish, on_request=decide)
-    config = GatewayConfig(
-        host="127.0.0.1",
-        port=0,
-        prefix=PREFIX,
-        ack_timeout_s=TIMEOUT_S * 3,
-        delivery_timeout_s=TIMEOUT_S * 6,
-        presence_interval_s=60,
-        drain_timeout_s=2,
-    )
+    config = gateway_config(PREFIX, TIMEOUT_S)
     bus.start()
     try:
         async with Gateway(config, connect=connect_to(bus)) as gw:

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
 from wsgate.gateway.delivery import EventDelivery
-from wsgate.gateway.session import Action, Count, Publish, Session, SessionLimits, Write
+from wsgate.gateway.session import Action, Count, Event, Publish, Session, SessionLimits, Write
 from wsgate.v1 import envelope_pb2 as pb
 
 pytestmark = pytest.mark.timeout(10)
@@ -48,11 +49,13 @@ class Recorder:
         self.messages: list[tuple[str, list[pb.Message]]] = []
         self.redeliveries = 0
         self.round_trips: list[float] = []
-        self.given_up: list[pb.ConnectionEvent] = []
+        self.given_up: list[Event] = []
         self.performed: list[Action] = []
 
 
-def _delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float) -> EventDelivery:
+def _delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float, **extra: Any) -> EventDelivery:
+    """An EventDelivery that records into ``rec``; ``extra``: more of its arguments."""
+
     def on_redelivery() -> None:
         rec.redeliveries += 1
 
@@ -67,6 +70,7 @@ def _delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float) -> EventDeliv
         on_redelivery=on_redelivery,
         on_round_trip=rec.round_trips.append,
         on_given_up=rec.given_up.append,
+        **extra,
     )
 
 
@@ -178,23 +182,7 @@ def _owned_delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float) -> Even
         rec.performed.extend(actions)
         return next((a for a in actions if isinstance(a, Publish)), None)
 
-    def on_redelivery() -> None:
-        rec.redeliveries += 1
-
-    return EventDelivery(
-        bus,  # type: ignore[arg-type]
-        events_subject="wsgate.events.app.gw1",
-        worker_events_subject=lambda worker: f"wsgate.worker.{worker}.events.gw1",
-        ack_prefix=ACK_PREFIX,
-        ack_timeout_s=ack_timeout_s,
-        delivery_timeout_s=30.0,
-        on_messages=lambda cid, messages: rec.messages.append((cid, list(messages))),
-        on_redelivery=on_redelivery,
-        on_round_trip=rec.round_trips.append,
-        on_given_up=rec.given_up.append,
-        perform=perform,
-        on_settled=Owner.on_settled,
-    )
+    return _delivery(bus, rec, ack_timeout_s, perform=perform, on_settled=Owner.on_settled)
 
 
 async def test_send_publishes_at_once_and_the_final_ack_settles_the_session_in_place() -> None:

@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 import aiohttp
 import pytest
 
-from tests.unit.gateway.reordering_bus import ReorderingBus, connect_to
+from tests.unit.gateway.reordering_bus import ReorderingBus, connect_to, gateway_config
 from wsgate import ids, subjects
 from wsgate.batches import BatchWriter, ack_entry, command_entry
-from wsgate.config import GatewayConfig
 from wsgate.gateway.server import Gateway
 from wsgate.v1 import envelope_pb2 as pb
 
@@ -186,16 +185,7 @@ async def test_frames_and_close_keep_the_handlers_order_whatever_the_interleavin
     app = FakeApp(rng)
     bus = ReorderingBus(rng, on_publish=app.on_publish, on_request=app.decide)
     app.bus = bus
-    config = GatewayConfig(
-        host="127.0.0.1",
-        port=0,
-        prefix=PREFIX,
-        # Nothing is lost on this bus: a redelivery would only mean a slow machine.
-        ack_timeout_s=TIMEOUT_S * 3,
-        delivery_timeout_s=TIMEOUT_S * 6,
-        presence_interval_s=60,
-        drain_timeout_s=2,
-    )
+    config = gateway_config(PREFIX, TIMEOUT_S)
     bus.start()
     try:
         async with Gateway(config, connect=connect_to(bus)) as gw:
