@@ -7,9 +7,10 @@ ended, :func:`settle` decides
 - whether the frames the handler sent are *released* (they leave once its storage
   writes are durable: the output gate) or *dropped* with the failure that gated them;
 - the close, if any, that the worker sends for the connection, after released frames;
-- whether the connection leaves every durable object before the ack (a close event);
+- whether the connection leaves every durable object before the ack (a close event).
 
-and :func:`final_ack` writes the ack, which carries the frames still buffered. An event
+The worker then writes the final ack (:func:`wsgate.batches.final_ack_entry`), which
+carries the frames still buffered. An event
 is acknowledged whatever its handler did (an exception in a handler ends the
 connection, as in Cloudflare Workers, and is not retried); only a failure of the
 worker's own steps (the close of a route no longer served, leaving the objects) leaves
@@ -21,9 +22,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from wsgate.batches import final_ack_entry
 from wsgate.closecodes import CloseCode
-from wsgate.v1 import envelope_pb2 as pb
 
 
 class EventKind(enum.Enum):
@@ -109,10 +108,3 @@ _SETTLEMENTS = {
 
 #: A ``ConnectionEvent``'s ``kind`` (``WhichOneof("kind")``) as an EventKind.
 EVENT_KINDS = {kind.value: kind for kind in EventKind}
-
-
-def final_ack(event: pb.ConnectionEvent, messages: list[bytes]) -> bytes:
-    """The final ack of ``event`` as a GatewayBatch entry, carrying ``messages`` (what the
-    handler sent that is still buffered, serialized ``Message`` envelopes: the gateway
-    writes them before it takes the connection's next event)."""
-    return final_ack_entry(event.connection_id, event.sequence, messages)

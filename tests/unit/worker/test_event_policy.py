@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from wsgate.batches import final_ack_entry
 from wsgate.closecodes import CloseCode
 from wsgate.errors import StateError
 from wsgate.v1 import envelope_pb2 as pb
@@ -21,7 +22,6 @@ from wsgate.worker.event_policy import (
     EventKind,
     HandlerOutcome,
     Settlement,
-    final_ack,
     settle,
 )
 from wsgate.worker.gate import OutputGate
@@ -81,8 +81,7 @@ def test_every_kind_of_connection_event_has_a_policy() -> None:
 
 
 def test_the_final_ack_names_the_event_and_carries_the_frames() -> None:
-    event = pb.ConnectionEvent(connection_id=CONN, sequence=12, message=pb.Message(text="x"))
-    entry = final_ack(event, [pb.Message(text="a").SerializeToString(), b"\x12\x01b"])
+    entry = final_ack_entry(CONN, 12, [pb.Message(text="a").SerializeToString(), b"\x12\x01b"])
     (item,) = pb.GatewayBatch.FromString(entry).items
     ack = item.ack
     assert (ack.connection_id, ack.sequence, ack.in_progress) == (CONN, 12, False)
