@@ -63,6 +63,7 @@ from wsgate.worker.activations import Activations
 from wsgate.worker.alarm_runner import AlarmRunner
 from wsgate.worker.app import App, ConnectRequest, Reject, Route
 from wsgate.worker.auth import Verified, authenticate, with_auth_subprotocol
+from wsgate.worker.batched_events import BatchedEvent, unbatching
 from wsgate.worker.connection import Connection, current_connection
 from wsgate.worker.decisions import (
     accept_decision,
@@ -257,16 +258,19 @@ class Worker(Service):
             queue = subjects.worker_queue(config.app_name)
             own = subjects.worker_subject
             prefix, app, anyone = config.prefix, config.app_name, subjects.ANY
-            for subject, group, handler in (
-                (subjects.connect_subject(prefix, app, anyone), queue, self._connect),
-                (subjects.events_subject(prefix, app, anyone), queue, self._event),
+            take_connect = self._spawner(self._connect)
+            # Events come alone or in EventBatches: each is taken as if it came alone.
+            take_events = unbatching(
+                nc, self._spawner(self._event), functools.partial(self._garbage, "events")
+            )
+            for subject, group, take in (
+                (subjects.connect_subject(prefix, app, anyone), queue, take_connect),
+                (subjects.events_subject(prefix, app, anyone), queue, take_events),
                 # What gateways and other workers send to this worker, the host of objects.
-                (own(prefix, self.worker_id, "connect", anyone), "", self._connect),
-                (own(prefix, self.worker_id, "events", anyone), "", self._event),
+                (own(prefix, self.worker_id, "connect", anyone), "", take_connect),
+                (own(prefix, self.worker_id, "events", anyone), "", take_events),
             ):
-                self._subscriptions.append(
-                    await nc.subscribe(subject, queue=group, cb=self._spawner(handler))
-                )
+                self._subscriptions.append(await nc.subscribe(subject, queue=group, cb=take))
             self._alarms = AlarmRunner(
                 nc,
                 self.app,
@@ -703,12 +707,17 @@ class Worker(Service):
         sequence = event.sequence
         # subjects.sent_by and subjects.ack_subject, their gateway's parts made once.
         subject_end, reply_start = subjects.event_origin(self.config.prefix, gateway_id)
-        if not (
-            msg.subject.endswith(subject_end)
-            and msg.reply == f"{reply_start}{connection_id}.{sequence}"
-        ):
+        reply = f"{reply_start}{connection_id}.{sequence}"
+        if type(msg) is BatchedEvent:
+            # Its reply is the batch's (subjects.batch_reply_subject), of the same gateway;
+            # from here on, the event's own.
+            from_gateway = msg.reply.startswith(f"{reply_start}{subjects.BATCH_REPLY_TOKEN}.")
+        else:
+            from_gateway = msg.reply == reply
+        if not (from_gateway and msg.subject.endswith(subject_end)):
             self._impostor("event", connection_id, msg)
             return None
+        msg.reply = reply
         kind = EVENT_KINDS[event.WhichOneof("kind") or ""]  # read_event made sure it is one
         metrics = self.metrics
         (metrics.message_events if kind is _MESSAGE else metrics.closed_events).inc()

@@ -207,6 +207,18 @@ def ack_subject(prefix: str, gateway_id: str, connection_id: str, sequence: int 
     return f"{ack_prefix(prefix, gateway_id)}.{connection_id}.{sequence}"
 
 
+#: The token that stands for the connection id in a batch's reply subject (no connection
+#: id is one: each has a ``_``).
+BATCH_REPLY_TOKEN = "batch"
+
+
+def batch_reply_subject(prefix: str, gateway_id: str, number: int) -> str:
+    """The reply subject of gateway ``gateway_id``'s EventBatch number ``number``: only
+    NATS' no-responders status comes there (each event's acks go to its own
+    :func:`ack_subject`)."""
+    return f"{ack_prefix(prefix, gateway_id)}.{BATCH_REPLY_TOKEN}.{number}"
+
+
 @functools.lru_cache(maxsize=1024)
 def event_origin(prefix: str, gateway_id: str) -> tuple[str, str]:
     """What a real event of gateway ``gateway_id`` comes with, as two strings: the end of

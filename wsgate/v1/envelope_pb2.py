@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wsgate/v1/envelope.proto\x12\twsgate.v1\"3\n\x07Message\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x96\x01\n\x0e\x43onnectRequest\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\"\n\x07headers\x18\x04 \x03(\x0b\x32\x11.wsgate.v1.Header\x12\x14\n\x0csubprotocols\x18\x05 \x03(\t\x12\x16\n\x0eremote_address\x18\x06 \x01(\t\"f\n\x0f\x43onnectDecision\x12#\n\x06\x61\x63\x63\x65pt\x18\x01 \x01(\x0b\x32\x11.wsgate.v1.AcceptH\x00\x12#\n\x06reject\x18\x02 \x01(\x0b\x32\x11.wsgate.v1.RejectH\x00\x42\t\n\x07outcome\"S\n\x06\x41\x63\x63\x65pt\x12\x13\n\x0bsubprotocol\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.wsgate.v1.Message\x12\x0e\n\x06worker\x18\x03 \x01(\t\"J\n\x06Reject\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\"\n\x07headers\x18\x03 \x03(\x0b\x32\x11.wsgate.v1.Header\"T\n\x06\x43losed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12,\n\tinitiator\x18\x03 \x01(\x0e\x32\x19.wsgate.v1.CloseInitiator\"\xc6\x01\n\x0f\x43onnectionEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0bredelivered\x18\x03 \x01(\x08\x12\x0c\n\x04path\x18\x04 \x01(\t\x12%\n\x07message\x18\x05 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12#\n\x06\x63losed\x18\x06 \x01(\x0b\x32\x11.wsgate.v1.ClosedH\x00\x12\x13\n\x0b\x61\x63k_wait_ms\x18\x07 \x01(\rB\x06\n\x04kind\"\x8d\x01\n\x08\x45ventAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x13\n\x0bin_progress\x18\x02 \x01(\x08\x12$\n\x08messages\x18\x03 \x03(\x0b\x32\x12.wsgate.v1.Message\x12\x15\n\rconnection_id\x18\x04 \x01(\t\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\r\n\x05retry\x18\x06 \x01(\x08\"/\n\x0f\x43loseConnection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x98\x01\n\x0eGatewayCommand\x12\x16\n\x0e\x63onnection_ids\x18\x01 \x03(\t\x12\"\n\x04send\x18\x02 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12+\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1a.wsgate.v1.CloseConnectionH\x00\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x42\x08\n\x06\x61\x63tion\"5\n\x0cGatewayBatch\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.wsgate.v1.GatewayItem\"g\n\x0bGatewayItem\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.wsgate.v1.EventAckH\x00\x12,\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x19.wsgate.v1.GatewayCommandH\x00\x42\x06\n\x04item\"H\n\x0fGatewayPresence\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x0f\n\x07leaving\x18\x03 \x01(\x08\"g\n\x0cStateReplica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x0f\n\x07leaving\x18\x04 \x01(\x08\x12\r\n\x05hello\x18\x05 \x01(\x08\"k\n\nAlarmEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cscheduled_ms\x18\x03 \x01(\x03\x12\x13\n\x0bretry_count\x18\x04 \x01(\r\x12\x11\n\tfiring_id\x18\x05 \x01(\t\"(\n\x0b\x41larmResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t*\x83\x01\n\x0e\x43loseInitiator\x12\x1f\n\x1b\x43LOSE_INITIATOR_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSE_INITIATOR_CLIENT\x10\x01\x12\x17\n\x13\x43LOSE_INITIATOR_APP\x10\x02\x12\x1b\n\x17\x43LOSE_INITIATOR_GATEWAY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18wsgate/v1/envelope.proto\x12\twsgate.v1\"3\n\x07Message\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x10\n\x06\x62inary\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x96\x01\n\x0e\x43onnectRequest\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\r\n\x05query\x18\x03 \x01(\t\x12\"\n\x07headers\x18\x04 \x03(\x0b\x32\x11.wsgate.v1.Header\x12\x14\n\x0csubprotocols\x18\x05 \x03(\t\x12\x16\n\x0eremote_address\x18\x06 \x01(\t\"f\n\x0f\x43onnectDecision\x12#\n\x06\x61\x63\x63\x65pt\x18\x01 \x01(\x0b\x32\x11.wsgate.v1.AcceptH\x00\x12#\n\x06reject\x18\x02 \x01(\x0b\x32\x11.wsgate.v1.RejectH\x00\x42\t\n\x07outcome\"S\n\x06\x41\x63\x63\x65pt\x12\x13\n\x0bsubprotocol\x18\x01 \x01(\t\x12$\n\x08messages\x18\x02 \x03(\x0b\x32\x12.wsgate.v1.Message\x12\x0e\n\x06worker\x18\x03 \x01(\t\"J\n\x06Reject\x12\x0e\n\x06status\x18\x01 \x01(\r\x12\x0c\n\x04\x62ody\x18\x02 \x01(\x0c\x12\"\n\x07headers\x18\x03 \x03(\x0b\x32\x11.wsgate.v1.Header\"T\n\x06\x43losed\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12,\n\tinitiator\x18\x03 \x01(\x0e\x32\x19.wsgate.v1.CloseInitiator\"\xc6\x01\n\x0f\x43onnectionEvent\x12\x15\n\rconnection_id\x18\x01 \x01(\t\x12\x10\n\x08sequence\x18\x02 \x01(\x04\x12\x13\n\x0bredelivered\x18\x03 \x01(\x08\x12\x0c\n\x04path\x18\x04 \x01(\t\x12%\n\x07message\x18\x05 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12#\n\x06\x63losed\x18\x06 \x01(\x0b\x32\x11.wsgate.v1.ClosedH\x00\x12\x13\n\x0b\x61\x63k_wait_ms\x18\x07 \x01(\rB\x06\n\x04kind\"8\n\nEventBatch\x12*\n\x06\x65vents\x18\x0f \x03(\x0b\x32\x1a.wsgate.v1.ConnectionEvent\"\x8d\x01\n\x08\x45ventAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x13\n\x0bin_progress\x18\x02 \x01(\x08\x12$\n\x08messages\x18\x03 \x03(\x0b\x32\x12.wsgate.v1.Message\x12\x15\n\rconnection_id\x18\x04 \x01(\t\x12\x0e\n\x06worker\x18\x05 \x01(\t\x12\r\n\x05retry\x18\x06 \x01(\x08\"/\n\x0f\x43loseConnection\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x98\x01\n\x0eGatewayCommand\x12\x16\n\x0e\x63onnection_ids\x18\x01 \x03(\t\x12\"\n\x04send\x18\x02 \x01(\x0b\x32\x12.wsgate.v1.MessageH\x00\x12+\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x1a.wsgate.v1.CloseConnectionH\x00\x12\x13\n\x0bin_reply_to\x18\x04 \x01(\x04\x42\x08\n\x06\x61\x63tion\"5\n\x0cGatewayBatch\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.wsgate.v1.GatewayItem\"g\n\x0bGatewayItem\x12\"\n\x03\x61\x63k\x18\x01 \x01(\x0b\x32\x13.wsgate.v1.EventAckH\x00\x12,\n\x07\x63ommand\x18\x02 \x01(\x0b\x32\x19.wsgate.v1.GatewayCommandH\x00\x42\x06\n\x04item\"H\n\x0fGatewayPresence\x12\x12\n\ngateway_id\x18\x01 \x01(\t\x12\x10\n\x08lease_ms\x18\x02 \x01(\r\x12\x0f\n\x07leaving\x18\x03 \x01(\x08\"g\n\x0cStateReplica\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x12\n\ntimeout_ms\x18\x03 \x01(\r\x12\x0f\n\x07leaving\x18\x04 \x01(\x08\x12\r\n\x05hello\x18\x05 \x01(\x08\"k\n\nAlarmEvent\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cscheduled_ms\x18\x03 \x01(\x03\x12\x13\n\x0bretry_count\x18\x04 \x01(\r\x12\x11\n\tfiring_id\x18\x05 \x01(\t\"(\n\x0b\x41larmResult\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t*\x83\x01\n\x0e\x43loseInitiator\x12\x1f\n\x1b\x43LOSE_INITIATOR_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x43LOSE_INITIATOR_CLIENT\x10\x01\x12\x17\n\x13\x43LOSE_INITIATOR_APP\x10\x02\x12\x1b\n\x17\x43LOSE_INITIATOR_GATEWAY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'wsgate.v1.envelope_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CLOSEINITIATOR']._serialized_start=1675
-  _globals['_CLOSEINITIATOR']._serialized_end=1806
+  _globals['_CLOSEINITIATOR']._serialized_start=1733
+  _globals['_CLOSEINITIATOR']._serialized_end=1864
   _globals['_MESSAGE']._serialized_start=39
   _globals['_MESSAGE']._serialized_end=90
   _globals['_HEADER']._serialized_start=92
@@ -49,22 +49,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSED']._serialized_end=633
   _globals['_CONNECTIONEVENT']._serialized_start=636
   _globals['_CONNECTIONEVENT']._serialized_end=834
-  _globals['_EVENTACK']._serialized_start=837
-  _globals['_EVENTACK']._serialized_end=978
-  _globals['_CLOSECONNECTION']._serialized_start=980
-  _globals['_CLOSECONNECTION']._serialized_end=1027
-  _globals['_GATEWAYCOMMAND']._serialized_start=1030
-  _globals['_GATEWAYCOMMAND']._serialized_end=1182
-  _globals['_GATEWAYBATCH']._serialized_start=1184
-  _globals['_GATEWAYBATCH']._serialized_end=1237
-  _globals['_GATEWAYITEM']._serialized_start=1239
-  _globals['_GATEWAYITEM']._serialized_end=1342
-  _globals['_GATEWAYPRESENCE']._serialized_start=1344
-  _globals['_GATEWAYPRESENCE']._serialized_end=1416
-  _globals['_STATEREPLICA']._serialized_start=1418
-  _globals['_STATEREPLICA']._serialized_end=1521
-  _globals['_ALARMEVENT']._serialized_start=1523
-  _globals['_ALARMEVENT']._serialized_end=1630
-  _globals['_ALARMRESULT']._serialized_start=1632
-  _globals['_ALARMRESULT']._serialized_end=1672
+  _globals['_EVENTBATCH']._serialized_start=836
+  _globals['_EVENTBATCH']._serialized_end=892
+  _globals['_EVENTACK']._serialized_start=895
+  _globals['_EVENTACK']._serialized_end=1036
+  _globals['_CLOSECONNECTION']._serialized_start=1038
+  _globals['_CLOSECONNECTION']._serialized_end=1085
+  _globals['_GATEWAYCOMMAND']._serialized_start=1088
+  _globals['_GATEWAYCOMMAND']._serialized_end=1240
+  _globals['_GATEWAYBATCH']._serialized_start=1242
+  _globals['_GATEWAYBATCH']._serialized_end=1295
+  _globals['_GATEWAYITEM']._serialized_start=1297
+  _globals['_GATEWAYITEM']._serialized_end=1400
+  _globals['_GATEWAYPRESENCE']._serialized_start=1402
+  _globals['_GATEWAYPRESENCE']._serialized_end=1474
+  _globals['_STATEREPLICA']._serialized_start=1476
+  _globals['_STATEREPLICA']._serialized_end=1579
+  _globals['_ALARMEVENT']._serialized_start=1581
+  _globals['_ALARMEVENT']._serialized_end=1688
+  _globals['_ALARMRESULT']._serialized_start=1690
+  _globals['_ALARMRESULT']._serialized_end=1730
 # @@protoc_insertion_point(module_scope)

@@ -373,6 +373,42 @@ class ConnectionEvent(_message.Message):
 Global___ConnectionEvent: _TypeAlias = ConnectionEvent  # noqa: Y015
 
 @_typing.final
+class EventBatch(_message.Message):
+    """Events of one gateway for one events subject (the app's queue, or a worker's own),
+    gathered over one turn of the gateway's event loop and sent as one NATS message, so that
+    NATS, and the worker that takes them, pay once for many events. Each event is handled as
+    if it had come alone: its own progress acks, retry and final ack, its own reply subject
+    <prefix>.ack.<gateway_id>.<connection_id>.<sequence>. The batch's reply subject is
+    <prefix>.ack.<gateway_id>.batch.<n>: NATS' no-responders status for the whole batch comes
+    there. A gateway sends a lone event as a ConnectionEvent, never as a batch of one.
+
+    The field number is 15, not 1, so the first byte tells a batch (0x7a) from a
+    ConnectionEvent (0x0a, its connection_id); a worker takes both on the same subjects.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___ConnectionEvent]:
+        """At least one (a gateway sends two or more), each a whole ConnectionEvent of this
+        gateway's.
+        """
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___ConnectionEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventBatch: _TypeAlias = EventBatch  # noqa: Y015
+
+@_typing.final
 class EventAck(_message.Message):
     """A worker's reply to a ConnectionEvent: a progress ack or a retry on the event's reply
     subject; the final ack as an item of a GatewayBatch on the gateway's command subject.
