@@ -53,7 +53,7 @@ from typing import Any, Generic, TypeVar
 import nats.errors
 from nats.aio.msg import Msg
 
-from wsgate import envelopes, ids
+from wsgate import envelopes, event_batch, ids, subjects
 from wsgate.bus import Bus
 from wsgate.eager import resume
 from wsgate.errors import InvalidEnvelope
@@ -76,7 +76,7 @@ class _Waiting(Generic[OwnerT]):
     """One event waiting for its reply: a coroutine's (``future``), or, sent by
     :meth:`EventDelivery.send`, its owner's (``owner``; ``future`` None)."""
 
-    __slots__ = ("expires_at", "future", "owner", "session", "worker")
+    __slots__ = ("batch", "expires_at", "future", "owner", "session", "worker")
 
     def __init__(
         self,
@@ -84,12 +84,15 @@ class _Waiting(Generic[OwnerT]):
         expires_at: float,
         session: Session,
         owner: OwnerT | None = None,
+        batch: int = 0,
     ) -> None:
         self.future = future
         self.expires_at = expires_at
         #: The connection's session: a progress ack is handed to it in place.
         self.session = session
         self.owner = owner
+        #: The number of the batch the event went in (0: published by deliver, alone).
+        self.batch = batch
         #: The activation's host, as the final ack named it.
         self.worker = ""
 
@@ -99,6 +102,21 @@ class _Waiting(Generic[OwnerT]):
         wait ends; a coroutine's when the coroutine resumes.)"""
         future = self.future
         return future is None or not future.done()
+
+
+class _Batch:
+    """The events :meth:`EventDelivery.send` gathers for one subject in one turn of the
+    event loop."""
+
+    __slots__ = ("events", "keys", "number", "size")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        #: Each event, serialized, and its (connection id, sequence), in the order sent.
+        self.events: list[bytes] = []
+        self.keys: list[tuple[str, int]] = []
+        #: The batch's size in bytes, at most (each event with its largest entry overhead).
+        self.size = 0
 
 
 class EventDelivery(Generic[OwnerT]):
@@ -156,6 +174,14 @@ class EventDelivery(Generic[OwnerT]):
         self._perform = perform
         self._on_settled = on_settled
         self._waiting: dict[tuple[str, int], _Waiting[OwnerT]] = {}
+        #: What send gathered in this turn of the event loop, by subject, and the numbers
+        #: of the batches (one per gateway lifetime each).
+        self._batching: dict[str, _Batch] = {}
+        self._batch_serial = 0
+        self._publish_scheduled = False
+        #: Nothing larger is published: NATS' max_payload (a lone event always fits: the
+        #: gateway's message limit leaves room for its envelope).
+        self._max_batch_bytes = nc.max_payload
         #: The tasks that carry on an owner's delivery after an outcome other than its ack.
         self._recovering: set[asyncio.Task[None]] = set()
         self._bus_up = asyncio.Event()
@@ -240,11 +266,15 @@ class EventDelivery(Generic[OwnerT]):
                 self._on_given_up(action.event)
 
     def send(self, owner: OwnerT, session: Session, publish: Publish) -> None:
-        """Publish ``publish`` (of ``owner``'s ``session``) and return at once; what comes
+        """Send ``publish`` (of ``owner``'s ``session``) and return at once; what comes
         back is handled as :meth:`deliver` does, the session's actions performed by
         ``perform(owner, ...)``, until the session has nothing in flight; then
         ``on_settled(owner)``. Never raises for the bus: a failed publish is handled as
-        no responders (by a task, as every outcome other than the final ack)."""
+        no responders (by a task, as every outcome other than the final ack).
+
+        The event is not published here: every event sent to one subject in this turn of
+        the event loop goes in one EventBatch at its end (:mod:`wsgate.event_batch`), a
+        lone one as itself."""
         event = publish.event
         if self._closed or not self._bus_connected:
             # Giving up, or waiting for NATS: the coroutine's way.
@@ -252,31 +282,80 @@ class EventDelivery(Generic[OwnerT]):
             return
         if event.redelivered:
             self._on_redelivery()
-        connection_id = event.connection_id
-        sequence = event.sequence
+        key = (event.connection_id, event.sequence)
         subject = (
             self._worker_events_subject(publish.worker) if publish.worker else self._events_subject
         )
         deadline = session.ack_deadline
         assert deadline is not None
+        encoded = event.encode()
+        size = len(encoded) + event_batch.ENTRY_OVERHEAD
+        batch = self._batching.get(subject)
+        if batch is None:
+            batch = self._new_batch(subject)
+        elif batch.size + size > self._max_batch_bytes:
+            # Full: it goes now, and this event starts the next.
+            self._publish_batch(subject, batch)
+            batch = self._new_batch(subject)
+        batch.events.append(encoded)
+        batch.keys.append(key)
+        batch.size += size
+        self._waiting[key] = _Waiting(None, deadline, session, owner, batch.number)
+
+    def _new_batch(self, subject: str) -> _Batch:
+        """A batch for ``subject``, published at the end of this turn of the event loop
+        (or once full)."""
+        if not self._publish_scheduled:
+            self._publish_scheduled = True
+            self._loop.call_soon(self._publish_batches)
+        self._batch_serial += 1
+        batch = self._batching[subject] = _Batch(self._batch_serial)
+        return batch
+
+    def _publish_batches(self) -> None:
+        self._publish_scheduled = False
+        batching = self._batching
+        self._batching = {}
+        for subject, batch in batching.items():
+            self._publish_batch(subject, batch)
+
+    def _publish_batch(self, subject: str, batch: _Batch) -> None:
+        """Publish ``batch`` on ``subject``: a lone event as a ConnectionEvent with its
+        own reply subject, two or more as an EventBatch with the batch's."""
+        if self._batching.get(subject) is batch:
+            del self._batching[subject]
+        if self._closed:
+            return  # close() gave up every wait
+        events = batch.events
+        if len(events) == 1:
+            connection_id, sequence = batch.keys[0]
+            payload = events[0]
+            reply = f"{self._ack_prefix}.{connection_id}.{sequence}"
+        else:
+            payload = event_batch.join(events)
+            reply = f"{self._ack_prefix}.{subjects.BATCH_REPLY_TOKEN}.{batch.number}"
         # Run eagerly (as wsgate.eager.start_eagerly, inline): nats-py's publish only
         # appends to its buffer, unless that is full; then a task finishes the flush it
         # waits for (the message is in the buffer already).
-        publishing = self._nc.publish(
-            subject, event.encode(), reply=f"{self._ack_prefix}.{connection_id}.{sequence}"
-        )
+        publishing = self._nc.publish(subject, payload, reply=reply)
         try:
             suspended_on = publishing.send(None)
         except StopIteration:
             pass
         except nats.errors.Error as exc:
             # Closed or over the reconnect buffer: treated like no worker for now.
-            log.debug("publishing %s#%d failed: %r", connection_id, sequence, exc)
-            self._spawn(self._recover(owner, session, Reply.NO_RESPONDERS, ""))
-            return
+            log.debug("publishing %d event(s) on %s failed: %r", len(events), subject, exc)
+            self._batch_failed(batch.number, batch.keys)
         else:
             self._loop.create_task(resume(publishing, suspended_on))
-        self._waiting[connection_id, sequence] = _Waiting(None, deadline, session, owner)
+
+    def _batch_failed(self, number: int, keys: Sequence[tuple[str, int]]) -> None:
+        """No worker took batch ``number`` (of the events ``keys``): each event still
+        waiting for it is handed NO_RESPONDERS."""
+        for key in keys:
+            waiting = self._waiting.get(key)
+            if waiting is not None and waiting.batch == number and waiting.open:
+                self._resolve(waiting, Reply.NO_RESPONDERS)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self._loop.create_task(coro)
@@ -387,9 +466,19 @@ class EventDelivery(Generic[OwnerT]):
             self._on_garbage("ack")
             return
         sequence = int(sequence_text)
-        waiting = self._waiting.get((connection_id, sequence))
         headers = msg.headers
         no_responders = headers is not None and headers.get("Status") == _NO_RESPONDERS
+        if connection_id == subjects.BATCH_REPLY_TOKEN:
+            # A batch's reply subject: only NATS' no-responders status comes there.
+            if not no_responders:
+                self._on_garbage("ack")
+                return
+            keys = [k for k, w in self._waiting.items() if w.batch == sequence and w.open]
+            if not keys:
+                self._on_stale()
+            self._batch_failed(sequence, keys)
+            return
+        waiting = self._waiting.get((connection_id, sequence))
         if no_responders:
             if waiting is not None and waiting.open:
                 self._resolve(waiting, Reply.NO_RESPONDERS)

@@ -16,7 +16,8 @@ order relative to each other.
   own tasks (read loops, outbox writers) run at varied points.
 
 So each publisher's order holds per subscription, and nothing else. What the gateway
-publishes goes to ``on_publish`` (the test's fake workers) at once; its requests (connect)
+publishes goes to ``on_publish`` (the test's fake workers) at once, each event of an
+EventBatch alone with its own reply subject, as a worker takes it; its requests (connect)
 to ``on_request``.
 """
 
@@ -32,7 +33,9 @@ from typing import Any
 
 from nats.aio.msg import Msg
 
+from wsgate import event_batch
 from wsgate.config import GatewayConfig
+from wsgate.v1 import envelope_pb2 as pb
 
 
 def matches(pattern: str, subject: str) -> bool:
@@ -85,6 +88,8 @@ class ReorderingBus:
         #: than the one before (a sign the interleavings are varied).
         self.delivered = 0
         self.switches = 0
+        #: EventBatches the gateway published (each event of one goes to ``on_publish``).
+        self.batches = 0
 
     # -- the far side ----------------------------------------------------------------
 
@@ -169,7 +174,15 @@ class ReorderingBus:
         reply: str = "",
         headers: dict[str, str] | None = None,
     ) -> None:
-        self._on_publish(subject, payload, reply)
+        if not event_batch.is_batch(payload):
+            self._on_publish(subject, payload, reply)
+            return
+        # As a worker takes them: each event alone, with its own reply subject.
+        self.batches += 1
+        ack_prefix = reply.rsplit(".", 2)[0]
+        for data in event_batch.split(payload):
+            event = pb.ConnectionEvent.FromString(data)
+            self._on_publish(subject, data, f"{ack_prefix}.{event.connection_id}.{event.sequence}")
 
     async def subscribe(
         self,

@@ -12,6 +12,7 @@ import nats.errors
 import pytest
 from nats.aio.msg import Msg
 
+from wsgate import event_batch
 from wsgate.gateway.delivery import EventDelivery
 from wsgate.gateway.session import Action, Count, Event, Publish, Session, SessionLimits, Write
 from wsgate.v1 import envelope_pb2 as pb
@@ -25,15 +26,23 @@ CONNECTION = "node-abcdefgh_1"
 class MemoryBus:
     """What EventDelivery needs of a NATS client: ``publish``, recorded; ``failing`` raises."""
 
+    max_payload = 1024 * 1024
+
     def __init__(self) -> None:
+        #: Each event published, with its subject and reply subject (a batch's events each
+        #: with the batch's reply subject); ``messages`` counts the NATS messages.
         self.published: list[tuple[str, pb.ConnectionEvent, str]] = []
+        self.messages = 0
         self.arrived = asyncio.Event()
         self.failing = False
 
     async def publish(self, subject: str, payload: bytes, reply: str = "") -> None:
         if self.failing:
             raise nats.errors.ConnectionClosedError
-        self.published.append((subject, pb.ConnectionEvent.FromString(payload), reply))
+        self.messages += 1
+        events = event_batch.split(payload) if event_batch.is_batch(payload) else [payload]
+        for event in events:
+            self.published.append((subject, pb.ConnectionEvent.FromString(event), reply))
         self.arrived.set()
 
     async def next_publish(self) -> tuple[str, pb.ConnectionEvent, str]:
@@ -185,7 +194,7 @@ def _owned_delivery(bus: MemoryBus, rec: Recorder, ack_timeout_s: float) -> Even
     return _delivery(bus, rec, ack_timeout_s, perform=perform, on_settled=Owner.on_settled)
 
 
-async def test_send_publishes_at_once_and_the_final_ack_settles_the_session_in_place() -> None:
+async def test_send_publishes_at_the_end_of_the_turn_and_the_final_ack_settles_in_place() -> None:
     bus, rec = MemoryBus(), Recorder()
     delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
     delivery.start()
@@ -194,8 +203,12 @@ async def test_send_publishes_at_once_and_the_final_ack_settles_the_session_in_p
     publish = session.client_frame("hi", loop.time())[-1]
     assert isinstance(publish, Publish)
     delivery.send(owner, session, publish)
-    # Published in this very step: no task in between.
-    assert [(e.sequence, e.message.text) for _, e, _ in bus.published] == [(1, "hi")]
+    # Published at the end of this turn of the event loop: alone, with its own reply subject.
+    assert bus.published == []
+    await bus.next_publish()
+    assert [(e.sequence, e.message.text, reply) for _, e, reply in bus.published] == [
+        (1, "hi", f"{ACK_PREFIX}.{CONNECTION}.1")
+    ]
     # The Closed event of a socket gone meanwhile waits behind it, in the session's queue.
     assert session.transport_closed(loop.time()) == [Count("closes", "transport")]
     ack = pb.EventAck(
@@ -207,6 +220,7 @@ async def test_send_publishes_at_once_and_the_final_ack_settles_the_session_in_p
     assert [type(a).__name__ for a in owner.log] == ["Count", "Delivered", "Publish"]
     assert session.acked_through == 1
     assert session.worker == "w-ijklmnop"
+    await bus.next_publish()
     assert [e.WhichOneof("kind") for _, e, _ in bus.published] == ["message", "closed"]
     assert bus.published[-1][0] == "wsgate.worker.w-ijklmnop.events.gw1"
     delivery.on_final_ack(pb.EventAck(connection_id=CONNECTION, sequence=2))
@@ -230,6 +244,7 @@ async def test_a_sent_event_without_an_ack_in_time_is_redelivered_by_a_task_then
     publish = session.client_frame("hi", took_off)[-1]
     assert isinstance(publish, Publish)
     delivery.send(owner, session, publish)
+    await bus.next_publish()
     _, again, _ = await bus.next_publish()
     assert loop.time() >= took_off + 0.05
     assert (again.sequence, again.redelivered) == (1, True)
@@ -261,3 +276,143 @@ async def test_a_sent_event_whose_publish_fails_is_retried_and_given_up_on_close
     closed = session.close_requested
     assert closed is not None
     assert closed[1:] == (1013, "no worker acknowledged the message")
+
+
+# -- batches: what send gathers in one turn of the event loop ------------------------------
+
+
+def _sessions(count: int, ack_timeout_s: float = 5.0) -> list[tuple[Session, Owner]]:
+    loop = asyncio.get_running_loop()
+    sessions = []
+    for n in range(1, count + 1):
+        session = Session(f"node-abcdefgh_{n}", "/echo", SessionLimits(ack_timeout_s=ack_timeout_s))
+        session.opened(loop.time())
+        sessions.append((session, Owner()))
+    return sessions
+
+
+async def test_events_sent_in_one_turn_go_in_one_batch_and_each_is_acked_alone() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
+    delivery.start()
+    loop = asyncio.get_running_loop()
+    sessions = _sessions(3)
+    for n, (session, owner) in enumerate(sessions, 1):
+        publish = session.client_frame(f"m{n}", loop.time())[-1]
+        assert isinstance(publish, Publish)
+        delivery.send(owner, session, publish)
+    await bus.next_publish()
+    assert bus.messages == 1
+    assert [(e.connection_id, e.message.text) for _, e, _ in bus.published] == [
+        (f"node-abcdefgh_{n}", f"m{n}") for n in (1, 2, 3)
+    ]
+    # The batch's reply subject, which no connection id can be.
+    assert {reply for _, _, reply in bus.published} == {f"{ACK_PREFIX}.batch.1"}
+    # Each is acknowledged on its own, in any order.
+    for n in (2, 3, 1):
+        delivery.on_final_ack(pb.EventAck(connection_id=f"node-abcdefgh_{n}", sequence=1))
+        session, owner = sessions[n - 1]
+        assert owner.log[-1] == "settled"
+        assert not session.busy
+    # The next events go in a batch of their own.
+    for session, owner in sessions[:2]:
+        publish = session.client_frame("again", loop.time())[-1]
+        assert isinstance(publish, Publish)
+        delivery.send(owner, session, publish)
+    await bus.next_publish()
+    assert bus.messages == 2
+    assert bus.published[-1][2] == f"{ACK_PREFIX}.batch.2"
+    await delivery.close()
+
+
+def _no_responders(subject: str) -> Msg:
+    return Msg(_client=None, subject=subject, headers={"Status": "503"})  # type: ignore[arg-type]
+
+
+async def test_no_responders_to_a_batch_retries_each_of_its_events_and_nothing_else() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
+    delivery.start()
+    loop = asyncio.get_running_loop()
+    sessions = _sessions(3)
+    for session, owner in sessions[:2]:
+        publish = session.client_frame("x", loop.time())[-1]
+        assert isinstance(publish, Publish)
+        delivery.send(owner, session, publish)
+    await bus.next_publish()
+    # A third event, in a later batch (alone: its own reply subject).
+    publish = sessions[2][0].client_frame("y", loop.time())[-1]
+    assert isinstance(publish, Publish)
+    delivery.send(sessions[2][1], sessions[2][0], publish)
+    await bus.next_publish()
+    await delivery.on_reply(_no_responders(f"{ACK_PREFIX}.batch.1"))
+    # The two of batch 1 are sent again after a backoff; the third is still in flight.
+    while len(bus.published) < 5:
+        await bus.next_publish()
+    assert sorted((e.connection_id, e.redelivered) for _, e, _ in bus.published[3:]) == [
+        ("node-abcdefgh_1", True),
+        ("node-abcdefgh_2", True),
+    ]
+    # A second no-responders for the same batch finds nothing waiting for it: stale.
+    stale = []
+    delivery._on_stale = lambda: stale.append(1)
+    await delivery.on_reply(_no_responders(f"{ACK_PREFIX}.batch.1"))
+    assert stale == [1]
+    await delivery.close()
+
+
+async def test_a_batch_reply_that_is_not_no_responders_is_garbage() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    garbage: list[str] = []
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
+    delivery._on_garbage = garbage.append
+    await delivery.on_reply(
+        Msg(_client=None, subject=f"{ACK_PREFIX}.batch.1", data=b"")  # type: ignore[arg-type]
+    )
+    await delivery.on_reply(_no_responders(f"{ACK_PREFIX}.batch.x"))
+    assert garbage == ["ack", "ack"]
+    await delivery.close()
+
+
+async def test_a_batch_that_fails_to_publish_retries_each_of_its_events() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
+    loop = asyncio.get_running_loop()
+    sessions = _sessions(2)
+    bus.failing = True
+    for session, owner in sessions:
+        publish = session.client_frame("x", loop.time())[-1]
+        assert isinstance(publish, Publish)
+        delivery.send(owner, session, publish)
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert all(s.busy and s.retry_at is not None for s, _ in sessions)
+    bus.failing = False
+    while len(bus.published) < 2:
+        await bus.next_publish()
+    assert all(e.redelivered for _, e, _ in bus.published)
+    await delivery.close()
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+async def test_a_batch_is_split_where_the_next_event_would_take_it_over_max_payload(
+    extra: int,
+) -> None:
+    bus, rec = MemoryBus(), Recorder()
+    loop = asyncio.get_running_loop()
+    sessions = _sessions(3)
+    publishes = []
+    for session, _ in sessions:
+        publish = session.client_frame(b"\x00" * 100, loop.time())[-1]
+        assert isinstance(publish, Publish)
+        publishes.append(publish)
+    entry = len(publishes[0].event.encode()) + event_batch.ENTRY_OVERHEAD
+    # Room for exactly two events (at the limit), or one byte short of it.
+    bus.max_payload = 2 * entry - extra
+    delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
+    for (session, owner), publish in zip(sessions, publishes, strict=True):
+        delivery.send(owner, session, publish)
+    while len(bus.published) < 3:
+        await bus.next_publish()
+    assert bus.messages == (2 if extra == 0 else 3)
+    await delivery.close()

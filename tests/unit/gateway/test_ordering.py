@@ -214,3 +214,5 @@ async def test_frames_and_close_keep_the_handlers_order_whatever_the_interleavin
     # Only progress acks that came after their final ack may be stale; no command was.
     assert stale <= app.progress_acks
     assert bus.switches > 1
+    # Events went in EventBatches too, each event still taken alone and in order.
+    assert bus.batches > 0
