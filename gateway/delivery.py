@@ -54,7 +54,7 @@ import nats.errors
 from nats.aio.msg import Msg
 
 from wsgate import envelopes, event_batch, ids, subjects
-from wsgate.bus import Bus
+from wsgate.bus import Bus, write_now
 from wsgate.eager import resume
 from wsgate.errors import InvalidEnvelope
 from wsgate.gateway.session import Action, Delivered, Event, GaveUp, Publish, Reply, Session
@@ -318,6 +318,7 @@ class EventDelivery(Generic[OwnerT]):
         self._batching = {}
         for subject, batch in batching.items():
             self._publish_batch(subject, batch)
+        write_now(self._nc)  # this turn's batches leave now, not in the flusher's next step
 
     def _publish_batch(self, subject: str, batch: _Batch) -> None:
         """Publish ``batch`` on ``subject``: a lone event as a ConnectionEvent with its

@@ -43,7 +43,7 @@ from nats.aio.subscription import Subscription
 
 from wsgate import envelopes, ids, subjects
 from wsgate.batches import BatchWriter, ack_entry, command_entry, final_ack_entry
-from wsgate.bus import connect_bus, drain_bus
+from wsgate.bus import connect_bus, drain_bus, write_now
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
 from wsgate.errors import InvalidEnvelope
@@ -791,6 +791,7 @@ class Worker(Service):
         # nats-py's publish only appends to its buffer unless that is full: then it waits,
         # and the next turn's batches wait for these, to keep each gateway's order.
         task = start_eagerly(self._loop, self._publish_quietly(batches, self._publishing))
+        write_now(self._nc)  # this turn's batches leave now, not in the flusher's next step
         if task is not None:  # asyncio holds tasks weakly: keep it until it is done
             self._publishing = task
             self._background.add(task)

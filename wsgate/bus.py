@@ -279,3 +279,43 @@ async def drain_bus(nc: Bus) -> None:
         if not nc.is_closed:
             await nc.close()
         raise
+
+
+#: write_now leaves the buffer to nats-py's flusher once this much waits in the socket's
+#: own buffer: the flusher awaits the socket's drain, which pushes back on publishers.
+WRITE_NOW_MAX_QUEUED_BYTES = 64 * 1024
+
+
+def write_now(nc: object) -> bool:
+    """Hand what nats-py's client ``nc`` has buffered to its socket now; True if it did.
+
+    nats-py's ``publish`` only appends to a buffer and wakes its flusher task, which
+    writes in its next step: one turn of the event loop later. A role that gathers what
+    it publishes over one turn (the gateway's EventBatches, a worker's GatewayBatches)
+    and publishes it at the end of the turn calls this right after, so the batch leaves
+    one turn sooner: at a few hundred microseconds a turn under load, a large part of a
+    round trip (docs/benchmarks.md). What the flusher finds then is nothing, or what was
+    published since: the order on the socket is the order published.
+
+    It reads nats-py's private buffer (``_pending``, ``_pending_data_size``) and its
+    transport's writer, so it does nothing (False) when those are not there (another
+    nats-py, a test's bus), when not connected, or when the socket is already behind by
+    :data:`WRITE_NOW_MAX_QUEUED_BYTES`; the flusher then writes as before.
+    tests/integration/test_bus_write_now.py holds it to the installed nats-py.
+    """
+    pending: list[bytes] | None = getattr(nc, "_pending", None)
+    if not pending or not getattr(nc, "is_connected", False):
+        return False
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    transport = getattr(writer, "transport", None)
+    if writer is None or transport is None or transport.is_closing():
+        return False
+    if transport.get_write_buffer_size() > WRITE_NOW_MAX_QUEUED_BYTES:
+        return False
+    try:
+        writer.writelines(pending)
+    except (OSError, RuntimeError):
+        return False  # left to the flusher, which meets the error and reconnects
+    nc._pending = []  # type: ignore[attr-defined]
+    nc._pending_data_size = 0  # type: ignore[attr-defined]
+    return True
