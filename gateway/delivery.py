@@ -474,7 +474,9 @@ class EventDelivery(Generic[OwnerT]):
             if not no_responders:
                 self._on_garbage("ack")
                 return
-            keys = [k for k, w in self._waiting.items() if w.batch == sequence and w.open]
+            # Batches are numbered from 1: 0 stands for none (deliver's lone events).
+            waiting_for = self._waiting.items() if sequence else ()
+            keys = [k for k, w in waiting_for if w.batch == sequence and w.open]
             if not keys:
                 self._on_stale()
             self._batch_failed(sequence, keys)

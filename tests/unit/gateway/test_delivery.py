@@ -361,6 +361,27 @@ async def test_no_responders_to_a_batch_retries_each_of_its_events_and_nothing_e
     await delivery.close()
 
 
+async def test_no_responders_to_batch_0_is_stale_and_leaves_delivers_events_alone() -> None:
+    bus, rec = MemoryBus(), Recorder()
+    delivery = _delivery(bus, rec, ack_timeout_s=5.0)
+    delivery.start()
+    stale: list[int] = []
+    delivery._on_stale = lambda: stale.append(1)
+    session = _session(SessionLimits(ack_timeout_s=5.0))
+    publish = session.client_frame("x", asyncio.get_running_loop().time())[-1]
+    assert isinstance(publish, Publish)
+    task = asyncio.create_task(delivery.deliver(session, publish, _perform(rec)))  # type: ignore[arg-type]
+    await bus.next_publish()
+    # deliver's events are in no batch (0): a no-responders there concerns none of them.
+    await delivery.on_reply(_no_responders(f"{ACK_PREFIX}.batch.0"))
+    assert stale == [1]
+    delivery.on_final_ack(pb.EventAck(connection_id=CONNECTION, sequence=1))
+    await task
+    assert rec.redeliveries == 0
+    assert session.acked_through == 1
+    await delivery.close()
+
+
 async def test_a_batch_reply_that_is_not_no_responders_is_garbage() -> None:
     bus, rec = MemoryBus(), Recorder()
     garbage: list[str] = []
