@@ -1,9 +1,14 @@
 """At-least-once delivery of connection events to workers.
 
-An event is published on the app's events subject with a reply subject of its own,
-``<prefix>.ack.<gateway_id>.<connection_id>.<sequence>``, which this gateway subscribes to
-with a wildcard. A worker answers there with progress acks while its handler runs (or a
-retry). The final ack (which may carry the messages the handler sent to the connection)
+An event has a reply subject of its own, ``<prefix>.ack.<gateway_id>.<connection_id>.
+<sequence>``, which this gateway subscribes to with a wildcard. The events :meth:`send`
+is given in one turn of the event loop go to each subject (the app's events subject, or an
+object's host's) as one ``EventBatch`` at the end of the turn (:mod:`wsgate.event_batch`),
+with the batch's reply subject ``<prefix>.ack.<gateway_id>.batch.<n>``, where only NATS'
+no-responders status comes; a lone event goes as itself, with its own reply subject, as
+every event of :meth:`deliver` does. The worker takes each event of a batch as if it had
+come alone. A worker answers on the event's own reply subject with progress acks while
+its handler runs (or a retry). The final ack (which may carry the messages the handler sent to the connection)
 comes as an item of a ``GatewayBatch`` on the gateway's command subject
 ``<prefix>.gw.<gateway_id>``, after the commands the handler sent and beside the other
 items the worker had for this gateway in the same turn of its event loop; the gateway's one
@@ -27,7 +32,8 @@ Timeouts are found by one sweep over the waiting events every ``sweep_s``, not b
 timer per event: at thousands of events a second the timers cost more than the sweep.
 
 Two ways to deliver. :meth:`EventDelivery.send` is the common one, and costs no task, no
-future and no wake of the caller per event: it publishes at once and returns; the final
+future and no wake of the caller per event: it queues the event for this turn's batch and
+returns; the final
 ack, in :meth:`EventDelivery.on_final_ack`, hands ACKED to the session there and then and
 has the owner perform the session's actions (the ack's frames queued, then the next
 queued event, if any, published the same way), and tells the owner once the session has
