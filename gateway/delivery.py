@@ -8,8 +8,8 @@ with the batch's reply subject ``<prefix>.ack.<gateway_id>.batch.<n>``, where on
 no-responders status comes; a lone event goes as itself, with its own reply subject, as
 every event of :meth:`deliver` does. The worker takes each event of a batch as if it had
 come alone. A worker answers on the event's own reply subject with progress acks while
-its handler runs (or a retry). The final ack (which may carry the messages the handler sent to the connection)
-comes as an item of a ``GatewayBatch`` on the gateway's command subject
+its handler runs (or a retry). The final ack (which may carry the messages the handler
+sent to the connection) comes as an item of a ``GatewayBatch`` on the gateway's command subject
 ``<prefix>.gw.<gateway_id>``, after the commands the handler sent and beside the other
 items the worker had for this gateway in the same turn of its event loop; the gateway's one
 subscription there hands each ack to :meth:`EventDelivery.on_final_ack`, in order. Nothing

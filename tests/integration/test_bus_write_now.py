@@ -4,30 +4,17 @@ publish buffered goes to the socket at once, in order, and is delivered; where i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from nats.aio.client import Client as NatsClient
 
 from wsgate.bus import write_now
-from wsgate.procs import Child, start_nats_server
-
-
-@pytest.fixture(scope="module")
-def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Child]:
-    server = start_nats_server(tmp_path_factory.mktemp("nats"))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_what_was_published_is_written_at_once_and_arrives_in_order(
-    nats_server: Child,
+    nats_url: str,
 ) -> None:
     publisher, reader = NatsClient(), NatsClient()
-    await publisher.connect(nats_server.info["url"])
-    await reader.connect(nats_server.info["url"])
+    await publisher.connect(nats_url)
+    await reader.connect(nats_url)
     try:
         sub = await reader.subscribe("write.now")
         await reader.flush()
@@ -38,16 +25,16 @@ async def test_what_was_published_is_written_at_once_and_arrives_in_order(
         assert write_now(publisher)
         assert (publisher._pending, publisher._pending_data_size) == ([], 0)
         assert not write_now(publisher)  # nothing left to write
-        got = [(await sub.next_msg(timeout=5)).data for _ in range(3)]
+        got = [(await sub.next_msg(timeout=20)).data for _ in range(3)]
         assert got == [b"0", b"1", b"2"]
     finally:
         await publisher.close()
         await reader.close()
 
 
-async def test_it_does_nothing_where_it_cannot(nats_server: Child) -> None:
+async def test_it_does_nothing_where_it_cannot(nats_url: str) -> None:
     nc = NatsClient()
-    await nc.connect(nats_server.info["url"])
+    await nc.connect(nats_url)
     await nc.close()
     assert not write_now(nc)  # closed
     assert not write_now(object())  # not nats-py's client: a test's bus

@@ -291,16 +291,20 @@ def _sessions(count: int, ack_timeout_s: float = 5.0) -> list[tuple[Session, Own
     return sessions
 
 
+def _frame(session: Session, data: str | bytes) -> Publish:
+    """The Publish of a client frame ``data`` that comes to an idle ``session``."""
+    publish = session.client_frame(data, asyncio.get_running_loop().time())[-1]
+    assert isinstance(publish, Publish)
+    return publish
+
+
 async def test_events_sent_in_one_turn_go_in_one_batch_and_each_is_acked_alone() -> None:
     bus, rec = MemoryBus(), Recorder()
     delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
     delivery.start()
-    loop = asyncio.get_running_loop()
     sessions = _sessions(3)
     for n, (session, owner) in enumerate(sessions, 1):
-        publish = session.client_frame(f"m{n}", loop.time())[-1]
-        assert isinstance(publish, Publish)
-        delivery.send(owner, session, publish)
+        delivery.send(owner, session, _frame(session, f"m{n}"))
     await bus.next_publish()
     assert bus.messages == 1
     assert [(e.connection_id, e.message.text) for _, e, _ in bus.published] == [
@@ -316,9 +320,7 @@ async def test_events_sent_in_one_turn_go_in_one_batch_and_each_is_acked_alone()
         assert not session.busy
     # The next events go in a batch of their own.
     for session, owner in sessions[:2]:
-        publish = session.client_frame("again", loop.time())[-1]
-        assert isinstance(publish, Publish)
-        delivery.send(owner, session, publish)
+        delivery.send(owner, session, _frame(session, "again"))
     await bus.next_publish()
     assert bus.messages == 2
     assert bus.published[-1][2] == f"{ACK_PREFIX}.batch.2"
@@ -333,16 +335,12 @@ async def test_no_responders_to_a_batch_retries_each_of_its_events_and_nothing_e
     bus, rec = MemoryBus(), Recorder()
     delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
     delivery.start()
-    loop = asyncio.get_running_loop()
     sessions = _sessions(3)
     for session, owner in sessions[:2]:
-        publish = session.client_frame("x", loop.time())[-1]
-        assert isinstance(publish, Publish)
-        delivery.send(owner, session, publish)
+        delivery.send(owner, session, _frame(session, "x"))
     await bus.next_publish()
     # A third event, in a later batch (alone: its own reply subject).
-    publish = sessions[2][0].client_frame("y", loop.time())[-1]
-    assert isinstance(publish, Publish)
+    publish = _frame(sessions[2][0], "y")
     delivery.send(sessions[2][1], sessions[2][0], publish)
     await bus.next_publish()
     await delivery.on_reply(_no_responders(f"{ACK_PREFIX}.batch.1"))
@@ -368,8 +366,7 @@ async def test_no_responders_to_batch_0_is_stale_and_leaves_delivers_events_alon
     stale: list[int] = []
     delivery._on_stale = lambda: stale.append(1)
     session = _session(SessionLimits(ack_timeout_s=5.0))
-    publish = session.client_frame("x", asyncio.get_running_loop().time())[-1]
-    assert isinstance(publish, Publish)
+    publish = _frame(session, "x")
     task = asyncio.create_task(delivery.deliver(session, publish, _perform(rec)))  # type: ignore[arg-type]
     await bus.next_publish()
     # deliver's events are in no batch (0): a no-responders there concerns none of them.
@@ -398,13 +395,10 @@ async def test_a_batch_reply_that_is_not_no_responders_is_garbage() -> None:
 async def test_a_batch_that_fails_to_publish_retries_each_of_its_events() -> None:
     bus, rec = MemoryBus(), Recorder()
     delivery = _owned_delivery(bus, rec, ack_timeout_s=5.0)
-    loop = asyncio.get_running_loop()
     sessions = _sessions(2)
     bus.failing = True
     for session, owner in sessions:
-        publish = session.client_frame("x", loop.time())[-1]
-        assert isinstance(publish, Publish)
-        delivery.send(owner, session, publish)
+        delivery.send(owner, session, _frame(session, "x"))
     await asyncio.sleep(0)
     await asyncio.sleep(0)
     assert all(s.busy and s.retry_at is not None for s, _ in sessions)
@@ -420,12 +414,10 @@ async def test_a_batch_is_split_where_the_next_event_would_take_it_over_max_payl
     extra: int,
 ) -> None:
     bus, rec = MemoryBus(), Recorder()
-    loop = asyncio.get_running_loop()
     sessions = _sessions(3)
     publishes = []
     for session, _ in sessions:
-        publish = session.client_frame(b"\x00" * 100, loop.time())[-1]
-        assert isinstance(publish, Publish)
+        publish = _frame(session, b"\x00" * 100)
         publishes.append(publish)
     entry = len(publishes[0].event.encode()) + event_batch.ENTRY_OVERHEAD
     # Room for exactly two events (at the limit), or one byte short of it.
