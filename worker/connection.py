@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
 from wsgate.v1 import envelope_pb2 as pb
-from wsgate.values import StorableValue, Value, decode_value, encode_value
+from wsgate.values import StorableValue, Value
 from wsgate.worker.errors import (
     ConnectionClosed,
     InvalidCloseCode,
@@ -40,7 +40,6 @@ from wsgate.worker.send_buffer import CommandSink, SendBuffer
 
 if TYPE_CHECKING:
     from wsgate.worker.env import Env
-    from wsgate.worker.membership import ObjectMembers
 
 
 #: The connection whose event handler is running in this context, so that other ways of
@@ -64,6 +63,11 @@ _CONNECTING = Phase.CONNECTING
 _OPEN = Phase.OPEN
 _CLOSED = Phase.CLOSED
 
+_NO_STATE = (
+    "conn.state exists in a durable object's handlers once the connection is accepted; "
+    "in on_connect, return Accept(state=...)"
+)
+
 
 class Connection:
     """One client connection, as seen by a handler.
@@ -72,12 +76,6 @@ class Connection:
     gets a new handle (workers are stateless). ``send`` after ``close`` (or in
     ``on_close``) raises ConnectionClosed.
     """
-
-    # Class-level defaults, read until a durable object's adapter sets them
-    # (_attach_state): two attributes fewer to set for every event's handle.
-    # The object this connection is a member of, on a durable object route.
-    _members: ObjectMembers | None = None
-    _state: Value = None
 
     def __init__(
         self,
@@ -124,39 +122,17 @@ class Connection:
         """This connection's state in its durable object (its attachment): what
         ``Accept(state=...)`` gave, or what was assigned since.
 
-        Assigning stores a new state (a storable value, at most 16 KiB encoded): the write
-        starts at once and the handler's output waits for it, as for every write. Raises
-        NoConnectionState outside a durable object's handlers (and in ``on_connect``,
-        before the connection is accepted), InvalidValue for a value that cannot be stored.
+        Assigning stores a new state (a storable value, at most 16 KiB encoded), committed
+        with the turn. Only a durable object's handle has one
+        (:class:`~wsgate.worker.object_connection.ObjectConnection`, once the connection is
+        accepted); this one raises NoConnectionState, as the object's does in
+        ``on_connect``. InvalidValue for a value that cannot be stored.
         """
-        if self._members is None:
-            raise NoConnectionState(
-                "conn.state exists in a durable object's handlers once the connection is "
-                "accepted; in on_connect, return Accept(state=...)"
-            )
-        return self._state
+        raise NoConnectionState(_NO_STATE)
 
     @state.setter
     def state(self, value: StorableValue) -> None:
-        members = self._members
-        if members is None:
-            raise NoConnectionState(
-                "conn.state can be set in a durable object's handlers once the connection "
-                "is accepted; in on_connect, return Accept(state=...)"
-            )
-        # Refuse what cannot be stored here, at the assignment; read back what other
-        # handlers will read (a tuple is a list there).
-        stored = decode_value(encode_value(value))
-        write = asyncio.ensure_future(members.set_attachment(self, value))
-        if self._gate is not None:
-            self._gate.hold(write)
-        self._state = stored
-
-    def _attach_state(self, members: ObjectMembers, state: Value) -> None:
-        """For the durable object adapter: this connection is a member of ``members``'
-        object, with ``state``."""
-        self._members = members
-        self._state = state
+        raise NoConnectionState(_NO_STATE)
 
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send a text (``str``) or binary (bytes-like) message to the client.
