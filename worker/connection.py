@@ -125,8 +125,8 @@ class Connection:
         Assigning stores a new state (a storable value, at most 16 KiB encoded), committed
         with the turn. Only a durable object's handle has one
         (:class:`~wsgate.worker.object_connection.ObjectConnection`, once the connection is
-        accepted); this one raises NoConnectionState, as the object's does in
-        ``on_connect``. InvalidValue for a value that cannot be stored.
+        accepted), which raises InvalidValue for a value that cannot be stored. This one
+        raises NoConnectionState both ways, as the object's does in ``on_connect``.
         """
         raise NoConnectionState(_NO_STATE)
 

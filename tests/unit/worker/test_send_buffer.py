@@ -11,7 +11,6 @@ from wsgate.errors import StateError
 from wsgate.v1 import envelope_pb2 as pb
 from wsgate.worker.connection import Connection
 from wsgate.worker.env import Env
-from wsgate.worker.errors import NoConnectionState
 from wsgate.worker.gate import OutputGate
 from wsgate.worker.send_buffer import MAX_BUFFERED_BYTES, SendBuffer
 
@@ -166,13 +165,3 @@ async def test_in_on_connect_everything_waits_for_the_accept_whatever_its_size()
     assert sink.commands == []
     assert [len(m.binary) for m in conn.end_connect()] == [MAX_BUFFERED_BYTES + 1]
     assert not conn.closed  # open from now on
-
-
-def test_a_plain_connection_has_no_state_to_read_or_assign() -> None:
-    # conn.state belongs to a durable object's handle (ObjectConnection); a function
-    # route's handle refuses both ways.
-    conn = _handle(RecordingSink())
-    with pytest.raises(NoConnectionState, match="durable object"):
-        _ = conn.state
-    with pytest.raises(NoConnectionState, match="durable object"):
-        conn.state = {"name": "ada"}
