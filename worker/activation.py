@@ -53,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+import inspect
 import logging
 import time
 from collections import deque
@@ -62,10 +63,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from nats.aio.msg import Msg
 
-from wsgate import ids
+from wsgate import calls, ids
 from wsgate.closecodes import CloseCode
 from wsgate.eager import start_task
-from wsgate.errors import ObjectQuotaExceeded, StateError, TooManyMembers
+from wsgate.errors import CallError, CallFailed, ObjectQuotaExceeded, StateError, TooManyMembers
 from wsgate.limits import MAX_BATCH_KEYS
 from wsgate.state_errors import Reason
 from wsgate.v1 import envelope_pb2 as envelope
@@ -84,7 +85,7 @@ from wsgate.worker.decisions import (
     connect_outcome,
     reject_decision,
 )
-from wsgate.worker.durable import instantiate
+from wsgate.worker.durable import instantiate, public_method
 from wsgate.worker.object_cache import (
     UNKNOWN,
     KeyRange,
@@ -333,6 +334,8 @@ class Activation:
         self._turns += 1
         kind = _turn_kind(work)
         turn = Turn(self, self._turns, kind, work.key, work.sequence)
+        if work.call is not None:
+            turn.call_chain = work.call.chain
         context = contextvars.copy_context()
         context.run(current_turn.set, turn)
         started = time.perf_counter()
@@ -367,6 +370,16 @@ class Activation:
             if decision is None:
                 decision = reject_decision(500, "Internal Server Error")
             return _Committing(work, turn.to_proto(decision=decision), turn.number)
+        if kind is TurnKind.CALL:
+            result = outcome.call_result
+            if result is None:  # cancelled at the turn limit
+                result = calls.error_result(
+                    CallFailed(
+                        f"the method ran past the turn limit of {self.host.turn_timeout_s:g} s",
+                        remote_type="TimeoutError",
+                    )
+                )
+            return _Committing(work, turn.to_proto(decision=None, call_result=result), turn.number)
         if kind is not TurnKind.ALARM and turn.failed and not _closes(turn):
             # As an exception in a Worker does: the connection ends with 1011.
             turn.outputs.append(
@@ -404,6 +417,9 @@ class Activation:
                 )
             elif turn.kind is TurnKind.ALARM:
                 await self.instance.on_alarm()
+            elif turn.kind is TurnKind.CALL:
+                assert work.call is not None
+                outcome.call_result = await self._invoke(work.call, turn)
             else:
                 assert work.event is not None
                 await self._event(work.event, work.params, turn)
@@ -416,6 +432,25 @@ class Activation:
         except Exception:
             log.exception("%r: handler failed for %s#%d", self, work.key, work.sequence)
             raise
+
+    async def _invoke(self, call: envelope.ObjectCall, turn: Turn) -> envelope.CallResult:
+        """Run the method ``call`` names on the instance: its value, or why there is none.
+        A method that raises fails the turn (counted) but its writes stay, as a handler's
+        do; the caller gets CallFailed."""
+        try:
+            method = public_method(self.instance, call.method)
+            args, kwargs = calls.decode_arguments(call.arguments)
+        except CallError as exc:
+            return calls.error_result(exc)
+        try:
+            result = method(*args, **kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+        except Exception as exc:
+            turn.failed = True
+            log.info("%r: method %s raised %r", self, call.method, exc, exc_info=True)
+            return calls.failed_result(exc)
+        return calls.value_result(result)
 
     async def _connect(
         self,
@@ -586,7 +621,7 @@ class Activation:
             known.pending = None
             known.outcome = outcome
         work = committing.work
-        if work.kind is WorkKind.ALARM or _is_close(work):
+        if work.kind is WorkKind.ALARM or work.kind is WorkKind.CALL or _is_close(work):
             self._known.pop(work.key, None)  # nothing of it can come again but a late copy
         await self._release_outcome(committing.work, outcome)
         for work in (committing.work, *committing.copies):
@@ -610,6 +645,10 @@ class Activation:
             for output in outcome.outputs:
                 await host.publish_command(output.command)
             await host.respond(work.msg, outcome.decision.SerializeToString())
+        elif work.kind is WorkKind.CALL:
+            for output in outcome.outputs:
+                await host.publish_command(output.command)
+            await host.respond(work.msg, outcome.call_result)
         else:
             for output in outcome.outputs:
                 await host.publish_command(output.command)
@@ -625,6 +664,8 @@ class Activation:
             self._ack_again(work.event, outcome)
         elif work.kind is WorkKind.CONNECT:
             await self.host.respond(work.msg, outcome.decision.SerializeToString())
+        elif work.kind is WorkKind.CALL:
+            await self.host.respond(work.msg, outcome.call_result)
         else:
             await self.host.respond(work.msg, _alarm_result(outcome))
 
@@ -781,6 +822,7 @@ class Activation:
 @dataclass
 class _Outcome:
     decision: envelope.ConnectDecision | None = None
+    call_result: envelope.CallResult | None = None
 
 
 def _storage_full(result: pb.ObjectTurnsResult) -> bool:
@@ -800,6 +842,8 @@ def _turn_kind(work: Work) -> TurnKind:
         return TurnKind.CONNECT
     if work.kind is WorkKind.ALARM:
         return TurnKind.ALARM
+    if work.kind is WorkKind.CALL:
+        return TurnKind.CALL
     assert work.event is not None
     return TurnKind.CLOSE if work.event.WhichOneof("kind") == "closed" else TurnKind.MESSAGE
 

@@ -1,6 +1,6 @@
 """Where a worker's durable objects run: their activations, leases and routing.
 
-Every request for an object (a connect, an event, an alarm) that reaches this worker,
+Every request for an object (a connect, an event, an alarm, a call) that reaches this worker,
 from the queue or on the worker's own subjects, goes through :meth:`Activations.submit`:
 
 - an activation of the object lives here: the request joins its queue;
@@ -35,8 +35,15 @@ import nats.errors
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 
-from wsgate import ids, subjects
-from wsgate.errors import ObjectNameTooLong, StateError, StateTimeout, StateUnavailable
+from wsgate import calls, ids, subjects
+from wsgate.errors import (
+    CallUnavailable,
+    InvalidCall,
+    ObjectNameTooLong,
+    StateError,
+    StateTimeout,
+    StateUnavailable,
+)
 from wsgate.fanout import payload_budget
 from wsgate.supervision import Spawn, stop_task, unsupervised
 from wsgate.v1 import envelope_pb2 as envelope
@@ -253,7 +260,8 @@ class Activations:
             await self._give_up(work, f"forwarded {work.hops} times")
             return
         # A connect or an event keeps naming the gateway it came from (the holder checks it).
-        sender = None if work.kind is WorkKind.ALARM else ids.gateway_of(work.key)
+        from_gateway = work.kind is WorkKind.CONNECT or work.kind is WorkKind.EVENT
+        sender = ids.gateway_of(work.key) if from_gateway else None
         subject = subjects.worker_subject(self._prefix, holder, work.kind.value, sender)
         try:
             await self._nc.publish(
@@ -280,6 +288,10 @@ class Activations:
             elif work.kind is WorkKind.CONNECT:
                 refusal = reject_decision(503, "Object unavailable", {"Retry-After": "1"})
                 await self.respond(work.msg, refusal.SerializeToString())
+            elif work.kind is WorkKind.CALL:
+                # Not run here: the caller may try again (the same call id) until its deadline.
+                result = calls.error_result(CallUnavailable(f"not run: {why}"))
+                await self.respond(work.msg, result.SerializeToString())
             else:
                 failed = envelope.AlarmResult(ok=False, error=f"not run: {why}")
                 await self.respond(work.msg, failed.SerializeToString())
@@ -291,6 +303,11 @@ class Activations:
         """Answer ``work`` for an object that can never exist: a connect with 414 URI Too
         Long and the reason; anything else (which no accepted connection can send) is
         given up."""
+        if work.kind is WorkKind.CALL:
+            result = calls.error_result(InvalidCall(str(exc)))
+            await self.respond(work.msg, result.SerializeToString())
+            work.finish()
+            return
         if work.kind is not WorkKind.CONNECT:
             await self._give_up(work, str(exc))
             return

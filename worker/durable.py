@@ -32,6 +32,10 @@ What an instance offers:
 - ``self.alarm``: ``await self.alarm.set(t)``, and ``on_alarm()`` runs, as a turn, when due;
 - ``self.name``, ``self.namespace``, ``self.env``.
 
+Its other public methods (plain or ``async``, names not starting with ``_``) can be called
+from anywhere, as a turn of its activation: ``await env.objects("ChatRoom").get("lobby")
+.call("post", text="hi")`` (:mod:`wsgate.worker.object_calls`).
+
 A connection accepted with ``Accept(tags=..., state=...)`` joins the object (the
 hibernation API's ``acceptWebSocket(ws, tags)`` and ``serializeAttachment``); it leaves
 when it closes. In its handlers ``conn.state`` is the attachment, and assigning it stores
@@ -42,10 +46,12 @@ from __future__ import annotations
 
 import contextvars
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
+from wsgate.calls import check_method_name
+from wsgate.errors import NoSuchMethod
 from wsgate.values import Value
 from wsgate.worker.app import Accept, AlarmHandler, ConnectRequest, ObjectClass, Reject
 from wsgate.worker.errors import InvalidResponse, TurnOver
@@ -188,6 +194,29 @@ class DurableAlarm:
 
 def _overrides(cls: type[DurableObject], method: str) -> bool:
     return inspect.getattr_static(cls, method) is not inspect.getattr_static(DurableObject, method)
+
+
+#: What DurableObject itself defines (its hooks and its API) is never callable from outside.
+_NOT_CALLABLE = frozenset(dir(DurableObject))
+
+
+def public_method(instance: DurableObject, name: str) -> Callable[..., object]:
+    """The bound method ``name`` of ``instance`` that a call may run: a plain or ``async``
+    function defined by the object's class (not by DurableObject: ``on_message`` and the
+    like are not callable), whose name does not start with ``_``. Raises NoSuchMethod
+    otherwise (InvalidCall for a name that is no identifier)."""
+    check_method_name(name)
+    cls = type(instance)
+    found = None if name in _NOT_CALLABLE else inspect.getattr_static(cls, name, None)
+    if not inspect.isfunction(found):
+        raise NoSuchMethod(
+            f"{cls.__qualname__} has no public method {name!r}",
+            namespace=instance.namespace,
+            name=instance.name,
+            method=name,
+        )
+    method: Callable[..., object] = getattr(instance, name)
+    return method
 
 
 def instantiate(cls: type[ObjectClass], activation: Activation) -> DurableObject:

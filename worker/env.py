@@ -7,12 +7,14 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from wsgate import ids
+from wsgate.errors import CallUnavailable
 from wsgate.v1 import envelope_pb2 as pb
 from wsgate.worker.alarms_client import ObjectAlarm
 from wsgate.worker.connection import current_connection
 from wsgate.worker.gate import open_current_gate
 from wsgate.worker.membership import ObjectMembers
 from wsgate.worker.messages import message_envelope
+from wsgate.worker.object_calls import ObjectCalls, ObjectNamespace
 from wsgate.worker.object_storage import ObjectStorage
 from wsgate.worker.state_client import StateClient
 from wsgate.worker.turn import current_turn
@@ -26,13 +28,37 @@ class Env:
     """Shared by every handler call of one worker process.
 
     ``env.storage("counter", name)`` gives the storage of one durable object; any worker
-    reaches the same object through the state service. ``env.send_many(ids, message)``
+    reaches the same object through the state service. ``env.objects("Counter").get(name)``
+    calls its methods, as turns of its activation. ``env.send_many(ids, message)``
     sends one message to many connections wherever they are.
     """
 
     def __init__(self, state: StateClient, sink: CommandSink) -> None:
         self._state = state
         self._sink = sink
+        self._calls: ObjectCalls | None = None
+
+    def bind_calls(self, calls: ObjectCalls) -> None:
+        """Make calls of objects' methods with ``calls`` (the worker does, once on NATS)."""
+        self._calls = calls
+
+    def objects(self, namespace: str) -> ObjectNamespace:
+        """The durable objects of ``namespace`` (a durable class's ``namespace``, by default
+        its class name), to call their methods::
+
+            total = await env.objects("Counter").get("clicks").call("add", 2)
+
+        Each call runs as one turn of the object's activation, wherever it is, and returns
+        the method's value once the turn's writes are durable (see
+        :mod:`wsgate.worker.object_calls`). Raises CallUnavailable here outside a worker
+        (no NATS connection to call over).
+        """
+        if self._calls is None:
+            raise CallUnavailable(
+                "calls of durable objects need a running worker (env.objects in a handler)",
+                namespace=namespace,
+            )
+        return ObjectNamespace(self._calls, namespace)
 
     def storage(self, namespace: str, name: str) -> ObjectStorage:
         """The key/value storage of the object ``name`` in ``namespace``.

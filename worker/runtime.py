@@ -64,6 +64,7 @@ from wsgate.worker.alarm_runner import AlarmRunner
 from wsgate.worker.app import App, ConnectRequest, Reject, Route
 from wsgate.worker.auth import Verified, authenticate, with_auth_subprotocol
 from wsgate.worker.batched_events import BatchedEvent, unbatching
+from wsgate.worker.call_runner import CallRunner
 from wsgate.worker.connection import Connection, current_connection
 from wsgate.worker.decisions import (
     accept_decision,
@@ -88,6 +89,7 @@ from wsgate.worker.gate import OutputGate, current_gate
 from wsgate.worker.intake import IntakeWatchdog
 from wsgate.worker.membership import leave_all
 from wsgate.worker.metrics import WorkerMetrics
+from wsgate.worker.object_calls import ObjectCalls
 from wsgate.worker.state_client import StateClient
 from wsgate.worker.work import Work
 
@@ -189,6 +191,7 @@ class Worker(Service):
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._alarms: AlarmRunner | None = None
+        self._calls: CallRunner | None = None
         self._activations: Activations | None = None
         self._replicas: ReplicaWatch | None = None
         self._intake = IntakeWatchdog(config.intake_stall_s, time.monotonic())
@@ -284,6 +287,19 @@ class Worker(Service):
             )
             undo("alarm runner", self._alarms.close)
             await self._alarms.start()
+            # Calls of durable objects' methods: made by handlers (env.objects), run here.
+            self._env.bind_calls(ObjectCalls(nc, config.prefix, config.turn_timeout_s))
+            self._calls = CallRunner(
+                nc,
+                self.app.durable_classes,
+                self._activations,
+                prefix=config.prefix,
+                worker_id=self.worker_id,
+                max_concurrent=config.max_concurrent_events,
+                on_garbage=self.metrics.garbage.labels("call").inc,
+            )
+            undo("call runner", self._calls.close)
+            await self._calls.start()
             # First undone: no new requests while the rest drains (until here, NATS' drain
             # ends the subscriptions).
             undo("subscriptions", self._unsubscribe)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from wsgate import ids
@@ -33,6 +34,7 @@ class TurnKind(enum.Enum):
     MESSAGE = "message"
     CLOSE = "close"
     ALARM = "alarm"
+    CALL = "call"
 
 
 class Turn:
@@ -42,6 +44,7 @@ class Turn:
         "activation",
         "alarm",
         "alarm_masked",
+        "call_chain",
         "ended",
         "failed",
         "key",
@@ -76,6 +79,8 @@ class Turn:
         self.pending: list[asyncio.Future[Any]] = []
         self.ended = False
         self.failed = False
+        #: For a call's turn: the objects whose turns wait for it (its ObjectCall's chain).
+        self.call_chain: Sequence[envelope.ObjectRef] = ()
 
     def check_open(self) -> None:
         """Raise TurnOver once the turn has ended."""
@@ -139,12 +144,20 @@ class Turn:
         """The handler is done: nothing more can be added."""
         self.ended = True
 
-    def to_proto(self, *, decision: envelope.ConnectDecision | None) -> pb.Turn:
-        """The turn as committed: effects, outcome, and whether to record it (a failed
-        alarm turn is not: its firing is retried, and must run again)."""
+    def to_proto(
+        self,
+        *,
+        decision: envelope.ConnectDecision | None,
+        call_result: envelope.CallResult | None = None,
+    ) -> pb.Turn:
+        """The turn as committed: effects, outcome (a connect's decision, a call's
+        result), and whether to record it (a failed alarm turn is not: its firing is
+        retried, and must run again)."""
         outcome = pb.TurnOutcome(outputs=self.outputs, failed=self.failed)
         if decision is not None:
             outcome.decision.CopyFrom(decision)
+        if call_result is not None:
+            outcome.call_result = call_result.SerializeToString()
         turn = pb.Turn(
             key=self.key,
             sequence=self.sequence,

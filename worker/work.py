@@ -1,7 +1,8 @@
 """One request for a durable object, as it travels to the object's activation.
 
-A connect request, a connection event or an alarm, with the NATS message it came in (its
-reply subject is where the answer goes, whichever worker answers). The worker that took it
+A connect request, a connection event, an alarm or a call of one of its methods, with the
+NATS message it came in (its reply subject is where the answer goes, whichever worker
+answers). The worker that took it
 from NATS waits on :attr:`Work.done` (and keeps the gateway's ack wait alive with progress
 acks meanwhile); whoever finishes with it (the activation that answered, or the worker that
 forwarded it to the activation's host) resolves it.
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
 
+from wsgate.calls import CALL_KEY_PREFIX
 from wsgate.v1 import envelope_pb2 as pb
 from wsgate.worker.auth import Verified
 
@@ -33,6 +35,7 @@ class WorkKind(enum.Enum):
     CONNECT = "connect"
     EVENT = "events"
     ALARM = "alarm"
+    CALL = "call"
 
 
 def _new_future() -> asyncio.Future[None]:
@@ -45,7 +48,8 @@ class Work:
 
     kind: WorkKind
     msg: Msg
-    #: The key its turn is recorded under: the connection id, or ``alarm:<firing id>``.
+    #: The key its turn is recorded under: the connection id, ``alarm:<firing id>`` or
+    #: ``call:<call id>``.
     key: str
     #: The event's sequence on its connection (0 for a connect or an alarm).
     sequence: int
@@ -58,6 +62,7 @@ class Work:
     connect: pb.ConnectRequest | None = None
     event: pb.ConnectionEvent | None = None
     alarm: pb.AlarmEvent | None = None
+    call: pb.ObjectCall | None = None
     #: A connect its route's authenticator passed (never carried by a forward: the host
     #: verifies again).
     verified: Verified | None = None
@@ -114,6 +119,21 @@ class Work:
             alarm.retry_count > 0 or hops > 0,
             hops,
             alarm=alarm,
+        )
+
+    @classmethod
+    def for_call(cls, msg: Msg, call: pb.ObjectCall) -> Work:
+        """A call of one of the object's methods (keyed by its call id, so a retry of a
+        call that committed is answered from its record)."""
+        hops = hops_of(msg)
+        return cls(
+            WorkKind.CALL,
+            msg,
+            f"{CALL_KEY_PREFIX}{call.call_id}",
+            0,
+            call.retried or hops > 0,
+            hops,
+            call=call,
         )
 
     def finish(self) -> None:

@@ -78,6 +78,16 @@ _EXPORTS: dict[str, str] = {
     "ObjectTooLarge": "wsgate.errors",
     "TooManyMembers": "wsgate.errors",
     "StorageFull": "wsgate.errors",
+    "CallCycle": "wsgate.errors",
+    "CallError": "wsgate.errors",
+    "CallFailed": "wsgate.errors",
+    "CallTimeout": "wsgate.errors",
+    "CallTooLarge": "wsgate.errors",
+    "CallUnavailable": "wsgate.errors",
+    "InvalidCall": "wsgate.errors",
+    "NoSuchMethod": "wsgate.errors",
+    "ObjectNamespace": "wsgate.worker.object_calls",
+    "ObjectStub": "wsgate.worker.object_calls",
     "StorableValue": "wsgate.values",
     "Value": "wsgate.values",
 }
@@ -91,11 +101,18 @@ __all__ = [
     "AuthFailure",
     "Authenticator",
     "BroadcastResult",
+    "CallCycle",
+    "CallError",
+    "CallFailed",
+    "CallTimeout",
+    "CallTooLarge",
+    "CallUnavailable",
     "ConnectRequest",
     "Connection",
     "ConnectionClosed",
     "DurableObject",
     "Env",
+    "InvalidCall",
     "InvalidCloseCode",
     "InvalidMessage",
     "InvalidObjectId",
@@ -106,11 +123,14 @@ __all__ = [
     "KeyTooLarge",
     "LimitExceeded",
     "NoConnectionState",
+    "NoSuchMethod",
     "NotAccepted",
     "ObjectAlarm",
     "ObjectNameTooLong",
+    "ObjectNamespace",
     "ObjectQuotaExceeded",
     "ObjectStorage",
+    "ObjectStub",
     "ObjectTooLarge",
     "Peer",
     "Reject",
@@ -138,10 +158,18 @@ __all__ = [
 if TYPE_CHECKING:
     from wsgate.errors import (
         AttachmentTooLarge,
+        CallCycle,
+        CallError,
+        CallFailed,
+        CallTimeout,
+        CallTooLarge,
+        CallUnavailable,
+        InvalidCall,
         InvalidObjectId,
         InvalidValue,
         KeyTooLarge,
         LimitExceeded,
+        NoSuchMethod,
         ObjectNameTooLong,
         ObjectQuotaExceeded,
         ObjectTooLarge,
@@ -181,6 +209,7 @@ if TYPE_CHECKING:
     )
     from wsgate.worker.jwt_verifier import JWTVerifier
     from wsgate.worker.membership import BroadcastResult
+    from wsgate.worker.object_calls import ObjectNamespace, ObjectStub
     from wsgate.worker.object_storage import ObjectStorage, Transaction
 
 

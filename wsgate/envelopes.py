@@ -28,6 +28,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message import Message as ProtoMessage
 
 from wsgate import ids
+from wsgate.calls import MAX_CALL_DEPTH, MAX_METHOD_CHARS
 from wsgate.closecodes import MAX_REASON_BYTES, is_sendable
 from wsgate.config import MAX_REPLICA_TIMEOUT_S, is_host_port, is_replica_id
 from wsgate.errors import InvalidConnectionId, InvalidEnvelope
@@ -47,6 +48,8 @@ MIN_CLOSE_CODE = 1000
 MAX_CLOSE_CODE = 4999
 #: The longest alarm firing id (the state service draws 32 hex digits).
 MAX_FIRING_ID_CHARS = 128
+#: A call's id (a caller makes 32 hex digits).
+MAX_CALL_ID_CHARS = 128
 #: The longest gateway lease a presence announcement may carry: an hour (a gateway's
 #: presence interval is at most MAX_PRESENCE_INTERVAL_S, 720 s, its lease 5 intervals).
 #: Without a bound, one announcement of 49 days would stretch the grace lease of every
@@ -139,6 +142,21 @@ def read_alarm_event(data: bytes) -> pb.AlarmEvent:
     if not 0 < len(event.firing_id) <= MAX_FIRING_ID_CHARS:
         raise InvalidEnvelope("AlarmEvent", f"a firing id of {len(event.firing_id)} characters")
     return event
+
+
+def read_object_call(data: bytes) -> pb.ObjectCall:
+    """A call of a durable object's method (worker: call subjects). Its arguments are read
+    by the object's host (:func:`wsgate.calls.decode_arguments`)."""
+    call = parse(pb.ObjectCall, data)
+    if not call.object.namespace:
+        raise InvalidEnvelope("ObjectCall", "no namespace")
+    if not 0 < len(call.call_id) <= MAX_CALL_ID_CHARS:
+        raise InvalidEnvelope("ObjectCall", f"a call id of {len(call.call_id)} characters")
+    if len(call.chain) > MAX_CALL_DEPTH:
+        raise InvalidEnvelope("ObjectCall", f"a chain of {len(call.chain)} calls")
+    if not call.method or len(call.method) > MAX_METHOD_CHARS:
+        raise InvalidEnvelope("ObjectCall", f"a method name of {len(call.method)} characters")
+    return call
 
 
 def read_replica(data: bytes) -> pb.StateReplica:

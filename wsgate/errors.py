@@ -10,6 +10,14 @@
     │                                       its envelope's contract (counted, dropped)
     ├── BusUnavailable(ConnectionError)     NATS cannot be reached at start
     │   └── BusRefused                      NATS refused the credentials at start
+    ├── CallError                           a call of a durable object's method failed
+    │   ├── NoSuchMethod(AttributeError)        its class has no public method of that name
+    │   ├── CallFailed                          the method raised (remote_type: its class)
+    │   ├── CallTooLarge(ValueError)            arguments or result over the call size limit
+    │   ├── CallCycle                           the call would wait for itself (A → B → A)
+    │   ├── CallTimeout(TimeoutError)           no answer in time
+    │   ├── CallUnavailable(ConnectionError)    no worker serves it, or it cannot be activated
+    │   └── InvalidCall(ValueError)             malformed: arguments, method, name
     └── StateError                          the state service refused or failed a call
         ├── StateUnavailable(ConnectionError)   it cannot be reached
         ├── StateTimeout(TimeoutError)          it did not answer in time
@@ -275,3 +283,54 @@ class StorageFull(StateError):
         self.free_bytes = free_bytes
         self.threshold_bytes = threshold_bytes
         super().__init__(message)
+
+
+class CallError(WsgateError):
+    """A call of a durable object's method (``env.objects(ns).get(name).call(...)``) gave
+    no value. ``namespace``, ``name`` and ``method`` say which call."""
+
+    def __init__(
+        self, message: str, *, namespace: str = "", name: str = "", method: str = ""
+    ) -> None:
+        # After the base's __init__: AttributeError's (NoSuchMethod's) resets ``name``.
+        super().__init__(message)
+        self.namespace = namespace
+        self.name = name
+        self.method = method
+
+
+class NoSuchMethod(CallError, AttributeError):
+    """The object's class has no public method of that name (or the namespace is served by
+    no class that has it)."""
+
+
+class CallFailed(CallError):
+    """The method raised. ``remote_type`` is the class name of its exception; the
+    exception itself stays on the object's worker (logged there)."""
+
+    def __init__(self, message: str, *, remote_type: str = "", **where: str) -> None:
+        self.remote_type = remote_type
+        super().__init__(message, **where)
+
+
+class CallTooLarge(CallError, ValueError):
+    """The encoded arguments or result are over the call size limit
+    (:data:`wsgate.calls.MAX_CALL_BYTES`)."""
+
+
+class CallCycle(CallError):
+    """The call would wait for a turn that is waiting for it: the called object is one of
+    those whose turns are waiting, in this chain of calls (A calls B, which calls A)."""
+
+
+class CallTimeout(CallError, TimeoutError):
+    """No answer within the call's timeout. The method may have run, or may still run."""
+
+
+class CallUnavailable(CallError, ConnectionError):
+    """No worker serves the namespace, or the object could not be activated in time."""
+
+
+class InvalidCall(CallError, ValueError):
+    """The call is malformed: arguments that are not JSON types plus bytes, a method name
+    that is no identifier, a namespace or name the object store refuses."""

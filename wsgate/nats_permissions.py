@@ -16,8 +16,9 @@ nats-server):
   command subject (final acks and commands), event replies and inbox. It cannot send a
   command, an ack, an alarm or a presence for another gateway, nor take requests from the
   workers' queues.
-- A **worker** takes the queues' requests and alarms and its own subjects; it answers any
-  gateway and the state service, and sends commands to any gateway (it serves them all).
+- A **worker** takes the queues' requests, alarms and calls and its own subjects; it
+  answers any gateway, worker and the state service, calls any object, and sends
+  commands to any gateway (it serves them all).
   It cannot announce a gateway's presence, send connect requests or events as a gateway,
   send alarms or announce a state replica.
 - The **state service** hears presence and replicas, sends broadcasts (commands) to any
@@ -84,9 +85,14 @@ def worker_permissions(prefix: str, node: str) -> Permissions:
             subjects.worker_subject(prefix, ANY, "connect", ANY),
             subjects.worker_subject(prefix, ANY, "events", ANY),
             subjects.worker_subject(prefix, ANY, "alarm"),
-            # Answers to gateways' connect requests and to the state service's alarms.
+            subjects.worker_subject(prefix, ANY, "call"),
+            # Calls of durable objects' methods, made by handlers.
+            subjects.call_subject(prefix, ANY),
+            # Answers to gateways' connect requests, to the state service's alarms and to
+            # other workers' calls.
             subjects.under(subjects.inbox_prefix(prefix, "gateway", ANY)),
             subjects.under(subjects.inbox_prefix(prefix, "state", ANY)),
+            subjects.under(subjects.inbox_prefix(prefix, "worker", ANY)),
         ),
         subscribe=(
             subjects.connect_subject(prefix, ANY, ANY),
@@ -95,6 +101,8 @@ def worker_permissions(prefix: str, node: str) -> Permissions:
             subjects.worker_subject(prefix, own, "connect", ANY),
             subjects.worker_subject(prefix, own, "events", ANY),
             subjects.worker_subject(prefix, own, "alarm"),
+            subjects.call_subject(prefix, ANY),
+            subjects.worker_subject(prefix, own, "call"),
             subjects.replicas_subject(prefix),
             subjects.under(subjects.inbox_prefix(prefix, "worker", node)),
         ),

@@ -12,7 +12,10 @@ stands for a gateway's two tokens ``<node>.<gateway_id>``, ``<w>`` for a worker'
     <prefix>.worker.<w>.connect.<gw>     the same connect and events, for the worker that
     <prefix>.worker.<w>.events.<gw>        hosts their durable object (no queue group)
     <prefix>.worker.<w>.alarm            alarms for the worker that hosts their object
+    <prefix>.worker.<w>.call             calls for the worker that hosts their object
     <prefix>.alarm.<namespace>           alarm events, request/reply, worker queue group
+    <prefix>.call.<namespace>            calls of durable objects' methods, request/reply,
+                                         worker queue group
     <prefix>.state.replicas              state replicas' announcements
     <prefix>.inbox.<role>.<node>.>       request inboxes (replies) of one role and identity
 
@@ -251,21 +254,36 @@ def alarm_queue(namespace: str) -> str:
     return f"alarms-{encode_token(namespace)}"
 
 
+def call_subject(prefix: str, namespace: str) -> str:
+    """Where calls of the methods of objects in ``namespace`` go (any worker serving it)."""
+    return f"{prefix}.call.{_token(namespace)}"
+
+
+def call_queue(namespace: str) -> str:
+    """The queue group of workers that serve calls of ``namespace``'s objects."""
+    return f"calls-{encode_token(namespace)}"
+
+
 #: The kinds of message a worker takes on its own subjects.
-WORKER_SUBJECT_KINDS = ("connect", "events", "alarm")
+WORKER_SUBJECT_KINDS = ("connect", "events", "alarm", "call")
+#: The kinds that come from a gateway, and name it.
+_FROM_GATEWAY = ("connect", "events")
 
 
 def worker_subject(prefix: str, worker_id: str, kind: str, gateway_id: str | None = None) -> str:
-    """Where messages of ``kind`` (connect, events, alarm) for one worker go: the events of
-    the durable objects whose activations it holds. ``worker_id`` is already a safe token.
+    """Where messages of ``kind`` (connect, events, alarm, call) for one worker go: the
+    requests of the durable objects whose activations it holds. ``worker_id`` is already a
+    safe token.
 
     A connect or an event names the gateway it comes from (``gateway_id``, required), as
-    on the queue subjects; an alarm comes from the state service and names none.
+    on the queue subjects; an alarm (from the state service) and a call name none.
     """
     if kind not in WORKER_SUBJECT_KINDS:
         raise ValueError(f"no worker subject for {kind!r}")
-    if (kind == "alarm") != (gateway_id is None):
-        raise ValueError(f"a worker's {kind} subject needs a gateway id exactly when not an alarm")
+    if (kind in _FROM_GATEWAY) != (gateway_id is not None):
+        raise ValueError(
+            f"a worker's {kind} subject needs a gateway id exactly for connect and events"
+        )
     subject = f"{prefix}.worker.{_owner(worker_id)}.{kind}"
     return subject if gateway_id is None else f"{subject}.{_owner(gateway_id)}"
 

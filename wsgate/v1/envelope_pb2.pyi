@@ -757,3 +757,183 @@ class AlarmResult(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AlarmResult: _TypeAlias = AlarmResult  # noqa: Y015
+
+@_typing.final
+class ObjectRef(_message.Message):
+    """An object a call is made from or to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAMESPACE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    namespace: _builtins.str
+    """Its namespace (its class of durable objects)."""
+    name: _builtins.str
+    """Its name."""
+    def __init__(
+        self,
+        *,
+        namespace: _builtins.str = ...,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "namespace", b"namespace"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectRef: _TypeAlias = ObjectRef  # noqa: Y015
+
+@_typing.final
+class ObjectCall(_message.Message):
+    """A call of a method of a durable object (RPC), run as a turn of its activation.
+    Request/reply on <prefix>.call.<namespace> (workers' queue group), or forwarded to the
+    worker holding the object on <prefix>.worker.<w>.call; answered with a CallResult.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OBJECT_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    CHAIN_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """The method's name: a public method of the object's class."""
+    arguments: _builtins.bytes
+    """The arguments: a wsgate.v1.Value (state.proto's codec) holding the list
+    [positional arguments, keyword arguments].
+    """
+    call_id: _builtins.str
+    """Unique per call across its retries: the turn is recorded under "call:<call_id>",
+    so a retried call that committed is answered from its record, not run again.
+    """
+    retried: _builtins.bool
+    """This is a retry: the call may have run before."""
+    @_builtins.property
+    def object(self) -> Global___ObjectRef:
+        """The object called."""
+
+    @_builtins.property
+    def chain(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectRef]:
+        """The objects whose turns are waiting for this call, outermost first: a call to one
+        of them would wait for itself (a cycle), and is refused.
+        """
+
+    def __init__(
+        self,
+        *,
+        object: Global___ObjectRef | None = ...,
+        method: _builtins.str = ...,
+        arguments: _builtins.bytes = ...,
+        call_id: _builtins.str = ...,
+        chain: _abc.Iterable[Global___ObjectRef] | None = ...,
+        retried: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["object", b"object"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments", b"arguments", "call_id", b"call_id", "chain", b"chain", "method", b"method", "object", b"object", "retried", b"retried"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObjectCall: _TypeAlias = ObjectCall  # noqa: Y015
+
+@_typing.final
+class CallError(_message.Message):
+    """Why a call failed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    class _Kind:
+        ValueType = _typing.NewType("ValueType", _builtins.int)
+        V: _TypeAlias = ValueType  # noqa: Y015
+
+    class _KindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[CallError._Kind.ValueType], _builtins.type):
+        DESCRIPTOR: _descriptor.EnumDescriptor
+        KIND_UNSPECIFIED: CallError._Kind.ValueType  # 0
+        """Not said (an exception of an unknown kind): a plain CallError."""
+        NO_SUCH_METHOD: CallError._Kind.ValueType  # 1
+        """The object's class has no public method of that name."""
+        FAILED: CallError._Kind.ValueType  # 2
+        """The method raised (type names its exception's class)."""
+        TOO_LARGE: CallError._Kind.ValueType  # 3
+        """The arguments or the result are over the size limit."""
+        CYCLE: CallError._Kind.ValueType  # 4
+        """The call would wait for a turn that waits for it."""
+        UNAVAILABLE: CallError._Kind.ValueType  # 5
+        """The object could not be reached or activated (try again later)."""
+        INVALID: CallError._Kind.ValueType  # 6
+        """The call is malformed (arguments that do not decode, a name too long, ...)."""
+
+    class Kind(_Kind, metaclass=_KindEnumTypeWrapper):
+        """The kinds of failure, one exception class each (wsgate.errors.CallError's subclasses)."""
+
+    KIND_UNSPECIFIED: CallError.Kind.ValueType  # 0
+    """Not said (an exception of an unknown kind): a plain CallError."""
+    NO_SUCH_METHOD: CallError.Kind.ValueType  # 1
+    """The object's class has no public method of that name."""
+    FAILED: CallError.Kind.ValueType  # 2
+    """The method raised (type names its exception's class)."""
+    TOO_LARGE: CallError.Kind.ValueType  # 3
+    """The arguments or the result are over the size limit."""
+    CYCLE: CallError.Kind.ValueType  # 4
+    """The call would wait for a turn that waits for it."""
+    UNAVAILABLE: CallError.Kind.ValueType  # 5
+    """The object could not be reached or activated (try again later)."""
+    INVALID: CallError.Kind.ValueType  # 6
+    """The call is malformed (arguments that do not decode, a name too long, ...)."""
+
+    KIND_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TYPE_FIELD_NUMBER: _builtins.int
+    kind: Global___CallError.Kind.ValueType
+    """Which kind of failure."""
+    message: _builtins.str
+    """What went wrong, for people."""
+    type: _builtins.str
+    """For FAILED: the class name of the exception the method raised."""
+    def __init__(
+        self,
+        *,
+        kind: Global___CallError.Kind.ValueType = ...,
+        message: _builtins.str = ...,
+        type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "message", b"message", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CallError: _TypeAlias = CallError  # noqa: Y015
+
+@_typing.final
+class CallResult(_message.Message):
+    """The answer to an ObjectCall."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    value: _builtins.bytes
+    """The method's return value: a wsgate.v1.Value."""
+    @_builtins.property
+    def error(self) -> Global___CallError:
+        """Or why there is none."""
+
+    def __init__(
+        self,
+        *,
+        value: _builtins.bytes = ...,
+        error: Global___CallError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["value", "error"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___CallResult: _TypeAlias = CallResult  # noqa: Y015

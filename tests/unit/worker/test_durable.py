@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from wsgate import Accept, App, DurableObject
+from wsgate import Accept, App, DurableObject, InvalidCall, NoSuchMethod
+from wsgate.worker.durable import public_method
 from wsgate.worker.errors import InvalidResponse, InvalidRoute
 
 
@@ -85,3 +86,76 @@ def test_a_class_with_only_a_namespace_is_refused() -> None:
 
     with pytest.raises(InvalidRoute, match="not a DurableObject"):
         App().durable("/x/{y}", LooksLikeOne)  # type: ignore[type-var]
+
+
+# -- which methods a call may run ----------------------------------------------------------
+
+
+class Callable_(DurableObject):
+    namespace = "Callable"
+
+    async def add(self, n: int) -> int:
+        return n + 1
+
+    def plain(self) -> str:
+        return "plain"
+
+    async def on_message(self, conn: object, message: str | bytes) -> None:
+        pass
+
+    def _private(self) -> None:
+        pass
+
+    @staticmethod
+    def static() -> None:
+        pass
+
+    @property
+    def prop(self) -> int:
+        return 1
+
+    attribute = 5
+
+
+def instance() -> Callable_:
+    obj = Callable_.__new__(Callable_)
+    obj.name = "one"
+    return obj
+
+
+def test_a_call_may_run_the_public_methods_a_class_defines() -> None:
+    obj = instance()
+    assert public_method(obj, "plain")() == "plain"
+    assert public_method(obj, "add").__func__ is Callable_.add  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "missing",
+        "on_message",  # a hook, even overridden
+        "on_connect",
+        "broadcast",  # DurableObject's own API
+        "connections",
+        "alarm",
+        "storage",
+        "env",
+        "static",
+        "prop",
+        "attribute",
+    ],
+)
+def test_a_call_may_not_run_anything_else(name: str) -> None:
+    with pytest.raises(NoSuchMethod) as raised:
+        public_method(instance(), name)
+    assert (raised.value.namespace, raised.value.name, raised.value.method) == (
+        "Callable",
+        "one",
+        name,
+    )
+
+
+@pytest.mark.parametrize("name", ["_private", "__init__", "__class__", "not a name"])
+def test_a_private_or_malformed_name_is_an_invalid_call(name: str) -> None:
+    with pytest.raises(InvalidCall):
+        public_method(instance(), name)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from nats.aio.msg import Msg
 
+from wsgate import subjects
 from wsgate.v1 import envelope_pb2 as pb
 from wsgate.worker.work import HOPS_HEADER, MAX_HOPS, Work, WorkKind, hops_of
 
@@ -69,7 +70,35 @@ def test_hops_of(headers: dict[str, str] | None, expected: int) -> None:
 
 
 def test_work_kinds_name_their_subject_tokens() -> None:
-    assert [kind.value for kind in WorkKind] == ["connect", "events", "alarm"]
+    assert [kind.value for kind in WorkKind] == ["connect", "events", "alarm", "call"]
+    assert {kind.value for kind in WorkKind} == set(subjects.WORKER_SUBJECT_KINDS)
+
+
+# -- for_call ----------------------------------------------------------------------------
+
+
+def call(*, retried: bool = False) -> pb.ObjectCall:
+    return pb.ObjectCall(
+        object=pb.ObjectRef(namespace="Counter", name="a"),
+        method="add",
+        call_id="c-1",
+        retried=retried,
+    )
+
+
+async def test_a_call_is_keyed_by_its_id_and_retried_when_marked_or_forwarded() -> None:
+    first = Work.for_call(msg(), call())
+    assert (first.kind, first.key, first.sequence, first.retried, first.hops) == (
+        WorkKind.CALL,
+        "call:c-1",
+        0,
+        False,
+        0,
+    )
+    assert first.call is not None and first.call.method == "add"
+    assert Work.for_call(msg(), call(retried=True)).retried
+    forwarded = Work.for_call(hops("1"), call())
+    assert forwarded.retried and forwarded.hops == 1
 
 
 # -- for_event ---------------------------------------------------------------------------
