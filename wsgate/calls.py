@@ -49,7 +49,7 @@ MAX_ERROR_CHARS = 1000
 #: The turn of a call is recorded under this prefix and the call's id.
 CALL_KEY_PREFIX = "call:"
 
-_KIND_ERRORS: dict[int, type[CallError]] = {
+_KIND_ERRORS: dict[pb.CallError.Kind.ValueType, type[CallError]] = {
     pb.CallError.NO_SUCH_METHOD: NoSuchMethod,
     pb.CallError.FAILED: CallFailed,
     pb.CallError.TOO_LARGE: CallTooLarge,

@@ -11,7 +11,7 @@
     ├── BusUnavailable(ConnectionError)     NATS cannot be reached at start
     │   └── BusRefused                      NATS refused the credentials at start
     ├── CallError                           a call of a durable object's method failed
-    │   ├── NoSuchMethod(AttributeError)        its class has no public method of that name
+    │   ├── NoSuchMethod                        its class has no public method of that name
     │   ├── CallFailed                          the method raised (remote_type: its class)
     │   ├── CallTooLarge(ValueError)            arguments or result over the call size limit
     │   ├── CallCycle                           the call would wait for itself (A → B → A)
@@ -292,14 +292,13 @@ class CallError(WsgateError):
     def __init__(
         self, message: str, *, namespace: str = "", name: str = "", method: str = ""
     ) -> None:
-        # After the base's __init__: AttributeError's (NoSuchMethod's) resets ``name``.
         super().__init__(message)
         self.namespace = namespace
         self.name = name
         self.method = method
 
 
-class NoSuchMethod(CallError, AttributeError):
+class NoSuchMethod(CallError):
     """The object's class has no public method of that name (or the namespace is served by
     no class that has it)."""
 
