@@ -95,10 +95,12 @@ async def test_a_call_is_keyed_by_its_id_and_retried_when_marked_or_forwarded() 
         False,
         0,
     )
-    assert first.call is not None and first.call.method == "add"
+    assert first.call is not None
+    assert first.call.method == "add"
     assert Work.for_call(msg(), call(retried=True)).retried
     forwarded = Work.for_call(hops("1"), call())
-    assert forwarded.retried and forwarded.hops == 1
+    assert forwarded.retried
+    assert forwarded.hops == 1
 
 
 # -- for_event ---------------------------------------------------------------------------
