@@ -645,14 +645,10 @@ class Activation:
             for output in outcome.outputs:
                 await host.publish_command(output.command)
             await host.respond(work.msg, outcome.decision.SerializeToString())
-        elif work.kind is WorkKind.CALL:
-            for output in outcome.outputs:
-                await host.publish_command(output.command)
-            await host.respond(work.msg, outcome.call_result)
         else:
             for output in outcome.outputs:
                 await host.publish_command(output.command)
-            await host.respond(work.msg, _alarm_result(outcome))
+            await host.respond(work.msg, _answer(work, outcome))
 
     async def _answer_again(self, work: Work, outcome: pb.TurnOutcome) -> None:
         """Answer a copy of a request whose turn this activation released: the answer
@@ -664,10 +660,8 @@ class Activation:
             self._ack_again(work.event, outcome)
         elif work.kind is WorkKind.CONNECT:
             await self.host.respond(work.msg, outcome.decision.SerializeToString())
-        elif work.kind is WorkKind.CALL:
-            await self.host.respond(work.msg, outcome.call_result)
         else:
-            await self.host.respond(work.msg, _alarm_result(outcome))
+            await self.host.respond(work.msg, _answer(work, outcome))
 
     def _event_ack(
         self, event: envelope.ConnectionEvent, outcome: pb.TurnOutcome
@@ -885,6 +879,12 @@ def _as_command(output: pb.TurnOutput, event: envelope.ConnectionEvent) -> envel
     else:
         command.close.CopyFrom(output.close)
     return command
+
+
+def _answer(work: Work, outcome: pb.TurnOutcome) -> bytes:
+    """The answer to an alarm's or a call's request: the alarm's result, or the call's
+    recorded CallResult."""
+    return outcome.call_result if work.kind is WorkKind.CALL else _alarm_result(outcome)
 
 
 def _alarm_result(outcome: pb.TurnOutcome) -> bytes:

@@ -142,9 +142,5 @@ class CallRunner:
         await work.done
 
     async def _answer(self, msg: Msg, result: pb.CallResult) -> None:
-        if not msg.reply:
-            return
-        try:
-            await self._nc.publish(msg.reply, result.SerializeToString())
-        except nats.errors.Error as exc:
-            log.warning("an answer to a call was lost: %r", exc)
+        """Answer a call that is not run (its caller raises the error)."""
+        await self._activations.respond(msg, result.SerializeToString())
