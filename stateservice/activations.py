@@ -38,6 +38,7 @@ from wsgate.stateservice.membership import (
     JoinMember,
     LeaveMember,
     SetMemberAttachment,
+    SetMemberTags,
     checked_attachment,
 )
 from wsgate.stateservice.quotas import Quotas
@@ -271,7 +272,8 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
                 )
             )
             grows = grows or any(
-                change.WhichOneof("change") in ("join", "attachment") for change in turn.members
+                change.WhichOneof("change") in ("join", "attachment", "tags")
+                for change in turn.members
             )
         if grows:
             # Turns that add data wait for space (the worker retries them); the others
@@ -299,6 +301,10 @@ class ActivationsServicer(state_pb2_grpc.ActivationsServicer):
             )
         if kind == "attachment":
             return SetMemberAttachment(obj, connection_id, checked_attachment(change.attachment))
+        if kind == "tags":
+            tags = list(change.tags.tags)
+            check_tags(tags)
+            return SetMemberTags(obj, connection_id, tuple(dict.fromkeys(tags)))
         if kind == "leave":
             return LeaveMember(obj, connection_id)
         raise InvalidRequest("a member change names no change")

@@ -340,19 +340,23 @@ class MembersPage:
 
 
 @dataclass(frozen=True)
-class GetMemberAttachment:
-    """A member's attachment (b"" for null), or None if the connection is not a member."""
+class GetMember:
+    """A member's tags and attachment (b"" for null), or None if the connection is not a
+    member."""
 
     obj: ObjectId
     connection_id: str
     writes = False
 
-    def __call__(self, conn: Sql) -> bytes | None:
+    def __call__(self, conn: Sql) -> StoredMember | None:
         row = conn.execute(
-            "SELECT attachment FROM members WHERE namespace = ? AND name = ? AND connection_id = ?",
+            "SELECT tags, attachment FROM members "
+            "WHERE namespace = ? AND name = ? AND connection_id = ?",
             (self.obj.namespace, self.obj.name, self.connection_id),
         ).fetchone()
-        return None if row is None else bytes(row[0])
+        if row is None:
+            return None
+        return StoredMember(self.connection_id, tuple(json.loads(row[0])), bytes(row[1]))
 
 
 @dataclass(frozen=True)
@@ -371,6 +375,37 @@ class SetMemberAttachment:
             (self.attachment, self.obj.namespace, self.obj.name, self.connection_id),
         )
         return cursor.rowcount > 0
+
+
+@dataclass(frozen=True)
+class SetMemberTags:
+    """Replace a member's tags (``tags``: no duplicates), keeping its attachment; returns
+    False (storing nothing) for a non-member."""
+
+    obj: ObjectId
+    connection_id: str
+    tags: tuple[str, ...]
+    writes = True
+
+    def __call__(self, conn: Sql) -> bool:
+        namespace, name = self.obj.namespace, self.obj.name
+        row = conn.execute(
+            "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?"
+            + _locked(conn),
+            (namespace, name, self.connection_id),
+        ).fetchone()
+        if row is None:
+            return False
+        _delete_tag_rows(conn, namespace, name, self.connection_id, row[0])
+        conn.execute(
+            "UPDATE members SET tags = ? WHERE namespace = ? AND name = ? AND connection_id = ?",
+            (json.dumps(list(self.tags), ensure_ascii=False), namespace, name, self.connection_id),
+        )
+        conn.executemany(
+            "INSERT INTO member_tags (namespace, name, tag, connection_id) VALUES (?, ?, ?, ?)",
+            [(namespace, name, tag, self.connection_id) for tag in self.tags],
+        )
+        return True
 
 
 @dataclass(frozen=True)
@@ -514,12 +549,10 @@ class MembershipServicer(state_pb2_grpc.MembershipServicer):
         obj = await self._object(context, request.object)
         await rpc.require_owner(context, self._context.ownership, obj)
         await _gateway(context, request.connection_id)
-        found = await rpc.stored(
-            context, self._storage.run(GetMemberAttachment(obj, request.connection_id))
-        )
+        found = await rpc.stored(context, self._storage.run(GetMember(obj, request.connection_id)))
         if found is None:
             return pb.GetAttachmentResponse(member=False)
-        return pb.GetAttachmentResponse(member=True, attachment=found)
+        return pb.GetAttachmentResponse(member=True, attachment=found.attachment, tags=found.tags)
 
     async def SetAttachment(
         self, request: pb.SetAttachmentRequest, context: Any

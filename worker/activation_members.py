@@ -4,20 +4,26 @@ Membership stays in the state service, the one place that also sees connections 
 when their gateway dies (its lease sweeps). The activation adds what it changed itself and
 has not seen committed yet, so a turn sees its own joins, leaves and ``conn.state`` at once:
 
-- a join (``Accept(tags=, state=)``), a leave (after ``on_close``) and an attachment change
-  (``conn.state = ...``) join the turn's effects and are committed with it;
+- a join (``Accept(tags=, state=)``), a leave (after ``on_close``), an attachment change
+  (``conn.state = ...``) and a change of tags (``conn.tags = ...``) join the turn's effects
+  and are committed with it;
 - ``connections(tag)`` lists the members from the state service, corrected by those
   uncommitted changes;
 - ``broadcast(message, tag=, exclude=)`` asks the state service for the recipients by
   gateway (corrected the same way) and adds one command per gateway to the turn's output:
   it leaves with the turn's other output, in order, once the turn has committed;
-- ``conn.state`` comes from memory: the attachment is read once per connection and
-  activation, then kept (only the object's own turns change it).
+- ``conn.state`` and ``conn.tags`` come from memory: they are read once per connection
+  and activation, then kept (only the object's own turns change them).
+
+What a connection's uncommitted changes add up to is kept as one :class:`_Pending` per
+connection (a join, then new tags, then a new attachment: still a join, with both), so the
+corrections see every change, whatever order the turns made them in.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from wsgate import ids
@@ -35,6 +41,18 @@ if TYPE_CHECKING:
     from wsgate.worker.turn import Turn
 
 
+@dataclass
+class _Pending:
+    """A connection's changes not committed yet: the last turn that made one, and what
+    they add up to (None: not changed; a join sets both ``tags`` and ``attachment``)."""
+
+    number: int
+    joined: bool = False
+    left: bool = False
+    tags: tuple[str, ...] | None = None
+    attachment: bytes | None = None
+
+
 def _encode_attachment(value: StorableValue) -> bytes:
     encoded = encode_optional(value)
     check_attachment_size(encoded)
@@ -48,8 +66,10 @@ class ActivationMembers:
         self._activation = activation
         #: Attachments known (encoded; b"" is null): read once, or set by this activation.
         self._attachments: dict[str, bytes] = {}
-        #: Changes of turns not yet committed: connection id -> (turn number, change).
-        self._pending: dict[str, tuple[int, pb.MemberChange]] = {}
+        #: Tags known, read with the attachment or set by this activation.
+        self._tags: dict[str, tuple[str, ...]] = {}
+        #: Changes of turns not yet committed, by connection id.
+        self._pending: dict[str, _Pending] = {}
 
     # -- changes, made by turns ----------------------------------------------------------
 
@@ -65,51 +85,70 @@ class ActivationMembers:
         )
         turn.member(change)
         self._activation.quota.joined(turn.number)
-        self._pending[connection_id] = (turn.number, change)
+        self._pending[connection_id] = _Pending(
+            turn.number, joined=True, tags=tuple(tags), attachment=attachment
+        )
         self._attachments[connection_id] = attachment
+        self._tags[connection_id] = tuple(tags)
 
     def set_attachment(self, turn: Turn, connection_id: str, value: StorableValue) -> None:
         """Replace a member's attachment (``conn.state = value``)."""
         attachment = _encode_attachment(value)
-        change = pb.MemberChange(connection_id=connection_id, attachment=attachment)
-        turn.member(change)
-        previous = self._pending.get(connection_id)
-        if previous is not None and previous[1].WhichOneof("change") == "join":
-            # Still a join as far as listings go, with the new attachment.
-            joined = pb.MemberChange()
-            joined.CopyFrom(previous[1])
-            joined.join.attachment = attachment
-            change = joined
-        self._pending[connection_id] = (turn.number, change)
+        turn.member(pb.MemberChange(connection_id=connection_id, attachment=attachment))
+        self._changed(turn, connection_id).attachment = attachment
         self._attachments[connection_id] = attachment
+
+    def set_tags(self, turn: Turn, connection_id: str, tags: Iterable[str]) -> None:
+        """Replace a member's tags (``conn.tags = ...``); duplicates are dropped. Raises
+        TooManyTags or TagTooLarge over the limits (nothing changed)."""
+        new = tuple(dict.fromkeys(tags))
+        check_tags(new)
+        turn.member(pb.MemberChange(connection_id=connection_id, tags=pb.MemberTags(tags=new)))
+        self._changed(turn, connection_id).tags = new
+        self._tags[connection_id] = new
+
+    def _changed(self, turn: Turn, connection_id: str) -> _Pending:
+        """The pending changes of ``connection_id``, to which ``turn`` adds one."""
+        pending = self._pending.get(connection_id)
+        if pending is None or pending.left:
+            pending = self._pending[connection_id] = _Pending(turn.number)
+        pending.number = turn.number
+        return pending
 
     def leave(self, turn: Turn, connection_id: str) -> None:
         """The connection closed: it leaves the object."""
         change = pb.MemberChange(connection_id=connection_id, leave=pb.MemberLeave())
         turn.member(change)
         self._activation.quota.left(turn.number)
-        self._pending[connection_id] = (turn.number, change)
+        self._pending[connection_id] = _Pending(turn.number, left=True)
         self._attachments.pop(connection_id, None)
+        self._tags.pop(connection_id, None)
 
     def committed(self, through: int) -> None:
         """Turns up to number ``through`` are committed: the state service now shows their
         changes, which need no correcting any more."""
-        done = [cid for cid, (number, _) in self._pending.items() if number <= through]
+        done = [cid for cid, pending in self._pending.items() if pending.number <= through]
         for connection_id in done:
             del self._pending[connection_id]
 
     # -- reads ---------------------------------------------------------------------------
 
     async def load_attachment(self, connection_id: str) -> None:
-        """Make ``conn.state`` of ``connection_id`` known (one call, the first time)."""
-        if connection_id in self._attachments or connection_id in self._pending:
+        """Make ``conn.state`` and ``conn.tags`` of ``connection_id`` known (one call, the
+        first time)."""
+        if connection_id in self._tags or connection_id in self._pending:
             return
         request = pb.GetAttachmentRequest(
             object=self._activation.object_pb, connection_id=connection_id
         )
         response = await self._activation.call(methods.GET_ATTACHMENT, request)
-        if connection_id not in self._attachments:  # a turn may have set it meanwhile
-            self._attachments[connection_id] = bytes(response.attachment)
+        # A turn may have set them meanwhile.
+        self._attachments.setdefault(connection_id, bytes(response.attachment))
+        self._tags.setdefault(connection_id, tuple(response.tags))
+
+    def tags_of(self, connection_id: str) -> tuple[str, ...]:
+        """A member's tags (none if it is not known to be a member)."""
+        return self._tags.get(connection_id, ())
 
     def attachment_of(self, connection_id: str) -> Value:
         """A member's attachment (None if it has none, or is not known to be a member)."""
@@ -137,24 +176,35 @@ class ActivationMembers:
             if not page.more or not page.members:
                 break
             after = page.members[-1].connection_id
-        for connection_id, (_, change) in self._pending.items():
-            kind = change.WhichOneof("change")
-            if kind == "leave" or (
-                kind == "join" and tag is not None and tag not in change.join.tags
-            ):
+        for connection_id, pending in self._pending.items():
+            corrected = self._corrected(connection_id, pending, members.get(connection_id))
+            if corrected is None or (tag is not None and tag not in corrected.tags):
                 members.pop(connection_id, None)
-            elif kind == "join":
-                members[connection_id] = Member(
-                    id=connection_id,
-                    tags=tuple(change.join.tags),
-                    attachment=decode_optional(change.join.attachment),
-                )
-            elif connection_id in members:  # an attachment change
-                old = members[connection_id]
-                members[connection_id] = Member(
-                    old.id, old.tags, decode_optional(change.attachment)
-                )
+            else:
+                members[connection_id] = corrected
         return [members[connection_id] for connection_id in sorted(members)]
+
+    def _corrected(
+        self, connection_id: str, pending: _Pending, listed: Member | None
+    ) -> Member | None:
+        """A member as its uncommitted changes leave it (``listed``: as the state service
+        listed it, if it did), or None: not a member, or not one to list."""
+        if pending.left:
+            return None
+        tags: tuple[str, ...]
+        if listed is not None and not pending.joined:
+            tags, attachment = listed.tags, listed.attachment
+        elif pending.joined or pending.tags is not None:
+            # Joined here (both are pending), or a member with new tags that the service
+            # left out for the tags it has committed (only members' tags change).
+            tags, attachment = (), decode_optional(self._attachments.get(connection_id, b""))
+        else:
+            return None  # a new attachment only, of a member the listing rightly left out
+        if pending.tags is not None:
+            tags = pending.tags
+        if pending.attachment is not None:
+            attachment = decode_optional(pending.attachment)
+        return Member(id=connection_id, tags=tags, attachment=attachment)
 
     async def broadcast(
         self,
@@ -179,14 +229,14 @@ class ActivationMembers:
             for gateway in response.gateways
             for connection_id in gateway.connection_ids
         }
-        for connection_id, (_, change) in self._pending.items():
-            kind = change.WhichOneof("change")
-            if kind == "leave" or (
-                kind == "join" and tag is not None and tag not in change.join.tags
-            ):
+        for connection_id, pending in self._pending.items():
+            if pending.left:
                 recipients.pop(connection_id, None)
-            elif kind == "join" and connection_id not in excluded:
-                recipients[connection_id] = ids.gateway_of(connection_id)
+            elif pending.tags is not None:  # joined here, or its tags changed: decided here
+                if connection_id not in excluded and (tag is None or tag in pending.tags):
+                    recipients[connection_id] = ids.gateway_of(connection_id)
+                else:
+                    recipients.pop(connection_id, None)
         by_gateway: dict[str, list[str]] = {}
         for connection_id in sorted(recipients):
             by_gateway.setdefault(recipients[connection_id], []).append(connection_id)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from wsgate.closecodes import MAX_REASON_BYTES, CloseCode, is_sendable
@@ -66,6 +66,10 @@ _CLOSED = Phase.CLOSED
 _NO_STATE = (
     "conn.state exists in a durable object's handlers once the connection is accepted; "
     "in on_connect, return Accept(state=...)"
+)
+_NO_TAGS = (
+    "conn.tags exist in a durable object's handlers once the connection is accepted; "
+    "in on_connect, return Accept(tags=...)"
 )
 
 
@@ -133,6 +137,35 @@ class Connection:
     @state.setter
     def state(self, value: StorableValue) -> None:
         raise NoConnectionState(_NO_STATE)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """This connection's tags in its durable object: what ``Accept(tags=...)`` gave, or
+        what was set since. Changeable while connected (Cloudflare's tags are not):
+        assigning a sequence of str replaces them, :meth:`add_tags` and
+        :meth:`remove_tags` change some, each at most 10 tags of 1 to 256 characters
+        (TooManyTags, TagTooLarge), committed with the turn. Broadcasts and
+        ``connections(tag)`` see the change at once, in this turn and the next ones.
+
+        Only a durable object's handle has tags (once the connection is accepted); this one
+        raises NoConnectionState, as the object's does in ``on_connect``."""
+        raise NoConnectionState(_NO_TAGS)
+
+    @tags.setter
+    def tags(self, tags: Iterable[str]) -> None:
+        raise NoConnectionState(_NO_TAGS)
+
+    def add_tags(self, *tags: str) -> tuple[str, ...]:
+        """Add ``tags`` (those it has already are kept where they are); the tags now."""
+        current = self.tags
+        self.tags = (*current, *(tag for tag in dict.fromkeys(tags) if tag not in current))
+        return self.tags
+
+    def remove_tags(self, *tags: str) -> tuple[str, ...]:
+        """Remove ``tags`` (those it does not have are ignored); the tags now."""
+        gone = set(tags)
+        self.tags = tuple(tag for tag in self.tags if tag not in gone)
+        return self.tags
 
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send a text (``str``) or binary (bytes-like) message to the client.

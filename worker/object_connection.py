@@ -3,12 +3,13 @@
 Same API as :class:`~wsgate.worker.connection.Connection` (it is one). Nothing leaves the worker
 while the handler runs: messages and the close are the turn's output, released in order
 once the turn has committed (the output gate), riding on the event's ack when they can.
-``conn.state`` is the connection's attachment in the object, from the activation's memory.
+``conn.state`` is the connection's attachment in the object, and ``conn.tags`` its tags, from
+the activation's memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from wsgate.closecodes import CloseCode
@@ -79,6 +80,27 @@ class ObjectConnection(Connection):
                 "in on_connect the connection is not accepted yet: return Accept(state=...)"
             )
         self._activation.members.set_attachment(self._turn, self.id, value)
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        """This connection's tags in the object (see :attr:`Connection.tags`)."""
+        if self._phase is Phase.CONNECTING:
+            raise NoConnectionState(
+                "in on_connect the connection is not accepted yet: return Accept(tags=...)"
+            )
+        return self._activation.members.tags_of(self.id)
+
+    @tags.setter
+    def tags(self, tags: Iterable[str]) -> None:
+        if self._phase is Phase.CONNECTING:
+            raise NoConnectionState(
+                "in on_connect the connection is not accepted yet: return Accept(tags=...)"
+            )
+        if self._phase is Phase.CLOSED:
+            raise ConnectionClosed(self.id)
+        if isinstance(tags, str):
+            raise TypeError("tags are a sequence of str, not one str: use [tag]")
+        self._activation.members.set_tags(self._turn, self.id, tags)
 
     async def send(self, message: str | bytes | bytearray | memoryview) -> None:
         """Send a message to the client; it leaves once the turn has committed."""

@@ -1267,19 +1267,25 @@ class GetAttachmentResponse(_message.Message):
 
     MEMBER_FIELD_NUMBER: _builtins.int
     ATTACHMENT_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     member: _builtins.bool
     """Whether the connection is a member of the object."""
     attachment: _builtins.bytes
     """The serialized Value (empty: null)."""
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its tags, in the order given."""
+
     def __init__(
         self,
         *,
         member: _builtins.bool = ...,
         attachment: _builtins.bytes = ...,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "member", b"member"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "member", b"member", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1920,6 +1926,7 @@ class MemberChange(_message.Message):
     JOIN_FIELD_NUMBER: _builtins.int
     ATTACHMENT_FIELD_NUMBER: _builtins.int
     LEAVE_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     connection_id: _builtins.str
     """The connection."""
     attachment: _builtins.bytes
@@ -1932,6 +1939,10 @@ class MemberChange(_message.Message):
     def leave(self) -> Global___MemberLeave:
         """Remove it from the object."""
 
+    @_builtins.property
+    def tags(self) -> Global___MemberTags:
+        """Replace its tags (a member only; its attachment stays)."""
+
     def __init__(
         self,
         *,
@@ -1939,16 +1950,41 @@ class MemberChange(_message.Message):
         join: Global___MemberJoin | None = ...,
         attachment: _builtins.bytes = ...,
         leave: Global___MemberLeave | None = ...,
+        tags: Global___MemberTags | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "change", b"change", "join", b"join", "leave", b"leave"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "change", b"change", "join", b"join", "leave", b"leave", "tags", b"tags"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "change", b"change", "connection_id", b"connection_id", "join", b"join", "leave", b"leave"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attachment", b"attachment", "change", b"change", "connection_id", b"connection_id", "join", b"join", "leave", b"leave", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["join", "attachment", "leave"]  # noqa: Y015
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["join", "attachment", "leave", "tags"]  # noqa: Y015
     _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
 
 Global___MemberChange: _TypeAlias = MemberChange  # noqa: Y015
+
+@_typing.final
+class MemberTags(_message.Message):
+    """A member's new tags (see JoinRequest for the limits)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TAGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tags(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """All of its tags, in order, no duplicates."""
+
+    def __init__(
+        self,
+        *,
+        tags: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tags", b"tags"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MemberTags: _TypeAlias = MemberTags  # noqa: Y015
 
 @_typing.final
 class MemberJoin(_message.Message):

@@ -19,7 +19,7 @@ from wsgate.stateservice.membership import (
     SWEEP_BATCH,
     BroadcastRecipients,
     GatewaysWithMembers,
-    GetMemberAttachment,
+    GetMember,
     JoinMember,
     LeaveEverything,
     LeaveMember,
@@ -27,6 +27,7 @@ from wsgate.stateservice.membership import (
     PruneDeparted,
     RemoveGatewayMembers,
     SetMemberAttachment,
+    SetMemberTags,
     StoredMember,
 )
 from wsgate.stateservice.storage import ObjectId, PostgresStorage, Sql, SqliteStorage, Storage
@@ -190,17 +191,39 @@ async def test_a_departed_connection_cannot_join_until_pruned(storage: Storage) 
     assert await join(storage, cid) is True
 
 
+async def stored(storage: Storage, connection_id: str) -> StoredMember | None:
+    return await storage.run(GetMember(ROOM, connection_id))
+
+
 async def test_attachments_read_and_replace(storage: Storage) -> None:
     a, b = connection_ids(2)
-    await join(storage, a, attachment=encode_value({"name": "ada"}))
-    assert await storage.run(GetMemberAttachment(ROOM, a)) == encode_value({"name": "ada"})
-    assert await storage.run(GetMemberAttachment(ROOM, b)) is None
+    await join(storage, a, tags=("t",), attachment=encode_value({"name": "ada"}))
+    assert await stored(storage, a) == StoredMember(a, ("t",), encode_value({"name": "ada"}))
+    assert await stored(storage, b) is None
     assert await storage.run(SetMemberAttachment(ROOM, a, encode_value(2))) is True
-    assert await storage.run(GetMemberAttachment(ROOM, a)) == encode_value(2)
+    assert await stored(storage, a) == StoredMember(a, ("t",), encode_value(2))
     assert await storage.run(SetMemberAttachment(ROOM, b, encode_value(2))) is False
-    assert await storage.run(GetMemberAttachment(ROOM, b)) is None
+    assert await stored(storage, b) is None
     assert await storage.run(SetMemberAttachment(ROOM, a, b"")) is True
-    assert await storage.run(GetMemberAttachment(ROOM, a)) == b""
+    assert await stored(storage, a) == StoredMember(a, ("t",), b"")
+
+
+async def test_tags_replaced_live_keep_the_attachment_and_move_the_tag_index(
+    storage: Storage,
+) -> None:
+    a, b = connection_ids(2)
+    await join(storage, a, tags=("red", "blue"), attachment=encode_value("ada"))
+    await join(storage, b, tags=("red",))
+    assert await storage.run(SetMemberTags(ROOM, a, ("blue", "green"))) is True
+    assert await stored(storage, a) == StoredMember(a, ("blue", "green"), encode_value("ada"))
+    assert await page_ids(storage, tag="red") == ([b], False)
+    assert await page_ids(storage, tag="green") == ([a], False)
+    assert await storage.run(BroadcastRecipients(ROOM, tag="blue")) == {ids.gateway_of(a): [a]}
+    assert await storage.run(SetMemberTags(ROOM, a, ())) is True
+    assert await page_ids(storage, tag="blue") == ([], False)
+    assert await page_ids(storage) == (sorted([a, b]), False)  # still a member
+    assert await storage.run(SetMemberTags(ROOM, connection_ids(3)[2], ("red",))) is False
+    assert await page_ids(storage, tag="red") == ([b], False)
 
 
 # -- gateways and broadcast ---------------------------------------------------------------
