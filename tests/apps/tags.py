@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import json
 
-from wsgate import Accept, App, Connection, ConnectRequest, DurableObject, LimitExceeded
+from wsgate import (
+    Accept,
+    App,
+    Connection,
+    ConnectRequest,
+    DurableObject,
+    LimitExceeded,
+    NoConnectionState,
+    Reject,
+)
 
 app = App()
 
@@ -27,7 +36,12 @@ class Room(DurableObject):
     - ``add-then-send <tag> <n>``: adds the tag, then broadcasts to it in the same turn.
     """
 
-    async def on_connect(self, conn: Connection, request: ConnectRequest) -> Accept:
+    async def on_connect(self, conn: Connection, request: ConnectRequest) -> Accept | Reject:
+        if "peek" in request.query:  # not accepted yet: no tags to read
+            try:
+                _ = conn.tags
+            except NoConnectionState as exc:
+                return Reject(409, type(exc).__name__)
         return Accept(tags=_listed(request.query.get("tags", "")))
 
     async def on_message(self, conn: Connection, message: str | bytes) -> None:
@@ -40,7 +54,9 @@ class Room(DurableObject):
                 conn.remove_tags(*_listed(rest))
             elif verb == "set":
                 conn.tags = _listed(rest)
-        except LimitExceeded as exc:
+            elif verb == "set-one-string":
+                conn.tags = rest  # type: ignore[assignment]
+        except (LimitExceeded, TypeError) as exc:
             await conn.send(f"refused {type(exc).__name__}")
             return
         if verb in ("add", "remove", "set", "tags"):

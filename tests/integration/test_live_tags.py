@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.harness import Stack, stack_context
-from wsgate.client import Client, connect
+from wsgate.client import Client, UpgradeRefused, connect
 from wsgate.limits import MAX_TAG_CHARS, MAX_TAGS
 
 pytestmark = pytest.mark.timeout(120)
@@ -82,7 +82,17 @@ async def test_tags_at_the_limits_and_over_them(stack: Stack) -> None:
         longest = "x" * MAX_TAG_CHARS
         assert await tags(ws, "set " + longest) == [longest]
         assert await ask(ws, "set " + longest + "x") == "refused TagTooLarge"
-        assert await tags(ws, "tags") == [longest]
+        assert await ask(ws, "set a,,b") == 'tags ["a", "b"]'  # "" is dropped by the app
+        assert await ask(ws, "set-one-string abc") == "refused TypeError"
+        assert await tags(ws, "tags") == ["a", "b"]
+
+
+async def test_on_connect_has_no_tags_yet(stack: Stack) -> None:
+    with pytest.raises(UpgradeRefused) as refused:
+        async with connect(stack.ws_url("/tags/peek?peek=1")):
+            pass
+    assert refused.value.status == 409
+    assert "NoConnectionState" in refused.value.body
 
 
 async def test_no_broadcast_is_lost_or_doubled_while_tags_change(stack: Stack) -> None:

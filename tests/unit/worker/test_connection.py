@@ -23,3 +23,15 @@ def test_a_plain_connection_has_no_state_to_read_or_assign() -> None:
         _ = conn.state
     with pytest.raises(NoConnectionState, match="durable object"):
         conn.state = {"name": "ada"}
+
+
+def test_a_plain_connection_has_no_tags_to_read_or_change() -> None:
+    conn = Connection("node-abcdefgh_7", "/echo", {}, sink=_NoSink(), env=Env.__new__(Env))
+    with pytest.raises(NoConnectionState, match="durable object"):
+        _ = conn.tags
+    with pytest.raises(NoConnectionState, match="durable object"):
+        conn.tags = ["red"]
+    with pytest.raises(NoConnectionState, match="durable object"):
+        conn.add_tags("red")
+    with pytest.raises(NoConnectionState, match="durable object"):
+        conn.remove_tags("red")
