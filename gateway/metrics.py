@@ -27,6 +27,12 @@ class GatewayMetrics:
         self.connections = Counter(
             "wsgate_gateway_connections", "WebSocket connections accepted", registry=r
         )
+        self.http_requests = Counter(
+            "wsgate_gateway_http_requests",
+            "Plain HTTP requests (no upgrade) answered, by the status's class (2xx...)",
+            ["status"],
+            registry=r,
+        )
         self.upgrades_refused = Counter(
             "wsgate_gateway_upgrades_refused",
             "Upgrade requests answered without a WebSocket, by reason",

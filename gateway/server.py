@@ -3,7 +3,9 @@
 Flow of one connection::
 
     (the listener: PROXY header, per-address limit, TLS, handshake deadline; listener.py)
-    upgrade request ──► valid handshake? ── no ──► 400 "Expected websocket"
+    request ──► no Upgrade header? ──► HttpRequest on <prefix>.request.<app> ──► the app's
+         │      HttpResponse (a route's on_request; without one, 400 "Expected websocket")
+    upgrade request ──► valid handshake? ── no ──► 400 "Invalid WebSocket handshake"
          │ yes          draining? 503 · Origin not allowed? 403 · at max_connections? 503
          │              a proxy's client over its address's limit? 429
          │              over the outbound budget? 503
@@ -39,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -187,6 +190,26 @@ class _Refusal:
     headers: dict[str, str] = field(default_factory=dict)
 
 
+#: What _precheck answers for a request that asks for no upgrade: the app's to answer.
+_PLAIN_REQUEST = _Refusal("plain_request", 400, "Expected websocket")
+
+#: Headers of the app's answer to a plain request that the gateway sets itself, or that
+#: would change the connection to the client: dropped.
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+    }
+)
+
+
 class Gateway(Service):
     """One gateway process's server.
 
@@ -206,6 +229,9 @@ class Gateway(Service):
             config.prefix, config.app_name, self.gateway_id
         )
         self._events_subject = subjects.events_subject(
+            config.prefix, config.app_name, self.gateway_id
+        )
+        self._request_subject = subjects.request_subject(
             config.prefix, config.app_name, self.gateway_id
         )
         self._command_subject = subjects.gateway_subject(config.prefix, self.gateway_id)
@@ -443,7 +469,7 @@ class Gateway(Service):
         if not is_websocket_handshake(request.headers):
             # The Cloudflare guide's check: a WebSocket route answers a plain request so.
             if request.headers.get("Upgrade", "").lower() != "websocket":
-                return _Refusal("not_websocket", 400, "Expected websocket")
+                return _PLAIN_REQUEST  # for the app's request handler, if it has one
             return _Refusal("bad_handshake", 400, "Invalid WebSocket handshake")
         if self.phase is not ServicePhase.RUNNING:
             return _Refusal("draining", 503, "Shutting down", {"Retry-After": "1"})
@@ -481,6 +507,8 @@ class Gateway(Service):
         try:
             refusal = self._precheck(request)
             if refusal is not None:
+                if refusal is _PLAIN_REQUEST:
+                    return await self._plain_request(request)
                 return self._refuse(refusal)
             client = listener.client(request)
             if not listener.hold(client):  # a client named by a proxy: counted only now
@@ -650,6 +678,67 @@ class Gateway(Service):
             messages=accept.messages,
         )
         return conn, opening
+
+    async def _plain_request(self, request: web.Request) -> web.Response:
+        """A request without an upgrade: the app's answer (a route's ``on_request``), or
+        ``400 Expected websocket`` from the app for a route without one. The body is read
+        up to the message size limit (413 beyond); every failure of the bus or the app is
+        an HTTP status, as for a connect."""
+        answer = await self._ask_app_plain(request)
+        if isinstance(answer, _Refusal):
+            response = web.Response(status=answer.status, text=answer.text, headers=answer.headers)
+        else:
+            headers = CIMultiDict(
+                (h.name, h.value) for h in answer.headers if h.name.lower() not in _HOP_BY_HOP
+            )
+            response = web.Response(status=answer.status, body=answer.body, headers=headers)
+        self.metrics.http_requests.labels(f"{response.status // 100}xx").inc()
+        return response
+
+    async def _ask_app_plain(self, request: web.Request) -> pb.HttpResponse | _Refusal:
+        if self.phase is not ServicePhase.RUNNING:
+            return _Refusal("draining", 503, "Shutting down", {"Retry-After": "1"})
+        limit = self.config.max_message_bytes
+        too_large = _Refusal("body_too_large", 413, f"A request body is at most {limit} bytes")
+        if request.content_length is not None and request.content_length > limit:
+            return too_large
+        body = bytearray()
+        while chunk := await request.content.read(65536):
+            body += chunk
+            if len(body) > limit:
+                return too_large
+        assert self._nc is not None
+        assert self._listener is not None
+        envelope = pb.HttpRequest(
+            request_id=uuid.uuid4().hex,
+            method=request.method,
+            path=request.path,
+            query=request.query_string,
+            headers=[pb.Header(name=k, value=v) for k, v in request.headers.items()],
+            body=bytes(body),
+            remote_address=str(self._listener.client(request).address),
+        )
+        if not self._nc.is_connected:
+            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
+        try:
+            reply = await self._nc.request(
+                self._request_subject,
+                envelope.SerializeToString(),
+                timeout=self.config.connect_timeout_s,
+            )
+        except nats.errors.NoRespondersError:
+            return _Refusal("no_worker", 503, "No worker available", {"Retry-After": "1"})
+        except nats.errors.TimeoutError:
+            return _Refusal("app_timeout", 504, "The app did not answer in time")
+        except nats.errors.Error as exc:
+            log.warning("a plain request failed: %r", exc)
+            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
+        try:
+            return envelopes.read_http_response(reply.data)
+        except InvalidEnvelope as exc:
+            self._garbage("request_reply")
+            log.error("unreadable answer to a plain request: %s", exc.reason)
+            return _Refusal("bad_decision", 502, "Bad answer from the app")
 
     async def _ask_app(
         self, request: web.Request, connection_id: str, offered: list[str]

@@ -86,6 +86,8 @@ from wsgate.worker.decisions import (
     reject_decision,
 )
 from wsgate.worker.durable import instantiate, public_method
+from wsgate.worker.errors import InvalidResponse
+from wsgate.worker.http import HttpRequest, Response, plain_response
 from wsgate.worker.object_cache import (
     UNKNOWN,
     KeyRange,
@@ -370,16 +372,11 @@ class Activation:
             if decision is None:
                 decision = reject_decision(500, "Internal Server Error")
             return _Committing(work, turn.to_proto(decision=decision), turn.number)
-        if kind is TurnKind.CALL:
-            result = outcome.call_result
-            if result is None:  # cancelled at the turn limit
-                result = calls.error_result(
-                    CallFailed(
-                        f"the method ran past the turn limit of {self.host.turn_timeout_s:g} s",
-                        remote_type="TimeoutError",
-                    )
-                )
-            return _Committing(work, turn.to_proto(decision=None, call_result=result), turn.number)
+        if kind is TurnKind.CALL or kind is TurnKind.REQUEST:
+            answer = outcome.answer
+            if answer is None:  # cancelled at the turn limit
+                answer = self._overdue_answer(kind)
+            return _Committing(work, turn.to_proto(decision=None, answer=answer), turn.number)
         if kind is not TurnKind.ALARM and turn.failed and not _closes(turn):
             # As an exception in a Worker does: the connection ends with 1011.
             turn.outputs.append(
@@ -419,7 +416,12 @@ class Activation:
                 await self.instance.on_alarm()
             elif turn.kind is TurnKind.CALL:
                 assert work.call is not None
-                outcome.call_result = await self._invoke(work.call, turn)
+                outcome.answer = (await self._invoke(work.call, turn)).SerializeToString()
+            elif turn.kind is TurnKind.REQUEST:
+                assert work.http_request is not None
+                claims = work.verified.claims if work.verified is not None else None
+                response = await self._serve(work.http_request, work.params, claims, turn)
+                outcome.answer = response.SerializeToString()
             else:
                 assert work.event is not None
                 await self._event(work.event, work.params, turn)
@@ -451,6 +453,47 @@ class Activation:
             log.info("%r: method %s raised %r", self, call.method, exc, exc_info=True)
             return calls.failed_result(exc)
         return calls.value_result(result)
+
+    async def _serve(
+        self,
+        request: envelope.HttpRequest,
+        params: Mapping[str, str],
+        claims: Mapping[str, object] | None,
+        turn: Turn,
+    ) -> envelope.HttpResponse:
+        """Answer a plain HTTP request with the object's ``on_request``; raising (or a
+        response that is not a Response, or one too large for NATS) fails the turn (its
+        writes stay) and answers 500."""
+        try:
+            response = await self.instance.on_request(
+                HttpRequest.from_envelope(request, params, claims)
+            )
+            if not isinstance(response, Response):
+                raise InvalidResponse(
+                    f"on_request returned {type(response).__name__}, not a Response"
+                )
+        except Exception:
+            turn.failed = True
+            log.exception(
+                "%r: on_request failed for %s %s", self, request.method, request.path[:200]
+            )
+            return plain_response(500, "Internal Server Error")
+        answer = response.to_envelope()
+        if answer.ByteSize() > self.payload_budget:
+            turn.failed = True
+            log.error("%r: a response of %d bytes is over NATS' payload", self, answer.ByteSize())
+            return plain_response(500, "Response too large")
+        return answer
+
+    def _overdue_answer(self, kind: TurnKind) -> bytes:
+        """The answer of a call's or a request's turn cut at the turn limit."""
+        limit = self.host.turn_timeout_s
+        if kind is TurnKind.REQUEST:
+            return plain_response(504, "The object did not answer in time").SerializeToString()
+        overdue = CallFailed(
+            f"the method ran past the turn limit of {limit:g} s", remote_type="TimeoutError"
+        )
+        return calls.error_result(overdue).SerializeToString()
 
     async def _connect(
         self,
@@ -621,7 +664,7 @@ class Activation:
             known.pending = None
             known.outcome = outcome
         work = committing.work
-        if work.kind is WorkKind.ALARM or work.kind is WorkKind.CALL or _is_close(work):
+        if work.kind in _ANSWERED_ONCE or _is_close(work):
             self._known.pop(work.key, None)  # nothing of it can come again but a late copy
         await self._release_outcome(committing.work, outcome)
         for work in (committing.work, *committing.copies):
@@ -816,7 +859,13 @@ class Activation:
 @dataclass
 class _Outcome:
     decision: envelope.ConnectDecision | None = None
-    call_result: envelope.CallResult | None = None
+    #: A call's or a request's answer, serialized.
+    answer: bytes | None = None
+
+
+#: Kinds of request no copy of which can come again once answered, but a late one: their
+#: keys are not kept after the release.
+_ANSWERED_ONCE = frozenset({WorkKind.ALARM, WorkKind.CALL, WorkKind.REQUEST})
 
 
 def _storage_full(result: pb.ObjectTurnsResult) -> bool:
@@ -838,6 +887,8 @@ def _turn_kind(work: Work) -> TurnKind:
         return TurnKind.ALARM
     if work.kind is WorkKind.CALL:
         return TurnKind.CALL
+    if work.kind is WorkKind.REQUEST:
+        return TurnKind.REQUEST
     assert work.event is not None
     return TurnKind.CLOSE if work.event.WhichOneof("kind") == "closed" else TurnKind.MESSAGE
 
@@ -882,9 +933,9 @@ def _as_command(output: pb.TurnOutput, event: envelope.ConnectionEvent) -> envel
 
 
 def _answer(work: Work, outcome: pb.TurnOutcome) -> bytes:
-    """The answer to an alarm's or a call's request: the alarm's result, or the call's
-    recorded CallResult."""
-    return outcome.call_result if work.kind is WorkKind.CALL else _alarm_result(outcome)
+    """The answer to an alarm, a call or an HTTP request: the alarm's result, or the
+    recorded CallResult or HttpResponse."""
+    return _alarm_result(outcome) if work.kind is WorkKind.ALARM else outcome.answer
 
 
 def _alarm_result(outcome: pb.TurnOutcome) -> bytes:

@@ -51,6 +51,7 @@ from wsgate.v1 import state_pb2 as pb
 from wsgate.worker.activation import Activation, Phase
 from wsgate.worker.decisions import reject_decision
 from wsgate.worker.failpoints import Failpoints
+from wsgate.worker.http import plain_response
 from wsgate.worker.membership import leave_all
 from wsgate.worker.metrics import WorkerMetrics
 from wsgate.worker.state_client import StateClient
@@ -292,6 +293,9 @@ class Activations:
                 # Not run here: the caller may try again (the same call id) until its deadline.
                 result = calls.error_result(CallUnavailable(f"not run: {why}"))
                 await self.respond(work.msg, result.SerializeToString())
+            elif work.kind is WorkKind.REQUEST:
+                unavailable = plain_response(503, "Object unavailable", {"Retry-After": "1"})
+                await self.respond(work.msg, unavailable.SerializeToString())
             else:
                 failed = envelope.AlarmResult(ok=False, error=f"not run: {why}")
                 await self.respond(work.msg, failed.SerializeToString())
@@ -306,6 +310,10 @@ class Activations:
         if work.kind is WorkKind.CALL:
             result = calls.error_result(InvalidCall(str(exc)))
             await self.respond(work.msg, result.SerializeToString())
+            work.finish()
+            return
+        if work.kind is WorkKind.REQUEST:
+            await self.respond(work.msg, plain_response(414, f"{exc}\n").SerializeToString())
             work.finish()
             return
         if work.kind is not WorkKind.CONNECT:

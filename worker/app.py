@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from wsgate.worker.alarms_client import AlarmInfo
     from wsgate.worker.auth import Authenticator, Claims
     from wsgate.worker.connection import Connection
+    from wsgate.worker.http import HttpRequest, Response
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ ConnectHandler = Callable[["Connection", ConnectRequest], Awaitable[Accept | Rej
 MessageHandler = Callable[["Connection", Message], Awaitable[None]]
 CloseHandler = Callable[["Connection", int, str], Awaitable[None]]
 AlarmHandler = Callable[["AlarmInfo"], Awaitable[None]]
+RequestHandler = Callable[["HttpRequest"], Awaitable["Response"]]
 H = TypeVar("H")
 
 
@@ -145,6 +147,11 @@ class ObjectClass(Protocol):
 
     #: The kind of object; one class serves a namespace.
     namespace: ClassVar[str]
+
+    @classmethod
+    def handles_requests(cls) -> bool:
+        """Whether the class answers plain HTTP requests to its routes (``on_request``)."""
+        ...
 
     @classmethod
     def object_alarm_handler(cls) -> AlarmHandler | None:
@@ -173,6 +180,8 @@ class Route:
         self.connect_handler: ConnectHandler | None = None
         self.message_handler: MessageHandler | None = None
         self.close_handler: CloseHandler | None = None
+        #: Answers plain HTTP requests (no upgrade); None: ``400 Expected websocket``.
+        self.request_handler: RequestHandler | None = None
         #: Served by a durable object class (App.durable): its connections join the object.
         self.durable = False
         #: The class whose objects serve the route, and the parameter naming the object.
@@ -194,6 +203,13 @@ class Route:
         self.close_handler = handler
         return handler
 
+    def on_request(self, handler: RequestHandler) -> RequestHandler:
+        """Decorator: answer a plain HTTP request to the route (one without a WebSocket
+        upgrade): ``async def handler(request: HttpRequest) -> Response``. Without one, such
+        a request gets ``400 Expected websocket``."""
+        self.request_handler = handler
+        return handler
+
     def serve_object(self, cls: type[ObjectClass], param: str) -> None:
         """Make the route a durable object route: each event runs as a turn of the object
         of class ``cls`` named by the path parameter ``param``, in its activation."""
@@ -204,6 +220,7 @@ class Route:
         self.connect_handler = _served_by_activation
         self.message_handler = _served_by_activation
         self.close_handler = _served_by_activation
+        self.request_handler = _served_by_activation if cls.handles_requests() else None
 
     def match(self, path: str) -> dict[str, str] | None:
         """The parameters if ``path`` matches this route, else None."""

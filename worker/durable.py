@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from wsgate.worker.alarms_client import AlarmInfo, ObjectAlarm
     from wsgate.worker.connection import Connection
     from wsgate.worker.env import Env
+    from wsgate.worker.http import HttpRequest, Response
     from wsgate.worker.object_storage import ObjectStorage
 
 #: The activation an instance is being made for (set around the class's constructor).
@@ -103,6 +104,12 @@ class DurableObject:
         return f"<{type(self).__name__} {self.namespace!r}/{self.name!r}>"
 
     @classmethod
+    def handles_requests(cls) -> bool:
+        """For ``App.durable``: whether the class answers plain HTTP requests to its
+        routes (it overrides ``on_request``)."""
+        return _overrides(cls, "on_request")
+
+    @classmethod
     def object_alarm_handler(cls) -> AlarmHandler | None:
         """For ``App.durable``: the alarm handler of the class's namespace, which runs
         ``on_alarm`` as a turn of the object's activation; None unless the class
@@ -124,6 +131,12 @@ class DurableObject:
 
     async def on_alarm(self) -> None:
         """The object's alarm is due (at least once; raising makes it retried later)."""
+
+    async def on_request(self, request: HttpRequest) -> Response:
+        """A plain HTTP request (no WebSocket upgrade) to one of the object's routes, as a
+        turn: the response leaves once the turn's writes are durable. Not overridden: the
+        routes answer ``400 Expected websocket``. Raising answers 500."""
+        raise NotImplementedError  # never called: App.durable routes it only if overridden
 
     # -- what it uses ----------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from wsgate.bus import connect_bus, drain_bus, write_now
 from wsgate.config import WorkerConfig
 from wsgate.eager import start_eagerly, start_task
 from wsgate.errors import InvalidEnvelope
+from wsgate.fanout import payload_budget
 from wsgate.grpc_tls import client_tls
 from wsgate.placement import ANNOUNCE_FRACTION, ReplicaDirectory, ReplicaWatch
 from wsgate.probes import ProbeServer
@@ -76,7 +77,7 @@ from wsgate.worker.decisions import (
 )
 from wsgate.worker.durable import check_plain_accept
 from wsgate.worker.env import Env
-from wsgate.worker.errors import Unauthorized
+from wsgate.worker.errors import InvalidResponse, Unauthorized
 from wsgate.worker.event_policy import (
     EVENT_KINDS,
     EventKind,
@@ -86,12 +87,19 @@ from wsgate.worker.event_policy import (
 )
 from wsgate.worker.failpoints import Failpoints
 from wsgate.worker.gate import OutputGate, current_gate
+from wsgate.worker.http import (
+    HttpRequest,
+    Response,
+    as_connect_request,
+    expected_websocket,
+    plain_response,
+)
 from wsgate.worker.intake import IntakeWatchdog
 from wsgate.worker.membership import leave_all
 from wsgate.worker.metrics import WorkerMetrics
 from wsgate.worker.object_calls import ObjectCalls
 from wsgate.worker.state_client import StateClient
-from wsgate.worker.work import Work
+from wsgate.worker.work import REQUEST_KEY_PREFIX, Work
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +115,10 @@ CANCELLED_HANDLER_WAIT_S = OVERDUE_TASK_WAIT_S
 
 #: The answer to a connect request that is not one (the upgrade gets 400).
 _BAD_CONNECT_REQUEST = reject_decision(400, "Bad connect request").SerializeToString()
+
+#: The answers to a plain HTTP request without a handler, and to one whose handler failed.
+_EXPECTED_WEBSOCKET = expected_websocket().SerializeToString()
+_INTERNAL_ERROR = plain_response(500, "Internal Server Error").SerializeToString()
 
 #: The parameters of an event's path when no route matches it any more.
 _NO_PARAMS: Mapping[str, str] = types.MappingProxyType({})
@@ -262,6 +274,7 @@ class Worker(Service):
             own = subjects.worker_subject
             prefix, app, anyone = config.prefix, config.app_name, subjects.ANY
             take_connect = self._spawner(self._connect)
+            take_request = self._spawner(self._http_request)
             # Events come alone or in EventBatches: each is taken as if it came alone.
             take_events = unbatching(
                 nc, self._spawner(self._event), functools.partial(self._garbage, "events")
@@ -272,6 +285,9 @@ class Worker(Service):
                 # What gateways and other workers send to this worker, the host of objects.
                 (own(prefix, self.worker_id, "connect", anyone), "", take_connect),
                 (own(prefix, self.worker_id, "events", anyone), "", take_events),
+                # Plain HTTP requests to routes (no upgrade), for on_request.
+                (subjects.request_subject(prefix, app, anyone), queue, take_request),
+                (own(prefix, self.worker_id, "request"), "", take_request),
             ):
                 self._subscriptions.append(await nc.subscribe(subject, queue=group, cb=take))
             self._alarms = AlarmRunner(
@@ -762,6 +778,74 @@ class Worker(Service):
         kind of subject, the metric's label)."""
         self.metrics.garbage.labels(subject).inc()
         log.warning("dropped a message on %s (%d bytes): %s", msg.subject, len(msg.data), exc)
+
+    async def _http_request(self, msg: Msg) -> None:
+        """A plain HTTP request to a route (no upgrade): its request handler's response, or
+        ``400 Expected websocket`` for a route without one (and for a path no route
+        serves, as the gateway answered before there were request handlers). A route's
+        authenticator checks the request first (401). A durable object's route answers in
+        the object's activation."""
+        try:
+            request = envelopes.read_http_request(msg.data)
+            if not msg.reply:
+                raise InvalidEnvelope("HttpRequest", "no reply subject")
+        except InvalidEnvelope as exc:
+            self._garbage("request", msg, exc)
+            return
+        resolved = self.app.resolve(request.path)
+        if resolved is None or resolved[0].request_handler is None:
+            await self._answer(msg, _EXPECTED_WEBSOCKET)
+            return
+        route, params = resolved
+        verified: Verified | None = None
+        if route.auth is not None:
+            try:
+                verified = authenticate(route.auth, as_connect_request(request, params))
+            except Unauthorized as exc:
+                reject = refused(exc, self.metrics)
+                answer = plain_response(reject.status, reject.body, reject.headers)
+                await self._answer(msg, answer.SerializeToString())
+                return
+            except Exception:
+                self.metrics.handler_errors.inc()
+                log.exception("the authenticator of %s failed", route)
+                await self._answer(msg, _INTERNAL_ERROR)
+                return
+        if route.object_class is not None:
+            work = Work.for_request(msg, request, params)
+            work.verified = verified
+            await self._to_activation(resolved, work)
+            return
+        handler = route.request_handler
+        assert handler is not None  # checked above
+        claims = verified.claims if verified is not None else None
+        gate = OutputGate(f"{REQUEST_KEY_PREFIX}{request.request_id}")
+        current_gate.set(gate)
+        try:
+            async with asyncio.timeout(self.config.turn_timeout_s):
+                response = await handler(HttpRequest.from_envelope(request, params, claims))
+                if not isinstance(response, Response):
+                    raise InvalidResponse(
+                        f"on_request returned {type(response).__name__}, not a Response"
+                    )
+                # The response leaves only once what the handler wrote is durable.
+                await gate.open()
+            answer = response.to_envelope()
+            assert self._nc is not None
+            if answer.ByteSize() > payload_budget(self._nc):
+                raise InvalidResponse(f"a response of {answer.ByteSize()} bytes is over NATS'")
+        except TimeoutError:
+            gate.abandon()
+            log.warning(
+                "the request handler of %s ran past %g s", route, self.config.turn_timeout_s
+            )
+            answer = plain_response(504, "The app did not answer in time")
+        except Exception:
+            gate.abandon()
+            self.metrics.handler_errors.inc()
+            log.exception("the request handler of %s failed", route)
+            answer = plain_response(500, "Internal Server Error")
+        await self._answer(msg, answer.SerializeToString())
 
     async def _answer(self, msg: Msg, payload: bytes) -> None:
         assert self._nc is not None

@@ -35,6 +35,7 @@ class TurnKind(enum.Enum):
     CLOSE = "close"
     ALARM = "alarm"
     CALL = "call"
+    REQUEST = "request"
 
 
 class Turn:
@@ -148,16 +149,16 @@ class Turn:
         self,
         *,
         decision: envelope.ConnectDecision | None,
-        call_result: envelope.CallResult | None = None,
+        answer: bytes | None = None,
     ) -> pb.Turn:
-        """The turn as committed: effects, outcome (a connect's decision, a call's
-        result), and whether to record it (a failed alarm turn is not: its firing is
-        retried, and must run again)."""
+        """The turn as committed: effects, outcome (a connect's decision, a call's result
+        or an HTTP response, serialized: ``answer``), and whether to record it (a failed
+        alarm turn is not: its firing is retried, and must run again)."""
         outcome = pb.TurnOutcome(outputs=self.outputs, failed=self.failed)
         if decision is not None:
             outcome.decision.CopyFrom(decision)
-        if call_result is not None:
-            outcome.call_result = call_result.SerializeToString()
+        if answer is not None:
+            outcome.answer = answer
         turn = pb.Turn(
             key=self.key,
             sequence=self.sequence,

@@ -1,10 +1,10 @@
 """One request for a durable object, as it travels to the object's activation.
 
-A connect request, a connection event, an alarm or a call of one of its methods, with the
-NATS message it came in (its reply subject is where the answer goes, whichever worker
-answers). The worker that took it
-from NATS waits on :attr:`Work.done` (and keeps the gateway's ack wait alive with progress
-acks meanwhile); whoever finishes with it (the activation that answered, or the worker that
+A connect request, a connection event, an alarm, a call of one of its methods or a plain
+HTTP request to one of its routes, with the NATS message it came in (its reply subject is
+where the answer goes, whichever worker answers). The worker that took it from NATS waits
+on :attr:`Work.done` (and keeps the gateway's ack wait alive with progress acks
+meanwhile); whoever finishes with it (the activation that answered, or the worker that
 forwarded it to the activation's host) resolves it.
 """
 
@@ -24,6 +24,9 @@ from wsgate.worker.auth import Verified
 #: The NATS header counting how often a message was forwarded between workers.
 HOPS_HEADER = "Wsgate-Hops"
 
+#: The turn of an HTTP request is recorded under this prefix and the request's id.
+REQUEST_KEY_PREFIX = "request:"
+
 #: Beyond this many forwards a request is given back (retried through the queue), so a
 #: view of who holds an object that changes under the request can never make it loop.
 MAX_HOPS = 4
@@ -36,6 +39,7 @@ class WorkKind(enum.Enum):
     EVENT = "events"
     ALARM = "alarm"
     CALL = "call"
+    REQUEST = "request"
 
 
 def _new_future() -> asyncio.Future[None]:
@@ -48,8 +52,8 @@ class Work:
 
     kind: WorkKind
     msg: Msg
-    #: The key its turn is recorded under: the connection id, ``alarm:<firing id>`` or
-    #: ``call:<call id>``.
+    #: The key its turn is recorded under: the connection id, ``alarm:<firing id>``,
+    #: ``call:<call id>`` or ``request:<request id>``.
     key: str
     #: The event's sequence on its connection (0 for a connect or an alarm).
     sequence: int
@@ -63,6 +67,7 @@ class Work:
     event: pb.ConnectionEvent | None = None
     alarm: pb.AlarmEvent | None = None
     call: pb.ObjectCall | None = None
+    http_request: pb.HttpRequest | None = None
     #: A connect its route's authenticator passed (never carried by a forward: the host
     #: verifies again).
     verified: Verified | None = None
@@ -134,6 +139,21 @@ class Work:
             call.retried or hops > 0,
             hops,
             call=call,
+        )
+
+    @classmethod
+    def for_request(cls, msg: Msg, request: pb.HttpRequest, params: Mapping[str, str]) -> Work:
+        """A plain HTTP request to one of the object's routes (keyed by its id)."""
+        hops = hops_of(msg)
+        return cls(
+            WorkKind.REQUEST,
+            msg,
+            f"{REQUEST_KEY_PREFIX}{request.request_id}",
+            0,
+            request.retried or hops > 0,
+            hops,
+            params=params,
+            http_request=request,
         )
 
     def finish(self) -> None:

@@ -36,6 +36,8 @@ _EXPORTS: dict[str, str] = {
     "Route": "wsgate.worker.app",
     "Authenticator": "wsgate.worker.auth",
     "Connection": "wsgate.worker.connection",
+    "HttpRequest": "wsgate.worker.http",
+    "Response": "wsgate.worker.http",
     "DurableObject": "wsgate.worker.durable",
     "Peer": "wsgate.worker.durable",
     "Env": "wsgate.worker.env",
@@ -112,6 +114,7 @@ __all__ = [
     "ConnectionClosed",
     "DurableObject",
     "Env",
+    "HttpRequest",
     "InvalidCall",
     "InvalidCloseCode",
     "InvalidMessage",
@@ -134,6 +137,7 @@ __all__ = [
     "ObjectTooLarge",
     "Peer",
     "Reject",
+    "Response",
     "Route",
     "StateError",
     "StateTimeout",
@@ -207,6 +211,7 @@ if TYPE_CHECKING:
         Unauthorized,
         WorkerError,
     )
+    from wsgate.worker.http import HttpRequest, Response
     from wsgate.worker.jwt_verifier import JWTVerifier
     from wsgate.worker.membership import BroadcastResult
     from wsgate.worker.object_calls import ObjectNamespace, ObjectStub

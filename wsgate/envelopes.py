@@ -48,8 +48,10 @@ MIN_CLOSE_CODE = 1000
 MAX_CLOSE_CODE = 4999
 #: The longest alarm firing id (the state service draws 32 hex digits).
 MAX_FIRING_ID_CHARS = 128
-#: A call's id (a caller makes 32 hex digits).
+#: A call's or an HTTP request's id (a caller makes 32 hex digits).
 MAX_CALL_ID_CHARS = 128
+#: An HTTP method's name (the longest standard one has 7 letters).
+MAX_METHOD_NAME_CHARS = 32
 #: The longest gateway lease a presence announcement may carry: an hour (a gateway's
 #: presence interval is at most MAX_PRESENCE_INTERVAL_S, 720 s, its lease 5 intervals).
 #: Without a bound, one announcement of 49 days would stretch the grace lease of every
@@ -157,6 +159,27 @@ def read_object_call(data: bytes) -> pb.ObjectCall:
     if not call.method or len(call.method) > MAX_METHOD_CHARS:
         raise InvalidEnvelope("ObjectCall", f"a method name of {len(call.method)} characters")
     return call
+
+
+def read_http_request(data: bytes) -> pb.HttpRequest:
+    """A gateway's plain HTTP request (worker: request subjects)."""
+    request = parse(pb.HttpRequest, data)
+    if not 0 < len(request.request_id) <= MAX_CALL_ID_CHARS:
+        raise InvalidEnvelope(
+            "HttpRequest", f"a request id of {len(request.request_id)} characters"
+        )
+    if not request.method or len(request.method) > MAX_METHOD_NAME_CHARS:
+        raise InvalidEnvelope("HttpRequest", f"a method of {len(request.method)} characters")
+    _check_path("HttpRequest", request.path)
+    return request
+
+
+def read_http_response(data: bytes) -> pb.HttpResponse:
+    """A worker's answer to an HttpRequest (gateway: the request's reply inbox)."""
+    response = parse(pb.HttpResponse, data)
+    if not 100 <= response.status <= 599:
+        raise InvalidEnvelope("HttpResponse", f"status {response.status}")
+    return response
 
 
 def read_replica(data: bytes) -> pb.StateReplica:

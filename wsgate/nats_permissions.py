@@ -62,6 +62,7 @@ def gateway_permissions(prefix: str, node: str) -> Permissions:
         publish=(
             subjects.connect_subject(prefix, ANY, own),
             subjects.events_subject(prefix, ANY, own),
+            subjects.request_subject(prefix, ANY, own),
             # A connection's events go straight to the worker hosting its durable object.
             subjects.worker_subject(prefix, ANY, "events", own),
             subjects.presence_subject(prefix, own),
@@ -86,6 +87,7 @@ def worker_permissions(prefix: str, node: str) -> Permissions:
             subjects.worker_subject(prefix, ANY, "events", ANY),
             subjects.worker_subject(prefix, ANY, "alarm"),
             subjects.worker_subject(prefix, ANY, "call"),
+            subjects.worker_subject(prefix, ANY, "request"),
             # Calls of durable objects' methods, made by handlers.
             subjects.call_subject(prefix, ANY),
             # Answers to gateways' connect requests, to the state service's alarms and to
@@ -97,12 +99,14 @@ def worker_permissions(prefix: str, node: str) -> Permissions:
         subscribe=(
             subjects.connect_subject(prefix, ANY, ANY),
             subjects.events_subject(prefix, ANY, ANY),
+            subjects.request_subject(prefix, ANY, ANY),
             subjects.alarm_subject(prefix, ANY),
             subjects.worker_subject(prefix, own, "connect", ANY),
             subjects.worker_subject(prefix, own, "events", ANY),
             subjects.worker_subject(prefix, own, "alarm"),
             subjects.call_subject(prefix, ANY),
             subjects.worker_subject(prefix, own, "call"),
+            subjects.worker_subject(prefix, own, "request"),
             subjects.replicas_subject(prefix),
             subjects.under(subjects.inbox_prefix(prefix, "worker", node)),
         ),

@@ -6,6 +6,8 @@ stands for a gateway's two tokens ``<node>.<gateway_id>``, ``<w>`` for a worker'
 
     <prefix>.connect.<app>.<gw>          connect requests, request/reply, workers' queue group
     <prefix>.events.<app>.<gw>           connection events (reply: the ack subject)
+    <prefix>.request.<app>.<gw>          plain HTTP requests to routes, request/reply,
+                                         workers' queue group
     <prefix>.gw.<gw>                     final acks and commands for one gateway, in order
     <prefix>.ack.<gw>.<connection>.<seq> replies to one event: progress, retry, no responders
     <prefix>.presence.<gw>               one gateway's membership lease, heard by state services
@@ -13,6 +15,7 @@ stands for a gateway's two tokens ``<node>.<gateway_id>``, ``<w>`` for a worker'
     <prefix>.worker.<w>.events.<gw>        hosts their durable object (no queue group)
     <prefix>.worker.<w>.alarm            alarms for the worker that hosts their object
     <prefix>.worker.<w>.call             calls for the worker that hosts their object
+    <prefix>.worker.<w>.request          HTTP requests for the worker that hosts their object
     <prefix>.alarm.<namespace>           alarm events, request/reply, worker queue group
     <prefix>.call.<namespace>            calls of durable objects' methods, request/reply,
                                          worker queue group
@@ -188,6 +191,11 @@ def events_subject(prefix: str, app_name: str, gateway_id: str) -> str:
     return f"{prefix}.events.{_token(app_name)}.{_owner(gateway_id)}"
 
 
+def request_subject(prefix: str, app_name: str, gateway_id: str) -> str:
+    """Where gateway ``gateway_id`` sends plain HTTP requests (no upgrade) for ``app_name``."""
+    return f"{prefix}.request.{_token(app_name)}.{_owner(gateway_id)}"
+
+
 def gateway_subject(prefix: str, gateway_id: str) -> str:
     """Where final acks and commands for one gateway go (GatewayBatch envelopes, read by
     one subscription, in order). ``gateway_id`` is already a safe token."""
@@ -265,18 +273,19 @@ def call_queue(namespace: str) -> str:
 
 
 #: The kinds of message a worker takes on its own subjects.
-WORKER_SUBJECT_KINDS = ("connect", "events", "alarm", "call")
+WORKER_SUBJECT_KINDS = ("connect", "events", "alarm", "call", "request")
 #: The kinds that come from a gateway, and name it.
 _FROM_GATEWAY = ("connect", "events")
 
 
 def worker_subject(prefix: str, worker_id: str, kind: str, gateway_id: str | None = None) -> str:
-    """Where messages of ``kind`` (connect, events, alarm, call) for one worker go: the
+    """Where messages of ``kind`` (connect, events, alarm, call, request) for one worker go: the
     requests of the durable objects whose activations it holds. ``worker_id`` is already a
     safe token.
 
     A connect or an event names the gateway it comes from (``gateway_id``, required), as
-    on the queue subjects; an alarm (from the state service) and a call name none.
+    on the queue subjects; an alarm (from the state service), a call and an HTTP request
+    (forwarded by a worker) name none.
     """
     if kind not in WORKER_SUBJECT_KINDS:
         raise ValueError(f"no worker subject for {kind!r}")

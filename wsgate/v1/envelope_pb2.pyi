@@ -937,3 +937,91 @@ class CallResult(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
 
 Global___CallResult: _TypeAlias = CallResult  # noqa: Y015
+
+@_typing.final
+class HttpRequest(_message.Message):
+    """A plain HTTP request (no WebSocket upgrade) to a route, for the app's on_request.
+    Request/reply on <prefix>.request.<app>.<gw> (workers' queue group), or forwarded to the
+    worker holding the route's object on <prefix>.worker.<w>.request; answered with an
+    HttpResponse.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    PATH_FIELD_NUMBER: _builtins.int
+    QUERY_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    REMOTE_ADDRESS_FIELD_NUMBER: _builtins.int
+    RETRIED_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Unique per request: a turn of an object is recorded under "request:<request_id>"."""
+    method: _builtins.str
+    """The method, e.g. "POST"."""
+    path: _builtins.str
+    """The request path, percent-decoded, e.g. "/chat/lobby"."""
+    query: _builtins.str
+    """The raw query string without the leading "?"."""
+    body: _builtins.bytes
+    """The body (at most the gateway's message size limit)."""
+    remote_address: _builtins.str
+    """The client's address, as in ConnectRequest."""
+    retried: _builtins.bool
+    """This is a retry: it may have run before."""
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]:
+        """The request headers, in order."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        method: _builtins.str = ...,
+        path: _builtins.str = ...,
+        query: _builtins.str = ...,
+        headers: _abc.Iterable[Global___Header] | None = ...,
+        body: _builtins.bytes = ...,
+        remote_address: _builtins.str = ...,
+        retried: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "method", b"method", "path", b"path", "query", b"query", "remote_address", b"remote_address", "request_id", b"request_id", "retried", b"retried"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpRequest: _TypeAlias = HttpRequest  # noqa: Y015
+
+@_typing.final
+class HttpResponse(_message.Message):
+    """The app's answer to an HttpRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    status: _builtins.int
+    """The status code, 100-599."""
+    body: _builtins.bytes
+    """The body."""
+    @_builtins.property
+    def headers(self) -> _containers.RepeatedCompositeFieldContainer[Global___Header]:
+        """The response headers, in order."""
+
+    def __init__(
+        self,
+        *,
+        status: _builtins.int = ...,
+        headers: _abc.Iterable[Global___Header] | None = ...,
+        body: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "headers", b"headers", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HttpResponse: _TypeAlias = HttpResponse  # noqa: Y015

@@ -2108,11 +2108,13 @@ class TurnOutcome(_message.Message):
     OUTPUTS_FIELD_NUMBER: _builtins.int
     DECISION_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
-    CALL_RESULT_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
     failed: _builtins.bool
     """The handler raised or ran past the turn limit (its connection is closed with 1011)."""
-    call_result: _builtins.bytes
-    """For a call's turn: the CallResult (envelope.proto) answered to the caller."""
+    answer: _builtins.bytes
+    """For a call's or an HTTP request's turn: the serialized CallResult or HttpResponse
+    (envelope.proto) answered to the caller.
+    """
     @_builtins.property
     def outputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TurnOutput]:
         """What it sent, in order."""
@@ -2127,11 +2129,11 @@ class TurnOutcome(_message.Message):
         outputs: _abc.Iterable[Global___TurnOutput] | None = ...,
         decision: _envelope_pb2.ConnectDecision | None = ...,
         failed: _builtins.bool = ...,
-        call_result: _builtins.bytes = ...,
+        answer: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_result", b"call_result", "decision", b"decision", "failed", b"failed", "outputs", b"outputs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "decision", b"decision", "failed", b"failed", "outputs", b"outputs"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2151,8 +2153,8 @@ class Turn(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     RECORD_FIELD_NUMBER: _builtins.int
     key: _builtins.str
-    """The event's key: the connection id (sequence 0 is its connect), "alarm:<firing id>"
-    or "call:<call id>".
+    """The event's key: the connection id (sequence 0 is its connect), "alarm:<firing id>",
+    "call:<call id>" or "request:<request id>".
     """
     sequence: _builtins.int
     """The event's sequence on its connection (0 for a connect or an alarm)."""

@@ -70,7 +70,7 @@ def test_hops_of(headers: dict[str, str] | None, expected: int) -> None:
 
 
 def test_work_kinds_name_their_subject_tokens() -> None:
-    assert [kind.value for kind in WorkKind] == ["connect", "events", "alarm", "call"]
+    assert [kind.value for kind in WorkKind] == ["connect", "events", "alarm", "call", "request"]
     assert {kind.value for kind in WorkKind} == set(subjects.WORKER_SUBJECT_KINDS)
 
 
@@ -215,3 +215,20 @@ async def test_each_work_has_its_own_future_and_identity() -> None:
 def test_work_needs_a_running_loop() -> None:
     with pytest.raises(RuntimeError):
         Work.for_event(msg(), event(), PARAMS)
+
+
+# -- for_request -------------------------------------------------------------------------
+
+
+async def test_an_http_request_is_keyed_by_its_id_with_its_route_params() -> None:
+    request = pb.HttpRequest(request_id="r-1", method="GET", path="/room/lobby")
+    first = Work.for_request(msg(), request, PARAMS)
+    assert (first.kind, first.key, first.sequence, first.retried) == (
+        WorkKind.REQUEST,
+        "request:r-1",
+        0,
+        False,
+    )
+    assert first.params == PARAMS
+    assert first.http_request is request
+    assert Work.for_request(hops("2"), request, PARAMS).retried
