@@ -162,3 +162,38 @@ def test_a_worker_reads_a_call_within_its_limits() -> None:
 def test_a_worker_refuses_a_broken_call(broken: pb.ObjectCall) -> None:
     with pytest.raises(InvalidEnvelope):
         envelopes.read_object_call(broken.SerializeToString())
+
+
+# -- plain HTTP requests, as workers and gateways read them ---------------------------------
+
+
+def test_a_worker_reads_an_http_request_within_its_limits() -> None:
+    request = pb.HttpRequest(request_id="r" * 128, method="M" * 32, path="/" + "p" * 8191)
+    assert envelopes.read_http_request(request.SerializeToString()) == request
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        pb.HttpRequest(method="GET", path="/"),  # no id
+        pb.HttpRequest(request_id="r" * 129, method="GET", path="/"),
+        pb.HttpRequest(request_id="r", path="/"),  # no method
+        pb.HttpRequest(request_id="r", method="M" * 33, path="/"),
+        pb.HttpRequest(request_id="r", method="GET", path="/" + "p" * 8192),
+    ],
+)
+def test_a_worker_refuses_a_broken_http_request(broken: pb.HttpRequest) -> None:
+    with pytest.raises(InvalidEnvelope):
+        envelopes.read_http_request(broken.SerializeToString())
+
+
+@pytest.mark.parametrize("status", [100, 599])
+def test_a_gateway_reads_a_response_with_a_status_in_range(status: int) -> None:
+    response = pb.HttpResponse(status=status, body=b"x")
+    assert envelopes.read_http_response(response.SerializeToString()) == response
+
+
+@pytest.mark.parametrize("status", [0, 99, 600])
+def test_a_gateway_refuses_a_status_out_of_range(status: int) -> None:
+    with pytest.raises(InvalidEnvelope):
+        envelopes.read_http_response(pb.HttpResponse(status=status).SerializeToString())
