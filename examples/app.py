@@ -17,7 +17,10 @@ Routes:
   message it sends is ``hello, <sub>``: the verified claims reach the handler.
 - ``/chat/{room}?name=...``: a chat room, one durable object per room. Whoever joins gets
   the room's last 100 messages and who is there; everyone hears joins, leaves and
-  messages. The browser page at ``/`` (examples/static/index.html) is its client.
+  messages. The browser page at ``/`` (examples/static/index.html) is its client. A
+  backend posts a system announcement to a room with a plain request (the room's
+  ``on_request``): ``curl -H "Authorization: Bearer $WSGATE_ANNOUNCE_TOKEN" -d 'text'
+  http://127.0.0.1:8080/chat/lobby``; off unless the workers have WSGATE_ANNOUNCE_TOKEN.
 - ``/counter/{name}``: a durable counter shared by every connection to the same name.
   Opening a connection adds one and sends the new value; the message ``"increment"`` adds
   one more, any other message reads it. Values are JSON: ``{"counter": name, "value": n}``.
@@ -29,12 +32,14 @@ compares, and the chat keeps, the text without one trailing ``\n`` or ``\r\n``
 
 The chat speaks JSON text frames from the server, one event each:
 ``{"type": "message", "name", "text", "at"}`` (with ``"replay": true`` for history),
+``{"type": "announcement", "text", "at"}`` (``"replay"`` too),
 ``{"type": "join", "name"}``, ``{"type": "leave", "name"}``,
 ``{"type": "presence", "names": [...]}``; the client sends plain text.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
 import time
@@ -45,8 +50,10 @@ from wsgate import (
     Connection,
     ConnectRequest,
     DurableObject,
+    HttpRequest,
     JWTVerifier,
     Reject,
+    Response,
     Value,
 )
 
@@ -144,6 +151,31 @@ class ChatRoom(DurableObject):
 
     async def on_close(self, conn: Connection, code: int, reason: str) -> None:
         await self.broadcast(json.dumps({"type": "leave", "name": name_of(conn)}), exclude=[conn])
+
+    async def on_request(self, request: HttpRequest) -> Response:
+        """``POST /chat/<room>`` with ``Authorization: Bearer $WSGATE_ANNOUNCE_TOKEN`` and a
+        text body: a system announcement to everyone in the room (kept in its history).
+        Off (403) unless the workers have WSGATE_ANNOUNCE_TOKEN; a wrong token is 401."""
+        if request.method != "POST":
+            return Response(405, "POST an announcement\n", {"Allow": "POST"})
+        token = os.environ.get("WSGATE_ANNOUNCE_TOKEN", "")
+        if not token:
+            return Response(403, "Announcements are off: set WSGATE_ANNOUNCE_TOKEN\n")
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return Response(401, "Wrong or missing token\n", {"WWW-Authenticate": "Bearer"})
+        text = str(without_line_ending(request.text())).strip()
+        if not text:
+            return Response(400, "An announcement needs a text body\n")
+        event: dict[str, Value] = {
+            "type": "announcement",
+            "text": text[:MAX_TEXT],
+            "at": int(time.time() * 1000),
+        }
+        history = await self.history()
+        await self.storage.put("history", [*history, event][-HISTORY:])
+        sent = await self.broadcast(json.dumps(event))  # once the history is durable
+        return Response.json({"room": self.name, "recipients": sent.recipients})
 
     async def history(self) -> list[dict[str, Value]]:
         """The stored messages (storage gives back a Value: check its shape)."""

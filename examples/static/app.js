@@ -3,6 +3,7 @@
 //
 // The server sends JSON text frames, one event each:
 //   {"type": "message", "name", "text", "at"}   ("replay": true when from history)
+//   {"type": "announcement", "text", "at"}      (a system announcement; "replay" too)
 //   {"type": "join", "name"}   {"type": "leave", "name"}   {"type": "presence", "names"}
 // The client sends each message as plain text.
 "use strict";
@@ -88,6 +89,13 @@ function render(event) {
         event.replay ? "replay" : "",
       );
       li.dataset.name = event.name;
+      return;
+    }
+    case "announcement": {
+      const key = `${event.at}\u0000\u0000${event.text}`;
+      if (shown.has(key)) return;
+      shown.add(key);
+      addLine("announcement", [span("text", event.text)], event.replay ? "replay" : "");
       return;
     }
     case "join":

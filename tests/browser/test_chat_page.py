@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
@@ -26,6 +27,8 @@ from tests.harness import Stack, stack_context
 CHROMIUM = os.environ.get("WSGATE_CHROMIUM") or shutil.which("chromium")
 STATIC = Path(__file__).resolve().parents[2] / "examples" / "static"
 APP = "wsgate.examples.app:app"
+#: What a backend shows to post an announcement (the workers' WSGATE_ANNOUNCE_TOKEN).
+ANNOUNCE_TOKEN = "announce-" + uuid.uuid4().hex
 #: The name a page without ?name= picks.
 GUEST = re.compile(r"^guest-\d+$")
 
@@ -46,7 +49,11 @@ def chat_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Two workers and two gateways, both serving the page: a room spans them."""
     static = ("--static-dir", str(STATIC))
     for stack in stack_context(
-        tmp_path_factory.mktemp("chat"), app=APP, workers=2, gateway_args=static
+        tmp_path_factory.mktemp("chat"),
+        app=APP,
+        workers=2,
+        gateway_args=static,
+        worker_env={"WSGATE_ANNOUNCE_TOKEN": ANNOUNCE_TOKEN},
     ):
         stack.start_gateway(*static)
         yield stack
@@ -131,6 +138,35 @@ async def test_a_message_crosses_gateways_and_a_reload_replays_the_history(
     await expect(alice.locator("#messages li.message .text").last).to_have_text("back again")
     await expect(bob.locator("#messages li.message:not(.replay) .text")).to_have_text(
         ["back again"]
+    )
+
+
+async def test_a_backends_announcement_reaches_the_pages_in_the_room(
+    chat_stack: Stack, open_chat: OpenChat, room: str
+) -> None:
+    """A plain POST to the room (its on_request), with the token: every page in the room
+    shows it at once, and a page that joins later gets it in the history."""
+    alice = await open_chat(chat_stack.gateways[0].info["url"], room, "alice")
+    bob = await open_chat(chat_stack.gateways[1].info["url"], room, "bob")
+    url = f"{chat_stack.gateways[1].info['url']}/chat/{room}"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data="no token") as resp:
+            assert resp.status == 401
+        wrong = {"Authorization": "Bearer not-the-token"}
+        async with http.post(url, data="wrong token", headers=wrong) as resp:
+            assert resp.status == 401
+        headers = {"Authorization": f"Bearer {ANNOUNCE_TOKEN}"}
+        async with http.post(url, data="<b>maintenance</b> at noon", headers=headers) as resp:
+            assert resp.status == 200
+            assert await resp.json() == {"room": room, "recipients": 2}
+    for page in (alice, bob):
+        await expect(page.locator("#messages li.announcement .text")).to_have_text(
+            ["<b>maintenance</b> at noon"]  # as text, never markup
+        )
+    await expect(alice.locator("#messages b")).to_have_count(0)
+    carol = await open_chat(chat_stack.gateways[0].info["url"], room, "carol")
+    await expect(carol.locator("#messages li.announcement.replay .text")).to_have_text(
+        ["<b>maintenance</b> at noon"]
     )
 
 

@@ -178,3 +178,40 @@ async def test_no_worker_is_503(tmp_path_factory: pytest.TempPathFactory) -> Non
         ):
             assert resp.status == 503
             assert resp.headers["Retry-After"] == "1"
+
+
+@pytest.mark.parametrize("token", ["", "t0ken"])
+async def test_the_chat_examples_announcements(
+    tmp_path_factory: pytest.TempPathFactory, token: str
+) -> None:
+    """examples/app.py's rooms take announcements by POST with the workers' token; the
+    browser test (tests/browser) sees them arrive."""
+    env = {"WSGATE_ANNOUNCE_TOKEN": token} if token else {}
+    for stack in stack_context(
+        tmp_path_factory.mktemp("chat"), app="wsgate.examples.app:app", worker_env=env
+    ):
+        url = stack.url + "/chat/lobby"
+        auth = {"Authorization": f"Bearer {token}"}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, data=b"hello", headers=auth) as resp:
+                assert resp.status == (200 if token else 403)
+                if token:
+                    assert await resp.json() == {"room": "lobby", "recipients": 0}
+            async with http.get(url) as resp:
+                assert (resp.status, resp.headers["Allow"]) == (405, "POST")
+            if token:
+                async with http.post(url, data=b"  \n", headers=auth) as resp:
+                    assert resp.status == 400
+                wrong = {"Authorization": "Bearer x"}
+                async with http.post(url, data=b"hello", headers=wrong) as resp:
+                    assert resp.status == 401
+        async with connect(stack.ws_url("/chat/lobby?name=ann")) as ws:
+            first = json.loads(str(await ws.receive()))
+            if token:  # the announcement is in the history the room replays
+                assert (first["type"], first["text"], first["replay"]) == (
+                    "announcement",
+                    "hello",
+                    True,
+                )
+            else:
+                assert first["type"] == "presence"
