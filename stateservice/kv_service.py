@@ -43,7 +43,14 @@ from wsgate.stateservice.storage import (
     PutKeys,
     Sql,
 )
-from wsgate.stateservice.usage import CheckedGrowth, ObjectQuotas, ReadUsage
+from wsgate.stateservice.usage import (
+    DEFAULT_LIST_LIMIT,
+    MAX_LIST_LIMIT,
+    CheckedGrowth,
+    ListObjects,
+    ObjectQuotas,
+    ReadUsage,
+)
 from wsgate.v1 import state_pb2 as pb
 from wsgate.v1 import state_pb2_grpc
 from wsgate.values import decode_value
@@ -103,6 +110,40 @@ class KeyValueComponent(state_pb2_grpc.StateServicer):
         held = await stored(context, self._storage.submit(ReadUsage(obj)))
         return pb.UsageResponse(
             usage=pb.ObjectUsage(keys=held.keys, bytes=held.bytes, members=held.members)
+        )
+
+    async def ListObjects(
+        self, request: pb.ListObjectsRequest, context: Any
+    ) -> pb.ListObjectsResponse:
+        """A page of a namespace's objects that hold storage or members, in name order.
+        Any replica answers for every object: they share one database (a listing reads,
+        it needs no ownership), so a namespace spread over the replicas lists whole."""
+        try:
+            # A namespace, prefix or cursor over the name limit names no object.
+            for part in (request.namespace, request.prefix, request.after):
+                self._quotas.object_id(pb.ObjectId(namespace=request.namespace, name=part))
+            if not request.namespace:
+                raise InvalidRequest("a listing needs a namespace")
+            if request.limit > MAX_LIST_LIMIT:
+                raise InvalidRequest(f"a page is at most {MAX_LIST_LIMIT} objects")
+        except REFUSAL_TYPES as exc:
+            await refuse(context, exc)
+        op = ListObjects(
+            request.namespace,
+            prefix=request.prefix,
+            after=request.after,
+            limit=request.limit or DEFAULT_LIST_LIMIT,
+        )
+        page, more = await stored(context, self._storage.submit(op))
+        return pb.ListObjectsResponse(
+            objects=[
+                pb.ObjectSummary(
+                    name=name,
+                    usage=pb.ObjectUsage(keys=held.keys, bytes=held.bytes, members=held.members),
+                )
+                for name, held in page
+            ],
+            more=more,
         )
 
     # -- writes --------------------------------------------------------------------------

@@ -62,6 +62,58 @@ def read(conn: Sql, obj: ObjectId) -> Usage:
     return Usage() if row is None else Usage(int(row[0]), int(row[1]), int(row[2]))
 
 
+#: A listing's page size: the default, and the most a request may ask for.
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class ListObjects:
+    """An operation: a page of ``namespace``'s objects that hold something (a row in
+    ``object_usage``), names after ``after`` that start with ``prefix``, in name order (by
+    code point: SQLite's binary collation, PostgreSQL's "C"), at most ``limit``. Returns
+    the page and whether more follow. One index range: the table's primary key."""
+
+    namespace: str
+    prefix: str = ""
+    after: str = ""
+    limit: int = DEFAULT_LIST_LIMIT
+    writes = False
+
+    def __call__(self, conn: Sql) -> tuple[list[tuple[str, Usage]], bool]:
+        start, end = self.after, _prefix_end(self.prefix)
+        sql = (
+            "SELECT name, keys, bytes, members FROM object_usage "
+            "WHERE namespace = ? AND name > ? AND name >= ?"
+        )
+        params: list[object] = [self.namespace, start, self.prefix]
+        if end is not None:
+            sql += " AND name < ?"
+            params.append(end)
+        sql += " ORDER BY name LIMIT ?"
+        params.append(self.limit + 1)
+        rows = conn.execute(sql, tuple(params)).fetchall()
+        page = [
+            (str(name), Usage(int(keys), int(size), int(members)))
+            for name, keys, size, members in rows[: self.limit]
+        ]
+        return page, len(rows) > self.limit
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None: no bound),
+    in code point order: the prefix with its last character raised by one (dropping
+    characters that cannot be raised)."""
+    while prefix:
+        last = ord(prefix[-1])
+        if last == 0xD7FF:  # the next one is a surrogate, which no stored name holds
+            return prefix[:-1] + "\ue000"
+        if last < 0x10FFFF:
+            return prefix[:-1] + chr(last + 1)
+        prefix = prefix[:-1]
+    return None
+
+
 def add(conn: Sql, obj: ObjectId, *, keys: int = 0, bytes: int = 0, members: int = 0) -> Usage:
     """Add the deltas to the object's usage in one statement, and return the usage after
     them; a row left with nothing is deleted. On PostgreSQL the statement locks the row

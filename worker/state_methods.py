@@ -69,6 +69,7 @@ class Stream(Generic[Req, Resp]):
 GET = Unary("State", "Get", pb.GetRequest, pb.GetResponse)
 LIST = Unary("State", "List", pb.ListRequest, pb.ListResponse)
 USAGE = Unary("State", "Usage", pb.UsageRequest, pb.UsageResponse)
+LIST_OBJECTS = Unary("State", "ListObjects", pb.ListObjectsRequest, pb.ListObjectsResponse)
 WRITE = Stream("State", "Write", pb.WriteRequest, pb.WriteResponse, bidirectional=False)
 TRANSACTION = Stream(
     "State", "Transaction", pb.TransactionRequest, pb.TransactionResponse, bidirectional=True
@@ -102,7 +103,7 @@ LOOKUP_TURN = Unary("Activations", "LookupTurn", pb.LookupTurnRequest, pb.Lookup
 
 #: Every RPC above, to check against the service descriptors (a test does).
 ALL: tuple[Rpc, ...] = (
-    GET, LIST, USAGE, WRITE, TRANSACTION,
+    GET, LIST, USAGE, LIST_OBJECTS, WRITE, TRANSACTION,
     JOIN, LEAVE, LEAVE_ALL, MEMBERS, GET_ATTACHMENT, SET_ATTACHMENT, BROADCAST, RECIPIENTS,
     SET_ALARM, GET_ALARM, DELETE_ALARM,
     ACTIVATE, RENEW, RELEASE, COMMIT_TURNS, LOOKUP_TURN,

@@ -57,6 +57,12 @@ class KvClient(_ServiceClient):
         """What the object uses (keys and bytes) against its quotas."""
         return await self._state.call(methods.USAGE, request, timeout_s=timeout_s)
 
+    async def list_objects(
+        self, request: pb.ListObjectsRequest, *, timeout_s: float | None = None
+    ) -> pb.ListObjectsResponse:
+        """A page of a namespace's objects that hold storage or members (any replica)."""
+        return await self._state.call(methods.LIST_OBJECTS, request, timeout_s=timeout_s)
+
     def write(self, write: pb.Write) -> asyncio.Future[pb.WriteResult]:
         """Queue ``write`` for the next Write call to its object's replica; the future
         resolves with its result (a refusal is a result, not an exception)."""

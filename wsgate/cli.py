@@ -30,6 +30,8 @@ from wsgate import __version__
 from wsgate.bench import add_bench_parser, run_bench
 from wsgate.config import DEFAULT_PREFIX, DevConfig, GatewayConfig, StateConfig, WorkerConfig
 from wsgate.errors import ConfigError, WsgateError
+from wsgate.objects_command import COMMAND as OBJECTS
+from wsgate.objects_command import add_objects_parser, run_objects
 from wsgate.readiness import notify_ready
 
 log = logging.getLogger("wsgate")
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_bench(args)
     if args.role == NATS_AUTH:
         return _run_nats_auth(args, parser)
+    if args.role == OBJECTS:
+        return run_objects(args, parser)
     action = getattr(args, "action", None)
     config_type, _ = _ROLES[args.role]
     try:
@@ -109,6 +113,7 @@ def build_parser(environ: typing.Mapping[str, str]) -> argparse.ArgumentParser:
             _add_state_actions(p, environ)
     add_bench_parser(sub)
     _add_nats_auth_parser(sub, environ)
+    add_objects_parser(sub, environ, _add_config_options)
     return parser
 
 

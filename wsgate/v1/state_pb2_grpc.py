@@ -61,6 +61,11 @@ class StateStub:
                 request_serializer=wsgate_dot_v1_dot_state__pb2.UsageRequest.SerializeToString,
                 response_deserializer=wsgate_dot_v1_dot_state__pb2.UsageResponse.FromString,
                 _registered_method=True)
+        self.ListObjects = channel.unary_unary(
+                '/wsgate.v1.State/ListObjects',
+                request_serializer=wsgate_dot_v1_dot_state__pb2.ListObjectsRequest.SerializeToString,
+                response_deserializer=wsgate_dot_v1_dot_state__pb2.ListObjectsResponse.FromString,
+                _registered_method=True)
 
 
 class StateServicer:
@@ -104,6 +109,13 @@ class StateServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListObjects(self, request, context):
+        """The objects of a namespace that hold storage or members, in name order, paged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StateServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +143,11 @@ def add_StateServicer_to_server(servicer, server):
                     servicer.Usage,
                     request_deserializer=wsgate_dot_v1_dot_state__pb2.UsageRequest.FromString,
                     response_serializer=wsgate_dot_v1_dot_state__pb2.UsageResponse.SerializeToString,
+            ),
+            'ListObjects': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListObjects,
+                    request_deserializer=wsgate_dot_v1_dot_state__pb2.ListObjectsRequest.FromString,
+                    response_serializer=wsgate_dot_v1_dot_state__pb2.ListObjectsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +287,33 @@ class State:
             '/wsgate.v1.State/Usage',
             wsgate_dot_v1_dot_state__pb2.UsageRequest.SerializeToString,
             wsgate_dot_v1_dot_state__pb2.UsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListObjects(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/wsgate.v1.State/ListObjects',
+            wsgate_dot_v1_dot_state__pb2.ListObjectsRequest.SerializeToString,
+            wsgate_dot_v1_dot_state__pb2.ListObjectsResponse.FromString,
             options,
             channel_credentials,
             insecure,
