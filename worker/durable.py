@@ -32,6 +32,10 @@ What an instance offers:
 - ``self.alarm``: ``await self.alarm.set(t)``, and ``on_alarm()`` runs, as a turn, when due;
 - ``self.name``, ``self.namespace``, ``self.env``.
 
+``on_request(self, request)``, if the class overrides it, answers plain HTTP requests (no
+upgrade) to its routes, as a turn (:mod:`wsgate.worker.http`); ``conn.tags`` can be changed
+in its handlers (``conn.add_tags``, ``conn.remove_tags``, or assigned).
+
 Its other public methods (plain or ``async``, names not starting with ``_``) can be called
 from anywhere, as a turn of its activation: ``await env.objects("ChatRoom").get("lobby")
 .call("post", text="hi")`` (:mod:`wsgate.worker.object_calls`).
