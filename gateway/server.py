@@ -718,27 +718,31 @@ class Gateway(Service):
             body=bytes(body),
             remote_address=str(self._listener.client(request).address),
         )
-        if not self._nc.is_connected:
-            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
-        try:
-            reply = await self._nc.request(
-                self._request_subject,
-                envelope.SerializeToString(),
-                timeout=self.config.connect_timeout_s,
-            )
-        except nats.errors.NoRespondersError:
-            return _Refusal("no_worker", 503, "No worker available", {"Retry-After": "1"})
-        except nats.errors.TimeoutError:
-            return _Refusal("app_timeout", 504, "The app did not answer in time")
-        except nats.errors.Error as exc:
-            log.warning("a plain request failed: %r", exc)
-            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
+        reply = await self._request_app(self._request_subject, envelope.SerializeToString())
+        if isinstance(reply, _Refusal):
+            return reply
         try:
             return envelopes.read_http_response(reply.data)
         except InvalidEnvelope as exc:
             self._garbage("request_reply")
             log.error("unreadable answer to a plain request: %s", exc.reason)
             return _Refusal("bad_decision", 502, "Bad answer from the app")
+
+    async def _request_app(self, subject: str, payload: bytes) -> Msg | _Refusal:
+        """A request to the app's workers (a connect, a plain HTTP request): their reply, or
+        the HTTP answer for each way it can fail."""
+        assert self._nc is not None
+        if not self._nc.is_connected:
+            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
+        try:
+            return await self._nc.request(subject, payload, timeout=self.config.connect_timeout_s)
+        except nats.errors.NoRespondersError:
+            return _Refusal("no_worker", 503, "No worker available", {"Retry-After": "1"})
+        except nats.errors.TimeoutError:
+            return _Refusal("app_timeout", 504, "The app did not answer in time")
+        except nats.errors.Error as exc:
+            log.warning("a request on %s failed: %r", subject, exc)
+            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
 
     async def _ask_app(
         self, request: web.Request, connection_id: str, offered: list[str]
@@ -754,21 +758,9 @@ class Gateway(Service):
             subprotocols=offered,
             remote_address=str(self._listener.client(request).address),
         )
-        if not self._nc.is_connected:
-            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
-        try:
-            reply = await self._nc.request(
-                self._connect_subject,
-                connect.SerializeToString(),
-                timeout=self.config.connect_timeout_s,
-            )
-        except nats.errors.NoRespondersError:
-            return _Refusal("no_worker", 503, "No worker available", {"Retry-After": "1"})
-        except nats.errors.TimeoutError:
-            return _Refusal("app_timeout", 504, "The app did not answer in time")
-        except nats.errors.Error as exc:
-            log.warning("connect request failed: %r", exc)
-            return _Refusal("bus_unavailable", 503, "Bus unavailable", {"Retry-After": "1"})
+        reply = await self._request_app(self._connect_subject, connect.SerializeToString())
+        if isinstance(reply, _Refusal):
+            return reply
         try:
             decision = envelopes.read_connect_decision(reply.data)
         except InvalidEnvelope as exc:

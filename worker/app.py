@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import (
@@ -49,6 +49,16 @@ if TYPE_CHECKING:
     from wsgate.worker.auth import Authenticator, Claims
     from wsgate.worker.connection import Connection
     from wsgate.worker.http import HttpRequest, Response
+
+
+def query_of(query_string: str) -> MultiDictProxy[str]:
+    """A raw query string's parameters (all values of a repeated name kept), read-only."""
+    return MultiDictProxy(MultiDict(urllib.parse.parse_qsl(query_string)))
+
+
+def headers_of(headers: Iterable[pb.Header]) -> CIMultiDictProxy[str]:
+    """An envelope's headers, looked up case-insensitively, read-only."""
+    return CIMultiDictProxy(CIMultiDict((h.name, h.value) for h in headers))
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,8 @@ class ConnectRequest:
             connection_id=envelope.connection_id,
             path=envelope.path,
             params=dict(params),
-            query=MultiDictProxy(MultiDict(urllib.parse.parse_qsl(envelope.query))),
-            headers=CIMultiDictProxy(CIMultiDict((h.name, h.value) for h in envelope.headers)),
+            query=query_of(envelope.query),
+            headers=headers_of(envelope.headers),
             subprotocols=tuple(envelope.subprotocols),
             remote_address=envelope.remote_address,
             claims=_NO_CLAIMS if claims is None else claims,

@@ -18,18 +18,17 @@ websocket``, as the guide's Worker does. Nothing here does I/O.
 from __future__ import annotations
 
 import json
-import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from multidict import CIMultiDict, CIMultiDictProxy, MultiDict, MultiDictProxy
+from multidict import CIMultiDictProxy, MultiDictProxy
 
+from wsgate.worker.app import ConnectRequest, headers_of, query_of
 from wsgate.worker.errors import InvalidResponse
 
 if TYPE_CHECKING:
     from wsgate.v1 import envelope_pb2 as pb
-    from wsgate.worker.app import ConnectRequest
 
 
 @dataclass(frozen=True)
@@ -72,8 +71,8 @@ class HttpRequest:
             method=envelope.method,
             path=envelope.path,
             params=dict(params),
-            query=MultiDictProxy(MultiDict(urllib.parse.parse_qsl(envelope.query))),
-            headers=CIMultiDictProxy(CIMultiDict((h.name, h.value) for h in envelope.headers)),
+            query=query_of(envelope.query),
+            headers=headers_of(envelope.headers),
             body=envelope.body,
             remote_address=envelope.remote_address,
             claims=claims or {},
@@ -128,14 +127,12 @@ class Response:
 def as_connect_request(request: pb.HttpRequest, params: Mapping[str, str]) -> ConnectRequest:
     """The request as a route's authenticator reads a connect: path, query, headers and
     the client's address (no connection, no subprotocols)."""
-    from wsgate.worker.app import ConnectRequest
-
     return ConnectRequest(
         connection_id="",
         path=request.path,
         params=dict(params),
-        query=MultiDictProxy(MultiDict(urllib.parse.parse_qsl(request.query))),
-        headers=CIMultiDictProxy(CIMultiDict((h.name, h.value) for h in request.headers)),
+        query=query_of(request.query),
+        headers=headers_of(request.headers),
         subprotocols=(),
         remote_address=request.remote_address,
     )
