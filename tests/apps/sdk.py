@@ -44,6 +44,10 @@ class Room(DurableObject):
             await self.alarm.set(time.time() + int(rest) / 1000)
             await conn.send("alarm set")
 
+    async def members(self) -> list[str]:
+        """A method to call (env.objects("Room").get(name).call("members")): the ids."""
+        return [peer.id for peer in await self.connections()]
+
     async def on_alarm(self) -> None:
         fired: int = await self.storage.get("fired", 0)
         await self.storage.put("fired", fired + 1)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import nats
 import nats.errors
 import pytest
@@ -40,6 +41,7 @@ from wsgate.nats_permissions import Identity, render_authorization
 from wsgate.procs import Child, start_nats_server
 from wsgate.stateservice.server import StateServer
 from wsgate.v1 import envelope_pb2 as pb
+from wsgate.worker.env import Env
 from wsgate.worker.runtime import Worker
 
 P = "wsgate"
@@ -350,6 +352,16 @@ async def test_the_roles_serve_over_tls_with_their_own_credentials(
                 await ws.send("alarm 50")
                 assert await ws.receive() == "alarm set"
                 assert await ws.receive() == "alarm secured"  # state -> gateway
+                # A call of the object's method, over the worker's own credentials (its
+                # call subjects and its inbox), and a plain HTTP request through the
+                # gateway (the request subjects, the answer to the gateway's inbox).
+                room = worker_env(worker).objects("Room").get("secured")
+                assert await room.call("members") == [joined]
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(gateway.url + "/room/secured") as resp,
+            ):
+                assert (resp.status, await resp.text()) == (400, "Expected websocket")
 
             # Within its own subjects, a gateway's identity still cannot act for another
             # gateway's connection, nor steer a worker's answer to someone else's subject:
@@ -409,6 +421,11 @@ async def test_the_roles_serve_over_tls_with_their_own_credentials(
                 ),
             }
             assert counted == dict.fromkeys(counted, 0.0)
+
+
+def worker_env(worker: Worker) -> Env:
+    """The environment the worker's handlers get (to make a call as a handler does)."""
+    return worker._env
 
 
 async def test_a_refusal_is_counted_by_the_role(secured: Secured) -> None:
