@@ -904,6 +904,11 @@ class Gateway(Service):
             return
         delivery = self._delivery
         assert delivery is not None
+        if msg.reply:
+            # A request (the server API's): applied as any batch, then answered with the
+            # connections it named that are not here. Workers' batches have no reply.
+            await self._answer_receipt(msg, batch)
+            return
         for item in batch.items:
             # The common item first, without WhichOneof (a lookup by name): only a set ack
             # reads with a connection id (an unset member of a oneof reads as defaults).
@@ -919,6 +924,26 @@ class Gateway(Service):
                 self._on_one_command(item.command)
             else:
                 self._garbage("command")
+
+    async def _answer_receipt(self, msg: Msg, batch: pb.GatewayBatch) -> None:
+        unknown: list[str] = []
+        for item in batch.items:
+            if item.WhichOneof("item") != "command":
+                self._garbage("command")  # acks come only from workers, never asked for
+                continue
+            command = item.command
+            unknown += [
+                connection_id
+                for connection_id in command.connection_ids
+                if connection_id not in self._connections and connection_id not in self._early
+            ]
+            self._on_one_command(command)
+        receipt = pb.CommandReceipt(unknown_connection_ids=unknown)
+        assert self._nc is not None
+        try:
+            await self._nc.publish(msg.reply, receipt.SerializeToString())
+        except nats.errors.Error as exc:
+            log.warning("a receipt for %d command(s) was lost: %r", len(batch.items), exc)
 
     def _on_one_command(self, command: pb.GatewayCommand) -> None:
         try:

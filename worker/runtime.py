@@ -95,9 +95,11 @@ from wsgate.worker.http import (
     plain_response,
 )
 from wsgate.worker.intake import IntakeWatchdog
+from wsgate.worker.jwt_verifier import JWTVerifier
 from wsgate.worker.membership import leave_all
 from wsgate.worker.metrics import WorkerMetrics
 from wsgate.worker.object_calls import ObjectCalls
+from wsgate.worker.server_api import ServerApi
 from wsgate.worker.state_client import StateClient
 from wsgate.worker.work import REQUEST_KEY_PREFIX, Work
 
@@ -204,6 +206,9 @@ class Worker(Service):
         self._sweeper: asyncio.Task[None] | None = None
         self._alarms: AlarmRunner | None = None
         self._calls: CallRunner | None = None
+        self._api: ServerApi | None = None
+        #: The port of the server API (-1: not served).
+        self.api_port = -1
         self._activations: Activations | None = None
         self._replicas: ReplicaWatch | None = None
         self._intake = IntakeWatchdog(config.intake_stall_s, time.monotonic())
@@ -304,7 +309,8 @@ class Worker(Service):
             undo("alarm runner", self._alarms.close)
             await self._alarms.start()
             # Calls of durable objects' methods: made by handlers (env.objects), run here.
-            self._env.bind_calls(ObjectCalls(nc, config.prefix, config.turn_timeout_s))
+            calls = ObjectCalls(nc, config.prefix, config.turn_timeout_s)
+            self._env.bind_calls(calls)
             self._calls = CallRunner(
                 nc,
                 self.app.durable_classes,
@@ -316,6 +322,19 @@ class Worker(Service):
             )
             undo("call runner", self._calls.close)
             await self._calls.start()
+            if config.api_port >= 0:
+                # The server API: the rest of a backend reaches connections and objects.
+                jwt = JWTVerifier.from_env() if JWTVerifier.configured() else None
+                self._api = ServerApi(
+                    config,
+                    nc=nc,
+                    state=self._state,
+                    calls=calls,
+                    classes=self.app.durable_classes,
+                    jwt=jwt,
+                )
+                undo("server api", self._api.close)
+                self.api_port = await self._api.start(config.host, config.api_port)
             # First undone: no new requests while the rest drains (until here, NATS' drain
             # ends the subscriptions).
             undo("subscriptions", self._unsubscribe)

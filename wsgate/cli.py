@@ -358,7 +358,9 @@ def _ready_info(role: str, server: Any) -> dict[str, Any]:
     if role == "gateway":
         info.update(url=server.url, port=server.port, gateway_id=server.gateway_id)
     elif role == "worker":
-        info.update(probe_port=server.probe_port, worker_id=server.worker_id)
+        info.update(
+            probe_port=server.probe_port, worker_id=server.worker_id, api_port=server.api_port
+        )
     elif role == "state":
         info.update(
             address=server.address, probe_port=server.probe_port, replica_id=server.replica_id

@@ -499,10 +499,57 @@ class WorkerConfig(BusConfig):
         "WSGATE_FAILPOINTS",
         "testing only: faults to inject, e.g. kill-after-commit=<message> (worker/failpoints.py)",
     )
+    # The server API (docs/server-api.md), served by workers on a port of its own.
+    api_port: int = setting(
+        -1,
+        "WSGATE_API_PORT",
+        "port of the server API on WSGATE_HOST (docs/server-api.md): -1 off, 0 any free port",
+    )
+    api_keys: str = setting(
+        "",
+        "WSGATE_API_KEYS",
+        "comma-separated keys the server API takes as bearer tokens (each at least 16 "
+        "characters); a JWT verified with the WSGATE_JWT_* keys and carrying "
+        "api_jwt_scope is taken too",
+    )
+    api_jwt_scope: str = setting(
+        "wsgate:api",
+        "WSGATE_API_JWT_SCOPE",
+        "the scope (in the JWT's space-separated 'scope' claim) the server API requires",
+    )
+    api_tls_cert: str = setting(
+        "", "WSGATE_API_TLS_CERT", "PEM certificate (chain) of the server API: set, it is HTTPS"
+    )
+    api_tls_key: str = setting("", "WSGATE_API_TLS_KEY", "the PEM private key of api_tls_cert")
+    api_max_body_bytes: int = setting(
+        1_048_576, "WSGATE_API_MAX_BODY_BYTES", "the largest request body the server API reads"
+    )
+
+    @property
+    def api_key_list(self) -> tuple[str, ...]:
+        """The server API's keys (``api_keys`` split)."""
+        return tuple(key.strip() for key in self.api_keys.split(",") if key.strip())
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_port("port (WSGATE_WORKER_PORT)", self.port)
+        if self.api_port != -1:
+            _check_port("api_port (WSGATE_API_PORT; -1: off)", self.api_port)
+        for key in self.api_key_list:
+            if len(key) < MIN_API_KEY_CHARS:
+                raise ConfigError(
+                    f"api_keys (WSGATE_API_KEYS): a key of {len(key)} characters; "
+                    f"each has at least {MIN_API_KEY_CHARS}"
+                )
+        _check_positive("api_max_body_bytes (WSGATE_API_MAX_BODY_BYTES)", self.api_max_body_bytes)
+        _check_pair(
+            ("api_tls_cert (WSGATE_API_TLS_CERT)", self.api_tls_cert),
+            ("api_tls_key (WSGATE_API_TLS_KEY)", self.api_tls_key),
+        )
+        _check_files(
+            ("api_tls_cert (WSGATE_API_TLS_CERT)", self.api_tls_cert),
+            ("api_tls_key (WSGATE_API_TLS_KEY)", self.api_tls_key),
+        )
         _check_positive("drain_timeout_s (WSGATE_DRAIN_TIMEOUT_S)", self.drain_timeout_s)
         _check_positive("turn_timeout_s (WSGATE_TURN_TIMEOUT_S)", self.turn_timeout_s)
         _check_positive("activation_idle_s (WSGATE_ACTIVATION_IDLE_S)", self.activation_idle_s)
@@ -969,6 +1016,10 @@ def _check_edge(config: GatewayConfig) -> None:
             "WSGATE_PROXY_PROTOCOL=on needs WSGATE_TRUSTED_PROXIES: only trusted proxies may "
             "send a PROXY header"
         )
+
+
+#: The shortest server API key taken (a guessable key is no key).
+MIN_API_KEY_CHARS = 16
 
 
 def _check_port(name: str, port: int) -> None:

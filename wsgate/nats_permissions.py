@@ -66,6 +66,8 @@ def gateway_permissions(prefix: str, node: str) -> Permissions:
             # A connection's events go straight to the worker hosting its durable object.
             subjects.worker_subject(prefix, ANY, "events", own),
             subjects.presence_subject(prefix, own),
+            # Receipts for the server API's commands (a worker's request).
+            subjects.under(subjects.inbox_prefix(prefix, "worker", ANY)),
         ),
         subscribe=(
             subjects.gateway_subject(prefix, own),

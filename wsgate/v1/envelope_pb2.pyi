@@ -939,6 +939,33 @@ class CallResult(_message.Message):
 Global___CallResult: _TypeAlias = CallResult  # noqa: Y015
 
 @_typing.final
+class CommandReceipt(_message.Message):
+    """A gateway's answer to a GatewayBatch sent as a request (the server API's sends and
+    closes; workers publish theirs without a reply subject and get no answer): which of
+    its commands' connections the gateway does not hold, once it has applied them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNKNOWN_CONNECTION_IDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def unknown_connection_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The connections that were not there (closed, or never on this gateway)."""
+
+    def __init__(
+        self,
+        *,
+        unknown_connection_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["unknown_connection_ids", b"unknown_connection_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandReceipt: _TypeAlias = CommandReceipt  # noqa: Y015
+
+@_typing.final
 class HttpRequest(_message.Message):
     """A plain HTTP request (no WebSocket upgrade) to a route, for the app's on_request.
     Request/reply on <prefix>.request.<app>.<gw> (workers' queue group), or forwarded to the
