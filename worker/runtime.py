@@ -100,6 +100,8 @@ from wsgate.worker.membership import leave_all
 from wsgate.worker.metrics import WorkerMetrics
 from wsgate.worker.object_calls import ObjectCalls
 from wsgate.worker.server_api import ServerApi
+from wsgate.worker.server_api_grpc import GrpcServerApi
+from wsgate.worker.server_api_http import HttpServerApi
 from wsgate.worker.state_client import StateClient
 from wsgate.worker.work import REQUEST_KEY_PREFIX, Work
 
@@ -206,9 +208,9 @@ class Worker(Service):
         self._sweeper: asyncio.Task[None] | None = None
         self._alarms: AlarmRunner | None = None
         self._calls: CallRunner | None = None
-        self._api: ServerApi | None = None
-        #: The port of the server API (-1: not served).
+        #: The ports of the server API, HTTP and gRPC (-1: not served).
         self.api_port = -1
+        self.api_grpc_port = -1
         self._activations: Activations | None = None
         self._replicas: ReplicaWatch | None = None
         self._intake = IntakeWatchdog(config.intake_stall_s, time.monotonic())
@@ -322,10 +324,10 @@ class Worker(Service):
             )
             undo("call runner", self._calls.close)
             await self._calls.start()
-            if config.api_port >= 0:
+            if config.api_port >= 0 or config.api_grpc_port >= 0:
                 # The server API: the rest of a backend reaches connections and objects.
                 jwt = JWTVerifier.from_env() if JWTVerifier.configured() else None
-                self._api = ServerApi(
+                api = ServerApi(
                     config,
                     nc=nc,
                     state=self._state,
@@ -333,8 +335,14 @@ class Worker(Service):
                     classes=self.app.durable_classes,
                     jwt=jwt,
                 )
-                undo("server api", self._api.close)
-                self.api_port = await self._api.start(config.host, config.api_port)
+                if config.api_port >= 0:
+                    http_api = HttpServerApi(api)
+                    undo("server api (HTTP)", http_api.close)
+                    self.api_port = await http_api.start(config.host, config.api_port)
+                if config.api_grpc_port >= 0:
+                    grpc_api = GrpcServerApi(api)
+                    undo("server api (gRPC)", grpc_api.close)
+                    self.api_grpc_port = await grpc_api.start(config.host, config.api_grpc_port)
             # First undone: no new requests while the rest drains (until here, NATS' drain
             # ends the subscriptions).
             undo("subscriptions", self._unsubscribe)

@@ -359,7 +359,10 @@ def _ready_info(role: str, server: Any) -> dict[str, Any]:
         info.update(url=server.url, port=server.port, gateway_id=server.gateway_id)
     elif role == "worker":
         info.update(
-            probe_port=server.probe_port, worker_id=server.worker_id, api_port=server.api_port
+            probe_port=server.probe_port,
+            worker_id=server.worker_id,
+            api_port=server.api_port,
+            api_grpc_port=server.api_grpc_port,
         )
     elif role == "state":
         info.update(

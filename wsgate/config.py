@@ -505,6 +505,11 @@ class WorkerConfig(BusConfig):
         "WSGATE_API_PORT",
         "port of the server API on WSGATE_HOST (docs/server-api.md): -1 off, 0 any free port",
     )
+    api_grpc_port: int = setting(
+        -1,
+        "WSGATE_API_GRPC_PORT",
+        "port of the server API over gRPC (proto/wsgate/v1/api.proto): -1 off, 0 any free port",
+    )
     api_keys: str = setting(
         "",
         "WSGATE_API_KEYS",
@@ -535,6 +540,8 @@ class WorkerConfig(BusConfig):
         _check_port("port (WSGATE_WORKER_PORT)", self.port)
         if self.api_port != -1:
             _check_port("api_port (WSGATE_API_PORT; -1: off)", self.api_port)
+        if self.api_grpc_port != -1:
+            _check_port("api_grpc_port (WSGATE_API_GRPC_PORT; -1: off)", self.api_grpc_port)
         for key in self.api_key_list:
             if len(key) < MIN_API_KEY_CHARS:
                 raise ConfigError(

@@ -29,9 +29,12 @@ from wsgate.procs import Child, ChildFailed, python_role_argv, spawn, start_nats
 
 log = logging.getLogger("wsgate.dev")
 
-#: The state gRPC's TLS settings (wsgate/grpc_tls.py), kept from dev's state and worker.
+#: The state gRPC's TLS settings (wsgate/grpc_tls.py) and the server API's, kept from dev's
+#: state and worker: dev on loopback stays plaintext.
 GRPC_TLS_VARIABLES = frozenset(
     {
+        "WSGATE_API_TLS_CERT",
+        "WSGATE_API_TLS_KEY",
         "WSGATE_TLS_CERT",
         "WSGATE_TLS_KEY",
         "WSGATE_TLS_CLIENT_CA",

@@ -43,7 +43,8 @@ def test_every_call_has_a_curl_and_a_python_example() -> None:
     text = PAGE.read_text()
     kinds = [kind for kind, _, _ in page_blocks()]
     assert len(kinds) == text.count("\n```") // 2
-    assert kinds == ["sh", "python"] * 6  # each of the six calls, both ways
+    # Each of the six calls both ways, and gRPC's example before the close.
+    assert kinds == ["sh", "python"] * 5 + ["python"] + ["sh", "python"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield from stack_context(
         tmp_path_factory.mktemp("server-api-doc"),
         app="wsgate.examples.app:app",
-        worker_args=("--api-port", "0", "--api-keys", KEY),
+        worker_args=("--api-port", "0", "--api-grpc-port", "0", "--api-keys", KEY),
     )
 
 
@@ -72,6 +73,7 @@ async def test_the_page_runs_as_written(stack: Stack, tmp_path: Path) -> None:
             "WSGATE_API": api,
             "WSGATE_API_KEY": KEY,
             "CONNECTION_ID": member["id"],
+            "WSGATE_API_GRPC": f"127.0.0.1:{stack.workers[0].info['api_grpc_port']}",
         }
         for kind, code, line in page_blocks():
             script = tmp_path / f"block{line}.{'sh' if kind == 'sh' else 'py'}"

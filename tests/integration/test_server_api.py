@@ -1,6 +1,6 @@
 """The server API on real processes (a worker serving tests/apps/calls.py with its API
-port open, a gateway, NATS, the state service): every call, its token check, and its
-errors; the clients see what it sends."""
+ports open, a gateway, NATS, the state service): every call, over HTTP/JSON and over gRPC,
+its token check, and its errors; the clients see what it sends."""
 
 from __future__ import annotations
 
@@ -8,13 +8,20 @@ import base64
 from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
+import grpc
 import pytest
 import pytest_asyncio
 
 from tests.harness import Stack, stack_context
 from tests.tokens import JWT_ENV, token
 from wsgate import ids
+from wsgate.calls import encode_arguments
 from wsgate.client import ClientClosed, connect
+from wsgate.v1 import api_pb2 as api_pb
+from wsgate.v1 import api_pb2_grpc
+from wsgate.v1 import envelope_pb2 as pb
+from wsgate.v1 import state_pb2 as state_pb
+from wsgate.values import decode_value
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -30,7 +37,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         tmp_path_factory.mktemp("server-api"),
         app=APP,
         worker_args=(
-            "--api-port", "0", "--api-keys", f"{KEY},another-key-0123456789",
+            "--api-port", "0", "--api-grpc-port", "0",
+            "--api-keys", f"{KEY},another-key-0123456789",
             "--api-max-body-bytes", str(BODY_LIMIT),
         ),
         worker_env=JWT_ENV,
@@ -214,3 +222,94 @@ async def test_bodies_at_the_limit_and_over_it(
         assert (resp.status, (await resp.json())["error"]["type"]) == (413, "PayloadTooLarge")
     async with http.post(url, data="{not json", headers=headers) as resp:
         assert resp.status == 400
+
+
+# -- the same over gRPC --------------------------------------------------------------------
+
+AUTH = (("authorization", f"Bearer {KEY}"),)
+
+
+@pytest_asyncio.fixture
+async def rpc(stack: Stack) -> AsyncIterator[api_pb2_grpc.ServerApiStub]:
+    address = f"127.0.0.1:{stack.workers[0].info['api_grpc_port']}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        yield api_pb2_grpc.ServerApiStub(channel)
+
+
+async def rpc_error(call: object) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call  # type: ignore[misc]
+    return raised.value.code(), str(raised.value.details())
+
+
+async def test_grpc_every_call(stack: Stack, rpc: api_pb2_grpc.ServerApiStub) -> None:
+    obj = state_pb.ObjectId(namespace="Counter", name="over-grpc")
+    async with connect(stack.ws_url("/counter/over-grpc")) as ws:
+        await ws.send("read")
+        assert await ws.receive() == "0"
+        listed = await rpc.Connections(api_pb.ApiConnectionsRequest(object=obj), metadata=AUTH)
+        (member,) = listed.connections
+        assert (list(member.tags), member.state) == ([], b"")
+        await rpc.Send(
+            api_pb.ApiSendRequest(connection_id=member.id, message=pb.Message(binary=b"\x01")),
+            metadata=AUTH,
+        )
+        assert await ws.receive() == b"\x01"
+        sent = await rpc.Broadcast(
+            api_pb.ApiBroadcastRequest(object=obj, message=pb.Message(text="all")), metadata=AUTH
+        )
+        assert (sent.recipients, sent.commands) == (1, 1)
+        assert await ws.receive() == "all"
+        answer = await rpc.Call(
+            api_pb.ApiCallRequest(
+                object=obj, method="echo", arguments=encode_arguments([b"\x00"], {"k": 1})
+            ),
+            metadata=AUTH,
+        )
+        assert decode_value(answer.value) == {"args": [b"\x00"], "kwargs": {"k": 1}}
+        page = await rpc.ListObjects(
+            state_pb.ListObjectsRequest(namespace="Counter", prefix="over-"), metadata=AUTH
+        )
+        assert [o.name for o in page.objects] == ["over-grpc"]
+        await rpc.Close(
+            api_pb.ApiCloseRequest(connection_id=member.id, code=4001, reason="bye"), metadata=AUTH
+        )
+        with pytest.raises(ClientClosed) as closed:
+            await ws.receive()
+        assert closed.value.code == 4001
+
+
+async def test_grpc_errors_are_statuses(stack: Stack, rpc: api_pb2_grpc.ServerApiStub) -> None:
+    obj = state_pb.ObjectId(namespace="Counter", name="grpc-errors")
+    listing = state_pb.ListObjectsRequest(namespace="Counter")
+    assert (await rpc_error(rpc.ListObjects(listing)))[0] == grpc.StatusCode.UNAUTHENTICATED
+    bad_key = (("authorization", "Bearer wrong-key-0123456789"),)
+    code, _ = await rpc_error(rpc.ListObjects(listing, metadata=bad_key))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    scoped = (("authorization", f"Bearer {token(scope='other')}"),)
+    code, _ = await rpc_error(rpc.ListObjects(listing, metadata=scoped))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    gone = ids.ConnectionIds(ids.new_gateway_id("gone")).next()
+    send = api_pb.ApiSendRequest(connection_id=gone, message=pb.Message(text="x"))
+    code, details = await rpc_error(rpc.Send(send, metadata=AUTH))
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.NOT_FOUND, "UnknownConnection")
+    close = api_pb.ApiCloseRequest(connection_id=gone, code=1005)
+    code, details = await rpc_error(rpc.Close(close, metadata=AUTH))
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "InvalidCloseCode")
+    for method, arguments, expected, kind in (
+        ("missing", b"", grpc.StatusCode.NOT_FOUND, "NoSuchMethod"),
+        ("fail", encode_arguments(["boom"], {}), grpc.StatusCode.INTERNAL, "CallFailed"),
+        (
+            "blob",
+            encode_arguments([200_000], {}),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "CallTooLarge",
+        ),
+        ("add", b"\xff", grpc.StatusCode.INVALID_ARGUMENT, "InvalidCall"),
+    ):
+        call = api_pb.ApiCallRequest(object=obj, method=method, arguments=arguments)
+        code, details = await rpc_error(rpc.Call(call, metadata=AUTH))
+        assert (code, details.split(":")[0]) == (expected, kind), method
+    nobody = api_pb.ApiConnectionsRequest(object=state_pb.ObjectId(namespace="Nobody", name="x"))
+    code, details = await rpc_error(rpc.Connections(nobody, metadata=AUTH))
+    assert (code, details.split(":")[0]) == (grpc.StatusCode.NOT_FOUND, "UnknownNamespace")

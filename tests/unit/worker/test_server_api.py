@@ -7,7 +7,8 @@ import pytest
 
 from wsgate.config import MIN_API_KEY_CHARS, WorkerConfig
 from wsgate.errors import ConfigError
-from wsgate.worker.server_api import ApiError, _jsonable, _payload
+from wsgate.worker.server_api import ApiError
+from wsgate.worker.server_api_http import _jsonable, _payload
 
 
 def test_keys_at_the_length_limit_and_under_it() -> None:
