@@ -12,6 +12,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from tests.certs import Pki
 from tests.harness import Stack, stack_context
 from tests.tokens import JWT_ENV, token
 from wsgate import ids
@@ -313,3 +314,51 @@ async def test_grpc_errors_are_statuses(stack: Stack, rpc: api_pb2_grpc.ServerAp
     nobody = api_pb.ApiConnectionsRequest(object=state_pb.ObjectId(namespace="Nobody", name="x"))
     code, details = await rpc_error(rpc.Connections(nobody, metadata=AUTH))
     assert (code, details.split(":")[0]) == (grpc.StatusCode.NOT_FOUND, "UnknownNamespace")
+
+
+async def test_a_grpc_message_over_the_body_limit_is_refused(
+    stack: Stack, rpc: api_pb2_grpc.ServerApiStub
+) -> None:
+    too_big = api_pb.ApiSendRequest(
+        connection_id=ids.ConnectionIds(ids.new_gateway_id("gone")).next(),
+        message=pb.Message(binary=b"x" * BODY_LIMIT),
+    )
+    code, _ = await rpc_error(rpc.Send(too_big, metadata=AUTH))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_tls_on_both_faces(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """With a certificate, the API answers over HTTPS and gRPC over TLS, and only so."""
+    pki = Pki(tmp_path_factory.mktemp("api-pki"))
+    server = pki.server("api")
+    args = (
+        "--api-port", "0", "--api-grpc-port", "0", "--api-keys", KEY,
+        "--api-tls-cert", str(server.cert), "--api-tls-key", str(server.key),
+    )  # fmt: skip
+    for secured in stack_context(
+        tmp_path_factory.mktemp("api-tls"), app=APP, gateway=False, worker_args=args
+    ):
+        port = secured.workers[0].info["api_port"]
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession(headers=headers) as http:
+            url = f"https://127.0.0.1:{port}/v1/objects/Counter"
+            async with http.get(url, ssl=pki.client_context()) as resp:
+                assert resp.status == 200
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(f"http://127.0.0.1:{port}/v1/objects/Counter"):
+                    pass
+        credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.read_bytes())
+        address = f"127.0.0.1:{secured.workers[0].info['api_grpc_port']}"
+        async with grpc.aio.secure_channel(address, credentials) as channel:
+            stub = api_pb2_grpc.ServerApiStub(channel)
+            page = await stub.ListObjects(
+                state_pb.ListObjectsRequest(namespace="Counter"), metadata=AUTH, timeout=10
+            )
+            assert not page.more
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = api_pb2_grpc.ServerApiStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListObjects(
+                    state_pb.ListObjectsRequest(namespace="Counter"), metadata=AUTH, timeout=5
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
