@@ -4,6 +4,7 @@ methods are called from outside, from a function route, and from other objects."
 from __future__ import annotations
 
 import asyncio
+import time
 
 from wsgate import App, CallError, Connection, DurableObject, Value
 
@@ -49,6 +50,16 @@ class Counter(DurableObject):
     async def call(self, namespace: str, name: str, method: str, *args: Value) -> Value:
         """Calls another object's method from this object's turn."""
         return await self.env.objects(namespace).get(name).call(method, *args)
+
+    async def call_at_alarm(self, target: str) -> None:
+        """Sets the alarm to now; its turn calls ``add(10)`` on Counter ``target``."""
+        await self.storage.put("alarm_target", target)
+        await self.alarm.set(time.time())
+
+    async def on_alarm(self) -> None:
+        target = await self.storage.get("alarm_target")
+        if isinstance(target, str):
+            await self.env.objects("Counter").get(target).call("add", 10)
 
     def _private(self) -> str:
         return "never callable"

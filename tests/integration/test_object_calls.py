@@ -12,7 +12,7 @@ import nats
 import pytest
 import pytest_asyncio
 
-from tests.harness import Stack, stack_context
+from tests.harness import Stack, eventually, stack_context
 from wsgate import (
     CallFailed,
     CallTimeout,
@@ -101,6 +101,17 @@ async def test_a_function_route_calls_an_object(stack: Stack, calls: ObjectCalls
         await ws.send("abcd")
         assert await ws.receive() == "7"
     assert await ObjectNamespace(calls, "Counter").get("from-route").call("read") == 7
+
+
+async def test_an_alarm_calls_an_object(calls: ObjectCalls) -> None:
+    """An object's alarm (a turn of its own) calls another object's method."""
+    await ObjectNamespace(calls, "Counter").get("alarmed").call("call_at_alarm", "by-alarm")
+    target = ObjectNamespace(calls, "Counter").get("by-alarm")
+
+    async def added() -> bool:
+        return await target.call("read") == 10
+
+    await eventually(added, "the alarm's call", timeout_s=20)
 
 
 async def test_an_object_calls_another(calls: ObjectCalls) -> None:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from wsgate.config import MIN_API_KEY_CHARS, WorkerConfig
-from wsgate.errors import ConfigError
-from wsgate.worker.server_api import ApiError
+from wsgate.errors import ConfigError, WsgateError
+from wsgate.worker.server_api import ApiError, ServerApi
 from wsgate.worker.server_api_http import _jsonable, _payload
 
 
@@ -49,3 +49,20 @@ def test_a_message_is_text_or_base64() -> None:
         with pytest.raises(ApiError) as raised:
             _payload(bad)
         assert raised.value.status == 400
+
+
+def test_an_api_no_token_could_pass_is_refused_at_start() -> None:
+    no_keys = WorkerConfig(api_port=0)
+    with pytest.raises(WsgateError, match="WSGATE_API_KEYS"):
+        ServerApi(no_keys, nc=None, state=None, calls=None, classes={}, jwt=None)  # type: ignore[arg-type]
+
+
+def test_tokens_are_checked_before_anything_else() -> None:
+    config = WorkerConfig(api_port=0, api_keys="k" * 16)
+    api = ServerApi(config, nc=None, state=None, calls=None, classes={}, jwt=None)  # type: ignore[arg-type]
+    api.authenticate("Bearer " + "k" * 16)
+    api.authenticate("bearer  " + "k" * 16 + " ")  # the scheme's case, spaces around
+    for header in ("", "Bearer", "Bearer ", "Basic " + "k" * 16, "Bearer " + "k" * 15, "k" * 16):
+        with pytest.raises(ApiError) as refused:
+            api.authenticate(header)
+        assert (refused.value.status, refused.value.kind) == (401, "Unauthorized")
