@@ -110,6 +110,26 @@ class StoredMember:
     attachment: bytes = b""
 
 
+def _stored_tags(conn: Sql, obj: ObjectId, connection_id: str) -> str | None:
+    """A member's tags as stored (JSON), locking its row; None for a non-member."""
+    row = conn.execute(
+        "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?"
+        + _locked(conn),
+        (obj.namespace, obj.name, connection_id),
+    ).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _insert_tag_rows(
+    conn: Sql, namespace: str, name: str, connection_id: str, tags: tuple[str, ...]
+) -> None:
+    """Index a member's ``tags`` (``member_tags``: listing and broadcast by tag)."""
+    conn.executemany(
+        "INSERT INTO member_tags (namespace, name, tag, connection_id) VALUES (?, ?, ?, ?)",
+        [(namespace, name, tag, connection_id) for tag in tags],
+    )
+
+
 def _delete_tag_rows(
     conn: Sql, namespace: str, name: str, connection_id: str, tags_json: str
 ) -> None:
@@ -162,13 +182,9 @@ class JoinMember:
         ).fetchone():
             return False
         namespace, name = self.obj.namespace, self.obj.name
-        row = conn.execute(
-            "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?"
-            + _locked(conn),
-            (namespace, name, self.connection_id),
-        ).fetchone()
-        if row is not None:
-            _delete_tag_rows(conn, namespace, name, self.connection_id, row[0])
+        stored = _stored_tags(conn, self.obj, self.connection_id)
+        if stored is not None:
+            _delete_tag_rows(conn, namespace, name, self.connection_id, stored)
         else:
             # A new member (a connection's joins come one at a time, so no other
             # transaction adds this one meanwhile).
@@ -189,10 +205,7 @@ class JoinMember:
                 self.attachment,
             ),
         )
-        conn.executemany(
-            "INSERT INTO member_tags (namespace, name, tag, connection_id) VALUES (?, ?, ?, ?)",
-            [(namespace, name, tag, self.connection_id) for tag in self.tags],
-        )
+        _insert_tag_rows(conn, namespace, name, self.connection_id, self.tags)
         return True
 
 
@@ -389,22 +402,15 @@ class SetMemberTags:
 
     def __call__(self, conn: Sql) -> bool:
         namespace, name = self.obj.namespace, self.obj.name
-        row = conn.execute(
-            "SELECT tags FROM members WHERE namespace = ? AND name = ? AND connection_id = ?"
-            + _locked(conn),
-            (namespace, name, self.connection_id),
-        ).fetchone()
-        if row is None:
+        stored = _stored_tags(conn, self.obj, self.connection_id)
+        if stored is None:
             return False
-        _delete_tag_rows(conn, namespace, name, self.connection_id, row[0])
+        _delete_tag_rows(conn, namespace, name, self.connection_id, stored)
         conn.execute(
             "UPDATE members SET tags = ? WHERE namespace = ? AND name = ? AND connection_id = ?",
             (json.dumps(list(self.tags), ensure_ascii=False), namespace, name, self.connection_id),
         )
-        conn.executemany(
-            "INSERT INTO member_tags (namespace, name, tag, connection_id) VALUES (?, ?, ?, ?)",
-            [(namespace, name, tag, self.connection_id) for tag in self.tags],
-        )
+        _insert_tag_rows(conn, namespace, name, self.connection_id, self.tags)
         return True
 
 
